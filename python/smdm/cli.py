@@ -1,0 +1,55 @@
+"""The `smdm` command line. Each subcommand lives in the module that implements it and is imported only
+when used, so `smdm --help` stays fast.
+
+    smdm prepare ...          text -> tokenizer -> shards           (smdm.data_cli)
+    smdm data verify|inspect  check / describe a shard directory    (smdm.data_cli)
+    smdm train ...            the bundled trainer (the main job)    (smdm.train)
+    smdm generate|infill ...  guided generation                     (smdm.generate_cli)
+    smdm bench pack|mask|tokenize|sampler                           (smdm.benchmarks.*)
+    smdm kernels check        compile the CUDA sources              (smdm.kernels)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help). The module defines `register(parser)` (adds its arguments / sub-subcommands and
+# sets `func`) so each command's options stay next to its implementation.
+COMMANDS = {
+    "prepare": ("smdm.data_cli", "tokenize text into training shards"),
+    "data": ("smdm.data_cli", "verify or inspect a shard directory"),
+    "train": ("smdm.train", "train an MDM or its autoregressive twin"),
+    "generate": ("smdm.generate_cli", "generate text from a checkpoint"),
+    "infill": ("smdm.generate_cli", "fill the holes of a text"),
+    "bench": ("smdm.benchmarks", "throughput benchmarks (tables + JSON)"),
+    "kernels": ("smdm.kernels", "build or compile-check the CUDA kernels"),
+}
+
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smdm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv and not argv[0].startswith("-") else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == wanted:  # import only the module that is used
+            importlib.import_module(module).register(p, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # the main job: `smdm` alone is `smdm train` with its defaults
+        argv = ["train"]
+    parser = _parser(argv)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.parse_args([args.command, "--help"])
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

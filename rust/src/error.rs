@@ -1,0 +1,40 @@
+//! The one error type of the crate. The bindings map it onto Python exceptions once
+//! (`smdm.SmdmFormatError` is a ValueError, `smdm.SmdmIOError` an OSError).
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Malformed or inconsistent data: bad magic, version, dtype, checksum, token id, ...
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    /// Bad argument values passed by the caller (shapes, ranges).
+    #[error("{0}")]
+    Invalid(String),
+    /// The operating system refused: unreadable file, disk full, ...
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Tokenizer load/encode/train failures.
+    #[error("{path}: tokenizer error: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+}
+
+impl Error {
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
