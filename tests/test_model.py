@@ -1,0 +1,99 @@
+# pytest tests/test_model.py
+"""The Transformer of DESIGN §3: named sizes, masks, caches, init."""
+
+import math
+
+import pytest
+import torch
+
+from smdm.model import NAMED_SIZES, ModelConfig, build_model, config_by_name
+
+
+@pytest.mark.parametrize("name", list(NAMED_SIZES))
+def test_named_size_matches_formula_and_name(name):
+    c = config_by_name(name)
+    L, d, ffn = c.n_layer, c.d_model, c.d_ff
+    assert c.non_embedding_params() == L * (4 * d * d + 3 * d * ffn + 2 * d) + d
+    model_params = sum(p.numel() for n, p in build_model(c).named_parameters()
+                       if not n.startswith(("embed", "head"))) if c.n_layer <= 6 else None
+    if model_params is not None:  # the formula counts exactly the module's parameters
+        assert model_params == c.non_embedding_params()
+    millions = c.non_embedding_params() / 1e6
+    assert abs(millions - int(name[:-1])) / int(name[:-1]) < 0.06, (name, millions)
+
+
+def test_mdm_has_mask_row_and_arm_does_not():
+    mdm = build_model(config_by_name("tiny", vocab_size=50))
+    arm = build_model(config_by_name("tiny", vocab_size=50, causal=True))
+    assert mdm.embed.num_embeddings == 51 and mdm.mask_id == 50
+    assert arm.embed.num_embeddings == 50 and arm.mask_id is None
+    assert mdm(torch.tensor([[50, 1, 2]])).shape == (1, 3, 50)
+
+
+def test_init_std_follows_smdm():
+    c = config_by_name("demo", vocab_size=1000)
+    m = build_model(c)
+    d, L = c.d_model, c.n_layer
+    assert abs(m.blocks[0].mlp.w1.weight.std().item() - math.sqrt(2 / (5 * d))) < 0.01
+    assert abs(m.blocks[0].mlp.w3.weight.std().item() - 1 / (math.sqrt(d) * L)) < 0.005
+
+
+def test_bidirectional_vs_causal():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 10))
+    mdm = build_model(config_by_name("tiny", vocab_size=50)).eval()
+    arm = build_model(config_by_name("tiny", vocab_size=50, causal=True)).eval()
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 50
+    # the ARM's earlier positions never see the last token; the MDM's do
+    assert torch.allclose(arm(ids)[:, :-1], arm(changed)[:, :-1], atol=1e-6)
+    assert not torch.allclose(mdm(ids)[:, :-1], mdm(changed)[:, :-1], atol=1e-6)
+
+
+def test_segment_ids_equal_separate_documents():
+    torch.manual_seed(1)
+    mdm = build_model(config_by_name("tiny", vocab_size=50)).eval()
+    a, b = torch.randint(0, 50, (1, 6)), torch.randint(0, 50, (1, 4))
+    packed = torch.cat([a, b], dim=1)
+    seg = torch.tensor([[0] * 6 + [1] * 4])
+    pos = torch.tensor([list(range(6)) + list(range(4))])
+    out = mdm(packed, segment_ids=seg, positions=pos)
+    assert torch.allclose(out[:, :6], mdm(a), atol=1e-5)
+    assert torch.allclose(out[:, 6:], mdm(b), atol=1e-5)
+
+
+def test_key_padding_leaves_real_rows_unchanged():
+    torch.manual_seed(2)
+    mdm = build_model(config_by_name("tiny", vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (1, 7))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    valid = torch.tensor([[True] * 7 + [False] * 3])
+    assert torch.allclose(mdm(padded, key_valid=valid)[:, :7], mdm(ids), atol=1e-5)
+
+
+def test_arm_kv_cache_equals_full_forward():
+    torch.manual_seed(3)
+    arm = build_model(config_by_name("tiny", vocab_size=50, causal=True)).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    full = arm(ids)
+    cache = arm.make_kv_cache(2, 16)
+    chunks = [arm(ids[:, :5], kv_cache=cache, cache_pos=0)]
+    for i in range(5, 12):
+        chunks.append(arm(ids[:, i:i + 1], kv_cache=cache, cache_pos=i))
+    assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+
+
+def test_grouped_query_attention_runs():
+    c = ModelConfig(n_layer=1, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=20)
+    m = build_model(c)
+    assert m(torch.randint(0, 20, (2, 5))).shape == (2, 5, 20)
+
+
+def test_bad_config_and_positions_raise():
+    with pytest.raises(ValueError, match="unknown model config 'nope'"):
+        config_by_name("nope")
+    with pytest.raises(ValueError, match="not divisible"):
+        ModelConfig(n_layer=1, n_head=3, d_model=32, d_ff=64)
+    m = build_model(config_by_name("tiny", vocab_size=50, max_seq_len=8))
+    with pytest.raises(ValueError, match="context length"):
+        m(torch.zeros(1, 9, dtype=torch.long))
