@@ -1,6 +1,7 @@
 //! smdm's Rust core. Pure-Rust modules (no pyo3 types) plus one thin `bindings` module that converts
 //! types and errors for Python (`smdm._core`).
 pub mod error;
+pub mod mask;
 pub mod rng;
 
 mod bindings;

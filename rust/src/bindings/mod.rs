@@ -6,6 +6,8 @@ use pyo3::prelude::*;
 
 use crate::error::Error;
 
+mod mask;
+
 create_exception!(
     _core,
     SmdmFormatError,
@@ -47,6 +49,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SmdmIOError", m.py().get_type::<SmdmIOError>())?;
     m.add_function(wrap_pyfunction!(splitmix64, m)?)?;
     m.add_function(wrap_pyfunction!(rng_key, m)?)?;
+    mask::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
