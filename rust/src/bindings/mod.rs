@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 
 use crate::error::Error;
 
+mod data;
 mod mask;
 
 create_exception!(
@@ -49,6 +50,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SmdmIOError", m.py().get_type::<SmdmIOError>())?;
     m.add_function(wrap_pyfunction!(splitmix64, m)?)?;
     m.add_function(wrap_pyfunction!(rng_key, m)?)?;
+    data::register(m)?;
     mask::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

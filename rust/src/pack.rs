@@ -1,0 +1,181 @@
+//! Packing: documents' token ids -> one token stream in which every document is followed by EOS, plus
+//! the start offset of each document in the stream.
+//!
+//! Input: the documents' ids concatenated (`tokens`, u32) and each document's length (`lengths`).
+//! Output: `stream[starts[d] .. starts[d] + lengths[d]] = document d`, `stream[starts[d] + lengths[d]] = eos`,
+//! `starts[0] = 0`, `starts[d + 1] = starts[d] + lengths[d] + 1`; the stream is written in the shard dtype
+//! (u16 or u32), every id checked to be < vocab_size (the mask id = vocab_size never enters a stream).
+//! Fixed windows over the stream need no copy (the reader slices the memory map), so this is all of packing.
+//!
+//! Work is split into contiguous runs of documents of about equal token count, copied in parallel (rayon).
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Output element: u16 or u32.
+pub trait Item: Copy + Send + Sync {
+    fn from_id(x: u32) -> Self;
+}
+impl Item for u16 {
+    #[inline(always)]
+    fn from_id(x: u32) -> Self {
+        x as u16
+    }
+}
+impl Item for u32 {
+    #[inline(always)]
+    fn from_id(x: u32) -> Self {
+        x
+    }
+}
+
+/// Document starts in the packed stream (each document + 1 EOS), and the stream length.
+/// Errors if the lengths do not add up to `n_tokens`.
+pub fn doc_starts(lengths: &[u64], n_tokens: usize) -> Result<(Vec<u64>, usize)> {
+    let mut starts = Vec::with_capacity(lengths.len());
+    let mut pos: u64 = 0;
+    let mut total: u64 = 0;
+    for &l in lengths {
+        starts.push(pos);
+        total = total
+            .checked_add(l)
+            .ok_or_else(|| Error::Invalid("document lengths overflow".into()))?;
+        pos = pos
+            .checked_add(l + 1)
+            .ok_or_else(|| Error::Invalid("document lengths overflow".into()))?;
+    }
+    if total != n_tokens as u64 {
+        return Err(Error::Invalid(format!(
+            "document lengths sum to {total} but {n_tokens} tokens were given"
+        )));
+    }
+    Ok((starts, pos as usize))
+}
+
+/// Pack into `out` (length = n_tokens + n_docs). `starts` from `doc_starts`.
+pub fn pack_into<T: Item>(
+    tokens: &[u32],
+    lengths: &[u64],
+    starts: &[u64],
+    eos: u32,
+    vocab_size: u32,
+    out: &mut [T],
+) -> Result<()> {
+    if eos >= vocab_size {
+        return Err(Error::Invalid(format!("eos_id {eos} >= vocab_size {vocab_size}")));
+    }
+    if out.len() != tokens.len() + lengths.len() || starts.len() != lengths.len() {
+        return Err(Error::Invalid(format!(
+            "output has {} slots, expected {} tokens + {} EOS",
+            out.len(),
+            tokens.len(),
+            lengths.len()
+        )));
+    }
+    // Runs of whole documents of ~`target` tokens: enough pieces to balance threads, big enough to stream.
+    let target = (tokens.len() / (rayon::current_num_threads() * 8)).max(1 << 16);
+    let mut jobs: Vec<(&[u32], &[u64], &mut [T])> = Vec::new();
+    let (mut src, mut dst) = (tokens, out);
+    let mut d0 = 0;
+    while d0 < lengths.len() {
+        let mut d1 = d0;
+        let mut n = 0u64;
+        while d1 < lengths.len() && (n as usize) < target {
+            n += lengths[d1];
+            d1 += 1;
+        }
+        let (s, srest) = src.split_at(n as usize);
+        let (o, orest) = dst.split_at_mut(n as usize + (d1 - d0));
+        jobs.push((s, &lengths[d0..d1], o));
+        src = srest;
+        dst = orest;
+        d0 = d1;
+    }
+    let bad = jobs
+        .into_par_iter()
+        .map(|(src, lens, dst)| {
+            let (mut i, mut o) = (0usize, 0usize);
+            let mut max = 0u32;
+            for &l in lens {
+                let l = l as usize;
+                for (y, &x) in dst[o..o + l].iter_mut().zip(&src[i..i + l]) {
+                    *y = T::from_id(x);
+                    max = max.max(x);
+                }
+                dst[o + l] = T::from_id(eos);
+                i += l;
+                o += l + 1;
+            }
+            max >= vocab_size
+        })
+        .reduce(|| false, |a, b| a || b);
+    if bad {
+        // Rare path: find the first offender (and its document) for the message.
+        let i = tokens.iter().position(|&x| x >= vocab_size).unwrap_or(0);
+        let mut d = 0usize;
+        let mut acc = 0u64;
+        while d < lengths.len() && acc + lengths[d] <= i as u64 {
+            acc += lengths[d];
+            d += 1;
+        }
+        let id = tokens.get(i).copied().unwrap_or(0);
+        let what = if id == vocab_size {
+            "equals the mask id (vocab_size)".to_string()
+        } else {
+            format!(">= vocab_size {vocab_size}")
+        };
+        return Err(Error::Invalid(format!(
+            "token id {id} at input position {i} (document {d}) {what}"
+        )));
+    }
+    Ok(())
+}
+
+/// Pack into a new vector. Returns (stream, starts).
+pub fn pack<T: Item + Default>(
+    tokens: &[u32],
+    lengths: &[u64],
+    eos: u32,
+    vocab_size: u32,
+) -> Result<(Vec<T>, Vec<u64>)> {
+    let (starts, n) = doc_starts(lengths, tokens.len())?;
+    let mut out = vec![T::default(); n];
+    pack_into(tokens, lengths, &starts, eos, vocab_size, &mut out)?;
+    Ok((out, starts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_with_eos_and_starts() {
+        let (s, st) = pack::<u16>(&[5, 6, 7, 8], &[2, 0, 2], 0, 10).unwrap();
+        assert_eq!(s, vec![5, 6, 0, 0, 7, 8, 0]);
+        assert_eq!(st, vec![0, 3, 4]);
+    }
+
+    #[test]
+    fn many_docs_parallel_matches_serial() {
+        let lengths: Vec<u64> = (0..5000).map(|i| (i * 37 % 301) as u64).collect();
+        let total: u64 = lengths.iter().sum();
+        let tokens: Vec<u32> = (0..total as u32).map(|i| i % 999 + 1).collect();
+        let (s, st) = pack::<u32>(&tokens, &lengths, 0, 1000).unwrap();
+        let mut want = Vec::new();
+        let mut i = 0usize;
+        for &l in &lengths {
+            want.extend_from_slice(&tokens[i..i + l as usize]);
+            want.push(0);
+            i += l as usize;
+        }
+        assert_eq!(s, want);
+        assert_eq!(st.len(), lengths.len());
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(pack::<u16>(&[5, 10], &[2], 0, 10).unwrap_err().to_string().contains("mask id"));
+        assert!(pack::<u16>(&[5, 6], &[3], 0, 10).is_err());
+        assert!(pack::<u16>(&[5], &[1], 10, 10).is_err());
+    }
+}

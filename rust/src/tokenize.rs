@@ -1,0 +1,213 @@
+//! Tokenization for `smdm prepare`, on the `tokenizers` crate (the library behind Python `tokenizers`).
+//!
+//! - `Tok::from_file` loads a tokenizer.json; `Tok::train_bpe` trains a byte-level BPE tokenizer
+//!   (GPT-2 style: byte-level pre-tokenizer without prefix space, all 256 bytes in the alphabet, so no
+//!   unknown tokens) with `<|endoftext|>` as special token 0.
+//! - `Tok::encode_pack` encodes documents in parallel (rayon, one document per task) without the
+//!   tokenizer's own special tokens (`add_special_tokens = false`), and packs them as `ids + [EOS]`
+//!   (see `pack.rs`). Ids equal Python `tokenizers`' `encode(text, add_special_tokens=False).ids`.
+//! - EOS/BOS are found among the tokenizer's special added tokens by their usual names.
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
+    TokenizerBuilder,
+};
+
+use crate::error::{Error, Result};
+use crate::pack;
+
+/// Special-token names tried (in order) for the end of a document and for the start.
+pub const EOS_NAMES: &[&str] = &["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]"];
+pub const BOS_NAMES: &[&str] = &["<s>", "<|startoftext|>", "<bos>", "<|begin_of_text|>", "[CLS]"];
+/// The special token of a tokenizer trained by smdm.
+pub const TRAINED_EOS: &str = "<|endoftext|>";
+
+pub struct Tok {
+    pub inner: Tokenizer,
+    pub path: PathBuf,
+    /// Number of ids, added tokens included (`get_vocab_size(true)`); the MDM mask id is this value.
+    pub vocab_size: u32,
+    pub eos_id: u32,
+    pub bos_id: Option<u32>,
+}
+
+fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    }
+}
+
+impl Tok {
+    fn wrap(inner: Tokenizer, path: &Path, eos: Option<&str>) -> Result<Tok> {
+        let vocab_size = inner.get_vocab_size(true) as u32;
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let eos_id = match eos {
+            Some(name) => inner
+                .token_to_id(name)
+                .ok_or_else(|| tok_err(path, format!("EOS token {name:?} is not in the vocabulary")))?,
+            None => find(EOS_NAMES).ok_or_else(|| {
+                tok_err(
+                    path,
+                    format!("no EOS token found (tried {EOS_NAMES:?}); name one with --eos-token"),
+                )
+            })?,
+        };
+        let bos_id = find(BOS_NAMES).filter(|&b| b != eos_id);
+        // Added tokens can have ids past the model's vocabulary; everything must stay below the mask id.
+        let max_id = inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0);
+        if max_id >= vocab_size {
+            return Err(tok_err(
+                path,
+                format!("token id {max_id} >= vocabulary size {vocab_size} (holes in the id space)"),
+            ));
+        }
+        Ok(Tok {
+            inner,
+            path: path.to_path_buf(),
+            vocab_size,
+            eos_id,
+            bos_id,
+        })
+    }
+
+    /// Load a tokenizer.json. `eos` overrides the EOS token name.
+    pub fn from_file(path: &Path, eos: Option<&str>) -> Result<Tok> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let inner = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| tok_err(path, format!("does not parse as a tokenizer.json: {e}")))?;
+        Tok::wrap(inner, path, eos)
+    }
+
+    /// Train a byte-level BPE tokenizer with `vocab_size` ids (special token `<|endoftext|>` = 0).
+    pub fn train_bpe(texts: &[&str], vocab_size: u32) -> Result<Tok> {
+        let here = Path::new("<trained tokenizer>");
+        if vocab_size < 257 + 1 {
+            return Err(Error::Invalid(format!(
+                "--vocab-size {vocab_size} is too small for byte-level BPE (at least 258: 256 bytes + EOS + 1)"
+            )));
+        }
+        let mut trainer = BpeTrainerBuilder::new()
+            .show_progress(false)
+            .vocab_size(vocab_size as usize)
+            .min_frequency(2)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .special_tokens(vec![AddedToken::from(TRAINED_EOS.to_string(), true)])
+            .build();
+        let mut tk = TokenizerBuilder::<
+            BPE,
+            NormalizerWrapper,
+            PreTokenizerWrapper,
+            PostProcessorWrapper,
+            DecoderWrapper,
+        >::default()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))))
+        .with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::new(false, true, true))))
+        .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(false, true, true))))
+        .build()
+        .map_err(|e| tok_err(here, e))?;
+        tk.train(&mut trainer, texts.iter().copied())
+            .map_err(|e| tok_err(here, e))?;
+        let json = tk.to_string(false).map_err(|e| tok_err(here, e))?;
+        let inner: Tokenizer = json.parse().map_err(|e| tok_err(here, e))?;
+        Tok::wrap(inner, here, Some(TRAINED_EOS))
+    }
+
+    /// The tokenizer.json text.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| tok_err(&self.path, e))
+    }
+
+    /// Ids of each document (no special tokens added), in parallel.
+    pub fn encode_docs(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        texts
+            .par_iter()
+            .map(|t| {
+                self.inner
+                    .encode_fast(*t, false)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| tok_err(&self.path, format!("encode failed: {e}")))
+            })
+            .collect()
+    }
+
+    /// Encode and pack: stream = doc0 + [EOS] + doc1 + [EOS] + ..., and the document starts.
+    pub fn encode_pack<T: pack::Item + Default>(&self, texts: &[&str]) -> Result<(Vec<T>, Vec<u64>)> {
+        let docs = self.encode_docs(texts)?;
+        let lengths: Vec<u64> = docs.iter().map(|d| d.len() as u64).collect();
+        let (starts, n) = pack::doc_starts(&lengths, lengths.iter().sum::<u64>() as usize)?;
+        let mut out = vec![T::default(); n];
+        // Split the output at document boundaries and copy each document in parallel.
+        let mut slots: Vec<&mut [T]> = Vec::with_capacity(docs.len());
+        let mut rest = out.as_mut_slice();
+        for d in &docs {
+            let (a, b) = rest.split_at_mut(d.len() + 1);
+            slots.push(a);
+            rest = b;
+        }
+        let (eos, vocab) = (self.eos_id, self.vocab_size);
+        let bad = slots
+            .into_par_iter()
+            .zip(docs.par_iter())
+            .map(|(slot, d)| {
+                let mut bad = false;
+                for (y, &x) in slot.iter_mut().zip(d) {
+                    *y = T::from_id(x);
+                    bad |= x >= vocab;
+                }
+                slot[d.len()] = T::from_id(eos);
+                bad
+            })
+            .reduce(|| false, |a, b| a || b);
+        if bad {
+            return Err(tok_err(&self.path, format!("the tokenizer produced an id >= vocab_size {vocab}")));
+        }
+        Ok((out, starts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_encode_roundtrip() {
+        let texts: Vec<String> = (0..200)
+            .map(|i| format!("def f{i}(x):\n    return x * {i} + 1\n"))
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+        let tok = Tok::train_bpe(&refs, 300).unwrap();
+        assert_eq!(tok.eos_id, 0);
+        assert_eq!(tok.vocab_size, 300);
+        let (stream, starts) = tok.encode_pack::<u16>(&refs[..3]).unwrap();
+        assert_eq!(starts.len(), 3);
+        assert_eq!(stream[starts[1] as usize - 1], 0);
+        let dec = tok.inner.decode(&[stream[0] as u32, stream[1] as u32], false).unwrap();
+        assert!(texts[0].starts_with(&dec), "{dec:?}");
+        // the JSON reloads to the same ids
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        std::fs::write(&p, tok.to_json().unwrap()).unwrap();
+        let again = Tok::from_file(&p, None).unwrap();
+        assert_eq!(again.encode_pack::<u16>(&refs[..3]).unwrap().0, stream);
+    }
+
+    #[test]
+    fn bad_json_is_a_tokenizer_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        std::fs::write(&p, "{not json").unwrap();
+        let e = Tok::from_file(&p, None).err().unwrap();
+        assert!(matches!(e, Error::Tokenizer { .. }), "{e}");
+    }
+}
