@@ -11,3 +11,11 @@ from smdm.errors import SmdmFormatError, SmdmIOError
 __version__ = "0.1.0"
 
 __all__ = ["SmdmFormatError", "SmdmIOError", "__version__"]
+
+
+def __getattr__(name):  # lazy exports: keep `import smdm` cheap (no torch import here)
+    if name == "load":
+        from smdm.checkpoint import load
+
+        return load
+    raise AttributeError(f"module 'smdm' has no attribute {name!r}")

@@ -1,0 +1,212 @@
+# python -m pytest tests/test_checkpoint.py -q
+"""Checkpoints (docs/CONTRACTS.md): `OUT/step-N/` with
+
+    model.safetensors   the weights (full, unsharded; float32 as trained)
+    config.json         {"model": ModelConfig.to_dict(), "objective": "mdm"|"ar", "step": N, "train": {...}}
+    tokenizer.json      copied from the data, when it had one
+    state.pt            optimizer, schedule, RNG, data position (loads with torch.load(weights_only=True))
+    manifest.json       written last: file names, sizes and sha256; a step dir without it does not count
+
+A step is written into a temporary directory next to its final name, every file fsynced, then renamed (atomic
+on POSIX) and the parent directory fsynced. Only the last `keep` complete steps are kept (numeric order).
+`load(path)` -> (model, tokenizer) for inference; `smdm.load` is this function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT = "smdm-checkpoint"
+VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or corrupt checkpoint (the message names the path and what is wrong)."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_dirs(run_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with a manifest) in a run dir, sorted by step number (not by name)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for p in run_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / MANIFEST).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest(run_dir) -> Optional[Path]:
+    """The newest complete step dir of a run, or None."""
+    dirs = step_dirs(run_dir)
+    return dirs[-1][1] if dirs else None
+
+
+def resolve(path) -> Path:
+    """A step dir (has a manifest) or a run dir (-> its latest complete step). Raises CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / MANIFEST).is_file():
+        return path
+    if _STEP_RE.match(path.name) and path.is_dir():
+        raise CheckpointError(f"{path} is an incomplete checkpoint (no {MANIFEST}: the save was interrupted)")
+    found = latest(path)
+    if found is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint (no step-N/{MANIFEST})")
+    return found
+
+
+def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: dict,
+         tokenizer_path=None, keep: int = 2) -> Path:
+    """Write OUT/step-N atomically (see the module docstring); prune to the last `keep` (>= 2) steps.
+
+    model_state: name -> tensor (full weights); config: the config.json dict; train_state: plain containers of
+    tensors / numbers / strings (what `torch.load(weights_only=True)` accepts)."""
+    from safetensors.torch import save_file
+
+    if keep < 2:
+        raise ValueError(f"keep must be >= 2 (a crash while saving must leave a complete one), got {keep}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"step-{step}"
+    tmp = run_dir / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
+    (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=1, sort_keys=True))
+    torch.save(train_state, tmp / "state.pt")
+    if tokenizer_path is not None and Path(tokenizer_path).is_file():
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    files = {}
+    for p in sorted(tmp.iterdir()):
+        _fsync_file(p)
+        files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))  # last: marks it complete
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. a resumed run that stops at once): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    prune(run_dir, keep)
+    return final
+
+
+def prune(run_dir, keep: int) -> None:
+    """Delete all but the last `keep` complete steps, and stale temporary dirs of this process' saves."""
+    dirs = step_dirs(run_dir)
+    for _, p in dirs[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def verify(step_dir) -> dict:
+    """Check a step dir against its manifest (presence, size, sha256 of every file). Returns the manifest."""
+    step_dir = Path(step_dir)
+    try:
+        manifest = json.loads((step_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{step_dir}: no {MANIFEST} (incomplete checkpoint)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{step_dir / MANIFEST}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{step_dir / MANIFEST}: not an {FORMAT} v{VERSION} manifest")
+    for name, info in manifest["files"].items():
+        p = step_dir / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: listed in the manifest but missing")
+        if p.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, the manifest says {info['bytes']} "
+                                  "(truncated?)")
+        if _sha256(p) != info["sha256"]:
+            raise CheckpointError(f"{p}: sha256 does not match the manifest (corrupt file)")
+    for name in ("model.safetensors", "config.json"):
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{step_dir}: the manifest lists no {name}")
+    return manifest
+
+
+def read_config(step_dir) -> dict:
+    return json.loads((Path(step_dir) / "config.json").read_text())
+
+
+def load_weights(step_dir, device="cpu") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(step_dir) / "model.safetensors"), device=str(device))
+
+
+def load_train_state(step_dir) -> dict:
+    p = Path(step_dir) / "state.pt"
+    if not p.is_file():
+        raise CheckpointError(f"{p}: missing (a weights-only checkpoint cannot be resumed)")
+    return torch.load(p, weights_only=True, map_location="cpu")
+
+
+def load(path, device=None, *, check: bool = True):
+    """`smdm.load(DIR)` -> (model, tokenizer or None): a step dir or a run dir (its latest complete step), the
+    model in eval mode on `device` (default: CUDA when available, else CPU), the tokenizer from tokenizer.json
+    (`tokenizers.Tokenizer`) when the checkpoint has one. `check` verifies the sha256 of every file."""
+    from smdm.model import ModelConfig, Transformer
+
+    step_dir = resolve(path)
+    if check:
+        verify(step_dir)
+    cfg = read_config(step_dir)
+    try:
+        config = ModelConfig(**cfg["model"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{step_dir / 'config.json'}: bad model config ({e})") from None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = load_weights(step_dir, device)
+    missing = set(model.state_dict()) ^ set(state)
+    if missing:
+        raise CheckpointError(f"{step_dir}: weights do not match the config "
+                              f"(differing keys: {sorted(missing)[:5]})")
+    model.load_state_dict(state, assign=True)
+    model.eval()
+    tokenizer = None
+    tok = step_dir / "tokenizer.json"
+    if tok.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok))
+    return model, tokenizer
