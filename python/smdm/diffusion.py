@@ -2,6 +2,261 @@
 Monte Carlo ELBO. The masking part (top of this file) and the losses (below the marker) have different owners.
 """
 
+# ---- forward process ----
+# Schedules (alpha_t = probability that a token is still clean at time t) with their ELBO weights, and the
+# forward process q(x_t | x_0) of the linear schedule (paper Eq. 2): every token is masked independently
+# with probability p = (1 - eps)·t + eps. `forward_process` runs the Rust core (`smdm._core`);
+# `forward_process_reference` is the plain numpy definition it must equal exactly (docs/CONTRACTS.md).
+# SMDM_KERNELS=reference forces the reference.
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from smdm import rng
+from smdm.rng import Stream
+
+
+def _xp(t):
+    """torch for tensors, numpy otherwise (floats, arrays)."""
+    return torch if isinstance(t, torch.Tensor) else np
+
+
+def alpha_linear(t):
+    """alpha_t = 1 - t (the paper's schedule, Eq. 2)."""
+    return 1 - t
+
+
+def alpha_cosine(t):
+    """alpha_t = cos(pi/2 · t): fewer masks early, more late (MaskGIT-style cosine)."""
+    return _xp(t).cos(0.5 * math.pi * t)
+
+
+def alpha_polynomial(t, power: float = 2.0):
+    """alpha_t = 1 - t^power (power 1 is the linear schedule)."""
+    return 1 - t**power
+
+
+def elbo_weight_linear(t):
+    """-alpha'_t / (1 - alpha_t) = 1/t: the weight of the masked-token CE in the ELBO (paper Eq. 4)."""
+    return 1 / t
+
+
+def elbo_weight_cosine(t):
+    """-alpha'_t / (1 - alpha_t) = (pi/2) sin(pi t/2) / (1 - cos(pi t/2))  (MDLM's general ELBO weight)."""
+    xp = _xp(t)
+    half = 0.5 * math.pi * t
+    return 0.5 * math.pi * xp.sin(half) / (1 - xp.cos(half))
+
+
+def elbo_weight_polynomial(t, power: float = 2.0):
+    """-alpha'_t / (1 - alpha_t) = power · t^(power-1) / t^power = power / t."""
+    return power / t
+
+
+# name -> function; the masking probability at time t is 1 - alpha_t.
+ALPHAS = {"linear": alpha_linear, "cosine": alpha_cosine, "polynomial": alpha_polynomial}
+ELBO_WEIGHTS = {"linear": elbo_weight_linear, "cosine": elbo_weight_cosine,
+                "polynomial": elbo_weight_polynomial}
+
+
+def _schedule(table: dict, schedule: str):
+    if schedule not in table:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(table)}")
+    return table[schedule]
+
+
+def alpha(t, schedule: str = "linear"):
+    """alpha_t of the named schedule (float, numpy array or torch tensor)."""
+    return _schedule(ALPHAS, schedule)(t)
+
+
+def elbo_weight(t, schedule: str = "linear"):
+    """ELBO weight -alpha'_t / (1 - alpha_t) of the named schedule (DESIGN §4):
+    NLL <= E_t[w(t) Σ_masked CE]."""
+    return _schedule(ELBO_WEIGHTS, schedule)(t)
+
+
+@dataclass
+class NoisyBatch:
+    """x_t from the forward process. Rows are cut to `length` (the random-length crop): use
+    `tokens[:, :length]` as the targets."""
+
+    noisy_ids: torch.Tensor  # (B, length) int64: masked tokens hold mask_id (and dropped prompts do too)
+    mask: torch.Tensor  # (B, length) bool: the tokens the loss is computed on (never prompt positions)
+    t: torch.Tensor  # (B,) float64 diffusion time
+    p: torch.Tensor  # (B,) float64 masking probability (1 - eps)·t + eps
+    weight: torch.Tensor  # (B, length) float32: float32(1/p) at masked tokens, 0 elsewhere (<= 1/eps)
+    length: int  # row length after the crop (L when no crop happened)
+    uncond: torch.Tensor  # (B,) bool: the sample's prompt was replaced by masks (CFG training)
+
+
+_TOKEN_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.int64))
+_U64 = 1 << 64
+
+
+def _check_args(tokens: np.ndarray, *, seed, step, sample_offset, global_batch, mask_id, eps, stratified,
+                prompt_lens, crop_prob, p_uncond) -> int:
+    """Validate the arguments with the messages of the Rust core; return the stratification denominator."""
+    def bad(msg):
+        raise ValueError(f"forward_process: {msg}")
+
+    if tokens.ndim != 2:
+        bad(f"tokens must be 2-D (batch, length), got shape {tokens.shape}")
+    if tokens.dtype not in _TOKEN_DTYPES:
+        bad(f"tokens must hold uint16, uint32 or int64 token ids, got {tokens.dtype}")
+    B, L = tokens.shape
+    if L == 0:
+        bad("sequence length must be >= 1, got 0")
+    for name, v in (("seed", seed), ("step", step), ("sample_offset", sample_offset)):
+        if not isinstance(v, (int, np.integer)) or not 0 <= int(v) < _U64:
+            bad(f"{name} must be an integer in [0, 2**64), got {v!r}")
+    if not eps > 0 or not eps <= 1:  # written so that NaN fails
+        bad(f"eps must be in (0, 1], got {eps}")
+    if not 0 <= crop_prob <= 1:
+        bad(f"crop_prob must be in [0, 1], got {crop_prob}")
+    if not 0 <= p_uncond <= 1:
+        bad(f"p_uncond must be in [0, 1], got {p_uncond}")
+    max_id = np.iinfo(tokens.dtype).max
+    if not isinstance(mask_id, (int, np.integer)) or not 0 <= int(mask_id) <= max_id:
+        bad(f"mask_id {mask_id} does not fit the token dtype {tokens.dtype} (max {max_id})")
+    if p_uncond > 0 and prompt_lens is None:
+        bad("p_uncond > 0 needs prompt_lens (the prompt to drop)")
+    if prompt_lens is not None:
+        if prompt_lens.shape != (B,):
+            bad(f"prompt_lens has shape {prompt_lens.shape}, expected one entry per row ({B},)")
+        out = (prompt_lens < 0) | (prompt_lens > L)
+        if out.any():
+            i = int(np.argmax(out))
+            bad(f"prompt_lens[{i}] = {int(prompt_lens[i])} is outside [0, {L}] (the sequence length)")
+    if global_batch is None:
+        if sample_offset == 0:
+            return max(B, 1)
+        if stratified:
+            bad("stratified t with sample_offset > 0 needs global_batch (the step's global batch size)")
+        return sample_offset + B
+    if global_batch < 1 or sample_offset + B > global_batch:
+        bad(f"global_batch {global_batch} must be >= 1 and cover sample_offset {sample_offset} + batch {B}")
+    return int(global_batch)
+
+
+def _sample_keys(seed: int, step: int, samples: np.ndarray, stream: int, *tail: int) -> np.ndarray:
+    """key(seed, step, s, stream, *tail) for a uint64 array of sample indices s (vectorised fold)."""
+    h = rng.key(seed, step)  # the fold up to the sample word is shared
+    h = rng.splitmix64(np.uint64(h) ^ samples)
+    for w in (stream, *tail):
+        h = rng.splitmix64(h ^ np.uint64(w))
+    return h
+
+
+def crop_length(seed: int, step: int, seq_len: int, crop_prob: float) -> int:
+    """Random-length crop (DESIGN §4): with probability crop_prob, 1 + floor(u · L) with u from
+    key(seed, step, 0, CROP, 1); else L. Keyed by (seed, step) only: every rank cuts to the same length."""
+    if seq_len == 0 or not rng.uniform(rng.key(seed, step, 0, Stream.CROP, 0)) < crop_prob:
+        return seq_len
+    u = rng.uniform(rng.key(seed, step, 0, Stream.CROP, 1))
+    return 1 + min(math.floor(u * seq_len), seq_len - 1)
+
+
+def forward_process_reference(tokens: np.ndarray, *, seed: int, step: int, mask_id: int,
+                              sample_offset: int = 0, global_batch: int | None = None, eps: float = 1e-3,
+                              stratified: bool = False, prompt_lens: np.ndarray | None = None,
+                              crop_prob: float = 0.01, p_uncond: float = 0.0):
+    """The forward process in plain numpy: the definition `smdm._core.forward_process` equals exactly.
+
+    tokens: (B, L) uint16/uint32/int64. Sample s = sample_offset + i (its global index) draws
+      t_s = uniform(key(seed, step, s, TIME, 0))                    (i.i.d. t ~ U[0, 1))
+      or stratified: x = u + s / global_batch, t_s = x - floor(x)   (u: key(seed, step, 0, STRATIFIED, 0))
+      p_s = (1 - eps)·t_s + eps                                     (linear schedule, paper Eq. 2)
+      token j masked iff uniform(splitmix64(key(seed, step, s, TOKEN) ^ j)) < p_s and j >= prompt_len_s
+      weight = float32(1 / p_s) at masked tokens                    (ELBO weight 1/t of Eq. 3, t >= eps)
+      uncond_s = uniform(key(seed, step, s, UNCOND, 0)) < p_uncond  (its prompt becomes mask_id in `noisy`)
+    after the crop to `length = crop_length(seed, step, L, crop_prob)` columns.
+    Returns (noisy (B, length) tokens.dtype, mask bool, t float64 (B,), p float64 (B,), weight float32,
+    length int, uncond bool (B,))."""
+    tokens = np.asarray(tokens)
+    pl = None if prompt_lens is None else np.asarray(prompt_lens, dtype=np.int64)
+    gb = _check_args(tokens, seed=seed, step=step, sample_offset=sample_offset, global_batch=global_batch,
+                     mask_id=mask_id, eps=eps, stratified=stratified, prompt_lens=pl, crop_prob=crop_prob,
+                     p_uncond=p_uncond)
+    B, L = tokens.shape
+    length = crop_length(seed, step, L, crop_prob)
+    s = np.uint64(sample_offset) + np.arange(B, dtype=np.uint64)  # (B,) global sample indices
+    if stratified:
+        x = rng.uniform(rng.key(seed, step, 0, Stream.STRATIFIED, 0)) + s.astype(np.float64) / float(gb)
+        t = x - np.floor(x)  # (B,)
+    else:
+        t = rng.uniform(_sample_keys(seed, step, s, Stream.TIME, 0))  # (B,)
+    p = (1 - eps) * t + eps  # (B,)
+    j = np.arange(length, dtype=np.uint64)  # (length,)
+    u = rng.uniform(rng.splitmix64(_sample_keys(seed, step, s, Stream.TOKEN)[:, None] ^ j))  # (B, length)
+    mask = u < p[:, None]
+    if pl is not None:
+        prompt = j[None, :].astype(np.int64) < pl[:, None]  # (B, length)
+        mask &= ~prompt
+    x0 = tokens[:, :length]
+    noisy = np.where(mask, np.asarray(mask_id, dtype=tokens.dtype), x0).astype(tokens.dtype)
+    uncond = rng.uniform(_sample_keys(seed, step, s, Stream.UNCOND, 0)) < p_uncond  # (B,)
+    if pl is not None:
+        noisy[prompt & uncond[:, None]] = mask_id
+    weight = np.where(mask, (1.0 / p).astype(np.float32)[:, None], np.float32(0)).astype(np.float32)
+    return noisy, mask, t, p, weight, length, uncond
+
+
+def _use_reference() -> bool:
+    return os.environ.get("SMDM_KERNELS", "").strip().lower() == "reference"
+
+
+def forward_process(tokens, *, seed: int, step: int, sample_offset: int = 0, global_batch: int | None = None,
+                    mask_id: int, eps: float = 1e-3, stratified: bool = False, prompt_lens=None,
+                    crop_prob: float = 0.01, p_uncond: float = 0.0) -> NoisyBatch:
+    """The forward process q(x_t | x_0) of a training batch (DESIGN §4, docs/CONTRACTS.md).
+
+    tokens: (B, L) torch LongTensor or numpy uint16/uint32/int64 array of clean ids.
+    seed, step: the key of this step's draws; sample_offset: global index of row 0 (rank · local batch), so
+      a sample draws the same t and mask whatever the batch split; global_batch: the step's global batch size
+      (stratified t: t_s = (u + s/global_batch) mod 1; needed when sample_offset > 0).
+    prompt_lens: (B,) ints (SFT): positions < prompt_len are never masked; with p_uncond > 0 each sample's
+      prompt is replaced by mask_id with probability p_uncond (CFG training; `uncond` says which).
+    crop_prob: probability that the whole batch is cut to a random length in 1..L (the same for all ranks).
+    Runs the Rust core (GIL released, rows in parallel) unless SMDM_KERNELS=reference; both give identical
+    values. Outputs live on the device of `tokens` (computed on CPU)."""
+    device = tokens.device if isinstance(tokens, torch.Tensor) else torch.device("cpu")
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"forward_process: tokens must be integer token ids, got {tokens.dtype}")
+        x = tokens.detach().to("cpu", torch.int64).numpy()
+    else:
+        x = np.asarray(tokens)
+        if x.dtype.kind not in "iu":
+            raise ValueError(f"forward_process: tokens must be integer token ids, got {x.dtype}")
+        if x.dtype not in _TOKEN_DTYPES:
+            x = x.astype(np.int64)
+    x = np.ascontiguousarray(x)
+    pl = None
+    if prompt_lens is not None:
+        if isinstance(prompt_lens, torch.Tensor):
+            prompt_lens = prompt_lens.detach().cpu().numpy()
+        pl = np.ascontiguousarray(prompt_lens, dtype=np.int64)
+    kw = dict(seed=seed, step=step, sample_offset=sample_offset, global_batch=global_batch, mask_id=mask_id,
+              eps=eps, stratified=stratified, prompt_lens=pl, crop_prob=crop_prob, p_uncond=p_uncond)
+    if _use_reference():
+        out = forward_process_reference(x, **kw)
+    else:
+        _check_args(x, **kw)  # clearer messages than a failed conversion at the Rust boundary
+        from smdm import _core
+
+        out = _core.forward_process(x, **kw)
+    noisy, mask, t, p, weight, length, uncond = out
+    as_t = lambda a: torch.from_numpy(a).to(device)  # no copy on CPU
+    return NoisyBatch(noisy_ids=as_t(noisy).to(torch.int64), mask=as_t(mask), t=as_t(t), p=as_t(p),
+                      weight=as_t(weight), length=int(length), uncond=as_t(uncond))
+
+
 # ---- losses ----
 # Losses and likelihoods (DESIGN §4). The output head and the cross-entropy are computed only at the rows that
 # enter the loss (`model.head(h[mask])`): memory and FLOPs of the vocabulary projection scale with the masked
