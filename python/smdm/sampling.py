@@ -1,0 +1,736 @@
+# python -c "import smdm; print(smdm.generate)"   (tests: pytest tests/test_sampling.py)
+"""Guided generation: the reverse process of the masked diffusion model (DESIGN §4) and its ARM twin.
+
+    out = generate(model, prompts, gen_length=128, steps=128, sampler="low_confidence", ...)
+    out.tokens        # generated ids per prompt (without the prompt; cut before the first EOS)
+    filled = infill(model, ids, mask_positions, ...)
+
+Samplers (`SAMPLERS`, a plain name -> commit-rule mapping). Time runs t = 1 -> 0 over a uniform grid: at step i
+of S (inside the current block), t = 1 - i/S and s = 1 - (i+1)/S.
+- `ancestral`: the exact reverse step t -> s. Each masked position is revealed with probability (t - s)/t =
+  1/(S - i) (all at the last step) with a token sampled from the model. A step that reveals nothing leaves the
+  input unchanged, so the next step reuses the logits without a forward pass (exact caching).
+- `low_confidence` (MaskGIT / SMDM "greedy" / LLaDA): a candidate token at every masked position, confidence
+  prob | margin | entropy; commit the n most confident per sequence, n = floor(m (1 - s/t)) = m // (S - i)
+  (integer form of the same number), everything at the last step; committed tokens are never re-masked.
+  With `block_length` (semi-autoregressive, LLaDA): S steps split evenly over the blocks; in a block with m
+  masks and s steps, step i commits floor(m/s) + [i < m mod s]; positions outside the current block have
+  confidence -inf.
+- `threshold` (Fast-dLLM parallel decoding): in the current block commit every masked position whose confidence
+  is >= tau, plus always the single most confident one; the number of steps is adaptive (`steps` is unused).
+
+Unsupervised classifier-free guidance (paper Eq. 7): the unconditional input is the same sequence with every
+given (prompt) position replaced by the mask id; both rows go through ONE batched forward and the guided logits
+are u + (w + 1)(c - u); w = 0 runs no extra rows.
+
+Token choice and position choice follow docs/CONTRACTS.md "Sampler token choice" exactly: `choose_tokens`
+(top-k, top-p, Gumbel-max in float32 keyed by (row seed, step, absolute position, vocab id)) and
+`select_positions` (per-row top-n or threshold, ties to the lower position). Both are reached through
+`_dispatch`, where a fused CUDA kernel may replace them; `SMDM_KERNELS=reference` forces these references.
+
+Batch invariance (a row's tokens never depend on the other rows): every draw is keyed by the row's own seed and
+absolute positions, and the forward pass is arranged so the floats of a row do not depend on the batch layout:
+- ragged rows are right-padded with `key_valid`; each row's padded length is at least its own length rounded
+  up to `PAD_MULTIPLE`. Why: CPU attention reduces over keys in SIMD lanes with a scalar tail, so a row of 37
+  keys alone and the same row padded to 40+ keys sum in a different order (1e-6 differences, enough to flip a
+  token). Padding every row past the next lane boundary makes the extra keys exact zeros in full lanes, so any
+  longer padding gives bit-identical results (tests/test_sampling.py checks this end to end).
+- the prefix K/V cache and the ARM's static cache group rows of equal shape (same prompt length) and run each
+  group in lockstep, so no row is ever padded or shifted for another's sake.
+Matrix products whose row count changes with the batch are assumed row-invariant (true for MKL on CPU, checked
+by the tests); GPU GEMMs may pick other kernels per shape, so on CUDA logits can differ in the last bits.
+
+EOS: with `eos_id`, a row stops once its first committed EOS has no masked position before it: every masked
+position after it is filled with EOS as soon as it is committed, and the row leaves the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from smdm.rng import Stream
+
+PAD_MULTIPLE = 64  # padded row lengths are multiples of this (see "Batch invariance" above)
+REVEAL_STREAM = 7  # 4th key word of the ancestral reveal coin (next free `smdm.rng.Stream` value)
+CONFIDENCES = ("prob", "margin", "entropy")
+CACHES = ("none", "prefix")
+_CHUNK = 1 << 22  # elements of (rows x vocab) processed at once by choose_tokens
+
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no wrapping uint64 arithmetic)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+_GOLDEN, _M1, _M2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64_t(x: torch.Tensor) -> torch.Tensor:
+    """`smdm.rng.splitmix64` on int64 tensors (two's-complement wrapping = uint64 arithmetic)."""
+    z = x + _GOLDEN
+    z = (z ^ _srl(z, 30)) * _M1
+    z = (z ^ _srl(z, 27)) * _M2
+    return z ^ _srl(z, 31)
+
+
+def key_t(*words: Union[int, torch.Tensor]) -> torch.Tensor:
+    """`smdm.rng.key` elementwise over tensors of words (broadcast), as int64 bits."""
+    h = None
+    for w in words:
+        w = torch.as_tensor(_i64(w) if isinstance(w, int) else w, dtype=torch.int64)
+        h = splitmix64_t(w if h is None else h ^ w)
+    return h
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Token choice and position choice (the contract a CUDA kernel reproduces token for token)
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None):
+    """Top-k then top-p filtering: excluded logits become -inf (float32 in, float32 out).
+
+    top-k keeps the k largest (ties: lower id). top-p keeps the smallest prefix of the descending-sorted
+    softmax whose mass reaches p: id j (in sorted order) is kept iff the mass strictly before it is < p, so the
+    top token is always kept."""
+    V = logits.shape[-1]
+    use_k = top_k is not None and top_k < V
+    use_p = top_p is not None and top_p < 1.0
+    if not (use_k or use_p):
+        return logits
+    sorted_l, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # ties: lower id first
+    keep = torch.ones_like(sorted_l, dtype=torch.bool)
+    if use_k:
+        keep[..., top_k:] = False
+    if use_p:
+        probs = torch.softmax(sorted_l.masked_fill(~keep, -math.inf), dim=-1)
+        before = torch.cumsum(probs, dim=-1)
+        before = torch.cat([torch.zeros_like(before[..., :1]), before[..., :-1]], dim=-1)  # mass before j
+        keep &= before < top_p
+    keep_ids = torch.zeros_like(keep).scatter_(-1, order, keep)
+    return logits.masked_fill(~keep_ids, -math.inf)
+
+
+def gumbel_noise(seeds: torch.Tensor, step: Union[int, torch.Tensor], positions: torch.Tensor, vocab: int):
+    """g (N, V) float32: g_v = -log(-log(u_v)), u_v = ((h_v >> 40) + 0.5) 2^-24,
+    h_v = splitmix64(key(seed, step, position, GUMBEL) ^ v), per row n = (seeds[n], positions[n])."""
+    base = key_t(seeds, step, positions, Stream.GUMBEL)  # (N,)
+    h = splitmix64_t(base[:, None] ^ torch.arange(vocab, device=base.device, dtype=torch.int64))  # (N, V)
+    u = (_srl(h, 40).to(torch.float32) + 0.5) * (2.0 ** -24)
+    return -torch.log(-torch.log(u))
+
+
+def choose_tokens(logits: torch.Tensor, *, seeds: torch.Tensor, positions: torch.Tensor,
+                  step: Union[int, torch.Tensor], temperature: float = 0.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, confidence: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
+    """One token and its confidence per row of `logits` (N, V) (already CFG-guided), per the contract:
+
+    1. top-k then top-p filtering (`filter_logits`);
+    2. T == 0: argmax (lowest id on ties); T > 0: argmax_v (l_v / T + g_v) with the counter-based Gumbel noise
+       of (seeds[n], step, positions[n]) — `positions` are absolute indices in the row, prompt included;
+    3. confidence of softmax(l_filtered): `prob` of the token, `margin` top1 - top2, `entropy` sum p log p.
+    Returns tokens (N,) int64 and confidence (N,) float32."""
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
+    N, V = logits.shape
+    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
+    conf = torch.empty(N, dtype=torch.float32, device=logits.device)
+    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=logits.device).expand(N)
+    positions = torch.as_tensor(positions, dtype=torch.int64, device=logits.device).expand(N)
+    step = torch.as_tensor(step, dtype=torch.int64, device=logits.device).expand(N)
+    rows = max(1, _CHUNK // max(V, 1))
+    for a in range(0, N, rows):  # chunks bound the (rows x V) noise tensors
+        sl = slice(a, a + rows)
+        lf = filter_logits(logits[sl].float(), top_k, top_p)
+        if temperature == 0:
+            tok = torch.argmax(lf, dim=-1)
+        else:
+            tok = torch.argmax(lf / temperature + gumbel_noise(seeds[sl], step[sl], positions[sl], V), dim=-1)
+        p = torch.softmax(lf, dim=-1)
+        if confidence == "prob":
+            c = p.gather(-1, tok[:, None])[:, 0]
+        elif confidence == "margin":
+            top2 = torch.topk(p, min(2, V), dim=-1).values
+            c = top2[:, 0] - (top2[:, 1] if V > 1 else 0.0)
+        else:
+            c = torch.special.xlogy(p, p).sum(-1)  # negative entropy (0 log 0 = 0)
+        tokens[sl], conf[sl] = tok, c
+    return tokens, conf
+
+
+def select_positions(confidence: torch.Tensor, candidates: torch.Tensor, n: Optional[torch.Tensor] = None,
+                     threshold: Optional[float] = None) -> torch.Tensor:
+    """Which candidate positions to commit, per row. confidence (B, P) float32, candidates (B, P) bool with
+    columns in increasing position order. Count mode: the n[b] most confident candidates (ties: lower position
+    first; n clipped to the candidates). Threshold mode: every candidate with confidence >= threshold plus
+    always the single most confident one. Returns (B, P) bool."""
+    B, P = confidence.shape
+    # lexicographic order: candidates first, then confidence descending, then lower position (stable sorts)
+    order = torch.sort(confidence.masked_fill(~candidates, -math.inf), dim=-1, descending=True, stable=True)[1]
+    order = order.gather(-1, torch.sort(candidates.gather(-1, order).to(torch.int8), dim=-1, descending=True,
+                                        stable=True)[1])
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(P, device=order.device).expand(B, P))
+    if threshold is None:
+        if n is None:
+            raise ValueError("select_positions needs n (count mode) or threshold")
+        commit = rank < torch.as_tensor(n, device=rank.device).reshape(B, 1)
+    else:
+        commit = (confidence >= threshold) | (rank == 0)
+    return commit & candidates
+
+
+def _dispatch(name: str, device: torch.device) -> Callable:
+    """The implementation of `choose_tokens` / `select_positions`: the reference unless a fused kernel
+    (`smdm.kernels.<name>`, same signature) is available for the device. SMDM_KERNELS=reference forces the
+    reference; SMDM_KERNELS=cuda demands the kernel (an error if it is missing, never a silent fallback)."""
+    mode = os.environ.get("SMDM_KERNELS", "auto")
+    ref = {"choose_tokens": choose_tokens, "select_positions": select_positions}[name]
+    if mode == "reference" or (mode == "auto" and device.type != "cuda"):
+        return ref
+    try:
+        from smdm import kernels  # optional; built on first use
+        fn = getattr(kernels, name, None)
+    except ImportError as e:
+        if mode == "cuda":
+            raise RuntimeError(f"SMDM_KERNELS=cuda but smdm.kernels cannot be imported: {e}") from e
+        fn = None
+    if fn is None and mode == "cuda":
+        raise RuntimeError(f"SMDM_KERNELS=cuda but smdm.kernels has no {name}")
+    return fn or ref
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Samplers: a commit rule each. Inputs per active row b: confidence/candidates (B, P) over the current block's
+# masked positions, the row states; output: (B, P) bool, the positions committed at this step.
+
+
+@dataclass
+class _Row:
+    """Per-sequence sampler state (every row runs its own schedule; the batch only shares forward passes)."""
+
+    index: int  # position in the caller's list
+    seq: torch.Tensor  # (L,) current ids, mask id where still masked
+    given: torch.Tensor  # (L,) bool: positions given by the caller (the prompt); CFG masks these
+    blocks: list  # LongTensors of initially-masked positions, one per block, in position order
+    block_steps: list  # steps of each block (count samplers)
+    seed: int
+    window: Optional[tuple] = None  # (start, end): the region whose EOS rule applies
+    b: int = 0  # current block
+    i: int = 0  # step inside the block
+    m_block: int = 0  # masks in the block when it started (LLaDA quota)
+    logits: Optional[torch.Tensor] = None  # (P, V) guided logits of the candidates (reused when not dirty)
+    cand: Optional[torch.Tensor] = None  # (P,) candidate positions the logits belong to
+    state: Optional[tuple] = None  # (masks left, block) when the logits were computed
+    stash: dict = field(default_factory=dict)  # prefix K/V cache per CFG branch: {branch: (block, k, v)}
+    forwards: int = 0
+    steps: int = 0
+    done: bool = False
+
+
+def _commit_ancestral(conf, cand, rows, step, opts):
+    """Exact reverse step: reveal each masked position with probability 1/(S - i) (= (t - s)/t)."""
+    B, P = cand.shape
+    p_reveal = torch.tensor([1.0 / (r.block_steps[r.b] - r.i) for r in rows], dtype=torch.float64)
+    coins = torch.stack([_reveal_uniform(r, step, P) for r in rows])  # (B, P) float64
+    return cand & (coins < p_reveal[:, None].to(coins.device))
+
+
+def _reveal_uniform(row: _Row, step: int, P: int) -> torch.Tensor:
+    """uniform(key(seed, step, position, REVEAL)) for the row's current candidate columns (padded to P)."""
+    u = torch.ones(P, dtype=torch.float64, device=row.seq.device)
+    pos = row.cand
+    h = key_t(row.seed, step, pos.cpu(), REVEAL_STREAM)
+    u[:len(pos)] = (_srl(h, 11).to(torch.float64) * 2.0 ** -53).to(u.device)
+    return u
+
+
+def _commit_low_confidence(conf, cand, rows, step, opts):
+    """Commit the most confident positions per row: m // (S - i) without blocks (= floor(m (1 - s/t)) on the
+    uniform grid), the LLaDA quota floor(m/s) + [i < m mod s] inside blocks."""
+    n = []
+    for r in rows:
+        s = r.block_steps[r.b]
+        if opts["block_length"] is None:
+            n.append(int(cand[len(n)].sum()) // (s - r.i))
+        else:
+            n.append(r.m_block // s + (1 if r.i < r.m_block % s else 0))
+    n = torch.tensor(n, dtype=torch.int64, device=conf.device)
+    return _dispatch("select_positions", conf.device)(conf, cand, n=n)
+
+
+def _commit_threshold(conf, cand, rows, step, opts):
+    """Fast-dLLM: every candidate with confidence >= tau, plus always the most confident one."""
+    return _dispatch("select_positions", conf.device)(conf, cand, threshold=opts["threshold"])
+
+
+SAMPLERS = {"ancestral": _commit_ancestral, "low_confidence": _commit_low_confidence,
+            "threshold": _commit_threshold}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Output
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list  # generate: generated ids per prompt (no prompt; cut before the first EOS); infill: filled ids
+    sequences: list  # full rows: prompt + generation (tail after the first EOS filled with EOS)
+    forward_passes: int  # model calls (a CFG pair counts once: both rows run in one batched call)
+    row_forward_passes: list  # forward passes each row took part in
+    steps: list  # sampler steps each row ran
+    generated_tokens: int  # tokens the sampler produced: len(tokens) per row (+1 for a final EOS)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / max(1, self.forward_passes)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, steps: int = 128,
+             sampler: str = "low_confidence", block_length: Optional[int] = None,
+             threshold: Optional[float] = None, temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
+             confidence: str = "prob", eos_id: Optional[int] = None, cache: str = "none",
+             callback: Optional[Callable] = None) -> GenerationOutput:
+    """Generate `gen_length` tokens after each prompt (token-id lists of any lengths).
+
+    MDM (model.config.causal False): `sampler` in SAMPLERS, `steps` sampler steps (split evenly over blocks of
+    `block_length`), `threshold` for sampler="threshold", `cfg_scale` w of Eq. 7, `confidence` prob | margin |
+    entropy, `cache` "none" | "prefix" (K/V of the prompt and finished blocks reused: approximate).
+    ARM twin (causal True): left-to-right decoding with the same token choice; `cache="prefix"` is the static KV
+    cache; `steps`, `sampler`, `block_length`, `threshold`, `cfg_scale`, `confidence` do not apply.
+    `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `callback(step, seqs)` sees the
+    rows (mask id where still masked) after each step. Returns a GenerationOutput."""
+    cfg = model.config
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of token-id lists")
+    seeds = _seeds(seed, len(prompts))
+    _check_common(cfg, temperature, top_k, top_p, cache, eos_id)
+    if not isinstance(gen_length, int) or gen_length < 1:
+        raise ValueError(f"gen_length must be an int >= 1, got {gen_length!r}")
+    for i, p in enumerate(prompts):
+        _check_ids(cfg, p, f"prompt {i}")
+        if len(p) + gen_length > cfg.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(p)} tokens: with gen_length={gen_length} that is "
+                             f"{len(p) + gen_length} > the model's context of {cfg.max_seq_len}")
+    if cfg.causal:
+        if cfg_scale:
+            raise ValueError("cfg_scale applies to the MDM only (the ARM twin has no mask token)")
+        return _generate_arm(model, prompts, gen_length, seeds, temperature, top_k, top_p, eos_id, cache,
+                             callback)
+    _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence)
+    if block_length is not None:
+        if gen_length % block_length:
+            raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
+        n_blocks = gen_length // block_length
+        if sampler != "threshold" and steps % n_blocks:
+            raise ValueError(f"steps={steps} must be a multiple of the number of blocks "
+                             f"(gen_length / block_length = {n_blocks})")
+    mask_id = cfg.mask_id
+    rows = []
+    for i, p in enumerate(prompts):
+        seq = torch.tensor(p + [mask_id] * gen_length, dtype=torch.int64)
+        masked = torch.arange(len(p), len(p) + gen_length)
+        rows.append(_make_row(i, seq, masked, steps, block_length, seeds[i], (len(p), len(p) + gen_length)))
+    out = _denoise(model, rows, sampler, dict(block_length=block_length, threshold=threshold,
+                                              temperature=temperature, top_k=top_k, top_p=top_p,
+                                              cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
+                                              cache=cache), callback)
+    tokens = [_cut(r.seq[len(p):].tolist(), eos_id) for r, p in zip(rows, prompts)]
+    return _output(rows, out, tokens, eos_id, [len(p) for p in prompts])
+
+
+def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, steps: Optional[int] = None,
+           sampler: str = "low_confidence", block_length: Optional[int] = None,
+           threshold: Optional[float] = None, temperature: float = 0.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
+           confidence: str = "prob", eos_id: Optional[int] = None, cache: str = "none",
+           callback: Optional[Callable] = None) -> GenerationOutput:
+    """Fill any set of masked positions of each sequence (MDM only); everything else is kept as given.
+
+    ids: a list of token-id lists (or one list). mask_positions: per sequence the positions to generate (or
+    one list for one sequence); None = the positions where ids equal the model's mask id. steps: per sequence,
+    default its number of masked positions. Blocks (block_length) are runs of that many masked positions in
+    position order; steps are split over them as evenly as possible. `tokens` of the output are the filled
+    sequences; CFG masks every given position for the unconditional row. Other options as in `generate`."""
+    cfg = model.config
+    if cfg.causal:
+        raise ValueError("infill needs the MDM (model.config.causal is True: the ARM twin cannot infill)")
+    single = len(ids) > 0 and not isinstance(ids[0], (list, tuple, torch.Tensor))
+    ids = [list(map(int, ids))] if single else [list(map(int, x)) for x in ids]
+    if mask_positions is not None and single:
+        mask_positions = [mask_positions]
+    if not ids:
+        raise ValueError("ids is empty")
+    seeds = _seeds(seed, len(ids))
+    _check_common(cfg, temperature, top_k, top_p, cache, eos_id)
+    _check_mdm(sampler, 1 if steps is None else steps, block_length, threshold, cfg_scale, confidence)
+    if mask_positions is not None and len(mask_positions) != len(ids):
+        raise ValueError(f"mask_positions has {len(mask_positions)} entries for {len(ids)} sequences")
+    rows = []
+    for i, x in enumerate(ids):
+        if len(x) > cfg.max_seq_len:
+            raise ValueError(f"sequence {i} has {len(x)} tokens > the model's context of {cfg.max_seq_len}")
+        seq = torch.tensor(x, dtype=torch.int64)
+        if mask_positions is None:
+            masked = torch.nonzero(seq == cfg.mask_id)[:, 0]
+        else:
+            masked = torch.tensor(sorted(set(int(j) for j in mask_positions[i])), dtype=torch.int64)
+            if len(masked) and (masked[0] < 0 or masked[-1] >= len(x)):
+                raise ValueError(f"mask position out of range for sequence {i} of length {len(x)}")
+        keep = torch.ones(len(x), dtype=torch.bool)
+        keep[masked] = False
+        _check_ids(cfg, seq[keep].tolist(), f"sequence {i} (outside its mask positions)")
+        seq[masked] = cfg.mask_id
+        n_steps = len(masked) if steps is None else steps
+        window = (int(masked[0]), len(x)) if len(masked) else None
+        rows.append(_make_row(i, seq, masked, max(1, n_steps), block_length, seeds[i], window))
+    out = _denoise(model, rows, sampler, dict(block_length=block_length, threshold=threshold,
+                                              temperature=temperature, top_k=top_k, top_p=top_p,
+                                              cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
+                                              cache=cache), callback)
+    tokens = [r.seq.tolist() for r in rows]
+    return GenerationOutput(tokens=tokens, sequences=tokens, forward_passes=out,
+                            row_forward_passes=[r.forwards for r in rows], steps=[r.steps for r in rows],
+                            generated_tokens=sum(sum(len(b) for b in r.blocks) for r in rows))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _seeds(seed, n: int) -> list:
+    if isinstance(seed, (int,)) and not isinstance(seed, bool):
+        return [seed] * n
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"seed is a list of {len(seeds)} for {n} prompts (pass an int or one per prompt)")
+    return seeds
+
+
+def _check_common(cfg, temperature, top_k, top_p, cache, eos_id):
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 (or None), got {top_k!r}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if eos_id is not None and not (0 <= eos_id < cfg.vocab_size):
+        raise ValueError(f"eos_id={eos_id} is not a token id of the model (vocab_size {cfg.vocab_size})")
+
+
+def _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence):
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if block_length is not None and (not isinstance(block_length, int) or block_length < 1):
+        raise ValueError(f"block_length must be an int >= 1 (or None), got {block_length!r}")
+    if (sampler == "threshold") != (threshold is not None):
+        raise ValueError("threshold is required by sampler='threshold' and used by no other sampler")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    if not (cfg_scale >= 0 and math.isfinite(cfg_scale)):
+        raise ValueError(f"cfg_scale must be finite and >= 0 (0 = no guidance), got {cfg_scale}")
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
+
+
+def _check_ids(cfg, ids, what):
+    for t in ids:
+        if not (0 <= t < cfg.vocab_size):
+            raise ValueError(f"{what} holds token id {t} outside [0, {cfg.vocab_size}) (the mask id "
+                             f"{cfg.vocab_size} marks positions to generate, never given text)")
+
+
+def _cut(ids: list, eos_id: Optional[int]) -> list:
+    return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+
+
+def _output(rows, forwards, tokens, eos_id, prompt_lens):
+    seqs = [r.seq.tolist() for r in rows]
+    gen = sum(len(t) + (1 if eos_id is not None and len(t) < len(s) - p else 0)
+              for t, s, p in zip(tokens, seqs, prompt_lens))
+    return GenerationOutput(tokens=tokens, sequences=seqs, forward_passes=forwards,
+                            row_forward_passes=[r.forwards for r in rows], steps=[r.steps for r in rows],
+                            generated_tokens=gen)
+
+
+def _make_row(index, seq, masked, steps, block_length, seed, window) -> _Row:
+    """Blocks are runs of `block_length` initially-masked positions (the whole set without blocks); S steps
+    are split over them as evenly as possible (exactly evenly when the caller checked divisibility)."""
+    masked = masked.to(torch.int64)
+    if block_length is None or len(masked) == 0:
+        blocks = [masked]
+    else:
+        blocks = list(torch.split(masked, block_length))
+    nb = len(blocks)
+    block_steps = [max(1, steps // nb + (1 if k < steps % nb else 0)) for k in range(nb)]
+    row = _Row(index=index, seq=seq, given=torch.ones_like(seq, dtype=torch.bool), blocks=blocks,
+               block_steps=block_steps, seed=seed, window=window)
+    row.given[masked] = False
+    row.m_block = len(blocks[0])
+    if len(masked) == 0:
+        row.done = True
+    return row
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The MDM reverse process
+
+
+def _denoise(model, rows: list, sampler: str, opts: dict, callback) -> int:
+    """Run every row's schedule to the end; returns the number of model calls. Rows advance one step per
+    iteration (so the step index of the RNG key is the iteration), leave the batch when done, and take part in
+    a forward pass only when their input changed since their last one (exact logit reuse)."""
+    device = next(model.parameters()).device
+    mask_id = model.config.mask_id
+    for r in rows:
+        r.seq, r.given = r.seq.to(device), r.given.to(device)
+        r.blocks = [b.to(device) for b in r.blocks]
+    commit_rule = SAMPLERS[sampler]
+    choose = _dispatch("choose_tokens", device)
+    forwards = 0
+    step = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            while True:
+                active = [r for r in rows if not r.done]
+                if not active:
+                    break
+                for r in active:  # candidates: masked positions of the current block
+                    state = (int((r.seq == mask_id).sum()), r.b)  # masks only ever decrease
+                    if state != r.state:  # the input changed: new logits (else exact reuse)
+                        r.logits, r.state = None, state
+                        r.cand = r.blocks[r.b][r.seq[r.blocks[r.b]] == mask_id]
+                need = [r for r in active if r.logits is None]
+                if need:
+                    forwards += _forward_mdm(model, need, opts)
+                tok, conf = choose(torch.cat([r.logits for r in active]),
+                                   seeds=torch.cat([torch.full((len(r.cand),), _i64(r.seed)) for r in active]),
+                                   positions=torch.cat([r.cand for r in active]), step=step,
+                                   temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
+                                   confidence=opts["confidence"])
+                P = max(len(r.cand) for r in active)
+                conf_m = torch.full((len(active), P), -math.inf, device=device)
+                cand_m = torch.zeros((len(active), P), dtype=torch.bool, device=device)
+                tok_m = torch.zeros((len(active), P), dtype=torch.int64, device=device)
+                a = 0
+                for b, r in enumerate(active):
+                    n = len(r.cand)
+                    conf_m[b, :n], tok_m[b, :n], cand_m[b, :n] = conf[a:a + n], tok[a:a + n], True
+                    a += n
+                commit = commit_rule(conf_m, cand_m, active, step, opts)
+                for b, r in enumerate(active):
+                    n = len(r.cand)
+                    sel = commit[b, :n]
+                    if bool(sel.any()):
+                        r.seq[r.cand[sel]] = tok_m[b, :n][sel]
+                    _after_step(r, mask_id, opts["eos_id"])
+                step += 1
+                if callback is not None:
+                    callback(step, [r.seq for r in rows])
+    finally:
+        model.train(was_training)
+    return forwards
+
+
+def _after_step(r: _Row, mask_id: int, eos_id: Optional[int]):
+    """EOS fill, block/step bookkeeping, done flag."""
+    r.steps += 1
+    r.i += 1
+    if eos_id is not None and r.window is not None:
+        lo, hi = r.window
+        region = r.seq[lo:hi]
+        eos = torch.nonzero(region == eos_id)
+        if len(eos):  # everything after the first committed EOS is settled: EOS
+            first = int(eos[0, 0])
+            tail = region[first + 1:]
+            tail[tail == mask_id] = eos_id
+    while r.b < len(r.blocks) and not bool((r.seq[r.blocks[r.b]] == mask_id).any()):
+        r.b += 1
+        r.i = 0
+        if r.b < len(r.blocks):
+            r.m_block = int((r.seq[r.blocks[r.b]] == mask_id).sum())
+    if r.b == len(r.blocks):
+        r.done = True
+        r.logits = r.cand = None
+        r.stash.clear()
+
+
+def _guided(c: torch.Tensor, u: Optional[torch.Tensor], w: float) -> torch.Tensor:
+    """Unsupervised CFG, paper Eq. 7: u + (w + 1)(c - u), in float32."""
+    c = c.float()
+    if u is None:
+        return c
+    u = u.float()
+    return u + (w + 1.0) * (c - u)
+
+
+def _branches(r: _Row, mask_id: int, cfg: bool):
+    """The model inputs of a row: conditional, plus the unconditional one (given positions masked) for CFG."""
+    out = [r.seq]
+    if cfg:
+        out.append(r.seq.masked_fill(r.given, mask_id))
+    return out
+
+
+def _forward_mdm(model, rows: list, opts: dict) -> int:
+    """Guided logits at each row's candidate positions; returns the number of model calls."""
+    cfg_on = opts["cfg_scale"] > 0
+    if opts["cache"] == "prefix":
+        return _forward_prefix_cache(model, rows, opts)
+    mask_id = model.config.mask_id
+    inputs = [x for r in rows for x in _branches(r, mask_id, cfg_on)]  # (row, branch) order
+    lens = [len(x) for x in inputs]
+    Lpad = max(-(-n // PAD_MULTIPLE) * PAD_MULTIPLE for n in lens)
+    device = inputs[0].device
+    x = torch.zeros(len(inputs), Lpad, dtype=torch.int64, device=device)
+    valid = torch.zeros(len(inputs), Lpad, dtype=torch.bool, device=device)
+    for j, seq in enumerate(inputs):
+        x[j, :len(seq)], valid[j, :len(seq)] = seq, True
+    positions = torch.arange(Lpad, device=device).clamp(max=model.config.max_seq_len - 1)  # pads: any
+    h = model.hidden(x, key_valid=valid, positions=positions)  # (Bf, Lpad, d)
+    nb = 2 if cfg_on else 1
+    picked = torch.cat([h[j * nb + k, r.cand] for j, r in enumerate(rows) for k in range(nb)])
+    logits = model.head(picked)  # (sum P * nb, V)
+    a = 0
+    for r in rows:
+        n = len(r.cand)
+        c = logits[a:a + n]
+        u = logits[a + n:a + 2 * n] if cfg_on else None
+        r.logits = _guided(c, u, opts["cfg_scale"])
+        a += nb * n
+        r.forwards += 1
+    return 1
+
+
+def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
+    """Prefix K/V cache (Fast-dLLM style): the first step of a block runs the full sequence and keeps the K/V of
+    everything before the block (prompt + finished blocks); later steps of the block run only the block and
+    what follows it, attending to the kept prefix. Approximate for a bidirectional model (the prefix keys do
+    not see the newer tokens after it). Rows are grouped by (length, prefix end, full/partial) so that no row
+    is padded for another."""
+    cfg_on = opts["cfg_scale"] > 0
+    mask_id = model.config.mask_id
+    groups: dict = {}
+    for r in rows:
+        start = int(r.blocks[r.b][0])  # every position before the current block is committed
+        full = any(r.stash.get(k, (None,))[0] != r.b for k in range(2 if cfg_on else 1))
+        groups.setdefault((len(r.seq), start, full), []).append(r)
+    calls = 0
+    for (L, start, full), grp in groups.items():
+        units = [(r, k, x) for r in grp for k, x in enumerate(_branches(r, mask_id, cfg_on))]
+        cache = model.make_kv_cache(len(units), L)
+        x = torch.stack([u[2] for u in units])  # (G, L)
+        if full:
+            h = model.hidden(x, kv_cache=cache, cache_pos=0)  # (G, L, d), writes every slot
+            for g, (r, k, _) in enumerate(units):
+                r.stash[k] = (r.b, [kk[g:g + 1, :, :start].clone() for kk in cache.k],
+                              [vv[g:g + 1, :, :start].clone() for vv in cache.v])
+            offset = 0
+        else:
+            for layer in range(len(cache.k)):
+                cache.k[layer][:, :, :start] = torch.cat([r.stash[k][1][layer] for r, k, _ in units])
+                cache.v[layer][:, :, :start] = torch.cat([r.stash[k][2][layer] for r, k, _ in units])
+            h = model.hidden(x[:, start:], kv_cache=cache, cache_pos=start)  # (G, L - start, d)
+            offset = start
+        nb = 2 if cfg_on else 1
+        picked = torch.cat([h[g, r.cand - offset] for g, (r, _, _) in enumerate(units)])
+        logits = model.head(picked)
+        a = 0
+        for r in grp:
+            n = len(r.cand)
+            c = logits[a:a + n]
+            u = logits[a + n:a + 2 * n] if cfg_on else None
+            r.logits = _guided(c, u, opts["cfg_scale"])
+            a += nb * n
+            r.forwards += 1
+        calls += 1
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The ARM twin: left-to-right decoding with the same token choice
+
+
+def _generate_arm(model, prompts, gen_length, seeds, temperature, top_k, top_p, eos_id, cache, callback):
+    """Rows are grouped by prompt length and each group decodes in lockstep: no padding, plain positions, and
+    a row's computation is the same alone or in any batch. cache="prefix": the static KV cache (prompt
+    prefilled once, then one token per forward); cache="none": the full sequence every step (the reference)."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: the ARM twin needs at least one prompt token (e.g. BOS)")
+    device = next(model.parameters()).device
+    choose = _dispatch("choose_tokens", device)
+    out = [list(p) for p in prompts]
+    row_forwards = [0] * len(prompts)
+    row_steps = [0] * len(prompts)
+    forwards = 0
+    groups: dict = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for plen, idx in groups.items():
+                seq = torch.tensor([prompts[i] for i in idx], dtype=torch.int64, device=device)  # (G, plen)
+                kv = model.make_kv_cache(len(idx), plen + gen_length) if cache == "prefix" else None
+                live = list(range(len(idx)))  # rows of the group still decoding (indices into idx)
+                logits = model(seq, kv_cache=kv, cache_pos=0)[:, -1] if kv is not None else model(seq)[:, -1]
+                forwards += 1
+                for j in range(gen_length):
+                    for g in live:
+                        row_forwards[idx[g]] += 1
+                    tok, _ = choose(logits.float(), seeds=torch.tensor([_i64(seeds[idx[g]]) for g in live]),
+                                    positions=torch.full((len(live),), plen + j), step=j,
+                                    temperature=temperature, top_k=top_k, top_p=top_p)
+                    keep = []
+                    for n, g in enumerate(live):
+                        out[idx[g]].append(int(tok[n]))
+                        row_steps[idx[g]] += 1
+                        if eos_id is None or int(tok[n]) != eos_id:
+                            keep.append(n)
+                        else:  # EOS: fill the rest and stop spending compute on this row
+                            out[idx[g]].extend([eos_id] * (gen_length - j - 1))
+                    if callback is not None:
+                        callback(j + 1, [torch.tensor(o) for o in out])
+                    if j == gen_length - 1 or not keep:
+                        break
+                    keep_t = torch.tensor(keep, device=device)
+                    live = [live[n] for n in keep]
+                    seq = torch.cat([seq[keep_t], tok[keep_t, None]], dim=1)
+                    if kv is not None:
+                        kv.k = [k[keep_t] for k in kv.k]
+                        kv.v = [v[keep_t] for v in kv.v]
+                        logits = model(seq[:, -1:], kv_cache=kv, cache_pos=plen + j)[:, -1]
+                    else:
+                        logits = model(seq)[:, -1]
+                    forwards += 1
+    finally:
+        model.train(was_training)
+    tokens = [_cut(o[len(p):], eos_id) for o, p in zip(out, prompts)]
+    gen = sum(len(t) + (1 if eos_id is not None and len(t) < gen_length else 0) for t in tokens)
+    return GenerationOutput(tokens=tokens, sequences=out, forward_passes=forwards, row_forward_passes=row_forwards,
+                            steps=row_steps, generated_tokens=gen)
