@@ -18,4 +18,8 @@ def __getattr__(name):  # lazy exports: keep `import smdm` cheap (no torch impor
         from smdm.checkpoint import load
 
         return load
+    if name in ("generate", "infill"):  # guided generation (smdm.sampling)
+        from smdm import sampling
+
+        return getattr(sampling, name)
     raise AttributeError(f"module 'smdm' has no attribute {name!r}")
