@@ -293,29 +293,14 @@ def sft_loss(model, noisy, x0, mask, weight, prompt_lens, *, positions=None):
     sequence's sum of CE / p over masked answer tokens is divided by its number of non-prompt tokens
     (answer + EOS padding), then averaged over the batch.
 
-    prompt_lens: (B,) int. `noisy` may have its prompt replaced by masks (`drop_prompts`, standard CFG
-    training); those positions are inputs only and never enter the loss."""
+    prompt_lens: (B,) int. For standard CFG training `noisy` comes from `forward_process(...,
+    prompt_lens=..., p_uncond=...)`, which replaces dropped prompts by masks: inputs only, never targets."""
     B, L = x0.shape
     ce = _masked_ce(model, noisy, x0, mask, positions=positions)  # (M,)
     answer_len = (L - _torch.as_tensor(prompt_lens, device=x0.device)).clamp(min=1)  # (B,)
     row = _torch.arange(B, device=x0.device)[:, None].expand(B, L)[mask]  # (M,) the sequence of each row
     per_row = ce * weight[mask].to(ce.dtype) / answer_len[row].to(ce.dtype)
     return per_row.sum() / B
-
-
-def drop_prompts(noisy, prompt_lens, mask_id: int, *, seed: int, step: int, sample_offset: int = 0,
-                 p_uncond: float = 0.1):
-    """Standard classifier-free-guidance training: with probability p_uncond a sequence's prompt is replaced
-    by mask tokens (draw key(seed, step, sample, UNCOND, 0), so it does not depend on the batch split).
-    Returns (noisy', dropped (B,) bool). Does not change which tokens enter the loss."""
-    B, L = noisy.shape
-    u = _np.array([_rng.uniform(_rng.key(seed, step, sample_offset + i, _rng.Stream.UNCOND, 0))
-                   for i in range(B)])
-    dropped = _torch.as_tensor(u < p_uncond, device=noisy.device)
-    lens = _torch.as_tensor(prompt_lens, device=noisy.device)
-    prompt = _torch.arange(L, device=noisy.device)[None, :] < lens[:, None]  # (B, L)
-    out = noisy.masked_fill(prompt & dropped[:, None], mask_id)
-    return out, dropped
 
 
 def ar_loss(model, tokens, *, segment_ids=None):

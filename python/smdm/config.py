@@ -1,0 +1,45 @@
+# python -c "from smdm.config import TrainConfig; print(TrainConfig())"
+"""Run configuration of the bundled trainer (`smdm train`); the model's config is `smdm.model.ModelConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+
+@dataclass
+class TrainConfig:
+    config: str = "demo"  # model size name (smdm.model.NAMED_SIZES / TINY_SIZES)
+    data: Optional[str] = None  # `smdm prepare` output or dataset dir; None: the built-in corpus in runs/data
+    out: Optional[str] = None  # run dir; None: runs/demo-mdm or runs/demo-ar
+    objective: str = "mdm"  # "mdm" (masked diffusion) or "ar" (the autoregressive twin)
+    max_steps: Optional[int] = None  # optimizer steps (None: from --flops, else the demo's default)
+    flops: Optional[float] = None  # compute budget C: steps = C / (6 · N_nonembedding · tokens per step)
+    stop_after: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps)
+    seed: int = 0  # model init, data order and masks
+    batch_size: int = 16  # GLOBAL sequences per optimizer step (split over ranks and accumulation steps)
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
+    seq_len: int = 256  # tokens per sequence (the ARM reads seq_len + 1 and predicts seq_len)
+    lr: Optional[float] = None  # peak learning rate (None: 4e-4 for the paper's sizes, 2e-3 for tiny configs)
+    warmup: Optional[int] = None  # linear warmup steps (None: max(1% of steps, 100), at most 10% of steps)
+    min_lr_ratio: float = 0.1  # the cosine ends at peak · min_lr_ratio
+    weight_decay: float = 0.1  # AdamW decay of the matrices (not of norms and embeddings)
+    grad_clip: float = 1.0  # max global gradient norm
+    val_every: int = 100  # steps between validations (0: only at the end)
+    val_samples: int = 32  # Monte Carlo samples of the ELBO per validation sequence (MDM)
+    val_batches: int = 2  # validation batches (of the local micro-batch size) per rank
+    save_every: int = 500  # steps between checkpoints (and at the end / on SIGTERM)
+    keep: int = 2  # checkpoints kept (>= 2)
+    doc_mask: bool = True  # attention stays inside each packed document (segment_ids)
+    stratified: bool = True  # stratified t over the global batch
+    compile: bool = False  # torch.compile each Transformer block
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    resume: bool = False  # continue from the latest checkpoint in `out` (error if there is none)
+    force_resume: bool = False  # resume although seed / batch / world size differ
+    plot: bool = False  # write OUT/loss.png (matplotlib)
+    samples: int = 0  # samples printed at the end (the demo prints 3)
+    vocab_size: Optional[int] = None  # optional check against the data's vocabulary
+
+    def to_dict(self) -> dict:
+        return asdict(self)

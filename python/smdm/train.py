@@ -1,0 +1,690 @@
+# smdm train            (the CPU demo: prepares the built-in corpus, ~5 minutes, prints samples)
+# smdm train --config 170M --data DIR --out DIR ...;  torchrun --nproc_per_node N -m smdm.cli train ...
+"""The bundled trainer (DESIGN §6) for the MDM and its autoregressive twin.
+
+- AdamW (0.9, 0.95), weight decay 0.1 on the matrices (Linear weights), none on RMSNorm gains and the token
+  embedding; global grad-norm clip 1.0; linear warmup over max(1% of steps, 100) steps (at most 10% of a short
+  run) to the peak, cosine down to peak/10. bf16 autocast on CUDA; gradient accumulation; compute-budget mode.
+- `--batch-size` is the GLOBAL batch of an optimizer step; it is split over ranks (rank-major) and then over
+  accumulation micro-steps, and each micro-batch masks with `sample_offset = rank·B_local + micro·B_micro`,
+  so masks depend on (seed, step, global sample) only, never on the split.
+- Packed windows keep their document boundaries: the reader's `segment_ids` go to the model (attention stays
+  inside a document). RoPE positions are not reset at document starts (as in SMDM): with attention confined to
+  a document only position differences matter, so a reset would change nothing but rounding.
+- A step whose loss or gradient norm is not finite is skipped: the gradients are dropped before the optimizer
+  sees them, so neither the weights nor the optimizer state nor a checkpoint ever holds a non-finite value.
+- SIGTERM finishes the current step, saves a checkpoint and exits 0. Resume restores weights, optimizer,
+  schedule, RNG and the data position in O(1); on CPU it is bit-exact.
+- Distributed: the same command under `torchrun` (DDP; FSDP2 `fully_shard` with `--fsdp`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from smdm import checkpoint as ckpt
+from smdm.config import TrainConfig
+from smdm.model import NAMED_SIZES, build_model, config_by_name
+
+DEMO_STEPS = {"mdm": 1200, "ar": 1200}  # ~5 minutes of the demo config on a 2-core CPU
+DEMO_DATA = Path("runs/data")
+# Debug hook (used by the tests, a real code path): comma-separated steps whose loss is multiplied by NaN.
+INJECT_NONFINITE_ENV = "SMDM_INJECT_NONFINITE"
+
+
+class TrainError(ValueError):
+    """Bad input to the trainer (the message says what is wrong and where)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# schedule
+
+
+def warmup_steps(cfg: TrainConfig, max_steps: int) -> int:
+    if cfg.warmup is not None:
+        return cfg.warmup
+    return max(1, min(max(math.ceil(0.01 * max_steps), 100), max_steps // 10))
+
+
+def lr_at(step: int, *, peak: float, warmup: int, max_steps: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine to peak·min_ratio at `max_steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# distributed
+
+
+class Dist:
+    """rank / world size / device of this process; initialises torch.distributed under torchrun."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.world > 1:
+            device = f"cuda:{self.local_rank}"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+
+    def all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
+        if self.enabled:
+            torch.distributed.all_reduce(x, op=op or torch.distributed.ReduceOp.SUM)
+        return x
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class Objective(nn.Module):
+    """The loss as a module, so DDP / FSDP2 hooks wrap the whole computation (the MDM loss calls
+    `model.hidden` and `model.head` on masked rows, not `model.forward`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, kind: str, **kw) -> torch.Tensor:
+        from smdm import diffusion
+
+        if kind == "mdm":
+            return diffusion.mdm_loss(self.model, **kw)
+        return diffusion.ar_loss(self.model, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+
+def _prepare_builtin(out: Path) -> None:
+    """The demo's data: the data engineer's `prepare` of the built-in corpus into `out`."""
+    from smdm import data_cli
+
+    for name in ("prepare_builtin", "prepare_builtin_corpus", "builtin"):
+        fn = getattr(data_cli, name, None)
+        if fn is not None:
+            fn(out)
+            return
+    from smdm.cli import main as cli_main  # fall back to the command line
+
+    rc = cli_main(["prepare", "--builtin", "--out", str(out)])
+    if rc:
+        raise TrainError(f"`smdm prepare --builtin --out {out}` failed with exit code {rc}")
+
+
+def resolve_data(cfg: TrainConfig, dist: Dist):
+    """(train dataset dir, val dataset dir or None, manifest)."""
+    from smdm import data
+
+    if cfg.data is None:
+        root = DEMO_DATA
+        if not (root / "train" / "manifest.json").is_file():
+            if dist.rank == 0:
+                print(f"preparing the built-in corpus into {root}/ ...", flush=True)
+                _prepare_builtin(root)
+            dist.barrier()
+    else:
+        root = Path(cfg.data)
+    if not root.exists():
+        raise TrainError(f"--data {root}: no such directory")
+    try:
+        train_dir = data.resolve_dataset(root, split="train")
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise TrainError(f"--data {root}: not a dataset (no manifest.json): {e}") from None
+    if not (Path(train_dir) / "manifest.json").is_file():
+        raise TrainError(f"--data {root}: no manifest.json in {train_dir}")
+    val_dir = None
+    try:
+        val_dir = data.resolve_dataset(root, split="val")
+        if Path(val_dir) == Path(train_dir) or not (Path(val_dir) / "manifest.json").is_file():
+            val_dir = None
+    except (FileNotFoundError, ValueError, OSError):
+        val_dir = None
+    manifest = data.load_manifest(train_dir)
+    return Path(train_dir), (Path(val_dir) if val_dir else None), manifest
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        if cfg.objective not in ("mdm", "ar"):
+            raise TrainError(f"--objective must be 'mdm' or 'ar', got {cfg.objective!r}")
+        self.cfg = cfg
+        self.kind = cfg.objective
+        self.out = Path(cfg.out or f"runs/demo-{cfg.objective}")
+        self.dist = Dist(cfg.device)
+        d = self.dist
+        per_rank, rem = divmod(cfg.batch_size, d.world * cfg.grad_accum)
+        if rem or per_rank < 1:
+            raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by world size {d.world} × "
+                             f"--grad-accum {cfg.grad_accum}")
+        self.micro = per_rank  # sequences per micro-batch on this rank
+        self.local_batch = per_rank * cfg.grad_accum
+        if cfg.keep < 2:
+            raise TrainError(f"--keep must be >= 2, got {cfg.keep}")
+        try:
+            self.model_config = config_by_name(cfg.config, vocab_size=2, causal=self.kind == "ar")
+        except ValueError as e:
+            raise TrainError(f"--config: {e}") from None
+
+        resume_dir = None
+        if cfg.resume:  # checked before any data work: --resume never silently starts fresh
+            try:
+                resume_dir = ckpt.resolve(self.out)
+                ckpt.verify(resume_dir)
+            except ckpt.CheckpointError as e:
+                raise TrainError(f"--resume: {e}") from None
+
+        self.train_dir, self.val_dir, self.manifest = resolve_data(cfg, d)
+        vocab = int(self.manifest.vocab_size)
+        if cfg.vocab_size is not None and cfg.vocab_size != vocab:
+            raise TrainError(f"--vocab-size {cfg.vocab_size} does not match the data's vocabulary ({vocab}, "
+                             f"{self.train_dir / 'manifest.json'})")
+        max_seq = max(cfg.seq_len + 1, 2048 if cfg.config in NAMED_SIZES else 512)
+        self.model_config = config_by_name(cfg.config, vocab_size=vocab, causal=self.kind == "ar",
+                                           max_seq_len=max_seq)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        if cfg.max_steps is not None:
+            self.max_steps = cfg.max_steps
+        elif cfg.flops is not None:
+            n = self.model_config.non_embedding_params()
+            self.max_steps = int(cfg.flops // (6 * n * self.tokens_per_step))
+        else:
+            self.max_steps = DEMO_STEPS[self.kind]
+        if self.max_steps < 1:
+            raise TrainError(f"the run has {self.max_steps} steps (--max-steps / --flops too small)")
+        self.peak_lr = cfg.lr if cfg.lr is not None else (4e-4 if cfg.config in NAMED_SIZES else 2e-3)
+        self.warmup = warmup_steps(cfg, self.max_steps)
+
+        # model, optimizer
+        self.model = build_model(self.model_config, seed=cfg.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        state = None
+        if resume_dir is not None:
+            state = self._load_resume(resume_dir)
+        self.model.to(d.device)
+        if cfg.compile:
+            for block in self.model.blocks:
+                block.compile()
+        self.objective = Objective(self.model)
+        if d.enabled and cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.objective)
+            self.wrapped = self.objective
+        elif d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [d.device.index] if d.device.type == "cuda" else None
+            self.wrapped = DDP(self.objective, device_ids=ids)
+        else:
+            self.wrapped = self.objective
+        self.optimizer = self._make_optimizer()
+        if state is not None:
+            self._load_optimizer(state["optimizer"])
+            torch.set_rng_state(state["rng"]["torch"])
+
+        # data
+        from smdm.data import PackedDataset
+
+        self.dataset = PackedDataset(self.train_dir, cfg.seq_len, self.micro, extra_token=self.kind == "ar",
+                                     seed=cfg.seed, rank=d.rank, world_size=d.world)
+        if state is not None:
+            self.dataset.load_state_dict(state["data"])
+        self.val_dataset = None
+        if self.val_dir is not None:
+            self.val_dataset = PackedDataset(self.val_dir, cfg.seq_len, self.micro,
+                                             extra_token=self.kind == "ar", seed=cfg.seed, rank=d.rank,
+                                             world_size=d.world, shuffle=False)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._stop = False
+        self.mask_id = self.model_config.mask_id
+        self.inject = {int(s) for s in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if s.strip()}
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def run_identity(self) -> dict:
+        c = self.cfg
+        return {"seed": c.seed, "batch_size": c.batch_size, "world_size": self.dist.world,
+                "grad_accum": c.grad_accum, "seq_len": c.seq_len, "objective": self.kind, "config": c.config}
+
+    def _load_resume(self, step_dir: Path) -> dict:
+        conf = ckpt.read_config(step_dir)
+        saved_model = conf.get("model", {})
+        if conf.get("objective") != self.kind:
+            raise TrainError(f"--resume: {step_dir} was trained with --objective {conf.get('objective')}, "
+                             f"this run uses {self.kind}")
+        if saved_model.get("vocab_size") != self.model_config.vocab_size:
+            raise TrainError(f"--resume: {step_dir} has vocab_size {saved_model.get('vocab_size')}, the data "
+                             f"has {self.model_config.vocab_size} (a different dataset/tokenizer?)")
+        mine = self.model_config.to_dict()
+        diff = {k: (saved_model.get(k), v) for k, v in mine.items()
+                if saved_model.get(k) != v and k != "max_seq_len"}
+        if diff:
+            raise TrainError(f"--resume: {step_dir} holds a different model ({diff}; saved, requested)")
+        state = ckpt.load_train_state(step_dir)
+        saved_id, mine_id = state.get("run", {}), self.run_identity()
+        bad = {k: (saved_id.get(k), v) for k, v in mine_id.items() if saved_id.get(k) != v}
+        if bad and not self.cfg.force_resume:
+            raise TrainError("--resume: the run differs from the checkpoint in "
+                             + ", ".join(f"{k} (checkpoint {a}, now {b})" for k, (a, b) in bad.items())
+                             + "; pass --force-resume to continue anyway (masks and data order change)")
+        weights = ckpt.load_weights(step_dir)
+        self.model.load_state_dict(weights)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens", 0))
+        if self.dist.rank == 0:
+            print(f"resuming from {step_dir} (step {self.step})", flush=True)
+        return state
+
+    def _make_optimizer(self):
+        decay, no_decay = [], []
+        for name, p in self.objective.named_parameters():
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.dist.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=self.peak_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+    def _full_model_state(self) -> dict:
+        if self.cfg.fsdp and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                             cpu_offload=True))
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def _optimizer_state(self) -> dict:
+        if self.cfg.fsdp and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.objective, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def _load_optimizer(self, sd: dict):
+        if self.cfg.fsdp and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.objective, self.optimizer, sd,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(sd)
+
+    def save(self):
+        weights = self._full_model_state()
+        opt = self._optimizer_state()
+        if self.dist.rank == 0:
+            train_state = {"step": self.step, "tokens": self.tokens_seen, "optimizer": opt,
+                           "schedule": {"peak_lr": self.peak_lr, "warmup": self.warmup,
+                                        "max_steps": self.max_steps, "min_lr_ratio": self.cfg.min_lr_ratio},
+                           "rng": {"torch": torch.get_rng_state()}, "data": self.dataset.state_dict(),
+                           "run": self.run_identity()}
+            conf = {"model": self.model_config.to_dict(), "objective": self.kind,
+                    "config_name": self.cfg.config,
+                    "train": {**self.cfg.to_dict(), "max_steps": self.max_steps}}
+            tok = self.manifest.tokenizer_path
+            path = ckpt.save(self.out, self.step, model_state=weights, config=conf, train_state=train_state,
+                             tokenizer_path=tok, keep=self.cfg.keep)
+            self.log({"event": "checkpoint", "step": self.step, "path": str(path)})
+        self.dist.barrier()
+
+    def log(self, entry: dict):
+        if self.dist.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.dist.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self, it) -> dict:
+        from smdm import diffusion
+
+        cfg, d = self.cfg, self.dist
+        lr = lr_at(self.step, peak=self.peak_lr, warmup=self.warmup, max_steps=self.max_steps,
+                   min_ratio=cfg.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        total = torch.zeros((), dtype=torch.float64)
+        n_tokens = 0
+        for m in range(cfg.grad_accum):
+            batch = next(it)
+            ids = batch["input_ids"]
+            seg = batch["segment_ids"] if cfg.doc_mask else None
+            last = m == cfg.grad_accum - 1
+            sync = nullcontext() if last or not (d.enabled and not cfg.fsdp) else self.wrapped.no_sync()
+            if self.kind == "mdm":
+                fp = diffusion.forward_process(ids, seed=cfg.seed, step=self.step,
+                                               sample_offset=d.rank * self.local_batch + m * self.micro,
+                                               global_batch=cfg.batch_size, mask_id=self.mask_id,
+                                               stratified=cfg.stratified)
+                x0 = ids[:, :fp.length]  # the random-length crop cuts every row of the step alike
+                kw = {"noisy": fp.noisy_ids.to(d.device), "x0": x0.to(d.device), "mask": fp.mask.to(d.device),
+                      "weight": fp.weight.to(d.device),
+                      "segment_ids": None if seg is None else seg[:, :fp.length].to(d.device)}
+                n_tokens += x0.numel()
+            else:
+                kw = {"tokens": ids.to(d.device), "segment_ids": None if seg is None else seg.to(d.device)}
+                n_tokens += ids.shape[0] * (ids.shape[1] - 1)
+            with sync:
+                with self._autocast():
+                    loss = self.wrapped(self.kind, **kw)
+                if self.step in self.inject:
+                    loss = loss * float("nan")  # debug hook: a non-finite loss must not reach the weights
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach().double().cpu() / cfg.grad_accum
+        stats = torch.stack([total, torch.tensor(float(n_tokens), dtype=torch.float64)])
+        d.all_reduce(stats)
+        loss_value = float(stats[0]) / d.world
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        if skipped:  # drop the gradients: weights and optimizer state stay as they were
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += int(stats[1])
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
+                "tokens": self.tokens_seen, "step_tokens": int(stats[1])}
+
+    # -- validation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> Optional[dict]:
+        if self.val_dataset is None:
+            return None
+        from smdm import diffusion
+
+        cfg, d = self.cfg, self.dist
+        self.model.eval()
+        it = iter(self.val_dataset)
+        sums = torch.zeros(3, dtype=torch.float64)  # nll, tokens, variance of the nll sum
+        for _ in range(cfg.val_batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            ids = batch["input_ids"].to(d.device)
+            seg = batch["segment_ids"].to(d.device) if cfg.doc_mask else None
+            with self._autocast():
+                if self.kind == "mdm":
+                    rows = batch["index"].numpy()
+                    est = diffusion.elbo_nll(self.model, ids, segment_ids=seg, n_samples=cfg.val_samples,
+                                             seed=cfg.seed + 1, row_ids=rows, max_rows=max(64, ids.shape[0]))
+                    sums += torch.stack([est.nll.sum(), est.n_tokens.sum().double(), (est.stderr ** 2).sum()])
+                else:
+                    loss = diffusion.ar_loss(self.model, ids, segment_ids=seg).double().cpu()
+                    n = ids.shape[0] * (ids.shape[1] - 1)
+                    sums += torch.tensor([float(loss) * n, n, 0.0], dtype=torch.float64)
+        d.all_reduce(sums)
+        self.model.train()
+        if sums[1] == 0:
+            return None
+        return {"event": "val", "step": self.step, "tokens": self.tokens_seen,
+                "val_loss": float(sums[0] / sums[1]), "val_stderr": float(sums[2].sqrt() / sums[1]),
+                "val_tokens": int(sums[1]), "val_kind": "elbo" if self.kind == "mdm" else "exact"}
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame):
+        self._stop = True
+
+    def _rewind_metrics(self):
+        """On resume, drop metric lines logged after the checkpoint (a crash may have left some)."""
+        if self.dist.rank != 0 or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+        self.metrics_path.write_text("".join(x + "\n" for x in kept))
+
+    def fit(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        if d.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if cfg.resume:
+                self._rewind_metrics()
+            elif self.metrics_path.exists():
+                self.metrics_path.unlink()
+        d.barrier()
+        old = signal.signal(signal.SIGTERM, self._on_sigterm)
+        stop_at = min(self.max_steps, cfg.stop_after) if cfg.stop_after is not None else self.max_steps
+        if d.rank == 0:
+            n = self.model_config.non_embedding_params()
+            print(f"smdm train: {self.kind.upper()} {cfg.config} ({n / 1e6:.2f}M non-embedding params, vocab "
+                  f"{self.model_config.vocab_size}), {self.max_steps} steps × {self.tokens_per_step} tokens, "
+                  f"world {d.world}, device {d.device}, out {self.out}", flush=True)
+        from tqdm import tqdm
+
+        bar = tqdm(total=stop_at, initial=self.step, disable=d.rank != 0, dynamic_ncols=True, mininterval=1.0)
+        it = iter(self.dataset)
+        self.model.train()
+        last_val = None
+        if self.step == 0 and cfg.val_every:
+            last_val = self.validate()
+            if last_val:
+                self.log(last_val)
+        skipped_in_row = 0
+        try:
+            while self.step < stop_at:
+                t0 = time.perf_counter()
+                rec = self.train_step(it)
+                dt = time.perf_counter() - t0
+                rec["tokens_per_s"] = rec.pop("step_tokens") / dt
+                self.log(rec)
+                skipped_in_row = skipped_in_row + 1 if rec["skipped"] else 0
+                if skipped_in_row >= 20:
+                    raise RuntimeError(f"20 steps in a row had a non-finite loss or gradient "
+                                       f"(step {self.step})")
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                val=f"{last_val['val_loss']:.3f}" if last_val else "-", refresh=False)
+                stop = torch.tensor([1.0 if self._stop else 0.0])
+                stop = bool(d.all_reduce(stop, torch.distributed.ReduceOp.MAX if d.enabled else None) > 0)
+                done = self.step >= stop_at
+                if cfg.val_every and (self.step % cfg.val_every == 0 or done):
+                    last_val = self.validate()
+                    if last_val:
+                        self.log(last_val)
+                if done or stop or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save()
+                if stop:
+                    if d.rank == 0:
+                        print(f"\nSIGTERM: saved step {self.step}, exiting", flush=True)
+                    break
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, old)
+        return {"step": self.step, "val": last_val}
+
+
+# ----------------------------------------------------------------------------------------------------
+# samples, plots, CLI
+
+
+def print_samples(model, tokenizer, n: int, kind: str, seed: int = 0):
+    prompts_text = ["def ", "import os\n", "class ", "    return "][:n]
+    if tokenizer is None:
+        print("(no tokenizer in the data: no samples)")
+        return
+    try:
+        from smdm.sampling import generate
+    except ImportError as e:
+        print(f"(samples skipped: smdm.sampling is not available: {e})")
+        return
+    prompts = [tokenizer.encode(p).ids for p in prompts_text]
+    out = generate(model, prompts, gen_length=64, steps=64, sampler="low_confidence", temperature=0.0,
+                   seed=seed)
+    print(f"\n---- samples ({kind}, low_confidence, 64 tokens, 64 steps) ----")
+    for p, toks in zip(prompts_text, out.tokens):
+        print(repr(p + tokenizer.decode(toks)))
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise TrainError(f"{path}: no metrics (is {run_dir} a training run?)")
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def plot_runs(runs: list, png) -> Path:
+    """Training loss and validation curves of one or more runs against tokens, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        rows = read_metrics(run)
+        name = Path(run).name
+        train = [r for r in rows if "loss" in r and not r.get("skipped")]
+        val = [r for r in rows if r.get("event") == "val"]
+        if len(runs) == 1 and train:
+            ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=0.6, alpha=0.5,
+                    label=f"{name} train")
+        if val:
+            ax.errorbar([r["tokens"] for r in val], [r["val_loss"] for r in val],
+                        yerr=[r.get("val_stderr", 0) for r in val], marker="o", ms=3,
+                        label=f"{name} val ({val[0].get('val_kind', '')})")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("nats / token (MDM: ELBO bound, ARM: exact NLL)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    png = Path(png)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
+    d = TrainConfig()
+    a = parser.add_argument
+    a("--config", default=d.config, help="model size (demo, tiny, 6M ... 2121M, 1.1B)")
+    a("--data", default=None, help="`smdm prepare` output or dataset dir (default: built-in corpus)")
+    a("--out", default=None, help="run dir (default runs/demo-mdm or runs/demo-ar)")
+    a("--objective", choices=["mdm", "ar"], default=d.objective)
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--max-steps", type=int, default=None)
+    g.add_argument("--flops", type=float, default=None, help="compute budget: steps = C / (6 N tokens/step)")
+    a("--stop-after", type=int, default=None, help="save and stop after this step")
+    a("--seed", type=int, default=d.seed)
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --out (error if none)")
+    a("--force-resume", action="store_true", help="resume although seed / batch / world size differ")
+    a("--batch-size", type=int, default=d.batch_size, help="global sequences per optimizer step")
+    a("--grad-accum", type=int, default=d.grad_accum)
+    a("--seq-len", type=int, default=d.seq_len)
+    a("--lr", type=float, default=None, help="peak learning rate")
+    a("--warmup", type=int, default=None)
+    a("--val-every", type=int, default=d.val_every)
+    a("--val-samples", type=int, default=d.val_samples, help="ELBO Monte Carlo samples per sequence")
+    a("--val-batches", type=int, default=d.val_batches)
+    a("--save-every", type=int, default=d.save_every)
+    a("--keep", type=int, default=d.keep)
+    a("--no-doc-mask", dest="doc_mask", action="store_false", help="attend across packed documents")
+    a("--compile", action="store_true")
+    a("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    a("--plot", action="store_true", help="write OUT/loss.png (with the twin run's curve when it exists)")
+    a("--samples", type=int, default=None, help="samples printed at the end (default 3 for the demo, else 0)")
+    a("--vocab-size", type=int, default=None, help="check the data's vocabulary size")
+    a("--device", default=d.device)
+    a("--compare", nargs="+", metavar="RUN", help="only plot the validation curves of these runs (--out PNG)")
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    if args.samples is None:
+        cfg.samples = 3 if args.data is None else 0
+    return cfg
+
+
+def train(cfg: TrainConfig) -> Trainer:
+    """Run (or resume) a training run; returns the Trainer (model, step, metrics path)."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.dist.close()
+    return trainer
+
+
+def run(args) -> int:
+    try:
+        if args.compare:
+            png = Path(args.out or "runs/compare.png")
+            png.parent.mkdir(parents=True, exist_ok=True)
+            print(plot_runs(args.compare, png))
+            return 0
+        cfg = config_from_args(args)
+        trainer = train(cfg)
+    except (TrainError, ckpt.CheckpointError) as e:
+        print(f"smdm train: error: {e}", file=sys.stderr)
+        return 2
+    if trainer.dist.rank == 0:
+        out = trainer.out
+        if cfg.plot:
+            runs = [out]
+            twin = out.parent / out.name.replace("-mdm", "-ar") if "-mdm" in out.name else \
+                out.parent / out.name.replace("-ar", "-mdm")
+            if twin != out and (twin / "metrics.jsonl").is_file():
+                runs = sorted([out, twin])
+            print(f"plot: {plot_runs(runs, out / 'loss.png')}")
+        if cfg.samples:
+            model, tok = ckpt.load(out, device=trainer.dist.device)
+            print_samples(model, tok, cfg.samples, trainer.kind, seed=cfg.seed)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="smdm train", description=__doc__.split("\n")[0])
+    register(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
