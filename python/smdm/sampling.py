@@ -5,8 +5,8 @@
     out.tokens        # generated ids per prompt (without the prompt; cut before the first EOS)
     filled = infill(model, ids, mask_positions, ...)
 
-Samplers (`SAMPLERS`, a plain name -> commit-rule mapping). Time runs t = 1 -> 0 over a uniform grid: at step i
-of S (inside the current block), t = 1 - i/S and s = 1 - (i+1)/S.
+Samplers (`SAMPLERS`, a plain name -> commit-rule mapping). Time runs t = 1 -> 0 over a uniform grid: at
+step i of S (inside the current block), t = 1 - i/S and s = 1 - (i+1)/S.
 - `ancestral`: the exact reverse step t -> s. Each masked position is revealed with probability (t - s)/t =
   1/(S - i) (all at the last step) with a token sampled from the model. A step that reveals nothing leaves the
   input unchanged, so the next step reuses the logits without a forward pass (exact caching).
@@ -16,20 +16,22 @@ of S (inside the current block), t = 1 - i/S and s = 1 - (i+1)/S.
   With `block_length` (semi-autoregressive, LLaDA): S steps split evenly over the blocks; in a block with m
   masks and s steps, step i commits floor(m/s) + [i < m mod s]; positions outside the current block have
   confidence -inf.
-- `threshold` (Fast-dLLM parallel decoding): in the current block commit every masked position whose confidence
-  is >= tau, plus always the single most confident one; the number of steps is adaptive (`steps` is unused).
+- `threshold` (Fast-dLLM parallel decoding): in the current block commit every masked position whose
+  confidence is >= tau, plus always the single most confident one; the number of steps is adaptive (`steps`
+  is unused).
 
-Unsupervised classifier-free guidance (paper Eq. 7): the unconditional input is the same sequence with every
-given (prompt) position replaced by the mask id; both rows go through ONE batched forward and the guided logits
-are u + (w + 1)(c - u); w = 0 runs no extra rows.
+Unsupervised classifier-free guidance (paper Eq. 7): the unconditional input is the same sequence with
+every given (prompt) position replaced by the mask id; both rows go through ONE batched forward and the
+guided logits are u + (w + 1)(c - u); w = 0 runs no extra rows.
 
 Token choice and position choice follow docs/CONTRACTS.md "Sampler token choice" exactly: `choose_tokens`
 (top-k, top-p, Gumbel-max in float32 keyed by (row seed, step, absolute position, vocab id)) and
 `select_positions` (per-row top-n or threshold, ties to the lower position). Both are reached through
 `_dispatch`, where a fused CUDA kernel may replace them; `SMDM_KERNELS=reference` forces these references.
 
-Batch invariance (a row's tokens never depend on the other rows): every draw is keyed by the row's own seed and
-absolute positions, and the forward pass is arranged so the floats of a row do not depend on the batch layout:
+Batch invariance (a row's tokens never depend on the other rows): every draw is keyed by the row's own seed
+and absolute positions, and the forward pass is arranged so the floats of a row do not depend on the batch
+layout:
 - ragged rows are right-padded with `key_valid`; each row's padded length is at least its own length rounded
   up to `PAD_MULTIPLE`. Why: CPU attention reduces over keys in SIMD lanes with a scalar tail, so a row of 37
   keys alone and the same row padded to 40+ keys sum in a different order (1e-6 differences, enough to flip a
@@ -103,8 +105,8 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     """Top-k then top-p filtering: excluded logits become -inf (float32 in, float32 out).
 
     top-k keeps the k largest (ties: lower id). top-p keeps the smallest prefix of the descending-sorted
-    softmax whose mass reaches p: id j (in sorted order) is kept iff the mass strictly before it is < p, so the
-    top token is always kept."""
+    softmax whose mass reaches p: id j (in sorted order) is kept iff the mass strictly before it is < p, so
+    the top token is always kept."""
     V = logits.shape[-1]
     use_k = top_k is not None and top_k < V
     use_p = top_p is not None and top_p < 1.0
@@ -134,7 +136,8 @@ def gumbel_noise(seeds: torch.Tensor, step: Union[int, torch.Tensor], positions:
 
 def choose_tokens(logits: torch.Tensor, *, seeds: torch.Tensor, positions: torch.Tensor,
                   step: Union[int, torch.Tensor], temperature: float = 0.0, top_k: Optional[int] = None,
-                  top_p: Optional[float] = None, confidence: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
+                  top_p: Optional[float] = None,
+                  confidence: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
     """One token and its confidence per row of `logits` (N, V) (already CFG-guided), per the contract:
 
     1. top-k then top-p filtering (`filter_logits`);
@@ -178,7 +181,8 @@ def select_positions(confidence: torch.Tensor, candidates: torch.Tensor, n: Opti
     always the single most confident one. Returns (B, P) bool."""
     B, P = confidence.shape
     # lexicographic order: candidates first, then confidence descending, then lower position (stable sorts)
-    order = torch.sort(confidence.masked_fill(~candidates, -math.inf), dim=-1, descending=True, stable=True)[1]
+    keyed = confidence.masked_fill(~candidates, -math.inf)
+    order = torch.sort(keyed, dim=-1, descending=True, stable=True)[1]
     order = order.gather(-1, torch.sort(candidates.gather(-1, order).to(torch.int8), dim=-1, descending=True,
                                         stable=True)[1])
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(P, device=order.device).expand(B, P))
@@ -285,7 +289,7 @@ SAMPLERS = {"ancestral": _commit_ancestral, "low_confidence": _commit_low_confid
 
 @dataclass
 class GenerationOutput:
-    tokens: list  # generate: generated ids per prompt (no prompt; cut before the first EOS); infill: filled ids
+    tokens: list  # generate: generated ids per prompt (no prompt, cut before the first EOS); infill: filled
     sequences: list  # full rows: prompt + generation (tail after the first EOS filled with EOS)
     forward_passes: int  # model calls (a CFG pair counts once: both rows run in one batched call)
     row_forward_passes: list  # forward passes each row took part in
@@ -312,10 +316,10 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     MDM (model.config.causal False): `sampler` in SAMPLERS, `steps` sampler steps (split evenly over blocks of
     `block_length`), `threshold` for sampler="threshold", `cfg_scale` w of Eq. 7, `confidence` prob | margin |
     entropy, `cache` "none" | "prefix" (K/V of the prompt and finished blocks reused: approximate).
-    ARM twin (causal True): left-to-right decoding with the same token choice; `cache="prefix"` is the static KV
-    cache; `steps`, `sampler`, `block_length`, `threshold`, `cfg_scale`, `confidence` do not apply.
-    `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `callback(step, seqs)` sees the
-    rows (mask id where still masked) after each step. Returns a GenerationOutput."""
+    ARM twin (causal True): left-to-right decoding with the same token choice; `cache="prefix"` is the static
+    KV cache; `steps`, `sampler`, `block_length`, `threshold`, `cfg_scale`, `confidence` do not apply.
+    `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `callback(step, seqs)` sees
+    the rows (mask id where still masked) after each step. Returns a GenerationOutput."""
     cfg = model.config
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -526,8 +530,8 @@ def _denoise(model, rows: list, sampler: str, opts: dict, callback) -> int:
                 need = [r for r in active if r.logits is None]
                 if need:
                     forwards += _forward_mdm(model, need, opts)
-                tok, conf = choose(torch.cat([r.logits for r in active]),
-                                   seeds=torch.cat([torch.full((len(r.cand),), _i64(r.seed)) for r in active]),
+                seeds = torch.cat([torch.full((len(r.cand),), _i64(r.seed)) for r in active])
+                tok, conf = choose(torch.cat([r.logits for r in active]), seeds=seeds,
                                    positions=torch.cat([r.cand for r in active]), step=step,
                                    temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
                                    confidence=opts["confidence"])
@@ -626,8 +630,8 @@ def _forward_mdm(model, rows: list, opts: dict) -> int:
 
 
 def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
-    """Prefix K/V cache (Fast-dLLM style): the first step of a block runs the full sequence and keeps the K/V of
-    everything before the block (prompt + finished blocks); later steps of the block run only the block and
+    """Prefix K/V cache (Fast-dLLM style): the first step of a block runs the full sequence and keeps the K/V
+    of everything before the block (prompt + finished blocks); later steps of the block run only the block and
     what follows it, attending to the kept prefix. Approximate for a bidirectional model (the prefix keys do
     not see the newer tokens after it). Rows are grouped by (length, prefix end, full/partial) so that no row
     is padded for another."""
@@ -675,9 +679,9 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
 
 
 def _generate_arm(model, prompts, gen_length, seeds, temperature, top_k, top_p, eos_id, cache, callback):
-    """Rows are grouped by prompt length and each group decodes in lockstep: no padding, plain positions, and
-    a row's computation is the same alone or in any batch. cache="prefix": the static KV cache (prompt
-    prefilled once, then one token per forward); cache="none": the full sequence every step (the reference)."""
+    """Rows are grouped by prompt length and each group decodes in lockstep: no padding, plain positions,
+    and a row's computation is the same alone or in any batch. cache="prefix": the static KV cache (prompt
+    prefilled once, then one token per forward); cache="none": the full sequence every step (reference)."""
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: the ARM twin needs at least one prompt token (e.g. BOS)")
@@ -732,5 +736,5 @@ def _generate_arm(model, prompts, gen_length, seeds, temperature, top_k, top_p, 
         model.train(was_training)
     tokens = [_cut(o[len(p):], eos_id) for o, p in zip(out, prompts)]
     gen = sum(len(t) + (1 if eos_id is not None and len(t) < gen_length else 0) for t in tokens)
-    return GenerationOutput(tokens=tokens, sequences=out, forward_passes=forwards, row_forward_passes=row_forwards,
-                            steps=row_steps, generated_tokens=gen)
+    return GenerationOutput(tokens=tokens, sequences=out, forward_passes=forwards,
+                            row_forward_passes=row_forwards, steps=row_steps, generated_tokens=gen)

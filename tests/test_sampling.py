@@ -1,0 +1,405 @@
+# pytest tests/test_sampling.py
+"""Guided generation (DESIGN §4, CONTRACTS "Sampler token choice"): the token-choice contract against an
+independent reference, sampling statistics on known logits, each sampler's commit rule against a plain loop,
+CFG on known logits, batch invariance, EOS, infilling, and the ARM twin's KV cache."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from smdm import rng, sampling
+from smdm.model import ModelConfig, build_model, config_by_name
+from smdm.sampling import choose_tokens, filter_logits, generate, infill, select_positions
+
+V = 64
+
+
+class ToyModel(torch.nn.Module):
+    """A "model" whose logits are a known function of the input: `fn(ids (B, L)) -> logits (B, L, V)`.
+    `hidden` returns the logits themselves and `head` is the identity, as the sampler expects."""
+
+    def __init__(self, fn, vocab=V):
+        super().__init__()
+        self.config = ModelConfig(n_layer=1, n_head=1, d_model=vocab, d_ff=1, vocab_size=vocab)
+        self.fn = fn
+        self.head = torch.nn.Identity()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.inputs = []
+
+    def hidden(self, input_ids, **kwargs):
+        self.inputs.append(input_ids.clone())
+        return self.fn(input_ids).float()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP spin-waits on a busy machine (results compared within it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mdm():
+    return build_model(config_by_name("tiny", vocab_size=V)).eval()
+
+
+@pytest.fixture(scope="module")
+def arm():
+    return build_model(config_by_name("tiny", vocab_size=V, causal=True)).eval()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The token-choice contract
+
+
+def test_int64_splitmix_and_key_match_the_rng_reference():
+    xs = np.random.default_rng(0).integers(0, 2**63, size=200, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    got = sampling.splitmix64_t(torch.from_numpy(xs.view(np.int64))).numpy().view(np.uint64)
+    assert np.array_equal(got, rng.splitmix64(xs))
+    words = [(2**64 - 1, 3, 17, 6), (0, 0, 0, 0), (123456789, 2**40, 5, 7)]
+    for w in words:
+        assert int(sampling.key_t(*w)) & (2**64 - 1) == rng.key(*w)
+
+
+def _reference_choice(logits, seed, step, pos, T):
+    """Contract step 2 written with smdm.rng's Python ints (independent of the torch implementation)."""
+    base = rng.key(seed, step, pos, rng.Stream.GUMBEL)
+    best, best_v = -math.inf, None
+    for v in range(len(logits)):
+        h = rng.splitmix64(base ^ v)
+        u = np.float32(((h >> 40) + 0.5) * 2.0**-24)
+        g = -np.log(-np.log(u, dtype=np.float32), dtype=np.float32)
+        score = np.float32(np.float32(logits[v]) / np.float32(T)) + g
+        if score > best:
+            best, best_v = score, v
+    return best_v
+
+
+def test_gumbel_choice_matches_an_independent_reference():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 23, generator=gen)
+    seeds = torch.tensor([7] * 20 + [2**62 + 5] * 20)
+    pos = torch.arange(40) * 3
+    tok, _ = choose_tokens(logits, seeds=seeds, positions=pos, step=11, temperature=0.7)
+    ref = [_reference_choice(logits[n].tolist(), int(seeds[n]), 11, int(pos[n]), 0.7) for n in range(40)]
+    assert tok.tolist() == ref
+
+
+def test_argmax_ties_lowest_id_and_confidences():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    tok, conf = choose_tokens(logits, seeds=torch.zeros(2), positions=torch.arange(2), step=0)
+    assert tok.tolist() == [1, 0]
+    p = torch.softmax(logits, -1)
+    assert torch.allclose(conf, p[[0, 1], tok])
+    _, margin = choose_tokens(logits, seeds=torch.zeros(2), positions=torch.arange(2), step=0,
+                              confidence="margin")
+    assert margin.tolist() == [0.0, 0.0]
+    _, negent = choose_tokens(logits, seeds=torch.zeros(2), positions=torch.arange(2), step=0,
+                              confidence="entropy")
+    assert torch.allclose(negent, (p * p.log()).sum(-1))
+    assert negent[1].item() == pytest.approx(-math.log(4), rel=1e-6)
+
+
+def test_top_k_top_p_filtering_rules():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    keep = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].tolist()
+    assert keep(top_k=2) == [False, True, False, True]
+    assert keep(top_p=0.85) == [False, True, True, True]  # mass before id 2 is 0.8 < 0.85
+    assert keep(top_p=0.6) == [False, True, False, True]
+    assert keep(top_p=0.01) == [False, True, False, False]  # the top token is always kept
+    assert keep(top_k=3, top_p=1.0) == [False, True, True, True]
+    ties = torch.zeros(1, 5)
+    assert torch.isfinite(filter_logits(ties, top_k=2))[0].tolist() == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("T,top_k,top_p", [(1.0, None, None), (0.5, None, None), (1.0, 3, None),
+                                           (1.0, None, 0.7), (2.0, 4, 0.9)])
+def test_sampling_frequencies_match_the_filtered_distribution(T, top_k, top_p):
+    """Draws over many positions (independent keys) follow softmax(filter(l) / T); excluded and
+    zero-probability tokens are never drawn."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -math.inf, 1.5, -1.0])
+    N = 20000
+    tok, _ = choose_tokens(logits.expand(N, -1), seeds=torch.full((N,), 3), positions=torch.arange(N),
+                           step=1, temperature=T, top_k=top_k, top_p=top_p)
+    expected = torch.softmax(filter_logits(logits[None], top_k, top_p)[0].double() / T, -1)
+    counts = torch.bincount(tok, minlength=len(logits)).double()
+    assert counts[expected == 0].sum() == 0
+    sigma = (N * expected * (1 - expected)).sqrt()
+    assert ((counts - N * expected).abs() <= 5 * sigma + 1e-9).all(), (counts, N * expected)
+
+
+def test_select_positions_count_and_threshold():
+    conf = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.7], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    cand = torch.tensor([[True, True, True, True, False], [True, True, False, True, True]])
+    got = select_positions(conf, cand, n=torch.tensor([2, 3]))
+    assert got.tolist() == [[False, True, True, False, False], [True, True, False, True, False]]
+    assert select_positions(conf, cand, n=torch.tensor([9, 0]))[0].tolist() == [True, True, True, True, False]
+    got = select_positions(conf, cand, threshold=0.6)
+    assert got.tolist() == [[False, True, True, False, False], [True, False, False, False, False]]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Known-logit tests with a toy model
+
+
+def test_cfg_formula_and_unconditional_input(monkeypatch):
+    """Guided logits u + (w + 1)(c - u), with u from the prompt-masked input in the same forward."""
+    c_logits = torch.linspace(-1, 1, V)
+    u_logits = torch.linspace(1, -1, V) ** 2
+
+    def fn(ids):  # conditional when the prompt (position 0) is visible
+        uncond = (ids[:, :1] == V).float()[..., None]  # (B, 1, 1)
+        return (uncond * u_logits + (1 - uncond) * c_logits).expand(ids.shape[0], ids.shape[1], V)
+
+    model = ToyModel(fn)
+    seen = []
+    real = sampling.choose_tokens
+    monkeypatch.setattr(sampling, "choose_tokens",
+                        lambda logits, **kw: (seen.append(logits), real(logits, **kw))[1])
+    w = 1.5
+    generate(model, [[1, 2, 3]], gen_length=4, steps=2, cfg_scale=w)
+    assert len(model.inputs) == 2 and all(x.shape[0] == 2 for x in model.inputs)  # one batched call a step
+    x = model.inputs[0]
+    assert x[0, :3].tolist() == [1, 2, 3] and x[1, :3].tolist() == [V, V, V]  # prompt masked
+    assert torch.equal(x[0, 3:7], x[1, 3:7])
+    assert torch.allclose(seen[0], (u_logits + (w + 1) * (c_logits - u_logits)).expand(4, V))
+    model.inputs.clear()
+    generate(model, [[1, 2, 3]], gen_length=4, steps=2, cfg_scale=0.0)
+    assert model.inputs[0].shape[0] == 1  # w = 0: no unconditional row
+
+
+def _mask_trace(model, **kw):
+    trace = []
+    out = generate(model, callback=lambda step, seqs: trace.append([int((s == V).sum()) for s in seqs]), **kw)
+    return out, trace
+
+
+def test_llada_block_quota():
+    model = ToyModel(lambda ids: torch.randn(ids.shape[0], ids.shape[1], V, generator=torch.Generator()
+                                             .manual_seed(int(ids.sum()))))
+    G, B, S = 24, 8, 6  # 3 blocks of 8 masks, 2 steps each... use uneven: 8 masks over 2 steps
+    for blocks, steps in [(8, 6), (8, 9), (24, 5), (6, 16)]:
+        _, trace = _mask_trace(model, prompts=[[1]], gen_length=G, steps=steps, block_length=blocks)
+        left = [G] + [t[0] for t in trace]
+        commits = [a - b for a, b in zip(left, left[1:])]
+        s = steps // (G // blocks)
+        expected = [blocks // s + (1 if i < blocks % s else 0) for _ in range(G // blocks) for i in range(s)]
+        assert commits == expected, (blocks, steps)
+    del B, S
+
+
+def test_low_confidence_quota_is_floor_m_times_1_minus_s_over_t():
+    model = ToyModel(lambda ids: torch.zeros(ids.shape[0], ids.shape[1], V))
+    G, S = 23, 7
+    _, trace = _mask_trace(model, prompts=[[1]], gen_length=G, steps=S)
+    left = [G] + [t[0] for t in trace]
+    for i in range(S):  # exact rational floor(m (1 - s/t)), t = 1 - i/S, s = 1 - (i+1)/S
+        t, s = 1 - Fraction(i, S), 1 - Fraction(i + 1, S)
+        assert left[i] - left[i + 1] == math.floor(left[i] * (1 - s / t))
+    assert left[-1] == 0
+
+
+def test_ancestral_reveal_probability_and_exact_caching():
+    """Each masked position is revealed with probability (t - s)/t = 1/(S - i); a step that reveals nothing
+    costs no forward pass."""
+    model = ToyModel(lambda ids: torch.zeros(ids.shape[0], ids.shape[1], V))
+    S, G, n_seeds = 4, 64, 40
+    out, trace = _mask_trace(model, prompts=[[1]] * n_seeds, gen_length=G, steps=S, sampler="ancestral",
+                             seed=list(range(n_seeds)))
+    left = np.array([[G] * n_seeds] + trace, dtype=np.float64)  # (S + 1, rows)
+    for i in range(S - 1):
+        m = left[i].sum()
+        p = 1.0 / (S - i)
+        revealed = m - left[i + 1].sum()
+        assert abs(revealed - m * p) <= 5 * math.sqrt(m * p * (1 - p)), (i, revealed, m * p)
+    assert left[-1].sum() == 0
+    # many more steps than tokens: most steps reveal nothing and reuse the logits
+    model.inputs.clear()
+    out = generate(model, [[1]], gen_length=6, steps=300, sampler="ancestral", seed=5)
+    assert out.steps[0] <= 300 and out.forward_passes == len(model.inputs) <= 6
+
+
+def test_eos_early_stop_fills_and_frees_the_row():
+    eos = 7
+
+    def fn(ids):  # EOS very likely at position 3 of every row, token 9 elsewhere
+        logits = torch.zeros(ids.shape[0], ids.shape[1], V)
+        logits[:, :, 9] = 5.0
+        logits[:, 3, eos] = 20.0
+        return logits
+
+    model = ToyModel(fn)
+    out = generate(model, [[1, 2], [1, 2, 3, 4, 5, 6]], gen_length=12, steps=12, eos_id=eos)
+    assert out.tokens[0] == [9] and out.sequences[0][3:] == [eos] * 11
+    assert out.tokens[1] == [9] * 12  # position 3 is in its prompt
+    assert out.row_forward_passes[0] < out.row_forward_passes[1]
+    assert out.generated_tokens == 2 + 12
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Each sampler's commit rule against a plain per-sequence loop (real Transformer, temperature 0)
+
+
+def _logits_of(model, seq):
+    """The forward the sampler uses: the row padded to a multiple of PAD_MULTIPLE with key_valid."""
+    L = len(seq)
+    Lp = -(-L // sampling.PAD_MULTIPLE) * sampling.PAD_MULTIPLE
+    x = torch.zeros(1, Lp, dtype=torch.int64)
+    x[0, :L] = torch.tensor(seq)
+    valid = torch.zeros(1, Lp, dtype=torch.bool)
+    valid[0, :L] = True
+    with torch.no_grad():
+        return model(x, key_valid=valid)[0, :L].float()
+
+
+def _reference_loop(model, prompt, G, S, sampler, block_length=None, tau=None, seed=0):
+    seq = list(prompt) + [V] * G
+    blocks = [list(range(len(prompt), len(prompt) + G))]
+    if block_length:
+        blocks = [blocks[0][k:k + block_length] for k in range(0, G, block_length)]
+    step, forwards, logits, last_masks = 0, 0, None, None
+    for block in blocks:
+        s_blk = S // len(blocks)
+        m_blk = sum(seq[j] == V for j in block)
+        i = 0
+        while any(seq[j] == V for j in block):
+            masks = sum(t == V for t in seq)
+            if masks != last_masks:
+                logits, last_masks, forwards = _logits_of(model, seq), masks, forwards + 1
+            cand = [j for j in block if seq[j] == V]
+            probs = torch.softmax(logits, -1)
+            tok = {j: int(torch.argmax(logits[j])) for j in cand}
+            conf = {j: float(probs[j, tok[j]]) for j in cand}
+            ranked = sorted(cand, key=lambda j: (-conf[j], j))
+            if sampler == "ancestral":
+                commit = [j for j in cand
+                          if rng.uniform(rng.key(seed, step, j, sampling.REVEAL_STREAM)) < 1 / (s_blk - i)]
+            elif sampler == "threshold":
+                commit = [j for j in cand if conf[j] >= tau] + [ranked[0]]
+            elif block_length:
+                commit = ranked[:m_blk // s_blk + (i < m_blk % s_blk)]
+            else:
+                t, s = 1 - Fraction(i, S), 1 - Fraction(i + 1, S)
+                commit = ranked[:math.floor(len(cand) * (1 - s / t))]
+            for j in commit:
+                seq[j] = tok[j]
+            step, i = step + 1, i + 1
+    return seq[len(prompt):], forwards
+
+
+@pytest.mark.parametrize("kw", [dict(sampler="low_confidence"), dict(sampler="ancestral"),
+                                dict(sampler="low_confidence", block_length=4),
+                                dict(sampler="ancestral", block_length=8),
+                                dict(sampler="threshold", threshold=0.03, block_length=8)],
+                         ids=["low_confidence", "ancestral", "blocks", "ancestral-blocks", "threshold"])
+def test_sampler_matches_plain_reference_loop(mdm, kw):
+    prompt, G, S = [3, 1, 4, 1, 5], 16, 8
+    out = generate(mdm, [prompt], gen_length=G, steps=S, seed=3, **kw)
+    ref, forwards = _reference_loop(mdm, prompt, G, S, kw["sampler"], kw.get("block_length"),
+                                    kw.get("threshold"), seed=3)
+    assert out.tokens[0] == ref
+    assert out.forward_passes == forwards
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batch invariance: a prompt alone or in any batch, at any position -> identical tokens
+
+
+PROMPTS = [[5], [1, 2, 3, 4, 5, 6, 7], list(range(2, 39)), list(range(9, -1, -1)) + list(range(11, 17))]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(sampler="low_confidence"),
+    dict(sampler="low_confidence", temperature=1.0, top_k=20, top_p=0.9),
+    dict(sampler="ancestral", temperature=0.8),
+    dict(sampler="low_confidence", block_length=8, confidence="margin"),
+    dict(sampler="threshold", threshold=0.05, block_length=8, temperature=1.0),
+    dict(sampler="low_confidence", cfg_scale=1.0, temperature=1.0),
+    dict(sampler="low_confidence", block_length=8, cache="prefix", temperature=1.0, confidence="entropy"),
+], ids=["greedy", "topk-topp", "ancestral", "blocks-margin", "threshold", "cfg", "prefix-cache"])
+def test_batch_invariance(mdm, kw):
+    G = 16
+    alone = [generate(mdm, [p], gen_length=G, steps=8, seed=11, **kw).tokens[0] for p in PROMPTS]
+    batch = generate(mdm, PROMPTS, gen_length=G, steps=8, seed=11, **kw).tokens
+    assert batch == alone
+    order = [2, 0, 3, 1]
+    shuffled = generate(mdm, [PROMPTS[i] for i in order] + [PROMPTS[0]], gen_length=G, steps=8,
+                        seed=[11] * 5, **kw).tokens
+    assert shuffled == [alone[i] for i in order] + [alone[0]]
+
+
+def test_per_prompt_seeds_and_temperature_change_draws(mdm):
+    a = generate(mdm, [[1, 2], [1, 2]], gen_length=12, steps=6, temperature=1.0, seed=[0, 1]).tokens
+    b = generate(mdm, [[1, 2]], gen_length=12, steps=6, temperature=1.0, seed=1).tokens
+    assert a[1] == b[0] and a[0] != a[1]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Infilling, caches, the ARM twin, validation
+
+
+def test_infill_keeps_given_tokens(mdm):
+    ids = [[1, 2, 3, V, V, V, V, 8, 9], [4, V, 6]]
+    out = infill(mdm, ids, steps=None)
+    for given, filled in zip(ids, out.tokens):
+        assert len(filled) == len(given) and V not in filled
+        assert all(g == f for g, f in zip(given, filled) if g != V)
+    single = infill(mdm, [1, 2, 3, 0, 0, 0, 0, 8, 9], mask_positions=[3, 4, 5, 6])
+    assert single.tokens[0] == out.tokens[0]
+    blocks = infill(mdm, ids, steps=4, block_length=2, cfg_scale=0.5)
+    assert all(V not in t for t in blocks.tokens)
+
+
+def test_prefix_cache_runs_the_block_not_the_prefix(mdm):
+    out = generate(mdm, [list(range(30))], gen_length=16, steps=8, block_length=8, cache="prefix")
+    assert len(out.tokens[0]) == 16 and out.forward_passes == 8
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0, top_k=10), dict(temperature=0.7, top_p=0.8)])
+def test_arm_kv_cache_equals_no_cache(arm, kw):
+    prompts = [[1, 2, 3], [4], list(range(10, 30))]
+    a = generate(arm, prompts, gen_length=12, cache="prefix", seed=[1, 2, 3], **kw)
+    b = generate(arm, prompts, gen_length=12, cache="none", seed=[1, 2, 3], **kw)
+    assert a.tokens == b.tokens
+    alone = [generate(arm, [p], gen_length=12, cache="prefix", seed=s, **kw).tokens[0]
+             for p, s in zip(prompts, [1, 2, 3])]
+    assert a.tokens == alone
+    assert a.forward_passes == 3 * 12  # one prefill + 11 decode steps per prompt-length group
+
+
+def test_arm_eos_stop(arm):
+    first = generate(arm, [[1, 2, 3]], gen_length=8).tokens[0]
+    eos = first[2]
+    out = generate(arm, [[1, 2, 3]], gen_length=8, eos_id=eos, cache="prefix")
+    cut = first[:first.index(eos)]
+    assert out.tokens[0] == cut and out.sequences[0][3 + len(cut):] == [eos] * (8 - len(cut))
+    assert out.steps == [len(cut) + 1]
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(steps=0), "steps"), (dict(block_length=5), "divide"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(sampler="threshold"), "threshold"), (dict(sampler="nope"), "sampler"),
+    (dict(gen_length=600), "context"), (dict(cache="full"), "cache"), (dict(temperature=-1), "temperature"),
+    (dict(block_length=4, steps=3), "multiple"), (dict(confidence="x"), "confidence"),
+])
+def test_bad_options_raise(mdm, kw, msg):
+    args = dict(gen_length=16, steps=8)
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg):
+        generate(mdm, [[1, 2]], **args)
+
+
+def test_bad_prompts_raise(mdm, arm):
+    with pytest.raises(ValueError, match="outside"):
+        generate(mdm, [[1, V]], gen_length=4, steps=4)
+    with pytest.raises(ValueError, match="empty"):
+        generate(arm, [[]], gen_length=4)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        generate(arm, [[1]], gen_length=4, cfg_scale=1.0)
+    with pytest.raises(ValueError, match="seed"):
+        generate(mdm, [[1], [2]], gen_length=4, steps=4, seed=[1])
