@@ -1,0 +1,234 @@
+# smdm generate --ckpt runs/demo --prompt "def main(" --gen-length 64 --steps 64 --show-steps
+"""`smdm generate` and `smdm infill`: guided generation from a checkpoint (smdm.sampling).
+
+    smdm generate --ckpt DIR --prompt TEXT [--prompt TEXT ...] [sampler options]
+    smdm infill   --ckpt DIR --text "def add(a, b):<|mask:8|>return c" [sampler options]
+
+Hole syntax of `smdm infill`: `<|mask:N|>` is a hole of N tokens, `<|mask|>` a hole of one token. The text
+between holes is tokenized piece by piece (no special tokens added), so a hole always starts and ends on a
+token boundary. Without a tokenizer in the checkpoint, give token ids: `--prompt-ids "1 2 3"` (generate) or
+`--ids "1 2 _ _ 5"` (infill, `_` is a masked position).
+
+`--show-steps` draws the denoising: after every step the current text with `·` for each masked position
+(redrawn in place on a terminal, one line per step otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+HOLE = re.compile(r"<\|mask(?::(\d+))?\|>")
+MASK_GLYPH = "·"
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|end_of_text|>")
+
+
+def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
+    """Add the options of `smdm generate` or `smdm infill` to `parser` and set `func`."""
+    parser.description = __doc__.split("\n\n")[0] if name == "generate" else "Fill the holes of a text."
+    parser.epilog = "Hole syntax: <|mask:N|> = N masked tokens, <|mask|> = one." if name == "infill" else None
+    parser.add_argument("--ckpt", required=True, help="checkpoint: a step dir or a run dir (its latest step)")
+    if name == "generate":
+        src = parser.add_mutually_exclusive_group(required=True)
+        src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+        src.add_argument("--prompt-ids", action="append", help="prompt token ids, e.g. '1 2 3' (repeatable)")
+        parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default 128)")
+        parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: gen length)")
+    else:
+        src = parser.add_mutually_exclusive_group(required=True)
+        src.add_argument("--text", action="append", help="text with <|mask:N|> holes (repeat for a batch)")
+        src.add_argument("--ids", action="append", help="token ids with '_' for masked positions")
+        parser.add_argument("--steps", type=int, default=None, help="steps (default: one per hole token)")
+    parser.add_argument("--sampler", default="low_confidence", help="ancestral | low_confidence | threshold")
+    parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length")
+    parser.add_argument("--threshold", type=float, default=None, help="confidence threshold tau")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]")
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight w (0 = off)")
+    parser.add_argument("--confidence", default="prob", help="prob | margin | entropy")
+    parser.add_argument("--cache", default="none", help="none | prefix (K/V of finished blocks)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eos-id", type=int, default=None, help="EOS id (default: the tokenizer's EOS)")
+    parser.add_argument("--no-eos", action="store_true", help="no early stop at EOS")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--show-steps", action="store_true", help="draw the denoising step by step")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, stats)")
+    parser.set_defaults(func=lambda args: main(args, name))
+
+
+def check_args(args, name: str) -> None:
+    """Errors that need no checkpoint (raised as ValueError with a message for the user)."""
+    from smdm.sampling import CACHES, CONFIDENCES, SAMPLERS
+
+    if name == "generate" and args.gen_length < 1:
+        raise ValueError(f"--gen-length must be >= 1, got {args.gen_length}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    if args.block_length is not None:
+        if args.block_length < 1:
+            raise ValueError(f"--block-length must be >= 1, got {args.block_length}")
+        if name == "generate" and args.gen_length % args.block_length:
+            raise ValueError(f"--block-length {args.block_length} does not divide --gen-length "
+                             f"{args.gen_length}")
+        steps = args.gen_length if args.steps is None and name == "generate" else args.steps
+        n_blocks = args.gen_length // args.block_length if name == "generate" else None
+        if n_blocks and steps is not None and args.sampler != "threshold" and steps % n_blocks:
+            raise ValueError(f"--steps {steps} must be a multiple of the number of blocks ({n_blocks})")
+    if (args.sampler == "threshold") != (args.threshold is not None):
+        raise ValueError("--threshold is required by --sampler threshold and used by no other sampler")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.cfg_scale < 0:
+        raise ValueError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
+    if args.confidence not in CONFIDENCES:
+        raise ValueError(f"--confidence must be one of {', '.join(CONFIDENCES)}, got {args.confidence!r}")
+    if args.cache not in CACHES:
+        raise ValueError(f"--cache must be one of {', '.join(CACHES)}, got {args.cache!r}")
+
+
+def parse_ids(text: str, mask_id=None) -> list:
+    """'1 2 _ 3' or '1,2,_,3' -> ints; '_' -> mask_id (infill only)."""
+    out = []
+    for tok in re.split(r"[\s,]+", text.strip()):
+        if not tok:
+            continue
+        if tok == "_":
+            if mask_id is None:
+                raise ValueError("'_' (a masked position) is only allowed in `smdm infill --ids`")
+            out.append(mask_id)
+        elif re.fullmatch(r"\d+", tok):
+            out.append(int(tok))
+        else:
+            raise ValueError(f"not a token id: {tok!r} (give ids separated by spaces or commas)")
+    return out
+
+
+def encode_with_holes(tokenizer, text: str, mask_id: int) -> list:
+    """Tokenize `text`, turning each <|mask:N|> into N mask ids (each text piece tokenized on its own)."""
+    ids, pos = [], 0
+    for m in HOLE.finditer(text):
+        if m.start() > pos:
+            ids += tokenizer.encode(text[pos:m.start()], add_special_tokens=False).ids
+        n = int(m.group(1) or 1)
+        if n < 1:
+            raise ValueError(f"a hole needs at least one token: {m.group(0)!r}")
+        ids += [mask_id] * n
+        pos = m.end()
+    if pos < len(text):
+        ids += tokenizer.encode(text[pos:], add_special_tokens=False).ids
+    if mask_id not in ids:
+        raise ValueError("the text has no hole: mark the positions to fill with <|mask:N|> or <|mask|>")
+    return ids
+
+
+def render(ids, tokenizer, mask_id) -> str:
+    """Text of a partly masked sequence: runs of real tokens decoded, MASK_GLYPH for each masked position."""
+    out, run = [], []
+    for t in list(ids) + [None]:
+        if t is not None and t != mask_id:
+            run.append(int(t))
+            continue
+        if run:
+            out.append(tokenizer.decode(run, skip_special_tokens=False) if tokenizer
+                       else " ".join(map(str, run)))
+            run = []
+        if t is not None:
+            out.append(MASK_GLYPH if tokenizer else f" {MASK_GLYPH} ")
+    return "".join(out)
+
+
+def _eos_id(args, tokenizer):
+    if args.no_eos:
+        return None
+    if args.eos_id is not None:
+        return args.eos_id
+    if tokenizer is not None:
+        for n in EOS_NAMES:
+            i = tokenizer.token_to_id(n)
+            if i is not None:
+                return i
+    return None
+
+
+def main(args, name: str = "generate") -> int:
+    try:
+        check_args(args, name)
+    except ValueError as e:
+        print(f"smdm {name}: error: {e}", file=sys.stderr)
+        return 2
+    import smdm
+    from smdm import sampling
+
+    model, tokenizer = smdm.load(args.ckpt, device=args.device)
+    cfg = model.config
+    mask_id = cfg.mask_id
+    try:
+        if name == "generate":
+            if args.prompt is not None:
+                if tokenizer is None:
+                    raise ValueError(f"{args.ckpt} has no tokenizer.json: give --prompt-ids")
+                rows = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
+            else:
+                rows = [parse_ids(p) for p in args.prompt_ids]
+        else:
+            if cfg.causal:
+                raise ValueError("this checkpoint is an autoregressive model: it cannot infill")
+            if args.text is not None:
+                if tokenizer is None:
+                    raise ValueError(f"{args.ckpt} has no tokenizer.json: give --ids")
+                rows = [encode_with_holes(tokenizer, t, mask_id) for t in args.text]
+            else:
+                rows = [parse_ids(t, mask_id) for t in args.ids]
+        opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    cfg_scale=args.cfg_scale, seed=args.seed, confidence=args.confidence,
+                    eos_id=_eos_id(args, tokenizer), cache=args.cache)
+        callback = _drawer(tokenizer, mask_id if mask_id is not None else -1) if args.show_steps else None
+        t0 = time.perf_counter()
+        if name == "generate":
+            out = sampling.generate(model, rows, gen_length=args.gen_length,
+                                    steps=args.steps or args.gen_length, callback=callback, **opts)
+        else:
+            out = sampling.infill(model, rows, steps=args.steps, callback=callback, **opts)
+        seconds = time.perf_counter() - t0
+    except ValueError as e:
+        print(f"smdm {name}: error: {e}", file=sys.stderr)
+        return 2
+    texts = [render(t, tokenizer, mask_id) for t in out.tokens]
+    if args.json:
+        print(json.dumps({"tokens": out.tokens, "text": texts if tokenizer else None,
+                          "forward_passes": out.forward_passes, "steps": out.steps,
+                          "generated_tokens": out.generated_tokens, "seconds": round(seconds, 4)}))
+    else:
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"--- {i}")
+            print(text)
+        print(f"[{out.generated_tokens} tokens, {out.forward_passes} forward passes, {seconds:.2f} s]",
+              file=sys.stderr)
+    return 0
+
+
+def _drawer(tokenizer, mask_id):
+    """The --show-steps callback: redraw in place on a terminal, else one line per step and row."""
+    tty = sys.stderr.isatty()
+
+    def draw(step, seqs):
+        lines = [f"step {step}"] + [render(s.tolist(), tokenizer, mask_id) for s in seqs]
+        if tty:
+            sys.stderr.write("\x1b[2J\x1b[H" + "\n".join(lines) + "\n")
+        else:
+            sys.stderr.write(" | ".join(line.replace("\n", "\\n") for line in lines) + "\n")
+        sys.stderr.flush()
+
+    return draw

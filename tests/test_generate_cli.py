@@ -1,0 +1,96 @@
+# pytest tests/test_generate_cli.py
+"""`smdm generate` / `smdm infill`: option validation, the hole syntax, and runs on a saved checkpoint."""
+
+import json
+
+import pytest
+from smdm import checkpoint, cli
+from smdm.generate_cli import encode_with_holes, parse_ids, render
+from smdm.model import build_model, config_by_name
+
+WORDS = ["<|endoftext|>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "fast", "[UNK]"]
+
+
+def _tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+    return Tokenizer.from_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    _tokenizer(root / "tokenizer.json")
+    out = {}
+    for kind, causal in (("mdm", False), ("ar", True)):
+        model = build_model(config_by_name("tiny", vocab_size=len(WORDS), causal=causal, max_seq_len=64))
+        out[kind] = checkpoint.save(root / kind, 1, model_state=model.state_dict(),
+                                    config={"model": model.config.to_dict(), "objective": kind},
+                                    train_state={"step": 1}, tokenizer_path=root / "tokenizer.json")
+    return out
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--gen-length", "10", "--block-length", "3"], "does not divide"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.2"], "--top-p must be in (0, 1]"),
+    (["--sampler", "threshold"], "--threshold is required"),
+    (["--sampler", "beam"], "--sampler must be one of"),
+    (["--gen-length", "8", "--block-length", "4", "--steps", "3"], "multiple of the number of blocks"),
+    (["--cache", "all"], "--cache must be one of"),
+])
+def test_bad_options_fail_before_loading(capsys, argv, msg):
+    rc, _, err = run(capsys, "generate", "--ckpt", "/nonexistent", "--prompt", "x", *argv)
+    assert rc == 2 and msg in err
+
+
+def test_prompt_longer_than_context(capsys, ckpts):
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt", "the cat " * 30,
+                     "--gen-length", "8")
+    assert rc == 2 and "context" in err
+
+
+def test_generate_text_and_json(capsys, ckpts):
+    rc, out, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt", "the cat", "--prompt",
+                       "a dog ran", "--gen-length", "8", "--steps", "4", "--json", "--no-eos")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert [len(t) for t in res["tokens"]] == [8, 8] and res["forward_passes"] == 4
+    rc, out2, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt", "the cat",
+                        "--gen-length", "8", "--steps", "8", "--block-length", "4", "--show-steps",
+                        "--device", "cpu")
+    assert rc == 0 and "step 8" in err and out2.strip()
+
+
+def test_generate_ids_and_arm(capsys, ckpts):
+    rc, out, _ = run(capsys, "generate", "--ckpt", str(ckpts["ar"]), "--prompt-ids", "1 2", "--gen-length",
+                     "6", "--cache", "prefix", "--json", "--no-eos", "--temperature", "1", "--top-k", "3")
+    res = json.loads(out)
+    assert rc == 0 and len(res["tokens"][0]) == 6 and res["forward_passes"] == 6
+
+
+def test_infill_hole_syntax(capsys, ckpts, tmp_path):
+    tok = _tokenizer(tmp_path / "t.json")
+    ids = encode_with_holes(tok, "the cat <|mask:3|> the <|mask|> mat", 99)
+    assert ids == [1, 2, 99, 99, 99, 1, 99, 5]
+    with pytest.raises(ValueError, match="no hole"):
+        encode_with_holes(tok, "the cat", 99)
+    assert parse_ids("1, 2 _ 3", mask_id=99) == [1, 2, 99, 3]
+    assert render([1, 99, 2], tok, 99) == "the·cat"
+    rc, out, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--text", "the cat <|mask:3|> mat",
+                       "--json")
+    assert rc == 0, err
+    filled = json.loads(out)["tokens"][0]
+    assert filled[:2] == [1, 2] and filled[-1] == 5 and len(filled) == 6 and max(filled) < len(WORDS)
+    rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["ar"]), "--ids", "1 _ 2")
+    assert rc == 2 and "autoregressive" in err
