@@ -35,6 +35,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each Transformer block
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     resume: bool = False  # continue from the latest checkpoint in `out` (error if there is none)
     force_resume: bool = False  # resume although seed / batch / world size differ
     plot: bool = False  # write OUT/loss.png (matplotlib)

@@ -182,6 +182,8 @@ class Trainer:
             raise TrainError(f"--objective must be 'mdm' or 'ar', got {cfg.objective!r}")
         self.cfg = cfg
         self.kind = cfg.objective
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out or f"runs/demo-{cfg.objective}")
         self.dist = Dist(cfg.device)
         d = self.dist
@@ -631,6 +633,7 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--samples", type=int, default=None, help="samples printed at the end (default 3 for the demo, else 0)")
     a("--vocab-size", type=int, default=None, help="check the data's vocabulary size")
     a("--device", default=d.device)
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--compare", nargs="+", metavar="RUN", help="only plot the validation curves of these runs (--out PNG)")
     parser.set_defaults(func=run)
 

@@ -1,0 +1,298 @@
+# python -m pytest tests/test_train.py -q
+"""The trainer end to end on a tiny synthetic dataset: metrics, schedule, resume (bit-exact, in a new
+process), SIGTERM, non-finite steps, gradient accumulation, plots, and the error messages for bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from smdm import checkpoint as ckpt
+from smdm import data
+from smdm.config import TrainConfig
+from smdm.train import TrainError, lr_at, train, warmup_steps
+
+VOCAB = 64
+
+
+def make_dataset(root, vocab=VOCAB, n_docs=(300, 40), seed=0) -> Path:
+    """A prepared dir (train/ + val/) of learnable documents: arithmetic progressions mod vocab, EOS = 0."""
+    rs = np.random.RandomState(seed)
+    root = Path(root)
+    for split, n in zip(("train", "val"), n_docs):
+        d = root / split
+        d.mkdir(parents=True, exist_ok=True)
+        docs = []
+        for _ in range(n):
+            a, b, length = rs.randint(1, vocab), rs.randint(1, 5), rs.randint(10, 60)
+            docs.append([(a + b * i) % (vocab - 1) + 1 for i in range(length)])
+        toks, starts = data.pack_documents(docs, eos_id=0, vocab_size=vocab)
+        info = data.write_shard(d / "shard_00000.smdm", toks, starts, vocab_size=vocab, eos_id=0)
+        shard = {"file": "shard_00000.smdm", "num_tokens": info["num_tokens"], "num_docs": info["num_docs"],
+                 "bytes": info["file_bytes"], "crc32": info["file_crc32"]}
+        data.write_manifest(d, {"version": 1, "format": "smdm", "vocab_size": vocab, "eos_id": 0,
+                                "bos_id": None, "dtype": info["dtype"], "num_tokens": info["num_tokens"],
+                                "num_docs": info["num_docs"], "shards": [shard]})
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread here and in subprocesses: fast on a busy 2-core box, and the same float reductions in
+    every process (bit-exact resume compares runs across processes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def cfg_for(data_dir, out, **kw) -> TrainConfig:
+    base = dict(config="tiny", data=str(data_dir), out=str(out), max_steps=6, batch_size=4, seq_len=32,
+                val_every=0, val_samples=4, val_batches=1, save_every=0, samples=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in metrics(out) if "loss" in r]
+
+
+def weights(out) -> dict:
+    return ckpt.load_weights(ckpt.latest(out))
+
+
+CLI = [sys.executable, "-m", "smdm.cli", "train"]
+
+
+def cli_args(c: TrainConfig) -> list[str]:
+    args = ["--config", c.config, "--data", c.data, "--out", c.out, "--batch-size", str(c.batch_size),
+            "--seq-len", str(c.seq_len), "--val-every", str(c.val_every), "--val-samples", str(c.val_samples),
+            "--val-batches", str(c.val_batches), "--save-every", str(c.save_every), "--samples", "0",
+            "--seed", str(c.seed), "--objective", c.objective]
+    if c.max_steps is not None:
+        args += ["--max-steps", str(c.max_steps)]
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_schedule_warmup_cosine_to_a_tenth():
+    assert warmup_steps(TrainConfig(), 100_000) == 1000  # 1%
+    assert warmup_steps(TrainConfig(), 5_000) == 100  # at least 100 ...
+    assert warmup_steps(TrainConfig(), 300) == 30  # ... but at most 10% of a short run
+    kw = dict(peak=1e-3, warmup=10, max_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(1e-4)
+    assert lr_at(9, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx(0.55e-3)
+    assert lr_at(110, **kw) == pytest.approx(1e-4)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_train_writes_metrics_checkpoint_and_loads(dataset, tmp_path):
+    out = tmp_path / "run"
+    t = train(cfg_for(dataset, out, max_steps=5, val_every=5))
+    rows = metrics(out)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    for r in steps:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm"} <= set(r)
+        assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    assert steps[-1]["tokens"] == 5 * 4 * 32
+    vals = [r for r in rows if r.get("event") == "val"]
+    assert [v["step"] for v in vals] == [0, 5] and all(v["val_kind"] == "elbo" for v in vals)
+    assert vals[0]["val_loss"] > 0 and vals[0]["val_stderr"] > 0
+    assert ckpt.latest(out).name == "step-5"
+    import smdm
+
+    model, tok = smdm.load(out)
+    assert not model.training and tok is None and model.config.vocab_size == VOCAB
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, t.model.state_dict()[k], rtol=0, atol=0)
+    state = torch.load(ckpt.latest(out) / "state.pt", weights_only=True)
+    assert state["step"] == 5 and state["data"] == {"epoch": 0, "batch": 5}
+
+
+def test_loss_goes_down_and_ar_twin_trains(dataset, tmp_path):
+    for kind in ("mdm", "ar"):
+        train(cfg_for(dataset, tmp_path / kind, objective=kind, max_steps=100, batch_size=16, lr=1e-2,
+                      val_every=100, val_samples=8, val_batches=2))
+        vals = [r for r in metrics(tmp_path / kind) if r.get("event") == "val"]
+        assert vals[-1]["val_kind"] == ("elbo" if kind == "mdm" else "exact")
+        assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.3, vals  # starts near ln 64 = 4.16
+    model, _ = ckpt.load(tmp_path / "ar")
+    assert model.config.causal
+
+
+def test_gradient_accumulation_matches_the_full_batch(dataset, tmp_path):
+    # Masks are keyed by global sample index: 1x8 and 2x4 see identical masks and data (only sums differ).
+    train(cfg_for(dataset, tmp_path / "a", max_steps=3, batch_size=8))
+    train(cfg_for(dataset, tmp_path / "b", max_steps=3, batch_size=8, grad_accum=2))
+    a, b = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=1e-4)
+
+
+def test_resume_in_a_new_process_is_bit_exact(dataset, tmp_path):
+    k = 3
+    straight = cfg_for(dataset, tmp_path / "straight", max_steps=2 * k, save_every=2)
+    train(straight)
+    half = cfg_for(dataset, tmp_path / "resumed", max_steps=2 * k, save_every=2, stop_after=k)
+    train(half)
+    assert ckpt.latest(half.out).name == f"step-{k}"
+    proc = subprocess.run(CLI + cli_args(half) + ["--resume"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming from" in proc.stdout
+    assert step_losses(straight.out) == step_losses(half.out)  # identical floats, per step
+    wa, wb = weights(straight.out), weights(half.out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+    sa = torch.load(ckpt.latest(straight.out) / "state.pt", weights_only=True)
+    sb = torch.load(ckpt.latest(half.out) / "state.pt", weights_only=True)
+    assert sa["data"] == sb["data"] and sa["step"] == sb["step"] == 2 * k
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(dataset, tmp_path):
+    c = cfg_for(dataset, tmp_path / "run", max_steps=100_000, save_every=0)
+    proc = subprocess.Popen(CLI + cli_args(c), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mpath = Path(c.out) / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if mpath.exists() and mpath.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    last = step_losses(c.out)[-1][0]
+    assert ckpt.latest(c.out).name == f"step-{last}"
+    ckpt.verify(ckpt.latest(c.out))
+    # and it resumes from there
+    train(cfg_for(dataset, c.out, max_steps=100_000, stop_after=last + 1, resume=True))
+    assert step_losses(c.out)[-1][0] == last + 1
+
+
+def test_a_non_finite_loss_never_reaches_the_weights(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("SMDM_INJECT_NONFINITE", "2")  # the loss of step index 2 (reported as step 3) is NaN
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=4, save_every=1, keep=10))
+    rows = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert rows[3]["skipped"] and not np.isfinite(rows[3]["loss"])
+    assert not rows[2]["skipped"] and not rows[4]["skipped"]
+    w2, w3 = ckpt.load_weights(out / "step-2"), ckpt.load_weights(out / "step-3")
+    assert all(torch.equal(w2[n], w3[n]) for n in w2)  # the poisoned step changed nothing
+    s2 = torch.load(out / "step-2" / "state.pt", weights_only=True)["optimizer"]
+    s3 = torch.load(out / "step-3" / "state.pt", weights_only=True)["optimizer"]
+    for i in s2["state"]:
+        for key, v in s2["state"][i].items():
+            assert torch.equal(v, s3["state"][i][key])
+    for d in sorted(out.glob("step-*")):
+        assert all(torch.isfinite(v).all() for v in ckpt.load_weights(d).values())
+
+
+def test_plot_and_compare(dataset, tmp_path):
+    pytest.importorskip("matplotlib")
+    from smdm.cli import main
+
+    a, b = tmp_path / "demo-mdm", tmp_path / "demo-ar"
+    train(cfg_for(dataset, a, max_steps=2, val_every=2))
+    assert main(["train"] + cli_args(cfg_for(dataset, b, objective="ar", max_steps=2, val_every=2))
+                + ["--plot"]) == 0
+    assert (b / "loss.png").stat().st_size > 1000
+    assert main(["train", "--compare", str(a), str(b), "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: clear errors, and --resume never silently starts fresh
+
+
+def cli_error(capsys, args) -> str:
+    from smdm.cli import main
+
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "smdm train: error:" in err
+    return err[err.index("smdm train: error:"):]
+
+
+def test_unknown_config_name(dataset, tmp_path, capsys):
+    err = cli_error(capsys, ["--config", "nope", "--data", str(dataset), "--out", str(tmp_path / "r")])
+    assert "unknown model config 'nope'" in err and "170M" in err
+
+
+def test_data_dir_without_manifest(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = cli_error(capsys, ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert str(tmp_path / "empty") in err and "manifest" in err
+    err = cli_error(capsys, ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert "missing" in err
+
+
+def test_vocab_mismatch(dataset, tmp_path, capsys):
+    err = cli_error(capsys, ["--config", "tiny", "--data", str(dataset), "--out", str(tmp_path / "r"),
+                             "--vocab-size", "100"])
+    assert "--vocab-size 100" in err and f"({VOCAB}" in err
+    # resuming a run on data with another vocabulary
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=1))
+    other = make_dataset(tmp_path / "other", vocab=80)
+    with pytest.raises(TrainError, match="vocab_size 64, the data has 80"):
+        train(cfg_for(other, out, max_steps=2, resume=True))
+
+
+def test_resume_without_a_checkpoint_is_an_error(dataset, tmp_path, capsys):
+    err = cli_error(capsys, ["--config", "tiny", "--data", str(dataset), "--out", str(tmp_path / "none"),
+                             "--resume"])
+    assert "--resume" in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "step-3").mkdir()  # an interrupted save: no manifest
+    with pytest.raises(TrainError, match="no complete checkpoint"):
+        train(cfg_for(dataset, tmp_path / "empty", resume=True))
+    assert not (tmp_path / "empty" / "metrics.jsonl").exists()
+
+
+def test_incompatible_resume_needs_force(dataset, tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=4, stop_after=2))
+    with pytest.raises(TrainError, match=r"seed \(checkpoint 0, now 1\).*--force-resume"):
+        train(cfg_for(dataset, out, max_steps=4, seed=1, resume=True))
+    with pytest.raises(TrainError, match=r"batch_size \(checkpoint 4, now 8\)"):
+        train(cfg_for(dataset, out, max_steps=4, batch_size=8, resume=True))
+    with pytest.raises(TrainError, match="objective"):
+        train(cfg_for(dataset, out, max_steps=4, objective="ar", resume=True))
+    train(cfg_for(dataset, out, max_steps=4, seed=1, resume=True, force_resume=True))
+    assert step_losses(out)[-1][0] == 4
+
+
+def test_corrupt_checkpoint_is_named(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=2))
+    w = ckpt.latest(out) / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[-5] ^= 0xFF
+    w.write_bytes(bytes(raw))
+    args = cli_args(cfg_for(dataset, out, max_steps=4)) + ["--resume"]
+    err = cli_error(capsys, args)
+    assert "model.safetensors" in err and "sha256" in err
+
+
+def test_bad_batch_split_and_keep(dataset, tmp_path):
+    with pytest.raises(TrainError, match="not divisible"):
+        train(cfg_for(dataset, tmp_path / "r", batch_size=6, grad_accum=4))
+    with pytest.raises(TrainError, match="--keep"):
+        train(cfg_for(dataset, tmp_path / "r", keep=1))
