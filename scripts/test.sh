@@ -11,5 +11,6 @@ python -m pip install -q -e '.[test]'
 cargo fmt --all -- --check
 cargo clippy --all-targets -q -- -D warnings
 cargo test -q
+bash scripts/check_wheel.sh
 ruff check python tests benches
 python -m pytest -q "$@"
