@@ -252,9 +252,14 @@ def forward_process(tokens, *, seed: int, step: int, sample_offset: int = 0, glo
 
         out = _core.forward_process(x, **kw)
     noisy, mask, t, p, weight, length, uncond = out
-    as_t = lambda a: torch.from_numpy(a).to(device)  # no copy on CPU
-    return NoisyBatch(noisy_ids=as_t(noisy).to(torch.int64), mask=as_t(mask), t=as_t(t), p=as_t(p),
-                      weight=as_t(weight), length=int(length), uncond=as_t(uncond))
+    if noisy.dtype != np.int64:  # uint16/uint32 windows: the model takes int64 ids
+        noisy = noisy.astype(np.int64)
+    if device.type == "cpu":  # no copies: the tensors share the arrays Rust wrote
+        as_t = torch.from_numpy
+    else:
+        as_t = lambda a: torch.from_numpy(a).to(device, non_blocking=False)
+    return NoisyBatch(noisy_ids=as_t(noisy), mask=as_t(mask), t=as_t(t), p=as_t(p), weight=as_t(weight),
+                      length=int(length), uncond=as_t(uncond))
 
 
 # ---- losses ----
