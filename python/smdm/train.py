@@ -125,19 +125,10 @@ class Objective(nn.Module):
 
 
 def _prepare_builtin(out: Path) -> None:
-    """The demo's data: the data engineer's `prepare` of the built-in corpus into `out`."""
-    from smdm import data_cli
+    """The demo data: `smdm prepare --out runs/data` (the built-in corpus, a BPE tokenizer trained on it)."""
+    from smdm.data_cli import prepare
 
-    for name in ("prepare_builtin", "prepare_builtin_corpus", "builtin"):
-        fn = getattr(data_cli, name, None)
-        if fn is not None:
-            fn(out)
-            return
-    from smdm.cli import main as cli_main  # fall back to the command line
-
-    rc = cli_main(["prepare", "--builtin", "--out", str(out)])
-    if rc:
-        raise TrainError(f"`smdm prepare --builtin --out {out}` failed with exit code {rc}")
+    prepare([], out)
 
 
 def resolve_data(cfg: TrainConfig, dist: Dist):

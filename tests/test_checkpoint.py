@@ -1,0 +1,103 @@
+# python -m pytest tests/test_checkpoint.py -q
+"""Checkpoint files (docs/CONTRACTS.md): atomic step dirs, manifest last, keep-last-N in numeric order,
+corruption detection, `smdm.load`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import smdm
+import torch
+from smdm import checkpoint as ckpt
+from smdm.model import build_model, config_by_name
+
+
+def save_step(run, step, model, keep=2, **kw):
+    conf = {"model": model.config.to_dict(), "objective": "ar" if model.config.causal else "mdm"}
+    state = {"step": step, "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []},
+             "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": 0, "batch": step}}
+    return ckpt.save(run, step, model_state=model.state_dict(), config=conf, train_state=state, keep=keep,
+                     **kw)
+
+
+@pytest.fixture
+def model():
+    return build_model(config_by_name("tiny", vocab_size=50), seed=1)
+
+
+def test_save_load_roundtrip(tmp_path, model):
+    tok = tmp_path / "tokenizer.json"
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tok))
+    d = save_step(tmp_path / "run", 7, model, tokenizer_path=tok)
+    assert d.name == "step-7" and sorted(p.name for p in d.iterdir()) == [
+        "config.json", "manifest.json", "model.safetensors", "state.pt", "tokenizer.json"]
+    assert json.loads((d / "config.json").read_text())["step"] == 7
+    m2, tokenizer = smdm.load(tmp_path / "run", device="cpu")
+    assert tokenizer is not None and tokenizer.token_to_id("a") == 0
+    assert not m2.training and m2.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k])
+    x = torch.randint(0, 50, (2, 9))
+    assert torch.equal(model(x), m2(x))
+    state = ckpt.load_train_state(d)  # torch.load(weights_only=True)
+    assert state["data"] == {"epoch": 0, "batch": 7}
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
+def test_keep_last_n_in_numeric_order(tmp_path, model):
+    run = tmp_path / "run"
+    for s in (9, 10, 100, 11):
+        save_step(run, s, model, keep=3)
+    assert [p.name for _, p in ckpt.step_dirs(run)] == ["step-10", "step-11", "step-100"]
+    assert ckpt.latest(run).name == "step-100"  # not "step-11" (string order)
+    with pytest.raises(ValueError, match="keep must be >= 2"):
+        save_step(run, 200, model, keep=1)
+
+
+def test_a_step_without_manifest_does_not_count(tmp_path, model):
+    run = tmp_path / "run"
+    save_step(run, 5, model)
+    d = save_step(run, 6, model)
+    (d / "manifest.json").unlink()  # as if the save had died before its last file
+    assert ckpt.latest(run).name == "step-5"
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.resolve(d)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        smdm.load(tmp_path / "empty")
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        smdm.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_corruption_is_detected_and_named(tmp_path, model, damage):
+    d = save_step(tmp_path / "run", 1, model)
+    w = d / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 1
+        w.write_bytes(bytes(raw))
+        msg = "sha256"
+    elif damage == "truncate":
+        w.write_bytes(bytes(raw[:-10]))
+        msg = "truncated"
+    else:
+        w.unlink()
+        msg = "missing"
+    with pytest.raises(ckpt.CheckpointError, match=msg) as e:
+        smdm.load(d)
+    assert "model.safetensors" in str(e.value)
+
+
+def test_resave_of_the_same_step_replaces_it(tmp_path, model):
+    run = tmp_path / "run"
+    save_step(run, 3, model)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    save_step(run, 3, model)
+    m2, _ = smdm.load(run)
+    assert torch.equal(m2.head.weight, model.head.weight)
