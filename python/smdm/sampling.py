@@ -39,8 +39,14 @@ layout:
   longer padding gives bit-identical results (tests/test_sampling.py checks this end to end).
 - the prefix K/V cache and the ARM's static cache group rows of equal shape (same prompt length) and run each
   group in lockstep, so no row is ever padded or shifted for another's sake.
-Matrix products whose row count changes with the batch are assumed row-invariant (true for MKL on CPU, checked
-by the tests); GPU GEMMs may pick other kernels per shape, so on CUDA logits can differ in the last bits.
+- matrix products see at least `MIN_ROWS` rows. Why: MKL's sgemm gives a row different bits depending on the
+  row count M of the call (measured here: M = 1 is a gemv, M = 2..3 a small-M kernel, M >= 4 the blocked
+  kernel; within M >= 4 a row's result does not depend on M). So the head runs on at least MIN_ROWS gathered
+  rows (zero rows appended), and cached forwards whose batch x query length is below MIN_ROWS get filler rows
+  (copies of a real row, whose outputs are dropped). The ARM's one-token decode with a small batch is the
+  main payer: `batch_invariant=False` turns fillers and the length rounding off (faster, and what the
+  benchmark's ARM baseline uses), at the price of last-bit differences between batch layouts.
+GPU GEMMs may pick other kernels per shape, so on CUDA logits can still differ in the last bits.
 
 EOS: with `eos_id`, a row stops once its first committed EOS has no masked position before it: every masked
 position after it is filled with EOS as soon as it is committed, and the row leaves the batch.
@@ -58,6 +64,7 @@ import torch
 from smdm.rng import Stream
 
 PAD_MULTIPLE = 64  # padded row lengths are multiples of this (see "Batch invariance" above)
+MIN_ROWS = 8  # matrix products get at least this many rows (see "Batch invariance" above)
 REVEAL_STREAM = 7  # 4th key word of the ancestral reveal coin (next free `smdm.rng.Stream` value)
 CONFIDENCES = ("prob", "margin", "entropy")
 CACHES = ("none", "prefix")
@@ -310,7 +317,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
              threshold: Optional[float] = None, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
              confidence: str = "prob", eos_id: Optional[int] = None, cache: str = "none",
-             callback: Optional[Callable] = None) -> GenerationOutput:
+             batch_invariant: bool = True, callback: Optional[Callable] = None) -> GenerationOutput:
     """Generate `gen_length` tokens after each prompt (token-id lists of any lengths).
 
     MDM (model.config.causal False): `sampler` in SAMPLERS, `steps` sampler steps (split evenly over blocks of
@@ -318,8 +325,9 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     entropy, `cache` "none" | "prefix" (K/V of the prompt and finished blocks reused: approximate).
     ARM twin (causal True): left-to-right decoding with the same token choice; `cache="prefix"` is the static
     KV cache; `steps`, `sampler`, `block_length`, `threshold`, `cfg_scale`, `confidence` do not apply.
-    `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `callback(step, seqs)` sees
-    the rows (mask id where still masked) after each step. Returns a GenerationOutput."""
+    `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `batch_invariant`: arrange
+    the forward passes so a row's floats never depend on the other rows (module docstring; False is a little
+    faster). `callback(step, seqs)` sees the rows (mask id where still masked) after each step."""
     cfg = model.config
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -336,8 +344,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     if cfg.causal:
         if cfg_scale:
             raise ValueError("cfg_scale applies to the MDM only (the ARM twin has no mask token)")
-        return _generate_arm(model, prompts, gen_length, seeds, temperature, top_k, top_p, eos_id, cache,
-                             callback)
+        return _generate_arm(model, prompts, gen_length, seeds, dict(temperature=temperature, top_k=top_k,
+                             top_p=top_p, batch_invariant=batch_invariant), eos_id, cache, callback)
     _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence)
     if block_length is not None:
         if gen_length % block_length:
@@ -355,7 +363,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     out = _denoise(model, rows, sampler, dict(block_length=block_length, threshold=threshold,
                                               temperature=temperature, top_k=top_k, top_p=top_p,
                                               cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
-                                              cache=cache), callback)
+                                              cache=cache, batch_invariant=batch_invariant), callback)
     tokens = [_cut(r.seq[len(p):].tolist(), eos_id) for r, p in zip(rows, prompts)]
     return _output(rows, out, tokens, eos_id, [len(p) for p in prompts])
 
@@ -365,7 +373,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
            threshold: Optional[float] = None, temperature: float = 0.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
            confidence: str = "prob", eos_id: Optional[int] = None, cache: str = "none",
-           callback: Optional[Callable] = None) -> GenerationOutput:
+           batch_invariant: bool = True, callback: Optional[Callable] = None) -> GenerationOutput:
     """Fill any set of masked positions of each sequence (MDM only); everything else is kept as given.
 
     ids: a list of token-id lists (or one list). mask_positions: per sequence the positions to generate (or
@@ -408,7 +416,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
     out = _denoise(model, rows, sampler, dict(block_length=block_length, threshold=threshold,
                                               temperature=temperature, top_k=top_k, top_p=top_p,
                                               cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
-                                              cache=cache), callback)
+                                              cache=cache, batch_invariant=batch_invariant), callback)
     tokens = [r.seq.tolist() for r in rows]
     return GenerationOutput(tokens=tokens, sequences=tokens, forward_passes=out,
                             row_forward_passes=[r.forwards for r in rows], steps=[r.steps for r in rows],
@@ -607,7 +615,8 @@ def _forward_mdm(model, rows: list, opts: dict) -> int:
     mask_id = model.config.mask_id
     inputs = [x for r in rows for x in _branches(r, mask_id, cfg_on)]  # (row, branch) order
     lens = [len(x) for x in inputs]
-    Lpad = max(-(-n // PAD_MULTIPLE) * PAD_MULTIPLE for n in lens)
+    mult = PAD_MULTIPLE if opts["batch_invariant"] else 1
+    Lpad = max(-(-n // mult) * mult for n in lens)
     device = inputs[0].device
     x = torch.zeros(len(inputs), Lpad, dtype=torch.int64, device=device)
     valid = torch.zeros(len(inputs), Lpad, dtype=torch.bool, device=device)
@@ -617,7 +626,7 @@ def _forward_mdm(model, rows: list, opts: dict) -> int:
     h = model.hidden(x, key_valid=valid, positions=positions)  # (Bf, Lpad, d)
     nb = 2 if cfg_on else 1
     picked = torch.cat([h[j * nb + k, r.cand] for j, r in enumerate(rows) for k in range(nb)])
-    logits = model.head(picked)  # (sum P * nb, V)
+    logits = _head(model, picked, opts)  # (sum P * nb, V)
     a = 0
     for r in rows:
         n = len(r.cand)
@@ -627,6 +636,21 @@ def _forward_mdm(model, rows: list, opts: dict) -> int:
         a += nb * n
         r.forwards += 1
     return 1
+
+
+def _head(model, h: torch.Tensor, opts: dict) -> torch.Tensor:
+    """The output head on gathered rows (N, d) -> (N, V), run on at least MIN_ROWS rows (batch invariance)."""
+    n = h.shape[0]
+    if opts["batch_invariant"] and n < MIN_ROWS:
+        h = torch.cat([h, h.new_zeros(MIN_ROWS - n, h.shape[1])])
+    return model.head(h)[:n]
+
+
+def _fillers(units: int, q_len: int, opts: dict) -> int:
+    """Filler rows so that a forward of `units` rows x `q_len` queries has at least MIN_ROWS GEMM rows."""
+    if not opts["batch_invariant"]:
+        return 0
+    return max(0, -(-MIN_ROWS // q_len) - units)
 
 
 def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
@@ -645,8 +669,9 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
     calls = 0
     for (L, start, full), grp in groups.items():
         units = [(r, k, x) for r in grp for k, x in enumerate(_branches(r, mask_id, cfg_on))]
-        cache = model.make_kv_cache(len(units), L)
-        x = torch.stack([u[2] for u in units])  # (G, L)
+        fill = _fillers(len(units), L if full else L - start, opts)
+        cache = model.make_kv_cache(len(units) + fill, L)
+        x = torch.stack([u[2] for u in units] + [units[0][2]] * fill)  # (G + fill, L)
         if full:
             h = model.hidden(x, kv_cache=cache, cache_pos=0)  # (G, L, d), writes every slot
             for g, (r, k, _) in enumerate(units):
@@ -655,13 +680,14 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
             offset = 0
         else:
             for layer in range(len(cache.k)):
-                cache.k[layer][:, :, :start] = torch.cat([r.stash[k][1][layer] for r, k, _ in units])
-                cache.v[layer][:, :, :start] = torch.cat([r.stash[k][2][layer] for r, k, _ in units])
+                stash = [r.stash[k] for r, k, _ in units] + [units[0][0].stash[units[0][1]]] * fill
+                cache.k[layer][:, :, :start] = torch.cat([st[1][layer] for st in stash])
+                cache.v[layer][:, :, :start] = torch.cat([st[2][layer] for st in stash])
             h = model.hidden(x[:, start:], kv_cache=cache, cache_pos=start)  # (G, L - start, d)
             offset = start
         nb = 2 if cfg_on else 1
         picked = torch.cat([h[g, r.cand - offset] for g, (r, _, _) in enumerate(units)])
-        logits = model.head(picked)
+        logits = _head(model, picked, opts)
         a = 0
         for r in grp:
             n = len(r.cand)
@@ -678,10 +704,11 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
 # The ARM twin: left-to-right decoding with the same token choice
 
 
-def _generate_arm(model, prompts, gen_length, seeds, temperature, top_k, top_p, eos_id, cache, callback):
+def _generate_arm(model, prompts, gen_length, seeds, opts, eos_id, cache, callback):
     """Rows are grouped by prompt length and each group decodes in lockstep: no padding, plain positions,
-    and a row's computation is the same alone or in any batch. cache="prefix": the static KV cache (prompt
-    prefilled once, then one token per forward); cache="none": the full sequence every step (reference)."""
+    and a row's computation is the same alone or in any batch (plus MIN_ROWS filler rows, see the module
+    docstring). cache="prefix": the static KV cache (prompt prefilled once, then one token per forward);
+    cache="none": the full sequence every step (the reference)."""
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: the ARM twin needs at least one prompt token (e.g. BOS)")
@@ -698,39 +725,47 @@ def _generate_arm(model, prompts, gen_length, seeds, temperature, top_k, top_p, 
     model.eval()
     try:
         with torch.no_grad():
-            for plen, idx in groups.items():
-                seq = torch.tensor([prompts[i] for i in idx], dtype=torch.int64, device=device)  # (G, plen)
-                kv = model.make_kv_cache(len(idx), plen + gen_length) if cache == "prefix" else None
-                live = list(range(len(idx)))  # rows of the group still decoding (indices into idx)
-                logits = model(seq, kv_cache=kv, cache_pos=0)[:, -1] if kv is not None else model(seq)[:, -1]
+            for plen, live in groups.items():  # live: indices (into prompts) of the rows still decoding
+                # slot j of the working batch decodes row live[src[j]]; slots past len(live) are fillers
+                fill = _fillers(len(live), plen, opts) if cache == "none" else _fillers(len(live), 1, opts)
+                src = list(range(len(live))) + [0] * fill
+                seq = torch.tensor([prompts[live[k]] for k in src], dtype=torch.int64, device=device)
+                kv = model.make_kv_cache(len(src), plen + gen_length) if cache == "prefix" else None
+                h = model.hidden(seq, kv_cache=kv) if kv is not None else model.hidden(seq)
+                logits = _head(model, h[:len(live), -1], opts)
                 forwards += 1
                 for j in range(gen_length):
-                    for g in live:
-                        row_forwards[idx[g]] += 1
-                    tok, _ = choose(logits.float(), seeds=torch.tensor([_i64(seeds[idx[g]]) for g in live]),
-                                    positions=torch.full((len(live),), plen + j), step=j,
-                                    temperature=temperature, top_k=top_k, top_p=top_p)
+                    for i in live:
+                        row_forwards[i] += 1
+                    tok, _ = choose(logits.float(), seeds=torch.tensor([_i64(seeds[i]) for i in live]),
+                                    positions=torch.full((len(live),), plen + j), step=j, **_token_opts(opts))
                     keep = []
-                    for n, g in enumerate(live):
-                        out[idx[g]].append(int(tok[n]))
-                        row_steps[idx[g]] += 1
+                    for n, i in enumerate(live):
+                        out[i].append(int(tok[n]))
+                        row_steps[i] += 1
                         if eos_id is None or int(tok[n]) != eos_id:
                             keep.append(n)
                         else:  # EOS: fill the rest and stop spending compute on this row
-                            out[idx[g]].extend([eos_id] * (gen_length - j - 1))
+                            out[i].extend([eos_id] * (gen_length - j - 1))
                     if callback is not None:
                         callback(j + 1, [torch.tensor(o) for o in out])
                     if j == gen_length - 1 or not keep:
                         break
-                    keep_t = torch.tensor(keep, device=device)
-                    live = [live[n] for n in keep]
-                    seq = torch.cat([seq[keep_t], tok[keep_t, None]], dim=1)
+                    # next working batch: surviving rows, then fillers copying the first of them
+                    slot_of = {k: src.index(k) for k in keep}  # a live row's own (first) slot
+                    fill = _fillers(len(keep), 1 if kv is not None else plen + j + 1, opts)
+                    sel = torch.tensor([slot_of[k] for k in keep] + [slot_of[keep[0]]] * fill, device=device)
+                    nxt = tok[[k for k in keep] + [keep[0]] * fill]
+                    live = [live[k] for k in keep]
+                    src = list(range(len(live))) + [0] * fill
+                    seq = torch.cat([seq[sel], nxt[:, None]], dim=1)
                     if kv is not None:
-                        kv.k = [k[keep_t] for k in kv.k]
-                        kv.v = [v[keep_t] for v in kv.v]
-                        logits = model(seq[:, -1:], kv_cache=kv, cache_pos=plen + j)[:, -1]
+                        kv.k = [k[sel] for k in kv.k]
+                        kv.v = [v[sel] for v in kv.v]
+                        h = model.hidden(seq[:, -1:], kv_cache=kv, cache_pos=plen + j)
                     else:
-                        logits = model(seq)[:, -1]
+                        h = model.hidden(seq)
+                    logits = _head(model, h[:len(live), -1], opts)
                     forwards += 1
     finally:
         model.train(was_training)
@@ -738,3 +773,7 @@ def _generate_arm(model, prompts, gen_length, seeds, temperature, top_k, top_p, 
     gen = sum(len(t) + (1 if eos_id is not None and len(t) < gen_length else 0) for t in tokens)
     return GenerationOutput(tokens=tokens, sequences=out, forward_passes=forwards,
                             row_forward_passes=row_forwards, steps=row_steps, generated_tokens=gen)
+
+
+def _token_opts(opts: dict) -> dict:
+    return dict(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"])
