@@ -1,0 +1,317 @@
+// unmask_sampler.cuh — the fused unmasking step of the MDM samplers (DESIGN.md §4, §7; docs/CONTRACTS.md
+// "Sampler token choice"). Raw pointers only; compiles with nvcc and NVRTC.
+//
+// Kernel 1, `unmask_rows_kernel`: one block per logits row (b, j) of a (B, L, V) grid. Rows that are not
+// candidates only get pred = -1, conf = -inf. A candidate row is read from HBM once into shared memory as
+// float32 guided logits l = u + (w + 1)(c - u), then, all from shared memory:
+//   top-k, then top-p cut-off      radix select over order-preserving keys (4 passes of 8 bits); the weight
+//                                  of an entry is 1 (top-k) or floor(exp(l - max) 2^31) (top-p), so the
+//                                  cut-off is an exact integer decision that does not depend on summation
+//                                  order; ties at the cut-off are kept from the lowest vocab id up.
+//   token                          T == 0: argmax l (lowest id); T > 0: argmax l/T + g (Gumbel-max with the
+//                                  counter-based key (seed[b], step, position, GUMBEL) ^ vocab id).
+//   confidence                     prob / margin / negative entropy of softmax(l_filtered), with the
+//                                  normaliser S = sum floor(exp(l - max) 2^31) 2^-31 (again order-free).
+// Kernel 2, `unmask_commit_kernel`: one block per sequence: choose the positions to commit (top-n by
+// confidence, ties to the lower position; or confidence >= tau plus the single most confident) and write the
+// chosen tokens into the token buffer in place.
+//
+// The PyTorch reference (python/smdm/kernels/_reference.py: unmask_step_reference) performs the same float32
+// operations in the same order, so token ids, confidences and commits agree bit for bit.
+#pragma once
+#include "smdm_common.cuh"
+
+namespace smdm {
+
+constexpr int UNMASK_THREADS = 512;  // threads per block of both kernels
+
+enum ConfMode : int { CONF_PROB = 0, CONF_MARGIN = 1, CONF_NEG_ENTROPY = 2 };
+
+// Shared scratch of the sampler blocks (static shared memory; the row itself is dynamic).
+struct UnmaskScratch {
+  u64 hist[256];
+  u64 red_u64[32];
+  float red_f[32];
+  int red_i[32];
+  u32 scan[32];
+  u64 bcast[4];
+};
+
+// Exclusive prefix sum over the block (thread order), every thread gets its own prefix.
+__device__ __forceinline__ u32 block_exclusive_scan(u32 v, UnmaskScratch& sc) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  u32 incl = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const u32 t = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += t;
+  }
+  __syncthreads();
+  if (lane == 31) sc.scan[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    u32 w = lane < nw ? sc.scan[lane] : 0u;
+    u32 wi = w;
+    for (int o = 1; o < 32; o <<= 1) {
+      const u32 t = __shfl_up_sync(0xffffffffu, wi, o);
+      if (lane >= o) wi += t;
+    }
+    if (lane < nw) sc.scan[lane] = wi - w;  // exclusive over warps
+  }
+  __syncthreads();
+  return sc.scan[warp] + incl - v;
+}
+
+// Cut-off of the descending order (value desc, index asc) of x[0..n): the first element at which the
+// running weight reaches `target` (>= 1, <= total weight). weight = 1 (MASS == false) or
+// floor(exp(x - xmax) 2^31) (MASS == true). Returns the cut-off key `theta` and `keep_ties`, the number of
+// entries with key == theta that are inside the prefix (counted from the lowest index).
+template <bool MASS>
+__device__ void radix_cutoff(const float* x, int n, float xmax, u64 target, UnmaskScratch& sc, u32& theta,
+                             u64& keep_ties) {
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
+  u32 prefix = 0, pmask = 0;
+  u64 above = 0;  // weight of the entries whose key is above the current prefix range
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += nt) sc.hist[i] = 0;
+    __syncthreads();
+    for (int v = tid; v < n; v += nt) {
+      const float xv = x[v];
+      const u32 k = float_key(xv);
+      if ((k & pmask) == prefix) {
+        const u64 w = MASS ? (u64)fixed31(exp_neg_f32(__fsub_rn(xv, xmax))) : 1ULL;
+        if (w) atomicAdd(&sc.hist[(k >> shift) & 255u], w);
+      }
+    }
+    __syncthreads();
+    if (tid < 32) {
+      // lane l owns bins 255-8l .. 248-8l (descending), scan lanes in order = bins in descending order
+      u64 local = 0;
+      for (int q = 0; q < 8; ++q) local += sc.hist[255 - 8 * lane - q];
+      u64 incl = local;
+      for (int o = 1; o < 32; o <<= 1) {
+        const u64 t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+      }
+      const u64 excl = incl - local;
+      if (above + excl < target && above + incl >= target) {
+        u64 acc = above + excl;
+        for (int q = 0; q < 8; ++q) {
+          const int bin = 255 - 8 * lane - q;
+          if (acc + sc.hist[bin] >= target) {
+            sc.bcast[0] = (u64)bin;
+            sc.bcast[1] = acc;
+            break;
+          }
+          acc += sc.hist[bin];
+        }
+      }
+    }
+    __syncthreads();
+    prefix |= ((u32)sc.bcast[0]) << shift;
+    pmask |= 255u << shift;
+    above = sc.bcast[1];
+    __syncthreads();
+  }
+  theta = prefix;
+  if (MASS) {
+    const float xt = __uint_as_float((prefix & 0x80000000u) ? (prefix & 0x7fffffffu) : ~prefix);
+    const u64 w = (u64)fixed31(exp_neg_f32(__fsub_rn(xt, xmax)));  // > 0: the cut-off bin had weight
+    keep_ties = (target - above + w - 1) / w;
+  } else {
+    keep_ties = target - above;
+  }
+}
+
+// Set x[v] = -inf for every entry outside the prefix defined by (theta, keep_ties).
+__device__ void apply_cutoff(float* x, int n, u32 theta, u64 keep_ties, UnmaskScratch& sc) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int chunk = (n + nt - 1) / nt;  // contiguous chunks: ties are ranked by index
+  const int beg = min(n, tid * chunk), end = min(n, beg + chunk);
+  u32 ties = 0;
+  for (int v = beg; v < end; ++v) ties += float_key(x[v]) == theta;
+  u64 rank = block_exclusive_scan(ties, sc);
+  for (int v = beg; v < end; ++v) {
+    const u32 k = float_key(x[v]);
+    if (k < theta) {
+      x[v] = SMDM_NEG_INF;
+    } else if (k == theta) {
+      if (rank >= keep_ties) x[v] = SMDM_NEG_INF;
+      ++rank;
+    }
+  }
+  __syncthreads();
+}
+
+// grid = B * L blocks, block = UNMASK_THREADS, dynamic shared memory = V * sizeof(float).
+template <int DT, bool HAS_UNCOND>
+__global__ void __launch_bounds__(UNMASK_THREADS)
+    unmask_rows_kernel(const void* __restrict__ cond,          // (B*L, V) rows, dtype DT
+                       const void* __restrict__ uncond,        // (B*L, V) rows or null
+                       const unsigned char* __restrict__ cand,  // (B*L,) bool
+                       const i64* __restrict__ seeds,           // (B,)
+                       i64 step, i64 pos_offset, int L, int V,
+                       float cfg_scale1,  // w + 1 (float32)
+                       float temperature, int top_k, double top_p, int conf_mode,
+                       i64* __restrict__ pred,    // (B*L,) out: token or -1
+                       float* __restrict__ conf) {  // (B*L,) out: confidence or -inf
+  extern __shared__ float lrow[];
+  __shared__ UnmaskScratch sc;
+  const i64 row = blockIdx.x;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  if (!cand[row]) {
+    if (tid == 0) {
+      pred[row] = -1;
+      conf[row] = SMDM_NEG_INF;
+    }
+    return;
+  }
+  const i64 b = row / L, j = row % L;
+
+  // ---- 1. read the row once, CFG mix, running arg-max ----
+  const i64 base = row * (i64)V;
+  ArgMax best;
+  best.v = SMDM_NEG_INF;
+  best.i = 0x7fffffff;
+  for (int v = tid; v < V; v += nt) {
+    float l = load_as_float<DT>(cond, base + v);
+    if (HAS_UNCOND) {
+      const float u = load_as_float<DT>(uncond, base + v);
+      l = __fadd_rn(u, __fmul_rn(cfg_scale1, __fsub_rn(l, u)));
+    }
+    lrow[v] = l;
+    if (l > best.v) {  // v increases per thread: strict > keeps the lowest id
+      best.v = l;
+      best.i = v;
+    }
+  }
+  best = block_argmax(best, sc.red_f, sc.red_i);  // also a barrier for lrow
+  const float m = best.v;
+  const int top = best.i;
+
+  // ---- 2. top-k, then top-p, by exact integer cut-offs ----
+  if (top_k > 0 && top_k < V) {
+    u32 theta;
+    u64 ties;
+    radix_cutoff<false>(lrow, V, m, (u64)top_k, sc, theta, ties);
+    apply_cutoff(lrow, V, theta, ties, sc);
+  }
+  if (top_p < 1.0) {
+    u64 s = 0;
+    for (int v = tid; v < V; v += nt) s += fixed31(exp_neg_f32(__fsub_rn(lrow[v], m)));
+    s = block_sum_u64(s, sc.red_u64);
+    u64 need = (u64)ceil(top_p * (double)s);
+    if (top_p <= 0.0 || need < 1) need = 1;
+    u32 theta;
+    u64 ties;
+    radix_cutoff<true>(lrow, V, m, need, sc, theta, ties);
+    apply_cutoff(lrow, V, theta, ties, sc);
+  }
+
+  // ---- 3. normaliser, entropy sum, runner-up, Gumbel-max ----
+  u64 s_fix = 0, a_fix = 0;
+  ArgMax second;  // best entry other than `top` (for the margin)
+  second.v = SMDM_NEG_INF;
+  second.i = 0x7fffffff;
+  ArgMax pick;  // Gumbel-max winner
+  pick.v = SMDM_NEG_INF;
+  pick.i = 0x7fffffff;
+  const bool sample = temperature > 0.0f;
+  const u64 key = rng_key4((u64)seeds[b], (u64)step, (u64)(pos_offset + j), STREAM_GUMBEL);
+  for (int v = tid; v < V; v += nt) {
+    const float l = lrow[v];
+    if (l == SMDM_NEG_INF) continue;  // filtered out
+    const float z = __fsub_rn(l, m);
+    const float e = exp_neg_f32(z);
+    s_fix += fixed31(e);
+    a_fix += fixed31(-__fmul_rn(e, z));  // -e z in [0, 1/e]
+    if (v != top && l > second.v) {
+      second.v = l;
+      second.i = v;
+    }
+    if (sample) {
+      const float score = __fadd_rn(__fdiv_rn(l, temperature), gumbel_f32(splitmix64(key ^ (u64)v)));
+      if (score > pick.v) {
+        pick.v = score;
+        pick.i = v;
+      }
+    }
+  }
+  s_fix = block_sum_u64(s_fix, sc.red_u64);
+  a_fix = block_sum_u64(a_fix, sc.red_u64);
+  second = block_argmax(second, sc.red_f, sc.red_i);
+  if (sample) pick = block_argmax(pick, sc.red_f, sc.red_i);
+
+  if (tid == 0) {
+    const int tok = sample ? pick.i : top;
+    const float s_f = __double2float_rn(__dmul_rn(__ull2double_rn(s_fix), 4.656612873077393e-10));  // 2^-31
+    float c;
+    if (conf_mode == CONF_PROB) {
+      c = __fdiv_rn(exp_neg_f32(__fsub_rn(lrow[tok], m)), s_f);
+    } else if (conf_mode == CONF_MARGIN) {
+      const float e2 = second.v == SMDM_NEG_INF ? 0.0f : exp_neg_f32(__fsub_rn(second.v, m));
+      c = __fdiv_rn(__fsub_rn(1.0f, e2), s_f);
+    } else {
+      const float a_f = __double2float_rn(-__dmul_rn(__ull2double_rn(a_fix), 4.656612873077393e-10));
+      c = __fsub_rn(__fdiv_rn(a_f, s_f), log_f32(s_f));
+    }
+    pred[row] = tok;
+    conf[row] = c;
+  }
+}
+
+// grid = B blocks, block = UNMASK_THREADS, dynamic shared memory = L * sizeof(float).
+// mode 0: commit the n_commit[b] most confident candidates (ties: lower position);
+// mode 1: commit every candidate with conf >= tau, and always the most confident one.
+__global__ void __launch_bounds__(UNMASK_THREADS)
+    unmask_commit_kernel(const i64* __restrict__ pred, const float* __restrict__ conf,
+                         const unsigned char* __restrict__ cand, const i64* __restrict__ n_commit, float tau,
+                         int mode, int L, i64* __restrict__ tokens, i64 tokens_row_stride,
+                         unsigned char* __restrict__ committed) {
+  extern __shared__ float crow[];
+  __shared__ UnmaskScratch sc;
+  const i64 b = blockIdx.x;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const i64 base = b * (i64)L;
+  u32 ncand = 0;
+  ArgMax best;
+  best.v = SMDM_NEG_INF;
+  best.i = 0x7fffffff;
+  for (int j = tid; j < L; j += nt) {
+    const bool c = cand[base + j] != 0;
+    const float x = c ? conf[base + j] : SMDM_NEG_INF;
+    crow[j] = x;
+    ncand += c;
+    if (c && (best.i == 0x7fffffff || x > best.v)) {
+      best.v = x;
+      best.i = j;
+    }
+  }
+  const u64 total = block_sum_u64(ncand, sc.red_u64);
+  best = block_argmax(best, sc.red_f, sc.red_i);
+  u32 theta = 0xffffffffu;
+  u64 ties = 0;
+  if (mode == 0) {
+    i64 n = n_commit[b];
+    if (n > (i64)total) n = (i64)total;
+    if (n > 0) {
+      radix_cutoff<false>(crow, L, 0.0f, (u64)n, sc, theta, ties);
+      apply_cutoff(crow, L, theta, ties, sc);  // crow[j] != -inf <=> committed (candidates only)
+    } else {
+      for (int j = tid; j < L; j += nt) crow[j] = SMDM_NEG_INF;
+      __syncthreads();
+    }
+  }
+  for (int j = tid; j < L; j += nt) {
+    const bool c = cand[base + j] != 0;
+    bool take;
+    if (mode == 0) {
+      take = c && crow[j] != SMDM_NEG_INF;
+    } else {
+      take = c && (conf[base + j] >= tau || j == best.i);
+    }
+    committed[base + j] = take;
+    if (take) tokens[b * tokens_row_stride + j] = pred[base + j];
+  }
+}
+
+}  // namespace smdm

@@ -1,0 +1,364 @@
+"""smdm's CUDA kernels (DESIGN.md §7) with their PyTorch references.
+
+    unmask_step(logits, tokens, candidates, seeds, step, ...)   fused unmasking step of the samplers
+    attention(q, k, v, ...)                                     bidirectional flash attention forward
+    unmask_step_reference / attention_reference                 the oracles (plain PyTorch, any device)
+    build() / check_sources()                                   JIT build / compile check of csrc/
+    `smdm kernels check|build|sass`                             the same from the command line
+
+Backend choice (`backend=` argument of each op): "auto" runs the CUDA kernel for CUDA tensors when the
+configuration is supported and the reference otherwise; the environment variable `SMDM_KERNELS=reference`
+makes "auto" use the reference everywhere. "cuda" demands the kernel: an unsupported configuration, CPU
+tensors or a failed build raise (`KernelBuildError`) instead of falling back. "reference" always uses it.
+
+Sources are found at run time by `smdm.kernels._build.source_dir()` ($SMDM_CSRC, the package's
+`smdm/kernels/csrc`, or the checkout's `csrc/`) and built into a user cache ($SMDM_CACHE_DIR or
+$XDG_CACHE_HOME/smdm/kernels/<hash>) under a file lock; with no CUDA toolkit they compile through NVRTC (CuPy).
+
+Sampler arithmetic: the kernel and `unmask_step_reference` agree bit for bit on tokens, confidences and
+commits. Where docs/CONTRACTS.md leaves freedom we fixed it as follows (and both sides implement exactly this):
+  * log / exp are the op sequences `log_f32` / `exp_neg_f32` (a few ulp from libm), not libm's;
+  * top-p uses the distribution softmax(l) of the top-k-filtered guided logits before temperature, with
+    each entry's mass floor(exp(l - max) 2^31) summed exactly as integers;
+  * confidence normaliser S = sum floor(exp(l - max) 2^31) 2^-31 (relative difference from the float sum
+    below 1.5e-5 for a 32000-entry vocabulary); prob = exp(l_tok - max) / S, margin = (1 - exp(l_2 - max)) / S,
+    neg_entropy = (sum_v exp(z_v) z_v) / S - log S with z = l - max (the sum in 31-bit fixed point).
+  * Gumbel noise follows the contract literally, including u == 1 (so g == +inf) when h >> 40 == 2^24 - 1:
+    with probability 2^-24 per vocabulary entry that entry wins outright (about 0.2% of draws over 32000
+    entries pick a uniformly random kept token). Fixing it needs a contract change on both sides, e.g.
+    u = ((h >> 41) + 0.5) * 2^-23.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import warnings
+
+from smdm.kernels._build import KernelBuildError, check_sources, source_dir
+from smdm.kernels._reference import (
+    CONFIDENCE_MODES,
+    attention_reference,
+    exp_neg_f32,
+    gumbel_noise,
+    log_f32,
+    unmask_step_reference,
+)
+
+__all__ = [
+    "KernelBuildError",
+    "attention",
+    "attention_reference",
+    "available",
+    "build",
+    "check_sources",
+    "exp_neg_f32",
+    "gumbel_noise",
+    "log_f32",
+    "register",
+    "source_dir",
+    "unmask_step",
+    "unmask_step_reference",
+]
+
+BACKENDS = ("auto", "cuda", "reference")
+_warned_fallback = False
+
+
+def build(verbose: bool = False):
+    """Build (or load from the cache) the CUDA kernel module; raises KernelBuildError with the reason."""
+    from smdm.kernels import _build
+
+    return _build.load(verbose=verbose)
+
+
+def available() -> bool:
+    """True when the CUDA kernels can run here (a GPU and a successful build)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        build()
+        return True
+    except KernelBuildError:
+        return False
+
+
+def _resolve_backend(backend: str, is_cuda: bool, unsupported: str | None) -> str:
+    """'cuda' or 'reference' for this call; `unsupported` is why the kernel cannot take it (or None)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    env = os.environ.get("SMDM_KERNELS", "auto").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"SMDM_KERNELS must be one of {BACKENDS}, got {env!r}")
+    if backend == "auto":
+        backend = env
+    if backend == "reference":
+        return "reference"
+    if backend == "cuda":
+        if not is_cuda:
+            raise ValueError("backend='cuda' needs CUDA tensors")
+        if unsupported:
+            raise ValueError(f"backend='cuda' cannot run this call: {unsupported}")
+        build()  # raises KernelBuildError: never a silent fallback when the kernel was asked for
+        return "cuda"
+    if not is_cuda or unsupported:
+        return "reference"
+    try:
+        build()
+    except KernelBuildError as e:
+        global _warned_fallback
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"smdm CUDA kernels unavailable, using the PyTorch reference: {e}", RuntimeWarning,
+                          stacklevel=3)
+        return "reference"
+    return "cuda"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused unmasking step
+# ----------------------------------------------------------------------------------------------------------
+def _check_unmask_args(logits, tokens, candidates, seeds, uncond_logits, temperature, top_k, top_p, confidence,
+                       n_commit, threshold):
+    import torch
+
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits must be a (B, L, V) tensor, got {getattr(logits, 'shape', type(logits))}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    B, L, V = logits.shape
+    if V < 1:
+        raise ValueError("logits must have a non-empty vocabulary dimension")
+    if uncond_logits is not None:
+        if uncond_logits.shape != logits.shape:
+            raise ValueError(f"uncond_logits shape {tuple(uncond_logits.shape)} != logits shape {tuple(logits.shape)}")
+        if uncond_logits.dtype != logits.dtype:
+            raise TypeError(f"uncond_logits dtype {uncond_logits.dtype} != logits dtype {logits.dtype}")
+        if uncond_logits.device != logits.device:
+            raise ValueError(f"uncond_logits is on {uncond_logits.device}, logits on {logits.device}")
+    for name, t, dtype, shape in (("tokens", tokens, torch.int64, (B, L)), ("candidates", candidates, torch.bool, (B, L)),
+                                  ("seeds", seeds, torch.int64, (B,))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device}, logits on {logits.device}")
+    if (n_commit is None) == (threshold is None):
+        raise ValueError("give exactly one of n_commit (count mode) and threshold (threshold mode)")
+    if n_commit is not None:
+        if not isinstance(n_commit, torch.Tensor) or n_commit.dtype != torch.int64 or tuple(n_commit.shape) != (B,):
+            raise TypeError(f"n_commit must be an int64 tensor of shape ({B},)")
+        if n_commit.device != logits.device:
+            raise ValueError(f"n_commit is on {n_commit.device}, logits on {logits.device}")
+    elif not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    if not (temperature >= 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (0.0 <= top_p <= 1.0):
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if confidence not in CONFIDENCE_MODES:
+        raise ValueError(f"confidence must be one of {tuple(CONFIDENCE_MODES)}, got {confidence!r}")
+
+
+def unmask_step(
+    logits,
+    tokens,
+    candidates,
+    seeds,
+    step: int,
+    *,
+    uncond_logits=None,
+    cfg_scale: float = 0.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    confidence: str = "prob",
+    n_commit=None,
+    threshold: float | None = None,
+    position_offset: int = 0,
+    backend: str = "auto",
+):
+    """One unmasking step of an MDM sampler, fused (docs/CONTRACTS.md "Sampler token choice").
+
+    logits          (B, L, V) float32/bf16/fp16 conditional logits of the positions in `tokens`
+    tokens          (B, L) int64, updated in place at the committed positions (unit stride along L; a
+                    column slice `x[:, a:b]` of a longer buffer works, with position_offset=a)
+    candidates      (B, L) bool: positions that may be committed (masked and inside the current block)
+    seeds           (B,) int64 per-sequence seeds; step: the sampler step (both key the Gumbel noise)
+    uncond_logits   optional (B, L, V) logits of the unconditional input; guided l = u + (w + 1)(c - u)
+    cfg_scale       w (0 = conditional logits only, exactly as without uncond_logits... up to rounding)
+    temperature     0 = argmax, else Gumbel-max of l / T; top_k (0 = off), top_p (1 = off) filter l first
+    confidence      "prob" | "margin" | "neg_entropy"
+    n_commit        (B,) int64: commit the n most confident candidates per sequence (count mode), or
+    threshold       commit every candidate with confidence >= threshold, plus the most confident one
+    position_offset absolute position of column 0 (the Gumbel key uses the position in the full row)
+    Returns (pred (B, L) int64, -1 off candidates; conf (B, L) float32, -inf off candidates;
+    committed (B, L) bool).
+    """
+    _check_unmask_args(logits, tokens, candidates, seeds, uncond_logits, temperature, top_k, top_p, confidence,
+                       n_commit, threshold)
+    B, L, V = logits.shape
+    unsupported = None
+    if L > 1 and tokens.stride(1) != 1:
+        unsupported = "tokens needs unit stride along positions"
+    elif not logits.is_contiguous() or (uncond_logits is not None and not uncond_logits.is_contiguous()):
+        unsupported = "logits must be contiguous"
+    elif not candidates.is_contiguous() or not seeds.is_contiguous():
+        unsupported = "candidates and seeds must be contiguous"
+    elif logits.is_cuda:
+        import torch
+
+        limit = torch.cuda.get_device_properties(logits.device).shared_memory_per_block_optin
+        if max(V, L) * 4 + 2720 > limit:
+            unsupported = f"V={V} / L={L} do not fit in {limit} bytes of shared memory per block"
+    which = _resolve_backend(backend, logits.is_cuda, unsupported)
+    if which == "reference":
+        return unmask_step_reference(
+            logits, tokens, candidates, seeds, step, uncond_logits=uncond_logits, cfg_scale=cfg_scale,
+            temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence, n_commit=n_commit,
+            threshold=threshold, position_offset=position_offset,
+        )
+    import torch
+
+    from smdm.kernels import _ops  # noqa: F401  (registers torch.ops.smdm.*)
+
+    return torch.ops.smdm.unmask_step(
+        logits, uncond_logits, candidates, seeds, tokens, n_commit, int(step), int(position_offset),
+        float(cfg_scale), float(temperature), int(top_k), float(top_p), CONFIDENCE_MODES[confidence],
+        0.0 if threshold is None else float(threshold),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------------------
+def attention(q, k, v, *, q_segment_ids=None, k_segment_ids=None, segment_ids=None, scale: float | None = None,
+              backend: str = "auto"):
+    """Bidirectional attention forward: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D).
+
+    Document masking: query i attends to key j only when q_segment_ids[b, i] == k_segment_ids[b, j]
+    ((B, Lq) / (B, Lk) int32; `segment_ids` sets both when Lq == Lk). Lk may exceed Lq (queries of a block
+    attending to cached prefix K/V and themselves: give k/v as the concatenation). Grouped-query attention
+    when Hq is a multiple of Hkv. The kernel takes bf16/fp16, head dim 64 or 128, last dim contiguous.
+    """
+    import torch
+
+    if segment_ids is not None:
+        if q_segment_ids is not None or k_segment_ids is not None:
+            raise ValueError("give segment_ids or q_segment_ids/k_segment_ids, not both")
+        q_segment_ids = k_segment_ids = segment_ids
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a (B, H, L, D) tensor, got {getattr(t, 'shape', type(t))}")
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or head dim")
+    Hkv = k.shape[1]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError("q, k, v must be on the same device")
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("give both q_segment_ids and k_segment_ids, or neither")
+    if q_segment_ids is not None:
+        for name, t, n in (("q_segment_ids", q_segment_ids, Lq), ("k_segment_ids", k_segment_ids, k.shape[2])):
+            if tuple(t.shape) != (B, n):
+                raise ValueError(f"{name} must have shape ({B}, {n}), got {tuple(t.shape)}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    unsupported = None
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        unsupported = f"dtype {q.dtype} (the kernel takes bfloat16 or float16)"
+    elif D not in (64, 128):
+        unsupported = f"head dim {D} (the kernel takes 64 or 128)"
+    elif k.shape[2] == 0:
+        unsupported = "no keys"
+    elif any(t.stride(3) != 1 or any(s % 8 for s in t.stride()[:3]) or t.data_ptr() % 16 for t in (q, k, v)):
+        unsupported = "q/k/v need a contiguous last dim and 16-byte aligned rows"
+    which = _resolve_backend(backend, q.is_cuda, unsupported)
+    if which == "reference":
+        return attention_reference(q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale)
+    from smdm.kernels import _ops  # noqa: F401
+
+    if q_segment_ids is not None:
+        q_segment_ids = q_segment_ids.to(torch.int32).contiguous()
+        k_segment_ids = k_segment_ids.to(torch.int32).contiguous()
+    return torch.ops.smdm.attention(q, k, v, q_segment_ids, k_segment_ids, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line: smdm kernels check | build | sass
+# ----------------------------------------------------------------------------------------------------------
+def register(parser: argparse.ArgumentParser, name: str = "kernels") -> None:
+    """Add `check`, `build` and `sass` under `smdm kernels` (called by smdm.cli)."""
+    sub = parser.add_subparsers(dest="kernels_command", metavar="ACTION")
+    p = sub.add_parser("check", help="compile every CUDA source without a GPU (nvcc -c and NVRTC)")
+    p.add_argument("--arch", action="append", help="architectures (default: sm_90a sm_80 sm_89)")
+    p.add_argument("--no-launchers", action="store_true", help="only the kernel headers (fast; no torch headers)")
+    p.add_argument("--no-nvrtc", action="store_true", help="skip the NVRTC compile")
+    p.add_argument("--jobs", type=int, default=2, help="parallel compiler processes")
+    p.add_argument("--verbose", action="store_true", help="print the compiler logs")
+    p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("build", help="build the kernels for the visible GPU into the cache")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_cmd_build)
+    p = sub.add_parser("sass", help="disassemble the kernels and count tensor-core (HMMA) instructions")
+    p.add_argument("--arch", default="sm_90a")
+    p.set_defaults(func=_cmd_sass)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _cmd_check(args) -> int:
+    from smdm.kernels._build import CHECK_ARCHS
+
+    archs = tuple(args.arch) if args.arch else CHECK_ARCHS
+    print(f"sources: {source_dir()}")
+    results = check_sources(archs=archs, launchers=not args.no_launchers, nvrtc=not args.no_nvrtc, jobs=args.jobs)
+    failed = 0
+    for r in results:
+        print(f"{r.status():8s} {r.name:32s} {r.tool:28s} {r.seconds:6.1f}s")
+        if r.ok is False:
+            failed += 1
+        if args.verbose or r.ok is False:
+            print("    " + r.log.replace("\n", "\n    "))
+    print(f"{sum(r.ok is True for r in results)} ok, {failed} failed, {sum(r.ok is None for r in results)} skipped")
+    return 1 if failed else 0
+
+
+def _cmd_build(args) -> int:
+    try:
+        mod = build(verbose=args.verbose)
+    except KernelBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"built: {getattr(mod, '__file__', type(mod).__name__)}")
+    return 0
+
+
+def _cmd_sass(args) -> int:
+    from smdm.kernels._build import disassemble_mma
+
+    try:
+        counts = disassemble_mma(args.arch)
+    except KernelBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for fn, c in sorted(counts.items()):
+        print(f"{c['HMMA']:5d} HMMA {c['LDSM']:5d} LDSM {c['LDGSTS']:5d} LDGSTS  {fn}")
+    return 0

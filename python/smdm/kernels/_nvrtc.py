@@ -1,0 +1,84 @@
+"""NVRTC (CuPy) backend: the kernels of csrc/kernels.cu compiled at run time by `cupy.RawModule`, for machines
+with a pip-installed torch and CuPy but no CUDA toolkit. Exposes the same two functions as the pybind module
+(`unmask_step`, `attention`); the Python layer has already validated the arguments and allocated outputs.
+Launches go to torch's current stream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+UNMASK_THREADS = 512  # = smdm::UNMASK_THREADS
+ATTN_WARPS = 4
+ATTN_BLOCK_N = 64
+UNMASK_SCRATCH_BYTES = 2720  # sizeof(smdm::UnmaskScratch), static shared memory of the sampler kernels
+_DT = {"float32": 0, "bfloat16": 1, "float16": 2}
+
+
+def _p(t) -> np.uint64:
+    """A device pointer as a kernel argument (8 bytes, like any pointer parameter); 0 for None."""
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+class NvrtcModule:
+    def __init__(self, src: Path):
+        import cupy
+
+        self._cupy = cupy
+        code = (src / "kernels.cu").read_text()
+        self._rows = {(dt, unc): f"smdm::unmask_rows_kernel<{dt}, {'true' if unc else 'false'}>"
+                      for dt in (0, 1, 2) for unc in (False, True)}
+        self._attn = {(dt, d): f"smdm::flash_attn_fwd_flat<{dt}, {d}, {ATTN_WARPS}>" for dt in (1, 2) for d in (64, 128)}
+        names = [*self._rows.values(), *self._attn.values(), "smdm::unmask_commit_kernel"]
+        self._mod = cupy.RawModule(code=code, options=("-std=c++17", f"-I{src}"), name_expressions=names)
+        self._mod.compile()
+
+    def _launch(self, name: str, grid, block, args, smem: int, device_index: int):
+        import torch
+
+        cupy = self._cupy
+        with cupy.cuda.Device(device_index):
+            fn = self._mod.get_function(name)
+            if smem > 48 * 1024:
+                fn.max_dynamic_shared_size_bytes = smem
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device_index).cuda_stream)
+            with stream:
+                fn(grid, block, args, shared_mem=smem)
+
+    def unmask_step(self, logits, uncond, candidates, seeds, step, pos_offset, cfg_scale, temperature, top_k, top_p,
+                    conf_mode, n_commit, tau, tokens, pred, conf, committed):
+        B, L, V = logits.shape
+        if B * L == 0:
+            return
+        dev = logits.device.index or 0
+        dt = _DT[str(logits.dtype).replace("torch.", "")]
+        k = min(max(int(top_k), 0), V)
+        self._launch(
+            self._rows[(dt, uncond is not None)], (B * L,), (UNMASK_THREADS,),
+            (_p(logits), _p(uncond), _p(candidates), _p(seeds), np.int64(step), np.int64(pos_offset), np.int32(L),
+             np.int32(V), np.float32(cfg_scale + 1.0), np.float32(temperature), np.int32(k), np.float64(top_p),
+             np.int32(conf_mode), _p(pred), _p(conf)),
+            V * 4, dev)
+        self._launch(
+            "smdm::unmask_commit_kernel", (B,), (UNMASK_THREADS,),
+            (_p(pred), _p(conf), _p(candidates), _p(n_commit), np.float32(tau), np.int32(0 if n_commit is not None else 1),
+             np.int32(L), _p(tokens), np.int64(tokens.stride(0)), _p(committed)),
+            L * 4, dev)
+
+    def attention(self, q, k, v, q_seg, k_seg, out, scale):
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        if B * Hq * Lq == 0:
+            return
+        dt = _DT[str(q.dtype).replace("torch.", "")]
+        bm = 16 * ATTN_WARPS
+        smem = (bm + 2 * ATTN_BLOCK_N) * D * 2 + ATTN_BLOCK_N * 4
+        st = [np.int64(s) for t in (q, k, v, out) for s in t.stride()[:3]]
+        seg_st = [np.int64(0 if q_seg is None else q_seg.stride(0)), np.int64(0 if k_seg is None else k_seg.stride(0))]
+        self._launch(
+            self._attn[(dt, D)], ((Lq + bm - 1) // bm, Hq, B), (32 * ATTN_WARPS,),
+            (_p(q), _p(k), _p(v), _p(out), _p(q_seg), _p(k_seg), *st, *seg_st, np.int32(Lq), np.int32(Lk),
+             np.int32(Hq), np.int32(Hkv), np.float32(scale * 1.4426950408889634)),
+            smem, q.device.index or 0)

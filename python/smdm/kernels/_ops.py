@@ -1,0 +1,84 @@
+"""torch.library registrations of the smdm kernels (`torch.ops.smdm.unmask_step`, `torch.ops.smdm.attention`).
+
+Each op has a fake (meta) implementation so `torch.compile` traces it without running it. The real
+implementation runs the CUDA kernel for CUDA tensors and the PyTorch reference otherwise (so the ops work, and
+can be opchecked, on CPU). Outputs are allocated here, in Python.
+
+No `from __future__ import annotations` here: torch.library infers the op schema from the annotations.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from smdm.kernels import _build
+from smdm.kernels._reference import attention_reference, unmask_step_reference
+
+_CONF_NAMES = ("prob", "margin", "neg_entropy")
+
+
+@torch.library.custom_op("smdm::unmask_step", mutates_args=("tokens",))
+def unmask_step_op(
+    logits: torch.Tensor,
+    uncond_logits: Optional[torch.Tensor],
+    candidates: torch.Tensor,
+    seeds: torch.Tensor,
+    tokens: torch.Tensor,
+    n_commit: Optional[torch.Tensor],
+    step: int,
+    position_offset: int,
+    cfg_scale: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    conf_mode: int,
+    threshold: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, L, _ = logits.shape
+    if not logits.is_cuda:
+        return unmask_step_reference(
+            logits, tokens, candidates, seeds, step, uncond_logits=uncond_logits, cfg_scale=cfg_scale,
+            temperature=temperature, top_k=top_k, top_p=top_p, confidence=_CONF_NAMES[conf_mode],
+            n_commit=n_commit, threshold=None if n_commit is not None else threshold,
+            position_offset=position_offset,
+        )
+    pred = torch.empty((B, L), dtype=torch.int64, device=logits.device)
+    conf = torch.empty((B, L), dtype=torch.float32, device=logits.device)
+    committed = torch.empty((B, L), dtype=torch.bool, device=logits.device)
+    _build.load().unmask_step(
+        logits, uncond_logits, candidates, seeds, step, position_offset, cfg_scale, temperature, top_k, top_p,
+        conf_mode, n_commit, threshold, tokens, pred, conf, committed,
+    )
+    return pred, conf, committed
+
+
+@unmask_step_op.register_fake
+def _unmask_step_fake(logits, uncond_logits, candidates, seeds, tokens, n_commit, step, position_offset, cfg_scale,
+                      temperature, top_k, top_p, conf_mode, threshold):
+    B, L, _ = logits.shape
+    return (
+        logits.new_empty((B, L), dtype=torch.int64),
+        logits.new_empty((B, L), dtype=torch.float32),
+        logits.new_empty((B, L), dtype=torch.bool),
+    )
+
+
+@torch.library.custom_op("smdm::attention", mutates_args=())
+def attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_segment_ids: Optional[torch.Tensor],
+    k_segment_ids: Optional[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    if not q.is_cuda:
+        return attention_reference(q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _build.load().attention(q, k, v, q_segment_ids, k_segment_ids, out, scale)
+    return out
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, q_segment_ids, k_segment_ids, scale):
+    return q.new_empty(q.shape)
