@@ -105,7 +105,10 @@ impl LitHeader {
         if b.len() < HEADER_LEN {
             return Err(Error::format(
                 path,
-                format!("truncated: {} bytes, shorter than the {HEADER_LEN}-byte LITPKDS header", b.len()),
+                format!(
+                    "truncated: {} bytes, shorter than the {HEADER_LEN}-byte LITPKDS header",
+                    b.len()
+                ),
             ));
         }
         if &b[0..7] != MAGIC {
@@ -127,7 +130,10 @@ impl LitHeader {
             ));
         }
         let dtype = LitDtype::from_code(b[15]).ok_or_else(|| {
-            Error::format(path, format!("bad dtype code {} at offset 15 (expected 1..=8)", b[15]))
+            Error::format(
+                path,
+                format!("bad dtype code {} at offset 15 (expected 1..=8)", b[15]),
+            )
         })?;
         let mut c = [0u8; 8];
         c.copy_from_slice(&b[16..24]);
@@ -158,14 +164,22 @@ impl LitFile {
         if len < HEADER_LEN as u64 {
             return Err(Error::format(
                 path,
-                format!("truncated: {len} bytes, shorter than the {HEADER_LEN}-byte LITPKDS header"),
+                format!(
+                    "truncated: {len} bytes, shorter than the {HEADER_LEN}-byte LITPKDS header"
+                ),
             ));
         }
         // SAFETY: read-only map of a file nobody rewrites in place (see shard.rs).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let header = LitHeader::decode(path, &map[..HEADER_LEN])?;
         let want = header.file_len().ok_or_else(|| {
-            Error::format(path, format!("chunk_size {} at offset 16 is impossible", header.chunk_size))
+            Error::format(
+                path,
+                format!(
+                    "chunk_size {} at offset 16 is impossible",
+                    header.chunk_size
+                ),
+            )
         })?;
         if len != want {
             return Err(Error::format(
@@ -196,11 +210,16 @@ impl LitFile {
         if dt.max_id().is_none() {
             return Err(Error::format(
                 &self.path,
-                format!("dtype code {} (offset 15) is a float type; token ids must be integers", dt.code()),
+                format!(
+                    "dtype code {} (offset 15) is a float type; token ids must be integers",
+                    dt.code()
+                ),
             ));
         }
         let isz = dt.itemsize();
-        let limit = vocab_size.map(|v| v as i128).unwrap_or(u32::MAX as i128 + 1);
+        let limit = vocab_size
+            .map(|v| v as i128)
+            .unwrap_or(u32::MAX as i128 + 1);
         let mut out = Vec::with_capacity(self.header.chunk_size as usize);
         for (i, c) in self.data().chunks_exact(isz).enumerate() {
             let v: i128 = match dt {
@@ -320,13 +339,26 @@ mod tests {
         assert_eq!(b.len(), 24 + 6);
         let f = LitFile::open(&p).unwrap();
         assert_eq!(f.tokens_u32(Some(301)).unwrap(), vec![1, 2, 300]);
-        assert!(f.tokens_u32(Some(300)).unwrap_err().to_string().contains("mask id"));
+        assert!(f
+            .tokens_u32(Some(300))
+            .unwrap_err()
+            .to_string()
+            .contains("mask id"));
     }
 
     #[test]
     fn chunks_pad_like_lit_gpt() {
         let dir = tempfile::tempdir().unwrap();
-        let files = write_chunks(dir.path(), "train", 0, &[1, 2, 3, 4, 5], 2, 9, LitDtype::I32).unwrap();
+        let files = write_chunks(
+            dir.path(),
+            "train",
+            0,
+            &[1, 2, 3, 4, 5],
+            2,
+            9,
+            LitDtype::I32,
+        )
+        .unwrap();
         assert_eq!(files.len(), 3);
         let last = LitFile::open(&files[2].0).unwrap();
         assert_eq!(last.tokens_u32(None).unwrap(), vec![5, 9]);
@@ -340,11 +372,19 @@ mod tests {
         write_file(&p, &[1, 2, 3], LitDtype::I64).unwrap();
         let good = std::fs::read(&p).unwrap();
         std::fs::write(&p, &good[..good.len() - 1]).unwrap();
-        assert!(LitFile::open(&p).err().unwrap().to_string().contains("truncated"));
+        assert!(LitFile::open(&p)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("truncated"));
         let mut b = good.clone();
         b[15] = 9;
         std::fs::write(&p, &b).unwrap();
-        assert!(LitFile::open(&p).err().unwrap().to_string().contains("dtype"));
+        assert!(LitFile::open(&p)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("dtype"));
         let mut b = good.clone();
         b[24 + 7] = 0x80; // first item negative
         std::fs::write(&p, &b).unwrap();

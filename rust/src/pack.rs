@@ -62,7 +62,9 @@ pub fn pack_into<T: Item>(
     out: &mut [T],
 ) -> Result<()> {
     if eos >= vocab_size {
-        return Err(Error::Invalid(format!("eos_id {eos} >= vocab_size {vocab_size}")));
+        return Err(Error::Invalid(format!(
+            "eos_id {eos} >= vocab_size {vocab_size}"
+        )));
     }
     if out.len() != tokens.len() + lengths.len() || starts.len() != lengths.len() {
         return Err(Error::Invalid(format!(
@@ -174,7 +176,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert!(pack::<u16>(&[5, 10], &[2], 0, 10).unwrap_err().to_string().contains("mask id"));
+        assert!(pack::<u16>(&[5, 10], &[2], 0, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("mask id"));
         assert!(pack::<u16>(&[5, 6], &[3], 0, 10).is_err());
         assert!(pack::<u16>(&[5], &[1], 10, 10).is_err());
     }

@@ -172,7 +172,10 @@ impl Header {
             }
         };
         if b[48..60].iter().any(|&x| x != 0) {
-            return Err(Error::format(path, "reserved header bytes 48..60 are not zero"));
+            return Err(Error::format(
+                path,
+                "reserved header bytes 48..60 are not zero",
+            ));
         }
         let vocab_size = u32_at(b, 32);
         let eos_id = u32_at(b, 36);
@@ -208,7 +211,10 @@ impl Header {
         if self.eos_id >= self.vocab_size {
             return Err(Error::format(
                 path,
-                format!("eos_id {} (offset 36) >= vocab_size {}", self.eos_id, self.vocab_size),
+                format!(
+                    "eos_id {} (offset 36) >= vocab_size {}",
+                    self.eos_id, self.vocab_size
+                ),
             ));
         }
         if let Some(b) = self.bos_id {
@@ -262,12 +268,19 @@ pub fn bad_token_msg(id: u64, index: u64, byte_offset: u64, vocab_size: u32) -> 
             "token id {id} at token {index} (byte offset {byte_offset}) equals the mask id (vocab_size {vocab_size})"
         )
     } else {
-        format!("token id {id} at token {index} (byte offset {byte_offset}) >= vocab_size {vocab_size}")
+        format!(
+            "token id {id} at token {index} (byte offset {byte_offset}) >= vocab_size {vocab_size}"
+        )
     }
 }
 
 /// Check document starts: strictly increasing, first 0, all < n_tokens; n_docs > 0 iff n_tokens > 0.
-pub fn check_doc_starts(path: &Path, starts: &[u64], n_tokens: u64, table_offset: u64) -> Result<()> {
+pub fn check_doc_starts(
+    path: &Path,
+    starts: &[u64],
+    n_tokens: u64,
+    table_offset: u64,
+) -> Result<()> {
     if (n_tokens == 0) != starts.is_empty() {
         return Err(Error::format(
             path,
@@ -361,7 +374,12 @@ pub fn encode_shard(
         return Err(Error::Invalid(format!(
             "{}: {}",
             path.display(),
-            bad_token_msg(id, i as u64, (HEADER_LEN + i * dtype.itemsize()) as u64, vocab_size)
+            bad_token_msg(
+                id,
+                i as u64,
+                (HEADER_LEN + i * dtype.itemsize()) as u64,
+                vocab_size
+            )
         )));
     }
     let tok_len = tokens_region_len(dtype, n).unwrap_or(u64::MAX) as usize;
@@ -369,14 +387,18 @@ pub fn encode_shard(
         .map_err(|e| Error::Invalid(e.to_string()))?;
     let mut payload = Vec::with_capacity(tok_len + 8 * doc_starts.len());
     match (tokens, dtype) {
-        (Tokens::U16(t), Dtype::U16) => t.iter().for_each(|x| payload.extend_from_slice(&x.to_le_bytes())),
+        (Tokens::U16(t), Dtype::U16) => t
+            .iter()
+            .for_each(|x| payload.extend_from_slice(&x.to_le_bytes())),
         (Tokens::U32(t), Dtype::U16) => t
             .iter()
             .for_each(|&x| payload.extend_from_slice(&(x as u16).to_le_bytes())),
         (Tokens::U16(t), Dtype::U32) => t
             .iter()
             .for_each(|&x| payload.extend_from_slice(&(x as u32).to_le_bytes())),
-        (Tokens::U32(t), Dtype::U32) => t.iter().for_each(|x| payload.extend_from_slice(&x.to_le_bytes())),
+        (Tokens::U32(t), Dtype::U32) => t
+            .iter()
+            .for_each(|x| payload.extend_from_slice(&x.to_le_bytes())),
     }
     payload.resize(tok_len, 0);
     for s in doc_starts {
@@ -431,7 +453,9 @@ impl Shard {
         if len < HEADER_LEN as u64 {
             return Err(Error::format(
                 path,
-                format!("truncated: {len} bytes, shorter than the {HEADER_LEN}-byte smdm shard header"),
+                format!(
+                    "truncated: {len} bytes, shorter than the {HEADER_LEN}-byte smdm shard header"
+                ),
             ));
         }
         // SAFETY: the map is read-only; smdm never modifies a published shard in place (writers rename a
@@ -460,7 +484,10 @@ impl Shard {
         if len > want {
             return Err(Error::format(
                 path,
-                format!("{} unexpected trailing bytes after offset {want}", len - want),
+                format!(
+                    "{} unexpected trailing bytes after offset {want}",
+                    len - want
+                ),
             ));
         }
         Ok(Shard {
@@ -500,7 +527,11 @@ impl Shard {
                 .chunks_exact(2)
                 .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
                 .collect(),
-            Dtype::U32 => self.token_bytes().chunks_exact(4).map(|c| u32_at(c, 0)).collect(),
+            Dtype::U32 => self
+                .token_bytes()
+                .chunks_exact(4)
+                .map(|c| u32_at(c, 0))
+                .collect(),
         }
     }
 
@@ -527,7 +558,12 @@ impl Shard {
                 format!("non-zero padding byte at offset {}", tok_end + p),
             ));
         }
-        check_doc_starts(&self.path, &self.doc_starts(), self.header.n_tokens, table as u64)?;
+        check_doc_starts(
+            &self.path,
+            &self.doc_starts(),
+            self.header.n_tokens,
+            table as u64,
+        )?;
         let v = self.header.vocab_size;
         let isz = self.header.dtype.itemsize();
         let bad = match self.header.dtype {
@@ -535,7 +571,10 @@ impl Shard {
                 .token_bytes()
                 .chunks_exact(2)
                 .position(|c| u16::from_le_bytes([c[0], c[1]]) as u32 >= v),
-            Dtype::U32 => self.token_bytes().chunks_exact(4).position(|c| u32_at(c, 0) >= v),
+            Dtype::U32 => self
+                .token_bytes()
+                .chunks_exact(4)
+                .position(|c| u32_at(c, 0) >= v),
         };
         if let Some(i) = bad {
             let at = HEADER_LEN + i * isz;

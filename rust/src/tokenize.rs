@@ -7,27 +7,171 @@
 //!   tokenizer's own special tokens (`add_special_tokens = false`), and packs them as `ids + [EOS]`
 //!   (see `pack.rs`). Ids equal Python `tokenizers`' `encode(text, add_special_tokens=False).ids`.
 //! - EOS/BOS are found among the tokenizer's special added tokens by their usual names.
+//!
+//! Fast path (`FastByteLevel`): for the common GPT-2-style tokenizer (no normalizer, a `ByteLevel`
+//! pre-tokenizer with its regex, a BPE model without dropout) the crate spends most of its time in the
+//! split regex, whose `\s+(?!\S)` lookahead forces fancy-regex's backtracking engine. We run the same
+//! pattern without that alternative on the `regex` crate (a DFA, same Unicode tables) and apply the
+//! lookahead by hand: a whitespace run followed by a non-space character gives back its last character
+//! (exactly what `\s+(?!\S)|\s+` does under leftmost-first alternation). Each piece is mapped to the
+//! byte-level alphabet and tokenized by the tokenizer's own BPE model, with a per-task cache of pieces.
+//! A document that contains an added token's text takes the crate's normal path (added tokens are split
+//! out before pre-tokenization). Tests compare every id with Python `tokenizers`.
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::ModelWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
-    TokenizerBuilder,
+    AddedToken, DecoderWrapper, Model, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
 };
 
 use crate::error::{Error, Result};
 use crate::pack;
 
 /// Special-token names tried (in order) for the end of a document and for the start.
-pub const EOS_NAMES: &[&str] = &["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]"];
-pub const BOS_NAMES: &[&str] = &["<s>", "<|startoftext|>", "<bos>", "<|begin_of_text|>", "[CLS]"];
+pub const EOS_NAMES: &[&str] = &[
+    "<|endoftext|>",
+    "</s>",
+    "<eos>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "[SEP]",
+];
+pub const BOS_NAMES: &[&str] = &[
+    "<s>",
+    "<|startoftext|>",
+    "<bos>",
+    "<|begin_of_text|>",
+    "[CLS]",
+];
 /// The special token of a tokenizer trained by smdm.
 pub const TRAINED_EOS: &str = "<|endoftext|>";
 
+/// GPT-2's byte -> printable character table (the byte-level alphabet).
+fn bytes_to_chars() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable =
+            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).unwrap_or('\0')
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap_or('\0')
+        };
+    }
+    table
+}
+
+/// Byte-level BPE encoding without fancy-regex (see the module docs).
+pub struct FastByteLevel {
+    re: regex::Regex,
+    add_prefix_space: bool,
+    added: Vec<String>,
+    chars: [char; 256],
+}
+
+/// The byte-level split pattern minus its `\s+(?!\S)` alternative.
+const SPLIT_NO_LOOKAHEAD: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+";
+
+impl FastByteLevel {
+    /// Some(fast path) when the tokenizer is plain byte-level BPE, else None.
+    pub fn for_tokenizer(tk: &Tokenizer) -> Option<FastByteLevel> {
+        if tk.get_normalizer().is_some() {
+            return None;
+        }
+        let add_prefix_space = match tk.get_pre_tokenizer() {
+            Some(PreTokenizerWrapper::ByteLevel(bl)) if bl.use_regex => bl.add_prefix_space,
+            _ => return None,
+        };
+        match tk.get_model() {
+            ModelWrapper::BPE(bpe) if bpe.dropout.is_none_or(|d| d == 0.0) => {}
+            _ => return None,
+        }
+        let added: Vec<String> = tk
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .collect();
+        if added.len() > 64 || added.iter().any(|a| a.is_empty()) {
+            return None;
+        }
+        Some(FastByteLevel {
+            re: regex::Regex::new(SPLIT_NO_LOOKAHEAD).ok()?,
+            add_prefix_space,
+            added,
+            chars: bytes_to_chars(),
+        })
+    }
+
+    /// Append the ids of `text` to `out`; Ok(false) if the text needs the normal path (added tokens).
+    fn encode_into(
+        &self,
+        model: &ModelWrapper,
+        text: &str,
+        cache: &mut HashMap<String, Vec<u32>>,
+        out: &mut Vec<u32>,
+    ) -> tokenizers::Result<bool> {
+        if self.added.iter().any(|a| text.contains(a.as_str())) {
+            return Ok(false);
+        }
+        let prefixed;
+        let text = if self.add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
+            prefixed = format!(" {text}");
+            prefixed.as_str()
+        } else {
+            text
+        };
+        let mut pos = 0;
+        let mut mapped = String::new();
+        while pos < text.len() {
+            let (start, mut end) = match self.re.find_at(text, pos) {
+                Some(m) => (m.start(), m.end()),
+                None => (text.len(), text.len()),
+            };
+            if start > pos {
+                // Unmatched text (cannot happen with this pattern, which covers every character) would be
+                // its own piece, as in the crate's `Isolated` split.
+                end = start;
+            } else {
+                let piece = &text[start..end];
+                let mut it = piece.chars();
+                let first_ws = it.next().is_some_and(char::is_whitespace);
+                let run = first_ws && it.next().is_none_or(char::is_whitespace);
+                // `\s+(?!\S)`: a run of >= 2 whitespace chars followed by a non-space keeps its last one
+                if run && end < text.len() && piece.chars().nth(1).is_some() {
+                    end = start + piece.char_indices().last().map_or(0, |(i, _)| i);
+                }
+            }
+            let piece = &text[pos..end];
+            pos = end;
+            if let Some(ids) = cache.get(piece) {
+                out.extend_from_slice(ids);
+                continue;
+            }
+            mapped.clear();
+            mapped.extend(piece.bytes().map(|b| self.chars[b as usize]));
+            let ids: Vec<u32> = model.tokenize(&mapped)?.into_iter().map(|t| t.id).collect();
+            out.extend_from_slice(&ids);
+            if cache.len() > 1 << 20 {
+                cache.clear();
+            }
+            cache.insert(piece.to_string(), ids);
+        }
+        Ok(true)
+    }
+}
+
 pub struct Tok {
     pub inner: Tokenizer,
+    /// Some for plain byte-level BPE tokenizers (see the module docs); None uses the crate's `encode`.
+    pub fast: Option<FastByteLevel>,
     pub path: PathBuf,
     /// Number of ids, added tokens included (`get_vocab_size(true)`); the MDM mask id is this value.
     pub vocab_size: u32,
@@ -47,9 +191,9 @@ impl Tok {
         let vocab_size = inner.get_vocab_size(true) as u32;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eos_id = match eos {
-            Some(name) => inner
-                .token_to_id(name)
-                .ok_or_else(|| tok_err(path, format!("EOS token {name:?} is not in the vocabulary")))?,
+            Some(name) => inner.token_to_id(name).ok_or_else(|| {
+                tok_err(path, format!("EOS token {name:?} is not in the vocabulary"))
+            })?,
             None => find(EOS_NAMES).ok_or_else(|| {
                 tok_err(
                     path,
@@ -59,19 +203,17 @@ impl Tok {
         };
         let bos_id = find(BOS_NAMES).filter(|&b| b != eos_id);
         // Added tokens can have ids past the model's vocabulary; everything must stay below the mask id.
-        let max_id = inner
-            .get_vocab(true)
-            .values()
-            .copied()
-            .max()
-            .unwrap_or(0);
+        let max_id = inner.get_vocab(true).values().copied().max().unwrap_or(0);
         if max_id >= vocab_size {
             return Err(tok_err(
                 path,
-                format!("token id {max_id} >= vocabulary size {vocab_size} (holes in the id space)"),
+                format!(
+                    "token id {max_id} >= vocabulary size {vocab_size} (holes in the id space)"
+                ),
             ));
         }
         Ok(Tok {
+            fast: FastByteLevel::for_tokenizer(&inner),
             inner,
             path: path.to_path_buf(),
             vocab_size,
@@ -111,9 +253,15 @@ impl Tok {
             DecoderWrapper,
         >::default()
         .with_model(BPE::default())
-        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))))
-        .with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::new(false, true, true))))
-        .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(false, true, true))))
+        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+            false, true, true,
+        ))))
+        .with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::new(
+            false, true, true,
+        ))))
+        .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
+            false, true, true,
+        ))))
         .build()
         .map_err(|e| tok_err(here, e))?;
         tk.train(&mut trainer, texts.iter().copied())
@@ -125,11 +273,39 @@ impl Tok {
 
     /// The tokenizer.json text.
     pub fn to_json(&self) -> Result<String> {
-        self.inner.to_string(false).map_err(|e| tok_err(&self.path, e))
+        self.inner
+            .to_string(false)
+            .map_err(|e| tok_err(&self.path, e))
     }
 
     /// Ids of each document (no special tokens added), in parallel.
     pub fn encode_docs(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let fast = self
+            .fast
+            .as_ref()
+            .filter(|_| std::env::var_os("SMDM_REFERENCE").is_none_or(|v| v == "0"));
+        texts
+            .par_iter()
+            .map_init(HashMap::new, |cache, t| {
+                let err = |e: tokenizers::Error| tok_err(&self.path, format!("encode failed: {e}"));
+                if let Some(f) = fast {
+                    let mut ids = Vec::with_capacity(t.len() / 3);
+                    if f.encode_into(self.inner.get_model(), t, cache, &mut ids)
+                        .map_err(err)?
+                    {
+                        return Ok(ids);
+                    }
+                }
+                self.inner
+                    .encode_fast(*t, false)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(err)
+            })
+            .collect()
+    }
+
+    /// The crate's own encoding (the reference for the fast path).
+    pub fn encode_docs_reference(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         texts
             .par_iter()
             .map(|t| {
@@ -142,7 +318,10 @@ impl Tok {
     }
 
     /// Encode and pack: stream = doc0 + [EOS] + doc1 + [EOS] + ..., and the document starts.
-    pub fn encode_pack<T: pack::Item + Default>(&self, texts: &[&str]) -> Result<(Vec<T>, Vec<u64>)> {
+    pub fn encode_pack<T: pack::Item + Default>(
+        &self,
+        texts: &[&str],
+    ) -> Result<(Vec<T>, Vec<u64>)> {
         let docs = self.encode_docs(texts)?;
         let lengths: Vec<u64> = docs.iter().map(|d| d.len() as u64).collect();
         let (starts, n) = pack::doc_starts(&lengths, lengths.iter().sum::<u64>() as usize)?;
@@ -170,7 +349,10 @@ impl Tok {
             })
             .reduce(|| false, |a, b| a || b);
         if bad {
-            return Err(tok_err(&self.path, format!("the tokenizer produced an id >= vocab_size {vocab}")));
+            return Err(tok_err(
+                &self.path,
+                format!("the tokenizer produced an id >= vocab_size {vocab}"),
+            ));
         }
         Ok((out, starts))
     }
@@ -192,7 +374,10 @@ mod tests {
         let (stream, starts) = tok.encode_pack::<u16>(&refs[..3]).unwrap();
         assert_eq!(starts.len(), 3);
         assert_eq!(stream[starts[1] as usize - 1], 0);
-        let dec = tok.inner.decode(&[stream[0] as u32, stream[1] as u32], false).unwrap();
+        let dec = tok
+            .inner
+            .decode(&[stream[0] as u32, stream[1] as u32], false)
+            .unwrap();
         assert!(texts[0].starts_with(&dec), "{dec:?}");
         // the JSON reloads to the same ids
         let dir = tempfile::tempdir().unwrap();
@@ -200,6 +385,38 @@ mod tests {
         std::fs::write(&p, tok.to_json().unwrap()).unwrap();
         let again = Tok::from_file(&p, None).unwrap();
         assert_eq!(again.encode_pack::<u16>(&refs[..3]).unwrap().0, stream);
+    }
+
+    #[test]
+    fn fast_path_matches_the_crate() {
+        let texts: Vec<String> = (0..300)
+            .map(|i| format!("def f{i}(x):\n    return x * {i} + 1  \n\n\t# naïve café {i}\r\n"))
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+        let tok = Tok::train_bpe(&refs, 400).unwrap();
+        assert!(tok.fast.is_some());
+        let tricky = [
+            "",
+            " ",
+            "  ",
+            "a  b",
+            "a \n b",
+            "x\n\n\ny",
+            " \u{3000}z",
+            "it's 'll ' s",
+            "1 2  3",
+            "tab\t\tend  ",
+            "<|endoftext|> inside",
+            "émoji 🙂🙂 ok",
+            "\u{a0}\u{a0}x",
+            "Ǆ ǅ ǆ ʰ",
+        ];
+        let mut all: Vec<&str> = refs.clone();
+        all.extend_from_slice(&tricky);
+        assert_eq!(
+            tok.encode_docs(&all).unwrap(),
+            tok.encode_docs_reference(&all).unwrap()
+        );
     }
 
     #[test]

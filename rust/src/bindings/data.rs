@@ -27,7 +27,10 @@ fn header_dict<'py>(py: Python<'py>, h: &Header) -> PyResult<Bound<'py, PyDict>>
     Ok(d)
 }
 
-fn contiguous<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str) -> PyResult<&'a [T]> {
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray1<'_, T>,
+    what: &str,
+) -> PyResult<&'a [T]> {
     a.as_slice()
         .map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous 1-D array")))
 }
@@ -89,20 +92,22 @@ fn shard_info<'py>(py: Python<'py>, path: PathBuf, verify: bool) -> PyResult<Bou
     Ok(d)
 }
 
+/// (header dict, tokens, document starts) as handed to Python.
+type ShardArrays<'py> = (Bound<'py, PyDict>, Py<PyAny>, Bound<'py, PyArray1<u64>>);
+
 /// Read a whole shard (verified): (header dict, tokens in the file's dtype, document starts uint64).
 #[pyfunction]
 #[pyo3(signature = (path, verify=true))]
-fn shard_read<'py>(
-    py: Python<'py>,
-    path: PathBuf,
-    verify: bool,
-) -> PyResult<(Bound<'py, PyDict>, Py<PyAny>, Bound<'py, PyArray1<u64>>)> {
-    let (header, toks, starts) = py.detach(|| -> Result<_, Error> {
+fn shard_read<'py>(py: Python<'py>, path: PathBuf, verify: bool) -> PyResult<ShardArrays<'py>> {
+    let (header, toks, starts, crc) = py.detach(|| -> Result<_, Error> {
         let s = Shard::open(&path)?;
-        if verify {
+        let crc = if verify {
             s.verify()?;
-        }
-        Ok((s.header, s.tokens_u32(), s.doc_starts()))
+            Some(s.file_crc())
+        } else {
+            None
+        };
+        Ok((s.header, s.tokens_u32(), s.doc_starts(), crc))
     })?;
     let arr = match header.dtype {
         Dtype::U16 => {
@@ -111,12 +116,18 @@ fn shard_read<'py>(
         }
         Dtype::U32 => PyArray1::from_vec(py, toks).into_py_any(py)?,
     };
-    Ok((header_dict(py, &header)?, arr, PyArray1::from_vec(py, starts)))
+    let d = header_dict(py, &header)?;
+    d.set_item("file_bytes", header.file_len().unwrap_or(0))?;
+    if let Some(c) = crc {
+        d.set_item("file_crc32", c)?;
+    }
+    Ok((d, arr, PyArray1::from_vec(py, starts)))
 }
 
 fn lit_dtype(code: u8) -> PyResult<LitDtype> {
-    LitDtype::from_code(code)
-        .ok_or_else(|| PyValueError::new_err(format!("LITPKDS dtype code must be 1..=8, got {code}")))
+    LitDtype::from_code(code).ok_or_else(|| {
+        PyValueError::new_err(format!("LITPKDS dtype code must be 1..=8, got {code}"))
+    })
 }
 
 /// Write one LITPKDS file holding exactly `tokens` (chunk_size = len(tokens)); returns the file's CRC-32.
