@@ -1,0 +1,152 @@
+"""Documents for `smdm prepare`: user files (.txt, .jsonl, .parquet, or directories of them) and the
+built-in corpus (the Python standard library's own `.py` sources on this machine).
+
+Every document comes with a stable *key* (file path relative to its input root, plus the line/row for
+multi-document files); the train/val split is a hash of that key, so it never depends on file order,
+on the number of processes or on which other files are present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+from smdm.errors import SmdmFormatError, SmdmIOError
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Parts of the stdlib tree that are not the standard library's own sources.
+BUILTIN_EXCLUDE = {"site-packages", "dist-packages", "__pycache__"}
+
+
+class Doc(NamedTuple):
+    key: str  # stable identity, e.g. "json/decoder.py" or "data.jsonl:17"
+    text: str
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """'val' for a stable ~val_fraction of keys (blake2b of the key), else 'train'."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return "val" if h / 2.0**64 < val_fraction else "train"
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def builtin_files() -> list[tuple[Path, str]]:
+    """(path, key) of the stdlib's `.py` files (tests included, installed packages excluded), sorted."""
+    root = stdlib_root()
+    out = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root)
+        if BUILTIN_EXCLUDE & set(rel.parts[:-1]) or not p.is_file():
+            continue
+        out.append((p, rel.as_posix()))
+    out.sort(key=lambda x: x[1])
+    return out
+
+
+def builtin_docs() -> Iterator[Doc]:
+    """The built-in corpus: one document per stdlib `.py` file (files that are not UTF-8 are skipped:
+    CPython's test suite holds a few deliberately mis-encoded ones)."""
+    for p, key in builtin_files():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        yield Doc(key, text)
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[tuple[Path, str]]:
+    """(path, key prefix) of every input file; directories contribute their .txt/.jsonl/.parquet files."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+            if not files:
+                raise SmdmFormatError(f"{p}: directory has no {'/'.join(SUFFIXES)} files")
+            out += [(f, f.relative_to(p).as_posix()) for f in files]
+        elif p.is_file():
+            if p.suffix not in SUFFIXES:
+                raise SmdmFormatError(
+                    f"{p}: unsupported input type {p.suffix!r} (expected {', '.join(SUFFIXES)})"
+                )
+            out.append((p, p.name))
+        elif not p.exists():
+            raise SmdmIOError(f"{p}: no such file or directory")
+        else:
+            raise SmdmIOError(f"{p}: not a regular file")
+    return out
+
+
+def _decode(path: Path, raw: bytes, base: int = 0) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SmdmFormatError(f"{path}: not UTF-8 at byte offset {base + e.start}") from e
+
+
+def file_docs(path: Path, key: str) -> Iterator[Doc]:
+    """Documents of one input file: a .txt is one document; a .jsonl has one per line (field `text`);
+    a .parquet one per row of its `text` column (needs pyarrow)."""
+    if path.suffix == ".parquet":
+        yield from _parquet_docs(path, key)
+        return
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SmdmIOError(f"{path}: {e.strerror or e}") from e
+    if path.suffix == ".txt":
+        yield Doc(key, _decode(path, raw))
+        return
+    offset = 0
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        start, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(_decode(path, line, start))
+        except json.JSONDecodeError as e:
+            raise SmdmFormatError(f"{path}:{lineno}: not valid JSON (byte offset {start}): {e.msg}") from e
+        if not isinstance(obj, dict) or "text" not in obj:
+            raise SmdmFormatError(f"{path}:{lineno}: no 'text' field (byte offset {start})")
+        if not isinstance(obj["text"], str):
+            raise SmdmFormatError(f"{path}:{lineno}: field 'text' is not a string (byte offset {start})")
+        yield Doc(f"{key}:{lineno}", obj["text"])
+
+
+def _parquet_docs(path: Path, key: str) -> Iterator[Doc]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise SmdmFormatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
+    try:
+        table = pq.read_table(path, columns=["text"])
+    except KeyError as e:
+        raise SmdmFormatError(f"{path}: no 'text' column") from e
+    except OSError as e:
+        raise SmdmIOError(f"{path}: {e}") from e
+    for row, text in enumerate(table.column("text").to_pylist()):
+        if not isinstance(text, str):
+            raise SmdmFormatError(f"{path}: row {row}: 'text' is not a string")
+        yield Doc(f"{key}:{row}", text)
+
+
+def input_docs(inputs: Sequence[str]) -> Iterator[Doc]:
+    """All documents of the inputs, in order; with no inputs, the built-in corpus."""
+    if not inputs:
+        yield from builtin_docs()
+        return
+    for path, key in expand_inputs(inputs):
+        yield from file_docs(path, key)
+
+
+def input_bytes(inputs: Sequence[str]) -> int:
+    """Total size of the inputs (for the progress bar)."""
+    files = [p for p, _ in builtin_files()] if not inputs else [p for p, _ in expand_inputs(inputs)]
+    return sum(os.path.getsize(p) for p in files)

@@ -1,0 +1,838 @@
+"""smdm data: shard files, dataset manifests, packing, and the packed-window reader used for training.
+
+Layout of a prepared directory (`smdm prepare ... --out DIR`, see docs/CONTRACTS.md):
+
+    DIR/tokenizer.json
+    DIR/train/manifest.json  DIR/train/shard_00000.smdm ...     (a *dataset directory*: has manifest.json)
+    DIR/val/manifest.json    DIR/val/shard_00000.smdm ...
+
+Two shard formats:
+- smdm shard v1 (`rust/src/shard.rs` has the byte layout): 64-byte header (magic `SMDMSHRD`, version, dtype,
+  token/document counts, vocab size, EOS/BOS ids, payload CRC-32, header CRC-32), the token stream
+  (uint16 when vocab_size < 65536, else uint32) padded to 8 bytes, then the uint64 document starts.
+- lit-gpt / TinyLlama `LITPKDS` (what SMDM's data uses): 24-byte header then raw tokens; documents are
+  delimited by EOS only.
+`write_shard_numpy` / `read_shard_numpy` / `write_litpkds_numpy` / `read_litpkds_numpy` are the plain
+numpy references that define the formats; `write_shard` / `read_shard` / ... use the Rust core
+(`smdm._core`) unless SMDM_REFERENCE=1. Tests check both produce identical bytes.
+
+Packing = documents' token ids -> one stream with an EOS after each document + each document's start
+offset (`pack_documents`). Windows need no copy: the reader slices the memory-mapped stream.
+
+Reader (`PackedDataset`): per shard, non-overlapping windows of `seq_len` (+1 for the ARM) tokens at stride
+`seq_len`; a window id is its index in the concatenation of all shards' windows. Each epoch serves the
+windows in a pseudo-random order that is a pure function of (seed, epoch): a Feistel-network bijection
+on [0, n_windows) (cycle-walking), so position -> window is O(1) with no permutation table, and resuming
+at any (epoch, batch) is O(1). Rank r takes positions [r * S, (r + 1) * S) of the order (S = batches per
+rank * batch size, remainder dropped); DataLoader worker w takes the rank's batches w, w + W, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+
+from smdm import rng
+from smdm.errors import SmdmFormatError, SmdmIOError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SHARD_MAGIC = b"SMDMSHRD"
+SHARD_VERSION = 1
+SHARD_HEADER_LEN = 64
+NO_BOS = 0xFFFFFFFF
+LITPKDS_MAGIC = b"LITPKDS"
+LITPKDS_VERSION = 1
+LITPKDS_HEADER_LEN = 24
+# lit-gpt's dtype codes
+LITPKDS_DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float32,
+    7: np.float64,
+    8: np.uint16,
+}
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+# 4th key word of the shuffle's round keys (distinct from the masking streams in smdm.rng.Stream)
+SHUFFLE_STREAM = 0x5348_5546
+
+
+def use_reference() -> bool:
+    """SMDM_REFERENCE=1 forces the numpy reference implementations instead of the Rust core."""
+    return os.environ.get("SMDM_REFERENCE", "") not in ("", "0")
+
+
+def _core():
+    from smdm import _core
+
+    return _core
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id and the mask id (= vocab_size) fit, else uint32."""
+    return np.dtype("<u2") if vocab_size < 65536 else np.dtype("<u4")
+
+
+def litpkds_dtype_code(vocab_size: int) -> int:
+    """lit-gpt's `dtype="auto"`: uint16 (code 8) below 65500 ids, else int32 (code 4)."""
+    return 8 if vocab_size < 65500 else 4
+
+
+def file_crc32(path: PathLike) -> int:
+    """CRC-32 (zlib) of a whole file, read in 16 MiB blocks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_atomic(path: PathLike, data: bytes) -> None:
+    """Write to a temporary name in the same directory, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SmdmIOError(f"{path}: {e.strerror or e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# smdm shard v1: numpy reference
+# ---------------------------------------------------------------------------------------------------------
+def _bad_token_msg(token: int, index: int, byte_offset: int, vocab_size: int) -> str:
+    if token == vocab_size:
+        return (
+            f"token id {token} at token {index} (byte offset {byte_offset}) equals the mask id "
+            f"(vocab_size {vocab_size})"
+        )
+    return f"token id {token} at token {index} (byte offset {byte_offset}) >= vocab_size {vocab_size}"
+
+
+def encode_shard_numpy(
+    tokens: np.ndarray, doc_starts: np.ndarray, vocab_size: int, eos_id: int, bos_id: Optional[int] = None
+) -> bytes:
+    """The bytes of an smdm shard v1 (reference implementation; see the module docstring)."""
+    tokens = np.asarray(tokens)
+    starts = np.asarray(doc_starts, dtype="<u8")
+    if not 0 < vocab_size < 2**32 or not 0 <= eos_id < vocab_size:
+        raise ValueError(f"need 0 <= eos_id {eos_id} < vocab_size {vocab_size} < 2**32")
+    if bos_id is not None and not 0 <= bos_id < vocab_size:
+        raise ValueError(f"bos_id {bos_id} >= vocab_size {vocab_size}")
+    dt = shard_dtype(vocab_size)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        i = int(np.flatnonzero((tokens < 0) | (tokens >= vocab_size))[0])
+        raise ValueError(_bad_token_msg(int(tokens[i]), i, SHARD_HEADER_LEN + i * dt.itemsize, vocab_size))
+    n = tokens.size
+    _check_starts_numpy("<tokens>", starts, n, 0, ValueError)
+    tok = tokens.astype(dt).tobytes()
+    tok += b"\0" * (-len(tok) % 8)
+    payload = tok + starts.tobytes()
+    head = (
+        SHARD_MAGIC
+        + np.array([SHARD_VERSION, dt.itemsize], "<u4").tobytes()
+        + np.array([n, starts.size], "<u8").tobytes()
+        + np.array(
+            [vocab_size, eos_id, NO_BOS if bos_id is None else bos_id, zlib.crc32(payload)], "<u4"
+        ).tobytes()
+        + b"\0" * 12
+    )
+    head += np.array([zlib.crc32(head)], "<u4").tobytes()
+    return head + payload
+
+
+def write_shard_numpy(path: PathLike, tokens, doc_starts, vocab_size: int, eos_id: int, bos_id=None) -> dict:
+    data = encode_shard_numpy(tokens, doc_starts, vocab_size, eos_id, bos_id)
+    write_atomic(path, data)
+    info = _decode_header_numpy(Path(path), data[:SHARD_HEADER_LEN])
+    info.update(file_crc32=zlib.crc32(data), file_bytes=len(data))
+    return info
+
+
+def _check_starts_numpy(where, starts: np.ndarray, n_tokens: int, table_offset: int, exc=SmdmFormatError):
+    if (n_tokens == 0) != (starts.size == 0):
+        raise exc(
+            f"{where}: {starts.size} documents for {n_tokens} tokens (offset table at byte {table_offset})"
+        )
+    if starts.size:
+        ok = np.ones(starts.size, bool)
+        ok[0] = starts[0] == 0
+        ok[1:] = starts[1:] > starts[:-1]
+        ok &= starts < n_tokens
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise exc(
+                f"{where}: bad document start {int(starts[i])} for document {i} at byte offset "
+                f"{table_offset + 8 * i} (starts must increase strictly from 0 and be < n_tokens {n_tokens})"
+            )
+
+
+def _decode_header_numpy(path: Path, b: bytes) -> dict:
+    if len(b) < SHARD_HEADER_LEN:
+        raise SmdmFormatError(
+            f"{path}: truncated: {len(b)} bytes, shorter than the 64-byte smdm shard header"
+        )
+    if b[:8] != SHARD_MAGIC:
+        raise SmdmFormatError(
+            f"{path}: bad magic at offset 0: {b[:8]!r}, expected b'SMDMSHRD' (not an smdm shard)"
+        )
+    u32 = np.frombuffer(b, "<u4")
+    u64 = np.frombuffer(b[16:32], "<u8")
+    if int(u32[2]) != SHARD_VERSION:
+        raise SmdmFormatError(f"{path}: unsupported shard version {int(u32[2])} at offset 8")
+    if int(u32[15]) != zlib.crc32(b[:60]):
+        raise SmdmFormatError(f"{path}: header checksum mismatch at offset 60")
+    itemsize = int(u32[3])
+    if itemsize not in (2, 4):
+        raise SmdmFormatError(f"{path}: bad dtype {itemsize} at offset 12 (expected itemsize 2 or 4)")
+    if any(b[48:60]):
+        raise SmdmFormatError(f"{path}: reserved header bytes 48..60 are not zero")
+    vocab, eos, bos = int(u32[8]), int(u32[9]), int(u32[10])
+    if vocab == 0 or shard_dtype(vocab).itemsize != itemsize:
+        raise SmdmFormatError(
+            f"{path}: dtype itemsize {itemsize} (offset 12) does not match vocab_size {vocab}"
+        )
+    if eos >= vocab or (bos != NO_BOS and bos >= vocab):
+        raise SmdmFormatError(f"{path}: eos_id {eos} / bos_id {bos} (offsets 36, 40) >= vocab_size {vocab}")
+    return dict(
+        version=SHARD_VERSION,
+        dtype=shard_dtype(vocab).name,
+        num_tokens=int(u64[0]),
+        num_docs=int(u64[1]),
+        vocab_size=vocab,
+        eos_id=eos,
+        bos_id=None if bos == NO_BOS else bos,
+        payload_crc32=int(u32[11]),
+    )
+
+
+def read_shard_numpy(path: PathLike, verify: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(header dict, tokens, document starts) of an smdm shard; reference reader with the same checks."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SmdmIOError(f"{path}: {e.strerror or e}") from e
+    h = _decode_header_numpy(path, data[:SHARD_HEADER_LEN])
+    dt = shard_dtype(h["vocab_size"])
+    n, d = h["num_tokens"], h["num_docs"]
+    tok_len = (n * dt.itemsize + 7) // 8 * 8
+    want = SHARD_HEADER_LEN + tok_len + 8 * d
+    if len(data) < want:
+        raise SmdmFormatError(f"{path}: truncated: {len(data)} bytes, the header implies {want}")
+    if len(data) > want:
+        raise SmdmFormatError(f"{path}: {len(data) - want} unexpected trailing bytes after offset {want}")
+    tokens = np.frombuffer(data, dt, n, SHARD_HEADER_LEN)
+    table = SHARD_HEADER_LEN + tok_len
+    starts = np.frombuffer(data, "<u8", d, table)
+    h["file_bytes"] = len(data)
+    if verify:
+        if zlib.crc32(data[SHARD_HEADER_LEN:]) != h["payload_crc32"]:
+            raise SmdmFormatError(
+                f"{path}: payload checksum mismatch (bytes 64..{len(data)}); the file is corrupt"
+            )
+        if any(data[SHARD_HEADER_LEN + n * dt.itemsize : table]):
+            raise SmdmFormatError(f"{path}: non-zero padding before offset {table}")
+        _check_starts_numpy(path, starts, n, table)
+        bad = np.flatnonzero(tokens >= h["vocab_size"])
+        if bad.size:
+            i = int(bad[0])
+            raise SmdmFormatError(
+                f"{path}: "
+                + _bad_token_msg(int(tokens[i]), i, SHARD_HEADER_LEN + i * dt.itemsize, h["vocab_size"])
+            )
+        h["file_crc32"] = zlib.crc32(data)
+    return h, tokens.copy(), starts.copy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LITPKDS: numpy reference
+# ---------------------------------------------------------------------------------------------------------
+def encode_litpkds_numpy(tokens, dtype_code: int) -> bytes:
+    """Bytes of a LITPKDS file holding exactly `tokens` (lit-gpt `PackedDatasetBuilder._write_chunk`)."""
+    if dtype_code not in LITPKDS_DTYPES:
+        raise ValueError(f"LITPKDS dtype code must be 1..8, got {dtype_code}")
+    arr = np.asarray(tokens)
+    dt = np.dtype(LITPKDS_DTYPES[dtype_code]).newbyteorder("<")
+    if arr.size and dt.kind in "iu" and (arr.min() < 0 or arr.max() > np.iinfo(dt).max):
+        raise ValueError(f"token ids do not fit LITPKDS dtype code {dtype_code}")
+    head = LITPKDS_MAGIC + np.array([LITPKDS_VERSION], "<u8").tobytes() + bytes([dtype_code])
+    head += np.array([arr.size], "<u8").tobytes()
+    return head + arr.astype(dt).tobytes(order="C")
+
+
+def write_litpkds_numpy(path: PathLike, tokens, dtype_code: int) -> int:
+    data = encode_litpkds_numpy(tokens, dtype_code)
+    write_atomic(path, data)
+    return zlib.crc32(data)
+
+
+def read_litpkds_numpy(path: PathLike) -> tuple[int, int, np.ndarray]:
+    """(dtype code, chunk_size, items) of a LITPKDS file, with the header and length checked."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SmdmIOError(f"{path}: {e.strerror or e}") from e
+    if len(data) < LITPKDS_HEADER_LEN:
+        raise SmdmFormatError(
+            f"{path}: truncated: {len(data)} bytes, shorter than the 24-byte LITPKDS header"
+        )
+    if data[:7] != LITPKDS_MAGIC:
+        raise SmdmFormatError(f"{path}: bad magic at offset 0: {data[:7]!r}, expected b'LITPKDS'")
+    version = int(np.frombuffer(data, "<u8", 1, 7)[0])
+    if version != LITPKDS_VERSION:
+        raise SmdmFormatError(f"{path}: unsupported LITPKDS version {version} at offset 7 (expected 1)")
+    code = data[15]
+    if code not in LITPKDS_DTYPES:
+        raise SmdmFormatError(f"{path}: bad dtype code {code} at offset 15 (expected 1..8)")
+    chunk = int(np.frombuffer(data, "<u8", 1, 16)[0])
+    dt = np.dtype(LITPKDS_DTYPES[code]).newbyteorder("<")
+    want = LITPKDS_HEADER_LEN + chunk * dt.itemsize
+    if len(data) != want:
+        what = "truncated" if len(data) < want else "trailing bytes"
+        raise SmdmFormatError(
+            f"{path}: {what}: {len(data)} bytes, but chunk_size {chunk} (offset 16) implies {want}"
+        )
+    return code, chunk, np.frombuffer(data, dt, chunk, LITPKDS_HEADER_LEN).copy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast paths (Rust) with the reference as fallback
+# ---------------------------------------------------------------------------------------------------------
+def write_shard(path: PathLike, tokens, doc_starts, *, vocab_size: int, eos_id: int, bos_id=None) -> dict:
+    """Write an smdm shard atomically. Returns the header dict + `file_crc32`, `file_bytes`."""
+    tokens = np.asarray(tokens)
+    starts = np.ascontiguousarray(doc_starts, dtype=np.uint64)
+    if use_reference():
+        return write_shard_numpy(path, tokens, starts, vocab_size, eos_id, bos_id)
+    if tokens.dtype not in (np.uint16, np.uint32):
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**32):
+            raise ValueError("token ids must be in [0, 2**32)")
+        tokens = tokens.astype(np.uint32)
+    return _core().shard_write(
+        os.fspath(path), np.ascontiguousarray(tokens), starts, vocab_size, eos_id, bos_id
+    )
+
+
+def read_shard(path: PathLike, verify: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(header dict, tokens in the file dtype, uint64 document starts); `verify` checks CRC and ids."""
+    if use_reference():
+        return read_shard_numpy(path, verify)
+    return _core().shard_read(os.fspath(path), verify)
+
+
+def shard_info(path: PathLike, verify: bool = True) -> dict:
+    """Header of a shard (checked); with `verify`, payload checked too and `file_crc32` added."""
+    if use_reference():
+        return read_shard_numpy(path, verify)[0]
+    return _core().shard_info(os.fspath(path), verify)
+
+
+def write_litpkds(path: PathLike, tokens, dtype_code: int) -> int:
+    """Write one LITPKDS file holding exactly `tokens`; returns the file's CRC-32."""
+    tokens = np.asarray(tokens)
+    if use_reference() or dtype_code in (6, 7):
+        return write_litpkds_numpy(path, tokens, dtype_code)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**32):
+        raise ValueError("token ids must be in [0, 2**32)")
+    return _core().litpkds_write(os.fspath(path), np.ascontiguousarray(tokens, dtype=np.uint32), dtype_code)
+
+
+def read_litpkds(path: PathLike) -> tuple[int, int, np.ndarray]:
+    """(dtype code, chunk_size, items in the file's dtype)."""
+    if use_reference():
+        return read_litpkds_numpy(path)
+    return _core().litpkds_read(os.fspath(path))
+
+
+def pack_documents_numpy(tokens: np.ndarray, lengths: np.ndarray, eos_id: int, vocab_size: int):
+    """Reference packing: (stream = each document + [eos], in the shard dtype; uint64 document starts)."""
+    tokens = np.asarray(tokens)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if int(lengths.sum()) != tokens.size:
+        raise ValueError(f"document lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
+    if not 0 <= eos_id < vocab_size:
+        raise ValueError(f"eos_id {eos_id} >= vocab_size {vocab_size}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        i = int(np.flatnonzero((tokens < 0) | (tokens >= vocab_size))[0])
+        raise ValueError(f"token id {int(tokens[i])} at input position {i} >= vocab_size {vocab_size}")
+    starts = np.zeros(lengths.size, np.uint64)
+    np.cumsum(lengths[:-1] + 1, out=starts[1:])
+    stream = np.empty(tokens.size + lengths.size, shard_dtype(vocab_size))
+    is_doc = np.ones(stream.size, bool)
+    is_doc[(starts + lengths.astype(np.uint64)).astype(np.int64)] = False
+    stream[is_doc] = tokens
+    stream[~is_doc] = eos_id
+    return stream, starts
+
+
+def pack_documents(docs, eos_id: int, vocab_size: int, lengths=None):
+    """Pack documents into one stream with an EOS after each; returns (stream, uint64 starts).
+
+    `docs` is a list of 1-D integer arrays, or (with `lengths`) all documents concatenated. The stream is
+    uint16 when vocab_size < 65536 else uint32; every id must be < vocab_size (the mask id never enters).
+    """
+    if lengths is None:
+        lengths = np.fromiter((len(d) for d in docs), np.uint64, len(docs))
+        flat = (
+            np.concatenate([np.asarray(d, dtype=np.uint32) for d in docs])
+            if len(docs)
+            else np.zeros(0, np.uint32)
+        )
+    else:
+        flat = np.asarray(docs)
+        lengths = np.asarray(lengths, dtype=np.uint64)
+    if use_reference():
+        return pack_documents_numpy(flat, lengths, eos_id, vocab_size)
+    if flat.dtype != np.uint32:
+        if flat.size and (flat.min() < 0 or flat.max() >= 2**32):
+            raise ValueError("token ids must be in [0, 2**32)")
+        flat = flat.astype(np.uint32)
+    return _core().pack_documents(
+        np.ascontiguousarray(flat), np.ascontiguousarray(lengths), eos_id, vocab_size
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Manifests
+# ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShardEntry:
+    path: Path  # absolute path of the shard file
+    num_tokens: int  # tokens in the file (LITPKDS: chunk_size, padding included)
+    num_docs: int  # documents (LITPKDS: EOS tokens)
+    bytes: int  # file size
+    crc32: int  # CRC-32 of the whole file
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    root: Path  # the dataset directory
+    format: str  # "smdm" or "litpkds"
+    vocab_size: int  # token ids are < vocab_size; the MDM mask id is vocab_size
+    eos_id: int
+    bos_id: Optional[int]
+    dtype: str  # numpy dtype name of the stored tokens
+    num_tokens: int
+    num_docs: int
+    shards: tuple  # of ShardEntry, in order
+    tokenizer_path: Optional[Path]  # the tokenizer.json this data was made with (None if not recorded)
+    tokenizer_hash: Optional[str]  # "sha256:<hex>" of the tokenizer.json bytes
+
+
+def sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def write_manifest(dataset_dir: PathLike, info: dict) -> Path:
+    """Write DIR/manifest.json atomically (the last file of a dataset: its presence means 'complete')."""
+    path = Path(dataset_dir) / MANIFEST
+    write_atomic(path, (json.dumps(info, indent=1) + "\n").encode())
+    return path
+
+
+def load_manifest(dataset_dir: PathLike) -> Manifest:
+    """Parse and check DIR/manifest.json (structure and totals; `verify_dataset` checks the files)."""
+    root = Path(dataset_dir)
+    path = root / MANIFEST
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise SmdmIOError(f"{path}: no manifest (not a dataset directory; run `smdm prepare`)") from e
+    except OSError as e:
+        raise SmdmIOError(f"{path}: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SmdmFormatError(f"{path}: not valid JSON: {e}") from e
+
+    def field(obj, key, kind, where=path):
+        if not isinstance(obj, dict) or key not in obj:
+            raise SmdmFormatError(f"{where}: missing field {key!r}")
+        v = obj[key]
+        if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise SmdmFormatError(f"{where}: field {key!r} must be a non-negative integer, got {v!r}")
+        if kind is str and not isinstance(v, str):
+            raise SmdmFormatError(f"{where}: field {key!r} must be a string, got {v!r}")
+        return v
+
+    if field(raw, "version", int) != MANIFEST_VERSION:
+        raise SmdmFormatError(f"{path}: unsupported manifest version {raw['version']}")
+    fmt = field(raw, "format", str)
+    if fmt not in ("smdm", "litpkds"):
+        raise SmdmFormatError(f"{path}: unknown shard format {fmt!r} (expected 'smdm' or 'litpkds')")
+    vocab = field(raw, "vocab_size", int)
+    eos = field(raw, "eos_id", int)
+    bos = raw.get("bos_id")
+    if bos is not None and not isinstance(bos, int):
+        raise SmdmFormatError(f"{path}: field 'bos_id' must be an integer or null")
+    if vocab == 0 or eos >= vocab or (bos is not None and bos >= vocab):
+        raise SmdmFormatError(f"{path}: inconsistent ids: vocab_size {vocab}, eos_id {eos}, bos_id {bos}")
+    shards_raw = field(raw, "shards", list) if isinstance(raw.get("shards"), list) else None
+    if shards_raw is None:
+        raise SmdmFormatError(f"{path}: field 'shards' must be a list")
+    shards = []
+    for i, s in enumerate(shards_raw):
+        where = f"{path} shards[{i}]"
+        name = field(s, "file", str, where)
+        if Path(name).name != name or name in (".", ".."):
+            raise SmdmFormatError(
+                f"{where}: shard file {name!r} must be a plain file name in the dataset dir"
+            )
+        shards.append(
+            ShardEntry(
+                path=root.resolve() / name,
+                num_tokens=field(s, "num_tokens", int, where),
+                num_docs=field(s, "num_docs", int, where),
+                bytes=field(s, "bytes", int, where),
+                crc32=field(s, "crc32", int, where),
+            )
+        )
+    total = sum(s.num_tokens for s in shards)
+    if field(raw, "num_tokens", int) != total:
+        raise SmdmFormatError(f"{path}: num_tokens {raw['num_tokens']} != sum over shards {total}")
+    dtype = field(raw, "dtype", str)
+    tok = raw.get("tokenizer")
+    tok_path = (root / tok).resolve() if isinstance(tok, str) else None
+    return Manifest(
+        root=root.resolve(),
+        format=fmt,
+        vocab_size=vocab,
+        eos_id=eos,
+        bos_id=bos,
+        dtype=dtype,
+        num_tokens=total,
+        num_docs=int(raw.get("num_docs", sum(s.num_docs for s in shards))),
+        shards=tuple(shards),
+        tokenizer_path=tok_path,
+        tokenizer_hash=raw.get("tokenizer_hash"),
+    )
+
+
+def resolve_dataset(path: PathLike, split: str = "train") -> Path:
+    """A dataset directory from a `smdm prepare` output dir (-> its `split`) or a dataset dir itself."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return p
+    if (p / split / MANIFEST).is_file():
+        return p / split
+    if not p.exists():
+        raise SmdmIOError(f"{p}: no such directory")
+    raise SmdmIOError(f"{p}: neither a dataset directory nor a prepared directory with {split}/{MANIFEST}")
+
+
+def _check_header_vs_manifest(m: Manifest, s: ShardEntry, h: dict) -> None:
+    want = dict(vocab_size=m.vocab_size, eos_id=m.eos_id, bos_id=m.bos_id, dtype=m.dtype)
+    want.update(num_tokens=s.num_tokens, num_docs=s.num_docs, file_bytes=s.bytes)
+    for k, v in want.items():
+        if h.get(k) != v:
+            raise SmdmFormatError(
+                f"{s.path}: {k} is {h.get(k)!r} in the file but {v!r} in {m.root / MANIFEST} "
+                "(shards of different settings, or a stale manifest)"
+            )
+
+
+def check_shard(m: Manifest, s: ShardEntry, full: bool = True) -> Optional[np.ndarray]:
+    """Check one shard against itself and the manifest. `full`: CRC and every token id too.
+    Returns the LITPKDS tokens when it had to read them (None for smdm shards)."""
+    if not s.path.is_file():
+        raise SmdmIOError(f"{s.path}: listed in {m.root / MANIFEST} but missing")
+    if m.format == "smdm":
+        h = shard_info(s.path, verify=full)
+        _check_header_vs_manifest(m, s, h)
+        if full and h["file_crc32"] != s.crc32:
+            raise SmdmFormatError(
+                f"{s.path}: file CRC-32 {h['file_crc32']:#010x} != {s.crc32:#010x} in {m.root / MANIFEST}"
+            )
+        return None
+    code, chunk, _ = _litpkds_header(s.path)
+    if np.dtype(LITPKDS_DTYPES[code]).name != m.dtype or chunk != s.num_tokens:
+        raise SmdmFormatError(
+            f"{s.path}: dtype {np.dtype(LITPKDS_DTYPES[code]).name}, chunk_size {chunk} in the file but "
+            f"{m.dtype}, {s.num_tokens} in {m.root / MANIFEST}"
+        )
+    if s.path.stat().st_size != s.bytes:
+        raise SmdmFormatError(f"{s.path}: {s.path.stat().st_size} bytes, manifest says {s.bytes}")
+    if not full:
+        return None
+    crc = file_crc32(s.path)
+    if crc != s.crc32:
+        raise SmdmFormatError(f"{s.path}: file CRC-32 {crc:#010x} != {s.crc32:#010x} in {m.root / MANIFEST}")
+    if use_reference():
+        toks = read_litpkds_numpy(s.path)[2]
+        bad = np.flatnonzero((toks < 0) | (toks >= m.vocab_size))
+        if bad.size:
+            i = int(bad[0])
+            raise SmdmFormatError(
+                f"{s.path}: " + _bad_token_msg(int(toks[i]), i, 24 + i * toks.itemsize, m.vocab_size)
+            )
+        return toks
+    return _core().litpkds_tokens(os.fspath(s.path), m.vocab_size)
+
+
+def _litpkds_header(path: Path) -> tuple[int, int, int]:
+    """(dtype code, chunk_size, itemsize) with the length checked, reading only the header."""
+    with open(path, "rb") as f:
+        head = f.read(LITPKDS_HEADER_LEN)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) < LITPKDS_HEADER_LEN or head[:7] != LITPKDS_MAGIC or head[15] not in LITPKDS_DTYPES:
+        read_litpkds_numpy(path)  # raises the precise error
+    if int(np.frombuffer(head, "<u8", 1, 7)[0]) != LITPKDS_VERSION:
+        raise SmdmFormatError(f"{path}: unsupported LITPKDS version at offset 7")
+    code = head[15]
+    chunk = int(np.frombuffer(head, "<u8", 1, 16)[0])
+    isz = np.dtype(LITPKDS_DTYPES[code]).itemsize
+    if size != LITPKDS_HEADER_LEN + chunk * isz:
+        raise SmdmFormatError(
+            f"{path}: {size} bytes, but chunk_size {chunk} (offset 16) implies "
+            f"{LITPKDS_HEADER_LEN + chunk * isz}"
+        )
+    if np.dtype(LITPKDS_DTYPES[code]).kind == "f":
+        raise SmdmFormatError(
+            f"{path}: dtype code {code} (offset 15) is a float type; token ids must be integers"
+        )
+    return code, chunk, isz
+
+
+def verify_dataset(dataset_dir: PathLike, check_tokenizer: bool = True) -> Manifest:
+    """Check every shard against its header and the manifest (CRC, sizes, ids); raise naming the bad file."""
+    m = load_manifest(dataset_dir)
+    for s in m.shards:
+        check_shard(m, s, full=True)
+    if check_tokenizer and m.tokenizer_path is not None:
+        if not m.tokenizer_path.is_file():
+            raise SmdmIOError(f"{m.tokenizer_path}: tokenizer listed in {m.root / MANIFEST} is missing")
+        if m.tokenizer_hash is not None and sha256_file(m.tokenizer_path) != m.tokenizer_hash:
+            raise SmdmFormatError(
+                f"{m.tokenizer_path}: hash differs from tokenizer_hash in {m.root / MANIFEST}"
+            )
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reader
+# ---------------------------------------------------------------------------------------------------------
+def _feistel_permute(pos: np.ndarray, n: int, seed: int, epoch: int, rounds: int = 4) -> np.ndarray:
+    """A pseudo-random bijection of [0, n), keyed by (seed, epoch), applied to the positions `pos`.
+
+    Balanced Feistel network on 2h bits (4**h >= n) with splitmix64 round functions; values that land
+    outside [0, n) are encrypted again (cycle walking), which keeps it a bijection of [0, n)."""
+    h = max(1, math.ceil(max(n - 1, 1).bit_length() / 2))
+    mask = np.uint64((1 << h) - 1)
+    shift = np.uint64(h)
+    keys = [np.uint64(rng.key(seed, epoch, r, SHUFFLE_STREAM)) for r in range(rounds)]
+    x = np.asarray(pos, dtype=np.uint64).copy()
+    todo = np.ones(x.shape, bool)
+    while todo.any():
+        y = x[todo]
+        left, right = y >> shift, y & mask
+        for k in keys:
+            left, right = right, left ^ (rng.splitmix64(right ^ k) & mask)
+        x[todo] = (left << shift) | right
+        todo = x >= np.uint64(n)
+    return x
+
+
+class _PackedDatasetImpl:
+    """Fixed windows over memory-mapped shards, as batches; see the module docstring and docs/CONTRACTS.md.
+
+    Yields dicts: `input_ids` int64 (B, seq_len + extra_token), `segment_ids` int32 (same shape; 0-based,
+    +1 at each document start inside the window), `index` int64 (B,) window ids, and the batch's
+    position `epoch`, `batch` (ints) so a trainer using DataLoader workers can checkpoint
+    `PackedDataset.state_after(batch)` without asking the workers.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        seq_len: int,
+        batch_size: int,
+        *,
+        extra_token: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        epochs: Optional[int] = None,
+        split: str = "train",
+        verify: bool = True,
+    ):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size {world_size})")
+        self.root = resolve_dataset(path, split)
+        self.manifest = load_manifest(self.root)
+        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
+        self.extra_token = bool(extra_token)
+        self.window = self.seq_len + int(self.extra_token)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.shuffle, self.epochs = bool(shuffle), epochs
+        m = self.manifest
+        # Header/size (and, with `verify`, CRC + id) checks now, so bad data fails before training starts.
+        self._litpkds_tokens = {}
+        for i, s in enumerate(m.shards):
+            toks = check_shard(m, s, full=verify)
+            if toks is not None:
+                self._litpkds_tokens[i] = None  # re-mapped lazily; the checked copy is not kept
+        per_shard = [max(0, (s.num_tokens - int(self.extra_token)) // self.seq_len) for s in m.shards]
+        self._cum = np.concatenate([[0], np.cumsum(per_shard, dtype=np.int64)])
+        self.num_windows = int(self._cum[-1])
+        self._len = self.num_windows // (self.world_size * self.batch_size)
+        if self._len == 0:
+            raise ValueError(
+                f"{self.root}: {self.num_windows} windows of {self.window} tokens cannot fill one batch of "
+                f"{self.batch_size} on each of {self.world_size} ranks ({m.num_tokens} tokens)"
+            )
+        self._epoch, self._batch = 0, 0
+        self._maps: Optional[list] = None
+
+    # -- pickling for DataLoader workers: memory maps are reopened in each process
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_maps"] = None
+        return d
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return self._len
+
+    def state_dict(self) -> dict:
+        """Position of the next batch this object would serve (in-process iteration)."""
+        return {"epoch": self._epoch, "batch": self._batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at (epoch, batch) in O(1); batch == len rolls to the next epoch."""
+        e, b = int(state["epoch"]), int(state["batch"])
+        if e < 0 or b < 0:
+            raise ValueError(f"bad data position {state}")
+        self._epoch, self._batch = divmod(e * self._len + b, self._len)
+
+    def state_after(self, batch: dict) -> dict:
+        """The state that resumes right after a served batch (uses its `epoch`/`batch` fields)."""
+        e, b = divmod(int(batch["epoch"]) * self._len + int(batch["batch"]) + 1, self._len)
+        return {"epoch": e, "batch": b}
+
+    def _open(self) -> list:
+        m = self.manifest
+        maps = []
+        for s in m.shards:
+            if m.format == "smdm":
+                dt = np.dtype(m.dtype).newbyteorder("<")
+                toks = np.memmap(s.path, dt, "r", SHARD_HEADER_LEN, (s.num_tokens,))
+                table = SHARD_HEADER_LEN + (s.num_tokens * dt.itemsize + 7) // 8 * 8
+                starts = (
+                    np.memmap(s.path, "<u8", "r", table, (s.num_docs,)) if s.num_docs else np.zeros(0, "<u8")
+                )
+            else:
+                code = _litpkds_header(s.path)[0]
+                dt = np.dtype(LITPKDS_DTYPES[code]).newbyteorder("<")
+                toks = np.memmap(s.path, dt, "r", LITPKDS_HEADER_LEN, (s.num_tokens,))
+                # LITPKDS has no document table: a document starts after each EOS.
+                ends = np.flatnonzero(toks == m.eos_id) + 1
+                starts = np.concatenate([[0], ends[ends < s.num_tokens]]).astype(np.uint64)
+            maps.append((toks, np.asarray(starts, dtype=np.int64)))
+        return maps
+
+    def window_ids(self, epoch: int, batch: int) -> np.ndarray:
+        """Window ids of batch `batch` of `epoch` on this rank (int64, (B,))."""
+        per_rank = self._len * self.batch_size
+        pos = self.rank * per_rank + batch * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        if not self.shuffle:
+            return pos
+        return _feistel_permute(pos, self.num_windows, self.seed, epoch).astype(np.int64)
+
+    def _get_batch(self, epoch: int, batch: int) -> dict:
+        import torch
+
+        if self._maps is None:
+            self._maps = self._open()
+        ids = self.window_ids(epoch, batch)
+        shard = np.searchsorted(self._cum, ids, side="right") - 1
+        x = np.empty((ids.size, self.window), np.int64)
+        seg = np.empty((ids.size, self.window), np.int32)
+        for j, (w, i) in enumerate(zip(ids, shard)):
+            toks, starts = self._maps[i]
+            a = int(w - self._cum[i]) * self.seq_len
+            x[j] = toks[a : a + self.window]
+            # segment of position p = number of document starts in (a, p]
+            first = np.searchsorted(starts, a, side="right")
+            seg[j] = np.searchsorted(starts, np.arange(a, a + self.window), side="right") - first
+        return {
+            "input_ids": torch.from_numpy(x),
+            "segment_ids": torch.from_numpy(seg),
+            "index": torch.from_numpy(ids),
+            "epoch": int(epoch),
+            "batch": int(batch),
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+        g = self._epoch * self._len + self._batch + wid  # global batch counter over epochs
+        end = None if self.epochs is None else int(self.epochs) * self._len
+        while end is None or g < end:
+            e, b = divmod(g, self._len)
+            out = self._get_batch(e, b)
+            g += workers
+            if info is None:
+                self._epoch, self._batch = divmod(g, self._len)
+            yield out
+
+
+# torch is imported lazily (`smdm prepare` and `smdm data verify` never need it): the public class is
+# built on first access to `smdm.data.PackedDataset`, as a subclass of torch's IterableDataset (so
+# DataLoader treats it as iterable-style) and of `_PackedDatasetImpl` above.
+_PACKED_DATASET = None
+
+
+def __getattr__(name: str) -> Any:
+    global _PACKED_DATASET
+    if name == "PackedDataset":
+        if _PACKED_DATASET is None:
+            import torch.utils.data
+
+            cls = type("PackedDataset", (_PackedDatasetImpl, torch.utils.data.IterableDataset), {})
+            cls.__module__, cls.__qualname__ = __name__, "PackedDataset"
+            cls.__doc__ = _PackedDatasetImpl.__doc__
+            _PACKED_DATASET = cls
+        return _PACKED_DATASET
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def decode_sample(manifest: Manifest, n_tokens: int = 64) -> Optional[str]:
+    """Decode the first tokens of the first shard with the dataset's tokenizer (None if unavailable)."""
+    if not manifest.shards or manifest.tokenizer_path is None or not manifest.tokenizer_path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    s = manifest.shards[0]
+    if manifest.format == "smdm":
+        toks = read_shard(s.path, verify=False)[1][:n_tokens]
+    else:
+        toks = read_litpkds(s.path)[2][:n_tokens]
+    return Tokenizer.from_file(os.fspath(manifest.tokenizer_path)).decode(
+        [int(t) for t in toks], skip_special_tokens=False
+    )
