@@ -128,7 +128,9 @@ pub struct Noisy<T> {
 /// 1 + floor(uniform(key(seed, step, 0, CROP, 1)) * seq_len). Keyed by (seed, step) only, so every rank
 /// crops its part of the global batch to the same length.
 pub fn crop_length(seed: u64, step: u64, seq_len: usize, crop_prob: f64) -> usize {
-    if seq_len == 0 || uniform(key(&[seed, step, 0, stream::CROP, 0])) >= crop_prob {
+    // `u < crop_prob` decides, so a NaN probability never crops (as in the numpy reference).
+    let crop = uniform(key(&[seed, step, 0, stream::CROP, 0])) < crop_prob;
+    if seq_len == 0 || !crop {
         return seq_len;
     }
     let u = uniform(key(&[seed, step, 0, stream::CROP, 1]));
@@ -552,6 +554,42 @@ mod tests {
                 assert_eq!(r.noisy[k], if m { 32000 } else { x[k] });
                 assert_eq!(r.weight[k], if m { w } else { 0.0 });
             }
+        }
+    }
+
+    #[test]
+    fn portable_and_avx2_loops_agree() {
+        let n = 1000;
+        let src: Vec<u32> = (0..n as u32).collect();
+        let run = |avx2: bool| {
+            let (mut y, mut m, mut w) = (vec![0u32; n], vec![false; n], vec![0f32; n]);
+            let thr = mask_threshold(0.37);
+            if avx2 {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 is present.
+                    unsafe { mask_span_avx2(&src, &mut y, &mut m, &mut w, 99, 5, thr, 2.5, 7) };
+                    return Some((y, m, w));
+                }
+                return None;
+            }
+            mask_span(&src, &mut y, &mut m, &mut w, 99, 5, thr, 2.5, 7);
+            Some((y, m, w))
+        };
+        let (y, m, w) = run(false).unwrap();
+        for k in 0..n {
+            let hit = uniform(splitmix64(99 ^ (5 + k as u64))) < 0.37;
+            assert_eq!(
+                (m[k], y[k], w[k]),
+                (
+                    hit,
+                    if hit { 7 } else { k as u32 },
+                    if hit { 2.5 } else { 0.0 }
+                )
+            );
+        }
+        if let Some(v) = run(true) {
+            assert_eq!(v, (y, m, w));
         }
     }
 
