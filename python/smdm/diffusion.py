@@ -211,6 +211,16 @@ def _use_reference() -> bool:
     return os.environ.get("SMDM_KERNELS", "").strip().lower() == "reference"
 
 
+def _rust_core():
+    """The extension module, or a clear error (never a silent switch to the 10x slower reference)."""
+    try:
+        from smdm import _core
+    except ImportError as e:
+        raise ImportError("smdm._core (the Rust extension) is not built: run `pip install -e .` or "
+                          "`maturin develop --release`, or set SMDM_KERNELS=reference") from e
+    return _core
+
+
 def forward_process(tokens, *, seed: int, step: int, sample_offset: int = 0, global_batch: int | None = None,
                     mask_id: int, eps: float = 1e-3, stratified: bool = False, prompt_lens=None,
                     crop_prob: float = 0.01, p_uncond: float = 0.0) -> NoisyBatch:
@@ -248,9 +258,7 @@ def forward_process(tokens, *, seed: int, step: int, sample_offset: int = 0, glo
         out = forward_process_reference(x, **kw)
     else:
         _check_args(x, **kw)  # clearer messages than a failed conversion at the Rust boundary
-        from smdm import _core
-
-        out = _core.forward_process(x, **kw)
+        out = _rust_core().forward_process(x, **kw)
     noisy, mask, t, p, weight, length, uncond = out
     if noisy.dtype != np.int64:  # uint16/uint32 windows: the model takes int64 ids
         noisy = noisy.astype(np.int64)
