@@ -1,0 +1,189 @@
+# smdm bench sampler --config tiny --device cpu --gen-lengths 64 256 --batch-sizes 1 8 --json sampler.json
+"""`smdm bench sampler`: generation throughput of each MDM sampler against the ARM twin with its static KV
+cache, same config, same prompt and generation lengths, random weights, all in one process (DESIGN §8:
+MDM >= 1.4x ARM tokens/s at 1.1B on GPU, the paper's claim).
+
+    smdm bench sampler [--config tiny|demo|1028M] [--device cpu|cuda] [--gen-lengths 256 1024]
+                       [--batch-sizes 1 8] [--steps-div 4] [--json FILE]
+
+Reported per (variant, gen length, batch): generated tokens/s (generated tokens only, never the prompt),
+forward passes (model calls), generated tokens per forward, and the ratio of tokens/s to the ARM twin in the
+same run. MDM variants use steps = gen_length / steps-div. With random weights confidences are flat, so the
+threshold sampler commits about one token per step (its worst case); trained models commit many more.
+The ARM baseline runs with batch_invariant=False (its fastest form); the MDM variants use the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+
+def _variants(gen_length: int, steps_div: int) -> dict:
+    """name -> generate() keyword arguments (None = the ARM twin)."""
+    S = max(1, gen_length // steps_div)
+    block = 32 if gen_length % 32 == 0 and (S % (gen_length // 32) == 0) else None
+    v = {
+        "arm kv-cache (baseline)": None,
+        f"ancestral S={S}": dict(sampler="ancestral", steps=S),
+        f"low_confidence S={S}": dict(sampler="low_confidence", steps=S),
+        f"low_confidence S={S} cfg=1": dict(sampler="low_confidence", steps=S, cfg_scale=1.0),
+    }
+    if block:
+        v[f"blocks {block} S={S}"] = dict(sampler="low_confidence", steps=S, block_length=block)
+        v[f"blocks {block} S={S} prefix-cache"] = dict(sampler="low_confidence", steps=S, block_length=block,
+                                                        cache="prefix")
+        v[f"threshold 0.9 blocks {block}"] = dict(sampler="threshold", threshold=0.9, block_length=block,
+                                                  steps=S)
+    return v
+
+
+def _environment(device) -> dict:
+    import numpy as np
+    import torch
+
+    from smdm import __version__
+
+    env = {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "smdm": __version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "kernels": os.environ.get("SMDM_KERNELS", "auto"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def run(config: str, device: str, gen_lengths, batch_sizes, *, prompt_length: int = 32, steps_div: int = 4,
+        vocab_size: int = 32000, dtype: str = "float32", only=None, repeats: int = 1):
+    """Time every variant once per (gen length, batch) after one warm-up call; returns one record each."""
+    import torch
+
+    from smdm.model import build_model, config_by_name
+    from smdm.sampling import generate
+
+    dev = torch.device(device)
+    max_len = prompt_length + max(gen_lengths)
+    dt = getattr(torch, dtype)
+    models = {causal: build_model(config_by_name(config, vocab_size=vocab_size, causal=causal,
+                                                 max_seq_len=max(max_len, 64)), seed=0).to(dev, dt).eval()
+              for causal in (False, True)}
+    env = _environment(dev)
+    env.update(config=config, dtype=dtype, vocab_size=vocab_size, prompt_length=prompt_length)
+    records = []
+    for G in gen_lengths:
+        for B in batch_sizes:
+            g = torch.Generator().manual_seed(B * 100003 + G)
+            prompts = torch.randint(0, vocab_size, (B, prompt_length), generator=g).tolist()
+            results = {}
+            for name, kw in _variants(G, steps_div).items():
+                if only and kw is not None and not any(o in name for o in only):
+                    continue
+                model = models[kw is None]
+                args = dict(gen_length=G, seed=list(range(B)))
+                args.update(dict(cache="prefix", batch_invariant=False) if kw is None else kw)
+                generate(model, prompts, **{**args, "gen_length": min(G, 8),
+                                            "steps": min(args.get("steps", 8), 8),
+                                            "block_length": None})  # warm-up
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                sec = float("inf")
+                for _ in range(repeats):  # best of `repeats` (shared machines are noisy)
+                    t0 = time.perf_counter()
+                    out = generate(model, prompts, **args)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    sec = min(sec, time.perf_counter() - t0)
+                results[name] = (out, sec)
+            base = results.get("arm kv-cache (baseline)")
+            for name, (out, sec) in results.items():
+                tps = out.generated_tokens / sec
+                records.append({
+                    "bench": "sampler", "variant": name, "gen_length": G, "batch": B,
+                    "generated_tokens": out.generated_tokens, "seconds": sec, "tokens_per_s": tps,
+                    "forward_passes": out.forward_passes, "tokens_per_forward": out.tokens_per_forward,
+                    "tokens_per_row_forward": out.generated_tokens / max(1, sum(out.row_forward_passes)),
+                    "ratio_vs_arm": tps / (base[0].generated_tokens / base[1]) if base else None,
+                    "environment": env,
+                })
+    return records
+
+
+def _table(records) -> str:
+    head = f"{'variant':<36} {'gen':>5} {'B':>3} {'tok/s':>9} {'fwd':>6} {'tok/fwd':>8} {'x ARM':>6} {'s':>7}"
+    # tok/fwd: generated tokens per forward pass per sequence (a batched call serves every row at once)
+    lines = [head, "-" * len(head)]
+    for r in records:
+        ratio = f"{r['ratio_vs_arm']:.2f}" if r["ratio_vs_arm"] is not None else "-"
+        lines.append(f"{r['variant']:<36} {r['gen_length']:>5} {r['batch']:>3} {r['tokens_per_s']:>9.1f} "
+                     f"{r['forward_passes']:>6} {r['tokens_per_row_forward']:>8.2f} {ratio:>6} "
+                     f"{r['seconds']:>7.2f}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("smdm bench sampler: error: --device cuda but no CUDA device is available", file=sys.stderr)
+            return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    records = run(args.config, args.device, args.gen_lengths, args.batch_sizes,
+                  prompt_length=args.prompt_length, steps_div=args.steps_div, vocab_size=args.vocab_size,
+                  dtype=args.dtype, only=args.only, repeats=args.repeats)
+    env = records[0]["environment"]
+    print(f"sampler throughput, config {env['config']} ({env['dtype']}, vocab {env['vocab_size']}, random "
+          f"weights), prompt {env['prompt_length']} tokens; device {env['device']}"
+          f"{' ' + env['gpu'] if 'gpu' in env else ''}; {env['processor']}, {env['cpu_count']} CPUs, "
+          f"torch {env['torch']} ({env['torch_threads']} threads), smdm {env['smdm']}")
+    print(_table(records))
+    print("tok/s counts generated tokens only; fwd = model calls; x ARM = tokens/s over the ARM twin with KV "
+          "cache in the same run")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
+
+def register(parser: argparse.ArgumentParser, name: str | None = None) -> argparse.ArgumentParser:
+    """Add the `sampler` benchmark's options to `parser` and set `func`."""
+    parser.description = __doc__.split("\n")[0]
+    parser.add_argument("--config", default="tiny", help="model config name (tiny, demo, 170M, 1028M, ...)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--gen-lengths", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--steps-div", type=int, default=4, help="MDM steps = gen length / this (default 4)")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--only", nargs="+", default=None, help="run only variants whose name contains one "
+                        "of these (the ARM baseline is always run)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (best is kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", metavar="FILE", help="write one JSON record per (variant, gen, batch)")
+    parser.set_defaults(func=main)
+    return parser
+
+
+if __name__ == "__main__":  # python -m smdm.benchmarks.sampler
+    p = register(argparse.ArgumentParser(prog="smdm bench sampler"))
+    a = p.parse_args()
+    sys.exit(a.func(a))
