@@ -355,3 +355,21 @@ def test_torch_baseline_is_the_same_math():
     got = forward_process_torch(torch.from_numpy(x), prompt_lens=torch.from_numpy(pl), **kw)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def test_bench_mask_smoke(tmp_path):
+    """`smdm bench mask` runs end to end on a tiny shape and writes one record per (variant, batch)."""
+    import argparse
+    import json
+
+    from smdm.benchmarks import mask as bench
+
+    parser = bench.register(argparse.ArgumentParser())
+    args = parser.parse_args(["--batch", "2", "--seq-len", "64", "--min-time", "0.001",
+                              "--json", str(tmp_path / "m.json")])
+    assert args.func(args) == 0
+    records = json.loads((tmp_path / "m.json").read_text())
+    assert {r["variant"] for r in records} >= {"rust", "torch", "numpy reference"}
+    for r in records:
+        assert r["tokens_per_s"] > 0 and set(r["ratio_vs"]) == set(bench.BASELINES)
+        assert r["environment"]["torch"] == torch.__version__
