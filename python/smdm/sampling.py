@@ -65,7 +65,7 @@ from smdm.rng import Stream
 
 PAD_MULTIPLE = 64  # padded row lengths are multiples of this (see "Batch invariance" above)
 MIN_ROWS = 8  # matrix products get at least this many rows (see "Batch invariance" above)
-REVEAL_STREAM = 7  # 4th key word of the ancestral reveal coin (next free `smdm.rng.Stream` value)
+REVEAL_STREAM = Stream.GUMBEL + 1  # 4th key word of the ancestral reveal coin (next free Stream value)
 CONFIDENCES = ("prob", "margin", "entropy")
 CACHES = ("none", "prefix")
 _CHUNK = 1 << 22  # elements of (rows x vocab) processed at once by choose_tokens
@@ -132,52 +132,39 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     return logits.masked_fill(~keep_ids, -math.inf)
 
 
-def gumbel_noise(seeds: torch.Tensor, step: Union[int, torch.Tensor], positions: torch.Tensor, vocab: int):
-    """g (N, V) float32: g_v = -log(-log(u_v)), u_v = ((h_v >> 40) + 0.5) 2^-24,
-    h_v = splitmix64(key(seed, step, position, GUMBEL) ^ v), per row n = (seeds[n], positions[n])."""
-    base = key_t(seeds, step, positions, Stream.GUMBEL)  # (N,)
-    h = splitmix64_t(base[:, None] ^ torch.arange(vocab, device=base.device, dtype=torch.int64))  # (N, V)
-    u = (_srl(h, 40).to(torch.float32) + 0.5) * (2.0 ** -24)
-    return -torch.log(-torch.log(u))
-
-
-def choose_tokens(logits: torch.Tensor, *, seeds: torch.Tensor, positions: torch.Tensor,
-                  step: Union[int, torch.Tensor], temperature: float = 0.0, top_k: Optional[int] = None,
-                  top_p: Optional[float] = None,
+def choose_tokens(logits: torch.Tensor, *, seeds, positions, step, temperature: float = 0.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                   confidence: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
     """One token and its confidence per row of `logits` (N, V) (already CFG-guided), per the contract:
 
-    1. top-k then top-p filtering (`filter_logits`);
-    2. T == 0: argmax (lowest id on ties); T > 0: argmax_v (l_v / T + g_v) with the counter-based Gumbel noise
-       of (seeds[n], step, positions[n]) — `positions` are absolute indices in the row, prompt included;
+    1. top-k then top-p filtering (the meaning: `filter_logits`);
+    2. T == 0: argmax (lowest id on ties); T > 0: argmax_v (l_v / T + g_v) over the kept ids, with the
+       counter-based Gumbel noise g of (seeds[n], step, positions[n]); `positions` are absolute indices in
+       the row, prompt included, so the batch layout never changes a draw;
     3. confidence of softmax(l_filtered): `prob` of the token, `margin` top1 - top2, `entropy` sum p log p.
-    Returns tokens (N,) int64 and confidence (N,) float32."""
+    Returns tokens (N,) int64 and confidence (N,) float32.
+
+    The float32 arithmetic is pinned down once, in `smdm.kernels._reference` (log/exp as fixed op sequences,
+    top-p mass and softmax normaliser as exact fixed-point sums), so that the fused CUDA kernel reproduces
+    this function token for token; here it is run in row chunks to bound the (rows x V) temporaries. Two
+    consequences of the contract's float32 noise: an excluded id (-inf) is never drawn, and an entry with
+    h >> 40 == 2^24 - 1 rounds to u == 1 (g = +inf) and wins among the kept ids (probability 2^-24 each)."""
+    from smdm.kernels._reference import choose_tokens_reference
+
     if confidence not in CONFIDENCES:
         raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
     N, V = logits.shape
-    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
-    conf = torch.empty(N, dtype=torch.float32, device=logits.device)
-    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=logits.device).expand(N)
-    positions = torch.as_tensor(positions, dtype=torch.int64, device=logits.device).expand(N)
-    step = torch.as_tensor(step, dtype=torch.int64, device=logits.device).expand(N)
+    dev = logits.device
+    seeds, positions, step = (torch.as_tensor(x, dtype=torch.int64).to(dev).expand(N)
+                              for x in (seeds, positions, step))
     rows = max(1, _CHUNK // max(V, 1))
-    for a in range(0, N, rows):  # chunks bound the (rows x V) noise tensors
-        sl = slice(a, a + rows)
-        lf = filter_logits(logits[sl].float(), top_k, top_p)
-        if temperature == 0:
-            tok = torch.argmax(lf, dim=-1)
-        else:
-            tok = torch.argmax(lf / temperature + gumbel_noise(seeds[sl], step[sl], positions[sl], V), dim=-1)
-        p = torch.softmax(lf, dim=-1)
-        if confidence == "prob":
-            c = p.gather(-1, tok[:, None])[:, 0]
-        elif confidence == "margin":
-            top2 = torch.topk(p, min(2, V), dim=-1).values
-            c = top2[:, 0] - (top2[:, 1] if V > 1 else 0.0)
-        else:
-            c = torch.special.xlogy(p, p).sum(-1)  # negative entropy (0 log 0 = 0)
-        tokens[sl], conf[sl] = tok, c
-    return tokens, conf
+    out = [choose_tokens_reference(logits[a:a + rows], seeds=seeds[a:a + rows],
+                                   positions=positions[a:a + rows], step=step[a:a + rows],
+                                   temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence)
+           for a in range(0, N, rows)]
+    if not out:
+        return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.float32, device=dev)
+    return torch.cat([t for t, _ in out]), torch.cat([c for _, c in out])
 
 
 def select_positions(confidence: torch.Tensor, candidates: torch.Tensor, n: Optional[torch.Tensor] = None,
@@ -278,12 +265,23 @@ def _commit_low_confidence(conf, cand, rows, step, opts):
         else:
             n.append(r.m_block // s + (1 if r.i < r.m_block % s else 0))
     n = torch.tensor(n, dtype=torch.int64, device=conf.device)
-    return _dispatch("select_positions", conf.device)(conf, cand, n=n)
+    return _dispatch("select_positions", conf.device)(conf, cand, n=n) | (cand & _last_step(rows, cand))
+
+
+def _last_step(rows, cand) -> torch.Tensor:
+    """(B, 1) bool: the row is at the last step of its block, where everything left is committed."""
+    last = [r.i >= r.block_steps[r.b] - 1 for r in rows]
+    return torch.tensor(last, dtype=torch.bool, device=cand.device)[:, None]
 
 
 def _commit_threshold(conf, cand, rows, step, opts):
     """Fast-dLLM: every candidate with confidence >= tau, plus always the most confident one."""
-    return _dispatch("select_positions", conf.device)(conf, cand, threshold=opts["threshold"])
+    commit = _dispatch("select_positions", conf.device)(conf, cand, threshold=opts["threshold"])
+    stuck = ~commit.any(1) & cand.any(1)  # only if every confidence is -inf: commit the first candidate
+    if bool(stuck.any()):
+        first = torch.zeros_like(cand).scatter_(1, cand.int().argmax(1, keepdim=True), True)
+        commit |= first & stuck[:, None]
+    return commit
 
 
 SAMPLERS = {"ancestral": _commit_ancestral, "low_confidence": _commit_low_confidence,
