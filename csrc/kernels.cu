@@ -8,8 +8,8 @@ namespace smdm {
 
 #define SMDM_ROWS(DT, UNC)                                                                                   \
   template __global__ void unmask_rows_kernel<DT, UNC>(const void*, const void*, const unsigned char*,        \
-                                                       const i64*, i64, i64, int, int, float, float, int, double, \
-                                                       int, i64*, float*);
+                                                       const i64*, int, const i64*, i64, const i64*, i64, int, int, \
+                                                       float, float, int, double, int, i64*, float*);
 SMDM_ROWS(0, false)
 SMDM_ROWS(0, true)
 SMDM_ROWS(1, false)

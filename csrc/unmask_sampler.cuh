@@ -145,11 +145,15 @@ __device__ void apply_cutoff(float* x, int n, u32 theta, u64 keep_ties, UnmaskSc
 // grid = B * L blocks, block = UNMASK_THREADS, dynamic shared memory = V * sizeof(float).
 template <int DT, bool HAS_UNCOND>
 __global__ void __launch_bounds__(UNMASK_THREADS)
-    unmask_rows_kernel(const void* __restrict__ cond,          // (B*L, V) rows, dtype DT
-                       const void* __restrict__ uncond,        // (B*L, V) rows or null
-                       const unsigned char* __restrict__ cand,  // (B*L,) bool
-                       const i64* __restrict__ seeds,           // (B,)
-                       i64 step, i64 pos_offset, int L, int V,
+    unmask_rows_kernel(const void* __restrict__ cond,          // (R, V) rows, dtype DT (R = B * L)
+                       const void* __restrict__ uncond,        // (R, V) rows or null
+                       const unsigned char* __restrict__ cand,  // (R,) bool, or null: every row
+                       const i64* __restrict__ seeds,           // seed of row r: seeds[r / seed_div]
+                       int seed_div,
+                       const i64* __restrict__ positions,  // (R,) absolute positions, or null: pos_offset + r % L
+                       i64 pos_offset,
+                       const i64* __restrict__ steps,  // (R,) steps, or null: `step` for every row
+                       i64 step, int L, int V,
                        float cfg_scale1,  // w + 1 (float32)
                        float temperature, int top_k, double top_p, int conf_mode,
                        i64* __restrict__ pred,    // (B*L,) out: token or -1
@@ -158,14 +162,16 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
   __shared__ UnmaskScratch sc;
   const i64 row = blockIdx.x;
   const int tid = threadIdx.x, nt = blockDim.x;
-  if (!cand[row]) {
+  if (cand != nullptr && !cand[row]) {
     if (tid == 0) {
       pred[row] = -1;
       conf[row] = SMDM_NEG_INF;
     }
     return;
   }
-  const i64 b = row / L, j = row % L;
+  const i64 seed = seeds[row / seed_div];
+  const i64 pos = positions != nullptr ? positions[row] : pos_offset + row % L;
+  const i64 st = steps != nullptr ? steps[row] : step;
 
   // ---- 1. read the row once, CFG mix, running arg-max ----
   const i64 base = row * (i64)V;
@@ -216,7 +222,7 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
   pick.v = SMDM_NEG_INF;
   pick.i = 0x7fffffff;
   const bool sample = temperature > 0.0f;
-  const u64 key = rng_key4((u64)seeds[b], (u64)step, (u64)(pos_offset + j), STREAM_GUMBEL);
+  const u64 key = rng_key4((u64)seed, (u64)st, (u64)pos, STREAM_GUMBEL);
   for (int v = tid; v < V; v += nt) {
     const float l = lrow[v];
     if (l == SMDM_NEG_INF) continue;  // filtered out
@@ -262,6 +268,7 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
 // grid = B blocks, block = UNMASK_THREADS, dynamic shared memory = L * sizeof(float).
 // mode 0: commit the n_commit[b] most confident candidates (ties: lower position);
 // mode 1: commit every candidate with conf >= tau, and always the most confident one.
+// `tokens` may be null (only `committed` is written; smdm.kernels.select_positions).
 __global__ void __launch_bounds__(UNMASK_THREADS)
     unmask_commit_kernel(const i64* __restrict__ pred, const float* __restrict__ conf,
                          const unsigned char* __restrict__ cand, const i64* __restrict__ n_commit, float tau,
@@ -310,7 +317,7 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
       take = c && (conf[base + j] >= tau || j == best.i);
     }
     committed[base + j] = take;
-    if (take) tokens[b * tokens_row_stride + j] = pred[base + j];
+    if (take && tokens != nullptr) tokens[b * tokens_row_stride + j] = pred[base + j];
   }
 }
 

@@ -2,7 +2,8 @@
 
     unmask_step(logits, tokens, candidates, seeds, step, ...)   fused unmasking step of the samplers
     attention(q, k, v, ...)                                     bidirectional flash attention forward
-    unmask_step_reference / attention_reference                 the oracles (plain PyTorch, any device)
+    choose_tokens / select_positions                            its two halves (smdm.sampling's signatures)
+    unmask_step_reference / attention_reference / ...           the oracles (plain PyTorch, any device)
     build() / check_sources()                                   JIT build / compile check of csrc/
     `smdm kernels check|build|sass`                             the same from the command line
 
@@ -13,15 +14,17 @@ tensors or a failed build raise (`KernelBuildError`) instead of falling back. "r
 
 Sources are found at run time by `smdm.kernels._build.source_dir()` ($SMDM_CSRC, the package's
 `smdm/kernels/csrc`, or the checkout's `csrc/`) and built into a user cache ($SMDM_CACHE_DIR or
-$XDG_CACHE_HOME/smdm/kernels/<hash>) under a file lock; with no CUDA toolkit they compile through NVRTC (CuPy).
+$XDG_CACHE_HOME/smdm/kernels/<hash>) under a file lock; with no CUDA toolkit they compile through NVRTC
+(CuPy).
 
 Sampler arithmetic: the kernel and `unmask_step_reference` agree bit for bit on tokens, confidences and
-commits. Where docs/CONTRACTS.md leaves freedom we fixed it as follows (and both sides implement exactly this):
+commits. Where docs/CONTRACTS.md leaves freedom we fixed it as follows (both sides implement exactly this):
   * log / exp are the op sequences `log_f32` / `exp_neg_f32` (a few ulp from libm), not libm's;
   * top-p uses the distribution softmax(l) of the top-k-filtered guided logits before temperature, with
     each entry's mass floor(exp(l - max) 2^31) summed exactly as integers;
   * confidence normaliser S = sum floor(exp(l - max) 2^31) 2^-31 (relative difference from the float sum
-    below 1.5e-5 for a 32000-entry vocabulary); prob = exp(l_tok - max) / S, margin = (1 - exp(l_2 - max)) / S,
+    below 1.5e-5 for a 32000-entry vocabulary); prob = exp(l_tok - max) / S,
+    margin = (1 - exp(l_2 - max)) / S,
     neg_entropy = (sum_v exp(z_v) z_v) / S - log S with z = l - max (the sum in 31-bit fixed point).
   * Gumbel noise follows the contract literally, including u == 1 (so g == +inf) when h >> 40 == 2^24 - 1:
     with probability 2^-24 per vocabulary entry that entry wins outright (about 0.2% of draws over 32000
@@ -41,9 +44,11 @@ from smdm.kernels._build import KernelBuildError, check_sources, source_dir
 from smdm.kernels._reference import (
     CONFIDENCE_MODES,
     attention_reference,
+    choose_tokens_reference,
     exp_neg_f32,
     gumbel_noise,
     log_f32,
+    select_positions_reference,
     unmask_step_reference,
 )
 
@@ -54,10 +59,14 @@ __all__ = [
     "available",
     "build",
     "check_sources",
+    "choose_tokens",
+    "choose_tokens_reference",
     "exp_neg_f32",
     "gumbel_noise",
     "log_f32",
     "register",
+    "select_positions",
+    "select_positions_reference",
     "source_dir",
     "unmask_step",
     "unmask_step_reference",
@@ -113,8 +122,11 @@ def _resolve_backend(backend: str, is_cuda: bool, unsupported: str | None) -> st
         global _warned_fallback
         if not _warned_fallback:
             _warned_fallback = True
-            warnings.warn(f"smdm CUDA kernels unavailable, using the PyTorch reference: {e}", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"smdm CUDA kernels unavailable, using the PyTorch reference: {e}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return "reference"
     return "cuda"
 
@@ -122,8 +134,19 @@ def _resolve_backend(backend: str, is_cuda: bool, unsupported: str | None) -> st
 # ----------------------------------------------------------------------------------------------------------
 # fused unmasking step
 # ----------------------------------------------------------------------------------------------------------
-def _check_unmask_args(logits, tokens, candidates, seeds, uncond_logits, temperature, top_k, top_p, confidence,
-                       n_commit, threshold):
+def _check_unmask_args(
+    logits,
+    tokens,
+    candidates,
+    seeds,
+    uncond_logits,
+    temperature,
+    top_k,
+    top_p,
+    confidence,
+    n_commit,
+    threshold,
+):
     import torch
 
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
@@ -135,13 +158,18 @@ def _check_unmask_args(logits, tokens, candidates, seeds, uncond_logits, tempera
         raise ValueError("logits must have a non-empty vocabulary dimension")
     if uncond_logits is not None:
         if uncond_logits.shape != logits.shape:
-            raise ValueError(f"uncond_logits shape {tuple(uncond_logits.shape)} != logits shape {tuple(logits.shape)}")
+            raise ValueError(
+                f"uncond_logits shape {tuple(uncond_logits.shape)} != logits shape {tuple(logits.shape)}"
+            )
         if uncond_logits.dtype != logits.dtype:
             raise TypeError(f"uncond_logits dtype {uncond_logits.dtype} != logits dtype {logits.dtype}")
         if uncond_logits.device != logits.device:
             raise ValueError(f"uncond_logits is on {uncond_logits.device}, logits on {logits.device}")
-    for name, t, dtype, shape in (("tokens", tokens, torch.int64, (B, L)), ("candidates", candidates, torch.bool, (B, L)),
-                                  ("seeds", seeds, torch.int64, (B,))):
+    for name, t, dtype, shape in (
+        ("tokens", tokens, torch.int64, (B, L)),
+        ("candidates", candidates, torch.bool, (B, L)),
+        ("seeds", seeds, torch.int64, (B,)),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dtype != dtype:
@@ -153,7 +181,11 @@ def _check_unmask_args(logits, tokens, candidates, seeds, uncond_logits, tempera
     if (n_commit is None) == (threshold is None):
         raise ValueError("give exactly one of n_commit (count mode) and threshold (threshold mode)")
     if n_commit is not None:
-        if not isinstance(n_commit, torch.Tensor) or n_commit.dtype != torch.int64 or tuple(n_commit.shape) != (B,):
+        if (
+            not isinstance(n_commit, torch.Tensor)
+            or n_commit.dtype != torch.int64
+            or tuple(n_commit.shape) != (B,)
+        ):
             raise TypeError(f"n_commit must be an int64 tensor of shape ({B},)")
         if n_commit.device != logits.device:
             raise ValueError(f"n_commit is on {n_commit.device}, logits on {logits.device}")
@@ -204,8 +236,19 @@ def unmask_step(
     Returns (pred (B, L) int64, -1 off candidates; conf (B, L) float32, -inf off candidates;
     committed (B, L) bool).
     """
-    _check_unmask_args(logits, tokens, candidates, seeds, uncond_logits, temperature, top_k, top_p, confidence,
-                       n_commit, threshold)
+    _check_unmask_args(
+        logits,
+        tokens,
+        candidates,
+        seeds,
+        uncond_logits,
+        temperature,
+        top_k,
+        top_p,
+        confidence,
+        n_commit,
+        threshold,
+    )
     B, L, V = logits.shape
     unsupported = None
     if L > 1 and tokens.stride(1) != 1:
@@ -215,34 +258,176 @@ def unmask_step(
     elif not candidates.is_contiguous() or not seeds.is_contiguous():
         unsupported = "candidates and seeds must be contiguous"
     elif logits.is_cuda:
-        import torch
-
-        limit = torch.cuda.get_device_properties(logits.device).shared_memory_per_block_optin
-        if max(V, L) * 4 + 2720 > limit:
-            unsupported = f"V={V} / L={L} do not fit in {limit} bytes of shared memory per block"
+        unsupported = _smem_unsupported(logits, max(V, L), "max(V, L)")
     which = _resolve_backend(backend, logits.is_cuda, unsupported)
     if which == "reference":
         return unmask_step_reference(
-            logits, tokens, candidates, seeds, step, uncond_logits=uncond_logits, cfg_scale=cfg_scale,
-            temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence, n_commit=n_commit,
-            threshold=threshold, position_offset=position_offset,
+            logits,
+            tokens,
+            candidates,
+            seeds,
+            step,
+            uncond_logits=uncond_logits,
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            confidence=confidence,
+            n_commit=n_commit,
+            threshold=threshold,
+            position_offset=position_offset,
         )
     import torch
 
     from smdm.kernels import _ops  # noqa: F401  (registers torch.ops.smdm.*)
 
     return torch.ops.smdm.unmask_step(
-        logits, uncond_logits, candidates, seeds, tokens, n_commit, int(step), int(position_offset),
-        float(cfg_scale), float(temperature), int(top_k), float(top_p), CONFIDENCE_MODES[confidence],
+        logits,
+        uncond_logits,
+        candidates,
+        seeds,
+        tokens,
+        n_commit,
+        int(step),
+        int(position_offset),
+        float(cfg_scale),
+        float(temperature),
+        int(top_k),
+        float(top_p),
+        CONFIDENCE_MODES[confidence],
         0.0 if threshold is None else float(threshold),
+    )
+
+
+def _smem_unsupported(t, n: int, what: str) -> str | None:
+    import torch
+
+    limit = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
+    return (
+        f"{what}={n} needs {n * 4 + 2720} bytes of shared memory per block, the GPU has {limit}"
+        if (n * 4 + 2720 > limit)
+        else None
+    )
+
+
+def choose_tokens(
+    logits,
+    *,
+    seeds,
+    positions,
+    step,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    confidence: str = "prob",
+    backend: str = "auto",
+):
+    """Token and confidence per row of already-guided logits (N, V) float32/bf16/fp16 — the row part of
+    `unmask_step`, with the signature of `smdm.sampling.choose_tokens` (seeds, positions, step: ints or (N,)
+    int64 tensors on any device). Returns tokens (N,) int64 and confidence (N,) float32."""
+    import torch
+
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be an (N, V) tensor, got {getattr(logits, 'shape', type(logits))}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    N, V = logits.shape
+    if confidence not in CONFIDENCE_MODES:
+        raise ValueError(f"confidence must be one of {tuple(CONFIDENCE_MODES)}, got {confidence!r}")
+    if not (temperature >= 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    top_k = 0 if top_k is None else top_k
+    top_p = 1.0 if top_p is None else top_p
+    if not (0.0 <= top_p <= 1.0):
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None = off), got {top_k}")
+
+    def col(name, x):
+        t = torch.as_tensor(x)
+        if t.dtype not in (torch.int64, torch.int32) or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != N):
+            raise ValueError(f"{name} must be an int or an integer tensor of shape ({N},), got {x!r:.80}")
+        return t.to(device=logits.device, dtype=torch.int64).expand(N).contiguous()
+
+    seeds, positions, steps = col("seeds", seeds), col("positions", positions), col("step", step)
+    unsupported = None
+    if not logits.is_contiguous():
+        unsupported = "logits must be contiguous"
+    elif logits.is_cuda:
+        unsupported = _smem_unsupported(logits, V, "V")
+    if _resolve_backend(backend, logits.is_cuda, unsupported) == "reference":
+        return choose_tokens_reference(
+            logits,
+            seeds=seeds,
+            positions=positions,
+            step=steps,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            confidence=confidence,
+        )
+    from smdm.kernels import _ops  # noqa: F401
+
+    return torch.ops.smdm.choose_tokens(
+        logits,
+        seeds,
+        positions,
+        steps,
+        float(temperature),
+        int(top_k),
+        float(top_p),
+        CONFIDENCE_MODES[confidence],
+    )
+
+
+def select_positions(confidence, candidates, n=None, threshold: float | None = None, backend: str = "auto"):
+    """Which candidates to commit per row (the commit part of `unmask_step`, signature of
+    `smdm.sampling.select_positions`): confidence (B, P) float32, candidates (B, P) bool; count mode `n`
+    (int or (B,) tensor): the n most confident (ties: lower position); threshold mode: confidence >= threshold
+    plus the most confident one. Returns (B, P) bool."""
+    import torch
+
+    if not isinstance(confidence, torch.Tensor) or confidence.dim() != 2:
+        raise ValueError(
+            f"confidence must be a (B, P) tensor, got {getattr(confidence, 'shape', type(confidence))}"
+        )
+    B, P = confidence.shape
+    if (
+        not isinstance(candidates, torch.Tensor)
+        or candidates.dtype != torch.bool
+        or candidates.shape != (B, P)
+    ):
+        raise ValueError(f"candidates must be a bool tensor of shape ({B}, {P})")
+    if (n is None) == (threshold is None):
+        raise ValueError("select_positions needs exactly one of n (count mode) and threshold")
+    if n is not None:
+        n = torch.as_tensor(n, dtype=torch.int64).to(confidence.device).expand(B).contiguous()
+    conf32 = confidence.to(torch.float32).contiguous()
+    candidates = candidates.to(confidence.device).contiguous()
+    unsupported = _smem_unsupported(confidence, P, "P") if confidence.is_cuda else None
+    if _resolve_backend(backend, confidence.is_cuda, unsupported) == "reference":
+        return select_positions_reference(conf32, candidates, n, threshold)
+    from smdm.kernels import _ops  # noqa: F401
+
+    return torch.ops.smdm.select_positions(
+        conf32, candidates, n, 0.0 if threshold is None else float(threshold)
     )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------------------------
-def attention(q, k, v, *, q_segment_ids=None, k_segment_ids=None, segment_ids=None, scale: float | None = None,
-              backend: str = "auto"):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    q_segment_ids=None,
+    k_segment_ids=None,
+    segment_ids=None,
+    scale: float | None = None,
+    backend: str = "auto",
+):
     """Bidirectional attention forward: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D).
 
     Document masking: query i attends to key j only when q_segment_ids[b, i] == k_segment_ids[b, j]
@@ -274,7 +459,10 @@ def attention(q, k, v, *, q_segment_ids=None, k_segment_ids=None, segment_ids=No
     if (q_segment_ids is None) != (k_segment_ids is None):
         raise ValueError("give both q_segment_ids and k_segment_ids, or neither")
     if q_segment_ids is not None:
-        for name, t, n in (("q_segment_ids", q_segment_ids, Lq), ("k_segment_ids", k_segment_ids, k.shape[2])):
+        for name, t, n in (
+            ("q_segment_ids", q_segment_ids, Lq),
+            ("k_segment_ids", k_segment_ids, k.shape[2]),
+        ):
             if tuple(t.shape) != (B, n):
                 raise ValueError(f"{name} must have shape ({B}, {n}), got {tuple(t.shape)}")
             if t.dtype not in (torch.int32, torch.int64):
@@ -293,7 +481,9 @@ def attention(q, k, v, *, q_segment_ids=None, k_segment_ids=None, segment_ids=No
         unsupported = "q/k/v need a contiguous last dim and 16-byte aligned rows"
     which = _resolve_backend(backend, q.is_cuda, unsupported)
     if which == "reference":
-        return attention_reference(q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale)
+        return attention_reference(
+            q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale
+        )
     from smdm.kernels import _ops  # noqa: F401
 
     if q_segment_ids is not None:
@@ -310,7 +500,9 @@ def register(parser: argparse.ArgumentParser, name: str = "kernels") -> None:
     sub = parser.add_subparsers(dest="kernels_command", metavar="ACTION")
     p = sub.add_parser("check", help="compile every CUDA source without a GPU (nvcc -c and NVRTC)")
     p.add_argument("--arch", action="append", help="architectures (default: sm_90a sm_80 sm_89)")
-    p.add_argument("--no-launchers", action="store_true", help="only the kernel headers (fast; no torch headers)")
+    p.add_argument(
+        "--no-launchers", action="store_true", help="only the kernel headers (fast; no torch headers)"
+    )
     p.add_argument("--no-nvrtc", action="store_true", help="skip the NVRTC compile")
     p.add_argument("--jobs", type=int, default=2, help="parallel compiler processes")
     p.add_argument("--verbose", action="store_true", help="print the compiler logs")
@@ -329,7 +521,9 @@ def _cmd_check(args) -> int:
 
     archs = tuple(args.arch) if args.arch else CHECK_ARCHS
     print(f"sources: {source_dir()}")
-    results = check_sources(archs=archs, launchers=not args.no_launchers, nvrtc=not args.no_nvrtc, jobs=args.jobs)
+    results = check_sources(
+        archs=archs, launchers=not args.no_launchers, nvrtc=not args.no_nvrtc, jobs=args.jobs
+    )
     failed = 0
     for r in results:
         print(f"{r.status():8s} {r.name:32s} {r.tool:28s} {r.seconds:6.1f}s")
@@ -337,7 +531,10 @@ def _cmd_check(args) -> int:
             failed += 1
         if args.verbose or r.ok is False:
             print("    " + r.log.replace("\n", "\n    "))
-    print(f"{sum(r.ok is True for r in results)} ok, {failed} failed, {sum(r.ok is None for r in results)} skipped")
+    print(
+        f"{sum(r.ok is True for r in results)} ok, {failed} failed, "
+        f"{sum(r.ok is None for r in results)} skipped"
+    )
     return 1 if failed else 0
 
 

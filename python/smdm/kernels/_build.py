@@ -77,7 +77,7 @@ def cache_root() -> Path:
 # toolchain discovery
 # --------------------------------------------------------------------------------------------------------
 def _pip_cuda_home() -> Path | None:
-    """CUDA_HOME of the PyPI nvcc (`pip install nvidia-cuda-nvcc nvidia-cuda-cccl`): site-packages/nvidia/cu13."""
+    """CUDA_HOME of the PyPI nvcc (`pip install nvidia-cuda-nvcc nvidia-cuda-cccl`): .../nvidia/cu13."""
     for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
         for sub in ("cu13", "cu12", "cuda_nvcc"):
             home = Path(base) / "nvidia" / sub
@@ -214,8 +214,16 @@ def _build_nvcc(src: Path, home: Path, verbose: bool):
     from filelock import FileLock
 
     archs = device_archs()
-    tag = "|".join([_sources_digest(src), torch.__version__, str(torch.version.cuda), nvcc_version(home),
-                    sys.version.split()[0], ",".join(archs)])
+    tag = "|".join(
+        [
+            _sources_digest(src),
+            torch.__version__,
+            str(torch.version.cuda),
+            nvcc_version(home),
+            sys.version.split()[0],
+            ",".join(archs),
+        ]
+    )
     digest = hashlib.sha256(tag.encode()).hexdigest()[:16]
     build_dir = cache_root() / digest
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -273,15 +281,36 @@ def check_sources(
     jobs_list = []  # (name, tool, cmd, env)
     results: list[CheckResult] = []
     if home is None:
-        results.append(CheckResult("*.cu", "nvcc", None, 0.0, "nvcc not found: pip install nvidia-cuda-nvcc "
-                                   "nvidia-cuda-cccl (or set CUDA_HOME)"))
+        results.append(
+            CheckResult(
+                "*.cu",
+                "nvcc",
+                None,
+                0.0,
+                "nvcc not found: pip install nvidia-cuda-nvcc nvidia-cuda-cccl (or set CUDA_HOME)",
+            )
+        )
     else:
         env = _cuda_env(home)
         nvcc = str(home / "bin" / "nvcc")
         inc = [f"-I{src}", *(f"-I{d}" for d in _include_dirs(home))]
-        jobs_list.append((NVRTC_UNIT + " (kernels)", f"nvcc {'+'.join(archs)}",
-                          [nvcc, "-std=c++17", *(gencode(a) for a in archs), *inc, "-c", str(src / NVRTC_UNIT),
-                           "-o", str(out_dir / "kernels.o")], env))
+        jobs_list.append(
+            (
+                NVRTC_UNIT + " (kernels)",
+                f"nvcc {'+'.join(archs)}",
+                [
+                    nvcc,
+                    "-std=c++17",
+                    *(gencode(a) for a in archs),
+                    *inc,
+                    "-c",
+                    str(src / NVRTC_UNIT),
+                    "-o",
+                    str(out_dir / "kernels.o"),
+                ],
+                env,
+            )
+        )
         if launchers:
             import torch.utils.cpp_extension as ce
 
@@ -289,13 +318,46 @@ def check_sources(
             tinc = [f"-I{p}" for p in ce.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
             defs = ["-DTORCH_EXTENSION_NAME=smdm_kernels_check", "-DTORCH_API_INCLUDE_EXTENSION_H"]
             for f in LAUNCHERS:
-                jobs_list.append((f + " (launcher)", f"nvcc {archs[0]}",
-                                  [nvcc, f"-std={std}", gencode(archs[0]), "--expt-relaxed-constexpr", *inc, *tinc,
-                                   *defs, "-c", str(src / f), "-o", str(out_dir / (f + ".o"))], env))
+                jobs_list.append(
+                    (
+                        f + " (launcher)",
+                        f"nvcc {archs[0]}",
+                        [
+                            nvcc,
+                            f"-std={std}",
+                            gencode(archs[0]),
+                            "--expt-relaxed-constexpr",
+                            *inc,
+                            *tinc,
+                            *defs,
+                            "-c",
+                            str(src / f),
+                            "-o",
+                            str(out_dir / (f + ".o")),
+                        ],
+                        env,
+                    )
+                )
             cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
-            jobs_list.append((BINDINGS + " (bindings)", Path(cxx).name,
-                              [cxx, f"-std={std}", "-fPIC", *inc, *tinc, *defs, "-c", str(src / BINDINGS),
-                               "-o", str(out_dir / "bindings.o")], env))
+            jobs_list.append(
+                (
+                    BINDINGS + " (bindings)",
+                    Path(cxx).name,
+                    [
+                        cxx,
+                        f"-std={std}",
+                        "-fPIC",
+                        *inc,
+                        *tinc,
+                        *defs,
+                        "-c",
+                        str(src / BINDINGS),
+                        "-o",
+                        str(out_dir / "bindings.o"),
+                    ],
+                    env,
+                )
+            )
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
         futs = [(name, tool, ex.submit(_run, cmd, env)) for name, tool, cmd, env in jobs_list]
         for name, tool, fut in futs:
@@ -303,9 +365,11 @@ def check_sources(
             if not ok and home is not None:
                 hv, nv = _cudart_header_version(home), nvcc_version(home)
                 if hv and hv != nv and "incompatible" in log:
-                    log += (f"\nhint: nvcc {nv} but CUDA runtime headers {hv} in {home}/include: install the "
-                            f"matching compiler, e.g. pip install 'nvidia-cuda-nvcc=={hv}.*' "
-                            f"'nvidia-cuda-crt=={hv}.*' 'nvidia-nvvm=={hv}.*'")
+                    log += (
+                        f"\nhint: nvcc {nv} but CUDA runtime headers {hv} in {home}/include: install the "
+                        f"matching compiler, e.g. pip install 'nvidia-cuda-nvcc=={hv}.*' "
+                        f"'nvidia-cuda-crt=={hv}.*' 'nvidia-nvvm=={hv}.*'"
+                    )
             results.append(CheckResult(name, tool, ok, secs, log))
     if nvrtc:
         results.append(_check_nvrtc(src, archs[0]))
@@ -316,8 +380,11 @@ def check_sources(
 def _find_libnvrtc() -> str | None:
     pats = []
     for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        pats += [f"{base}/nvidia/cu13/lib/libnvrtc.so*", f"{base}/nvidia/cuda_nvrtc/lib/libnvrtc.so*",
-                 f"{base}/nvidia/cu12/lib/libnvrtc.so*"]
+        pats += [
+            f"{base}/nvidia/cu13/lib/libnvrtc.so*",
+            f"{base}/nvidia/cuda_nvrtc/lib/libnvrtc.so*",
+            f"{base}/nvidia/cu12/lib/libnvrtc.so*",
+        ]
     home = find_cuda_home()
     if home is not None:
         pats += [f"{home}/lib64/libnvrtc.so*", f"{home}/lib/libnvrtc.so*"]
@@ -328,7 +395,9 @@ def _find_libnvrtc() -> str | None:
     return None
 
 
-def nvrtc_compile(src_dir: Path, arch: str, name_expressions: list[str] | None = None) -> tuple[bool, str, dict]:
+def nvrtc_compile(
+    src_dir: Path, arch: str, name_expressions: list[str] | None = None
+) -> tuple[bool, str, dict]:
     """Compile csrc/kernels.cu with libnvrtc (ctypes; no GPU needed). Returns (ok, log, lowered names)."""
     lib_path = _find_libnvrtc()
     if lib_path is None:
@@ -375,7 +444,7 @@ def _check_nvrtc(src: Path, arch: str) -> CheckResult:
 
 def disassemble_mma(arch: str = "sm_90a") -> dict[str, dict[str, int]]:
     """Compile kernels.cu for `arch`, disassemble (cuobjdump -sass) and count tensor-core / async-copy
-    instructions per kernel: {kernel: {"HMMA": n, "LDSM": n, "LDGSTS": n}}. Needs nvcc + cuobjdump + nvdisasm."""
+    instructions per kernel: {kernel: {"HMMA": n, "LDSM": n, "LDGSTS": n}}. Needs nvcc + cuobjdump."""
     home = find_cuda_home()
     if home is None or not (home / "bin" / "cuobjdump").is_file():
         raise KernelBuildError("cuobjdump not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
@@ -383,11 +452,24 @@ def disassemble_mma(arch: str = "sm_90a") -> dict[str, dict[str, int]]:
     env = _cuda_env(home)
     with tempfile.TemporaryDirectory() as tmp:
         obj = os.path.join(tmp, "k.o")
-        ok, _, log = _run([str(home / "bin" / "nvcc"), "-std=c++17", gencode(arch), f"-I{src}", "-c",
-                           str(src / NVRTC_UNIT), "-o", obj], env)
+        ok, _, log = _run(
+            [
+                str(home / "bin" / "nvcc"),
+                "-std=c++17",
+                gencode(arch),
+                f"-I{src}",
+                "-c",
+                str(src / NVRTC_UNIT),
+                "-o",
+                obj,
+            ],
+            env,
+        )
         if not ok:
             raise KernelBuildError(log)
-        p = subprocess.run([str(home / "bin" / "cuobjdump"), "-sass", obj], capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            [str(home / "bin" / "cuobjdump"), "-sass", obj], capture_output=True, text=True, env=env
+        )
         if p.returncode != 0:
             raise KernelBuildError(p.stderr.strip())
     counts: dict[str, dict[str, int]] = {}

@@ -28,9 +28,14 @@ class NvrtcModule:
 
         self._cupy = cupy
         code = (src / "kernels.cu").read_text()
-        self._rows = {(dt, unc): f"smdm::unmask_rows_kernel<{dt}, {'true' if unc else 'false'}>"
-                      for dt in (0, 1, 2) for unc in (False, True)}
-        self._attn = {(dt, d): f"smdm::flash_attn_fwd_flat<{dt}, {d}, {ATTN_WARPS}>" for dt in (1, 2) for d in (64, 128)}
+        self._rows = {
+            (dt, unc): f"smdm::unmask_rows_kernel<{dt}, {'true' if unc else 'false'}>"
+            for dt in (0, 1, 2)
+            for unc in (False, True)
+        }
+        self._attn = {
+            (dt, d): f"smdm::flash_attn_fwd_flat<{dt}, {d}, {ATTN_WARPS}>" for dt in (1, 2) for d in (64, 128)
+        }
         names = [*self._rows.values(), *self._attn.values(), "smdm::unmask_commit_kernel"]
         self._mod = cupy.RawModule(code=code, options=("-std=c++17", f"-I{src}"), name_expressions=names)
         self._mod.compile()
@@ -47,25 +52,151 @@ class NvrtcModule:
             with stream:
                 fn(grid, block, args, shared_mem=smem)
 
-    def unmask_step(self, logits, uncond, candidates, seeds, step, pos_offset, cfg_scale, temperature, top_k, top_p,
-                    conf_mode, n_commit, tau, tokens, pred, conf, committed):
+    def unmask_step(
+        self,
+        logits,
+        uncond,
+        candidates,
+        seeds,
+        step,
+        pos_offset,
+        cfg_scale,
+        temperature,
+        top_k,
+        top_p,
+        conf_mode,
+        n_commit,
+        tau,
+        tokens,
+        pred,
+        conf,
+        committed,
+    ):
         B, L, V = logits.shape
         if B * L == 0:
             return
-        dev = logits.device.index or 0
+        self._rows_launch(
+            logits,
+            uncond,
+            candidates,
+            seeds,
+            L,
+            None,
+            pos_offset,
+            None,
+            step,
+            cfg_scale,
+            temperature,
+            top_k,
+            top_p,
+            conf_mode,
+            pred,
+            conf,
+            B * L,
+        )
+        self._commit_launch(pred, conf, candidates, n_commit, tau, B, L, tokens, committed)
+
+    def choose_tokens(
+        self, logits, seeds, positions, steps, temperature, top_k, top_p, conf_mode, tokens, conf
+    ):
+        N = logits.shape[0]
+        if N:
+            self._rows_launch(
+                logits,
+                None,
+                None,
+                seeds,
+                1,
+                positions,
+                0,
+                steps,
+                0,
+                0.0,
+                temperature,
+                top_k,
+                top_p,
+                conf_mode,
+                tokens,
+                conf,
+                N,
+            )
+
+    def select_positions(self, conf, candidates, n_commit, tau, committed):
+        B, P = conf.shape
+        if B * P:
+            self._commit_launch(None, conf, candidates, n_commit, tau, B, P, None, committed)
+
+    def _rows_launch(
+        self,
+        logits,
+        uncond,
+        cand,
+        seeds,
+        seed_div,
+        positions,
+        pos_offset,
+        steps,
+        step,
+        cfg_scale,
+        temperature,
+        top_k,
+        top_p,
+        conf_mode,
+        pred,
+        conf,
+        rows,
+    ):
+        V = logits.shape[-1]
+        L = logits.shape[1] if logits.dim() == 3 else 1
         dt = _DT[str(logits.dtype).replace("torch.", "")]
-        k = min(max(int(top_k), 0), V)
         self._launch(
-            self._rows[(dt, uncond is not None)], (B * L,), (UNMASK_THREADS,),
-            (_p(logits), _p(uncond), _p(candidates), _p(seeds), np.int64(step), np.int64(pos_offset), np.int32(L),
-             np.int32(V), np.float32(cfg_scale + 1.0), np.float32(temperature), np.int32(k), np.float64(top_p),
-             np.int32(conf_mode), _p(pred), _p(conf)),
-            V * 4, dev)
+            self._rows[(dt, uncond is not None)],
+            (rows,),
+            (UNMASK_THREADS,),
+            (
+                _p(logits),
+                _p(uncond),
+                _p(cand),
+                _p(seeds),
+                np.int32(seed_div),
+                _p(positions),
+                np.int64(pos_offset),
+                _p(steps),
+                np.int64(step),
+                np.int32(L),
+                np.int32(V),
+                np.float32(cfg_scale + 1.0),
+                np.float32(temperature),
+                np.int32(min(max(int(top_k), 0), V)),
+                np.float64(top_p),
+                np.int32(conf_mode),
+                _p(pred),
+                _p(conf),
+            ),
+            V * 4,
+            logits.device.index or 0,
+        )
+
+    def _commit_launch(self, pred, conf, cand, n_commit, tau, B, L, tokens, committed):
         self._launch(
-            "smdm::unmask_commit_kernel", (B,), (UNMASK_THREADS,),
-            (_p(pred), _p(conf), _p(candidates), _p(n_commit), np.float32(tau), np.int32(0 if n_commit is not None else 1),
-             np.int32(L), _p(tokens), np.int64(tokens.stride(0)), _p(committed)),
-            L * 4, dev)
+            "smdm::unmask_commit_kernel",
+            (B,),
+            (UNMASK_THREADS,),
+            (
+                _p(pred),
+                _p(conf),
+                _p(cand),
+                _p(n_commit),
+                np.float32(tau),
+                np.int32(0 if n_commit is not None else 1),
+                np.int32(L),
+                _p(tokens),
+                np.int64(0 if tokens is None else tokens.stride(0)),
+                _p(committed),
+            ),
+            L * 4,
+            conf.device.index or 0,
+        )
 
     def attention(self, q, k, v, q_seg, k_seg, out, scale):
         B, Hq, Lq, D = q.shape
@@ -76,9 +207,29 @@ class NvrtcModule:
         bm = 16 * ATTN_WARPS
         smem = (bm + 2 * ATTN_BLOCK_N) * D * 2 + ATTN_BLOCK_N * 4
         st = [np.int64(s) for t in (q, k, v, out) for s in t.stride()[:3]]
-        seg_st = [np.int64(0 if q_seg is None else q_seg.stride(0)), np.int64(0 if k_seg is None else k_seg.stride(0))]
+        seg_st = [
+            np.int64(0 if q_seg is None else q_seg.stride(0)),
+            np.int64(0 if k_seg is None else k_seg.stride(0)),
+        ]
         self._launch(
-            self._attn[(dt, D)], ((Lq + bm - 1) // bm, Hq, B), (32 * ATTN_WARPS,),
-            (_p(q), _p(k), _p(v), _p(out), _p(q_seg), _p(k_seg), *st, *seg_st, np.int32(Lq), np.int32(Lk),
-             np.int32(Hq), np.int32(Hkv), np.float32(scale * 1.4426950408889634)),
-            smem, q.device.index or 0)
+            self._attn[(dt, D)],
+            ((Lq + bm - 1) // bm, Hq, B),
+            (32 * ATTN_WARPS,),
+            (
+                _p(q),
+                _p(k),
+                _p(v),
+                _p(out),
+                _p(q_seg),
+                _p(k_seg),
+                *st,
+                *seg_st,
+                np.int32(Lq),
+                np.int32(Lk),
+                np.int32(Hq),
+                np.int32(Hkv),
+                np.float32(scale * 1.4426950408889634),
+            ),
+            smem,
+            q.device.index or 0,
+        )

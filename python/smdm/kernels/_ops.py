@@ -12,7 +12,12 @@ from typing import Optional, Tuple
 import torch
 
 from smdm.kernels import _build
-from smdm.kernels._reference import attention_reference, unmask_step_reference
+from smdm.kernels._reference import (
+    attention_reference,
+    choose_tokens_reference,
+    select_positions_reference,
+    unmask_step_reference,
+)
 
 _CONF_NAMES = ("prob", "margin", "neg_entropy")
 
@@ -37,30 +42,122 @@ def unmask_step_op(
     B, L, _ = logits.shape
     if not logits.is_cuda:
         return unmask_step_reference(
-            logits, tokens, candidates, seeds, step, uncond_logits=uncond_logits, cfg_scale=cfg_scale,
-            temperature=temperature, top_k=top_k, top_p=top_p, confidence=_CONF_NAMES[conf_mode],
-            n_commit=n_commit, threshold=None if n_commit is not None else threshold,
+            logits,
+            tokens,
+            candidates,
+            seeds,
+            step,
+            uncond_logits=uncond_logits,
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            confidence=_CONF_NAMES[conf_mode],
+            n_commit=n_commit,
+            threshold=None if n_commit is not None else threshold,
             position_offset=position_offset,
         )
     pred = torch.empty((B, L), dtype=torch.int64, device=logits.device)
     conf = torch.empty((B, L), dtype=torch.float32, device=logits.device)
     committed = torch.empty((B, L), dtype=torch.bool, device=logits.device)
     _build.load().unmask_step(
-        logits, uncond_logits, candidates, seeds, step, position_offset, cfg_scale, temperature, top_k, top_p,
-        conf_mode, n_commit, threshold, tokens, pred, conf, committed,
+        logits,
+        uncond_logits,
+        candidates,
+        seeds,
+        step,
+        position_offset,
+        cfg_scale,
+        temperature,
+        top_k,
+        top_p,
+        conf_mode,
+        n_commit,
+        threshold,
+        tokens,
+        pred,
+        conf,
+        committed,
     )
     return pred, conf, committed
 
 
 @unmask_step_op.register_fake
-def _unmask_step_fake(logits, uncond_logits, candidates, seeds, tokens, n_commit, step, position_offset, cfg_scale,
-                      temperature, top_k, top_p, conf_mode, threshold):
+def _unmask_step_fake(
+    logits,
+    uncond_logits,
+    candidates,
+    seeds,
+    tokens,
+    n_commit,
+    step,
+    position_offset,
+    cfg_scale,
+    temperature,
+    top_k,
+    top_p,
+    conf_mode,
+    threshold,
+):
     B, L, _ = logits.shape
     return (
         logits.new_empty((B, L), dtype=torch.int64),
         logits.new_empty((B, L), dtype=torch.float32),
         logits.new_empty((B, L), dtype=torch.bool),
     )
+
+
+@torch.library.custom_op("smdm::choose_tokens", mutates_args=())
+def choose_tokens_op(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    steps: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    conf_mode: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not logits.is_cuda:
+        return choose_tokens_reference(
+            logits,
+            seeds=seeds,
+            positions=positions,
+            step=steps,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            confidence=_CONF_NAMES[conf_mode],
+        )
+    N = logits.shape[0]
+    tokens = torch.empty((N,), dtype=torch.int64, device=logits.device)
+    conf = torch.empty((N,), dtype=torch.float32, device=logits.device)
+    _build.load().choose_tokens(
+        logits, seeds, positions, steps, temperature, top_k, top_p, conf_mode, tokens, conf
+    )
+    return tokens, conf
+
+
+@choose_tokens_op.register_fake
+def _choose_tokens_fake(logits, seeds, positions, steps, temperature, top_k, top_p, conf_mode):
+    N = logits.shape[0]
+    return logits.new_empty((N,), dtype=torch.int64), logits.new_empty((N,), dtype=torch.float32)
+
+
+@torch.library.custom_op("smdm::select_positions", mutates_args=())
+def select_positions_op(
+    confidence: torch.Tensor, candidates: torch.Tensor, n: Optional[torch.Tensor], threshold: float
+) -> torch.Tensor:
+    if not confidence.is_cuda:
+        return select_positions_reference(confidence, candidates, n, None if n is not None else threshold)
+    committed = torch.empty(confidence.shape, dtype=torch.bool, device=confidence.device)
+    _build.load().select_positions(confidence, candidates, n, threshold, committed)
+    return committed
+
+
+@select_positions_op.register_fake
+def _select_positions_fake(confidence, candidates, n, threshold):
+    return confidence.new_empty(confidence.shape, dtype=torch.bool)
 
 
 @torch.library.custom_op("smdm::attention", mutates_args=())
@@ -73,7 +170,9 @@ def attention_op(
     scale: float,
 ) -> torch.Tensor:
     if not q.is_cuda:
-        return attention_reference(q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale)
+        return attention_reference(
+            q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale
+        )
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _build.load().attention(q, k, v, q_segment_ids, k_segment_ids, out, scale)
     return out

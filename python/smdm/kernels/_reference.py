@@ -26,10 +26,12 @@ LN2_HI = _f32(0x3F317200)
 LN2_LO = _f32(0x35BFBE8E)
 LOG2E = _f32(0x3FB8AA3B)
 _LOG_C = [_f32(0x3E638E39), _f32(0x3E924925), _f32(0x3ECCCCCD), _f32(0x3F2AAAAB)]  # 2/9, 2/7, 2/5, 2/3
-_EXP_C = [_f32(b) for b in (0x37D00D01, 0x39500D01, 0x3AB60B61, 0x3C088889, 0x3D2AAAAB, 0x3E2AAAAB)]  # 1/8!..1/3!
+_EXP_C = [
+    _f32(b) for b in (0x37D00D01, 0x39500D01, 0x3AB60B61, 0x3C088889, 0x3D2AAAAB, 0x3E2AAAAB)
+]  # 1/8!..1/3!
 TWO31 = 2147483648.0
 STREAM_GUMBEL = 6
-CONFIDENCE_MODES = {"prob": 0, "margin": 1, "neg_entropy": 2}
+CONFIDENCE_MODES = {"prob": 0, "margin": 1, "neg_entropy": 2, "entropy": 2}  # "entropy" = sum p log p too
 
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # uint64 constants as two's complement int64
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -90,10 +92,11 @@ def fixed31(v: torch.Tensor) -> torch.Tensor:
     return (v * TWO31).to(torch.int64)
 
 
-def gumbel_keys(seeds: torch.Tensor, step: int, positions: torch.Tensor) -> torch.Tensor:
-    """key(seed, step, position, GUMBEL) per row (int64 holding uint64 bits); seeds and positions (N,)."""
+def gumbel_keys(seeds: torch.Tensor, step, positions: torch.Tensor) -> torch.Tensor:
+    """key(seed, step, position, GUMBEL) per row (int64 holding uint64 bits); seeds, positions (and step, an
+    int or a tensor) (N,)."""
     h = splitmix64_t(seeds.to(torch.int64))
-    h = splitmix64_t(h ^ int(step))
+    h = splitmix64_t(h ^ (step.to(torch.int64) if isinstance(step, torch.Tensor) else int(step)))
     h = splitmix64_t(h ^ positions.to(torch.int64))
     return splitmix64_t(h ^ STREAM_GUMBEL)
 
@@ -159,14 +162,14 @@ def _rows_reference(c, u, keys, cfg_scale, temperature, top_k, top_p, conf_mode)
     N, V = c.shape
     dev = c.device
     if u is None:
-        l = c
+        lg = c
     else:  # guided logits u + (w + 1)(c - u), three float32 roundings in the kernel's order
-        l = u + (c - u) * float(np.float32(cfg_scale + 1.0))
-    top = torch.argmax(l, dim=1)  # lowest id on ties
-    m = l.gather(1, top[:, None])  # (N, 1)
+        lg = u + (c - u) * float(np.float32(cfg_scale + 1.0))
+    top = torch.argmax(lg, dim=1)  # lowest id on ties
+    m = lg.gather(1, top[:, None])  # (N, 1)
 
     # top-k, then top-p, as prefixes of the (value desc, id asc) order
-    vals, idx = torch.sort(l, dim=1, descending=True, stable=True)
+    vals, idx = torch.sort(lg, dim=1, descending=True, stable=True)
     rank = torch.arange(V, device=dev)[None, :]
     keep_sorted = torch.ones_like(vals, dtype=torch.bool)
     k = min(max(int(top_k), 0), V)
@@ -181,7 +184,7 @@ def _rows_reference(c, u, keys, cfg_scale, temperature, top_k, top_p, conf_mode)
         cut = (q.cumsum(1) < need[:, None]).sum(1)  # first sorted index whose running mass reaches need
         keep_sorted &= rank <= cut[:, None]
     keep = torch.zeros_like(keep_sorted).scatter(1, idx, keep_sorted)
-    lf = torch.where(keep, l, float("-inf"))
+    lf = torch.where(keep, lg, float("-inf"))
     valid = lf != float("-inf")
 
     z = lf - m
@@ -192,7 +195,9 @@ def _rows_reference(c, u, keys, cfg_scale, temperature, top_k, top_p, conf_mode)
 
     t32 = float(np.float32(temperature))
     if t32 > 0.0:
-        t = torch.full((1, 1), t32, dtype=torch.float32, device=dev)  # a tensor: true division on every device
+        t = torch.full(
+            (1, 1), t32, dtype=torch.float32, device=dev
+        )  # a tensor: true division on every device
         score = torch.where(valid, lf / t + gumbel_noise(keys, V), float("-inf"))
         tok = torch.argmax(score, dim=1)
     else:
@@ -208,6 +213,49 @@ def _rows_reference(c, u, keys, cfg_scale, temperature, top_k, top_p, conf_mode)
         a_f = (-(a_fix.to(torch.float64) * 2.0**-31)).to(torch.float32)
         conf = a_f / s_f - log_f32(s_f)
     return tok, conf
+
+
+def choose_tokens_reference(
+    logits: torch.Tensor,
+    *,
+    seeds,
+    positions,
+    step,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    confidence: str = "prob",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token (N,) int64 and confidence (N,) float32 per row of already-guided logits (N, V): the row part of
+    `unmask_step_reference` with a (seed, position, step) per row (each an int or an (N,) tensor)."""
+    N, V = logits.shape
+    dev = logits.device
+
+    def col(x):
+        return torch.as_tensor(x, dtype=torch.int64).to(dev).expand(N)
+
+    if N == 0:
+        return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.float32, device=dev)
+    return _rows_reference(
+        logits.to(torch.float32),
+        None,
+        gumbel_keys(col(seeds), col(step), col(positions)),
+        0.0,
+        temperature,
+        top_k or 0,
+        1.0 if top_p is None else top_p,
+        CONFIDENCE_MODES[confidence],
+    )
+
+
+def select_positions_reference(
+    confidence: torch.Tensor, candidates: torch.Tensor, n=None, threshold: float | None = None
+) -> torch.Tensor:
+    """(B, P) bool: per row the n[b] most confident candidates (ties: lower position), or every candidate with
+    confidence >= threshold plus the most confident one (the commit part of `unmask_step_reference`)."""
+    if n is not None:
+        n = torch.as_tensor(n, dtype=torch.int64).to(confidence.device).expand(confidence.shape[0])
+    return _commit_reference(confidence.to(torch.float32), candidates, n, threshold)
 
 
 def _commit_reference(conf, candidates, n_commit, threshold):
@@ -236,7 +284,8 @@ def attention_reference(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention in float32 math: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D); query i sees key j iff
-    their segment ids are equal (when given). Rows that see no key are 0. Returns `out_dtype` (default q's)."""
+    their segment ids are equal (when given). Rows that see no key are 0. Returns `out_dtype` (default: q's)
+    dtype."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale

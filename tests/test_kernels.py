@@ -1,0 +1,768 @@
+# python -m pytest -q tests/test_kernels.py     (GPU part: python -m pytest -q -m gpu tests/test_kernels.py)
+"""smdm.kernels: the PyTorch references against naive loops, argument validation, torch.library fake
+registrations, the build machinery and the compile check (CPU); the CUDA kernels against the references
+(`-m gpu`, skipped without CUDA)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from smdm import kernels as K
+from smdm import rng
+from smdm.kernels import _build
+from smdm.kernels import _reference as R
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RNG and deterministic math
+# ------------------------------------------------------------------------------------------------------------
+def test_splitmix_and_keys_match_rng():
+    x = torch.tensor([0, 1, 12345, -5, 2**62, -(2**63), 2**63 - 1], dtype=torch.int64)
+    got = R.splitmix64_t(x).numpy().view(np.uint64)
+    assert (got == rng.splitmix64(x.numpy().view(np.uint64))).all()
+    seeds, pos = torch.tensor([7, 2**40, -3]), torch.tensor([5, 100, 0])
+    keys = R.gumbel_keys(seeds, 3, pos).tolist()
+    want = [rng.key(s & (2**64 - 1), 3, p, rng.Stream.GUMBEL) for s, p in zip(seeds.tolist(), pos.tolist())]
+    assert [k & (2**64 - 1) for k in keys] == want
+
+
+def test_log_exp_are_accurate_and_exact_at_special_points():
+    x = torch.rand(200_000, dtype=torch.float64).float() * 30 + 1e-30
+    ref = torch.log(x.double())
+    assert ((R.log_f32(x).double() - ref).abs() <= 4e-7 * ref.abs().clamp(min=1e-3)).all()
+    z = -torch.rand(200_000).float() * 80
+    refe = torch.exp(z.double())
+    assert ((R.exp_neg_f32(z).double() - refe).abs() <= 3e-7 * refe).all()
+    assert R.log_f32(torch.tensor([1.0, 0.0, -0.0])).tolist() == [0.0, -math.inf, -math.inf]
+    assert R.exp_neg_f32(torch.tensor([0.0, -80.5, -math.inf])).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_gumbel_noise_follows_the_contract():
+    keys = R.gumbel_keys(torch.tensor([11, 12]), 4, torch.tensor([3, 9]))
+    g = R.gumbel_noise(keys, 300)
+    for n in range(2):
+        for v in (0, 1, 157, 299):
+            h = rng.splitmix64(int(keys[n]) & (2**64 - 1) ^ v)
+            u = np.float32((np.float32(h >> 40) + np.float32(0.5)) * np.float32(2.0**-24))
+            want = -math.log(-math.log(float(u)))
+            assert abs(float(g[n, v]) - want) <= 1e-5 * max(1.0, abs(want))
+    # the contract's u == 1 corner: (2^24 - 1) + 0.5 rounds to 2^24 in float32, so g = +inf
+    u1 = (torch.tensor([2.0**24 - 1]) + 0.5) * 2.0**-24
+    assert float(u1) == 1.0 and float(-R.log_f32(-R.log_f32(u1))) == math.inf
+
+
+# ------------------------------------------------------------------------------------------------------------
+# unmask_step_reference against a per-row Python loop
+# ------------------------------------------------------------------------------------------------------------
+def _loop_row(lv, seed, step, pos, T, top_k, top_p, conf):
+    """Token and confidence of one row in float64 with Python sorting (an independent implementation)."""
+    V = len(lv)
+    order = sorted(range(V), key=lambda v: (-lv[v], v))
+    keep = set(order[:top_k] if 0 < top_k < V else order)
+    if top_p < 1.0:
+        kept = [v for v in order if v in keep]
+        m = lv[kept[0]]
+        w = [math.exp(lv[v] - m) for v in kept]
+        s, acc, out = sum(w), 0.0, []
+        for v, wv in zip(kept, w):
+            out.append(v)
+            acc += wv
+            if acc >= top_p * s:
+                break
+        keep = set(out)
+    if T == 0:
+        tok = order[0]
+    else:
+        base = rng.key(seed & (2**64 - 1), step, pos, rng.Stream.GUMBEL)
+        best = None
+        for v in sorted(keep):
+            h = rng.splitmix64(base ^ v)
+            u = float(np.float32(np.float32(h >> 40) + np.float32(0.5)) * np.float32(2.0**-24))
+            score = float(np.float32(lv[v]) / np.float32(T)) + -math.log(-math.log(u))
+            if best is None or score > best[0]:
+                best = (score, v)
+        tok = best[1]
+    m = max(lv[v] for v in keep)
+    p = {v: math.exp(lv[v] - m) for v in keep}
+    s = sum(p.values())
+    if conf == "prob":
+        c = p[tok] / s
+    elif conf == "margin":
+        ps = sorted(p.values(), reverse=True) + [0.0]
+        c = (ps[0] - ps[1]) / s
+    else:
+        c = sum(q / s * math.log(q / s) for q in p.values() if q > 0)
+    return tok, c
+
+
+def _loop_commit(conf, cand, n=None, tau=None):
+    out = []
+    for b in range(len(conf)):
+        idx = [j for j in range(len(conf[b])) if cand[b][j]]
+        ranked = sorted(idx, key=lambda j: (-conf[b][j], j))
+        if n is not None:
+            chosen = set(ranked[: n[b]])
+        else:
+            chosen = {j for j in idx if conf[b][j] >= tau} | set(ranked[:1])
+        out.append([j in chosen for j in range(len(conf[b]))])
+    return out
+
+
+@pytest.mark.parametrize(
+    "T,top_k,top_p,conf,cfg",
+    [
+        (0.0, 0, 1.0, "prob", 0.0),
+        (1.0, 0, 1.0, "prob", 0.0),
+        (0.7, 5, 1.0, "margin", 0.0),
+        (1.3, 0, 0.8, "neg_entropy", 1.5),
+        (1.0, 20, 0.5, "prob", 0.5),
+        (2.0, 1, 1.0, "margin", 0.0),
+    ],
+)
+def test_unmask_reference_matches_row_loop(T, top_k, top_p, conf, cfg):
+    g = torch.Generator().manual_seed(1)
+    B, L, V = 3, 7, 64
+    logits = torch.randn(B, L, V, generator=g) * 3
+    uncond = torch.randn(B, L, V, generator=g) * 3 if cfg else None
+    cand = torch.rand(B, L, generator=g) < 0.6
+    cand[:, 0] = True
+    seeds = torch.tensor([5, -9, 2**40])
+    tokens = torch.full((B, L), 999, dtype=torch.int64)
+    before = tokens.clone()
+    n = torch.tensor([2, 0, 100])
+    pred, c, committed = R.unmask_step_reference(
+        logits,
+        tokens,
+        cand,
+        seeds,
+        17,
+        uncond_logits=uncond,
+        cfg_scale=cfg,
+        temperature=T,
+        top_k=top_k,
+        top_p=top_p,
+        confidence=conf,
+        n_commit=n,
+        position_offset=4,
+    )
+    guided = logits if uncond is None else uncond + (cfg + 1) * (logits - uncond)
+    for b in range(B):
+        for j in range(L):
+            if not cand[b, j]:
+                assert pred[b, j] == -1 and c[b, j] == -math.inf
+                continue
+            tok, cv = _loop_row(guided[b, j].tolist(), int(seeds[b]), 17, 4 + j, T, top_k, top_p, conf)
+            assert int(pred[b, j]) == tok, (b, j)
+            assert abs(float(c[b, j]) - cv) <= 5e-5 * max(1.0, abs(cv)), (b, j, float(c[b, j]), cv)
+    want = _loop_commit(c.tolist(), cand.tolist(), n=n.tolist())
+    assert committed.tolist() == want
+    assert torch.equal(tokens, torch.where(committed, pred, before))
+
+
+def test_commit_rules_ties_threshold_and_limits():
+    conf = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9], [0.2, 0.3, 0.1, 0.3, 0.0]])
+    cand = torch.tensor([[True, True, True, True, False], [True, False, True, True, True]])
+    got = R.select_positions_reference(conf, cand, n=torch.tensor([2, 9]))
+    assert got.tolist() == [[False, True, True, False, False], [True, False, True, True, True]]
+    got = R.select_positions_reference(conf, cand, threshold=0.95)  # nobody reaches tau: the best one anyway
+    assert got.tolist() == [[False, True, False, False, False], [False, False, False, True, False]]
+    got = R.select_positions_reference(conf, cand, threshold=0.25)
+    assert got.tolist() == [[True, True, True, False, False], [False, False, False, True, False]]
+    empty = torch.zeros_like(cand)
+    assert not R.select_positions_reference(conf, empty, threshold=0.0).any()
+    assert not R.select_positions_reference(conf, empty, n=torch.tensor([3, 3])).any()
+
+
+def test_reference_is_batch_invariant_and_uses_absolute_positions():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 6, 50, generator=g)
+    cand = torch.ones(4, 6, dtype=torch.bool)
+    seeds = torch.tensor([1, 2, 3, 4])
+    kw = dict(temperature=1.0, top_p=0.9, n_commit=torch.tensor([2, 2, 2, 2]))
+    full = R.unmask_step_reference(logits, torch.zeros(4, 6, dtype=torch.int64), cand, seeds, 3, **kw)
+    one = R.unmask_step_reference(
+        logits[2:3],
+        torch.zeros(1, 6, dtype=torch.int64),
+        cand[2:3],
+        seeds[2:3],
+        3,
+        **{**kw, "n_commit": kw["n_commit"][:1]},
+    )
+    for a, b in zip(full, one):
+        assert torch.equal(a[2:3], b)
+    # a column slice with position_offset draws exactly what the full row draws at those positions
+    tail = R.unmask_step_reference(
+        logits[:, 2:], torch.zeros(4, 4, dtype=torch.int64), cand[:, 2:], seeds, 3, position_offset=2, **kw
+    )
+    assert torch.equal(tail[0], full[0][:, 2:]) and torch.equal(tail[1], full[1][:, 2:])
+
+
+def test_choose_tokens_equals_unmask_rows():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 40, generator=g)
+    cand = torch.ones(2, 5, dtype=torch.bool)
+    pred, conf, _ = R.unmask_step_reference(
+        logits,
+        torch.zeros(2, 5, dtype=torch.int64),
+        cand,
+        torch.tensor([8, 9]),
+        6,
+        temperature=0.9,
+        top_k=10,
+        confidence="margin",
+        threshold=0.5,
+    )
+    tok, c = K.choose_tokens(
+        logits.reshape(10, 40),
+        seeds=torch.tensor([8] * 5 + [9] * 5),
+        positions=torch.arange(5).repeat(2),
+        step=6,
+        temperature=0.9,
+        top_k=10,
+        confidence="margin",
+    )
+    assert torch.equal(tok, pred.reshape(-1)) and torch.equal(c, conf.reshape(-1))
+
+
+def test_choose_tokens_agrees_with_smdm_sampling_reference():
+    sampling = pytest.importorskip("smdm.sampling")
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(64, 500, generator=g) * 2
+    kw = dict(seeds=torch.arange(64), positions=torch.arange(64) + 3, step=2)
+    for opts in ({"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 0.8, "top_k": 40, "top_p": 0.9}):
+        t1, c1 = K.choose_tokens(logits, **kw, **opts)
+        t2, c2 = sampling.choose_tokens(logits, **kw, **opts)
+        assert torch.equal(t1, t2), opts
+        assert torch.allclose(c1, c2, rtol=2e-5, atol=1e-6), opts
+
+
+# ------------------------------------------------------------------------------------------------------------
+# attention_reference against an explicit softmax loop
+# ------------------------------------------------------------------------------------------------------------
+def test_attention_reference_matches_explicit_softmax():
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 5, 8, 16
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k = torch.randn(B, Hkv, Lk, D, generator=g)
+    v = torch.randn(B, Hkv, Lk, D, generator=g)
+    qs = torch.tensor([[0, 0, 1, 1, 7], [0, 0, 0, 0, 0]], dtype=torch.int32)
+    ks = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1]], dtype=torch.int32)
+    out = R.attention_reference(q, k, v, q_segment_ids=qs, k_segment_ids=ks, scale=0.3)
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(Lq):
+                js = [j for j in range(Lk) if qs[b, i] == ks[b, j]]
+                if not js:
+                    assert torch.all(out[b, h, i] == 0)
+                    continue
+                s = [0.3 * float(q[b, h, i] @ k[b, h // 2, j]) for j in js]
+                m = max(s)
+                w = [math.exp(x - m) for x in s]
+                want = sum(wj / sum(w) * v[b, h // 2, j] for wj, j in zip(w, js))
+                assert torch.allclose(out[b, h, i], want, atol=1e-5)
+    plain = R.attention_reference(q[:, :2], k, v)
+    want = torch.softmax(q[:, :2] @ k.transpose(-1, -2) / 4.0, -1) @ v
+    assert torch.allclose(plain, want, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# validation and backend choice
+# ------------------------------------------------------------------------------------------------------------
+def _args(B=2, L=3, V=10):
+    return (
+        torch.randn(B, L, V),
+        torch.zeros(B, L, dtype=torch.int64),
+        torch.ones(B, L, dtype=torch.bool),
+        torch.zeros(B, dtype=torch.int64),
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    "change,value,extra,err,match",
+    [
+        (0, torch.randn(2, 3), {}, ValueError, "logits must be a"),
+        (0, torch.zeros(2, 3, 10, dtype=torch.int64), {}, TypeError, "float32, bfloat16"),
+        (1, torch.zeros(2, 3, dtype=torch.int32), {}, TypeError, "tokens must have dtype"),
+        (2, torch.ones(2, 4, dtype=torch.bool), {}, ValueError, "candidates must have shape"),
+        (3, torch.zeros(3, dtype=torch.int64), {}, ValueError, "seeds must have shape"),
+        (None, None, {"threshold": 0.5}, ValueError, "exactly one of n_commit"),
+        (None, None, {"top_p": 1.5}, ValueError, "top_p"),
+        (None, None, {"top_k": -1}, ValueError, "top_k"),
+        (None, None, {"temperature": -1.0}, ValueError, "temperature"),
+        (None, None, {"confidence": "entropyy"}, ValueError, "confidence must be"),
+        (None, None, {"backend": "cuda"}, ValueError, "needs CUDA tensors"),
+        (None, None, {"backend": "gpu"}, ValueError, "backend must be one of"),
+        (None, None, {"uncond_logits": torch.randn(2, 3, 11)}, ValueError, "uncond_logits shape"),
+    ],
+)
+def test_unmask_step_validation(change, value, extra, err, match):
+    args = list(_args())
+    if change is not None:
+        args[change] = value
+    kw = {"n_commit": torch.ones(2, dtype=torch.int64), **extra}  # + threshold: both given
+    with pytest.raises(err, match=match):
+        K.unmask_step(*args, **kw)
+
+
+def test_attention_validation():
+    q = torch.randn(1, 3, 4, 8)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        K.attention(q, torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="same shape"):
+        K.attention(q, torch.randn(1, 3, 4, 8), torch.randn(1, 3, 5, 8))
+    with pytest.raises(ValueError, match="both q_segment_ids"):
+        K.attention(q, q, q, q_segment_ids=torch.zeros(1, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="must have shape"):
+        K.attention(q, q, q, segment_ids=torch.zeros(1, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        K.attention(q, q, q, backend="cuda")
+
+
+def test_env_forces_reference_and_rejects_bad_values(monkeypatch):
+    monkeypatch.setenv("SMDM_KERNELS", "reference")
+    args = _args()
+    out = K.unmask_step(*args, n_commit=torch.ones(2, dtype=torch.int64))
+    assert out[0].shape == (2, 3)
+    monkeypatch.setenv("SMDM_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="SMDM_KERNELS must be one of"):
+        K.unmask_step(*args, n_commit=torch.ones(2, dtype=torch.int64))
+
+
+def test_public_ops_on_cpu_equal_references():
+    args = _args(V=30)
+    t1, t2 = args[1].clone(), args[1].clone()
+    a = K.unmask_step(args[0], t1, *args[2:], temperature=1.0, n_commit=torch.ones(2, dtype=torch.int64))
+    b = R.unmask_step_reference(
+        args[0], t2, *args[2:], temperature=1.0, n_commit=torch.ones(2, dtype=torch.int64)
+    )
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(t1, t2)
+    q = torch.randn(1, 2, 5, 8)
+    assert torch.equal(K.attention(q, q, q), R.attention_reference(q, q, q))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.library registrations: fake tensors, tracing, opcheck (CPU implementation = the reference)
+# ------------------------------------------------------------------------------------------------------------
+def test_fake_registrations_trace_without_running():
+    import smdm.kernels._ops  # noqa: F401
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with FakeTensorMode():
+        logits = torch.empty(2, 3, 50, dtype=torch.bfloat16)
+        tokens = torch.empty(2, 3, dtype=torch.int64)
+        cand = torch.empty(2, 3, dtype=torch.bool)
+        seeds = torch.empty(2, dtype=torch.int64)
+        pred, conf, comm = torch.ops.smdm.unmask_step(
+            logits, None, cand, seeds, tokens, seeds, 0, 0, 0.0, 1.0, 0, 1.0, 0, 0.0
+        )
+        assert (pred.shape, pred.dtype, conf.dtype, comm.dtype) == (
+            (2, 3),
+            torch.int64,
+            torch.float32,
+            torch.bool,
+        )
+        q = torch.empty(1, 4, 128, 64, dtype=torch.float16)
+        out = torch.ops.smdm.attention(q, q[:, :2], q[:, :2], None, None, 0.125)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        tok, c = torch.ops.smdm.choose_tokens(
+            logits[0], seeds.new_empty(3), seeds.new_empty(3), seeds.new_empty(3), 1.0, 0, 1.0, 0
+        )
+        assert tok.shape == (3,) and c.dtype == torch.float32
+
+    def f(q, k, v):
+        return torch.ops.smdm.attention(q, k, v, None, None, 0.5) * 2
+
+    gm = make_fx(f, tracing_mode="fake")(
+        torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64)
+    )
+    assert "smdm.attention" in str(gm.graph)
+
+
+def test_opcheck_and_compile_on_cpu():
+    import smdm.kernels._ops  # noqa: F401
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=g) for _ in range(3))
+    torch.library.opcheck(torch.ops.smdm.attention.default, (q, k, v, None, None, 0.25))
+    logits = torch.randn(2, 4, 20, generator=g)
+    args = (
+        logits,
+        None,
+        torch.ones(2, 4, dtype=torch.bool),
+        torch.tensor([1, 2]),
+        torch.zeros(2, 4, dtype=torch.int64),
+        torch.tensor([1, 2]),
+        3,
+        0,
+        0.0,
+        1.0,
+        0,
+        1.0,
+        0,
+        0.0,
+    )
+    torch.library.opcheck(torch.ops.smdm.unmask_step.default, args)
+    compiled = torch.compile(
+        lambda q, k, v: torch.ops.smdm.attention(q, k, v, None, None, 0.25), backend="eager", fullgraph=True
+    )
+    assert torch.allclose(compiled(q, k, v), R.attention_reference(q, k, v, scale=0.25))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# build machinery and compile check
+# ------------------------------------------------------------------------------------------------------------
+def test_sources_are_found_and_nvrtc_compatible():
+    src = K.source_dir()
+    for name in (*_build.KERNEL_HEADERS, _build.NVRTC_UNIT, *_build.LAUNCHERS, _build.BINDINGS):
+        assert (src / name).is_file(), name
+    for name in (*_build.KERNEL_HEADERS, _build.NVRTC_UNIT):  # kernel sources: no host / torch / half headers
+        includes = [ln for ln in (src / name).read_text().splitlines() if ln.startswith("#include")]
+        assert all('"' in ln for ln in includes), (name, includes)  # only our own headers
+
+
+def test_cache_dir_and_missing_sources(monkeypatch, tmp_path):
+    monkeypatch.setenv("SMDM_CACHE_DIR", str(tmp_path / "c"))
+    assert _build.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("SMDM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _build.cache_root() == tmp_path / "smdm" / "kernels"
+    monkeypatch.setenv("SMDM_CSRC", str(tmp_path / "nowhere"))
+    assert K.source_dir() != tmp_path / "nowhere"  # falls through to the checkout / package copy
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error raised without a GPU")
+def test_explicit_kernel_request_without_gpu_raises_clearly():
+    _build._module = None
+    _build._module_error = None
+    with pytest.raises(K.KernelBuildError, match="need a CUDA device"):
+        K.build()
+    assert K.available() is False
+
+
+def _need_nvcc():
+    if _build.find_cuda_home() is None:
+        pytest.skip("nvcc not installed (pip install nvidia-cuda-nvcc nvidia-cuda-cccl, or set CUDA_HOME)")
+
+
+def test_compile_check_kernels_nvcc_and_nvrtc():
+    _need_nvcc()
+    results = K.check_sources(archs=("sm_90a",), launchers=False, nvrtc=True)
+    for r in results:
+        assert r.ok is not False, f"{r.name} ({r.tool}) failed:\n{r.log[-3000:]}"
+    assert results[0].ok, results[0].log[-2000:]
+
+
+@pytest.mark.slow
+def test_compile_check_everything():
+    _need_nvcc()
+    results = K.check_sources()
+    failed = [f"{r.name} ({r.tool}):\n{r.log[-3000:]}" for r in results if r.ok is False]
+    assert not failed, "\n".join(failed)
+    assert sum(r.ok is True for r in results) >= 4
+
+
+@pytest.mark.slow
+def test_attention_kernel_uses_tensor_cores():
+    _need_nvcc()
+    if not (_build.find_cuda_home() / "bin" / "cuobjdump").is_file():
+        pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    counts = _build.disassemble_mma("sm_90a")
+    attn = {k: c for k, c in counts.items() if "flash_attn" in k}
+    assert attn and all(c["HMMA"] >= 64 and c["LDSM"] > 0 for c in attn.values())
+
+
+def test_cli_registers_check_build_sass(capsys):
+    from smdm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["kernels", "--help"])
+    out = capsys.readouterr().out
+    assert "check" in out and "build" in out and "sass" in out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU: the kernels against the references
+# ------------------------------------------------------------------------------------------------------------
+def _cuda():
+    if not CUDA:
+        pytest.skip("needs a CUDA device")
+    try:
+        return K.build()
+    except K.KernelBuildError as e:
+        pytest.fail(f"kernel build failed: {e}")
+
+
+SAMPLER_CASES = [
+    # dtype, B, L, V, cfg, T, top_k, top_p, confidence, mode
+    (torch.float32, 2, 9, 32000, 0.0, 0.0, 0, 1.0, "prob", "count"),
+    (torch.bfloat16, 3, 17, 32000, 0.0, 1.0, 0, 1.0, "prob", "count"),
+    (torch.bfloat16, 2, 33, 32000, 1.5, 0.8, 50, 0.9, "margin", "threshold"),
+    (torch.float16, 4, 5, 1000, 0.5, 1.3, 0, 0.5, "neg_entropy", "count"),
+    (torch.float32, 1, 64, 257, 0.0, 2.0, 1, 1.0, "margin", "threshold"),
+    (torch.bfloat16, 5, 12, 32000, 2.0, 1.0, 3, 0.95, "prob", "count"),
+]
+
+
+@gpu
+@pytest.mark.parametrize("case", SAMPLER_CASES)
+def test_gpu_unmask_step_identical_to_reference(case):
+    _cuda()
+    dtype, B, L, V, cfg, T, top_k, top_p, conf, mode = case
+    g = torch.Generator(device="cuda").manual_seed(hash(case) % 1000)
+    logits = (torch.randn(B, L, V, device="cuda", generator=g) * 4).to(dtype)
+    logits[0, 0, :7] = logits[0, 0, 7]  # ties
+    uncond = (torch.randn(B, L, V, device="cuda", generator=g) * 4).to(dtype) if cfg else None
+    cand = torch.rand(B, L, device="cuda", generator=g) < 0.7
+    seeds = torch.randint(-(2**62), 2**62, (B,), device="cuda", generator=g)
+    kw = dict(
+        uncond_logits=uncond,
+        cfg_scale=cfg,
+        temperature=T,
+        top_k=top_k,
+        top_p=top_p,
+        confidence=conf,
+        position_offset=3,
+    )
+    if mode == "count":
+        kw["n_commit"] = torch.randint(0, L, (B,), device="cuda", generator=g)
+    else:
+        kw["threshold"] = 0.3
+    tok_k = torch.randint(0, V, (B, L), device="cuda", generator=g)
+    tok_r = tok_k.clone()
+    got = K.unmask_step(logits, tok_k, cand, seeds, 11, backend="cuda", **kw)
+    want = R.unmask_step_reference(logits, tok_r, cand, seeds, 11, **kw)
+    names = ("pred", "conf", "committed")
+    for name, a, b in zip(names, got, want):
+        assert torch.equal(a, b), f"{name}: {(a != b).sum().item()} of {a.numel()} differ"
+    assert torch.equal(tok_k, tok_r)
+    # the CPU reference agrees too (every decision is exact IEEE / integer arithmetic)
+    cpu = R.unmask_step_reference(
+        logits.cpu(),
+        tok_r.cpu(),
+        cand.cpu(),
+        seeds.cpu(),
+        11,
+        **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
+    )
+    assert torch.equal(cpu[0], got[0].cpu()) and torch.equal(cpu[1], got[1].cpu())
+
+
+@gpu
+def test_gpu_outputs_fully_written_over_poison():
+    mod = _cuda()
+    B, L, V = 3, 20, 5000
+    logits = torch.randn(B, L, V, device="cuda")
+    cand = torch.rand(B, L, device="cuda") < 0.5
+    seeds = torch.arange(B, device="cuda")
+    tokens = torch.full((B, L), 7, dtype=torch.int64, device="cuda")
+    pred = torch.full((B, L), -12345, dtype=torch.int64, device="cuda")
+    conf = torch.full((B, L), float("nan"), device="cuda")
+    committed = torch.ones(B, L, dtype=torch.uint8, device="cuda").bool()
+    committed.view(torch.uint8).fill_(0xAB)  # neither 0 nor 1
+    mod.unmask_step(
+        logits,
+        None,
+        cand,
+        seeds,
+        1,
+        0,
+        0.0,
+        1.0,
+        0,
+        1.0,
+        0,
+        torch.full((B,), 4, device="cuda"),
+        0.0,
+        tokens,
+        pred,
+        conf,
+        committed,
+    )
+    torch.cuda.synchronize()
+    assert not (pred == -12345).any() and not conf.isnan().any()
+    assert set(committed.view(torch.uint8).unique().tolist()) <= {0, 1}
+    assert torch.equal(pred == -1, ~cand) and (conf[~cand] == -math.inf).all()
+    q = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    mod.attention(q, q, q, None, None, out, 0.125)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+
+
+@gpu
+def test_gpu_sampler_statistics():
+    _cuda()
+    V, N = 16, 40000
+    base = torch.linspace(-2, 2, V, device="cuda")
+    base[3] = -math.inf  # zero probability: never drawn
+    logits = base.expand(N, V).contiguous()
+    seeds = torch.arange(N, device="cuda")
+    T = 0.7
+    tok, _ = K.choose_tokens(logits, seeds=seeds, positions=5, step=0, temperature=T, backend="cuda")
+    freq = torch.bincount(tok, minlength=V).double() / N
+    p = torch.softmax(base.double() / T, 0)
+    assert freq[3] == 0
+    # 5-sigma binomial band per token (the contract's u == 1 corner adds ~2^-24 * V, negligible here)
+    assert ((freq - p).abs() <= 5 * torch.sqrt(p * (1 - p) / N) + 1e-4).all(), (freq, p)
+    tok_k, _ = K.choose_tokens(
+        logits, seeds=seeds, positions=5, step=0, temperature=T, top_k=4, backend="cuda"
+    )
+    assert set(tok_k.unique().tolist()) <= {12, 13, 14, 15}
+
+
+@gpu
+def test_gpu_batch_invariance():
+    _cuda()
+    V, L = 32000, 24
+    g = torch.Generator(device="cuda").manual_seed(9)
+    row = torch.randn(1, L, V, device="cuda", generator=g).to(torch.bfloat16)
+    others = torch.randn(6, L, V, device="cuda", generator=g).to(torch.bfloat16)
+    big = torch.cat([others[:4], row, others[4:]])
+    cand = torch.ones(7, L, dtype=torch.bool, device="cuda")
+    seeds = torch.tensor([1, 2, 3, 4, 42, 5, 6], device="cuda")
+    kw = dict(temperature=1.0, top_p=0.9, n_commit=torch.full((7,), 5, device="cuda"))
+    a = K.unmask_step(
+        big, torch.zeros(7, L, dtype=torch.int64, device="cuda"), cand, seeds, 2, backend="cuda", **kw
+    )
+    kw["n_commit"] = kw["n_commit"][:1]
+    b = K.unmask_step(
+        row,
+        torch.zeros(1, L, dtype=torch.int64, device="cuda"),
+        cand[:1],
+        seeds[4:5],
+        2,
+        backend="cuda",
+        **kw,
+    )
+    for x, y in zip(a, b):
+        assert torch.equal(x[4:5], y)
+
+
+@gpu
+def test_gpu_choose_tokens_and_select_positions_match_references():
+    _cuda()
+    g = torch.Generator(device="cuda").manual_seed(10)
+    logits = torch.randn(300, 32000, device="cuda", generator=g)
+    seeds = torch.randint(0, 2**40, (300,), device="cuda", generator=g)
+    pos = torch.randint(0, 2048, (300,), device="cuda", generator=g)
+    for opts in (
+        {"temperature": 0.0},
+        {"temperature": 1.0, "top_k": 100},
+        {"temperature": 0.5, "top_p": 0.8, "confidence": "entropy"},
+    ):
+        a = K.choose_tokens(logits, seeds=seeds, positions=pos, step=7, backend="cuda", **opts)
+        b = R.choose_tokens_reference(logits, seeds=seeds, positions=pos, step=7, **opts)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), opts
+    conf = torch.rand(8, 1000, device="cuda", generator=g)
+    conf[:, 10:20] = 0.5  # ties
+    cand = torch.rand(8, 1000, device="cuda", generator=g) < 0.8
+    n = torch.randint(0, 900, (8,), device="cuda", generator=g)
+    assert torch.equal(
+        K.select_positions(conf, cand, n=n, backend="cuda"), R.select_positions_reference(conf, cand, n)
+    )
+    assert torch.equal(
+        K.select_positions(conf, cand, threshold=0.9, backend="cuda"),
+        R.select_positions_reference(conf, cand, threshold=0.9),
+    )
+
+
+ATTN_CASES = [
+    # dtype, B, Hq, Hkv, Lq, Lk, D, documents
+    (torch.bfloat16, 2, 4, 4, 128, 128, 64, 0),
+    (torch.bfloat16, 1, 8, 2, 1000, 1000, 128, 0),
+    (torch.float16, 2, 6, 3, 257, 257, 64, 3),
+    (torch.bfloat16, 3, 4, 4, 512, 512, 128, 5),
+    (torch.bfloat16, 2, 4, 2, 64, 700, 128, 0),  # a block of queries over cached prefix K/V
+    (torch.float16, 1, 2, 2, 33, 97, 64, 2),
+    (torch.bfloat16, 2, 14, 14, 2048, 2048, 128, 4),
+]
+
+
+def _segments(B, L, ndocs, g):
+    if ndocs == 0:
+        return None
+    cuts = [sorted(torch.randint(1, L, (ndocs - 1,), generator=g).tolist()) for _ in range(B)]
+    seg = torch.zeros(B, L, dtype=torch.int32)
+    for b, cs in enumerate(cuts):
+        for c in cs:
+            seg[b, c:] += 1
+    return seg
+
+
+def _low_precision_attention(q, k, v, qs, ks, scale):
+    """Plain PyTorch at the inputs' precision (the baseline error of the 2x rule)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if qs is not None:
+        s = s.masked_fill(qs[:, None, :, None] != ks[:, None, None, :], float("-inf"))
+    p = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
+    return p @ v
+
+
+@gpu
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_gpu_attention_error_within_2x_of_pytorch(case):
+    _cuda()
+    dtype, B, Hq, Hkv, Lq, Lk, D, ndocs = case
+    g = torch.Generator().manual_seed(Lq * 7 + D)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to("cuda", dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to("cuda", dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to("cuda", dtype)
+    ks = _segments(B, Lk, ndocs, g)
+    qs = None if ks is None else ks[:, Lk - Lq :].contiguous()
+    if ks is not None:
+        qs, ks = qs.cuda(), ks.cuda()
+    scale = D**-0.5
+    out = K.attention(q, k, v, q_segment_ids=qs, k_segment_ids=ks, backend="cuda")
+    ref = R.attention_reference(q, k, v, q_segment_ids=qs, k_segment_ids=ks, out_dtype=torch.float32)
+    pt = _low_precision_attention(q, k, v, qs, ks, scale)
+    err, err_pt = (out.float() - ref).abs().max().item(), (pt.float() - ref).abs().max().item()
+    assert err <= 2 * err_pt + 1e-5, (err, err_pt)
+    # transposed (B, L, H, D) views are accepted without copies
+    out_t = K.attention(
+        q.transpose(1, 2).contiguous().transpose(1, 2),
+        k,
+        v,
+        q_segment_ids=qs,
+        k_segment_ids=ks,
+        backend="cuda",
+    )
+    assert torch.equal(out_t, out)
+
+
+@gpu
+def test_gpu_attention_rows_without_keys_are_zero():
+    _cuda()
+    q = torch.randn(1, 2, 70, 64, device="cuda", dtype=torch.bfloat16)
+    qs = torch.zeros(1, 70, dtype=torch.int32, device="cuda")
+    qs[0, 60:] = 9  # no key has segment 9
+    ks = torch.zeros(1, 70, dtype=torch.int32, device="cuda")
+    out = K.attention(q, q, q, q_segment_ids=qs, k_segment_ids=ks, backend="cuda")
+    assert (out[0, :, 60:] == 0).all() and out[0, :, :60].abs().sum() > 0
+
+
+@gpu
+def test_gpu_auto_backend_and_compile():
+    _cuda()
+    q = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)
+    a = K.attention(q, q, q)  # auto -> kernel
+    b = K.attention(q, q, q, backend="cuda")
+    assert torch.equal(a, b)
+    f = torch.compile(lambda q: K.attention(q, q, q, backend="cuda") * 2, fullgraph=True)
+    assert torch.equal(f(q), b * 2)
+    os.environ["SMDM_KERNELS"] = "reference"
+    try:
+        c = K.attention(q, q, q)
+    finally:
+        del os.environ["SMDM_KERNELS"]
+    assert torch.allclose(c.float(), b.float(), atol=2e-2)
