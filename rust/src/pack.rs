@@ -8,9 +8,16 @@
 //! Fixed windows over the stream need no copy (the reader slices the memory map), so this is all of packing.
 //!
 //! Work is split into contiguous runs of documents of about equal token count, copied in parallel (rayon).
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+
+/// Input id type: u16 or u32.
+pub trait Id: Copy + Send + Sync + Into<u32> {}
+impl Id for u16 {}
+impl Id for u32 {}
 
 /// Output element: u16 or u32.
 pub trait Item: Copy + Send + Sync {
@@ -52,14 +59,15 @@ pub fn doc_starts(lengths: &[u64], n_tokens: usize) -> Result<(Vec<u64>, usize)>
     Ok((starts, pos as usize))
 }
 
-/// Pack into `out` (length = n_tokens + n_docs). `starts` from `doc_starts`.
-pub fn pack_into<T: Item>(
-    tokens: &[u32],
+/// Pack into `out` (length = n_tokens + n_docs), writing every element. `starts` from `doc_starts`.
+/// `out` may be uninitialised memory (a fresh numpy array): it is only written, never read.
+pub fn pack_into<I: Id, T: Item>(
+    tokens: &[I],
     lengths: &[u64],
     starts: &[u64],
     eos: u32,
     vocab_size: u32,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
 ) -> Result<()> {
     if eos >= vocab_size {
         return Err(Error::Invalid(format!(
@@ -76,7 +84,9 @@ pub fn pack_into<T: Item>(
     }
     // Runs of whole documents of ~`target` tokens: enough pieces to balance threads, big enough to stream.
     let target = (tokens.len() / (rayon::current_num_threads() * 8)).max(1 << 16);
-    let mut jobs: Vec<(&[u32], &[u64], &mut [T])> = Vec::new();
+    // (input ids, document lengths, output slots) of each run
+    type Job<'a, I, T> = (&'a [I], &'a [u64], &'a mut [MaybeUninit<T>]);
+    let mut jobs: Vec<Job<I, T>> = Vec::new();
     let (mut src, mut dst) = (tokens, out);
     let mut d0 = 0;
     while d0 < lengths.len() {
@@ -101,10 +111,11 @@ pub fn pack_into<T: Item>(
             for &l in lens {
                 let l = l as usize;
                 for (y, &x) in dst[o..o + l].iter_mut().zip(&src[i..i + l]) {
-                    *y = T::from_id(x);
+                    let x: u32 = x.into();
+                    y.write(T::from_id(x));
                     max = max.max(x);
                 }
-                dst[o + l] = T::from_id(eos);
+                dst[o + l].write(T::from_id(eos));
                 i += l;
                 o += l + 1;
             }
@@ -113,14 +124,17 @@ pub fn pack_into<T: Item>(
         .reduce(|| false, |a, b| a || b);
     if bad {
         // Rare path: find the first offender (and its document) for the message.
-        let i = tokens.iter().position(|&x| x >= vocab_size).unwrap_or(0);
+        let i = tokens
+            .iter()
+            .position(|&x| x.into() >= vocab_size)
+            .unwrap_or(0);
         let mut d = 0usize;
         let mut acc = 0u64;
         while d < lengths.len() && acc + lengths[d] <= i as u64 {
             acc += lengths[d];
             d += 1;
         }
-        let id = tokens.get(i).copied().unwrap_or(0);
+        let id: u32 = tokens.get(i).map_or(0, |&x| x.into());
         let what = if id == vocab_size {
             "equals the mask id (vocab_size)".to_string()
         } else {
@@ -134,15 +148,24 @@ pub fn pack_into<T: Item>(
 }
 
 /// Pack into a new vector. Returns (stream, starts).
-pub fn pack<T: Item + Default>(
-    tokens: &[u32],
+pub fn pack<I: Id, T: Item>(
+    tokens: &[I],
     lengths: &[u64],
     eos: u32,
     vocab_size: u32,
 ) -> Result<(Vec<T>, Vec<u64>)> {
     let (starts, n) = doc_starts(lengths, tokens.len())?;
-    let mut out = vec![T::default(); n];
-    pack_into(tokens, lengths, &starts, eos, vocab_size, &mut out)?;
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    pack_into(
+        tokens,
+        lengths,
+        &starts,
+        eos,
+        vocab_size,
+        &mut out.spare_capacity_mut()[..n],
+    )?;
+    // SAFETY: pack_into wrote all n elements (it returned Ok).
+    unsafe { out.set_len(n) };
     Ok((out, starts))
 }
 
@@ -152,7 +175,7 @@ mod tests {
 
     #[test]
     fn packs_with_eos_and_starts() {
-        let (s, st) = pack::<u16>(&[5, 6, 7, 8], &[2, 0, 2], 0, 10).unwrap();
+        let (s, st) = pack::<u32, u16>(&[5u32, 6, 7, 8], &[2, 0, 2], 0, 10).unwrap();
         assert_eq!(s, vec![5, 6, 0, 0, 7, 8, 0]);
         assert_eq!(st, vec![0, 3, 4]);
     }
@@ -162,7 +185,7 @@ mod tests {
         let lengths: Vec<u64> = (0..5000).map(|i| (i * 37 % 301) as u64).collect();
         let total: u64 = lengths.iter().sum();
         let tokens: Vec<u32> = (0..total as u32).map(|i| i % 999 + 1).collect();
-        let (s, st) = pack::<u32>(&tokens, &lengths, 0, 1000).unwrap();
+        let (s, st) = pack::<u32, u32>(&tokens, &lengths, 0, 1000).unwrap();
         let mut want = Vec::new();
         let mut i = 0usize;
         for &l in &lengths {
@@ -176,11 +199,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert!(pack::<u16>(&[5, 10], &[2], 0, 10)
+        assert!(pack::<u32, u16>(&[5u32, 10], &[2], 0, 10)
             .unwrap_err()
             .to_string()
             .contains("mask id"));
-        assert!(pack::<u16>(&[5, 6], &[3], 0, 10).is_err());
-        assert!(pack::<u16>(&[5], &[1], 10, 10).is_err());
+        assert!(pack::<u32, u16>(&[5u32, 6], &[3], 0, 10).is_err());
+        assert!(pack::<u16, u16>(&[5u16], &[1], 10, 10).is_err());
+        assert_eq!(
+            pack::<u16, u32>(&[5u16], &[1], 0, 10).unwrap().0,
+            vec![5u32, 0]
+        );
     }
 }

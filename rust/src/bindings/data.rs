@@ -186,41 +186,63 @@ fn litpkds_tokens<'py>(
     Ok(PyArray1::from_vec(py, v))
 }
 
-fn stream_out<'py, T: pack::Item + Default + numpy::Element>(
+fn stream_out<'py, I: pack::Id, T: pack::Item + numpy::Element>(
     py: Python<'py>,
-    tokens: &[u32],
+    tokens: &[I],
     lengths: &[u64],
     eos_id: u32,
     vocab_size: u32,
 ) -> PyResult<(Py<PyAny>, Bound<'py, PyArray1<u64>>)> {
     let (starts, n) = pack::doc_starts(lengths, tokens.len())?;
-    // Zeroed (calloc): fresh zero pages, faulted in by the parallel writers.
-    let out = PyArray1::<T>::zeros(py, n, false);
+    // Uninitialised (malloc, not calloc): a reused heap block is not zeroed first, and every element is
+    // written below through `MaybeUninit` before Python can see the array.
+    // SAFETY: a fresh, owned, C-contiguous 1-D array of n elements.
+    let out = unsafe { PyArray1::<T>::new(py, n, false) };
     {
-        let mut w = out.readwrite();
-        let o = w
-            .as_slice_mut()
-            .map_err(|_| PyValueError::new_err("internal: output not contiguous"))?;
+        // SAFETY: `out` is ours alone (not yet shared with Python); viewed as MaybeUninit, never read.
+        let o = unsafe {
+            std::slice::from_raw_parts_mut(out.data() as *mut std::mem::MaybeUninit<T>, n)
+        };
         py.detach(|| pack::pack_into(tokens, lengths, &starts, eos_id, vocab_size, o))?;
     }
     Ok((out.into_py_any(py)?, PyArray1::from_vec(py, starts)))
 }
 
-/// Pack documents: `tokens` (uint32, the documents concatenated) and `lengths` (uint64 per document) ->
-/// (stream with an EOS after each document, in uint16 if vocab_size < 65536 else uint32; starts uint64).
+fn pack_any<'py, I: pack::Id + numpy::Element>(
+    py: Python<'py>,
+    tokens: &Bound<'py, PyArray1<I>>,
+    lengths: &[u64],
+    eos_id: u32,
+    vocab_size: u32,
+) -> PyResult<(Py<PyAny>, Bound<'py, PyArray1<u64>>)> {
+    let r = tokens.readonly();
+    let t = contiguous(&r, "tokens")?;
+    match Dtype::for_vocab(vocab_size) {
+        Dtype::U16 => stream_out::<I, u16>(py, t, lengths, eos_id, vocab_size),
+        Dtype::U32 => stream_out::<I, u32>(py, t, lengths, eos_id, vocab_size),
+    }
+}
+
+/// Pack documents: `tokens` (uint16 or uint32, the documents concatenated) and `lengths` (uint64 per
+/// document) -> (stream with an EOS after each document, in uint16 if vocab_size < 65536 else uint32;
+/// document starts uint64).
 #[pyfunction]
 fn pack_documents<'py>(
     py: Python<'py>,
-    tokens: PyReadonlyArray1<'py, u32>,
+    tokens: &Bound<'py, PyAny>,
     lengths: PyReadonlyArray1<'py, u64>,
     eos_id: u32,
     vocab_size: u32,
 ) -> PyResult<(Py<PyAny>, Bound<'py, PyArray1<u64>>)> {
-    let t = contiguous(&tokens, "tokens")?;
     let l = contiguous(&lengths, "lengths")?;
-    match Dtype::for_vocab(vocab_size) {
-        Dtype::U16 => stream_out::<u16>(py, t, l, eos_id, vocab_size),
-        Dtype::U32 => stream_out::<u32>(py, t, l, eos_id, vocab_size),
+    if let Ok(a) = tokens.cast::<PyArray1<u16>>() {
+        pack_any(py, a, l, eos_id, vocab_size)
+    } else if let Ok(a) = tokens.cast::<PyArray1<u32>>() {
+        pack_any(py, a, l, eos_id, vocab_size)
+    } else {
+        Err(PyValueError::new_err(
+            "pack_documents: tokens must be a 1-D numpy array of dtype uint16 or uint32",
+        ))
     }
 }
 

@@ -1,0 +1,37 @@
+"""`smdm bench pack|mask|tokenize|sampler`: throughput benchmarks that print a table and write JSON.
+
+Each benchmark lives in `smdm.benchmarks.<name>` and exposes `register(parser)` (adds its options, sets
+`func`). The module is imported only when its benchmark runs, so `smdm bench --help` stays fast and a
+benchmark's heavy imports (torch, CUDA) never load for another one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "pack": "packing documents into a token stream (Rust vs numpy vs a lit-gpt style loop)",
+    "mask": "the masking forward process (Rust vs torch on CPU)",
+    "tokenize": "tokenize + pack (Rust pipeline vs Python tokenizers encode_batch + numpy)",
+    "sampler": "MDM samplers vs the ARM twin (GPU kernels when available)",
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Import the chosen benchmark, parse its own options from the rest of the command line, run it."""
+    module = importlib.import_module(f"smdm.benchmarks.{args.bench}")
+    parser = argparse.ArgumentParser(prog=f"smdm bench {args.bench}")
+    module.register(parser)
+    inner = parser.parse_args(args.bench_args)
+    return int(inner.func(inner) or 0)
+
+
+def register(parser: argparse.ArgumentParser, name: str = "bench") -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="{" + ",".join(BENCHMARKS) + "}")
+    for bench, help_text in BENCHMARKS.items():
+        # No options at this level (prefix_chars no argument uses, add_help=False): every argument after
+        # the benchmark's name, `--help` included, goes to the benchmark's own parser in `_run`.
+        p = sub.add_parser(bench, help=help_text, add_help=False, prefix_chars="\x00")
+        p.add_argument("bench_args", nargs="*")
+        p.set_defaults(func=_run)
