@@ -15,6 +15,7 @@ class TrainConfig:
     objective: str = "mdm"  # "mdm" (masked diffusion) or "ar" (the autoregressive twin)
     max_steps: Optional[int] = None  # optimizer steps (None: from --flops, else the demo's default)
     flops: Optional[float] = None  # compute budget C: steps = C / (6 · N_nonembedding · tokens per step)
+    time_budget: Optional[float] = None  # seconds: max_steps from one timed step (default without steps: 300)
     stop_after: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps)
     seed: int = 0  # model init, data order and masks
     batch_size: int = 16  # GLOBAL sequences per optimizer step (split over ranks and accumulation steps)
@@ -27,7 +28,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     val_every: int = 100  # steps between validations (0: only at the end)
     val_samples: int = 32  # Monte Carlo samples of the ELBO per validation sequence (MDM)
-    val_batches: int = 2  # validation batches (of the local micro-batch size) per rank
+    val_batches: int = 1  # validation batches (of the local micro-batch size) per rank
     save_every: int = 500  # steps between checkpoints (and at the end / on SIGTERM)
     keep: int = 2  # checkpoints kept (>= 2)
     doc_mask: bool = True  # attention stays inside each packed document (segment_ids)

@@ -39,10 +39,12 @@ from smdm import checkpoint as ckpt
 from smdm.config import TrainConfig
 from smdm.model import NAMED_SIZES, build_model, config_by_name
 
-DEMO_STEPS = {"mdm": 1200, "ar": 1200}  # ~5 minutes of the demo config on a 2-core CPU
+DEMO_SECONDS = 300.0  # `smdm train` with no step count trains for about five minutes
 DEMO_DATA = Path("runs/data")
 # Debug hook (used by the tests, a real code path): comma-separated steps whose loss is multiplied by NaN.
 INJECT_NONFINITE_ENV = "SMDM_INJECT_NONFINITE"
+# Debug hook: a directory where each rank appends the window ids it trains on (windows-rank{R}.jsonl).
+LOG_WINDOWS_ENV = "SMDM_LOG_WINDOWS"
 
 
 class TrainError(ValueError):
@@ -208,17 +210,7 @@ class Trainer:
         self.model_config = config_by_name(cfg.config, vocab_size=vocab, causal=self.kind == "ar",
                                            max_seq_len=max_seq)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
-        if cfg.max_steps is not None:
-            self.max_steps = cfg.max_steps
-        elif cfg.flops is not None:
-            n = self.model_config.non_embedding_params()
-            self.max_steps = int(cfg.flops // (6 * n * self.tokens_per_step))
-        else:
-            self.max_steps = DEMO_STEPS[self.kind]
-        if self.max_steps < 1:
-            raise TrainError(f"the run has {self.max_steps} steps (--max-steps / --flops too small)")
         self.peak_lr = cfg.lr if cfg.lr is not None else (4e-4 if cfg.config in NAMED_SIZES else 2e-3)
-        self.warmup = warmup_steps(cfg, self.max_steps)
 
         # model, optimizer
         self.model = build_model(self.model_config, seed=cfg.seed)
@@ -250,6 +242,8 @@ class Trainer:
         if state is not None:
             self._load_optimizer(state["optimizer"])
             torch.set_rng_state(state["rng"]["torch"])
+        self.max_steps = self._decide_steps(state)
+        self.warmup = warmup_steps(cfg, self.max_steps)
 
         # data
         from smdm.data import PackedDataset
@@ -260,13 +254,62 @@ class Trainer:
             self.dataset.load_state_dict(state["data"])
         self.val_dataset = None
         if self.val_dir is not None:
-            self.val_dataset = PackedDataset(self.val_dir, cfg.seq_len, self.micro,
-                                             extra_token=self.kind == "ar", seed=cfg.seed, rank=d.rank,
-                                             world_size=d.world, shuffle=False)
+            # Every rank reads the same global validation batches and evaluates its own rows of them, so the
+            # validation set (and the ELBO's draws, keyed by window id) is the same for any world size.
+            self.val_dataset = PackedDataset(self.val_dir, cfg.seq_len, self.micro * d.world,
+                                             extra_token=self.kind == "ar", seed=cfg.seed, shuffle=False)
         self.metrics_path = self.out / "metrics.jsonl"
         self._stop = False
         self.mask_id = self.model_config.mask_id
         self.inject = {int(s) for s in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if s.strip()}
+        log_dir = os.environ.get(LOG_WINDOWS_ENV)
+        self.window_log = Path(log_dir) / f"windows-rank{d.rank}.jsonl" if log_dir else None
+
+    def _decide_steps(self, state) -> int:
+        """--max-steps, else --flops (C / (6 N tokens per step)), else the resumed run's, else --time-budget
+        (the demo: 300 s) divided by the time of one timed step."""
+        cfg = self.cfg
+        if cfg.max_steps is not None:
+            steps = cfg.max_steps
+        elif cfg.flops is not None:
+            n = self.model_config.non_embedding_params()
+            steps = int(cfg.flops // (6 * n * self.tokens_per_step))
+        elif state is not None:
+            steps = int(state["schedule"]["max_steps"])
+        else:
+            budget = cfg.time_budget if cfg.time_budget is not None else DEMO_SECONDS
+            steps = max(1, int(budget / self._time_one_step()))
+            if self.dist.rank == 0:
+                print(f"--time-budget {budget:g} s: {steps} steps", flush=True)
+        if steps < 1:
+            raise TrainError(f"the run has {steps} steps (--max-steps / --flops too small)")
+        return steps
+
+    def _time_one_step(self) -> float:
+        """Seconds of one optimizer step's forward + backward on random tokens (no update, no data read)."""
+        cfg, d = self.cfg, self.dist
+        g = torch.Generator().manual_seed(0)
+        L = cfg.seq_len + (1 if self.kind == "ar" else 0)
+        ids = torch.randint(0, self.model_config.vocab_size, (self.micro, L), generator=g).to(d.device)
+        times = []
+        for _ in range(2):  # the first pass warms up allocators and kernels
+            t0 = time.perf_counter()
+            for _ in range(cfg.grad_accum):
+                if self.kind == "mdm":
+                    mask = torch.rand(ids.shape, generator=g).to(d.device) < 0.5
+                    kw = {"noisy": ids.masked_fill(mask, self.mask_id), "x0": ids, "mask": mask,
+                          "weight": mask.float() * 2}
+                else:
+                    kw = {"tokens": ids}
+                with self._autocast():
+                    loss = self.wrapped(self.kind, **kw)
+                loss.backward()
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        self.optimizer.zero_grad(set_to_none=True)
+        t = torch.tensor([times[-1] * 1.15])  # + optimizer, data and logging
+        return float(d.all_reduce(t, torch.distributed.ReduceOp.MAX if d.enabled else None))
 
     # -- state ----------------------------------------------------------------------------------------------
     def run_identity(self) -> dict:
@@ -379,6 +422,9 @@ class Trainer:
         for m in range(cfg.grad_accum):
             batch = next(it)
             ids = batch["input_ids"]
+            if self.window_log is not None:  # debug hook: which windows each rank trains on
+                with open(self.window_log, "a") as f:
+                    f.write(json.dumps({"step": self.step, "index": batch["index"].tolist()}) + "\n")
             seg = batch["segment_ids"] if cfg.doc_mask else None
             last = m == cfg.grad_accum - 1
             sync = nullcontext() if last or not (d.enabled and not cfg.fsdp) else self.wrapped.no_sync()
@@ -436,11 +482,12 @@ class Trainer:
                 batch = next(it)
             except StopIteration:
                 break
-            ids = batch["input_ids"].to(d.device)
-            seg = batch["segment_ids"].to(d.device) if cfg.doc_mask else None
+            mine = slice(d.rank * self.micro, (d.rank + 1) * self.micro)
+            ids = batch["input_ids"][mine].to(d.device)
+            seg = batch["segment_ids"][mine].to(d.device) if cfg.doc_mask else None
             with self._autocast():
                 if self.kind == "mdm":
-                    rows = batch["index"].numpy()
+                    rows = batch["index"][mine].numpy()
                     est = diffusion.elbo_nll(self.model, ids, segment_ids=seg, n_samples=cfg.val_samples,
                                              seed=cfg.seed + 1, row_ids=rows, max_rows=max(64, ids.shape[0]))
                     sums += torch.stack([est.nll.sum(), est.n_tokens.sum().double(), (est.stderr ** 2).sum()])
@@ -603,6 +650,8 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--flops", type=float, default=None, help="compute budget: steps = C / (6 N tokens/step)")
+    g.add_argument("--time-budget", type=float, default=None,
+                   help=f"seconds: steps from one timed step (default without --max-steps: {DEMO_SECONDS:g})")
     a("--stop-after", type=int, default=None, help="save and stop after this step")
     a("--seed", type=int, default=d.seed)
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out (error if none)")
