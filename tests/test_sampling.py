@@ -93,6 +93,24 @@ def test_gumbel_choice_matches_an_independent_reference():
     assert tok.tolist() == ref
 
 
+@pytest.mark.parametrize("T", [0.0, 0.7])
+@pytest.mark.parametrize("confidence", ["prob", "margin", "entropy"])
+def test_unfiltered_fast_path_is_bit_identical_to_the_kernel_reference(T, confidence):
+    from smdm.kernels._reference import choose_tokens_reference
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(50, 300, generator=g) * 3
+    logits[3, :] = 1.0  # all ties
+    logits[5, 7:] = -math.inf
+    args = dict(seeds=torch.arange(50) * 7, positions=torch.arange(50) + 100, step=4, temperature=T,
+                confidence=confidence)
+    tok, conf = choose_tokens(logits, top_k=None, top_p=None, **args)
+    ref_tok, ref_conf = choose_tokens_reference(logits, top_k=None, top_p=None, **args)
+    assert torch.equal(tok, ref_tok) and torch.equal(conf, ref_conf)
+    tok_p, conf_p = choose_tokens(logits, top_k=None, top_p=1.0, **args)
+    assert torch.equal(tok_p, ref_tok) and torch.equal(conf_p, ref_conf)
+
+
 def test_argmax_ties_lowest_id_and_confidences():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     tok, conf = choose_tokens(logits, seeds=torch.zeros(2), positions=torch.arange(2), step=0)

@@ -59,6 +59,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from smdm.rng import Stream
@@ -151,6 +152,8 @@ def choose_tokens(logits: torch.Tensor, *, seeds, positions, step, temperature: 
     h >> 40 == 2^24 - 1 rounds to u == 1 (g = +inf) and wins among the kept ids (probability 2^-24 each)."""
     from smdm.kernels._reference import choose_tokens_reference
 
+    if top_k is None and (top_p is None or top_p >= 1.0):  # nothing filtered: skip the reference's sort
+        choose_tokens_reference = _choose_unfiltered
     if confidence not in CONFIDENCES:
         raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
     N, V = logits.shape
@@ -165,6 +168,38 @@ def choose_tokens(logits: torch.Tensor, *, seeds, positions, step, temperature: 
     if not out:
         return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.float32, device=dev)
     return torch.cat([t for t, _ in out]), torch.cat([c for _, c in out])
+
+
+def _choose_unfiltered(logits, *, seeds, positions, step, temperature, top_k, top_p, confidence):
+    """`smdm.kernels._reference.choose_tokens_reference` when nothing is filtered, op for op (same primitives,
+    same order), without its (N, V) sort, which only serves top-k / top-p and dominates on CPU. Bit-identical
+    (tests/test_sampling.py checks it)."""
+    from smdm.kernels._reference import exp_neg_f32, fixed31, gumbel_keys, gumbel_noise, log_f32
+
+    lf = logits.to(torch.float32)
+    N, V = lf.shape
+    top = torch.argmax(lf, dim=1)  # lowest id on ties
+    m = lf.gather(1, top[:, None])  # (N, 1)
+    valid = lf != -math.inf
+    z = lf - m
+    e = exp_neg_f32(z)
+    s_f = (fixed31(e).sum(1).to(torch.float64) * 2.0**-31).to(torch.float32)  # softmax normaliser
+    t32 = float(np.float32(temperature))
+    if t32 > 0.0:
+        t = torch.full((1, 1), t32, dtype=torch.float32, device=lf.device)
+        keys = gumbel_keys(seeds, step, positions)
+        tok = torch.argmax(torch.where(valid, lf / t + gumbel_noise(keys, V), -math.inf), dim=1)
+    else:
+        tok = top
+    if confidence == "prob":
+        return tok, exp_neg_f32(lf.gather(1, tok[:, None]).squeeze(1) - m.squeeze(1)) / s_f
+    if confidence == "margin":
+        l2 = lf.scatter(1, top[:, None], -math.inf).max(dim=1).values
+        e2 = torch.where(l2 == -math.inf, 0.0, exp_neg_f32(l2 - m.squeeze(1)))
+        return tok, (1.0 - e2) / s_f
+    a_fix = torch.where(valid, fixed31(-(e * torch.where(valid, z, 0.0))), 0).sum(1)
+    a_f = (-(a_fix.to(torch.float64) * 2.0**-31)).to(torch.float32)
+    return tok, a_f / s_f - log_f32(s_f)
 
 
 def select_positions(confidence: torch.Tensor, candidates: torch.Tensor, n: Optional[torch.Tensor] = None,

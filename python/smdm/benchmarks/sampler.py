@@ -122,6 +122,65 @@ def run(config: str, device: str, gen_lengths, batch_sizes, *, prompt_length: in
     return records
 
 
+def cache_quality(model, prompts, references, gen_length: int, steps: int, block_length: int,
+                  n_samples: int = 64, **kw) -> list:
+    """The prefix K/V cache's effect on output quality (it is approximate for a bidirectional model): the same
+    prompts generated with cache="none" and cache="prefix"; per variant the token agreement with the no-cache
+    output, the MDM's own Monte Carlo ELBO of the generated text given the prompt (nats/token, lower = more
+    likely under the model; `smdm.diffusion.elbo_nll`), forward passes and seconds. `references` (the true
+    continuations, or None) get the same ELBO as a yardstick."""
+    import torch
+
+    from smdm.diffusion import elbo_nll
+    from smdm.sampling import generate
+
+    def nll(conts):
+        toks = torch.tensor([p + c for p, c in zip(prompts, conts)])
+        e = elbo_nll(model, toks, prompt_lens=[len(p) for p in prompts], n_samples=n_samples)
+        per_tok = e.nll / e.n_tokens
+        return float(per_tok.mean()), float(per_tok.std() / max(1, len(prompts)) ** 0.5)
+
+    rows, base = [], None
+    for cache in ("none", "prefix"):
+        t0 = time.perf_counter()
+        out = generate(model, prompts, gen_length=gen_length, steps=steps, block_length=block_length,
+                       cache=cache, **kw)
+        sec = time.perf_counter() - t0
+        gen = [s[len(p):] for s, p in zip(out.sequences, prompts)]
+        base = gen if base is None else base
+        same = sum(a == b for x, y in zip(gen, base) for a, b in zip(x, y)) / sum(len(x) for x in gen)
+        mean, se = nll(gen)
+        rows.append({"cache": cache, "agreement_with_no_cache": same, "elbo_nats_per_token": mean,
+                     "elbo_se": se, "forward_passes": out.forward_passes, "seconds": sec, "outputs": gen})
+    if references is not None:
+        mean, se = nll(references)
+        rows.append({"cache": "reference text", "agreement_with_no_cache": sum(
+            a == b for x, y in zip(references, base) for a, b in zip(x, y)) / sum(len(x) for x in references),
+            "elbo_nats_per_token": mean, "elbo_se": se, "forward_passes": None, "seconds": None})
+    return rows
+
+
+def _quality_prompts(data_dir: str, n: int, prompt_length: int, gen_length: int):
+    """The first n validation documents long enough: (prompts, true continuations)."""
+    from pathlib import Path
+
+    from smdm.data import load_manifest, read_shard, resolve_dataset
+
+    ds = resolve_dataset(data_dir, "val")
+    prompts, refs = [], []
+    for shard in load_manifest(ds).shards:
+        _, tokens, starts = read_shard(Path(ds) / shard.file)
+        bounds = list(map(int, starts)) + [len(tokens)]
+        for a, b in zip(bounds, bounds[1:]):
+            if b - a >= prompt_length + gen_length and len(prompts) < n:
+                doc = tokens[a:b].astype("int64").tolist()
+                prompts.append(doc[:prompt_length])
+                refs.append(doc[prompt_length:prompt_length + gen_length])
+    if not prompts:
+        raise ValueError(f"{ds}: no document of {prompt_length + gen_length}+ tokens")
+    return prompts, refs
+
+
 def _table(records) -> str:
     head = f"{'variant':<36} {'gen':>5} {'B':>3} {'tok/s':>9} {'fwd':>6} {'tok/fwd':>8} {'x ARM':>6} {'s':>7}"
     # tok/fwd: generated tokens per forward pass per sequence (a batched call serves every row at once)
@@ -134,7 +193,35 @@ def _table(records) -> str:
     return "\n".join(lines)
 
 
+def quality_main(args) -> int:
+    import smdm
+
+    model, _ = smdm.load(args.quality_ckpt, device=args.device)
+    G = args.gen_lengths[0]
+    prompts, refs = _quality_prompts(args.quality_data, args.quality_n, args.prompt_length, G)
+    S = max(1, G // args.steps_div)
+    block = args.quality_block
+    S -= S % (G // block)
+    rows = cache_quality(model, prompts, refs, G, max(S, G // block), block, seed=list(range(len(prompts))),
+                         temperature=args.quality_temperature)
+    print(f"prefix-cache quality: {args.quality_ckpt}, {len(prompts)} validation prompts of "
+          f"{args.prompt_length} tokens, gen {G}, blocks of {block}, {max(S, G // block)} steps, "
+          f"T={args.quality_temperature}; ELBO = the model's Monte Carlo -log p(text | prompt), 64 samples")
+    print(f"{'output':<16} {'agree':>7} {'ELBO nats/tok':>14} {'+-':>6} {'fwd':>6} {'s':>7}")
+    for r in rows:
+        fwd = "-" if r["forward_passes"] is None else r["forward_passes"]
+        sec = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
+        print(f"{r['cache']:<16} {r['agreement_with_no_cache']:>7.3f} {r['elbo_nats_per_token']:>14.3f} "
+              f"{r['elbo_se']:>6.3f} {fwd:>6} {sec:>7}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.quality_ckpt:
+        return quality_main(args)
     if args.device == "cuda":
         import torch
 
@@ -179,6 +266,12 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", help="write one JSON record per (variant, gen, batch)")
+    q = parser.add_argument_group("prefix-cache quality (instead of throughput)")
+    q.add_argument("--quality-ckpt", metavar="DIR", help="trained MDM checkpoint: compare cache none/prefix")
+    q.add_argument("--quality-data", metavar="DIR", help="dataset whose val documents give the prompts")
+    q.add_argument("--quality-n", type=int, default=32, help="prompts (default 32)")
+    q.add_argument("--quality-block", type=int, default=8, help="block length (default 8)")
+    q.add_argument("--quality-temperature", type=float, default=0.0)
     parser.set_defaults(func=main)
     return parser
 
