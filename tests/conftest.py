@@ -1,0 +1,38 @@
+# python -m pytest -q tests   (shared fixtures; each test file starts with its own command)
+"""Shared fixtures. Keep this file small: fixtures used by one file belong in that file."""
+
+from __future__ import annotations
+
+import pytest
+
+# A small multi-document corpus: enough text for a byte-level BPE of a few hundred ids, some Unicode.
+TINY_TEXTS = [
+    f"def f{i}(x):\n    return x * {i} + {i % 7}  # naïve café {i}\n\nclass C{i}:\n    pass\n" * (1 + i % 5)
+    for i in range(120)
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_texts() -> list[str]:
+    return list(TINY_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_jsonl(tmp_path_factory, tiny_texts):
+    """A .jsonl file with one document per line (field `text`)."""
+    import json
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(tiny_texts)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, tiny_jsonl):
+    """`smdm prepare` output (smdm format, trained BPE of 300 ids, small shards): DIR with train/ val/."""
+    from smdm.data_cli import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    prepare([str(tiny_jsonl)], out, vocab_size=300, val_fraction=0.1, shard_tokens=4000, progress=False,
+            log=lambda msg: None)
+    return out

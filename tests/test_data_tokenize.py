@@ -1,0 +1,179 @@
+# python -m pytest -q tests/test_data_tokenize.py
+"""Tokenize + pack in Rust (the `tokenizers` crate + smdm's byte-level fast path) gives exactly the ids of
+the Python `tokenizers` package on the same tokenizer.json, and packing equals the numpy reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tokenizers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from smdm import SmdmFormatError, SmdmIOError, _core
+from smdm import data as D
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_texts):
+    """(rust tokenizer, python tokenizer, path) of a byte-level BPE trained by smdm."""
+    tok = _core.Tokenizer.train_bpe(tiny_texts, 320)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    path.write_text(tok.to_json())
+    return _core.Tokenizer.from_file(str(path)), tokenizers.Tokenizer.from_file(str(path)), path
+
+
+TRICKY = [
+    "",
+    " ",
+    "   ",
+    "a  b",
+    "a \n b",
+    "x\n\n\ny",
+    "\u3000z \u3000",
+    "it's 'll ' s 'S",
+    "1 2  3 ４５",
+    "tab\t\tend  ",
+    "text <|endoftext|> more",
+    "<|endoftext|>",
+    "émoji 🙂🙂 ok",
+    "\xa0\xa0x",
+    "Ǆ ǅ ǆ ʰ ⅷ",
+    "\r\n\r\n  def f():\r\n",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+]
+
+
+def _py_ids(py, texts):
+    return [e.ids for e in py.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_trained_tokenizer_basics(trained):
+    rust, py, _ = trained
+    assert rust.vocab_size == 320 == py.get_vocab_size(with_added_tokens=True)
+    assert rust.eos_id == py.token_to_id("<|endoftext|>") == 0
+    assert rust.bos_id is None
+
+
+def test_ids_equal_python_tokenizers(trained, tiny_texts):
+    rust, py, _ = trained
+    texts = tiny_texts + TRICKY
+    assert rust.encode(texts) == _py_ids(py, texts)
+
+
+def test_encode_pack_equals_python_encode_batch_plus_numpy(trained, tiny_texts):
+    rust, py, _ = trained
+    texts = tiny_texts[:50] + TRICKY
+    stream, starts = rust.encode_pack(texts)
+    ids = _py_ids(py, texts)
+    want = np.concatenate([np.array(i + [rust.eos_id], np.uint16) for i in ids])
+    assert stream.dtype == np.uint16 and np.array_equal(stream, want)
+    assert np.array_equal(starts, np.cumsum([0] + [len(i) + 1 for i in ids[:-1]]))
+
+
+def test_crate_path_equals_fast_path(trained, tiny_texts, monkeypatch):
+    rust, _, _ = trained
+    texts = tiny_texts[:30] + TRICKY
+    fast = rust.encode(texts)
+    monkeypatch.setenv("SMDM_REFERENCE", "1")  # the crate's own encode, no smdm fast path
+    assert rust.encode(texts) == fast
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=60), min_size=1, max_size=8))
+def test_random_text_ids_equal_python(trained, texts):
+    rust, py, _ = trained
+    assert rust.encode(texts) == _py_ids(py, texts)
+
+
+def test_foreign_tokenizer_json_with_eos_name(tmp_path):
+    """A WordLevel tokenizer (no fast path) with `</s>`: the crate path, EOS found by name."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+    spec = {
+        "version": "1.0",
+        "added_tokens": [
+            {
+                "id": i,
+                "content": c,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for c, i in [("<unk>", 0), ("<s>", 1), ("</s>", 2)]
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    rust = _core.Tokenizer.from_file(str(path))
+    assert (rust.eos_id, rust.bos_id, rust.vocab_size) == (2, 1, 5)
+    py = tokenizers.Tokenizer.from_file(str(path))
+    texts = ["hello world", "world hello </s> x"]
+    assert rust.encode(texts) == _py_ids(py, texts)
+    with pytest.raises(SmdmFormatError, match="not in the vocabulary"):
+        _core.Tokenizer.from_file(str(path), "<|endoftext|>")
+
+
+def test_bad_tokenizer_files(tmp_path):
+    p = tmp_path / "tokenizer.json"
+    p.write_text("{not json")
+    with pytest.raises(SmdmFormatError, match="tokenizer.json"):
+        _core.Tokenizer.from_file(str(p))
+    p.write_text(json.dumps({"model": {"type": "Nope"}}))
+    with pytest.raises(SmdmFormatError):
+        _core.Tokenizer.from_file(str(p))
+    with pytest.raises(SmdmIOError, match="missing.json"):
+        _core.Tokenizer.from_file(str(tmp_path / "missing.json"))
+
+
+def test_too_small_vocab_is_a_value_error(tiny_texts):
+    with pytest.raises(ValueError, match="vocab-size"):
+        _core.Tokenizer.train_bpe(tiny_texts, 100)
+
+
+# ---- packing ----
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(1, 65535), max_size=30), max_size=20),
+    st.sampled_from([300, 65535, 65536, 100_000]),
+)
+def test_pack_rust_equals_numpy_reference(docs, vocab):
+    docs = [[t % vocab for t in d] for d in docs]
+    lengths = np.array([len(d) for d in docs], np.uint64)
+    flat = np.array([t for d in docs for t in d], np.uint32)
+    want = D.pack_documents_numpy(flat, lengths, 0, vocab)
+    for tokens in (flat, flat.astype(np.uint16)) if vocab <= 65536 else (flat,):
+        got = _core.pack_documents(tokens, lengths, 0, vocab)
+        assert got[0].dtype == want[0].dtype == D.shard_dtype(vocab)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    got = D.pack_documents([np.array(d, np.int64) for d in docs], 0, vocab)
+    assert np.array_equal(got[0], want[0])
+
+
+def test_pack_large_parallel_equals_reference():
+    g = np.random.default_rng(0)
+    lengths = g.integers(0, 2000, 3000).astype(np.uint64)
+    flat = g.integers(0, 32000, int(lengths.sum())).astype(np.uint32)
+    got = _core.pack_documents(flat, lengths, 7, 32000)
+    want = D.pack_documents_numpy(flat, lengths, 7, 32000)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_pack_errors():
+    with pytest.raises(ValueError, match="mask id"):
+        _core.pack_documents(np.array([1, 300], np.uint32), np.array([2], np.uint64), 0, 300)
+    with pytest.raises(ValueError, match="sum to 3"):
+        _core.pack_documents(np.array([1, 2], np.uint32), np.array([3], np.uint64), 0, 300)
+    with pytest.raises(ValueError, match="uint16 or uint32"):
+        _core.pack_documents(np.array([1, 2], np.int64), np.array([2], np.uint64), 0, 300)
+    with pytest.raises(ValueError, match="eos_id"):
+        _core.pack_documents(np.array([1], np.uint32), np.array([1], np.uint64), 300, 300)
