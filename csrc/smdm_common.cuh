@@ -72,6 +72,27 @@ __device__ __forceinline__ float load_as_float(const void* p, i64 i) {
   return DT == DT_BF16 ? bf16_bits_to_float(b) : f16_bits_to_float(b);
 }
 
+// 16 bytes of DT values -> floats (4 for float32, 8 for bf16 / fp16; lowest address first).
+template <int DT>
+__device__ __forceinline__ void unpack16(uint4 r, float* out) {
+  const u32 w[4] = {r.x, r.y, r.z, r.w};
+  if constexpr (DT == DT_F32) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(w[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (DT == DT_BF16) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+      } else {
+        out[2 * i] = f16_bits_to_float((u16)(w[i] & 0xffffu));
+        out[2 * i + 1] = f16_bits_to_float((u16)(w[i] >> 16));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Deterministic float32 math (the reference mirrors each line; see python/smdm/kernels/_reference.py)
 // ---------------------------------------------------------------------------------------------------------

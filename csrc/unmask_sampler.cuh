@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
                        float temperature, int top_k, double top_p, int conf_mode,
                        i64* __restrict__ pred,    // (B*L,) out: token or -1
                        float* __restrict__ conf) {  // (B*L,) out: confidence or -inf
-  extern __shared__ float lrow[];
+  extern __shared__ __align__(16) float lrow[];
   __shared__ UnmaskScratch sc;
   const i64 row = blockIdx.x;
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -173,21 +173,52 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
   const i64 pos = positions != nullptr ? positions[row] : pos_offset + row % L;
   const i64 st = steps != nullptr ? steps[row] : step;
 
-  // ---- 1. read the row once, CFG mix, running arg-max ----
+  // ---- 1. read the row once (16-byte streaming loads when aligned), CFG mix, running arg-max ----
   const i64 base = row * (i64)V;
   ArgMax best;
   best.v = SMDM_NEG_INF;
   best.i = 0x7fffffff;
-  for (int v = tid; v < V; v += nt) {
-    float l = load_as_float<DT>(cond, base + v);
-    if (HAS_UNCOND) {
-      const float u = load_as_float<DT>(uncond, base + v);
-      l = __fadd_rn(u, __fmul_rn(cfg_scale1, __fsub_rn(l, u)));
+  constexpr int VEC = DT == DT_F32 ? 4 : 8;  // elements per 16-byte load
+  constexpr int ESZ = DT == DT_F32 ? 4 : 2;
+  const char* crow_ptr = static_cast<const char*>(cond) + base * ESZ;
+  const char* urow_ptr = HAS_UNCOND ? static_cast<const char*>(uncond) + base * ESZ : nullptr;
+  const bool vec_ok = V % VEC == 0 && ((reinterpret_cast<unsigned long long>(crow_ptr) & 15) == 0) &&
+                      (!HAS_UNCOND || (reinterpret_cast<unsigned long long>(urow_ptr) & 15) == 0);
+  if (vec_ok) {
+    const int nvec = V / VEC;
+#pragma unroll 4
+    for (int i = tid; i < nvec; i += nt) {
+      float x[VEC];
+      unpack16<DT>(__ldcs(reinterpret_cast<const uint4*>(crow_ptr) + i), x);
+      if (HAS_UNCOND) {
+        float u[VEC];
+        unpack16<DT>(__ldcs(reinterpret_cast<const uint4*>(urow_ptr) + i), u);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) x[e] = __fadd_rn(u[e], __fmul_rn(cfg_scale1, __fsub_rn(x[e], u[e])));
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; e += 4)
+        *reinterpret_cast<float4*>(lrow + i * VEC + e) = make_float4(x[e], x[e + 1], x[e + 2], x[e + 3]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (x[e] > best.v) {  // ids increase along a thread: strict > keeps the lowest id
+          best.v = x[e];
+          best.i = i * VEC + e;
+        }
+      }
     }
-    lrow[v] = l;
-    if (l > best.v) {  // v increases per thread: strict > keeps the lowest id
-      best.v = l;
-      best.i = v;
+  } else {
+    for (int v = tid; v < V; v += nt) {
+      float l = load_as_float<DT>(cond, base + v);
+      if (HAS_UNCOND) {
+        const float u = load_as_float<DT>(uncond, base + v);
+        l = __fadd_rn(u, __fmul_rn(cfg_scale1, __fsub_rn(l, u)));
+      }
+      lrow[v] = l;
+      if (l > best.v) {
+        best.v = l;
+        best.i = v;
+      }
     }
   }
   best = block_argmax(best, sc.red_f, sc.red_i);  // also a barrier for lrow
