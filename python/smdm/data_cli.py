@@ -195,10 +195,10 @@ def prepare(
     shard_tokens = int(shard_tokens or DEFAULT_SHARD_TOKENS[fmt])
     if shard_tokens < 1:
         raise ValueError("--shard-tokens must be positive")
+    corpus.expand_inputs(inputs)  # fail early on missing or unsupported inputs
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise SmdmIOError(f"{out}: exists and is not empty (use --force to replace it)")
-    corpus.expand_inputs(inputs)  # fail early on missing or unsupported inputs
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"

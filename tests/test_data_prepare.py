@@ -1,0 +1,225 @@
+# python -m pytest -q tests/test_data_prepare.py          (add `-m slow` for the built-in corpus run)
+"""`smdm prepare` and `smdm data verify|inspect` end to end on real files: inputs (.txt, .jsonl, dirs),
+shards equal to tokenizing with Python `tokenizers`, LITPKDS output byte-exact to lit-gpt's builder,
+deterministic output, clear errors for bad input, and no half-written output directory."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import tokenizers
+from smdm import SmdmFormatError, SmdmIOError
+from smdm import data as D
+from smdm.cli import main as smdm_main
+from smdm.corpus import split_of
+from smdm.data_cli import prepare
+
+QUIET = dict(progress=False, log=lambda msg: None)
+
+
+def _all_tokens(ds_dir):
+    m = D.load_manifest(ds_dir)
+    if m.format == "smdm":
+        return np.concatenate([D.read_shard(s.path)[1] for s in m.shards] or [np.zeros(0, np.uint16)])
+    return np.concatenate([D.read_litpkds(s.path)[2] for s in m.shards])
+
+
+def test_prepared_layout_and_contents(prepared, tiny_jsonl, tiny_texts):
+    assert sorted(p.name for p in prepared.iterdir()) == ["tokenizer.json", "train", "val"]
+    assert smdm_main(["data", "verify", str(prepared)]) == 0
+    py = tokenizers.Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    eos = py.token_to_id("<|endoftext|>")
+    for split in ("train", "val"):
+        texts = [t for i, t in enumerate(tiny_texts) if split_of(f"{tiny_jsonl.name}:{i + 1}", 0.1) == split]
+        want = np.concatenate(
+            [np.array(e.ids + [eos]) for e in py.encode_batch(texts, add_special_tokens=False)]
+        )
+        got = _all_tokens(prepared / split)
+        assert np.array_equal(got, want), split
+        m = D.load_manifest(prepared / split)
+        assert m.num_docs == len(texts) and m.num_tokens == want.size
+        assert all(s.num_tokens <= 4000 for s in m.shards[:-1])  # whole documents, <= --shard-tokens
+    assert len(D.load_manifest(prepared / "train").shards) > 1
+
+
+def test_prepare_is_deterministic_and_reuses_a_tokenizer(prepared, tiny_jsonl, tmp_path):
+    out = tmp_path / "again"
+    prepare(
+        [str(tiny_jsonl)],
+        out,
+        tokenizer=str(prepared / "tokenizer.json"),
+        val_fraction=0.1,
+        shard_tokens=4000,
+        **QUIET,
+    )
+    for split in ("train", "val"):
+        a = sorted(p.name for p in (prepared / split).iterdir())
+        assert a == sorted(p.name for p in (out / split).iterdir())
+        for name in a:
+            assert (prepared / split / name).read_bytes() == (out / split / name).read_bytes(), name
+
+
+def test_txt_and_directory_inputs(tmp_path, tiny_texts):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i, t in enumerate(tiny_texts[:30]):
+        (src / ("sub" if i % 2 else ".") / f"doc{i:02d}.txt").write_text(t)
+    (src / "ignored.md").write_text("not an input")
+    s = prepare([str(src)], tmp_path / "out", vocab_size=280, val_fraction=0.0, **QUIET)
+    assert s["train"]["num_docs"] == 30 and s["val"]["num_docs"] == 0
+    assert D.load_manifest(tmp_path / "out" / "val").shards == ()
+    assert smdm_main(["data", "verify", str(tmp_path / "out")]) == 0
+
+
+def lit_gpt_builder(stream_docs, chunk_size, sep_token, dtype, prefix, outdir):
+    """lit-gpt's PackedDatasetBuilder (add_array per document, write_reminder at the end), file for file."""
+    arr = np.full(chunk_size, sep_token, dtype)
+    idx, counter = 0, 0
+
+    def write_chunk():
+        nonlocal idx, counter
+        with open(outdir / f"{prefix}_{counter:010d}.bin", "wb") as f:
+            f.write(b"LITPKDS" + struct.pack("<Q", 1) + struct.pack("<B", 8) + struct.pack("<Q", chunk_size))
+            f.write(arr.tobytes(order="C"))
+        counter += 1
+        arr.fill(sep_token)
+        idx = 0
+
+    for doc in stream_docs:
+        while idx + doc.shape[0] > chunk_size:
+            part = chunk_size - idx
+            arr[idx : idx + part] = doc[:part]
+            write_chunk()
+            doc = doc[part:]
+        arr[idx : idx + doc.shape[0]] = doc
+        idx += doc.shape[0]
+    if idx:  # write_reminder (smdm skips a chunk that would be padding only)
+        write_chunk()
+
+
+def test_litpkds_output_is_byte_exact_to_lit_gpt(tmp_path, tiny_jsonl, prepared, tiny_texts):
+    out = tmp_path / "lit"
+    prepare(
+        [str(tiny_jsonl)],
+        out,
+        tokenizer=str(prepared / "tokenizer.json"),
+        fmt="litpkds",
+        val_fraction=0.1,
+        shard_tokens=1500,
+        **QUIET,
+    )
+    assert smdm_main(["data", "verify", str(out)]) == 0
+    py = tokenizers.Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    texts = [t for i, t in enumerate(tiny_texts) if split_of(f"{tiny_jsonl.name}:{i + 1}", 0.1) == "train"]
+    docs = [np.array(e.ids + [0], np.uint16) for e in py.encode_batch(texts, add_special_tokens=False)]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    lit_gpt_builder(docs, 1500, 0, np.uint16, "train", ref)
+    names = sorted(p.name for p in ref.iterdir())
+    assert names == sorted(p.name for p in (out / "train").glob("*.bin")) and len(names) > 2
+    for n in names:
+        assert (ref / n).read_bytes() == (out / "train" / n).read_bytes(), n
+    ds = D.PackedDataset(out, 64, 2, epochs=1)
+    assert ds.manifest.format == "litpkds" and len(list(ds)) == len(ds)
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n\n{"txt": "no text field"}\n')
+    with pytest.raises(SmdmFormatError, match=r"bad.jsonl:3: no 'text' field"):
+        prepare([str(p)], tmp_path / "out", vocab_size=280, **QUIET)
+    p.write_text('{"text": "ok"}\n{"text": 5}\n')
+    with pytest.raises(SmdmFormatError, match=r"bad.jsonl:2: field 'text' is not a string"):
+        prepare([str(p)], tmp_path / "out", vocab_size=280, **QUIET)
+    p.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(SmdmFormatError, match=r"bad.jsonl:2: not valid JSON"):
+        prepare([str(p)], tmp_path / "out", vocab_size=280, **QUIET)
+    assert not (tmp_path / "out").exists()
+    assert [x.name for x in tmp_path.iterdir()] == ["bad.jsonl"]  # no partial output left behind
+
+
+def test_bad_inputs(tmp_path, prepared):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('\n{"text": ""}\n')
+    with pytest.raises(SmdmFormatError, match="no documents|no text"):
+        prepare([str(empty)], tmp_path / "o1", vocab_size=280, **QUIET)
+    with pytest.raises(SmdmFormatError, match="no documents"):
+        prepare([str(empty)], tmp_path / "o1", tokenizer=str(prepared / "tokenizer.json"), **QUIET)
+    with pytest.raises(SmdmIOError, match="missing.txt"):
+        prepare([str(tmp_path / "missing.txt")], tmp_path / "o2", **QUIET)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9")
+    with pytest.raises(SmdmFormatError, match="latin.txt: not UTF-8 at byte offset 3"):
+        prepare([str(latin)], tmp_path / "o3", vocab_size=280, **QUIET)
+    bad_tok = tmp_path / "tokenizer.json"
+    bad_tok.write_text("{}")
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(SmdmFormatError, match="tokenizer.json"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "o4", tokenizer=str(bad_tok), **QUIET)
+    with pytest.raises(SmdmFormatError, match="unsupported input"):
+        prepare([str(tmp_path / "tokenizer.json")], tmp_path / "o5", vocab_size=280, **QUIET)
+    with pytest.raises(SmdmIOError, match="not empty"):
+        prepare([str(tmp_path / "a.txt")], prepared, vocab_size=280, **QUIET)
+    assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())
+
+
+def test_cli_prepare_verify_inspect(tmp_path, tiny_jsonl, capsys):
+    out = tmp_path / "cli"
+    assert (
+        smdm_main(
+            [
+                "prepare",
+                str(tiny_jsonl),
+                "--out",
+                str(out),
+                "--vocab-size",
+                "280",
+                "--val-fraction",
+                "0.2",
+                "--shard-tokens",
+                "3000",
+            ]
+        )
+        == 0
+    )
+    assert "train:" in capsys.readouterr().out
+    assert smdm_main(["data", "inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "uint16" in text and "vocab_size 280" in text and "sample" in text and "def f" in text
+    assert smdm_main(["prepare", "--out", str(out), str(tmp_path / "nope.txt")]) == 1
+    assert "nope.txt" in capsys.readouterr().err
+    # corrupt one shard: verify fails naming it
+    shard = sorted((out / "train").glob("*.smdm"))[1]
+    raw = bytearray(shard.read_bytes())
+    raw[80] ^= 1
+    shard.write_bytes(bytes(raw))
+    assert smdm_main(["data", "verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert shard.name in err and "checksum" in err
+    # a tokenizer that changed after prepare
+    tok = out / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"<|endoftext|>"', '"<|endoftext|>"', 1) + " ")
+    assert smdm_main(["data", "verify", str(out / "val")]) == 1
+    assert "hash" in capsys.readouterr().err
+
+
+def test_manifest_is_valid_json_with_the_contract_fields(prepared):
+    m = json.loads((prepared / "train" / "manifest.json").read_text())
+    for k in ("format", "vocab_size", "eos_id", "bos_id", "dtype", "num_tokens", "tokenizer_hash", "shards"):
+        assert k in m
+    assert {"file", "num_tokens", "num_docs", "bytes", "crc32"} <= set(m["shards"][0])
+
+
+@pytest.mark.slow
+def test_builtin_corpus(tmp_path):
+    """The built-in corpus (stdlib .py files, ~30 MB): ~1-2 min on 2 cores, mostly BPE training."""
+    s = prepare([], tmp_path / "std", **QUIET)
+    assert s["vocab_size"] == 8192 and s["train"]["num_tokens"] > 1_000_000 and s["val"]["num_docs"] > 0
+    assert smdm_main(["data", "verify", str(tmp_path / "std")]) == 0
+    py = tokenizers.Tokenizer.from_file(str(tmp_path / "std" / "tokenizer.json"))
+    val = _all_tokens(tmp_path / "std" / "val")
+    text = py.decode(val[:2000].tolist(), skip_special_tokens=False)
+    assert "<|endoftext|>" in text or len(text) > 1000
