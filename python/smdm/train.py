@@ -119,6 +119,9 @@ class Objective(nn.Module):
 
         if kind == "mdm":
             return diffusion.mdm_loss(self.model, **kw)
+        if kind == "elbo":  # validation of the MDM: (nll, stderr, n_tokens) per sequence
+            est = diffusion.elbo_nll(self.model, **kw)
+            return est.nll, est.stderr, est.n_tokens
         return diffusion.ar_loss(self.model, **kw)
 
 
@@ -471,10 +474,11 @@ class Trainer:
     def validate(self) -> Optional[dict]:
         if self.val_dataset is None:
             return None
-        from smdm import diffusion
 
         cfg, d = self.cfg, self.dist
         self.model.eval()
+        # FSDP2 gathers the root parameters in the root module forward: go through it (DDP: no sync needed)
+        net = self.wrapped if cfg.fsdp and d.enabled else self.objective
         it = iter(self.val_dataset)
         sums = torch.zeros(3, dtype=torch.float64)  # nll, tokens, variance of the nll sum
         for _ in range(cfg.val_batches):
@@ -488,11 +492,11 @@ class Trainer:
             with self._autocast():
                 if self.kind == "mdm":
                     rows = batch["index"][mine].numpy()
-                    est = diffusion.elbo_nll(self.model, ids, segment_ids=seg, n_samples=cfg.val_samples,
-                                             seed=cfg.seed + 1, row_ids=rows, max_rows=max(64, ids.shape[0]))
-                    sums += torch.stack([est.nll.sum(), est.n_tokens.sum().double(), (est.stderr ** 2).sum()])
+                    nll, se, n = net("elbo", tokens=ids, segment_ids=seg, n_samples=cfg.val_samples,
+                                     seed=cfg.seed + 1, row_ids=rows, max_rows=max(64, ids.shape[0]))
+                    sums += torch.stack([nll.sum(), n.sum().double(), (se ** 2).sum()])
                 else:
-                    loss = diffusion.ar_loss(self.model, ids, segment_ids=seg).double().cpu()
+                    loss = net("ar", tokens=ids, segment_ids=seg).double().cpu()
                     n = ids.shape[0] * (ids.shape[1] - 1)
                     sums += torch.tensor([float(loss) * n, n, 0.0], dtype=torch.float64)
         d.all_reduce(sums)
