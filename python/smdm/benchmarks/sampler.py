@@ -150,26 +150,28 @@ def cache_quality(model, prompts, references, gen_length: int, steps: int, block
         base = gen if base is None else base
         same = sum(a == b for x, y in zip(gen, base) for a, b in zip(x, y)) / sum(len(x) for x in gen)
         mean, se = nll(gen)
-        rows.append({"cache": cache, "agreement_with_no_cache": same, "elbo_nats_per_token": mean,
+        ref = None if references is None else sum(
+            a == b for x, y in zip(gen, references) for a, b in zip(x, y)) / sum(len(x) for x in gen)
+        rows.append({"cache": cache, "agreement_with_no_cache": same, "agreement_with_reference": ref,
+                     "elbo_nats_per_token": mean,
                      "elbo_se": se, "forward_passes": out.forward_passes, "seconds": sec, "outputs": gen})
     if references is not None:
         mean, se = nll(references)
         rows.append({"cache": "reference text", "agreement_with_no_cache": sum(
             a == b for x, y in zip(references, base) for a, b in zip(x, y)) / sum(len(x) for x in references),
-            "elbo_nats_per_token": mean, "elbo_se": se, "forward_passes": None, "seconds": None})
+            "agreement_with_reference": 1.0, "elbo_nats_per_token": mean, "elbo_se": se,
+            "forward_passes": None, "seconds": None})
     return rows
 
 
 def _quality_prompts(data_dir: str, n: int, prompt_length: int, gen_length: int):
     """The first n validation documents long enough: (prompts, true continuations)."""
-    from pathlib import Path
-
     from smdm.data import load_manifest, read_shard, resolve_dataset
 
     ds = resolve_dataset(data_dir, "val")
     prompts, refs = [], []
     for shard in load_manifest(ds).shards:
-        _, tokens, starts = read_shard(Path(ds) / shard.file)
+        _, tokens, starts = read_shard(shard.path)
         bounds = list(map(int, starts)) + [len(tokens)]
         for a, b in zip(bounds, bounds[1:]):
             if b - a >= prompt_length + gen_length and len(prompts) < n:
@@ -207,11 +209,12 @@ def quality_main(args) -> int:
     print(f"prefix-cache quality: {args.quality_ckpt}, {len(prompts)} validation prompts of "
           f"{args.prompt_length} tokens, gen {G}, blocks of {block}, {max(S, G // block)} steps, "
           f"T={args.quality_temperature}; ELBO = the model's Monte Carlo -log p(text | prompt), 64 samples")
-    print(f"{'output':<16} {'agree':>7} {'ELBO nats/tok':>14} {'+-':>6} {'fwd':>6} {'s':>7}")
+    print(f"{'output':<16} {'=nocache':>8} {'=ref':>6} {'ELBO nats/tok':>14} {'+-':>6} {'fwd':>6} {'s':>7}")
     for r in rows:
         fwd = "-" if r["forward_passes"] is None else r["forward_passes"]
         sec = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
-        print(f"{r['cache']:<16} {r['agreement_with_no_cache']:>7.3f} {r['elbo_nats_per_token']:>14.3f} "
+        print(f"{r['cache']:<16} {r['agreement_with_no_cache']:>8.3f} {r['agreement_with_reference']:>6.3f} "
+              f"{r['elbo_nats_per_token']:>14.3f} "
               f"{r['elbo_se']:>6.3f} {fwd:>6} {sec:>7}")
     if args.json:
         with open(args.json, "w") as f:
