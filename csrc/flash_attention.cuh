@@ -220,6 +220,7 @@ __device__ __forceinline__ void flash_attn_fwd_body(const AttnParams& p) {
     }
     cp_async_commit();
 
+    u32 pf[BN / 16][4];  // P as A fragments (two 8-key C tiles make one 16-key A tile)
     if (active) {
       // online softmax; rows g (e = 0, 1) and g + 8 (e = 2, 3); a row lives in the 4 threads of a quad
       float mnew[2] = {mrow[0], mrow[1]};
@@ -244,7 +245,6 @@ __device__ __forceinline__ void flash_attn_fwd_body(const AttnParams& p) {
         acc[i][2] *= corr[1];
         acc[i][3] *= corr[1];
       }
-      u32 pf[BN / 16][4];  // P as A fragments (two 8-key C tiles make one 16-key A tile)
       for (int i = 0; i < BN / 8; ++i) {
         const float p0 = exp2f(s[i][0] - base[0]), p1 = exp2f(s[i][1] - base[0]);
         const float p2 = exp2f(s[i][2] - base[1]), p3 = exp2f(s[i][3] - base[1]);
@@ -253,8 +253,10 @@ __device__ __forceinline__ void flash_attn_fwd_body(const AttnParams& p) {
         pf[i >> 1][(i & 1) * 2 + 0] = pack2<DT>(p0, p1);
         pf[i >> 1][(i & 1) * 2 + 1] = pack2<DT>(p2, p3);
       }
-      cp_async_wait<1>();  // V_n landed (the K_{n+1} group may still be in flight)
-      __syncthreads();
+    }
+    cp_async_wait<1>();  // V_n landed (the K_{n+1} group may still be in flight); barrier outside branches
+    __syncthreads();
+    if (active) {
       // O += P V: ldmatrix.x4.trans over V gives the B fragments of two 8-wide head-dim n-tiles
       for (int kk = 0; kk < BN / 16; ++kk) {
         for (int dp = 0; dp < D / 16; ++dp) {
@@ -266,9 +268,6 @@ __device__ __forceinline__ void flash_attn_fwd_body(const AttnParams& p) {
           mma_16816<DT>(acc[2 * dp + 1], pf[kk], b2, b3);
         }
       }
-    } else {
-      cp_async_wait<1>();
-      __syncthreads();
     }
   }
   cp_async_wait<0>();
