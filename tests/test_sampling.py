@@ -469,3 +469,12 @@ def test_bad_prompts_raise(mdm, arm):
         generate(arm, [[1]], gen_length=4, cfg_scale=1.0)
     with pytest.raises(ValueError, match="seed"):
         generate(mdm, [[1], [2]], gen_length=4, steps=4, seed=[1])
+    with pytest.raises(ValueError, match="list of token-id lists"):
+        generate(mdm, [1, 2, 3], gen_length=4, steps=4)
+
+
+def test_more_steps_than_tokens_and_callback(mdm):
+    """Steps that commit nothing cost no forward pass (unchanged input); the callback sees each step."""
+    seen = []
+    out = generate(mdm, [[1, 2]], gen_length=4, steps=12, callback=lambda i, seqs: seen.append(i))
+    assert out.steps == [12] and out.forward_passes == 4 and seen == list(range(1, 13))

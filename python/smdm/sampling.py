@@ -362,6 +362,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     the forward passes so a row's floats never depend on the other rows (module docstring; False is a little
     faster). `callback(step, seqs)` sees the rows (mask id where still masked) after each step."""
     cfg = model.config
+    if len(prompts) and isinstance(prompts[0], (int, np.integer)):
+        raise ValueError("prompts must be a list of token-id lists (one prompt: [ids])")
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty: pass a list of token-id lists")
