@@ -148,6 +148,15 @@ def test_gradient_accumulation_matches_the_full_batch(dataset, tmp_path):
     np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=1e-4)
 
 
+def test_time_budget_picks_the_steps_and_resume_keeps_them(dataset, tmp_path):
+    t = train(cfg_for(dataset, tmp_path / "run", max_steps=None, time_budget=0.5, stop_after=2))
+    assert t.max_steps >= 2
+    state = ckpt.load_train_state(ckpt.latest(tmp_path / "run"))
+    assert state["schedule"]["max_steps"] == t.max_steps
+    t2 = train(cfg_for(dataset, tmp_path / "run", max_steps=None, stop_after=3, resume=True))
+    assert t2.max_steps == t.max_steps and t2.step == 3
+
+
 def test_resume_in_a_new_process_is_bit_exact(dataset, tmp_path):
     k = 3
     straight = cfg_for(dataset, tmp_path / "straight", max_steps=2 * k, save_every=2)

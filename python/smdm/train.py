@@ -300,7 +300,7 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 if self.kind == "mdm":
                     mask = torch.rand(ids.shape, generator=g).to(d.device) < 0.5
-                    kw = {"noisy": ids.masked_fill(mask, self.mask_id), "x0": ids, "mask": mask,
+                    kw = {"noisy": ids.masked_fill(mask, self.model_config.mask_id), "x0": ids, "mask": mask,
                           "weight": mask.float() * 2}
                 else:
                     kw = {"tokens": ids}
