@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from smdm.benchmarks.mask import forward_process_torch
+from smdm.benchmarks.mask import forward_process_torch, one_thread
 from smdm.diffusion import forward_process, forward_process_reference
 
 _core = pytest.importorskip("smdm._core")
@@ -27,6 +27,8 @@ def _variant(name, x):
         "rust": lambda: _core.forward_process(x, **KW),
         "rust_api": lambda: forward_process(xt, **KW),
         "torch": lambda: forward_process_torch(xt, **KW),
+        # torch's intra-op threads can collapse when the cores are shared: time one thread too
+        "torch_1thread": lambda: one_thread(forward_process_torch, xt, **KW),
         "numpy_reference": lambda: forward_process_reference(x, **KW),
     }[name]
 
@@ -37,7 +39,7 @@ def _as_numpy(out):
     return [np.asarray(a) for a in out[:5]]
 
 
-@pytest.mark.parametrize("name", ["rust", "rust_api", "torch", "numpy_reference"])
+@pytest.mark.parametrize("name", ["rust", "rust_api", "torch", "torch_1thread", "numpy_reference"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}xL{n}" for b, n in SHAPES])
 def test_mask(benchmark, shape, name):
     x = _tokens(*shape)

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+
 from smdm import rng
 from smdm.diffusion import crop_length, forward_process, forward_process_reference
 from smdm.rng import Stream
@@ -116,7 +117,7 @@ def _environment() -> dict:
     }
 
 
-def _one_thread(fn, *args, **kw):
+def one_thread(fn, *args, **kw):
     """torch's intra-op pool can be slower than one thread when the cores are shared: time both."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -134,7 +135,7 @@ def _variants(x_np: np.ndarray, x_t: torch.Tensor, kw: dict) -> dict:
         "rust": lambda: _core.forward_process(x_np, **kw),
         "rust (forward_process API, torch out)": lambda: forward_process(x_t, **kw),
         "torch": lambda: forward_process_torch(x_t, **kw),
-        "torch (1 thread)": lambda: _one_thread(forward_process_torch, x_t, **kw),
+        "torch (1 thread)": lambda: one_thread(forward_process_torch, x_t, **kw),
         "numpy reference": lambda: forward_process_reference(x_np, **kw),
     }
 
