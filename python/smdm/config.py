@@ -26,8 +26,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at peak · min_lr_ratio
     weight_decay: float = 0.1  # AdamW decay of the matrices (not of norms and embeddings)
     grad_clip: float = 1.0  # max global gradient norm
-    val_every: int = 100  # steps between validations (0: only at the end)
-    val_samples: int = 32  # Monte Carlo samples of the ELBO per validation sequence (MDM)
+    val_every: Optional[int] = None  # steps between validations (0: never; None: min(100, steps / 5))
+    val_samples: int = 16  # Monte Carlo samples of the ELBO per validation sequence (MDM)
     val_batches: int = 1  # validation batches (of the local micro-batch size) per rank
     save_every: int = 500  # steps between checkpoints (and at the end / on SIGTERM)
     keep: int = 2  # checkpoints kept (>= 2)

@@ -247,6 +247,7 @@ class Trainer:
             torch.set_rng_state(state["rng"]["torch"])
         self.max_steps = self._decide_steps(state)
         self.warmup = warmup_steps(cfg, self.max_steps)
+        self.val_every = cfg.val_every if cfg.val_every is not None else min(100, max(1, self.max_steps // 5))
 
         # data
         from smdm.data import PackedDataset
@@ -281,7 +282,15 @@ class Trainer:
             steps = int(state["schedule"]["max_steps"])
         else:
             budget = cfg.time_budget if cfg.time_budget is not None else DEMO_SECONDS
-            steps = max(1, int(budget / self._time_one_step()))
+            st = self._time_one_step()
+            # a validation costs about a third (forward only) of a step per token it evaluates
+            rows = cfg.val_batches * self.micro * (cfg.val_samples if self.kind == "mdm" else 1)
+            vt = 0.0 if cfg.val_every == 0 or self.val_dir is None else st * rows / (3 * self.local_batch)
+            if cfg.val_every is None:  # about 6 validations (see `val_every`)
+                steps = int((budget - 6 * vt) / st)
+            else:
+                steps = int((budget - vt) / (st + vt / max(cfg.val_every, 1)))
+            steps = max(1, steps)
             if self.dist.rank == 0:
                 print(f"--time-budget {budget:g} s: {steps} steps", flush=True)
         if steps < 1:
@@ -546,7 +555,7 @@ class Trainer:
         it = iter(self.dataset)
         self.model.train()
         last_val = None
-        if self.step == 0 and cfg.val_every:
+        if self.step == 0 and self.val_every:
             last_val = self.validate()
             if last_val:
                 self.log(last_val)
@@ -568,7 +577,7 @@ class Trainer:
                 stop = torch.tensor([1.0 if self._stop else 0.0])
                 stop = bool(d.all_reduce(stop, torch.distributed.ReduceOp.MAX if d.enabled else None) > 0)
                 done = self.step >= stop_at
-                if cfg.val_every and (self.step % cfg.val_every == 0 or done):
+                if self.val_every and (self.step % self.val_every == 0 or done):
                     last_val = self.validate()
                     if last_val:
                         self.log(last_val)
@@ -665,7 +674,7 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--seq-len", type=int, default=d.seq_len)
     a("--lr", type=float, default=None, help="peak learning rate")
     a("--warmup", type=int, default=None)
-    a("--val-every", type=int, default=d.val_every)
+    a("--val-every", type=int, default=None, help="steps between validations (default min(100, steps/5))")
     a("--val-samples", type=int, default=d.val_samples, help="ELBO Monte Carlo samples per sequence")
     a("--val-batches", type=int, default=d.val_batches)
     a("--save-every", type=int, default=d.save_every)
