@@ -1,5 +1,6 @@
-"""`smdm bench mask`: throughput of the forward process (masking) — the Rust core against the same math in
-torch on CPU and the numpy reference, all in the same process (DESIGN §8: target >= 3x torch per token).
+"""`smdm bench mask`: forward process (masking) throughput, the Rust core vs torch on CPU and numpy.
+
+All variants run in the same process (DESIGN §8: target >= 3x the same math in torch, per token).
 
     smdm bench mask [--batch 8 16 32] [--seq-len 2048] [--json FILE]
 
