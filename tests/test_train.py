@@ -300,8 +300,30 @@ def test_corrupt_checkpoint_is_named(dataset, tmp_path, capsys):
     assert "model.safetensors" in err and "sha256" in err
 
 
+def test_a_fresh_run_never_mixes_with_old_checkpoints(dataset, tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=3))
+    with pytest.raises(TrainError, match="already holds checkpoints.*--resume"):
+        train(cfg_for(dataset, out, max_steps=2))
+    train(cfg_for(dataset, out, max_steps=2, overwrite=True))
+    assert [p.name for _, p in ckpt.step_dirs(out)] == ["step-2"]
+
+
 def test_bad_batch_split_and_keep(dataset, tmp_path):
     with pytest.raises(TrainError, match="not divisible"):
         train(cfg_for(dataset, tmp_path / "r", batch_size=6, grad_accum=4))
     with pytest.raises(TrainError, match="--keep"):
         train(cfg_for(dataset, tmp_path / "r", keep=1))
+
+
+@pytest.mark.slow
+def test_the_demo_path_prepares_the_builtin_corpus_trains_and_samples(tmp_path):
+    """`smdm train` with no data: prepares runs/data (built-in corpus), trains, saves runs/demo-mdm, samples.
+    (--time-budget keeps it short; `smdm train` alone trains for about five minutes.)"""
+    p = subprocess.run(CLI + ["--time-budget", "20", "--threads", "1"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "runs/data/train/manifest.json").is_file()
+    assert ckpt.latest(tmp_path / "runs/demo-mdm") is not None
+    assert (ckpt.latest(tmp_path / "runs/demo-mdm") / "tokenizer.json").is_file()
+    assert "---- samples (mdm" in p.stdout

@@ -38,6 +38,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     resume: bool = False  # continue from the latest checkpoint in `out` (error if there is none)
+    overwrite: bool = False  # start fresh in an `out` that holds checkpoints (they are deleted)
     force_resume: bool = False  # resume although seed / batch / world size differ
     plot: bool = False  # write OUT/loss.png (matplotlib)
     samples: int = 0  # samples printed at the end (the demo prints 3)

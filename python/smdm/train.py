@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -197,6 +198,16 @@ class Trainer:
             raise TrainError(f"--config: {e}") from None
 
         resume_dir = None
+        existing = ckpt.step_dirs(self.out)
+        if existing and not cfg.resume:
+            if not (cfg.overwrite or (cfg.out is None and cfg.data is None)):  # the demo restarts freely
+                raise TrainError(f"{self.out} already holds checkpoints (latest {existing[-1][1].name}); "
+                                 f"pass --resume to continue it, --overwrite to start over, or another --out")
+            if d.rank == 0:
+                print(f"starting over in {self.out}: deleting {len(existing)} old checkpoint(s)", flush=True)
+                for _, p in existing:
+                    shutil.rmtree(p)
+            d.barrier()
         if cfg.resume:  # checked before any data work: --resume never silently starts fresh
             try:
                 resume_dir = ckpt.resolve(self.out)
@@ -668,6 +679,7 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--stop-after", type=int, default=None, help="save and stop after this step")
     a("--seed", type=int, default=d.seed)
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out (error if none)")
+    a("--overwrite", action="store_true", help="start over in an --out that holds checkpoints (deletes them)")
     a("--force-resume", action="store_true", help="resume although seed / batch / world size differ")
     a("--batch-size", type=int, default=d.batch_size, help="global sequences per optimizer step")
     a("--grad-accum", type=int, default=d.grad_accum)
