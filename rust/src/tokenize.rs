@@ -26,7 +26,7 @@ use tokenizers::models::ModelWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{
     AddedToken, DecoderWrapper, Model, NormalizerWrapper, PostProcessorWrapper,
-    PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
+    PreTokenizerWrapper, Tokenizer, TokenizerBuilder, TokenizerImpl, Trainer,
 };
 
 use crate::error::{Error, Result};
@@ -110,26 +110,23 @@ impl FastByteLevel {
         })
     }
 
-    /// Append the ids of `text` to `out`; Ok(false) if the text needs the normal path (added tokens).
-    fn encode_into(
+    /// The splitter alone (no prefix space, no added tokens): what BPE training needs.
+    fn plain() -> Option<FastByteLevel> {
+        Some(FastByteLevel {
+            re: regex::Regex::new(SPLIT_NO_LOOKAHEAD).ok()?,
+            add_prefix_space: false,
+            added: Vec::new(),
+            chars: bytes_to_chars(),
+        })
+    }
+
+    /// Call `f` on each pre-tokenized piece of `text`, in order (the pieces cover the text).
+    fn for_each_piece<'a>(
         &self,
-        model: &ModelWrapper,
-        text: &str,
-        cache: &mut HashMap<String, Vec<u32>>,
-        out: &mut Vec<u32>,
-    ) -> tokenizers::Result<bool> {
-        if self.added.iter().any(|a| text.contains(a.as_str())) {
-            return Ok(false);
-        }
-        let prefixed;
-        let text = if self.add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
-            prefixed = format!(" {text}");
-            prefixed.as_str()
-        } else {
-            text
-        };
+        text: &'a str,
+        mut f: impl FnMut(&'a str) -> tokenizers::Result<()>,
+    ) -> tokenizers::Result<()> {
         let mut pos = 0;
-        let mut mapped = String::new();
         while pos < text.len() {
             let (start, mut end) = match self.re.find_at(text, pos) {
                 Some(m) => (m.start(), m.end()),
@@ -149,23 +146,89 @@ impl FastByteLevel {
                     end = start + piece.char_indices().last().map_or(0, |(i, _)| i);
                 }
             }
-            let piece = &text[pos..end];
+            f(&text[pos..end])?;
             pos = end;
+        }
+        Ok(())
+    }
+
+    /// A piece in the byte-level alphabet (each UTF-8 byte -> one printable char).
+    fn map_bytes(&self, piece: &str, out: &mut String) {
+        out.clear();
+        out.extend(piece.bytes().map(|b| self.chars[b as usize]));
+    }
+
+    /// Append the ids of `text` to `out`; Ok(false) if the text needs the normal path (added tokens).
+    fn encode_into(
+        &self,
+        model: &ModelWrapper,
+        text: &str,
+        cache: &mut HashMap<String, Vec<u32>>,
+        out: &mut Vec<u32>,
+    ) -> tokenizers::Result<bool> {
+        if self.added.iter().any(|a| text.contains(a.as_str())) {
+            return Ok(false);
+        }
+        let prefixed;
+        let text = if self.add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
+            prefixed = format!(" {text}");
+            prefixed.as_str()
+        } else {
+            text
+        };
+        let mut mapped = String::new();
+        self.for_each_piece(text, |piece| {
             if let Some(ids) = cache.get(piece) {
                 out.extend_from_slice(ids);
-                continue;
+                return Ok(());
             }
-            mapped.clear();
-            mapped.extend(piece.bytes().map(|b| self.chars[b as usize]));
+            self.map_bytes(piece, &mut mapped);
             let ids: Vec<u32> = model.tokenize(&mapped)?.into_iter().map(|t| t.id).collect();
             out.extend_from_slice(&ids);
             if cache.len() > 1 << 20 {
                 cache.clear();
             }
             cache.insert(piece.to_string(), ids);
-        }
+            Ok(())
+        })?;
         Ok(true)
     }
+}
+
+type ByteLevelBpe = TokenizerImpl<
+    BPE,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// GPT-2 style: byte-level pre-tokenizer (no prefix space, with its regex), post-processor and decoder.
+fn byte_level_builder(model: BPE) -> Result<ByteLevelBpe> {
+    let bl = ByteLevel::new(false, true, true);
+    TokenizerBuilder::default()
+        .with_model(model)
+        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(bl)))
+        .with_post_processor(Some(PostProcessorWrapper::ByteLevel(bl)))
+        .with_decoder(Some(DecoderWrapper::ByteLevel(bl)))
+        .build()
+        .map_err(|e| tok_err(Path::new("<trained tokenizer>"), e))
+}
+
+/// BPE trainer: all 256 bytes in the alphabet (no unknown tokens), pairs seen at least twice, EOS special.
+fn bpe_trainer(vocab_size: u32) -> Result<tokenizers::models::bpe::BpeTrainer> {
+    if vocab_size < 257 + 1 {
+        return Err(Error::Invalid(format!(
+            "--vocab-size {vocab_size} is too small for byte-level BPE (at least 258: 256 bytes + EOS + 1)"
+        )));
+    }
+    Ok(BpeTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(vocab_size as usize)
+        .min_frequency(2)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(vec![AddedToken::from(TRAINED_EOS.to_string(), true)])
+        .build())
 }
 
 pub struct Tok {
@@ -231,39 +294,39 @@ impl Tok {
     }
 
     /// Train a byte-level BPE tokenizer with `vocab_size` ids (special token `<|endoftext|>` = 0).
+    /// Word counting uses the fast splitter (same pieces as the crate's pre-tokenizer, see the module
+    /// docs); `train_bpe_reference` is the crate's own `Tokenizer::train` and gives the same JSON.
     pub fn train_bpe(texts: &[&str], vocab_size: u32) -> Result<Tok> {
         let here = Path::new("<trained tokenizer>");
-        if vocab_size < 257 + 1 {
-            return Err(Error::Invalid(format!(
-                "--vocab-size {vocab_size} is too small for byte-level BPE (at least 258: 256 bytes + EOS + 1)"
-            )));
-        }
-        let mut trainer = BpeTrainerBuilder::new()
-            .show_progress(false)
-            .vocab_size(vocab_size as usize)
-            .min_frequency(2)
-            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-            .special_tokens(vec![AddedToken::from(TRAINED_EOS.to_string(), true)])
-            .build();
-        let mut tk = TokenizerBuilder::<
-            BPE,
-            NormalizerWrapper,
-            PreTokenizerWrapper,
-            PostProcessorWrapper,
-            DecoderWrapper,
-        >::default()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
-            false, true, true,
-        ))))
-        .with_post_processor(Some(PostProcessorWrapper::ByteLevel(ByteLevel::new(
-            false, true, true,
-        ))))
-        .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
-            false, true, true,
-        ))))
-        .build()
-        .map_err(|e| tok_err(here, e))?;
+        let mut trainer = bpe_trainer(vocab_size)?;
+        let split = FastByteLevel::plain()
+            .ok_or_else(|| tok_err(here, "internal: split pattern does not compile"))?;
+        trainer
+            .feed(texts.iter(), |seq: &str| {
+                let mut words = Vec::new();
+                split.for_each_piece(seq, |piece| {
+                    let mut w = String::with_capacity(piece.len());
+                    split.map_bytes(piece, &mut w);
+                    words.push(w);
+                    Ok(())
+                })?;
+                Ok(words)
+            })
+            .map_err(|e| tok_err(here, e))?;
+        let mut model = BPE::default();
+        let special = trainer.train(&mut model).map_err(|e| tok_err(here, e))?;
+        let mut tk = byte_level_builder(model)?;
+        tk.add_special_tokens(&special);
+        let json = tk.to_string(false).map_err(|e| tok_err(here, e))?;
+        let inner: Tokenizer = json.parse().map_err(|e| tok_err(here, e))?;
+        Tok::wrap(inner, here, Some(TRAINED_EOS))
+    }
+
+    /// `train_bpe` through the crate's `Tokenizer::train` (its fancy-regex pre-tokenizer): the reference.
+    pub fn train_bpe_reference(texts: &[&str], vocab_size: u32) -> Result<Tok> {
+        let here = Path::new("<trained tokenizer>");
+        let mut trainer = bpe_trainer(vocab_size)?;
+        let mut tk = byte_level_builder(BPE::default())?;
         tk.train(&mut trainer, texts.iter().copied())
             .map_err(|e| tok_err(here, e))?;
         let json = tk.to_string(false).map_err(|e| tok_err(here, e))?;
@@ -417,6 +480,17 @@ mod tests {
             tok.encode_docs(&all).unwrap(),
             tok.encode_docs_reference(&all).unwrap()
         );
+    }
+
+    #[test]
+    fn fast_training_equals_crate_training() {
+        let texts: Vec<String> = (0..150)
+            .map(|i| format!("class K{i}:\n    def m(self):  \n        return 'x{i}' * {i}\n\n\n# ünï {i}\r\n"))
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+        let a = Tok::train_bpe(&refs, 420).unwrap();
+        let b = Tok::train_bpe_reference(&refs, 420).unwrap();
+        assert_eq!(a.to_json().unwrap(), b.to_json().unwrap());
     }
 
     #[test]
