@@ -415,6 +415,8 @@ def test_opcheck_and_compile_on_cpu():
         lambda q, k, v: torch.ops.smdm.attention(q, k, v, None, None, 0.25), backend="eager", fullgraph=True
     )
     assert torch.allclose(compiled(q, k, v), R.attention_reference(q, k, v, scale=0.25))
+    public = torch.compile(lambda q: K.attention(q, q, q) * 2, backend="eager", fullgraph=True)
+    assert torch.allclose(public(q), R.attention_reference(q, q, q) * 2)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -513,11 +515,11 @@ SAMPLER_CASES = [
 
 
 @gpu
-@pytest.mark.parametrize("case", SAMPLER_CASES)
-def test_gpu_unmask_step_identical_to_reference(case):
+@pytest.mark.parametrize("index", range(len(SAMPLER_CASES)))
+def test_gpu_unmask_step_identical_to_reference(index):
     _cuda()
-    dtype, B, L, V, cfg, T, top_k, top_p, conf, mode = case
-    g = torch.Generator(device="cuda").manual_seed(hash(case) % 1000)
+    dtype, B, L, V, cfg, T, top_k, top_p, conf, mode = SAMPLER_CASES[index]
+    g = torch.Generator(device="cuda").manual_seed(100 + index)
     logits = (torch.randn(B, L, V, device="cuda", generator=g) * 4).to(dtype)
     logits[0, 0, :7] = logits[0, 0, 7]  # ties
     uncond = (torch.randn(B, L, V, device="cuda", generator=g) * 4).to(dtype) if cfg else None
@@ -760,6 +762,8 @@ def test_gpu_auto_backend_and_compile():
     assert torch.equal(a, b)
     f = torch.compile(lambda q: K.attention(q, q, q, backend="cuda") * 2, fullgraph=True)
     assert torch.equal(f(q), b * 2)
+    g = torch.compile(lambda q: torch.ops.smdm.attention(q, q, q, None, None, 128**-0.5), fullgraph=True)
+    assert torch.equal(g(q), b)
     os.environ["SMDM_KERNELS"] = "reference"
     try:
         c = K.attention(q, q, q)

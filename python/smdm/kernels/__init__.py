@@ -107,6 +107,12 @@ def _resolve_backend(backend: str, is_cuda: bool, unsupported: str | None) -> st
         backend = env
     if backend == "reference":
         return "reference"
+    import torch
+
+    if torch.compiler.is_compiling():  # tracing: no build here; the op builds on first real call
+        if backend == "cuda" and (not is_cuda or unsupported):
+            raise ValueError(f"backend='cuda' cannot run this call: {unsupported or 'needs CUDA tensors'}")
+        return "cuda" if is_cuda and not unsupported else "reference"
     if backend == "cuda":
         if not is_cuda:
             raise ValueError("backend='cuda' needs CUDA tensors")
@@ -477,7 +483,9 @@ def attention(
         unsupported = f"head dim {D} (the kernel takes 64 or 128)"
     elif k.shape[2] == 0:
         unsupported = "no keys"
-    elif any(t.stride(3) != 1 or any(s % 8 for s in t.stride()[:3]) or t.data_ptr() % 16 for t in (q, k, v)):
+    elif any(t.stride(3) != 1 or any(s % 8 for s in t.stride()[:3]) for t in (q, k, v)) or (
+        not torch.compiler.is_compiling() and any(t.data_ptr() % 16 for t in (q, k, v))
+    ):
         unsupported = "q/k/v need a contiguous last dim and 16-byte aligned rows"
     which = _resolve_backend(backend, q.is_cuda, unsupported)
     if which == "reference":

@@ -410,10 +410,8 @@ def nvrtc_compile(
         return False, f"nvrtcCreateProgram failed ({rc})", {}
     for ne in name_expressions or []:
         lib.nvrtcAddNameExpression(prog, ne.encode())
-    opts = [f"-arch={arch}", "-std=c++17", f"-I{src_dir}", "-default-device"]
-    home = find_cuda_home()
-    if home is not None:
-        opts += [f"-I{d}" for d in _include_dirs(home)]
+    # the options CuPy uses on a machine without a toolkit: no CUDA include directory, only NVRTC's builtins
+    opts = [f"-arch={arch}", "-std=c++17", f"-I{src_dir}"]
     arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
     rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()
