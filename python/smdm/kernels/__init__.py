@@ -12,8 +12,9 @@ configuration is supported and the reference otherwise; the environment variable
 makes "auto" use the reference everywhere. "cuda" demands the kernel: an unsupported configuration, CPU
 tensors or a failed build raise (`KernelBuildError`) instead of falling back. "reference" always uses it.
 
-Sources are found at run time by `smdm.kernels._build.source_dir()` ($SMDM_CSRC, the package's
-`smdm/kernels/csrc`, or the checkout's `csrc/`) and built into a user cache ($SMDM_CACHE_DIR or
+Sources live in `smdm/kernels/csrc/` (package data, so an installed wheel has them; the repository's top-level
+`csrc` is a symlink there) and are found by `smdm.kernels._build.source_dir()` ($SMDM_CSRC overrides); they
+are built into a user cache ($SMDM_CACHE_DIR or
 $XDG_CACHE_HOME/smdm/kernels/<hash>) under a file lock; with no CUDA toolkit they compile through NVRTC
 (CuPy).
 

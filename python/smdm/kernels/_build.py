@@ -42,8 +42,9 @@ class KernelBuildError(RuntimeError):
 # sources
 # --------------------------------------------------------------------------------------------------------
 def source_dir() -> Path:
-    """Directory holding the CUDA sources: $SMDM_CSRC, else `smdm/kernels/csrc` inside the installed package
-    (how a wheel ships them), else `csrc/` of the source checkout this module was imported from."""
+    """Directory holding the CUDA sources: $SMDM_CSRC, else `smdm/kernels/csrc` next to this module (the real
+    files: the wheel ships them as package data, and the repository's top-level `csrc` is a symlink to them),
+    else `csrc/` of a source checkout."""
     here = Path(__file__).resolve().parent
     candidates = []
     if os.environ.get("SMDM_CSRC"):
