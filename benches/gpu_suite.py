@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+# python/ (smdm itself) and, when present, .gpu_pkgs/ (`pip install --target .gpu_pkgs pytest pytest-timeout`
+# on the CPU machine: pure-Python test tools for a GPU machine that has no package index)
+EXTRA_PATHS = [str(p) for p in (ROOT / "python", ROOT / ".gpu_pkgs") if p.is_dir()]
+sys.path[:0] = EXTRA_PATHS
 T0 = time.perf_counter()
 BUDGET_S = 7.5 * 60  # the whole suite; sections are skipped (and say so) when the budget runs out
 
@@ -93,9 +96,7 @@ def section_tests() -> dict:
     # -W: the ini's `timeout` option warns (and warnings are errors) where pytest-timeout is not installed
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
     cmd += ["-W", "ignore::pytest.PytestConfigWarning", "tests/test_kernels.py"]
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])
-    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*EXTRA_PATHS, os.environ.get("PYTHONPATH", "")]))
     t = time.perf_counter()
     try:
         p = subprocess.run(
