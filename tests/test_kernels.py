@@ -44,6 +44,19 @@ def test_log_exp_are_accurate_and_exact_at_special_points():
     assert R.exp_neg_f32(torch.tensor([0.0, -80.5, -math.inf])).tolist() == [1.0, 0.0, 0.0]
 
 
+def test_fixed_point_terms_vanish_below_the_kernel_cutoffs():
+    # the kernel skips exp for z < -21.5 (z < -26 with the entropy sum): every float32 there adds exactly 0
+    lo = torch.tensor([-21.5]).view(torch.int32).item()
+    hi = torch.tensor([-80.0]).view(torch.int32).item()
+    z = (
+        torch.arange(lo + 1, hi + 1, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    )  # all of [-80, -21.5)
+    e = R.exp_neg_f32(z)
+    assert R.fixed31(e).max() == 0
+    deep = z < -26.0
+    assert R.fixed31(-(e[deep] * z[deep])).max() == 0
+
+
 def test_gumbel_noise_follows_the_contract():
     keys = R.gumbel_keys(torch.tensor([11, 12]), 4, torch.tensor([3, 9]))
     g = R.gumbel_noise(keys, 300)

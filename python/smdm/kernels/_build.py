@@ -235,6 +235,9 @@ def _build_nvcc(src: Path, home: Path, verbose: bool):
         ce.CUDA_HOME = str(home)  # cpp_extension resolved CUDA_HOME at import; point it at the toolkit found
         os.environ.setdefault("CUDA_HOME", str(home))
         with FileLock(str(build_dir) + ".lock"):
+            if not any(build_dir.glob("*.so")):
+                msg = f"smdm: building the CUDA kernels for {','.join(archs)} into {build_dir} (first use)"
+                print(msg, file=sys.stderr, flush=True)
             return ce.load(
                 name=f"smdm_kernels_{digest}",
                 sources=[str(src / BINDINGS), *(str(src / f) for f in LAUNCHERS)],
