@@ -398,6 +398,18 @@ def test_batch_invariance_of_the_logits_bits(mdm, arm, monkeypatch, which, kw):
     assert all(torch.equal(alone[k], seen[k]) for k in alone)
 
 
+@pytest.mark.parametrize("which,kw", [("mdm", dict(gen_length=8, steps=4)),
+                                      ("arm", dict(cache="prefix", gen_length=6))])
+def test_batch_invariance_of_the_logits_bits_two_threads(mdm, arm, monkeypatch, which, kw):
+    """With 2 threads MKL splits a GEMM's rows per thread: tails of 1..3 rows must never happen (they did
+    before the row-multiple padding: the head's rows 8-9 of 10, the ARM's decode batch)."""
+    torch.set_num_threads(2)
+    try:
+        test_batch_invariance_of_the_logits_bits(mdm, arm, monkeypatch, which, kw)
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_per_prompt_seeds_and_temperature_change_draws(mdm):
     a = generate(mdm, [[1, 2], [1, 2]], gen_length=12, steps=6, temperature=1.0, seed=[0, 1]).tokens
     b = generate(mdm, [[1, 2]], gen_length=12, steps=6, temperature=1.0, seed=1).tokens

@@ -39,13 +39,17 @@ layout:
   longer padding gives bit-identical results (tests/test_sampling.py checks this end to end).
 - the prefix K/V cache and the ARM's static cache group rows of equal shape (same prompt length) and run each
   group in lockstep, so no row is ever padded or shifted for another's sake.
-- matrix products see at least `MIN_ROWS` rows. Why: MKL's sgemm gives a row different bits depending on the
-  row count M of the call (measured here: M = 1 is a gemv, M = 2..3 a small-M kernel, M >= 4 the blocked
-  kernel; within M >= 4 a row's result does not depend on M). So the head runs on at least MIN_ROWS gathered
-  rows (zero rows appended), and cached forwards whose batch x query length is below MIN_ROWS get filler rows
-  (copies of a real row, whose outputs are dropped). The ARM's one-token decode with a small batch is the
-  main payer: `batch_invariant=False` turns fillers and the length rounding off (faster, and what the
-  benchmark's ARM baseline uses), at the price of last-bit differences between batch layouts.
+- every matrix product whose row count M depends on the batch gets M a multiple of `_row_multiple()`
+  = 4 x torch threads. Why: MKL's sgemm computes a row with different bits in its small-M kernels (measured
+  here: M = 1 is a gemv, M = 2..3 a small-M kernel, M >= 4 the blocked kernel, which gives a row the same bits
+  for any M), and with T threads it splits M into per-thread chunks, so a tail chunk of 1..3 rows (e.g. rows
+  8-9 of M = 10 on 2 threads) takes a small-M kernel. With M a multiple of 4T every chunk is a multiple of 4.
+  So the head runs on the gathered rows padded with zero rows; the prefix-cache forwards pad their query
+  chunk (extra keys masked with `key_valid`, identical shapes alone or in a batch); the ARM pads its prompt
+  chunk and full-sequence forwards on the right (causal: real positions never see the pads) and its one-token
+  decode batch with filler rows (copies of a real row, outputs dropped). `batch_invariant=False` turns all
+  padding and fillers off (faster; the benchmark's ARM baseline uses it) at the price of last-bit
+  differences between batch layouts.
 GPU GEMMs may pick other kernels per shape, so on CUDA logits can still differ in the last bits.
 
 EOS: with `eos_id`, a row stops once its first committed EOS has no masked position before it: every masked
@@ -65,7 +69,6 @@ import torch
 from smdm.rng import Stream
 
 PAD_MULTIPLE = 64  # padded row lengths are multiples of this (see "Batch invariance" above)
-MIN_ROWS = 8  # matrix products get at least this many rows (see "Batch invariance" above)
 REVEAL_STREAM = Stream.GUMBEL + 1  # 4th key word of the ancestral reveal coin (next free Stream value)
 CONFIDENCES = ("prob", "margin", "entropy")
 CACHES = ("none", "prefix")
@@ -649,15 +652,8 @@ def _forward_mdm(model, rows: list, opts: dict) -> int:
         return _forward_prefix_cache(model, rows, opts)
     mask_id = model.config.mask_id
     inputs = [x for r in rows for x in _branches(r, mask_id, cfg_on)]  # (row, branch) order
-    lens = [len(x) for x in inputs]
-    mult = PAD_MULTIPLE if opts["batch_invariant"] else 1
-    Lpad = max(-(-n // mult) * mult for n in lens)
-    device = inputs[0].device
-    x = torch.zeros(len(inputs), Lpad, dtype=torch.int64, device=device)
-    valid = torch.zeros(len(inputs), Lpad, dtype=torch.bool, device=device)
-    for j, seq in enumerate(inputs):
-        x[j, :len(seq)], valid[j, :len(seq)] = seq, True
-    positions = torch.arange(Lpad, device=device).clamp(max=model.config.max_seq_len - 1)  # pads: any
+    Lpad = max(_round_up(len(x), _len_multiple(opts)) for x in inputs)
+    x, valid, positions = _padded(inputs, Lpad, model.config.max_seq_len - 1)  # pads: any position
     h = model.hidden(x, key_valid=valid, positions=positions)  # (Bf, Lpad, d)
     nb = 2 if cfg_on else 1
     picked = torch.cat([h[j * nb + k, r.cand] for j, r in enumerate(rows) for k in range(nb)])
@@ -673,19 +669,37 @@ def _forward_mdm(model, rows: list, opts: dict) -> int:
     return 1
 
 
+def _row_multiple(opts: dict) -> int:
+    """Batch-dependent GEMM row counts are padded to a multiple of this (module docstring)."""
+    return 4 * torch.get_num_threads() if opts["batch_invariant"] else 1
+
+
+def _len_multiple(opts: dict) -> int:
+    """Padded sequence lengths are multiples of this (lane-aligned keys, and M = rows x length aligned)."""
+    return math.lcm(PAD_MULTIPLE, _row_multiple(opts)) if opts["batch_invariant"] else 1
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def _head(model, h: torch.Tensor, opts: dict) -> torch.Tensor:
-    """The output head on gathered rows (N, d) -> (N, V), run on at least MIN_ROWS rows (batch invariance)."""
+    """The output head on gathered rows (N, d) -> (N, V), zero rows appended up to the row multiple."""
     n = h.shape[0]
-    if opts["batch_invariant"] and n < MIN_ROWS:
-        h = torch.cat([h, h.new_zeros(MIN_ROWS - n, h.shape[1])])
+    pad = _round_up(n, _row_multiple(opts)) - n
+    if pad:
+        h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
     return model.head(h)[:n]
 
 
-def _fillers(units: int, q_len: int, opts: dict) -> int:
-    """Filler rows so that a forward of `units` rows x `q_len` queries has at least MIN_ROWS GEMM rows."""
-    if not opts["batch_invariant"]:
-        return 0
-    return max(0, -(-MIN_ROWS // q_len) - units)
+def _padded(seqs: list, length: int, max_pos: int):
+    """Right-padded ids (B, length), key_valid (B, length) and positions (length,) clamped to the context."""
+    device = seqs[0].device
+    x = torch.zeros(len(seqs), length, dtype=torch.int64, device=device)
+    valid = torch.zeros(len(seqs), length, dtype=torch.bool, device=device)
+    for j, seq in enumerate(seqs):
+        x[j, :len(seq)], valid[j, :len(seq)] = seq, True
+    return x, valid, torch.arange(length, device=device).clamp(max=max_pos)
 
 
 def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
@@ -702,23 +716,28 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
         full = any(r.stash.get(k, (None,))[0] != r.b for k in range(2 if cfg_on else 1))
         groups.setdefault((len(r.seq), start, full), []).append(r)
     calls = 0
+    max_pos = model.config.max_seq_len - 1
     for (L, start, full), grp in groups.items():
         units = [(r, k, x) for r in grp for k, x in enumerate(_branches(r, mask_id, cfg_on))]
-        fill = _fillers(len(units), L if full else L - start, opts)
-        cache = model.make_kv_cache(len(units) + fill, L)
-        x = torch.stack([u[2] for u in units] + [units[0][2]] * fill)  # (G + fill, L)
-        if full:
-            h = model.hidden(x, kv_cache=cache, cache_pos=0)  # (G, L, d), writes every slot
+        if full:  # the whole (padded) sequence; keep the K/V of the prefix
+            Lp = _round_up(L, _len_multiple(opts))
+            cache = model.make_kv_cache(len(units), Lp)
+            x, valid, pos = _padded([u[2] for u in units], Lp, max_pos)
+            h = model.hidden(x, key_valid=valid, positions=pos, kv_cache=cache, cache_pos=0)  # (G, Lp, d)
             for g, (r, k, _) in enumerate(units):
                 r.stash[k] = (r.b, [kk[g:g + 1, :, :start].clone() for kk in cache.k],
                               [vv[g:g + 1, :, :start].clone() for vv in cache.v])
             offset = 0
-        else:
+        else:  # the block and what follows it, attending to the kept prefix; chunk padded on the right
+            Lq = _round_up(L - start, _row_multiple(opts))
+            cache = model.make_kv_cache(len(units), start + Lq)
             for layer in range(len(cache.k)):
-                stash = [r.stash[k] for r, k, _ in units] + [units[0][0].stash[units[0][1]]] * fill
-                cache.k[layer][:, :, :start] = torch.cat([st[1][layer] for st in stash])
-                cache.v[layer][:, :, :start] = torch.cat([st[2][layer] for st in stash])
-            h = model.hidden(x[:, start:], kv_cache=cache, cache_pos=start)  # (G, L - start, d)
+                cache.k[layer][:, :, :start] = torch.cat([r.stash[k][1][layer] for r, k, _ in units])
+                cache.v[layer][:, :, :start] = torch.cat([r.stash[k][2][layer] for r, k, _ in units])
+            x, valid, pos = _padded([u[2][start:] for u in units], Lq, max_pos)
+            valid = torch.cat([torch.ones(len(units), start, dtype=torch.bool, device=x.device), valid], 1)
+            h = model.hidden(x, key_valid=valid, positions=(pos + start).clamp(max=max_pos), kv_cache=cache,
+                             cache_pos=start)  # (G, Lq, d)
             offset = start
         nb = 2 if cfg_on else 1
         picked = torch.cat([h[g, r.cand - offset] for g, (r, _, _) in enumerate(units)])
@@ -740,15 +759,18 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
 
 
 def _generate_arm(model, prompts, gen_length, seeds, opts, eos_id, cache, callback):
-    """Rows are grouped by prompt length and each group decodes in lockstep: no padding, plain positions,
-    and a row's computation is the same alone or in any batch (plus MIN_ROWS filler rows, see the module
-    docstring). cache="prefix": the static KV cache (prompt prefilled once, then one token per forward);
-    cache="none": the full sequence every step (the reference)."""
+    """Rows are grouped by prompt length and each group decodes in lockstep: no padding between rows, plain
+    positions, and a row's computation is the same alone or in any batch (GEMM row counts aligned as in the
+    module docstring: prompt and full-sequence chunks padded on the right, which a causal model never sees,
+    the one-token decode batch completed with filler rows). cache="prefix": the static KV cache (prompt
+    prefilled once, then one token per forward); cache="none": the full sequence every step (reference)."""
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: the ARM twin needs at least one prompt token (e.g. BOS)")
     device = next(model.parameters()).device
     choose = _dispatch("choose_tokens", device)
+    R = _row_multiple(opts)
+    max_pos = model.config.max_seq_len - 1
     out = [list(p) for p in prompts]
     row_forwards = [0] * len(prompts)
     row_steps = [0] * len(prompts)
@@ -756,18 +778,26 @@ def _generate_arm(model, prompts, gen_length, seeds, opts, eos_id, cache, callba
     groups: dict = {}
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)
+
+    def full_forward(seq, kv):  # (G, n) -> hidden (G, n, d); right pads are invisible to causal queries
+        n = seq.shape[1]
+        x = torch.cat([seq, seq.new_zeros(seq.shape[0], _round_up(n, R) - n)], dim=1)
+        pos = torch.arange(x.shape[1], device=device).clamp(max=max_pos)
+        return model.hidden(x, positions=pos, kv_cache=kv)[:, :n]
+
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for plen, live in groups.items():  # live: indices (into prompts) of the rows still decoding
-                # slot j of the working batch decodes row live[src[j]]; slots past len(live) are fillers
-                fill = _fillers(len(live), plen, opts) if cache == "none" else _fillers(len(live), 1, opts)
+                # KV cache slots: the live rows, then fillers (copies of the first) up to the row multiple
+                fill = _round_up(len(live), R) - len(live) if cache == "prefix" else 0
                 src = list(range(len(live))) + [0] * fill
                 seq = torch.tensor([prompts[live[k]] for k in src], dtype=torch.int64, device=device)
-                kv = model.make_kv_cache(len(src), plen + gen_length) if cache == "prefix" else None
-                h = model.hidden(seq, kv_cache=kv) if kv is not None else model.hidden(seq)
-                logits = _head(model, h[:len(live), -1], opts)
+                kv = None
+                if cache == "prefix":
+                    kv = model.make_kv_cache(len(src), _round_up(plen, R) + gen_length)
+                logits = _head(model, full_forward(seq, kv)[:len(live), -1], opts)
                 forwards += 1
                 for j in range(gen_length):
                     for i in live:
@@ -786,21 +816,18 @@ def _generate_arm(model, prompts, gen_length, seeds, opts, eos_id, cache, callba
                         callback(j + 1, [torch.tensor(o) for o in out])
                     if j == gen_length - 1 or not keep:
                         break
-                    # next working batch: surviving rows, then fillers copying the first of them
-                    slot_of = {k: src.index(k) for k in keep}  # a live row's own (first) slot
-                    fill = _fillers(len(keep), 1 if kv is not None else plen + j + 1, opts)
-                    sel = torch.tensor([slot_of[k] for k in keep] + [slot_of[keep[0]]] * fill, device=device)
-                    nxt = tok[[k for k in keep] + [keep[0]] * fill]
-                    live = [live[k] for k in keep]
-                    src = list(range(len(live))) + [0] * fill
-                    seq = torch.cat([seq[sel], nxt[:, None]], dim=1)
-                    if kv is not None:
-                        kv.k = [k[sel] for k in kv.k]
-                        kv.v = [v[sel] for v in kv.v]
-                        h = model.hidden(seq[:, -1:], kv_cache=kv, cache_pos=plen + j)
+                    fill = _round_up(len(keep), R) - len(keep) if kv is not None else 0
+                    sel = torch.tensor(keep + [keep[0]] * fill, device=device)  # live rows own slots 0..G-1
+                    live = [live[n] for n in keep]
+                    seq = torch.cat([seq[sel], tok[sel, None]], dim=1)  # (slots, plen + j + 1)
+                    if kv is not None:  # one new token per slot
+                        if len(keep) != len(tok):  # rows left: move the cache slots along
+                            kv.k = [k[sel] for k in kv.k]
+                            kv.v = [v[sel] for v in kv.v]
+                        h = model.hidden(seq[:, -1:], kv_cache=kv, cache_pos=plen + j)[:len(live), -1]
                     else:
-                        h = model.hidden(seq)
-                    logits = _head(model, h[:len(live), -1], opts)
+                        h = full_forward(seq, None)[:, -1]
+                    logits = _head(model, h, opts)
                     forwards += 1
     finally:
         model.train(was_training)
