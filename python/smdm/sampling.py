@@ -28,6 +28,9 @@ Token choice and position choice follow docs/CONTRACTS.md "Sampler token choice"
 (top-k, top-p, Gumbel-max in float32 keyed by (row seed, step, absolute position, vocab id)) and
 `select_positions` (per-row top-n or threshold, ties to the lower position). Both are reached through
 `_dispatch`, where a fused CUDA kernel may replace them; `SMDM_KERNELS=reference` forces these references.
+Randomness: `step` in the keys is the sampler iteration (0, 1, ... across blocks, the same for every row);
+the ancestral reveal coin of a position is uniform(key(seed, step, position, REVEAL_STREAM)) < 1/(S - i)
+(float64, `smdm.rng.uniform`), REVEAL_STREAM = 7 (the next free `smdm.rng.Stream` word).
 
 Batch invariance (a row's tokens never depend on the other rows): every draw is keyed by the row's own seed
 and absolute positions, and the forward pass is arranged so the floats of a row do not depend on the batch
