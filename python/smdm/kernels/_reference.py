@@ -198,8 +198,10 @@ def _rows_reference(c, u, keys, cfg_scale, temperature, top_k, top_p, conf_mode)
         t = torch.full(
             (1, 1), t32, dtype=torch.float32, device=dev
         )  # a tensor: true division on every device
-        score = torch.where(valid, lf / t + gumbel_noise(keys, V), float("-inf"))
-        tok = torch.argmax(score, dim=1)
+        score = lf / t + gumbel_noise(keys, V)
+        score = torch.where(valid & ~score.isnan(), score, float("-inf"))  # NaN (-inf + inf) never wins
+        best = score.max(dim=1)
+        tok = torch.where(best.values == float("-inf"), top, torch.argmax(score, dim=1))  # = the kernel
     else:
         tok = top
     if conf_mode == 0:

@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
   }
   best = block_argmax(best, sc.red_f, sc.red_i);  // also a barrier for lrow
   const float m = best.v;
-  const int top = best.i;
+  const int top = best.i == 0x7fffffff ? 0 : best.i;  // a row of -inf / NaN only: id 0 (as torch.argmax)
 
   // ---- 2. top-k, then top-p, by exact integer cut-offs ----
   if (top_k > 0 && top_k < V) {
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
   if (sample) pick = block_argmax(pick, sc.red_f, sc.red_i);
 
   if (tid == 0) {
-    const int tok = sample ? pick.i : top;
+    const int tok = (sample && pick.i != 0x7fffffff) ? pick.i : top;  // every score -inf (T ~ 0): the argmax
     const float s_f = __double2float_rn(__dmul_rn(__ull2double_rn(s_fix), 4.656612873077393e-10));  // 2^-31
     float c;
     if (conf_mode == CONF_PROB) {
