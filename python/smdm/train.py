@@ -621,7 +621,8 @@ def print_samples(model, tokenizer, n: int, kind: str, seed: int = 0):
     prompts = [tokenizer.encode(p).ids for p in prompts_text]
     out = generate(model, prompts, gen_length=64, steps=64, sampler="low_confidence", temperature=0.0,
                    seed=seed)
-    print(f"\n---- samples ({kind}, low_confidence, 64 tokens, 64 steps) ----")
+    how = "low_confidence, 64 steps" if kind == "mdm" else "greedy, left to right"
+    print(f"\n---- samples ({kind}, {how}, 64 tokens, temperature 0) ----")
     for p, toks in zip(prompts_text, out.tokens):
         print(repr(p + tokenizer.decode(toks)))
 
