@@ -229,6 +229,16 @@ def _build_nvcc(src: Path, home: Path, verbose: bool):
     build_dir = cache_root() / digest
     build_dir.mkdir(parents=True, exist_ok=True)
     old_home = ce.CUDA_HOME
+    ldflags = []
+    if not any((home / d / "libcudart.so").exists() for d in ("lib", "lib64")):
+        # the PyPI runtime ships only libcudart.so.<major>: give the linker an unversioned name for it
+        found = sorted((home / "lib").glob("libcudart.so.*"))
+        if found:
+            shim = build_dir / "lib"
+            shim.mkdir(exist_ok=True)
+            if not (shim / "libcudart.so").exists():
+                (shim / "libcudart.so").symlink_to(found[0])
+            ldflags.append(f"-L{shim}")
     cflags = ["-O3", f"-std={_torch_cxx_std()}"]
     cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *(gencode(a) for a in archs)]
     try:
@@ -244,6 +254,7 @@ def _build_nvcc(src: Path, home: Path, verbose: bool):
                 extra_include_paths=[str(src), *_include_dirs(home)],
                 extra_cflags=cflags,
                 extra_cuda_cflags=cuda_flags,
+                extra_ldflags=ldflags,
                 build_directory=str(build_dir),
                 verbose=verbose,
             )
