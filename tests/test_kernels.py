@@ -486,6 +486,18 @@ def test_compile_check_everything():
 
 
 @pytest.mark.slow
+def test_jit_build_compiles_links_and_imports_without_gpu(monkeypatch, tmp_path):
+    _need_nvcc()
+    monkeypatch.setenv("SMDM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_build, "device_archs", lambda: ["sm_90a"])
+    mod = _build._build_nvcc(K.source_dir(), _build.find_cuda_home(), verbose=False)
+    assert {"unmask_step", "choose_tokens", "select_positions", "attention"} <= set(dir(mod))
+    q = torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        mod.attention(q, q, q, None, None, torch.empty_like(q), 1.0)
+
+
+@pytest.mark.slow
 def test_attention_kernel_uses_tensor_cores():
     _need_nvcc()
     if not (_build.find_cuda_home() / "bin" / "cuobjdump").is_file():
