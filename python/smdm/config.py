@@ -32,7 +32,7 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints (and at the end / on SIGTERM)
     keep: int = 2  # checkpoints kept (>= 2)
     doc_mask: bool = True  # attention stays inside each packed document (segment_ids)
-    stratified: bool = True  # stratified t over the global batch
+    stratified: bool = False  # t_i = (u + i/B) mod 1 over the global batch instead of i.i.d. U(0, 1)
     compile: bool = False  # torch.compile each Transformer block
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"

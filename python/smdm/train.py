@@ -692,6 +692,7 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--val-batches", type=int, default=d.val_batches)
     a("--save-every", type=int, default=d.save_every)
     a("--keep", type=int, default=d.keep)
+    a("--stratified", action="store_true", help="stratified t over the global batch (default: i.i.d.)")
     a("--no-doc-mask", dest="doc_mask", action="store_false", help="attend across packed documents")
     a("--compile", action="store_true")
     a("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
