@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-UNMASK_THREADS = 512  # = smdm::UNMASK_THREADS
+UNMASK_THREADS = 1024  # = smdm::UNMASK_THREADS
 ATTN_WARPS = 4
 ATTN_BLOCK_N = 64
 UNMASK_SCRATCH_BYTES = 2720  # sizeof(smdm::UnmaskScratch), static shared memory of the sampler kernels

@@ -23,7 +23,7 @@
 
 namespace smdm {
 
-constexpr int UNMASK_THREADS = 512;  // threads per block of both kernels
+constexpr int UNMASK_THREADS = 1024;  // threads per block of both kernels (1 block per SM: the row fills smem)
 
 enum ConfMode : int { CONF_PROB = 0, CONF_MARGIN = 1, CONF_NEG_ENTROPY = 2 };
 
@@ -125,7 +125,8 @@ __device__ void radix_cutoff(const float* x, int n, float xmax, u64 target, Unma
 // Set x[v] = -inf for every entry outside the prefix defined by (theta, keep_ties).
 __device__ void apply_cutoff(float* x, int n, u32 theta, u64 keep_ties, UnmaskScratch& sc) {
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int chunk = (n + nt - 1) / nt;  // contiguous chunks: ties are ranked by index
+  // contiguous chunks (ties are ranked by index); an odd length keeps the strided smem reads conflict-free
+  const int chunk = ((n + nt - 1) / nt) | 1;
   const int beg = min(n, tid * chunk), end = min(n, beg + chunk);
   u32 ties = 0;
   for (int v = beg; v < end; ++v) ties += float_key(x[v]) == theta;
