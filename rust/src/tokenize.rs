@@ -185,7 +185,7 @@ impl FastByteLevel {
             self.map_bytes(piece, &mut mapped);
             let ids: Vec<u32> = model.tokenize(&mapped)?.into_iter().map(|t| t.id).collect();
             out.extend_from_slice(&ids);
-            if cache.len() > 1 << 20 {
+            if cache.len() > 1 << 18 {
                 cache.clear();
             }
             cache.insert(piece.to_string(), ids);
@@ -231,7 +231,18 @@ fn bpe_trainer(vocab_size: u32) -> Result<tokenizers::models::bpe::BpeTrainer> {
         .build())
 }
 
+thread_local! {
+    /// (tokenizer id, piece -> ids) of the byte-level fast path; see `Tok::encode_docs`.
+    static PIECE_CACHE: std::cell::RefCell<(u64, HashMap<String, Vec<u32>>)> =
+        std::cell::RefCell::new((0, HashMap::new()));
+}
+
+/// Unique ids for `Tok` instances (0 is never used, so a fresh thread cache matches no tokenizer).
+static NEXT_TOK_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 pub struct Tok {
+    /// Unique per instance: keys the thread-local piece cache.
+    id: u64,
     pub inner: Tokenizer,
     /// Some for plain byte-level BPE tokenizers (see the module docs); None uses the crate's `encode`.
     pub fast: Option<FastByteLevel>,
@@ -276,6 +287,7 @@ impl Tok {
             ));
         }
         Ok(Tok {
+            id: NEXT_TOK_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             fast: FastByteLevel::for_tokenizer(&inner),
             inner,
             path: path.to_path_buf(),
@@ -349,13 +361,20 @@ impl Tok {
             .filter(|_| std::env::var_os("SMDM_REFERENCE").is_none_or(|v| v == "0"));
         texts
             .par_iter()
-            .map_init(HashMap::new, |cache, t| {
+            .map(|t| {
                 let err = |e: tokenizers::Error| tok_err(&self.path, format!("encode failed: {e}"));
                 if let Some(f) = fast {
                     let mut ids = Vec::with_capacity(t.len() / 3);
-                    if f.encode_into(self.inner.get_model(), t, cache, &mut ids)
-                        .map_err(err)?
-                    {
+                    // The piece cache lives in the worker thread and survives across calls; it is tied to
+                    // one tokenizer (by its unique id) and emptied when another one uses the thread.
+                    let done = PIECE_CACHE.with(|c| {
+                        let mut c = c.borrow_mut();
+                        if c.0 != self.id {
+                            *c = (self.id, HashMap::new());
+                        }
+                        f.encode_into(self.inner.get_model(), t, &mut c.1, &mut ids)
+                    });
+                    if done.map_err(err)? {
                         return Ok(ids);
                     }
                 }
