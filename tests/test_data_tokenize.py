@@ -177,3 +177,18 @@ def test_pack_errors():
         _core.pack_documents(np.array([1, 2], np.int64), np.array([2], np.uint64), 0, 300)
     with pytest.raises(ValueError, match="eos_id"):
         _core.pack_documents(np.array([1], np.uint32), np.array([1], np.uint64), 300, 300)
+
+
+def test_two_tokenizers_do_not_share_cached_pieces(tmp_path, tiny_texts):
+    """The fast path's per-thread piece cache belongs to one tokenizer: alternate two, each keeps its ids."""
+    paths = []
+    for v in (280, 330):
+        p = tmp_path / f"tok{v}.json"
+        p.write_text(_core.Tokenizer.train_bpe(tiny_texts, v).to_json())
+        paths.append(p)
+    rust = [_core.Tokenizer.from_file(str(p)) for p in paths]
+    py = [tokenizers.Tokenizer.from_file(str(p)) for p in paths]
+    texts = tiny_texts[:20]
+    for _ in range(2):
+        for r, p in zip(rust, py):
+            assert r.encode(texts) == _py_ids(p, texts)
