@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from smdm.model import NAMED_SIZES, ModelConfig, build_model, config_by_name
 
 
