@@ -50,7 +50,9 @@ def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight w (0 = off)")
     parser.add_argument("--confidence", default="prob", help="prob | margin | entropy")
-    parser.add_argument("--cache", default="none", help="none | prefix (K/V of finished blocks)")
+    parser.add_argument("--cache", default=None,
+                        help="none | prefix (MDM: K/V of finished blocks, approximate; ARM: its KV cache). "
+                             "Default: none for the MDM, the KV cache for the ARM")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eos-id", type=int, default=None, help="EOS id (default: the tokenizer's EOS)")
     parser.add_argument("--no-eos", action="store_true", help="no early stop at EOS")

@@ -355,7 +355,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
              sampler: str = "low_confidence", block_length: Optional[int] = None,
              threshold: Optional[float] = None, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
-             confidence: str = "prob", eos_id: Optional[int] = None, cache: str = "none",
+             confidence: str = "prob", eos_id: Optional[int] = None, cache: Optional[str] = None,
              batch_invariant: bool = True, callback: Optional[Callable] = None) -> GenerationOutput:
     """Generate `gen_length` tokens after each prompt (token-id lists of any lengths).
 
@@ -363,11 +363,13 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     `block_length`), `threshold` for sampler="threshold", `cfg_scale` w of Eq. 7, `confidence` prob | margin |
     entropy, `cache` "none" | "prefix" (K/V of the prompt and finished blocks reused: approximate).
     ARM twin (causal True): left-to-right decoding with the same token choice; `cache="prefix"` is the static
-    KV cache; `steps`, `sampler`, `block_length`, `threshold`, `cfg_scale`, `confidence` do not apply.
+    KV cache (exact, the default for the ARM; the MDM's default is "none"); `steps`, `sampler`, `block_length`, `threshold`, `cfg_scale`, `confidence` do not apply.
     `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `batch_invariant`: arrange
     the forward passes so a row's floats never depend on the other rows (module docstring; False is a little
     faster). `callback(step, seqs)` sees the rows (mask id where still masked) after each step."""
     cfg = model.config
+    if cache is None:  # the ARM's KV cache is exact, the MDM's prefix cache an approximation
+        cache = "prefix" if cfg.causal else "none"
     if len(prompts) and isinstance(prompts[0], (int, np.integer)):
         raise ValueError("prompts must be a list of token-id lists (one prompt: [ids])")
     prompts = [list(map(int, p)) for p in prompts]
