@@ -94,7 +94,7 @@ def check_args(args, name: str) -> None:
         raise ValueError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
     if args.confidence not in CONFIDENCES:
         raise ValueError(f"--confidence must be one of {', '.join(CONFIDENCES)}, got {args.confidence!r}")
-    if args.cache not in CACHES:
+    if args.cache is not None and args.cache not in CACHES:
         raise ValueError(f"--cache must be one of {', '.join(CACHES)}, got {args.cache!r}")
 
 

@@ -415,7 +415,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
            sampler: str = "low_confidence", block_length: Optional[int] = None,
            threshold: Optional[float] = None, temperature: float = 0.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
-           confidence: str = "prob", eos_id: Optional[int] = None, cache: str = "none",
+           confidence: str = "prob", eos_id: Optional[int] = None, cache: Optional[str] = None,
            batch_invariant: bool = True, callback: Optional[Callable] = None) -> GenerationOutput:
     """Fill any set of masked positions of each sequence (MDM only); everything else is kept as given.
 
@@ -434,6 +434,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
     if not ids:
         raise ValueError("ids is empty")
     seeds = _seeds(seed, len(ids))
+    cache = "none" if cache is None else cache
     _check_common(cfg, temperature, top_k, top_p, cache, eos_id)
     _check_mdm(sampler, 1 if steps is None else steps, block_length, threshold, cfg_scale, confidence)
     if mask_positions is not None and len(mask_positions) != len(ids):
