@@ -75,7 +75,7 @@ def _reference_choice(logits, seed, step, pos, T):
     best, best_v = -math.inf, None
     for v in range(len(logits)):
         h = rng.splitmix64(base ^ v)
-        u = float(np.float32(np.float32(h >> 40) + np.float32(0.5)) * np.float32(2.0**-24))
+        u = float(np.float32(np.float32(h >> 41) + np.float32(0.5)) * np.float32(2.0**-23))
         g = -log(-log(u))
         score = float(np.float32(np.float32(logits[v]) / np.float32(T)) + np.float32(g))
         if score > best:

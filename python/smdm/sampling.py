@@ -154,8 +154,8 @@ def choose_tokens(logits: torch.Tensor, *, seeds, positions, step, temperature: 
     The float32 arithmetic is pinned down once, in `smdm.kernels._reference` (log/exp as fixed op sequences,
     top-p mass and softmax normaliser as exact fixed-point sums), so that the fused CUDA kernel reproduces
     this function token for token; here it is run in row chunks to bound the (rows x V) temporaries. Two
-    consequences of the contract's float32 noise: an excluded id (-inf) is never drawn, and an entry with
-    h >> 40 == 2^24 - 1 rounds to u == 1 (g = +inf) and wins among the kept ids (probability 2^-24 each)."""
+    consequence of the contract's float32 noise (u strictly inside (0, 1), g finite): an excluded id (-inf)
+    is never drawn."""
     from smdm.kernels._reference import choose_tokens_reference
 
     if top_k is None and (top_p is None or top_p >= 1.0):  # nothing filtered: skip the reference's sort

@@ -27,10 +27,8 @@ commits. Where docs/CONTRACTS.md leaves freedom we fixed it as follows (both sid
     below 1.5e-5 for a 32000-entry vocabulary); prob = exp(l_tok - max) / S,
     margin = (1 - exp(l_2 - max)) / S,
     neg_entropy = (sum_v exp(z_v) z_v) / S - log S with z = l - max (the sum in 31-bit fixed point).
-  * Gumbel noise follows the contract literally, including u == 1 (so g == +inf) when h >> 40 == 2^24 - 1:
-    with probability 2^-24 per vocabulary entry that entry wins outright (about 0.2% of draws over 32000
-    entries pick a uniformly random kept token). Fixing it needs a contract change on both sides, e.g.
-    u = ((h >> 41) + 0.5) * 2^-23.
+  * Gumbel noise u = ((h >> 41) + 0.5) * 2^-23: k + 0.5 is exact in float32, so u is strictly inside (0, 1)
+    and g = -log(-log(u)) is finite (an earlier 24-bit form rounded to u == 1, g == +inf, for one h in 2^24).
 """
 
 from __future__ import annotations

@@ -102,14 +102,13 @@ def gumbel_keys(seeds: torch.Tensor, step, positions: torch.Tensor) -> torch.Ten
 
 
 def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """g[n, v] = -log(-log(u)), u = ((h >> 40) + 0.5) 2^-24 in float32, h = splitmix64(keys[n] ^ v).
+    """g[n, v] = -log(-log(u)), u = ((h >> 41) + 0.5) 2^-23 in float32, h = splitmix64(keys[n] ^ v).
 
-    Follows docs/CONTRACTS.md literally: for h >> 40 == 2^24 - 1 the float32 sum rounds up, u == 1 and
-    g == +inf (probability 2^-24 per entry)."""
+    23 bits keep k + 0.5 exact in float32, so u is strictly inside (0, 1) and g is finite (docs/CONTRACTS.md)."""
     v = torch.arange(vocab, device=keys.device, dtype=torch.int64)
     h = splitmix64_t(keys[:, None] ^ v[None, :])  # (N, V)
-    k = (_lsr(h, 40)).to(torch.float32)  # exact: < 2^24
-    u = (k + 0.5) * _f32(0x33800000)  # * 2^-24
+    k = (_lsr(h, 41)).to(torch.float32)  # exact: < 2^23
+    u = (k + 0.5) * _f32(0x34000000)  # * 2^-23
     return -log_f32(-log_f32(u))
 
 

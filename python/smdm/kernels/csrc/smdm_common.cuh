@@ -147,12 +147,11 @@ __device__ __forceinline__ float exp_neg_f32(float z) {
   return __fmul_rn(p, __int_as_float(((int)n + 127) << 23));
 }
 
-// Gumbel noise of docs/CONTRACTS.md: u = ((h >> 40) + 0.5) * 2^-24 in float32, g = -log(-log(u)).
-// NOTE: for h >> 40 == 2^24 - 1 the float32 sum rounds to 2^24, u == 1 and g == +inf (probability 2^-24
-// per vocab entry). This follows the contract literally; see the report in python/smdm/kernels/__init__.py.
+// Gumbel noise of docs/CONTRACTS.md: u = ((h >> 41) + 0.5) * 2^-23 in float32, g = -log(-log(u)).
+// 23 bits so that k + 0.5 is exact in float32 (24 significant bits): u is never 0 or 1, g is finite.
 __device__ __forceinline__ float gumbel_f32(u64 h) {
-  const float k = (float)(u32)(h >> 40);  // exact: < 2^24
-  const float u = __fmul_rn(__fadd_rn(k, 0.5f), SMDM_F(0x33800000));  // * 2^-24
+  const float k = (float)(u32)(h >> 41);  // exact: < 2^23
+  const float u = __fmul_rn(__fadd_rn(k, 0.5f), SMDM_F(0x34000000));  // * 2^-23
   return -log_f32(-log_f32(u));
 }
 
