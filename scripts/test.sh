@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# bash scripts/test.sh — set up .venv (if needed), build the Rust extension, run cargo test, clippy, ruff, pytest.
-# This is the README's test command and what CI (.ci/run) runs.
+# bash scripts/test.sh — the README's test command and what CI (.ci/run) runs: set up .venv (if needed), build
+# the Rust extension, lint (cargo fmt, clippy, ruff), cargo test, build + install-check the wheel, then pytest
+# (which also compiles every CUDA source with nvcc from PyPI: no GPU needed). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -8,6 +9,12 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
+# nvcc for the CUDA compile check, pinned to the CUDA runtime that torch brought (a newer nvcc rejects torch's
+# headers). ~275 MB, cached by pip after the first run.
+CUDA_V=$(python -c "import importlib.metadata as m; print('.'.join(m.version('nvidia-cuda-runtime').split('.')[:2]))")
+python -m pip install -q "nvidia-cuda-nvcc==$CUDA_V.*" "nvidia-cuda-crt==$CUDA_V.*" "nvidia-nvvm==$CUDA_V.*" \
+    nvidia-cuda-cccl pybind11 ninja
+export SMDM_REQUIRE_NVCC=1
 cargo fmt --all -- --check
 cargo clippy --all-targets -q -- -D warnings
 cargo test -q
