@@ -29,7 +29,8 @@ COMMANDS = {
 
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smdm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="smdm", description="smdm: masked diffusion language models. "
+                                     "`smdm` alone runs `smdm train` (the CPU demo).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
     for name, (module, help_text) in COMMANDS.items():
