@@ -129,6 +129,15 @@ def test_train_writes_metrics_checkpoint_and_loads(dataset, tmp_path):
     assert state["step"] == 5 and state["data"] == {"epoch": 0, "batch": 5}
 
 
+def test_every_validation_uses_the_same_windows(dataset, tmp_path):
+    from smdm.train import Trainer
+
+    for kind in ("mdm", "ar"):
+        t = Trainer(cfg_for(dataset, tmp_path / kind, objective=kind, val_batches=2))
+        a, b = t.validate(), t.validate()
+        assert a["val_loss"] == b["val_loss"] and a["val_tokens"] == b["val_tokens"] == 2 * 4 * 32
+
+
 def test_loss_goes_down_and_ar_twin_trains(dataset, tmp_path):
     for kind in ("mdm", "ar"):
         train(cfg_for(dataset, tmp_path / kind, objective=kind, max_steps=100, batch_size=16, lr=1e-2,

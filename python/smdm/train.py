@@ -499,6 +499,7 @@ class Trainer:
         self.model.eval()
         # FSDP2 gathers the root parameters in the root module forward: go through it (DDP: no sync needed)
         net = self.wrapped if cfg.fsdp and d.enabled else self.objective
+        self.val_dataset.load_state_dict({"epoch": 0, "batch": 0})  # the same windows at every validation
         it = iter(self.val_dataset)
         sums = torch.zeros(3, dtype=torch.float64)  # nll, tokens, variance of the nll sum
         for _ in range(cfg.val_batches):
