@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
+import tempfile
 
 BENCHMARKS = {
     "pack": "packing documents into a token stream (Rust vs numpy vs a lit-gpt style loop)",
@@ -35,3 +38,17 @@ def register(parser: argparse.ArgumentParser, name: str = "bench") -> None:
         p = sub.add_parser(bench, help=help_text, add_help=False, prefix_chars="\x00")
         p.add_argument("bench_args", nargs="*")
         p.set_defaults(func=_run)
+
+
+def write_records(records: list, path: str) -> None:
+    """Write a benchmark's records (one per variant) as JSON, atomically (temp file + rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(records, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    print(f"wrote {len(records)} records to {path}")

@@ -11,7 +11,6 @@ masked logical shifts), so all three variants return identical arrays; the bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from smdm import rng
+from smdm.benchmarks import write_records
 from smdm.diffusion import crop_length, forward_process, forward_process_reference
 from smdm.rng import Stream
 
@@ -197,9 +197,7 @@ def main(args: argparse.Namespace) -> int:
     worst = min(min(r["ratio_vs"]["torch"], r["ratio_vs"]["torch (1 thread)"]) for r in rust)
     print(f"rust vs the faster torch configuration: {worst:.1f}x at worst (target >= 3x per token)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
-        print(f"wrote {len(records)} records to {args.json}")
+        write_records(records, args.json)
     return 0
 
 

@@ -22,13 +22,14 @@ All packers are checked to produce identical (stream, starts) before timing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 import numpy as np
+
+from smdm.benchmarks import write_records
 
 BASELINES = ("numpy copy (same bytes)", "python loop (lit-gpt builder)", "numpy vectorized")
 
@@ -184,9 +185,7 @@ def main(args: argparse.Namespace) -> int:
         f"{rust['python loop (lit-gpt builder)']:.0f}x the Python loop (target >= 20x)"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
-        print(f"wrote {len(records)} records to {args.json}")
+        write_records(records, args.json)
     return 0
 
 

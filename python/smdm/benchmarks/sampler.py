@@ -16,11 +16,12 @@ The ARM baseline runs with batch_invariant=False (its fastest form); the MDM var
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
+
+from smdm.benchmarks import write_records
 
 
 def _variants(gen_length: int, steps_div: int) -> dict:
@@ -217,8 +218,7 @@ def quality_main(args) -> int:
               f"{r['elbo_nats_per_token']:>14.3f} "
               f"{r['elbo_se']:>6.3f} {fwd:>6} {sec:>7}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_records(rows, args.json)
     return 0
 
 
@@ -247,9 +247,7 @@ def main(args: argparse.Namespace) -> int:
     print("tok/s counts generated tokens only; fwd = model calls; x ARM = tokens/s over the ARM twin with KV "
           "cache in the same run")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
-        print(f"wrote {len(records)} records to {args.json}")
+        write_records(records, args.json)
     return 0
 
 

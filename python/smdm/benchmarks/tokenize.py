@@ -20,13 +20,14 @@ with the default to compare.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 import numpy as np
+
+from smdm.benchmarks import write_records
 
 BASELINE = "python tokenizers + numpy"
 
@@ -165,9 +166,7 @@ def main(args: argparse.Namespace) -> int:
     x = next(r for r in records if r["variant"] == "rust")["ratio_vs"][BASELINE]
     print(f"rust: {x:.2f}x Python tokenizers encode_batch + numpy (target >= 1.5x)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
-        print(f"wrote {len(records)} records to {args.json}")
+        write_records(records, args.json)
     return 0
 
 
