@@ -363,7 +363,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     `block_length`), `threshold` for sampler="threshold", `cfg_scale` w of Eq. 7, `confidence` prob | margin |
     entropy, `cache` "none" | "prefix" (K/V of the prompt and finished blocks reused: approximate).
     ARM twin (causal True): left-to-right decoding with the same token choice; `cache="prefix"` is the static
-    KV cache (exact, the default for the ARM; the MDM's default is "none"); `steps`, `sampler`, `block_length`, `threshold`, `cfg_scale`, `confidence` do not apply.
+    KV cache (exact, the default for the ARM; the MDM's default is "none"); `steps`, `sampler`, `block_length`,
+    `threshold`, `cfg_scale`, `confidence` do not apply.
     `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `batch_invariant`: arrange
     the forward passes so a row's floats never depend on the other rows (module docstring; False is a little
     faster). `callback(step, seqs)` sees the rows (mask id where still masked) after each step."""
