@@ -13,13 +13,12 @@
 //! one with its separator token, and names files `{prefix}_{counter:010d}.bin`; `write_chunks` does the
 //! same (except that it never writes a chunk made only of padding). The format has no checksum and no
 //! document table: document starts are the positions after each EOS.
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
-use crate::shard::{bad_token_msg, write_atomic};
+use crate::shard::{bad_token_msg, map_with_header, write_atomic};
 
 pub const MAGIC: &[u8; 7] = b"LITPKDS";
 pub const VERSION: u64 = 1;
@@ -159,18 +158,7 @@ pub struct LitFile {
 
 impl LitFile {
     pub fn open(path: &Path) -> Result<LitFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        if len < HEADER_LEN as u64 {
-            return Err(Error::format(
-                path,
-                format!(
-                    "truncated: {len} bytes, shorter than the {HEADER_LEN}-byte LITPKDS header"
-                ),
-            ));
-        }
-        // SAFETY: read-only map of a file nobody rewrites in place (see shard.rs).
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (map, len) = map_with_header(path, HEADER_LEN, "LITPKDS")?;
         let header = LitHeader::decode(path, &map[..HEADER_LEN])?;
         let want = header.file_len().ok_or_else(|| {
             Error::format(

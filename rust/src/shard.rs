@@ -438,6 +438,23 @@ pub fn write_shard(
     })
 }
 
+/// Memory-map `path` read-only, checking that it is at least as long as its `header_len`-byte `what` header.
+/// Returns the map and the file length.
+pub fn map_with_header(path: &Path, header_len: usize, what: &str) -> Result<(Mmap, u64)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len < header_len as u64 {
+        return Err(Error::format(
+            path,
+            format!("truncated: {len} bytes, shorter than the {header_len}-byte {what} header"),
+        ));
+    }
+    // SAFETY: the map is read-only; smdm never modifies a published file in place (writers rename a
+    // new file over it). A concurrent truncation by another program is outside our contract.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok((map, len))
+}
+
 /// A memory-mapped shard whose header and size are checked; `verify` checks the payload too.
 pub struct Shard {
     pub path: PathBuf,
@@ -448,19 +465,7 @@ pub struct Shard {
 impl Shard {
     /// Map the file and check its header and exact length (cheap: O(1)).
     pub fn open(path: &Path) -> Result<Shard> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        if len < HEADER_LEN as u64 {
-            return Err(Error::format(
-                path,
-                format!(
-                    "truncated: {len} bytes, shorter than the {HEADER_LEN}-byte smdm shard header"
-                ),
-            ));
-        }
-        // SAFETY: the map is read-only; smdm never modifies a published shard in place (writers rename a
-        // new file over it). A concurrent truncation by another program is outside our contract.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (map, len) = map_with_header(path, HEADER_LEN, "smdm shard")?;
         let header = Header::decode(path, &map[..HEADER_LEN])?;
         let want = header.file_len().ok_or_else(|| {
             Error::format(
