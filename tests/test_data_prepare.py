@@ -1,5 +1,5 @@
 # python -m pytest -q tests/test_data_prepare.py          (add `-m slow` for the built-in corpus run)
-"""`smdm prepare` and `smdm data verify|inspect` end to end on real files: inputs (.txt, .jsonl, dirs),
+"""`smdm prepare` and `smdm data verify|inspect` end to end on real files: inputs (.txt, .jsonl, .parquet, dirs),
 shards equal to tokenizing with Python `tokenizers`, LITPKDS output byte-exact to lit-gpt's builder,
 deterministic output, clear errors for bad input, and no half-written output directory."""
 
@@ -164,6 +164,109 @@ def test_bad_inputs(tmp_path, prepared):
     with pytest.raises(SmdmIOError, match="not empty"):
         prepare([str(tmp_path / "a.txt")], prepared, vocab_size=280, **QUIET)
     assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())
+
+
+def _parquet(path, columns: dict, row_group_size=None):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_gives_the_same_tokens_as_jsonl(tmp_path, prepared, tiny_texts):
+    """Several row groups, a non-default column (--text-field), an extra column, an empty string (skipped
+    like in jsonl) and a 0-row file: the shards equal those of the same texts in one jsonl."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = tiny_texts[:70] + [""] + tiny_texts[70:]
+    src = tmp_path / "pq"
+    src.mkdir()
+    _parquet(src / "a.parquet", {"id": list(range(50)), "content": texts[:50]}, row_group_size=7)
+    _parquet(src / "b.parquet", {"content": texts[50:]}, row_group_size=11)
+    _parquet(src / "c_empty.parquet", {"content": pq.read_table(src / "b.parquet").column(0)[:0]})
+    assert pq.ParquetFile(src / "a.parquet").num_row_groups == 8
+    jl = tmp_path / "same.jsonl"
+    jl.write_text("".join(json.dumps({"content": t}) + "\n" for t in texts))
+    tok = str(prepared / "tokenizer.json")
+    opts = dict(tokenizer=tok, val_fraction=0.0, shard_tokens=3000, text_field="content", **QUIET)
+    a = prepare([str(src)], tmp_path / "from_pq", **opts)
+    b = prepare([str(jl)], tmp_path / "from_jsonl", **opts)
+    assert a["train"]["num_docs"] == b["train"]["num_docs"] == len(tiny_texts)
+    got, want = _all_tokens(tmp_path / "from_pq" / "train"), _all_tokens(tmp_path / "from_jsonl" / "train")
+    assert got.size > 10_000 and np.array_equal(got, want)
+    py = tokenizers.Tokenizer.from_file(tok)
+    eos = D.load_manifest(tmp_path / "from_pq" / "train").eos_id
+    ref = [e.ids + [eos] for e in py.encode_batch(tiny_texts, add_special_tokens=False)]
+    assert np.array_equal(got, np.concatenate([np.array(r) for r in ref]))
+    # the CLI flag reaches the reader
+    argv = ["prepare", str(src / "b.parquet"), "--out", str(tmp_path / "cli"), "--tokenizer", tok]
+    assert smdm_main(argv + ["--text-field", "content", "--val-fraction", "0"]) == 0
+    assert D.load_manifest(tmp_path / "cli" / "train").num_docs == len(texts) - 50 - 1  # "" skipped
+
+
+@pytest.mark.parametrize(
+    "columns, words",
+    [
+        ({"text": ["ok", None, "also ok"]}, r"bad.parquet: row 1 \(0-based\): column 'text' is null"),
+        ({"text": [1, 2]}, r"bad.parquet: column 'text' has type int64, expected strings"),
+        ({"text": [b"bytes"]}, r"bad.parquet: column 'text' has type binary"),
+        ({"body": ["x"], "id": [3]}, r"bad.parquet: no 'text' column \(columns: 'body', 'id'\)"),
+    ],
+)
+def test_parquet_errors_name_file_and_column(tmp_path, prepared, columns, words):
+    bad = _parquet(tmp_path / "bad.parquet", columns, row_group_size=2)
+    tok = str(prepared / "tokenizer.json")
+    with pytest.raises(SmdmFormatError, match=words):
+        prepare([str(bad)], tmp_path / "out", tokenizer=tok, **QUIET)
+    with pytest.raises(SmdmFormatError, match=words):  # the tokenizer-training pass reads it first
+        prepare([str(bad)], tmp_path / "out", vocab_size=280, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet"]  # nothing half-written
+
+
+def test_parquet_null_in_a_later_row_group_is_named_by_its_row(tmp_path, prepared):
+    bad = _parquet(tmp_path / "late.parquet", {"text": ["a"] * 9 + [None] + ["b"]}, row_group_size=4)
+    with pytest.raises(SmdmFormatError, match=r"late.parquet: row 9 \(0-based\)"):
+        prepare([str(bad)], tmp_path / "out", tokenizer=str(prepared / "tokenizer.json"), **QUIET)
+
+
+def test_empty_and_corrupt_parquet_files(tmp_path, prepared):
+    tok = str(prepared / "tokenizer.json")
+    zero = tmp_path / "zero.parquet"
+    zero.write_bytes(b"")
+    with pytest.raises(SmdmFormatError, match="zero.parquet: not a readable parquet file"):
+        prepare([str(zero)], tmp_path / "out", tokenizer=tok, **QUIET)
+    notpq = tmp_path / "text.parquet"
+    notpq.write_text("just some text, not parquet\n")
+    with pytest.raises(SmdmFormatError, match="text.parquet: not a readable parquet file"):
+        prepare([str(notpq)], tmp_path / "out", tokenizer=tok, **QUIET)
+    pa = pytest.importorskip("pyarrow")
+    empty = _parquet(tmp_path / "rows0.parquet", {"text": pa.array([], pa.string())})
+    with pytest.raises(SmdmFormatError, match="no documents"):
+        prepare([str(empty)], tmp_path / "out", tokenizer=tok, **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pyarrow_is_imported_lazily_and_its_absence_is_a_clear_error(tmp_path):
+    """`import smdm` (and text-only prepare) never loads pyarrow; without it a .parquet input fails
+    up front, naming the file and the fix. pyarrow is hidden from a child interpreter, not mocked."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    code = f"""
+import sys
+import smdm, smdm.data, smdm.data_cli, smdm.corpus, smdm.cli
+assert "pyarrow" not in sys.modules, "pyarrow imported by import smdm"
+sys.modules["pyarrow"] = None  # as if not installed
+from smdm.data_cli import prepare
+try:
+    prepare([{str(tmp_path / "a.parquet")!r}], {str(tmp_path / "out")!r}, vocab_size=280, progress=False)
+except smdm.SmdmFormatError as e:
+    print("ERR", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "ERR" in r.stdout and "a.parquet" in r.stdout and "pip install pyarrow" in r.stdout
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_prepare_verify_inspect(tmp_path, tiny_jsonl, capsys):

@@ -9,6 +9,7 @@ on the number of processes or on which other files are present.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import sysconfig
@@ -81,6 +82,10 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple[Path, str]]:
             raise SmdmIOError(f"{p}: no such file or directory")
         else:
             raise SmdmIOError(f"{p}: not a regular file")
+    for p, _ in out:
+        if p.suffix == ".parquet":
+            _require_pyarrow(p)
+            break
     return out
 
 
@@ -91,11 +96,11 @@ def _decode(path: Path, raw: bytes, base: int = 0) -> str:
         raise SmdmFormatError(f"{path}: not UTF-8 at byte offset {base + e.start}") from e
 
 
-def file_docs(path: Path, key: str) -> Iterator[Doc]:
-    """Documents of one input file: a .txt is one document; a .jsonl has one per line (field `text`);
-    a .parquet one per row of its `text` column (needs pyarrow)."""
+def file_docs(path: Path, key: str, text_field: str = "text") -> Iterator[Doc]:
+    """Documents of one input file: a .txt is one document; a .jsonl has one per line (field `text_field`);
+    a .parquet one per row of its `text_field` column (needs pyarrow; read one row group at a time)."""
     if path.suffix == ".parquet":
-        yield from _parquet_docs(path, key)
+        yield from _parquet_docs(path, key, text_field)
         return
     try:
         raw = path.read_bytes()
@@ -113,37 +118,77 @@ def file_docs(path: Path, key: str) -> Iterator[Doc]:
             obj = json.loads(_decode(path, line, start))
         except json.JSONDecodeError as e:
             raise SmdmFormatError(f"{path}:{lineno}: not valid JSON (byte offset {start}): {e.msg}") from e
-        if not isinstance(obj, dict) or "text" not in obj:
-            raise SmdmFormatError(f"{path}:{lineno}: no 'text' field (byte offset {start})")
-        if not isinstance(obj["text"], str):
-            raise SmdmFormatError(f"{path}:{lineno}: field 'text' is not a string (byte offset {start})")
-        yield Doc(f"{key}:{lineno}", obj["text"])
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise SmdmFormatError(f"{path}:{lineno}: no {text_field!r} field (byte offset {start})")
+        if not isinstance(obj[text_field], str):
+            raise SmdmFormatError(
+                f"{path}:{lineno}: field {text_field!r} is not a string (byte offset {start})"
+            )
+        yield Doc(f"{key}:{lineno}", obj[text_field])
 
 
-def _parquet_docs(path: Path, key: str) -> Iterator[Doc]:
+def _require_pyarrow(path: Path) -> None:
+    """Fail before any work when a .parquet input is given but pyarrow is not installed (without
+    importing it: `import smdm` and text-only runs never load pyarrow)."""
+    if importlib.util.find_spec("pyarrow") is None:
+        raise SmdmFormatError(
+            f"{path}: reading .parquet input needs pyarrow, which is not installed (pip install pyarrow)"
+        )
+
+
+def _parquet_docs(path: Path, key: str, text_field: str) -> Iterator[Doc]:
+    """One document per row (key `file.parquet:ROW`, 0-based over the whole file), streamed one row
+    group at a time so a large file never sits in memory. The column must hold strings; a null is an
+    error (as a non-string `text` is in a .jsonl), naming the file, column and row."""
+    _require_pyarrow(path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise SmdmFormatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
-    try:
-        table = pq.read_table(path, columns=["text"])
-    except KeyError as e:
-        raise SmdmFormatError(f"{path}: no 'text' column") from e
+        f = pq.ParquetFile(path)
     except OSError as e:
-        raise SmdmIOError(f"{path}: {e}") from e
-    for row, text in enumerate(table.column("text").to_pylist()):
-        if not isinstance(text, str):
-            raise SmdmFormatError(f"{path}: row {row}: 'text' is not a string")
-        yield Doc(f"{key}:{row}", text)
+        raise SmdmIOError(f"{path}: {e.strerror or e}") from e
+    except pa.ArrowException as e:  # ArrowInvalid: empty file, bad magic, corrupt footer
+        raise SmdmFormatError(f"{path}: not a readable parquet file: {e}") from e
+    with f:
+        schema = f.schema_arrow
+        if schema.get_field_index(text_field) < 0:
+            have = ", ".join(repr(n) for n in schema.names) or "none"
+            raise SmdmFormatError(f"{path}: no {text_field!r} column (columns: {have})")
+        kind = schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_string_view(pa, kind)):
+            raise SmdmFormatError(
+                f"{path}: column {text_field!r} has type {kind}, expected strings (choose the text column "
+                "with --text-field)"
+            )
+        row = 0
+        for g in range(f.num_row_groups):
+            try:
+                col = f.read_row_group(g, columns=[text_field]).column(text_field)
+            except pa.ArrowException as e:
+                raise SmdmFormatError(f"{path}: row group {g} of column {text_field!r}: {e}") from e
+            if col.null_count:
+                first = row + next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
+                raise SmdmFormatError(
+                    f"{path}: row {first} (0-based): column {text_field!r} is null (expected a string)"
+                )
+            for text in col.to_pylist():
+                yield Doc(f"{key}:{row}", text)
+                row += 1
 
 
-def input_docs(inputs: Sequence[str]) -> Iterator[Doc]:
+def _is_string_view(pa, kind) -> bool:
+    f = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
+    return bool(f and f(kind))
+
+
+def input_docs(inputs: Sequence[str], text_field: str = "text") -> Iterator[Doc]:
     """All documents of the inputs, in order; with no inputs, the built-in corpus."""
     if not inputs:
         yield from builtin_docs()
         return
     for path, key in expand_inputs(inputs):
-        yield from file_docs(path, key)
+        yield from file_docs(path, key, text_field)
 
 
 def input_bytes(inputs: Sequence[str]) -> int:

@@ -1,10 +1,13 @@
 """`smdm prepare` (text -> tokenizer -> shards) and `smdm data verify|inspect`.
 
     smdm prepare [INPUT ...] --out DIR [--tokenizer tokenizer.json | --vocab-size N]
-                 [--format smdm|litpkds] [--val-fraction F] [--shard-tokens N]
+                 [--format smdm|litpkds] [--val-fraction F] [--shard-tokens N] [--text-field NAME]
+    smdm data verify|inspect DIR
 
-INPUT: .txt (one document per file), .jsonl (one per line, field "text"), .parquet (column "text", needs
-pyarrow), or directories of those. No INPUT: the built-in corpus (the Python standard library's `.py` files).
+INPUT: .txt (one document per file), .jsonl (one per line, field "text"), .parquet (one per row of the
+column "text", a string column without nulls; needs pyarrow), or directories of those; --text-field picks
+another jsonl field / parquet column. No INPUT: the built-in corpus (the Python standard library's `.py`
+files).
 
 Pipeline: documents are read in Python in chunks of ~4 MB of text, split train/val by a stable hash of
 their key (`smdm.corpus.split_of`), and each chunk is encoded and packed (`ids + [EOS]`) in Rust across
@@ -140,14 +143,16 @@ class _Sink:
         )
 
 
-def _train_tokenizer(inputs: Sequence[str], vocab_size: int, val_fraction: float, sample_mb: float, log):
+def _train_tokenizer(
+    inputs: Sequence[str], vocab_size: int, val_fraction: float, sample_mb: float, log, text_field: str
+):
     from smdm._core import Tokenizer
 
     total = max(1, corpus.input_bytes(inputs))
     q = min(1.0, sample_mb * 1e6 / total)
     sample = [
         d.text
-        for d in corpus.input_docs(inputs)
+        for d in corpus.input_docs(inputs, text_field)
         if d.text
         and corpus.split_of(d.key, val_fraction) == "train"
         and corpus.split_of(d.key + "#bpe", q) == "val"
@@ -175,6 +180,7 @@ def prepare(
     shard_tokens: Optional[int] = None,
     eos_token: Optional[str] = None,
     tokenizer_sample_mb: float = 8.0,
+    text_field: str = "text",
     force: bool = False,
     progress: Optional[bool] = None,
     log=None,
@@ -211,7 +217,7 @@ def prepare(
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         else:
             tok = _train_tokenizer(
-                inputs, vocab_size or DEFAULT_VOCAB, val_fraction, tokenizer_sample_mb, log
+                inputs, vocab_size or DEFAULT_VOCAB, val_fraction, tokenizer_sample_mb, log, text_field
             )
             write_atomic(tmp / "tokenizer.json", tok.to_json().encode())
         tok_hash = sha256_file(tmp / "tokenizer.json")
@@ -234,7 +240,7 @@ def prepare(
                     sinks[s].add(*tok.encode_pack(texts))
                     texts.clear()
 
-        for doc in corpus.input_docs(inputs):
+        for doc in corpus.input_docs(inputs, text_field):
             nbytes = len(doc.text.encode("utf-8", "surrogatepass"))
             bar.update(nbytes)
             if not doc.text:
@@ -305,6 +311,7 @@ def _run_prepare(args) -> dict:
         shard_tokens=args.shard_tokens,
         eos_token=args.eos_token,
         tokenizer_sample_mb=args.tokenizer_sample_mb,
+        text_field=args.text_field,
         force=args.force,
     )
 
@@ -365,6 +372,9 @@ def register(parser, name: str) -> None:
         )
         parser.add_argument("--eos-token", help="name of the EOS token (default: found by the usual names)")
         parser.add_argument("--tokenizer-sample-mb", type=float, default=8.0, help="text to train BPE on")
+        parser.add_argument(
+            "--text-field", default="text", help="the jsonl field / parquet column holding the text (default text)"
+        )
         parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
         parser.set_defaults(func=_cmd_prepare)
         return
