@@ -34,6 +34,7 @@ class TrainConfig:
     doc_mask: bool = True  # attention stays inside each packed document (segment_ids)
     stratified: bool = False  # t_i = (u + i/B) mod 1 over the global batch instead of i.i.d. U(0, 1)
     compile: bool = False  # torch.compile each Transformer block
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, one more forward
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)

@@ -13,6 +13,11 @@ Design choices (DESIGN §3), all in this one file:
 One attention path serves training and sampling: optional document masking (`segment_ids`, packed sequences
 attend only within their document), key validity (`key_valid`, padding of ragged batches) and a static KV cache
 (`KVCache`: the ARM's generation cache, and the MDM's prefix cache of finished blocks).
+
+Activation checkpointing (`Transformer(config, activation_checkpointing=True)`, or set the attribute): while
+gradients are recorded, each block keeps only its input and recomputes its activations in backward
+(`torch.utils.checkpoint`, non-reentrant). The blocks draw no random numbers (no dropout), so the recomputation
+is the same computation and the gradients are unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -204,7 +210,15 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(c.d_model, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, *, layer, kv_cache, cache_pos):
+    def forward(self, x, cos, sin, mask, *, layer, kv_cache, cache_pos, recompute: bool = False):
+        if recompute:  # activation checkpointing: keep x only, recompute the block's activations in backward
+            # Inside forward (not around the call) so hooks on the block (FSDP2's all-gather, DDP) stay outside
+            # the recomputed region and `block.compile()` traces the checkpoint as one region.
+            return checkpoint(self._forward, x, cos, sin, mask, layer=layer, kv_cache=kv_cache,
+                              cache_pos=cache_pos, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, layer=layer, kv_cache=kv_cache, cache_pos=cache_pos)
+
+    def _forward(self, x, cos, sin, mask, *, layer, kv_cache, cache_pos):
         x = x + self.attn(self.norm1(x), cos, sin, mask, layer=layer, kv_cache=kv_cache, cache_pos=cache_pos)
         return x + self.mlp(self.norm2(x))
 
@@ -212,9 +226,12 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """`model(input_ids) -> logits (B, L, vocab_size)`; see the module docstring for the options."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
+        # recompute each block in backward instead of keeping its activations (a run option, not part of
+        # the architecture: it is not in `config` and not saved with the weights)
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(config.n_embed_rows, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
@@ -289,18 +306,21 @@ class Transformer(nn.Module):
         mask = self._mask(B, L, Lk, input_ids.device, segment_ids=segment_ids, key_valid=key_valid,
                           kv_cache=kv_cache, cache_pos=cache_pos)
         x = self.embed(input_ids)  # (B, L, d)
+        # a KV cache is written in forward (sampling): never recompute a block that writes one
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, layer=i, kv_cache=kv_cache, cache_pos=cache_pos)
+            x = block(x, cos, sin, mask, layer=i, kv_cache=kv_cache, cache_pos=cache_pos, recompute=recompute)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.head(self.hidden(input_ids, **kwargs))  # (B, L, V)
 
 
-def build_model(config: ModelConfig, seed: int = 0, device=None) -> Transformer:
+def build_model(config: ModelConfig, seed: int = 0, device=None, activation_checkpointing: bool = False
+                ) -> Transformer:
     """A freshly initialised model whose weights depend only on `seed` (not on the global RNG)."""
     gen = torch.Generator().manual_seed(seed)
-    model = Transformer(config)
+    model = Transformer(config, activation_checkpointing=activation_checkpointing)
     model.reset_parameters(generator=gen)
     return model.to(device) if device is not None else model
 

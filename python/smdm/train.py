@@ -5,6 +5,8 @@
 - AdamW (0.9, 0.95), weight decay 0.1 on the matrices (Linear weights), none on RMSNorm gains and the token
   embedding; global grad-norm clip 1.0; linear warmup over max(1% of steps, 100) steps (at most 10% of a short
   run) to the peak, cosine down to peak/10. bf16 autocast on CUDA; gradient accumulation; compute-budget mode.
+- `--activation-checkpointing` recomputes each block in backward (`Transformer.activation_checkpointing`):
+  activation memory of one block instead of all, for about one more forward pass; the same losses and weights.
 - `--batch-size` is the GLOBAL batch of an optimizer step; it is split over ranks (rank-major) and then over
   accumulation micro-steps, and each micro-batch masks with `sample_offset = rank·B_local + micro·B_micro`,
   so masks depend on (seed, step, global sample) only, never on the split.
@@ -227,7 +229,8 @@ class Trainer:
         self.peak_lr = cfg.lr if cfg.lr is not None else (4e-4 if cfg.config in NAMED_SIZES else 2e-3)
 
         # model, optimizer
-        self.model = build_model(self.model_config, seed=cfg.seed)
+        self.model = build_model(self.model_config, seed=cfg.seed,
+                                 activation_checkpointing=cfg.activation_checkpointing)
         self.step = 0
         self.tokens_seen = 0
         state = None
@@ -695,7 +698,9 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--keep", type=int, default=d.keep)
     a("--stratified", action="store_true", help="stratified t over the global batch (default: i.i.d.)")
     a("--no-doc-mask", dest="doc_mask", action="store_false", help="attend across packed documents")
-    a("--compile", action="store_true")
+    a("--compile", action="store_true", help="torch.compile each Transformer block")
+    a("--activation-checkpointing", action="store_true",
+      help="recompute each block in backward (less activation memory, more compute; same results)")
     a("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     a("--plot", action="store_true", help="write OUT/loss.png (with the twin run's curve when it exists)")
     a("--samples", type=int, default=None, help="samples printed at the end (default 3 for the demo, else 0)")
