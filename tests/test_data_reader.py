@@ -246,6 +246,9 @@ def _edit_manifest(root, fn):
         (lambda m: m["shards"][2].update(file="../x.smdm"), SmdmFormatError, "plain file name"),
         (lambda m: m.pop("shards"), SmdmFormatError, "shards"),
         (lambda m: m.update(format="parquet"), SmdmFormatError, "format"),
+        (lambda m: m.update(shard_dir="../.."), SmdmFormatError, "shard_dir"),
+        (lambda m: m.update(shard_dir="/tmp"), SmdmFormatError, "shard_dir"),
+        (lambda m: m.update(shard_dir=".."), SmdmIOError, "listed in .* but missing"),
     ],
 )
 def test_manifest_disagreeing_with_files(ds_dir, edit, exc, words):

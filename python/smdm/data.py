@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -100,7 +101,8 @@ def file_crc32(path: PathLike) -> int:
 
 
 def write_atomic(path: PathLike, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, rename."""
+    """Write to a temporary name in the same directory, fsync, rename, fsync the directory (so the rename
+    itself survives a crash). Readers see the old file or the new one, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -112,6 +114,20 @@ def write_atomic(path: PathLike, data: bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SmdmIOError(f"{path}: {e.strerror or e}") from e
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:  # not every platform / filesystem can open or fsync a directory: best effort
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -488,6 +504,12 @@ def load_manifest(dataset_dir: PathLike) -> Manifest:
         raise SmdmFormatError(f"{path}: field 'bos_id' must be an integer or null")
     if vocab == 0 or eos >= vocab or (bos is not None and bos >= vocab):
         raise SmdmFormatError(f"{path}: inconsistent ids: vocab_size {vocab}, eos_id {eos}, bos_id {bos}")
+    # Where the shard files are, relative to this manifest: "." (default) or ".." (`smdm data import
+    # --split S` puts S/manifest.json next to lit-gpt chunk files it must not move).
+    shard_dir = raw.get("shard_dir", ".")
+    if shard_dir not in (".", ".."):
+        raise SmdmFormatError(f"{path}: field 'shard_dir' must be '.' or '..', got {shard_dir!r}")
+    base = (root / shard_dir).resolve()
     shards_raw = field(raw, "shards", list) if isinstance(raw.get("shards"), list) else None
     if shards_raw is None:
         raise SmdmFormatError(f"{path}: field 'shards' must be a list")
@@ -497,11 +519,11 @@ def load_manifest(dataset_dir: PathLike) -> Manifest:
         name = field(s, "file", str, where)
         if Path(name).name != name or name in (".", ".."):
             raise SmdmFormatError(
-                f"{where}: shard file {name!r} must be a plain file name in the dataset dir"
+                f"{where}: shard file {name!r} must be a plain file name (in the dataset dir or shard_dir)"
             )
         shards.append(
             ShardEntry(
-                path=root.resolve() / name,
+                path=base / name,
                 num_tokens=field(s, "num_tokens", int, where),
                 num_docs=field(s, "num_docs", int, where),
                 bytes=field(s, "bytes", int, where),
@@ -578,34 +600,51 @@ def check_shard(m: Manifest, s: ShardEntry, full: bool = True) -> Optional[np.nd
     crc = file_crc32(s.path)
     if crc != s.crc32:
         raise SmdmFormatError(f"{s.path}: file CRC-32 {crc:#010x} != {s.crc32:#010x} in {m.root / MANIFEST}")
-    if use_reference():
-        toks = read_litpkds_numpy(s.path)[2]
-        bad = np.flatnonzero((toks < 0) | (toks >= m.vocab_size))
-        if bad.size:
-            i = int(bad[0])
+    return litpkds_tokens(s.path, m.vocab_size)
+
+
+def litpkds_tokens(path: PathLike, vocab_size: int) -> np.ndarray:
+    """The items of a LITPKDS file as token ids, each checked to be an integer in [0, vocab_size)
+    (error naming the file, the token index and its byte offset)."""
+    path = Path(path)
+    if not use_reference():
+        return _core().litpkds_tokens(os.fspath(path), vocab_size)
+    code, _, toks = read_litpkds_numpy(path)
+    if toks.dtype.kind == "f":
+        raise SmdmFormatError(f"{path}: dtype code {code} (offset 15) is a float type; token ids must be integers")
+    bad = np.flatnonzero((toks < 0) | (toks >= vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        at = LITPKDS_HEADER_LEN + i * toks.itemsize
+        if toks[i] < 0:
             raise SmdmFormatError(
-                f"{s.path}: " + _bad_token_msg(int(toks[i]), i, 24 + i * toks.itemsize, m.vocab_size)
+                f"{path}: token id {int(toks[i])} at token {i} (byte offset {at}) is not a valid id"
             )
-        return toks
-    return _core().litpkds_tokens(os.fspath(s.path), m.vocab_size)
+        raise SmdmFormatError(f"{path}: " + _bad_token_msg(int(toks[i]), i, at, vocab_size))
+    return toks
 
 
 def _litpkds_header(path: Path) -> tuple[int, int, int]:
     """(dtype code, chunk_size, itemsize) with the length checked, reading only the header."""
-    with open(path, "rb") as f:
-        head = f.read(LITPKDS_HEADER_LEN)
-        size = os.fstat(f.fileno()).st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(LITPKDS_HEADER_LEN)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise SmdmIOError(f"{path}: {e.strerror or e}") from e
     if len(head) < LITPKDS_HEADER_LEN or head[:7] != LITPKDS_MAGIC or head[15] not in LITPKDS_DTYPES:
         read_litpkds_numpy(path)  # raises the precise error
-    if int(np.frombuffer(head, "<u8", 1, 7)[0]) != LITPKDS_VERSION:
-        raise SmdmFormatError(f"{path}: unsupported LITPKDS version at offset 7")
+    version = int(np.frombuffer(head, "<u8", 1, 7)[0])
+    if version != LITPKDS_VERSION:
+        raise SmdmFormatError(f"{path}: unsupported LITPKDS version {version} at offset 7 (expected 1)")
     code = head[15]
     chunk = int(np.frombuffer(head, "<u8", 1, 16)[0])
     isz = np.dtype(LITPKDS_DTYPES[code]).itemsize
-    if size != LITPKDS_HEADER_LEN + chunk * isz:
+    want = LITPKDS_HEADER_LEN + chunk * isz
+    if size != want:
         raise SmdmFormatError(
-            f"{path}: {size} bytes, but chunk_size {chunk} (offset 16) implies "
-            f"{LITPKDS_HEADER_LEN + chunk * isz}"
+            f"{path}: {'truncated' if size < want else 'trailing bytes'}: {size} bytes, but chunk_size "
+            f"{chunk} (offset 16) of {isz}-byte items implies {want}"
         )
     if np.dtype(LITPKDS_DTYPES[code]).kind == "f":
         raise SmdmFormatError(
@@ -627,6 +666,42 @@ def verify_dataset(dataset_dir: PathLike, check_tokenizer: bool = True) -> Manif
                 f"{m.tokenizer_path}: hash differs from tokenizer_hash in {m.root / MANIFEST}"
             )
     return m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A lit-gpt / TinyLlama directory of LITPKDS chunks that has no manifest (`smdm data import`)
+# ---------------------------------------------------------------------------------------------------------
+def natural_key(name: str) -> tuple:
+    """Sort key that orders runs of digits by value: `x_2_0000000000.bin` before `x_10_0000000000.bin`."""
+    return tuple(int(t) if i % 2 else t for i, t in enumerate(re.split(r"([0-9]+)", name)))
+
+
+def find_litpkds_files(src_dir: PathLike, prefix: str = "") -> list[Path]:
+    """The regular files `{prefix}*.bin` directly in `src_dir` (hidden files skipped), in natural order."""
+    src = Path(src_dir)
+    try:
+        names = [e.name for e in os.scandir(src) if e.is_file()]
+    except OSError as e:
+        raise SmdmIOError(f"{src}: {e.strerror or e}") from e
+    names = [n for n in names if n.endswith(".bin") and n.startswith(prefix) and not n.startswith(".")]
+    return [src / n for n in sorted(names, key=natural_key)]
+
+
+def litpkds_shard_entry(path: PathLike, vocab_size: int, eos_id: int) -> tuple[dict, str]:
+    """(manifest shard entry, numpy dtype name) of one LITPKDS file, fully checked with the reader's own
+    checks: magic, version, integer dtype code, exact length for chunk_size, every id < vocab_size.
+    `num_docs` counts the EOS tokens (documents end there)."""
+    path = Path(path)
+    code, chunk, _ = _litpkds_header(path)
+    toks = litpkds_tokens(path, vocab_size)
+    entry = dict(
+        file=path.name,
+        num_tokens=chunk,
+        num_docs=int(np.count_nonzero(toks == eos_id)),
+        bytes=path.stat().st_size,
+        crc32=file_crc32(path),
+    )
+    return entry, np.dtype(LITPKDS_DTYPES[code]).name
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""`smdm prepare` (text -> tokenizer -> shards) and `smdm data verify|inspect`.
+"""`smdm prepare` (text -> tokenizer -> shards), `smdm data verify|inspect`, and `smdm data import` (a
+manifest for a lit-gpt / TinyLlama directory of LITPKDS chunks, e.g. SMDM's released data; IMPORT_HELP).
 
     smdm prepare [INPUT ...] --out DIR [--tokenizer tokenizer.json | --vocab-size N]
                  [--format smdm|litpkds] [--val-fraction F] [--shard-tokens N] [--text-field NAME]
     smdm data verify|inspect DIR
+    smdm data import DIR --vocab-size N --eos-id E [--prefix P] [--split S] [--tokenizer T] [--force]
 
 INPUT: .txt (one document per file), .jsonl (one per line, field "text"), .parquet (one per row of the
 column "text", a string column without nulls; needs pyarrow), or directories of those; --text-field picks
@@ -24,10 +26,12 @@ training time grows with the sample, and 8 MB of stdlib code already gives stabl
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,7 +43,9 @@ from smdm.data import (
     MANIFEST,
     MANIFEST_VERSION,
     decode_sample,
+    find_litpkds_files,
     litpkds_dtype_code,
+    litpkds_shard_entry,
     load_manifest,
     sha256_file,
     shard_dtype,
@@ -276,6 +282,151 @@ def prepare(
     return summary
 
 
+IMPORT_HELP = """\
+Write a manifest for a directory of lit-gpt / TinyLlama LITPKDS chunk files (e.g. SMDM's released
+SlimPajama data) so that `smdm train --data DIR` and smdm.data.PackedDataset read them in place.
+The .bin files are only read: never modified, moved or renamed. The manifest is written atomically
+(temporary file, fsync, rename), so a reader sees no manifest or a complete one.
+
+Files: DIR/PREFIX*.bin (not recursive, hidden files skipped) in natural order (..._2_... before
+..._10_...). Every file is checked in full: magic, version 1, an integer dtype code (the same in every
+file), the exact length its chunk_size implies, and every token id < --vocab-size (the MDM mask id is
+vocab_size); an error names the file and the byte offset.
+
+Documents: lit-gpt's PackedDatasetBuilder (TinyLlama's and SMDM's prepare scripts) stores each document
+as `ids + [EOS]` (its tokenizer adds EOS, not BOS), back to back, splitting a document across chunk
+files when it does not fit, and fills the unused tail of a builder's last chunk with its sep token (BOS,
+id 1 for the Llama tokenizer). smdm starts a document after each --eos-id token and at the start of each
+file: a document split across two files is two segments, and a padding tail after the last EOS is a
+segment of its own. Windows never cross files (as in lit-gpt). SMDM itself trained without document
+masking: `smdm train --no-doc-mask` does the same.
+
+Layout: without --split the manifest is DIR/manifest.json (DIR becomes a dataset directory). TinyLlama
+writes train_* and validation_* chunks side by side; import each into its split (DIR/S/manifest.json,
+pointing at the files in DIR) and train on DIR:
+    smdm data import DIR --prefix train_slim --split train --vocab-size 32000 --eos-id 2
+    smdm data import DIR --prefix validation --split val --vocab-size 32000 --eos-id 2
+    smdm train --data DIR ...
+"""
+
+
+def import_litpkds(
+    src: os.PathLike | str,
+    *,
+    vocab_size: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    prefix: str = "",
+    split: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    eos_token: Optional[str] = None,
+    force: bool = False,
+    progress: Optional[bool] = None,
+    log=None,
+) -> dict:
+    """Check every `{prefix}*.bin` LITPKDS file in `src` and write a manifest for them (see IMPORT_HELP):
+    `src/manifest.json`, or `src/{split}/manifest.json` with `shard_dir` "..". Returns a summary dict."""
+    from tqdm import tqdm
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    src = Path(src)
+    if not src.is_dir():
+        raise SmdmIOError(f"{src}: no such directory")
+    bos_id = tok_rel = tok_hash = None
+    if split is not None and (Path(split).name != split or split in ("", ".", "..")):
+        raise ValueError(f"--split must be a plain directory name such as train or val, got {split!r}")
+    out = src / split if split else src
+    if tokenizer is not None:
+        from smdm._core import Tokenizer
+
+        tok = Tokenizer.from_file(tokenizer, eos_token)
+        if vocab_size is not None and vocab_size < tok.vocab_size:
+            raise ValueError(f"--vocab-size {vocab_size} < the tokenizer's {tok.vocab_size} ids")
+        if eos_id is not None and eos_id != tok.eos_id:
+            raise ValueError(f"--eos-id {eos_id} differs from the tokenizer's EOS id {tok.eos_id}")
+        vocab_size = tok.vocab_size if vocab_size is None else vocab_size
+        eos_id, bos_id = tok.eos_id, tok.bos_id
+        tok_rel = os.path.relpath(Path(tokenizer).resolve(), out.resolve())
+        tok_hash = sha256_file(tokenizer)
+    if vocab_size is None:
+        raise ValueError("give --vocab-size (the tokenizer's number of ids; 32000 for SMDM's Llama data)")
+    if eos_id is None:
+        raise ValueError("give --eos-id (the id that ends each document; 2 for SMDM's Llama data)")
+    if not 0 < vocab_size < 2**32 or not 0 <= eos_id < vocab_size:
+        raise ValueError(f"need 0 <= --eos-id {eos_id} < --vocab-size {vocab_size} < 2**32")
+    if (out / MANIFEST).exists() and not force:
+        raise SmdmIOError(f"{out / MANIFEST}: exists (use --force to replace it)")
+    files = find_litpkds_files(src, prefix)
+    if not files:
+        raise SmdmFormatError(f"{src}: no {prefix}*.bin files to import")
+    total = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="import", disable=progress is False or None)
+    # Each file: header + a full read (ids, EOS count, CRC-32); the Rust id check releases the GIL.
+    checked: list[tuple[dict, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
+        results = pool.map(lambda f: litpkds_shard_entry(f, vocab_size, eos_id), files)
+        for f, (entry, dtype) in zip(files, results):
+            if checked and dtype != checked[0][1]:
+                raise SmdmFormatError(
+                    f"{f}: dtype {dtype}, but {files[0].name} holds {checked[0][1]} (one dataset, one dtype)"
+                )
+            checked.append((entry, dtype))
+            bar.update(entry["bytes"])
+    bar.close()
+    shards = [e for e, _ in checked]
+    info = dict(
+        version=MANIFEST_VERSION,
+        format="litpkds",
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        bos_id=bos_id,
+        dtype=checked[0][1],
+        num_tokens=sum(e["num_tokens"] for e in shards),
+        num_docs=sum(e["num_docs"] for e in shards),
+        tokenizer=tok_rel,
+        tokenizer_hash=tok_hash,
+        shard_dir=".." if split else ".",
+        imported_from=dict(prefix=prefix, documents="a document starts after each eos_id and at each file's start"),
+        shards=shards,
+    )
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise SmdmIOError(f"{out}: {e.strerror or e}") from e
+    write_manifest(out, info)
+    load_manifest(out)  # the reader accepts what was written
+    if info["num_docs"] == 0:
+        log(f"note: no token equals eos_id {eos_id}: each file is one document (is --eos-id right?)")
+    return dict(
+        manifest=out / MANIFEST,
+        files=len(shards),
+        num_tokens=info["num_tokens"],
+        num_docs=info["num_docs"],
+        dtype=info["dtype"],
+    )
+
+
+def _cmd_import(args) -> int:
+    try:
+        r = import_litpkds(
+            args.dir,
+            vocab_size=args.vocab_size,
+            eos_id=args.eos_id,
+            prefix=args.prefix,
+            split=args.split,
+            tokenizer=args.tokenizer,
+            eos_token=args.eos_token,
+            force=args.force,
+        )
+    except (SmdmFormatError, SmdmIOError, ValueError) as e:
+        print(f"smdm data import: error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{r['manifest']}: {r['files']} files, {r['num_tokens']:,} tokens ({r['dtype']}), "
+        f"{r['num_docs']:,} documents"
+    )
+    return 0
+
+
 def _datasets(path: Path) -> list[Path]:
     if (path / MANIFEST).is_file():
         return [path]
@@ -373,12 +524,12 @@ def register(parser, name: str) -> None:
         parser.add_argument("--eos-token", help="name of the EOS token (default: found by the usual names)")
         parser.add_argument("--tokenizer-sample-mb", type=float, default=8.0, help="text to train BPE on")
         parser.add_argument(
-            "--text-field", default="text", help="the jsonl field / parquet column holding the text (default text)"
+            "--text-field", default="text", help="jsonl field / parquet column holding the text (default text)"
         )
         parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
         parser.set_defaults(func=_cmd_prepare)
         return
-    sub = parser.add_subparsers(dest="data_command", metavar="{verify,inspect}")
+    sub = parser.add_subparsers(dest="data_command", metavar="{verify,inspect,import}")
     v = sub.add_parser("verify", help="check every shard against its header and the manifest")
     v.add_argument("dir", help="a prepared directory or a dataset directory")
     v.set_defaults(func=_cmd_verify)
@@ -387,3 +538,18 @@ def register(parser, name: str) -> None:
     i.add_argument("--sample-tokens", type=int, default=64)
     i.add_argument("--max-shards", type=int, default=10)
     i.set_defaults(func=_cmd_inspect)
+    imp = sub.add_parser(
+        "import",
+        help="write a manifest for a lit-gpt/TinyLlama directory of LITPKDS .bin chunks (files untouched)",
+        description=IMPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    imp.add_argument("dir", help="the directory holding the .bin chunk files")
+    imp.add_argument("--vocab-size", type=int, help="token ids are < N (default: the --tokenizer's)")
+    imp.add_argument("--eos-id", type=int, help="the id ending each document (default: the --tokenizer's)")
+    imp.add_argument("--prefix", default="", help="import only files named PREFIX*.bin (e.g. train_slim)")
+    imp.add_argument("--split", help="write DIR/SPLIT/manifest.json (train, val) instead of DIR/manifest.json")
+    imp.add_argument("--tokenizer", help="the tokenizer.json of this data (recorded with its hash; optional)")
+    imp.add_argument("--eos-token", help="with --tokenizer: name of the EOS token (default: the usual names)")
+    imp.add_argument("--force", action="store_true", help="replace an existing manifest.json")
+    imp.set_defaults(func=_cmd_import)
