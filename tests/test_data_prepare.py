@@ -14,7 +14,7 @@ import tokenizers
 from smdm import SmdmFormatError, SmdmIOError
 from smdm import data as D
 from smdm.cli import main as smdm_main
-from smdm.corpus import split_of
+from smdm.corpus import input_bytes, split_of
 from smdm.data_cli import prepare
 
 QUIET = dict(progress=False, log=lambda msg: None)
@@ -184,6 +184,9 @@ def test_parquet_gives_the_same_tokens_as_jsonl(tmp_path, prepared, tiny_texts):
     _parquet(src / "b.parquet", {"content": texts[50:]}, row_group_size=11)
     _parquet(src / "c_empty.parquet", {"content": pq.read_table(src / "b.parquet").column(0)[:0]})
     assert pq.ParquetFile(src / "a.parquet").num_row_groups == 8
+    # the progress bar / BPE sample size count the text, not the (smaller) compressed files
+    text_bytes = sum(len(t.encode()) for t in texts)
+    assert text_bytes <= input_bytes([str(src)], "content") < 1.5 * text_bytes  # + offsets, page headers
     jl = tmp_path / "same.jsonl"
     jl.write_text("".join(json.dumps({"content": t}) + "\n" for t in texts))
     tok = str(prepared / "tokenizer.json")

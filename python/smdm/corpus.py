@@ -191,7 +191,29 @@ def input_docs(inputs: Sequence[str], text_field: str = "text") -> Iterator[Doc]
         yield from file_docs(path, key, text_field)
 
 
-def input_bytes(inputs: Sequence[str]) -> int:
-    """Total size of the inputs (for the progress bar)."""
+def input_bytes(inputs: Sequence[str], text_field: str = "text") -> int:
+    """Size of the inputs' text (for the progress bar and the BPE sample fraction): file sizes, except that a
+    .parquet counts the uncompressed size of its text column (its compressed size would undercount)."""
     files = [p for p, _ in builtin_files()] if not inputs else [p for p, _ in expand_inputs(inputs)]
-    return sum(os.path.getsize(p) for p in files)
+    return sum(_parquet_text_bytes(p, text_field) if p.suffix == ".parquet" else os.path.getsize(p) for p in files)
+
+
+def _parquet_text_bytes(path: Path, text_field: str) -> int:
+    """Uncompressed bytes of the `text_field` column from the parquet footer (the file size when the
+    footer cannot be read: reading the file then reports the precise error)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        md = pq.ParquetFile(path).metadata
+    except (OSError, pa.ArrowException):
+        return os.path.getsize(path)
+    total = 0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        total += sum(
+            rg.column(i).total_uncompressed_size
+            for i in range(rg.num_columns)
+            if rg.column(i).path_in_schema == text_field
+        )
+    return total

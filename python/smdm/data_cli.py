@@ -154,7 +154,7 @@ def _train_tokenizer(
 ):
     from smdm._core import Tokenizer
 
-    total = max(1, corpus.input_bytes(inputs))
+    total = max(1, corpus.input_bytes(inputs, text_field))
     q = min(1.0, sample_mb * 1e6 / total)
     sample = [
         d.text
@@ -228,7 +228,7 @@ def prepare(
             write_atomic(tmp / "tokenizer.json", tok.to_json().encode())
         tok_hash = sha256_file(tmp / "tokenizer.json")
         sinks = {s: _Sink(tmp / s, fmt, shard_tokens, tok.vocab_size, tok.eos_id, tok.bos_id) for s in SPLITS}
-        total = corpus.input_bytes(inputs)
+        total = corpus.input_bytes(inputs, text_field)
         bar = tqdm(
             total=total,
             unit="B",
