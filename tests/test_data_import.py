@@ -239,3 +239,14 @@ def test_a_chunk_changed_after_import_is_caught_by_the_reader(tmp_path):
     os.truncate(files[1], len(raw) - 2)
     with pytest.raises(SmdmFormatError, match=f"{files[1].name}: truncated"):
         D.PackedDataset(tmp_path, 16, 2, verify=False)
+
+
+def test_notes_for_a_shadowing_manifest_and_an_eos_that_never_occurs(tmp_path):
+    lit_gpt_chunks(tmp_path, "train", 6, 200, 300, 8)
+    notes = []
+    import_litpkds(tmp_path, vocab_size=300, eos_id=EOS, split="train", progress=False, log=notes.append)
+    assert notes == []
+    import_litpkds(tmp_path, vocab_size=400, eos_id=350, progress=False, log=notes.append)  # ids are < 300
+    assert any("--data" in n and "train/manifest.json" in n for n in notes)  # DIR/manifest.json wins
+    assert any("no token equals eos_id 350" in n for n in notes)
+    assert D.resolve_dataset(tmp_path) == tmp_path and D.load_manifest(tmp_path).num_docs == 0

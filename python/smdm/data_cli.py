@@ -394,6 +394,9 @@ def import_litpkds(
         raise SmdmIOError(f"{out}: {e.strerror or e}") from e
     write_manifest(out, info)
     load_manifest(out)  # the reader accepts what was written
+    shadow = [d / MANIFEST for d in ([src] if split else [src / s for s in SPLITS]) if (d / MANIFEST).is_file()]
+    if shadow:  # resolve_dataset prefers DIR/manifest.json over DIR/train/manifest.json
+        log(f"note: {src} holds both {out / MANIFEST} and {shadow[0]}; `--data {src}` reads {src / MANIFEST}")
     if info["num_docs"] == 0:
         log(f"note: no token equals eos_id {eos_id}: each file is one document (is --eos-id right?)")
     return dict(
