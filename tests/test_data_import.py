@@ -79,7 +79,8 @@ def test_import_then_windows_equal_the_file_tokens(tmp_path, vocab, code):
     assert smdm_main(["data", "verify", str(root)]) == 0
 
     L = 64
-    ds = D.PackedDataset(root, L, 4, extra_token=True, shuffle=False, epochs=1)
+    ds = D.PackedDataset(root, L, 4, extra_token=True, epochs=1)
+    ds.MAX_OPEN_SHARDS = 2  # shuffled windows over more files than maps kept open: the LRU reopens them
     per_file = [(t.size - 1) // L for t in toks]
     assert ds.num_windows == sum(per_file)
     first = np.cumsum([0] + per_file)
@@ -94,6 +95,7 @@ def test_import_then_windows_equal_the_file_tokens(tmp_path, vocab, code):
             assert np.array_equal(seg, np.concatenate([[0], np.cumsum(want[:-1] == EOS)])), (files[f].name, a)
             seen += 1
     assert seen == len(ds) * 4 and len(ds) == ds.num_windows // 4
+    assert len(ds._maps) == 2
 
 
 def test_split_layout_feeds_smdm_train(tmp_path, capsys):

@@ -29,6 +29,7 @@ rank * batch size, remainder dropped); DataLoader worker w takes the rank's batc
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -765,11 +766,8 @@ class _PackedDatasetImpl:
         self.shuffle, self.epochs = bool(shuffle), epochs
         m = self.manifest
         # Header/size (and, with `verify`, CRC + id) checks now, so bad data fails before training starts.
-        self._litpkds_tokens = {}
-        for i, s in enumerate(m.shards):
-            toks = check_shard(m, s, full=verify)
-            if toks is not None:
-                self._litpkds_tokens[i] = None  # re-mapped lazily; the checked copy is not kept
+        for s in m.shards:
+            check_shard(m, s, full=verify)  # (a LITPKDS shard's checked token copy is dropped: mapped lazily)
         per_shard = [max(0, (s.num_tokens - int(self.extra_token)) // self.seq_len) for s in m.shards]
         self._cum = np.concatenate([[0], np.cumsum(per_shard, dtype=np.int64)])
         self.num_windows = int(self._cum[-1])
@@ -780,7 +778,7 @@ class _PackedDatasetImpl:
                 f"{self.batch_size} on each of {self.world_size} ranks ({m.num_tokens} tokens)"
             )
         self._epoch, self._batch = 0, 0
-        self._maps: Optional[list] = None
+        self._maps: Optional[collections.OrderedDict] = None  # shard index -> (tokens, starts), see _shard
 
     # -- pickling for DataLoader workers: memory maps are reopened in each process
     def __getstate__(self):
@@ -808,26 +806,36 @@ class _PackedDatasetImpl:
         e, b = divmod(int(batch["epoch"]) * self._len + int(batch["batch"]) + 1, self._len)
         return {"epoch": e, "batch": b}
 
-    def _open(self) -> list:
-        m = self.manifest
-        maps = []
-        for s in m.shards:
-            if m.format == "smdm":
-                dt = np.dtype(m.dtype).newbyteorder("<")
-                toks = np.memmap(s.path, dt, "r", SHARD_HEADER_LEN, (s.num_tokens,))
-                table = SHARD_HEADER_LEN + (s.num_tokens * dt.itemsize + 7) // 8 * 8
-                starts = (
-                    np.memmap(s.path, "<u8", "r", table, (s.num_docs,)) if s.num_docs else np.zeros(0, "<u8")
-                )
-            else:
-                code = _litpkds_header(s.path)[0]
-                dt = np.dtype(LITPKDS_DTYPES[code]).newbyteorder("<")
-                toks = np.memmap(s.path, dt, "r", LITPKDS_HEADER_LEN, (s.num_tokens,))
-                # LITPKDS has no document table: a document starts after each EOS.
-                ends = np.flatnonzero(toks == m.eos_id) + 1
-                starts = np.concatenate([[0], ends[ends < s.num_tokens]]).astype(np.uint64)
-            maps.append((toks, np.asarray(starts, dtype=np.int64)))
-        return maps
+    # Memory maps kept open per process, least recently used first out: an imported lit-gpt directory can
+    # hold 10^5 chunk files, more than the open-file limit, and random windows touch any of them.
+    MAX_OPEN_SHARDS = 128
+
+    def _shard(self, i: int) -> tuple:
+        """(memory-mapped tokens, int64 document starts or None) of shard i, opened on first use.
+
+        smdm shards map their document table. LITPKDS has none: a document starts after each EOS, so the
+        segments of a window follow from the window itself (`_get_batch`) and no chunk is ever scanned."""
+        if self._maps is None:
+            self._maps = collections.OrderedDict()
+        hit = self._maps.get(i)
+        if hit is not None:
+            self._maps.move_to_end(i)
+            return hit
+        m, s = self.manifest, self.manifest.shards[i]
+        if m.format == "smdm":
+            dt = np.dtype(m.dtype).newbyteorder("<")
+            toks = np.memmap(s.path, dt, "r", SHARD_HEADER_LEN, (s.num_tokens,))
+            table = SHARD_HEADER_LEN + (s.num_tokens * dt.itemsize + 7) // 8 * 8
+            starts = np.memmap(s.path, "<u8", "r", table, (s.num_docs,)) if s.num_docs else np.zeros(0, "<u8")
+            hit = (toks, np.asarray(starts, dtype=np.int64))
+        else:
+            code = _litpkds_header(s.path)[0]
+            dt = np.dtype(LITPKDS_DTYPES[code]).newbyteorder("<")
+            hit = (np.memmap(s.path, dt, "r", LITPKDS_HEADER_LEN, (s.num_tokens,)), None)
+        self._maps[i] = hit
+        if len(self._maps) > self.MAX_OPEN_SHARDS:
+            self._maps.popitem(last=False)  # the map closes when its last reference goes
+        return hit
 
     def window_ids(self, epoch: int, batch: int) -> np.ndarray:
         """Window ids of batch `batch` of `epoch` on this rank (int64, (B,))."""
@@ -840,19 +848,21 @@ class _PackedDatasetImpl:
     def _get_batch(self, epoch: int, batch: int) -> dict:
         import torch
 
-        if self._maps is None:
-            self._maps = self._open()
         ids = self.window_ids(epoch, batch)
         shard = np.searchsorted(self._cum, ids, side="right") - 1
         x = np.empty((ids.size, self.window), np.int64)
         seg = np.empty((ids.size, self.window), np.int32)
         for j, (w, i) in enumerate(zip(ids, shard)):
-            toks, starts = self._maps[i]
+            toks, starts = self._shard(int(i))
             a = int(w - self._cum[i]) * self.seq_len
             x[j] = toks[a : a + self.window]
             # segment of position p = number of document starts in (a, p]
-            first = np.searchsorted(starts, a, side="right")
-            seg[j] = np.searchsorted(starts, np.arange(a, a + self.window), side="right") - first
+            if starts is None:  # LITPKDS: the starts in (a, p] are the EOS tokens in [a, p)
+                seg[j, 0] = 0
+                np.cumsum(x[j, :-1] == self.manifest.eos_id, out=seg[j, 1:])
+            else:
+                first = np.searchsorted(starts, a, side="right")
+                seg[j] = np.searchsorted(starts, np.arange(a, a + self.window), side="right") - first
         return {
             "input_ids": torch.from_numpy(x),
             "segment_ids": torch.from_numpy(seg),
