@@ -6,6 +6,10 @@ Layout of a prepared directory (`smdm prepare ... --out DIR`, see docs/CONTRACTS
     DIR/train/manifest.json  DIR/train/shard_00000.smdm ...     (a *dataset directory*: has manifest.json)
     DIR/val/manifest.json    DIR/val/shard_00000.smdm ...
 
+A lit-gpt / TinyLlama directory of LITPKDS chunks gets a manifest from `smdm data import` without its
+files being touched: DIR/manifest.json, or DIR/train/manifest.json + DIR/val/manifest.json whose
+`shard_dir` ".." points back at the chunks in DIR.
+
 Two shard formats:
 - smdm shard v1 (`rust/src/shard.rs` has the byte layout): 64-byte header (magic `SMDMSHRD`, version, dtype,
   token/document counts, vocab size, EOS/BOS ids, payload CRC-32, header CRC-32), the token stream
