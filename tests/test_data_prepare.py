@@ -174,31 +174,36 @@ def _parquet(path, columns: dict, row_group_size=None):
 
 
 def test_parquet_gives_the_same_tokens_as_jsonl(tmp_path, prepared, tiny_texts):
-    """Several row groups, a non-default column (--text-field), an extra column, an empty string (skipped
-    like in jsonl) and a 0-row file: the shards equal those of the same texts in one jsonl."""
+    """Several row groups, a non-default column (--text-field), an extra column, string / large_string /
+    dictionary-encoded columns, an empty string (skipped like in jsonl) and a 0-row file: the shards equal
+    those of the same texts in one jsonl (files are read in name order)."""
+    pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     texts = tiny_texts[:70] + [""] + tiny_texts[70:]
     src = tmp_path / "pq"
     src.mkdir()
     _parquet(src / "a.parquet", {"id": list(range(50)), "content": texts[:50]}, row_group_size=7)
-    _parquet(src / "b.parquet", {"content": texts[50:]}, row_group_size=11)
-    _parquet(src / "c_empty.parquet", {"content": pq.read_table(src / "b.parquet").column(0)[:0]})
+    _parquet(src / "b.parquet", {"content": pa.array(texts[50:], pa.large_string())}, row_group_size=11)
+    _parquet(src / "c.parquet", {"content": pa.array(texts[:3] * 2).dictionary_encode()})  # pandas category
+    _parquet(src / "d_empty.parquet", {"content": pa.array([], pa.string())})
     assert pq.ParquetFile(src / "a.parquet").num_row_groups == 8
+    assert pa.types.is_dictionary(pq.ParquetFile(src / "c.parquet").schema_arrow.field("content").type)
+    all_texts = texts + texts[:3] * 2
     # the progress bar / BPE sample size count the text, not the (smaller) compressed files
-    text_bytes = sum(len(t.encode()) for t in texts)
+    text_bytes = sum(len(t.encode()) for t in all_texts)
     assert text_bytes <= input_bytes([str(src)], "content") < 1.5 * text_bytes  # + offsets, page headers
     jl = tmp_path / "same.jsonl"
-    jl.write_text("".join(json.dumps({"content": t}) + "\n" for t in texts))
+    jl.write_text("".join(json.dumps({"content": t}) + "\n" for t in all_texts))
     tok = str(prepared / "tokenizer.json")
     opts = dict(tokenizer=tok, val_fraction=0.0, shard_tokens=3000, text_field="content", **QUIET)
     a = prepare([str(src)], tmp_path / "from_pq", **opts)
     b = prepare([str(jl)], tmp_path / "from_jsonl", **opts)
-    assert a["train"]["num_docs"] == b["train"]["num_docs"] == len(tiny_texts)
+    assert a["train"]["num_docs"] == b["train"]["num_docs"] == len(tiny_texts) + 6
     got, want = _all_tokens(tmp_path / "from_pq" / "train"), _all_tokens(tmp_path / "from_jsonl" / "train")
     assert got.size > 10_000 and np.array_equal(got, want)
     py = tokenizers.Tokenizer.from_file(tok)
     eos = D.load_manifest(tmp_path / "from_pq" / "train").eos_id
-    ref = [e.ids + [eos] for e in py.encode_batch(tiny_texts, add_special_tokens=False)]
+    ref = [e.ids + [eos] for e in py.encode_batch(tiny_texts + tiny_texts[:3] * 2, add_special_tokens=False)]
     assert np.array_equal(got, np.concatenate([np.array(r) for r in ref]))
     # the CLI flag reaches the reader
     argv = ["prepare", str(src / "b.parquet"), "--out", str(tmp_path / "cli"), "--tokenizer", tok]

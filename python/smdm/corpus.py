@@ -156,7 +156,7 @@ def _parquet_docs(path: Path, key: str, text_field: str) -> Iterator[Doc]:
             have = ", ".join(repr(n) for n in schema.names) or "none"
             raise SmdmFormatError(f"{path}: no {text_field!r} column (columns: {have})")
         kind = schema.field(text_field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_string_view(pa, kind)):
+        if not _is_text(pa, kind):
             raise SmdmFormatError(
                 f"{path}: column {text_field!r} has type {kind}, expected strings (choose the text column "
                 "with --text-field)"
@@ -177,9 +177,12 @@ def _parquet_docs(path: Path, key: str, text_field: str) -> Iterator[Doc]:
                 row += 1
 
 
-def _is_string_view(pa, kind) -> bool:
-    f = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
-    return bool(f and f(kind))
+def _is_text(pa, kind) -> bool:
+    """A string column: string, large_string, string_view, or dictionary-encoded strings (pandas category)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or bool(view and view(kind))
 
 
 def input_docs(inputs: Sequence[str], text_field: str = "text") -> Iterator[Doc]:
