@@ -1,0 +1,757 @@
+# smdm eval mc --ckpt runs/mdm --ckpt runs/arm --data tasks.jsonl --n-samples 128 --json results.json
+"""`smdm eval`: likelihood and generation benchmarks of an MDM against its autoregressive twin (the paper's
+zero-shot comparisons, Nie et al. 2024), measured the same way for both.
+
+    smdm eval mc    --ckpt DIR [--ckpt DIR ...] --data F.jsonl [--n-samples N] [--cfg W] [--method elbo|chain]
+    smdm eval gsm8k --ckpt DIR [--ckpt DIR ...] --data test.jsonl [--few-shot K] [--gen-length 256] ...
+    smdm eval ppl   --ckpt DIR [--ckpt DIR ...] --data SHARDS [--seq-len L] [--n-samples N]
+
+Library: `score(model, pairs)` -> `Scores` (-log p(continuation | context) per (context, continuation) pair
+of token ids), `evaluate_mc`, `evaluate_gsm8k`, `evaluate_ppl`, `extract_answer`.
+
+Scores (all in nats, for the continuation tokens only; the context is given):
+- ARM twin ("ar"): exact -log p = -sum_i log softmax(logits at i-1)[x_i] over the continuation.
+- MDM "elbo": the Monte Carlo ELBO of DESIGN §4 / paper Eq. 4, the same estimator as
+  `diffusion.elbo_nll`: the context stays clean, continuation tokens are masked with probability t_k,
+  t stratified (t_k = (k + 1 - u)/n), NLL ~ mean_k sum_masked CE / t_k, with its standard error. It is an
+  upper bound on the model's NLL (in expectation). Draws are keyed by (seed, sample k, row id); the row id of
+  a pair defaults to a hash of its context tokens, so (a) a pair's score does not depend on the batch size,
+  the order of the pairs or the other pairs, and (b) the choices of one question share t and the mask of
+  each position (common random numbers: their difference has less noise than each score).
+- MDM "chain": the chain rule over the continuation in a fixed order pi (default left to right):
+  -log p_pi = -sum_s log p(x_{pi_s} | context, x_{pi_<s}, the rest masked): the exact NLL of the sampler that
+  reveals one token per step in that order (T forward rows for T tokens, no Monte Carlo error). Averaged
+  over all T! orders it equals the ELBO exactly (`diffusion.elbo_exact`; tested).
+- CFG (MDM only, weight w >= 0): the same formulas evaluated with the guided denoiser of paper Eq. 7: at every
+  predicted position the CE is taken under softmax(u + (w + 1)(c - u)), where c are the logits of the input
+  (context clean) and u those of the same input (the same masks) with every context position replaced by the
+  mask token. w = 0 runs no unconditional rows and is exactly the unguided score. With w > 0 the result is a
+  guided score (what SMDM/LLaDA compare across choices), not a bound on a normalised likelihood.
+
+Batching: ragged rows are right-padded and the pads hidden with `key_valid`; rows are padded and head rows
+aligned exactly as in `smdm.sampling` ("Batch invariance"), so on CPU a pair's score is bit-identical for any
+batch size and order.
+
+Multiple-choice JSONL (`smdm eval mc`), one question per line:
+    {"context": "The capital of France is", "choices": [" Paris", " Rome"], "label": 0}
+Context and choice are tokenized like lm-eval: trailing spaces of the context move to the choice, the
+continuation is encode(context + choice) after the tokens of encode(context) (separate encoding if that is not
+a prefix); an empty context becomes [EOS]. Metrics (lm-eval's names): acc = argmin total NLL; acc_norm =
+argmin NLL / characters of the choice string (lm-eval's acc_norm); acc_byte = NLL / UTF-8 bytes;
+acc_token = NLL / tokens. Each with the standard error of a mean of 0/1 outcomes, sqrt(p(1-p)/(n-1))
+(lm-eval's formula). Other fields on a line are ignored.
+
+GSM8K (`smdm eval gsm8k`): {"question", "answer"} lines with the reference ending in "#### <number>".
+Prompt: K worked examples (the first K lines of the train file, calculator notes <<...>> removed) as
+"Question: q\nAnswer: a\n\n", then "Question: q\nAnswer:". The generation is cut at the next "Question:";
+its answer is the number after the last "####", else the last number in the text (commas, "$" and a trailing
+".0" dropped); correct iff it equals the reference number.
+
+Perplexity (`smdm eval ppl`): the same windows of L + 1 tokens for both models (reader order, no shuffle);
+both predict tokens 1..L given token 0 (the ARM exactly, the MDM by its ELBO with token 0 as the clean
+context); document masking inside windows as in training (`--no-doc-mask` turns it off). Reported: NLL per
+token, its Monte Carlo standard error (MDM; the ARM's is exact) and exp(NLL per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+METHODS = ("ar", "elbo", "chain")
+ORDERS = ("l2r", "r2l")
+
+
+class EvalDataError(ValueError):
+    """A malformed evaluation file: the message names the file, the line and the field."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Conditional log-likelihood of (context, continuation) pairs
+
+
+@dataclass
+class Scores:
+    """-log p(continuation | context) per pair, in nats (see the module docstring for each method)."""
+
+    nll: np.ndarray  # (N,) float64: ARM / chain exact; elbo: Monte Carlo estimate of the negative ELBO
+    stderr: np.ndarray  # (N,) float64: Monte Carlo standard error (0 for the exact methods)
+    n_tokens: np.ndarray  # (N,) int64: continuation tokens (nll / n_tokens is nats per token)
+    method: str  # "ar" | "elbo" | "chain"
+    n_samples: int  # Monte Carlo samples per pair (elbo), else 0
+    cfg: float = 0.0  # guidance weight w (MDM)
+
+
+@dataclass
+class _Unit:
+    """One model row: its input, the positions whose CE counts and their targets, where the sum goes."""
+
+    pair: int
+    slot: int  # sample index k (elbo), else 0
+    ids: torch.Tensor  # (L,) int64 input (mask ids where masked)
+    n_given: int  # context length: positions [0, n_given) are masked in the unconditional (CFG) row
+    pos: torch.Tensor  # (P,) positions whose CE counts
+    tok: torch.Tensor  # (P,) their target ids
+
+
+def context_row_id(context: Sequence[int]) -> int:
+    """Default Monte Carlo row key of a pair: the first 8 bytes of blake2b over its context ids (int64).
+    Choices of one question share it (common random numbers); it does not depend on the pair's index."""
+    data = np.asarray(list(context), dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.blake2b(b"smdm-eval" + data, digest_size=8).digest(), "little")
+
+
+def elbo_times(n_samples: int, seed: int) -> np.ndarray:
+    """The stratified times of `diffusion.elbo_nll`: t_k = (k + 1 - u) / n, u = uniform(key(seed, 0, 0,
+    STRATIFIED, 0)); (n,) float64 in (0, 1]."""
+    from smdm import rng
+
+    u = rng.uniform(rng.key(seed, 0, 0, rng.Stream.STRATIFIED, 0))
+    return (np.arange(n_samples) + 1.0 - u) / n_samples
+
+
+def _check_pairs(cfg, pairs, method) -> list:
+    out = []
+    limit = cfg.max_seq_len + (1 if method == "ar" else 0)  # the ARM never feeds the last token
+    for i, pair in enumerate(pairs):
+        try:
+            ctx, cont = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"pair {i} is not a (context, continuation) pair of token-id lists") from None
+        ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
+        if not cont:
+            raise ValueError(f"pair {i}: the continuation is empty (nothing to score)")
+        if method == "ar" and not ctx:
+            raise ValueError(f"pair {i}: the ARM needs at least one context token to predict the first "
+                             "continuation token (e.g. an EOS/BOS id)")
+        for t in ctx + cont:
+            if not 0 <= t < cfg.vocab_size:
+                raise ValueError(f"pair {i} holds token id {t} outside [0, {cfg.vocab_size})")
+        if len(ctx) + len(cont) > limit:
+            raise ValueError(f"pair {i} has {len(ctx) + len(cont)} tokens, more than the model's context of "
+                             f"{cfg.max_seq_len}")
+        out.append((ctx, cont))
+    return out
+
+
+def score(model, pairs: Sequence, *, method: Optional[str] = None, n_samples: int = 128, seed: int = 0,
+          cfg: float = 0.0, order="l2r", batch_size: int = 64, row_ids: Optional[Sequence[int]] = None,
+          batch_invariant: bool = True) -> Scores:
+    """-log p(continuation | context) of each (context ids, continuation ids) pair (module docstring).
+
+    method: "ar" (the causal twin; the default for it), "elbo" (the MDM's default) or "chain" (MDM).
+    n_samples: Monte Carlo samples per pair for "elbo" (SMDM: 128 for validation, up to 1024 for
+      benchmarks); samples whose mask is empty contribute exactly 0 and run no forward pass.
+    cfg: unsupervised CFG weight w (MDM only; 0 = off). order ("chain"): "l2r", "r2l", or one permutation of
+      range(len(continuation)) per pair (position s of the list is revealed at step s).
+    batch_size: model rows per forward pass (a CFG row pair counts two). row_ids: Monte Carlo keys per pair
+      (default `context_row_id`). batch_invariant: pad as `smdm.sampling` does so that results are
+      bit-identical across batch layouts on CPU (False: a little faster)."""
+    import torch
+
+    conf = model.config
+    method = method or ("ar" if conf.causal else "elbo")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if (method == "ar") != bool(conf.causal):
+        raise ValueError(f"method {method!r} does not apply to this model "
+                         f"({'the ARM twin: use method=ar' if conf.causal else 'an MDM: use elbo or chain'})")
+    if not (cfg >= 0 and math.isfinite(cfg)):
+        raise ValueError(f"cfg must be finite and >= 0 (0 = no guidance), got {cfg}")
+    if cfg and conf.causal:
+        raise ValueError("cfg applies to the MDM only (the ARM twin has no mask token)")
+    if method == "elbo" and n_samples < 2:
+        raise ValueError(f"n_samples must be >= 2 for a standard error, got {n_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pairs = _check_pairs(conf, pairs, method)
+    N = len(pairs)
+    if row_ids is None:
+        row_ids = [context_row_id(c) for c, _ in pairs]
+    elif len(row_ids) != N:
+        raise ValueError(f"row_ids has {len(row_ids)} entries for {N} pairs")
+    orders = _orders(order, pairs) if method == "chain" else None
+    n_tokens = np.array([len(c) for _, c in pairs], dtype=np.int64)
+    by_length = sorted(range(N), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))  # fewer pads
+    t = elbo_times(n_samples, seed) if method == "elbo" else None
+    sums = np.zeros((N, n_samples if method == "elbo" else 1), dtype=np.float64)
+    if method == "elbo":
+        units = _elbo_units(pairs, by_length, t, seed, row_ids, conf.mask_id)
+    elif method == "chain":
+        units = _chain_units(pairs, by_length, orders, conf.mask_id)
+    else:
+        units = _ar_units(pairs, by_length)
+    with torch.no_grad():
+        for unit, ce in _run_units(model, units, cfg, batch_size, batch_invariant):
+            sums[unit.pair, unit.slot] += ce
+    if method == "elbo":
+        per_sample = sums / t[None, :]  # (N, n): sum_masked CE / t_k, exactly zero for empty masks
+        nll = per_sample.mean(1)
+        stderr = per_sample.std(1, ddof=1) / math.sqrt(n_samples)
+    else:
+        nll, stderr = sums[:, 0], np.zeros(N)
+    return Scores(nll=nll, stderr=stderr, n_tokens=n_tokens, method=method,
+                  n_samples=n_samples if method == "elbo" else 0, cfg=float(cfg))
+
+
+def _orders(order, pairs) -> list:
+    if isinstance(order, str):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS} or one permutation per pair, got {order!r}")
+        return [list(range(len(c))) if order == "l2r" else list(range(len(c)))[::-1] for _, c in pairs]
+    orders = [list(map(int, o)) for o in order]
+    if len(orders) != len(pairs):
+        raise ValueError(f"order has {len(orders)} permutations for {len(pairs)} pairs")
+    for i, (o, (_, c)) in enumerate(zip(orders, pairs)):
+        if sorted(o) != list(range(len(c))):
+            raise ValueError(f"order[{i}] = {o} is not a permutation of range({len(c)})")
+    return orders
+
+
+def _elbo_units(pairs, by_length, t, seed, row_ids, mask_id) -> Iterator[_Unit]:
+    """Sample k of pair i: continuation token j masked iff the `diffusion.elbo_nll` draw for (seed, k,
+    row id, j) is < t_k; every masked token is predicted."""
+    import torch
+
+    from smdm.diffusion import _elbo_masks
+
+    n = len(t)
+    for i in by_length:
+        ctx, cont = pairs[i]
+        L = len(ctx) + len(cont)
+        x0 = torch.tensor(ctx + cont, dtype=torch.int64)
+        target = torch.zeros(1, L, dtype=torch.bool)
+        target[0, len(ctx):] = True
+        masks = _elbo_masks(1, L, n, 0, n, seed, [row_ids[i]], t, target)[:, 0]  # (n, L)
+        for k in range(n):
+            pos = masks[k].nonzero()[:, 0]
+            if len(pos):  # an empty mask adds exactly 0: no forward pass
+                yield _Unit(i, k, x0.masked_fill(masks[k], mask_id), len(ctx), pos, x0[pos])
+
+
+def _chain_units(pairs, by_length, orders, mask_id) -> Iterator[_Unit]:
+    """Step s of pair i: continuation positions order[s:] masked, predict order[s]."""
+    import torch
+
+    for i in by_length:
+        ctx, cont = pairs[i]
+        x0 = torch.tensor(ctx + cont, dtype=torch.int64)
+        order = [len(ctx) + j for j in orders[i]]
+        for s in range(len(order)):
+            x = x0.clone()
+            x[order[s:]] = mask_id
+            pos = torch.tensor([order[s]])
+            yield _Unit(i, 0, x, len(ctx), pos, x0[pos])
+
+
+def _ar_units(pairs, by_length) -> Iterator[_Unit]:
+    """Input = context + continuation without its last token; position j predicts token j + 1."""
+    import torch
+
+    for i in by_length:
+        ctx, cont = pairs[i]
+        x0 = torch.tensor(ctx + cont, dtype=torch.int64)
+        pos = torch.arange(len(ctx) - 1, len(x0) - 1)
+        yield _Unit(i, 0, x0[:-1], len(ctx), pos, x0[pos + 1])
+
+
+def _run_units(model, units: Iterable[_Unit], cfg: float, batch_size: int, batch_invariant: bool):
+    """Yield (unit, sum of its CE) with `batch_size` rows per forward pass (CFG: two rows per unit)."""
+    per_pass = max(1, batch_size // (2 if cfg else 1))
+    batch = []
+    for u in units:
+        batch.append(u)
+        if len(batch) == per_pass:
+            yield from zip(batch, _ce_sums(model, batch, cfg, batch_invariant))
+            batch = []
+    if batch:
+        yield from zip(batch, _ce_sums(model, batch, cfg, batch_invariant))
+
+
+def _ce_sums(model, batch: list, cfg: float, batch_invariant: bool) -> list:
+    """One padded forward pass over the units' rows (plus their unconditional rows with CFG): the sum of the
+    (guided) cross-entropy at each unit's positions, float32 CE summed in float64."""
+    import torch
+    import torch.nn.functional as F
+
+    from smdm.sampling import _guided, _head, _len_multiple, _padded, _round_up
+
+    opts = {"batch_invariant": batch_invariant}
+    conf = model.config
+    device = model.head.weight.device
+    seqs = [u.ids for u in batch]
+    if cfg:  # paper Eq. 7: the unconditional row has every context position masked
+        seqs += [u.ids.clone().index_fill_(0, torch.arange(u.n_given), conf.mask_id) for u in batch]
+    length = _round_up(max(len(s) for s in seqs), _len_multiple(opts))
+    x, valid, positions = _padded(seqs, length, conf.max_seq_len - 1)  # pads: any position, hidden as keys
+    h = model.hidden(x.to(device), key_valid=valid.to(device), positions=positions.to(device))  # (R, Lp, d)
+    n = len(batch)
+    rows = [h[j, u.pos.to(device)] for j, u in enumerate(batch)]
+    if cfg:
+        rows += [h[n + j, u.pos.to(device)] for j, u in enumerate(batch)]
+    logits = _head(model, torch.cat(rows), opts)  # (R·P, V)
+    m = sum(len(u.pos) for u in batch)
+    guided = _guided(logits[:m], logits[m:] if cfg else None, cfg)  # float32
+    target = torch.cat([u.tok for u in batch]).to(device)
+    ce = F.cross_entropy(guided, target, reduction="none").double().cpu()  # (P_total,)
+    return [float(c.sum()) for c in ce.split([len(u.pos) for u in batch])]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading evaluation files
+
+
+def _read_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; errors name the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvalDataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise EvalDataError(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
+        yield no, obj
+
+
+def _field(path, no, obj, name, kind, what):
+    if name not in obj:
+        raise EvalDataError(f"{path}:{no}: missing field {name!r} ({what})")
+    v = obj[name]
+    if not isinstance(v, kind) or isinstance(v, bool):
+        raise EvalDataError(f"{path}:{no}: field {name!r} must be {what}, got {json.dumps(v)[:60]}")
+    return v
+
+
+@dataclass
+class McItem:
+    context: str
+    choices: list
+    label: int
+    line: int  # line number in the file (1-based)
+
+
+def read_mc(path, limit: Optional[int] = None) -> list:
+    """Multiple-choice questions from JSONL (module docstring); errors name file, line and field."""
+    items = []
+    for no, obj in _read_jsonl(path):
+        if limit is not None and len(items) >= limit:
+            break
+        ctx = _field(path, no, obj, "context", str, "a string")
+        choices = _field(path, no, obj, "choices", list, "a list of at least 2 strings")
+        if len(choices) < 2:
+            raise EvalDataError(f"{path}:{no}: field 'choices' must be a list of at least 2 strings, "
+                                f"got {len(choices)}")
+        for j, c in enumerate(choices):
+            if not isinstance(c, str) or not c:
+                raise EvalDataError(f"{path}:{no}: field 'choices'[{j}] must be a non-empty string, "
+                                    f"got {json.dumps(c)[:60]}")
+        label = _field(path, no, obj, "label", int, "an integer index into 'choices'")
+        if not 0 <= label < len(choices):
+            raise EvalDataError(f"{path}:{no}: field 'label' = {label} is outside [0, {len(choices)})")
+        items.append(McItem(ctx, choices, label, no))
+    if not items:
+        raise EvalDataError(f"{path}: no questions (empty file)")
+    return items
+
+
+@dataclass
+class Gsm8kItem:
+    question: str
+    answer: str  # the reference solution, ending in "#### <number>"
+    gold: str  # the normalised reference number
+    line: int
+
+
+def read_gsm8k(path, limit: Optional[int] = None) -> list:
+    """GSM8K-style JSONL: {"question": str, "answer": str ending in "#### <number>"}."""
+    items = []
+    for no, obj in _read_jsonl(path):
+        if limit is not None and len(items) >= limit:
+            break
+        q = _field(path, no, obj, "question", str, "a string")
+        a = _field(path, no, obj, "answer", str, "a string ending in '#### <number>'")
+        gold = reference_answer(a)
+        if gold is None:
+            raise EvalDataError(f"{path}:{no}: field 'answer' has no final '#### <number>'")
+        items.append(Gsm8kItem(q, a, gold, no))
+    if not items:
+        raise EvalDataError(f"{path}: no questions (empty file)")
+    return items
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
+    """lm-eval's split: trailing spaces of the context go to the continuation; the continuation's ids are
+    those of encode(context + continuation) after encode(context) (separate encoding if not a prefix)."""
+    n = len(context) - len(context.rstrip(" "))
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    ctx, whole = enc(context), enc(context + continuation)
+    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx and len(whole) > len(ctx) else enc(continuation)
+    return ctx, cont
+
+
+def mean_stderr(x) -> float:
+    """Standard error of a mean (sample std, ddof 1): lm-eval's formula; sqrt(p(1-p)/(n-1)) for 0/1."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def evaluate_mc(model, tokenizer, items: Sequence[McItem], *, eos_id: Optional[int] = None, **score_kw) -> dict:
+    """Accuracy of `model` on multiple-choice items (acc, acc_norm, acc_byte, acc_token with standard errors)
+    and one record per item. `score_kw` go to `score` (method, n_samples, seed, cfg, batch_size)."""
+    pairs, index, lengths = [], [], []
+    for q, it in enumerate(items):
+        for j, choice in enumerate(it.choices):
+            ctx, cont = encode_pair(tokenizer, it.context, choice)
+            if not ctx:  # empty context: condition on EOS (as lm-eval does), the same for both models
+                if eos_id is None:
+                    raise ValueError(f"line {it.line}: empty context and no EOS id to stand for it")
+                ctx = [eos_id]
+            if not cont:
+                raise ValueError(f"line {it.line}: choice {j} encodes to no tokens")
+            pairs.append((ctx, cont))
+            index.append((q, j))
+            lengths.append((len(choice), len(choice.encode("utf-8"))))
+    s = score(model, pairs, **score_kw)
+    records, a = [], 0
+    for q, it in enumerate(items):
+        k = len(it.choices)
+        nll, se, nt = s.nll[a:a + k], s.stderr[a:a + k], s.n_tokens[a:a + k]
+        chars = np.array([c for c, _ in lengths[a:a + k]], dtype=np.float64)
+        nbytes = np.array([b for _, b in lengths[a:a + k]], dtype=np.float64)
+        preds = {"pred": int(np.argmin(nll)), "pred_norm": int(np.argmin(nll / chars)),
+                 "pred_byte": int(np.argmin(nll / nbytes)), "pred_token": int(np.argmin(nll / nt))}
+        records.append({"index": q, "line": it.line, "label": it.label, **preds, "nll": nll.tolist(),
+                        "stderr": se.tolist(), "n_tokens": nt.tolist(), "n_chars": chars.astype(int).tolist(),
+                        "n_bytes": nbytes.astype(int).tolist()})
+        a += k
+    out = {"task": "mc", "n": len(items), "method": s.method, "n_samples": s.n_samples, "cfg": s.cfg}
+    for metric, key in (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_byte", "pred_byte"),
+                        ("acc_token", "pred_token")):
+        hits = [float(r[key] == r["label"]) for r in records]
+        out[metric], out[metric + "_stderr"] = float(np.mean(hits)), mean_stderr(hits)
+    out["records"] = records
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GSM8K
+
+_STRICT = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?|-?\$?\.\d+")
+_CALC = re.compile(r"<<[^>]*>>")
+
+
+def normalize_number(s: str) -> Optional[str]:
+    """'$1,234.50' -> '1234.5', '18.00' -> '18', '-3' -> '-3'; None when it is not a number."""
+    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def reference_answer(answer: str) -> Optional[str]:
+    """The number after the last '####' of a GSM8K reference solution, normalised (None if absent)."""
+    found = _STRICT.findall(answer)
+    return normalize_number(found[-1]) if found else None
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The answer of a generation: the number after the last '####', else the last number in the text
+    (commas and '$' dropped), normalised; None when the text holds no number."""
+    strict = reference_answer(text)
+    if strict is not None:
+        return strict
+    found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None
+
+
+def gsm8k_prompt(question: str, shots: Sequence[Gsm8kItem] = ()) -> str:
+    """K worked examples then the question (module docstring)."""
+    parts = [f"Question: {s.question}\nAnswer: {_CALC.sub('', s.answer)}\n\n" for s in shots]
+    return "".join(parts) + f"Question: {question}\nAnswer:"
+
+
+def cut_generation(text: str) -> str:
+    """The generation up to the next question the model starts on its own."""
+    return text.split("Question:")[0].strip()
+
+
+def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Sequence[Gsm8kItem] = (),
+                   gen_length: int = 256, steps: Optional[int] = None, sampler: str = "low_confidence",
+                   block_length: Optional[int] = None, cfg: float = 0.0, batch_size: int = 8, seed: int = 0,
+                   eos_id: Optional[int] = None, progress: Optional[Callable] = None) -> dict:
+    """Generation accuracy: greedy generation (`smdm.sampling.generate`; the ARM twin decodes left to right
+    with its KV cache, the sampler options apply to the MDM only), answer extraction, exact match."""
+    from smdm import sampling
+
+    causal = model.config.causal
+    if causal and cfg:
+        raise ValueError("cfg applies to the MDM only (the ARM twin has no mask token)")
+    prompts = [tokenizer.encode(gsm8k_prompt(it.question, shots), add_special_tokens=False).ids
+               for it in items]
+    kw = dict(gen_length=gen_length, eos_id=eos_id, seed=seed, temperature=0.0)
+    if not causal:
+        kw.update(steps=steps or gen_length, sampler=sampler, block_length=block_length, cfg_scale=cfg)
+    records, generated, forwards = [], 0, 0
+    t0 = time.perf_counter()
+    for a in range(0, len(items), batch_size):
+        out = sampling.generate(model, prompts[a:a + batch_size], **kw)
+        generated += out.generated_tokens
+        forwards += out.forward_passes
+        for it, toks in zip(items[a:a + batch_size], out.tokens):
+            text = cut_generation(tokenizer.decode(toks, skip_special_tokens=True))
+            pred = extract_answer(text)
+            records.append({"index": len(records), "line": it.line, "gold": it.gold, "pred": pred,
+                            "correct": pred == it.gold, "generation": text})
+        if progress:
+            progress(len(records), len(items))
+    hits = [float(r["correct"]) for r in records]
+    return {"task": "gsm8k", "n": len(items), "few_shot": len(shots), "gen_length": gen_length,
+            "steps": None if causal else (steps or gen_length), "sampler": None if causal else sampler,
+            "cfg": cfg, "acc": float(np.mean(hits)), "acc_stderr": mean_stderr(hits),
+            "generated_tokens": generated, "forward_passes": forwards,
+            "seconds": round(time.perf_counter() - t0, 3), "records": records}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Perplexity on shards
+
+
+def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_samples: int = 128,
+                 seed: int = 0, batch_size: int = 8, doc_mask: bool = True, split: str = "val") -> dict:
+    """NLL per token of tokens 1..L of each window of L + 1 tokens given token 0 (module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    from smdm.data import PackedDataset
+    from smdm.diffusion import elbo_nll
+
+    conf = model.config
+    if seq_len + 1 > conf.max_seq_len + (1 if conf.causal else 0):
+        raise ValueError(f"--seq-len {seq_len}: windows of {seq_len + 1} tokens exceed the model's context of "
+                         f"{conf.max_seq_len}")
+    ds = PackedDataset(data, seq_len, batch_size, extra_token=True, shuffle=False, epochs=1, split=split)
+    device = model.head.weight.device
+    nll = var = 0.0
+    windows = 0
+    with torch.no_grad():
+        for batch in ds:
+            x = batch["input_ids"].to(device)  # (B, L+1)
+            seg = batch["segment_ids"].to(device) if doc_mask else None
+            if limit is not None:
+                x, seg = x[:limit - windows], None if seg is None else seg[:limit - windows]
+            if conf.causal:
+                logits = model(x[:, :-1], segment_ids=None if seg is None else seg[:, :-1])  # (B, L, V)
+                nll += float(F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="sum"))
+            else:
+                est = elbo_nll(model, x, prompt_lens=[1] * len(x), segment_ids=seg, n_samples=n_samples,
+                               seed=seed, row_ids=batch["index"][:len(x)].numpy(), max_rows=max(64, len(x)))
+                nll += float(est.nll.sum())
+                var += float((est.stderr ** 2).sum())
+            windows += len(x)
+            if limit is not None and windows >= limit:
+                break
+    tokens = windows * seq_len
+    if tokens == 0:
+        raise ValueError(f"{data}: no window of {seq_len + 1} tokens to evaluate")
+    per_token = nll / tokens
+    return {"task": "ppl", "windows": windows, "tokens": tokens, "seq_len": seq_len, "doc_mask": doc_mask,
+            "method": "ar" if conf.causal else "elbo", "n_samples": 0 if conf.causal else n_samples,
+            "nll_per_token": per_token, "stderr": math.sqrt(var) / tokens, "ppl": math.exp(per_token)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
+    """Add `smdm eval mc | gsm8k | ppl` to `parser`."""
+    parser.description = "Likelihood and generation benchmarks, MDM vs its ARM twin (smdm.evaluate)."
+    sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    def common(p, data_help):
+        p.add_argument("--ckpt", action="append", required=True,
+                       help="checkpoint (step dir or run dir); repeat to compare models on the same items")
+        p.add_argument("--data", required=True, help=data_help)
+        p.add_argument("--limit", type=int, default=None, help="evaluate the first N items / windows")
+        p.add_argument("--batch-size", type=int, default=None, help="rows (or prompts) per forward pass")
+        p.add_argument("--seed", type=int, default=0, help="Monte Carlo / sampler seed")
+        p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+        p.add_argument("--json", default=None, metavar="OUT", help="write all results (with per-item "
+                       "records) to OUT, atomically")
+
+    p = sub.add_parser("mc", help="multiple-choice accuracy from JSONL {context, choices, label}")
+    common(p, 'JSONL, one {"context": str, "choices": [str, ...], "label": int} per line')
+    p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per choice (MDM elbo)")
+    p.add_argument("--method", default=None, help="MDM: elbo (default) | chain (exact, left to right)")
+    p.add_argument("--cfg", type=float, default=0.0, help="unsupervised CFG weight w (MDM; 0 = off)")
+
+    p = sub.add_parser("gsm8k", help="GSM8K generation accuracy")
+    common(p, "GSM8K JSONL {question, answer} (answers end in '#### <number>')")
+    p.add_argument("--few-shot", type=int, default=0, help="worked examples in the prompt (default 0)")
+    p.add_argument("--train", default=None, help="file of the worked examples (default: train.jsonl beside "
+                   "--data)")
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--steps", type=int, default=None, help="MDM sampler steps (default: gen length)")
+    p.add_argument("--sampler", default="low_confidence", help="MDM sampler (smdm.sampling.SAMPLERS)")
+    p.add_argument("--block-length", type=int, default=None, help="MDM semi-autoregressive block length")
+    p.add_argument("--cfg", type=float, default=0.0, help="unsupervised CFG weight w (MDM; 0 = off)")
+
+    p = sub.add_parser("ppl", help="NLL per token on a shard directory, the same windows for every model")
+    common(p, "prepared data dir (its --split) or a dataset dir with manifest.json")
+    p.add_argument("--split", default="val", help="split of a prepared dir (default val)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="L: windows of L + 1 tokens (default: min(512, the model's context - 1))")
+    p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per window (MDM)")
+    p.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
+                   help="attend across the documents packed in a window")
+    parser.set_defaults(func=run)
+
+
+def _eos_id(tokenizer) -> Optional[int]:
+    from smdm.generate_cli import EOS_NAMES
+
+    for n in EOS_NAMES:
+        i = tokenizer.token_to_id(n) if tokenizer is not None else None
+        if i is not None:
+            return i
+    return None
+
+
+def _check_args(args) -> None:
+    for name in ("limit", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if getattr(args, "n_samples", 2) < 2:
+        raise ValueError(f"--n-samples must be >= 2 (for a standard error), got {args.n_samples}")
+    cfg = getattr(args, "cfg", 0.0)
+    if not (cfg >= 0 and math.isfinite(cfg)):
+        raise ValueError(f"--cfg must be finite and >= 0, got {cfg}")
+    if args.task == "mc" and args.method not in (None, "elbo", "chain"):
+        raise ValueError(f"--method must be elbo or chain, got {args.method!r}")
+    if args.task == "gsm8k":
+        if args.few_shot < 0:
+            raise ValueError(f"--few-shot must be >= 0, got {args.few_shot}")
+        if args.gen_length < 1:
+            raise ValueError(f"--gen-length must be >= 1, got {args.gen_length}")
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.task == "ppl" and args.seq_len is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+
+
+def _describe(res: dict) -> str:
+    if res["task"] == "mc":
+        how = res["method"] + (f" n={res['n_samples']}" if res["n_samples"] else "")
+        how += f" cfg={res['cfg']:g}" if res["cfg"] else ""
+        return (f"[{how}] n={res['n']}  acc {res['acc']:.4f} ± {res['acc_stderr']:.4f}  "
+                f"acc_norm {res['acc_norm']:.4f} ± {res['acc_norm_stderr']:.4f}  "
+                f"acc_token {res['acc_token']:.4f} ± {res['acc_token_stderr']:.4f}")
+    if res["task"] == "gsm8k":
+        return (f"n={res['n']} {res['few_shot']}-shot  acc {res['acc']:.4f} ± {res['acc_stderr']:.4f}  "
+                f"({res['generated_tokens']} tokens, {res['forward_passes']} forward passes, "
+                f"{res['seconds']:.1f} s)")
+    se = f" ± {res['stderr']:.4f}" if res["n_samples"] else " (exact)"
+    return (f"[{res['method']}] {res['windows']} windows x {res['seq_len']}  nll/token "
+            f"{res['nll_per_token']:.4f}{se}  ppl {res['ppl']:.3f}")
+
+
+def run(args) -> int:
+    try:
+        _check_args(args)
+        results = [_run_one(args, ckpt) for ckpt in args.ckpt]
+    except (ValueError, OSError) as e:  # EvalDataError, CheckpointError, SmdmIOError are ValueError/OSError
+        print(f"smdm eval {args.task}: error: {e}", file=sys.stderr)
+        return 2
+    for ckpt, res in zip(args.ckpt, results):
+        print(f"{ckpt} ({res['model']}): {_describe(res)}")
+    if args.json:
+        from smdm.data import write_atomic
+
+        doc = {"task": args.task, "data": str(args.data), "results": results}
+        write_atomic(args.json, (json.dumps(doc, indent=1) + "\n").encode())
+    return 0
+
+
+def _run_one(args, ckpt) -> dict:
+    import smdm
+
+    model, tokenizer = smdm.load(ckpt, device=args.device)
+    kind = "ARM" if model.config.causal else "MDM"
+    bs = args.batch_size
+    if args.task == "ppl":
+        seq_len = args.seq_len or min(512, model.config.max_seq_len - 1)
+        res = evaluate_ppl(model, args.data, seq_len=seq_len, limit=args.limit, n_samples=args.n_samples,
+                           seed=args.seed, batch_size=bs or 8, doc_mask=args.doc_mask, split=args.split)
+    else:
+        if tokenizer is None:
+            raise ValueError(f"{ckpt} has no tokenizer.json (needed to encode the text of {args.data})")
+        if args.task == "mc":
+            items = read_mc(args.data, args.limit)
+            method = None if model.config.causal else (args.method or "elbo")
+            res = evaluate_mc(model, tokenizer, items, eos_id=_eos_id(tokenizer), method=method,
+                              n_samples=args.n_samples, seed=args.seed, cfg=0.0 if model.config.causal
+                              else args.cfg, batch_size=bs or 64)
+        else:
+            items = read_gsm8k(args.data, args.limit)
+            shots = []
+            if args.few_shot:
+                train = Path(args.train) if args.train else Path(args.data).with_name("train.jsonl")
+                shots = read_gsm8k(train, args.few_shot)
+                if len(shots) < args.few_shot:
+                    raise ValueError(f"{train} holds {len(shots)} examples, --few-shot {args.few_shot}")
+            res = evaluate_gsm8k(model, tokenizer, items, shots=shots, gen_length=args.gen_length,
+                                 steps=args.steps, sampler=args.sampler, block_length=args.block_length,
+                                 cfg=0.0 if model.config.causal else args.cfg, batch_size=bs or 8,
+                                 seed=args.seed, eos_id=_eos_id(tokenizer))
+    res["model"] = kind
+    res["ckpt"] = str(ckpt)
+    return res
+
+
+def main(argv: Optional[list] = None) -> int:
+    """`python -m smdm.evaluate mc ...` (the same as `smdm eval mc ...`)."""
+    parser = argparse.ArgumentParser(prog="smdm eval")
+    register(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
