@@ -362,7 +362,8 @@ def import_litpkds(
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="import", disable=progress is False or None)
     # Each file: header + a full read (ids, EOS count, CRC-32); the Rust id check releases the GIL.
     checked: list[tuple[dict, str]] = []
-    with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1, 8)))
+    try:
         results = pool.map(lambda f: litpkds_shard_entry(f, vocab_size, eos_id), files)
         for f, (entry, dtype) in zip(files, results):
             if checked and dtype != checked[0][1]:
@@ -371,7 +372,9 @@ def import_litpkds(
                 )
             checked.append((entry, dtype))
             bar.update(entry["bytes"])
-    bar.close()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # the first bad file stops the scan of the others
+        bar.close()
     shards = [e for e, _ in checked]
     info = dict(
         version=MANIFEST_VERSION,
