@@ -141,8 +141,8 @@ def test_arm_matches_log_softmax_loop(arm):
 
 
 def test_cfg_zero_is_exactly_off_and_guided_matches_hand(mdm):
-    base = evaluate.score(mdm, PAIRS, n_samples=8)
-    off = evaluate.score(mdm, PAIRS, n_samples=8, cfg=0.0)
+    base = evaluate.score(mdm, PAIRS, n_samples=8, batch_invariant=False)
+    off = evaluate.score(mdm, PAIRS, n_samples=8, cfg=0.0, batch_invariant=False)
     assert np.array_equal(base.nll, off.nll) and np.array_equal(base.stderr, off.stderr)
     w = 1.5
     s = evaluate.score(mdm, PAIRS, method="chain", cfg=w)
@@ -302,6 +302,19 @@ def test_mc_cli_two_models_json(mc_setup, capsys):
     rc = evaluate.main(["mc", "--ckpt", str(ckpts["mdm"]), "--data", str(data), "--limit", "2", "--method",
                         "chain", "--cfg", "0.5", "--device", "cpu"])
     assert rc == 0 and "[chain cfg=0.5] n=2" in capsys.readouterr().out
+
+
+def test_registered_in_smdm_cli(mc_setup, monkeypatch, capsys):
+    """The line the `smdm` CLI gets: COMMANDS["eval"] = ("smdm.evaluate", ...)."""
+    from smdm import cli
+
+    _, _, ckpts, data, _ = mc_setup
+    monkeypatch.setitem(cli.COMMANDS, "eval", ("smdm.evaluate", "likelihood and GSM8K benchmarks, MDM vs ARM"))
+    rc = cli.main(["eval", "mc", "--ckpt", str(ckpts["arm"]), "--data", str(data), "--device", "cpu"])
+    assert rc == 0 and "acc 0.5000 ± 0.2887" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["eval"])  # a task is required
+    assert "mc" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("line,msg", [

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -299,16 +300,17 @@ def _ce_sums(model, batch: list, cfg: float, batch_invariant: bool) -> list:
     length = _round_up(max(len(s) for s in seqs), _len_multiple(opts))
     x, valid, positions = _padded(seqs, length, conf.max_seq_len - 1)  # pads: any position, hidden as keys
     h = model.hidden(x.to(device), key_valid=valid.to(device), positions=positions.to(device))  # (R, Lp, d)
-    n = len(batch)
-    rows = [h[j, u.pos.to(device)] for j, u in enumerate(batch)]
-    if cfg:
-        rows += [h[n + j, u.pos.to(device)] for j, u in enumerate(batch)]
-    logits = _head(model, torch.cat(rows), opts)  # (R·P, V)
-    m = sum(len(u.pos) for u in batch)
+    sizes = [len(u.pos) for u in batch]
+    row = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(sizes))  # (P,) unit of each target
+    pos = torch.cat([u.pos for u in batch])  # (P,)
+    if cfg:  # the unconditional rows follow the conditional ones
+        row, pos = torch.cat([row, row + len(batch)]), torch.cat([pos, pos])
+    logits = _head(model, h[row.to(device), pos.to(device)], opts)  # (P or 2P, V): head on target rows only
+    m = sum(sizes)
     guided = _guided(logits[:m], logits[m:] if cfg else None, cfg)  # float32
     target = torch.cat([u.tok for u in batch]).to(device)
-    ce = F.cross_entropy(guided, target, reduction="none").double().cpu()  # (P_total,)
-    return [float(c.sum()) for c in ce.split([len(u.pos) for u in batch])]
+    ce = F.cross_entropy(guided, target, reduction="none").double().cpu()  # (P,)
+    return [float(c.sum()) for c in ce.split(sizes)]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -418,10 +420,11 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
     return ctx, cont
 
 
-def mean_stderr(x) -> float:
-    """Standard error of a mean (sample std, ddof 1): lm-eval's formula; sqrt(p(1-p)/(n-1)) for 0/1."""
+def mean_stderr(x) -> Optional[float]:
+    """Standard error of a mean (sample std, ddof 1): lm-eval's formula; sqrt(p(1-p)/(n-1)) for 0/1 outcomes.
+    None for fewer than 2 items."""
     x = np.asarray(x, dtype=np.float64)
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
 
 
 def evaluate_mc(model, tokenizer, items: Sequence[McItem], *, eos_id: Optional[int] = None, **score_kw) -> dict:
@@ -565,27 +568,29 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
     if seq_len + 1 > conf.max_seq_len + (1 if conf.causal else 0):
         raise ValueError(f"--seq-len {seq_len}: windows of {seq_len + 1} tokens exceed the model's context of "
                          f"{conf.max_seq_len}")
-    ds = PackedDataset(data, seq_len, batch_size, extra_token=True, shuffle=False, epochs=1, split=split)
+    ds = PackedDataset(data, seq_len, 1, extra_token=True, shuffle=False, epochs=1, split=split)
     device = model.head.weight.device
     nll = var = 0.0
     windows = 0
+    stream = iter(ds)
     with torch.no_grad():
-        for batch in ds:
-            x = batch["input_ids"].to(device)  # (B, L+1)
-            seg = batch["segment_ids"].to(device) if doc_mask else None
-            if limit is not None:
-                x, seg = x[:limit - windows], None if seg is None else seg[:limit - windows]
+        while limit is None or windows < limit:
+            want = batch_size if limit is None else min(batch_size, limit - windows)
+            got = list(itertools.islice(stream, want))
+            if not got:
+                break
+            x = torch.cat([b["input_ids"] for b in got]).to(device)  # (B, L+1)
+            seg = torch.cat([b["segment_ids"] for b in got]).to(device) if doc_mask else None
             if conf.causal:
                 logits = model(x[:, :-1], segment_ids=None if seg is None else seg[:, :-1])  # (B, L, V)
                 nll += float(F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="sum"))
-            else:
+            else:  # row ids = window ids: the estimate of a window does not depend on the batching
+                rows = torch.cat([b["index"] for b in got]).numpy()
                 est = elbo_nll(model, x, prompt_lens=[1] * len(x), segment_ids=seg, n_samples=n_samples,
-                               seed=seed, row_ids=batch["index"][:len(x)].numpy(), max_rows=max(64, len(x)))
+                               seed=seed, row_ids=rows, max_rows=max(64, len(x)))
                 nll += float(est.nll.sum())
                 var += float((est.stderr ** 2).sum())
             windows += len(x)
-            if limit is not None and windows >= limit:
-                break
     tokens = windows * seq_len
     if tokens == 0:
         raise ValueError(f"{data}: no window of {seq_len + 1} tokens to evaluate")
@@ -602,7 +607,7 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
 def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
     """Add `smdm eval mc | gsm8k | ppl` to `parser`."""
     parser.description = "Likelihood and generation benchmarks, MDM vs its ARM twin (smdm.evaluate)."
-    sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    sub = parser.add_subparsers(dest="task", required=True)
 
     def common(p, data_help):
         p.add_argument("--ckpt", action="append", required=True,
@@ -676,15 +681,19 @@ def _check_args(args) -> None:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
 
 
+def _pm(value: float, stderr: Optional[float]) -> str:
+    return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+
 def _describe(res: dict) -> str:
     if res["task"] == "mc":
         how = res["method"] + (f" n={res['n_samples']}" if res["n_samples"] else "")
         how += f" cfg={res['cfg']:g}" if res["cfg"] else ""
-        return (f"[{how}] n={res['n']}  acc {res['acc']:.4f} ± {res['acc_stderr']:.4f}  "
-                f"acc_norm {res['acc_norm']:.4f} ± {res['acc_norm_stderr']:.4f}  "
-                f"acc_token {res['acc_token']:.4f} ± {res['acc_token_stderr']:.4f}")
+        return (f"[{how}] n={res['n']}  acc {_pm(res['acc'], res['acc_stderr'])}  "
+                f"acc_norm {_pm(res['acc_norm'], res['acc_norm_stderr'])}  "
+                f"acc_token {_pm(res['acc_token'], res['acc_token_stderr'])}")
     if res["task"] == "gsm8k":
-        return (f"n={res['n']} {res['few_shot']}-shot  acc {res['acc']:.4f} ± {res['acc_stderr']:.4f}  "
+        return (f"n={res['n']} {res['few_shot']}-shot  acc {_pm(res['acc'], res['acc_stderr'])}  "
                 f"({res['generated_tokens']} tokens, {res['forward_passes']} forward passes, "
                 f"{res['seconds']:.1f} s)")
     se = f" ± {res['stderr']:.4f}" if res["n_samples"] else " (exact)"
@@ -707,6 +716,14 @@ def run(args) -> int:
         doc = {"task": args.task, "data": str(args.data), "results": results}
         write_atomic(args.json, (json.dumps(doc, indent=1) + "\n").encode())
     return 0
+
+
+def _progress(ckpt) -> Optional[Callable]:
+    """Questions done so far, redrawn on a terminal's stderr (nothing when stderr is not a terminal)."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda done, total: print(f"\r{ckpt}: {done}/{total}", end="" if done < total else "\n",
+                                     file=sys.stderr, flush=True)
 
 
 def _run_one(args, ckpt) -> dict:
@@ -739,7 +756,7 @@ def _run_one(args, ckpt) -> dict:
             res = evaluate_gsm8k(model, tokenizer, items, shots=shots, gen_length=args.gen_length,
                                  steps=args.steps, sampler=args.sampler, block_length=args.block_length,
                                  cfg=0.0 if model.config.causal else args.cfg, batch_size=bs or 8,
-                                 seed=args.seed, eos_id=_eos_id(tokenizer))
+                                 seed=args.seed, eos_id=_eos_id(tokenizer), progress=_progress(ckpt))
     res["model"] = kind
     res["ckpt"] = str(ckpt)
     return res
