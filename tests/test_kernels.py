@@ -197,6 +197,55 @@ def test_commit_rules_ties_threshold_and_limits():
     assert not R.select_positions_reference(conf, empty, n=torch.tensor([3, 3])).any()
 
 
+def test_commit_ranks_candidates_first_in_torch_sort_order():
+    # candidates rank above every other position even at confidence -inf; NaN ranks first and -0 == +0 tie
+    # (torch.sort / torch.argmax order, which the CUDA commit kernel reproduces with its integer keys)
+    sampling = pytest.importorskip("smdm.sampling")
+    inf, nan = math.inf, math.nan
+    conf = torch.tensor(
+        [
+            [-inf, 0.2, -inf, -inf, 0.1],
+            [0.3, nan, 0.5, nan, 0.0],
+            [-0.0, 0.0, -0.0, 0.0, -1.0],
+            [-inf, -inf, -inf, -inf, -inf],
+        ]
+    )
+    cand = torch.tensor(
+        [
+            [False, True, True, True, True],
+            [True, True, True, False, True],
+            [True, True, True, True, True],
+            [False, False, True, True, False],
+        ]
+    )
+    n = torch.tensor([3, 2, 3, 1])
+
+    def rows(*sets):
+        return [[j in s for j in range(5)] for s in sets]
+
+    want_n = rows({1, 4, 2}, {1, 2}, {0, 1, 2}, {2})
+    want_t = rows({1}, {0, 1, 2}, {0}, {2})
+    assert R.select_positions_reference(conf, cand, n=n).tolist() == want_n
+    assert R.select_positions_reference(conf, cand, threshold=0.15).tolist() == want_t
+    assert sampling.select_positions(conf, cand, n=n).tolist() == want_n
+    assert sampling.select_positions(conf, cand, threshold=0.15).tolist() == want_t
+    # the fused step commits the same way (confidences of the rows do not matter here: the count rule only
+    # sees the ranking; a row of -inf logits gives NaN confidence, which ranks first)
+    logits = torch.full((1, 4, 6), -inf)
+    logits[0, 1:] = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    tokens = torch.zeros(1, 4, dtype=torch.int64)
+    pred, c, committed = R.unmask_step_reference(
+        logits, tokens, torch.ones(1, 4, dtype=torch.bool), torch.tensor([1]), 0, n_commit=torch.tensor([1])
+    )
+    assert c[0, 0].isnan() and committed.tolist() == [[True, False, False, False]] and pred[0, 0] == 0
+
+
+def test_sampler_kernel_limits_route_to_reference():
+    assert K._smem_unsupported(torch.empty(0), K.UNMASK_MAX_N + 1, "V") is not None
+    src = (_build.source_dir() / "unmask_sampler.cuh").read_text()
+    assert f"UNMASK_MAX_N = {K.UNMASK_MAX_N};" in src
+
+
 def test_reference_is_batch_invariant_and_uses_absolute_positions():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(4, 6, 50, generator=g)
@@ -706,6 +755,150 @@ def test_gpu_choose_tokens_and_select_positions_match_references():
         K.select_positions(conf, cand, threshold=0.9, backend="cuda"),
         R.select_positions_reference(conf, cand, threshold=0.9),
     )
+
+
+def _same(a, b):
+    """Equal tensors, NaN == NaN (a NaN confidence is a decided value: rows of -inf / NaN logits)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _edge_logits(B, L, V, dtype, g):
+    """Logits rows that exercise the special cases of the sampler (rows 0-7 of sequence 0)."""
+    x = torch.randn(B, L, V, device="cuda", generator=g) * 3
+    x[0, 0] = -math.inf  # nothing finite: token 0, confidence NaN
+    x[0, 1, 5] = math.nan  # a NaN: torch.argmax picks it
+    x[0, 2, 100] = math.inf
+    x[0, 3] = 0.0
+    x[0, 3, ::2] = -0.0  # +0 / -0 everywhere: one big tie (top-k cuts inside it)
+    x[0, 4, :50] = x[0, 4].max() + 1  # 50 tied maxima
+    x[0, 5, 1000:] = -math.inf  # few finite entries (top-k larger than them)
+    x[0, 6, V - 1] = x[0, 6].max() + 6  # the winner in the tail of the row
+    x[0, 7] = x[0, 7] * 1e-3 - 1e4  # far from 0, tiny spread
+    return x.to(dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("conf", ["prob", "margin", "neg_entropy"])
+def test_gpu_unmask_step_edge_rows_and_tails(dtype, conf):
+    """V = 32003 (scalar loads, a tail in every loop), L = 70, special rows, a strided token buffer."""
+    _cuda()
+    B, L, V = 2, 70, 32003
+    g = torch.Generator(device="cuda").manual_seed(21)
+    logits = _edge_logits(B, L, V, dtype, g)
+    uncond = (torch.randn(B, L, V, device="cuda", generator=g) * 3).to(dtype)
+    cand = torch.rand(B, L, device="cuda", generator=g) < 0.8
+    cand[0, :8] = True
+    if conf == "neg_entropy":  # the reference's entropy sum is undefined for NaN / +inf rows (fixed31(NaN))
+        cand[0, 1:3] = False
+    seeds = torch.tensor([3, -(2**61)], device="cuda")
+    for opts in (
+        dict(temperature=0.0),
+        dict(temperature=1.0, top_k=7),
+        dict(temperature=0.8, top_p=0.9, threshold=0.05),
+        dict(temperature=1.2, top_k=40, top_p=0.5),
+        dict(temperature=0.7, top_k=20000, top_p=0.999, uncond=True),
+    ):
+        kw = dict(
+            temperature=opts["temperature"],
+            top_k=opts.get("top_k", 0),
+            top_p=opts.get("top_p", 1.0),
+            confidence=conf,
+            position_offset=4,
+        )
+        if opts.get("uncond"):
+            kw.update(uncond_logits=uncond, cfg_scale=1.5)
+        if "threshold" in opts:
+            kw["threshold"] = opts["threshold"]
+        else:
+            kw["n_commit"] = torch.tensor([9, 30], device="cuda")
+        buf = torch.randint(0, V, (B, L + 9), device="cuda", generator=g)
+        buf_r = buf.clone()
+        got = K.unmask_step(logits, buf[:, 4 : 4 + L], cand, seeds, 5, backend="cuda", **kw)
+        want = R.unmask_step_reference(logits, buf_r[:, 4 : 4 + L], cand, seeds, 5, **kw)
+        for name, a, b in zip(("pred", "conf", "committed"), got, want):
+            assert _same(a, b), (opts, name, (a != b).nonzero()[:8].tolist())
+        assert torch.equal(buf, buf_r), opts
+        assert ((got[0] >= 0) & (got[0] < V))[cand].all()
+
+
+@gpu
+def test_gpu_select_positions_special_values():
+    _cuda()
+    sampling = pytest.importorskip("smdm.sampling")
+    inf, nan = math.inf, math.nan
+    g = torch.Generator(device="cuda").manual_seed(22)
+    conf = torch.rand(6, 3001, device="cuda", generator=g)
+    pick = torch.rand(6, 3001, device="cuda", generator=g)
+    conf[pick < 0.1] = -inf
+    conf[(pick >= 0.1) & (pick < 0.12)] = nan
+    conf[(pick >= 0.12) & (pick < 0.2)] = 0.0
+    conf[(pick >= 0.2) & (pick < 0.3)] = -0.0
+    conf[(pick >= 0.3) & (pick < 0.4)] = 0.5
+    conf[3] = -inf  # a row of -inf only
+    cand = torch.rand(6, 3001, device="cuda", generator=g) < 0.7
+    n = torch.tensor([0, 5, 400, 2000, 3001, -1], device="cuda")
+    for kw in (dict(n=n), dict(threshold=0.5), dict(threshold=2.0)):
+        a = K.select_positions(conf, cand, backend="cuda", **kw)
+        b = R.select_positions_reference(conf, cand, **kw)
+        cpu_kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        c = sampling.select_positions(conf.cpu(), cand.cpu(), **cpu_kw)
+        assert torch.equal(a, b) and torch.equal(a.cpu(), c), kw
+
+
+@gpu
+def test_gpu_offsets_beyond_int32():
+    """Element offsets above 2^31: B * L * V logits (4.6 GB bf16) and B * H * L * D attention (4.4 GB)."""
+    _cuda()
+    if torch.cuda.mem_get_info()[0] < 16e9:
+        pytest.skip("needs 16 GB of free GPU memory")
+    B, L, V = 35, 2048, 32000
+    logits = torch.empty(B, L, V, device="cuda", dtype=torch.bfloat16).normal_(0, 3)
+    cand = torch.zeros(B, L, dtype=torch.bool, device="cuda")
+    cand[0, :3] = cand[-1, -5:] = cand[B // 2, 7] = True
+    seeds = torch.arange(B, device="cuda")
+    kw = dict(temperature=1.0, top_k=50, top_p=0.9, n_commit=torch.full((B,), 2, device="cuda"))
+    tok_k = torch.zeros(B, L, dtype=torch.int64, device="cuda")
+    tok_r = tok_k.clone()
+    got = K.unmask_step(logits, tok_k, cand, seeds, 1, backend="cuda", **kw)
+    want = R.unmask_step_reference(logits, tok_r, cand, seeds, 1, **kw)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    del logits, got, want
+    torch.cuda.empty_cache()
+    q = torch.empty(2100, 64, 128, 128, device="cuda", dtype=torch.bfloat16).normal_()
+    kv = torch.randn(2100, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
+    out = K.attention(q, kv, kv, backend="cuda")
+    ref = R.attention_reference(q[-1:], kv[-1:], kv[-1:])
+    assert (out[-1:].float() - ref.float()).abs().max().item() < 2e-2
+
+
+@gpu
+def test_gpu_attention_documents_tails_and_empty_rows_over_poison():
+    mod = _cuda()
+    g = torch.Generator().manual_seed(23)
+    for dtype, D, Lq, Lk in ((torch.float16, 64, 1000, 1000), (torch.bfloat16, 128, 100, 1000)):
+        B, Hq, Hkv = 2, 4, 2
+        q = torch.randn(B, Hq, Lq, D, generator=g).to("cuda", dtype)
+        k = torch.randn(B, Hkv, Lk, D, generator=g).to("cuda", dtype) * 4
+        v = torch.randn(B, Hkv, Lk, D, generator=g).to("cuda", dtype)
+        ks = _segments(B, Lk, 7, g)
+        qs = ks[:, Lk - Lq :].clone()
+        qs[0, Lq // 2 : Lq // 2 + 21] = 99  # no key has segment 99: rows inside a tile see nothing
+        qs, ks = qs.cuda().contiguous(), ks.cuda()
+        out = torch.full((B, Hq, Lq, D), math.nan, device="cuda", dtype=dtype)
+        mod.attention(q, k, v, qs, ks, out, D**-0.5)
+        torch.cuda.synchronize()
+        ref = R.attention_reference(q, k, v, q_segment_ids=qs, k_segment_ids=ks, out_dtype=torch.float32)
+        assert not out.isnan().any()
+        assert (out[0, :, Lq // 2 : Lq // 2 + 21] == 0).all()
+        pt = _low_precision_attention(q, k, v, qs, ks, D**-0.5)
+        err, err_pt = (out.float() - ref).abs().max().item(), (pt.float() - ref).abs().max().item()
+        assert err <= 2 * err_pt + 1e-5, (dtype, D, err, err_pt)
 
 
 ATTN_CASES = [

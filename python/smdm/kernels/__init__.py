@@ -304,9 +304,14 @@ def unmask_step(
     )
 
 
+UNMASK_MAX_N = 65536  # = smdm::UNMASK_MAX_N: longest row (V) / sequence (L) of the sampler kernels
+
+
 def _smem_unsupported(t, n: int, what: str) -> str | None:
     import torch
 
+    if n > UNMASK_MAX_N:
+        return f"{what}={n} exceeds the sampler kernels' limit of {UNMASK_MAX_N}"
     limit = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
     return (
         f"{what}={n} needs {n * 4 + 2720} bytes of shared memory per block, the GPU has {limit}"
@@ -482,6 +487,10 @@ def attention(
         unsupported = f"head dim {D} (the kernel takes 64 or 128)"
     elif k.shape[2] == 0:
         unsupported = "no keys"
+    elif B > 65535 or Hq > 65535:  # grid (ceil(Lq / 64), Hq, B): gridDim.y and .z are at most 65535
+        unsupported = f"batch {B} or heads {Hq} above 65535"
+    elif max(Lq, k.shape[2]) >= 2**31:
+        unsupported = "sequence length >= 2^31"
     elif any(t.stride(3) != 1 or any(s % 8 for s in t.stride()[:3]) for t in (q, k, v)) or (
         not torch.compiler.is_compiling() and any(t.data_ptr() % 16 for t in (q, k, v))
     ):

@@ -260,18 +260,20 @@ def select_positions_reference(
 
 
 def _commit_reference(conf, candidates, n_commit, threshold):
-    """Per sequence: the n most confident candidates (ties: lower position), or conf >= tau plus the best."""
+    """Per sequence: the n most confident candidates, or conf >= tau plus the most confident one. Candidates
+    are ranked by (confidence desc, position asc) in torch.sort's order (NaN first, -0 == +0) and always
+    above the other positions, even at confidence -inf (= `smdm.sampling.select_positions`)."""
     B, L = conf.shape
     masked = torch.where(candidates, conf, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    first = torch.sort(candidates.gather(1, order).to(torch.int8), dim=1, descending=True, stable=True).indices
+    order = order.gather(1, first)  # candidates first, each group still in (conf desc, position asc) order
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=conf.device).expand(B, L))
     if n_commit is not None:
         n = torch.minimum(n_commit.to(conf.device, torch.int64), candidates.sum(1))
-        order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=conf.device).expand(B, L))
         return candidates & (rank < n[:, None])
     tau = float(np.float32(threshold))
-    best = torch.argmax(masked, dim=1)
-    is_best = torch.zeros_like(candidates).scatter_(1, best[:, None], True) & candidates.any(1, keepdim=True)
-    return candidates & ((conf >= tau) | is_best)
+    return candidates & ((conf >= tau) | (rank == 0))
 
 
 def attention_reference(

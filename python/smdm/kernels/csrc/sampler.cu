@@ -62,7 +62,7 @@ void launch_rows(int dt, const RowsArgs& a, cudaStream_t stream) {
 void launch_commit(const long long* pred, const float* conf, const unsigned char* cand, const long long* n_commit,
                    double tau, int64_t B, int64_t L, long long* tokens, int64_t tokens_row_stride,
                    unsigned char* committed, cudaStream_t stream) {
-  const size_t smem = (size_t)L * sizeof(float);
+  const size_t smem = (size_t)L * sizeof(smdm::u32);
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(smdm::unmask_commit_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   smdm::unmask_commit_kernel<<<(unsigned)B, smdm::UNMASK_THREADS, smem, stream>>>(
@@ -72,6 +72,8 @@ void launch_commit(const long long* pred, const float* conf, const unsigned char
 }
 
 void check_smem(int64_t bytes, const at::Tensor& t, const char* op, const char* what) {
+  TORCH_CHECK(bytes / 4 <= smdm::UNMASK_MAX_N, op, ": ", what, " is ", bytes / 4, "; the kernel takes at most ",
+              smdm::UNMASK_MAX_N, " (use backend='reference')");
   int smem_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, t.get_device()));
   const int64_t need = bytes + (int64_t)sizeof(smdm::UnmaskScratch);

@@ -155,9 +155,13 @@ __device__ __forceinline__ float gumbel_f32(u64 h) {
   return -log_f32(-log_f32(u));
 }
 
-// Order-preserving map float32 -> uint32 (larger float <=> larger key; -inf is the smallest finite key).
+// Order-preserving map float32 -> uint32 with the order of torch.sort / torch.argmax: larger float <=> larger
+// key; -0.0 and +0.0 get the same key (they compare equal, so they tie and rank by index); every NaN, whatever
+// its sign and payload, gets the largest key 0xffffffff (torch ranks NaN above +inf). -inf maps to 0x007fffff,
+// so keys below that are free for sentinels.
 __device__ __forceinline__ u32 float_key(float x) {
-  const u32 b = __float_as_uint(x);
+  if (x != x) return 0xffffffffu;
+  const u32 b = __float_as_uint(__fadd_rn(x, 0.0f));  // -0 + 0 = +0 (round to nearest); other x unchanged
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
@@ -179,13 +183,35 @@ __device__ __forceinline__ u64 block_sum_u64(u64 v, u64* scratch) {
   return v;
 }
 
-// (value, index) arg-max, ties to the lower index; NaN never wins (compare with >).
+__device__ __forceinline__ u64 block_max_u64(u64 v, u64* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const u64 w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nw ? scratch[lane] : 0ULL;
+  for (int o = 16; o > 0; o >>= 1) {
+    const u64 w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+// The order of torch.argmax: NaN above every number (all NaNs equal), otherwise the float order.
+__device__ __forceinline__ bool nan_max_greater(float a, float b) { return (a != a) ? (b == b) : (a > b); }
+__device__ __forceinline__ bool nan_max_equal(float a, float b) { return (a != a) ? (b != b) : (a == b); }
+
+// (value, index) arg-max in the order of torch.argmax (NaN wins, ties to the lower index). The identity is
+// (-inf, 0x7fffffff).
 struct ArgMax {
   float v;
   int i;
 };
 __device__ __forceinline__ ArgMax argmax_merge(ArgMax a, ArgMax b) {
-  if (b.v > a.v || (b.v == a.v && b.i < a.i)) return b;
+  if (nan_max_greater(b.v, a.v) || (nan_max_equal(b.v, a.v) && b.i < a.i)) return b;
   return a;
 }
 __device__ __forceinline__ ArgMax block_argmax(ArgMax a, float* sv, int* si) {

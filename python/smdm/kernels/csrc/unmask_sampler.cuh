@@ -28,14 +28,29 @@ constexpr int UNMASK_THREADS = 1024;  // threads per block of both kernels (1 bl
 enum ConfMode : int { CONF_PROB = 0, CONF_MARGIN = 1, CONF_NEG_ENTROPY = 2 };
 
 // Shared scratch of the sampler blocks (static shared memory; the row itself is dynamic).
+// The radix histogram is two u32 halves (weight = hi * 2^16 + lo) so that every update is a native 32-bit
+// shared-memory atomicAdd: a 64-bit shared atomicAdd compiles to a CAS spin loop (ATOMS.CAST.SPIN.64 on
+// sm_90), which livelocks-slow when thousands of entries of a row fall into the same few bins. Exact while the
+// row has at most 65536 entries (lo < 2^16 and hi <= 2^15 per entry; the launchers check it).
+constexpr int UNMASK_MAX_N = 65536;
 struct UnmaskScratch {
-  u64 hist[256];
+  u32 hist_lo[256];
+  u32 hist_hi[256];
   u64 red_u64[32];
   float red_f[32];
   int red_i[32];
   u32 scan[32];
   u64 bcast[4];
 };
+static_assert(sizeof(UnmaskScratch) == 2720, "UNMASK_SCRATCH_BYTES in _nvrtc.py and smdm.kernels assume 2720");
+
+// Keys of the radix select: float32 values go through `float_key`; u32 entries are keys already.
+__device__ __forceinline__ u32 key_of(float x) { return float_key(x); }
+__device__ __forceinline__ u32 key_of(u32 k) { return k; }
+// What `apply_cutoff` writes over an entry outside the prefix: -inf for values, key 0 (below every float_key)
+// for keys.
+__device__ __forceinline__ void drop_entry(float& x) { x = SMDM_NEG_INF; }
+__device__ __forceinline__ void drop_entry(u32& k) { k = 0u; }
 
 // Exclusive prefix sum over the block (thread order), every thread gets its own prefix.
 __device__ __forceinline__ u32 block_exclusive_scan(u32 v, UnmaskScratch& sc) {
@@ -61,32 +76,43 @@ __device__ __forceinline__ u32 block_exclusive_scan(u32 v, UnmaskScratch& sc) {
   return sc.scan[warp] + incl - v;
 }
 
-// Cut-off of the descending order (value desc, index asc) of x[0..n): the first element at which the
-// running weight reaches `target` (>= 1, <= total weight). weight = 1 (MASS == false) or
-// floor(exp(x - xmax) 2^31) (MASS == true). Returns the cut-off key `theta` and `keep_ties`, the number of
-// entries with key == theta that are inside the prefix (counted from the lowest index).
-template <bool MASS>
-__device__ void radix_cutoff(const float* x, int n, float xmax, u64 target, UnmaskScratch& sc, u32& theta,
+// Cut-off of the descending order (key desc, index asc) of x[0..n), n <= UNMASK_MAX_N: the first element at
+// which the running weight reaches `target`. Precondition: 1 <= target <= total weight (else no bin is found).
+// weight = 1 (MASS == false) or floor(exp(x - xmax) 2^31) (MASS == true, float x only). Returns the cut-off key
+// `theta` and `keep_ties`, the number of entries with key == theta inside the prefix (from the lowest index).
+template <bool MASS, typename T>
+__device__ void radix_cutoff(const T* x, int n, float xmax, u64 target, UnmaskScratch& sc, u32& theta,
                              u64& keep_ties) {
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
   u32 prefix = 0, pmask = 0;
   u64 above = 0;  // weight of the entries whose key is above the current prefix range
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += nt) sc.hist[i] = 0;
+    for (int i = tid; i < 256; i += nt) sc.hist_lo[i] = sc.hist_hi[i] = 0u;
     __syncthreads();
     for (int v = tid; v < n; v += nt) {
-      const float xv = x[v];
-      const u32 k = float_key(xv);
+      const T xv = x[v];
+      const u32 k = key_of(xv);
       if ((k & pmask) == prefix) {
-        const u64 w = MASS ? (u64)fixed31(exp_neg_f32(__fsub_rn(xv, xmax))) : 1ULL;
-        if (w) atomicAdd(&sc.hist[(k >> shift) & 255u], w);
+        const u32 bin = (k >> shift) & 255u;
+        if constexpr (MASS) {
+          const u32 w = fixed31(exp_neg_f32(__fsub_rn(xv, xmax)));  // <= 2^31
+          if (w & 0xffffu) atomicAdd(&sc.hist_lo[bin], w & 0xffffu);
+          if (w >> 16) atomicAdd(&sc.hist_hi[bin], w >> 16);
+        } else {
+          atomicAdd(&sc.hist_lo[bin], 1u);
+        }
       }
     }
     __syncthreads();
     if (tid < 32) {
       // lane l owns bins 255-8l .. 248-8l (descending), scan lanes in order = bins in descending order
+      u64 hw[8];
       u64 local = 0;
-      for (int q = 0; q < 8; ++q) local += sc.hist[255 - 8 * lane - q];
+      for (int q = 0; q < 8; ++q) {
+        const int bin = 255 - 8 * lane - q;
+        hw[q] = ((u64)sc.hist_hi[bin] << 16) + (u64)sc.hist_lo[bin];
+        local += hw[q];
+      }
       u64 incl = local;
       for (int o = 1; o < 32; o <<= 1) {
         const u64 t = __shfl_up_sync(0xffffffffu, incl, o);
@@ -96,13 +122,12 @@ __device__ void radix_cutoff(const float* x, int n, float xmax, u64 target, Unma
       if (above + excl < target && above + incl >= target) {
         u64 acc = above + excl;
         for (int q = 0; q < 8; ++q) {
-          const int bin = 255 - 8 * lane - q;
-          if (acc + sc.hist[bin] >= target) {
-            sc.bcast[0] = (u64)bin;
+          if (acc + hw[q] >= target) {
+            sc.bcast[0] = (u64)(255 - 8 * lane - q);
             sc.bcast[1] = acc;
             break;
           }
-          acc += sc.hist[bin];
+          acc += hw[q];
         }
       }
     }
@@ -113,7 +138,7 @@ __device__ void radix_cutoff(const float* x, int n, float xmax, u64 target, Unma
     __syncthreads();
   }
   theta = prefix;
-  if (MASS) {
+  if constexpr (MASS) {
     const float xt = __uint_as_float((prefix & 0x80000000u) ? (prefix & 0x7fffffffu) : ~prefix);
     const u64 w = (u64)fixed31(exp_neg_f32(__fsub_rn(xt, xmax)));  // > 0: the cut-off bin had weight
     keep_ties = (target - above + w - 1) / w;
@@ -122,21 +147,22 @@ __device__ void radix_cutoff(const float* x, int n, float xmax, u64 target, Unma
   }
 }
 
-// Set x[v] = -inf for every entry outside the prefix defined by (theta, keep_ties).
-__device__ void apply_cutoff(float* x, int n, u32 theta, u64 keep_ties, UnmaskScratch& sc) {
+// Drop (`drop_entry`) every entry of x[0..n) outside the prefix defined by (theta, keep_ties).
+template <typename T>
+__device__ void apply_cutoff(T* x, int n, u32 theta, u64 keep_ties, UnmaskScratch& sc) {
   const int tid = threadIdx.x, nt = blockDim.x;
   // contiguous chunks (ties are ranked by index); an odd length keeps the strided smem reads conflict-free
   const int chunk = ((n + nt - 1) / nt) | 1;
   const int beg = min(n, tid * chunk), end = min(n, beg + chunk);
   u32 ties = 0;
-  for (int v = beg; v < end; ++v) ties += float_key(x[v]) == theta;
+  for (int v = beg; v < end; ++v) ties += key_of(x[v]) == theta;
   u64 rank = block_exclusive_scan(ties, sc);
   for (int v = beg; v < end; ++v) {
-    const u32 k = float_key(x[v]);
+    const u32 k = key_of(x[v]);
     if (k < theta) {
-      x[v] = SMDM_NEG_INF;
+      drop_entry(x[v]);
     } else if (k == theta) {
-      if (rank >= keep_ties) x[v] = SMDM_NEG_INF;
+      if (rank >= keep_ties) drop_entry(x[v]);
       ++rank;
     }
   }
@@ -202,7 +228,7 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
         *reinterpret_cast<float4*>(lrow + i * VEC + e) = make_float4(x[e], x[e + 1], x[e + 2], x[e + 3]);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        if (x[e] > best.v) {  // ids increase along a thread: strict > keeps the lowest id
+        if (nan_max_greater(x[e], best.v)) {  // ids increase along a thread: strict keeps the lowest id
           best.v = x[e];
           best.i = i * VEC + e;
         }
@@ -216,7 +242,7 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
         l = __fadd_rn(u, __fmul_rn(cfg_scale1, __fsub_rn(l, u)));
       }
       lrow[v] = l;
-      if (l > best.v) {
+      if (nan_max_greater(l, best.v)) {
         best.v = l;
         best.i = v;
       }
@@ -224,7 +250,9 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
   }
   best = block_argmax(best, sc.red_f, sc.red_i);  // also a barrier for lrow
   const float m = best.v;
-  const int top = best.i == 0x7fffffff ? 0 : best.i;  // a row of -inf / NaN only: id 0 (as torch.argmax)
+  // = torch.argmax: the first NaN if any (then m = NaN and every z below is NaN: no mass, as in the
+  // reference), else the lowest id of the max; a row of -inf only: id 0
+  const int top = best.i == 0x7fffffff ? 0 : best.i;
 
   // ---- 2. top-k, then top-p, by exact integer cut-offs ----
   if (top_k > 0 && top_k < V) {
@@ -240,12 +268,16 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
       if (z >= -21.5f) s += fixed31(exp_neg_f32(z));  // below: exactly 0 (see step 3)
     }
     s = block_sum_u64(s, sc.red_u64);
-    u64 need = (u64)ceil(top_p * (double)s);
-    if (top_p <= 0.0 || need < 1) need = 1;
-    u32 theta;
-    u64 ties;
-    radix_cutoff<true>(lrow, V, m, need, sc, theta, ties);
-    apply_cutoff(lrow, V, theta, ties, sc);
+    // s == 0 only when no entry is finite (m = -inf): the reference then keeps everything, and the cut-off
+    // search would find no bin. Otherwise 1 <= need <= s (the max entry alone weighs 2^31).
+    if (s > 0) {
+      const double need_d = ceil(top_p * (double)s);
+      const u64 need = (top_p <= 0.0 || need_d < 1.0) ? 1ULL : (u64)need_d;
+      u32 theta;
+      u64 ties;
+      radix_cutoff<true>(lrow, V, m, need, sc, theta, ties);
+      apply_cutoff(lrow, V, theta, ties, sc);
+    }
   }
 
   // ---- 3. normaliser, entropy sum, runner-up, Gumbel-max ----
@@ -307,56 +339,58 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
   }
 }
 
-// grid = B blocks, block = UNMASK_THREADS, dynamic shared memory = L * sizeof(float).
-// mode 0: commit the n_commit[b] most confident candidates (ties: lower position);
-// mode 1: commit every candidate with conf >= tau, and always the most confident one.
+// grid = B blocks, block = UNMASK_THREADS, dynamic shared memory = L * sizeof(u32), L <= UNMASK_MAX_N.
+// Candidates are ranked by (confidence desc, position asc) in the order of torch.sort (NaN first, -0 == +0),
+// always above non-candidates, even at confidence -inf (= smdm.sampling.select_positions and
+// _commit_reference):
+// mode 0: commit the min(n_commit[b], #candidates) first candidates;
+// mode 1: commit every candidate with conf >= tau, and always the first one.
 // `tokens` may be null (only `committed` is written; smdm.kernels.select_positions).
 __global__ void __launch_bounds__(UNMASK_THREADS)
     unmask_commit_kernel(const i64* __restrict__ pred, const float* __restrict__ conf,
                          const unsigned char* __restrict__ cand, const i64* __restrict__ n_commit, float tau,
                          int mode, int L, i64* __restrict__ tokens, i64 tokens_row_stride,
                          unsigned char* __restrict__ committed) {
-  extern __shared__ float crow[];
+  extern __shared__ u32 ckey[];  // float_key(conf) of candidates (>= 0x007fffff), 0 for the others
   __shared__ UnmaskScratch sc;
   const i64 b = blockIdx.x;
   const int tid = threadIdx.x, nt = blockDim.x;
   const i64 base = b * (i64)L;
   u32 ncand = 0;
-  ArgMax best;
-  best.v = SMDM_NEG_INF;
-  best.i = 0x7fffffff;
+  u64 best = 0;  // (key << 32) | (0xffffffff - j) of the first candidate in rank order; 0: none
   for (int j = tid; j < L; j += nt) {
     const bool c = cand[base + j] != 0;
-    const float x = c ? conf[base + j] : SMDM_NEG_INF;
-    crow[j] = x;
+    const u32 k = c ? float_key(conf[base + j]) : 0u;
+    ckey[j] = k;
     ncand += c;
-    if (c && (best.i == 0x7fffffff || x > best.v)) {
-      best.v = x;
-      best.i = j;
+    if (c) {
+      const u64 e = ((u64)k << 32) | (u64)(0xffffffffu - (u32)j);
+      best = e > best ? e : best;
     }
   }
-  const u64 total = block_sum_u64(ncand, sc.red_u64);
-  best = block_argmax(best, sc.red_f, sc.red_i);
-  u32 theta = 0xffffffffu;
-  u64 ties = 0;
+  const u64 total = block_sum_u64(ncand, sc.red_u64);  // its barriers also publish ckey
+  best = block_max_u64(best, sc.red_u64);
   if (mode == 0) {
     i64 n = n_commit[b];
     if (n > (i64)total) n = (i64)total;
     if (n > 0) {
-      radix_cutoff<false>(crow, L, 0.0f, (u64)n, sc, theta, ties);
-      apply_cutoff(crow, L, theta, ties, sc);  // crow[j] != -inf <=> committed (candidates only)
+      u32 theta;
+      u64 ties;
+      radix_cutoff<false>(ckey, L, 0.0f, (u64)n, sc, theta, ties);
+      apply_cutoff(ckey, L, theta, ties, sc);  // ckey[j] != 0 <=> committed (n <= #candidates: no key 0 kept)
     } else {
-      for (int j = tid; j < L; j += nt) crow[j] = SMDM_NEG_INF;
+      for (int j = tid; j < L; j += nt) ckey[j] = 0u;
       __syncthreads();
     }
   }
+  const int best_j = best != 0 ? (int)(0xffffffffu - (u32)best) : -1;
   for (int j = tid; j < L; j += nt) {
     const bool c = cand[base + j] != 0;
     bool take;
     if (mode == 0) {
-      take = c && crow[j] != SMDM_NEG_INF;
+      take = c && ckey[j] != 0u;
     } else {
-      take = c && (conf[base + j] >= tau || j == best.i);
+      take = c && (conf[base + j] >= tau || j == best_j);
     }
     committed[base + j] = take;
     if (take && tokens != nullptr) tokens[b * tokens_row_stride + j] = pred[base + j];
