@@ -34,7 +34,7 @@ batch size and order.
 
 Multiple-choice JSONL (`smdm eval mc`), one question per line:
     {"context": "The capital of France is", "choices": [" Paris", " Rome"], "label": 0}
-Context and choice are tokenized like lm-eval: trailing spaces of the context move to the choice, the
+Context and choice are tokenized like lm-eval: trailing whitespace of the context moves to the choice, the
 continuation is encode(context + choice) after the tokens of encode(context) (separate encoding if that is not
 a prefix); an empty context becomes [EOS]. Metrics (lm-eval's names): acc = argmin total NLL; acc_norm =
 argmin NLL / characters of the choice string (lm-eval's acc_norm); acc_byte = NLL / UTF-8 bytes;
@@ -409,9 +409,9 @@ def read_gsm8k(path, limit: Optional[int] = None) -> list:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
-    """lm-eval's split: trailing spaces of the context go to the continuation; the continuation's ids are
+    """lm-eval's split: trailing whitespace of the context goes to the continuation; the continuation's ids are
     those of encode(context + continuation) after encode(context) (separate encoding if not a prefix)."""
-    n = len(context) - len(context.rstrip(" "))
+    n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
