@@ -472,3 +472,43 @@ def test_ppl_same_windows(prepared, tmp_path, capsys):
                         "--seq-len", str(L), "--limit", "5", "--n-samples", "8", "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0 and "(MDM): [elbo] 5 windows x 24" in out and "(exact)" in out
+
+
+# ---- a tiny trained pair ---------------------------------------------------------------------------------------
+
+def test_trained_twins_answer_a_context_dependent_task(tmp_path, capsys):
+    """Train a tiny MDM and its ARM twin (80 steps) on "the <animal> <sound> ." sentences: every sound is
+    equally frequent, so only a model that reads the context beats chance (1/4) on "the cat" -> " meows"."""
+    import random
+
+    from smdm.config import TrainConfig
+    from smdm.data_cli import prepare
+    from smdm.train import train
+
+    sounds = {"cat": "meows", "dog": "barks", "bird": "sings", "fish": "swims"}
+    rnd = random.Random(0)
+    docs = [f"the {a} {sounds[a]} ." for a in (rnd.choice(list(sounds)) for _ in range(1000))]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    prepare([str(tmp_path / "docs.jsonl")], tmp_path / "data", vocab_size=300, val_fraction=0.2,
+            shard_tokens=20000, progress=False, log=lambda m: None)
+    threads = torch.get_num_threads()
+    try:
+        with torch.enable_grad():  # the autouse fixture of this file turned gradients off
+            for kind in ("mdm", "ar"):
+                train(TrainConfig(config="tiny", data=str(tmp_path / "data"), out=str(tmp_path / kind),
+                                  objective=kind, max_steps=80, batch_size=16, seq_len=32, val_every=0,
+                                  save_every=0, samples=0, threads=1))
+    finally:
+        torch.set_num_threads(threads)  # the trainer set 1 for the process
+    animals = list(sounds)
+    items = [{"context": f"the {a}", "choices": [" " + sounds[b] for b in animals], "label": i}
+             for i, a in enumerate(animals)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    out = tmp_path / "r.json"
+    rc = evaluate.main(["mc", "--ckpt", str(tmp_path / "mdm"), "--ckpt", str(tmp_path / "ar"), "--data",
+                        str(tmp_path / "mc.jsonl"), "--n-samples", "32", "--device", "cpu", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert [r["acc"] for r in json.loads(out.read_text())["results"]] == [1.0, 1.0]
+    rc = evaluate.main(["mc", "--ckpt", str(tmp_path / "mdm"), "--data", str(tmp_path / "mc.jsonl"),
+                        "--method", "chain", "--device", "cpu", "--json", str(out)])
+    assert rc == 0 and json.loads(out.read_text())["results"][0]["acc"] == 1.0
