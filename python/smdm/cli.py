@@ -2,9 +2,10 @@
 when used, so `smdm --help` stays fast.
 
     smdm prepare ...          text -> tokenizer -> shards           (smdm.data_cli)
-    smdm data verify|inspect  check / describe a shard directory    (smdm.data_cli)
+    smdm data verify|inspect|import  check / describe / adopt shards (smdm.data_cli)
     smdm train ...            the bundled trainer (the main job)    (smdm.train)
     smdm generate|infill ...  guided generation                     (smdm.generate_cli)
+    smdm eval mc|gsm8k|ppl    likelihood benchmarks, MDM vs ARM     (smdm.evaluate)
     smdm bench pack|mask|tokenize|sampler                           (smdm.benchmarks.*)
     smdm kernels check        compile the CUDA sources              (smdm.kernels)
 """
@@ -19,10 +20,11 @@ import sys
 # sets `func`) so each command's options stay next to its implementation.
 COMMANDS = {
     "prepare": ("smdm.data_cli", "tokenize text into training shards"),
-    "data": ("smdm.data_cli", "verify or inspect a shard directory"),
+    "data": ("smdm.data_cli", "verify, inspect or import a shard directory"),
     "train": ("smdm.train", "train an MDM or its autoregressive twin"),
     "generate": ("smdm.generate_cli", "generate text from a checkpoint"),
     "infill": ("smdm.generate_cli", "fill the holes of a text"),
+    "eval": ("smdm.evaluate", "likelihood and GSM8K benchmarks, MDM vs its ARM twin"),
     "bench": ("smdm.benchmarks", "throughput benchmarks (tables + JSON)"),
     "kernels": ("smdm.kernels", "build or compile-check the CUDA kernels"),
 }
