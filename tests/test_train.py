@@ -227,6 +227,40 @@ def test_compile_with_activation_checkpointing_matches_eager(dataset, tmp_path, 
     np.testing.assert_allclose(losses, [x for _, x in step_losses(tmp_path / "eager")], rtol=COMPILE_RTOL)
 
 
+@pytest.mark.parametrize("kind", ["mdm", "ar"])
+def test_bf16_autocast_trains_with_float32_master_weights(dataset, tmp_path, monkeypatch, kind):
+    """The trainer's GPU precision path (bf16 autocast around forward and loss; float32 weights, gradients and
+    AdamW state) run on CPU: Trainer._autocast is the one switch, so it is pointed at CPU bf16 autocast.
+    Losses stay finite, validation improves (ARM by > 1 nat in 20 steps, measured 4.41 -> 1.57; the MDM's
+    ELBO moves slowly, measured 4.215 -> 4.135), the head really computes in bf16, and activation
+    checkpointing under autocast (the recomputation re-enters the recorded autocast state) gives the
+    identical losses."""
+    from smdm.train import Trainer
+
+    monkeypatch.setattr(Trainer, "_autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+
+    def run(out, **kw):
+        t = Trainer(cfg_for(dataset, out, objective=kind, max_steps=20, batch_size=8, lr=1e-2, **kw))
+        head_dtypes = set()
+        t.model.head.register_forward_hook(lambda mod, args, out, seen=head_dtypes: seen.add(out.dtype))
+        try:
+            t.fit()
+        finally:
+            t.dist.close()
+        assert head_dtypes == {torch.bfloat16}
+        assert {p.dtype for p in t.model.parameters()} == {torch.float32}
+        assert {v.dtype for st in t.optimizer.state.values() for v in st.values()} == {torch.float32}
+        return [r for r in metrics(out) if "loss" in r]
+
+    rows = run(tmp_path / "plain", val_every=20)
+    assert len(rows) == 20 and not any(r["skipped"] for r in rows)
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)
+    val = [r["val_loss"] for r in metrics(tmp_path / "plain") if r.get("event") == "val"]
+    assert val[-1] < val[0] - (1.0 if kind == "ar" else 0.0), val
+    ac = run(tmp_path / "ac", stop_after=3, activation_checkpointing=True)  # the same schedule, 3 steps
+    assert [r["loss"] for r in ac] == [r["loss"] for r in rows[:3]]
+
+
 def test_time_budget_picks_the_steps_and_resume_keeps_them(dataset, tmp_path):
     t = train(cfg_for(dataset, tmp_path / "run", max_steps=None, time_budget=0.5, stop_after=2))
     assert t.max_steps >= 2
