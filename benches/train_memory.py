@@ -1,17 +1,27 @@
 # python benches/train_memory.py [--config 170M] [--seq-len 2048] [--batch 1] [--mask-rate 0.5] [--json OUT]
+# python benches/train_memory.py --activation-checkpointing [--repeats 3] [--steps 2]
 """Peak CPU memory of one MDM training step (forward, backward, AdamW step) with the output head computed
 only at the masked rows (`smdm.diffusion.mdm_loss`, what the trainer runs) against the plain full-logits loss
 (head and cross-entropy over all B·L rows, weights 0 at unmasked tokens). Both compute the same loss value
 (checked). Method: each variant runs in a fresh subprocess; peak = `resource.getrusage(RUSAGE_SELF).ru_maxrss`
 after the step, and the step's own peak = that minus ru_maxrss right before it (model, gradients and AdamW
 state are allocated by a step on a 1-token batch first, so both variants start from the same high-water mark).
-The mask is the same in both (fixed seed, every token masked with probability --mask-rate)."""
+The mask is the same in both (fixed seed, every token masked with probability --mask-rate).
+
+--activation-checkpointing instead compares the trainer's loss (head at masked rows) without and with
+activation checkpointing (`Transformer(activation_checkpointing=True)`, each block recomputed in backward): the
+same peak measure, and the step time. Timing: --repeats rounds alternate the two subprocesses (A B A B ...) so
+that load from other processes falls on both alike; each subprocess times --steps steps after the measured one
+(the same batch; the first step's time is kept too), as wall time and as the process's CPU time (with one
+thread, CPU time barely moves when other processes load the machine). Both must compute the same loss
+(exactly, on CPU)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +31,11 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def one_variant(variant: str, config: str, seq_len: int, batch: int, mask_rate: float) -> dict:
+VARIANTS = {  # name -> (head at masked rows only, activation checkpointing)
+    "full_logits": (False, False), "masked_rows": (True, False), "masked_rows_ac": (True, True)}
+
+
+def one_variant(variant: str, config: str, seq_len: int, batch: int, mask_rate: float, steps: int = 1) -> dict:
     import torch
     import torch.nn.functional as F
     from smdm.diffusion import mdm_loss
@@ -29,12 +43,13 @@ def one_variant(variant: str, config: str, seq_len: int, batch: int, mask_rate: 
 
     torch.manual_seed(0)
     cfg = config_by_name(config, vocab_size=32000, max_seq_len=max(seq_len, 2048))
-    model = build_model(cfg, seed=0)
+    masked_rows, recompute = VARIANTS[variant]
+    model = build_model(cfg, seed=0, activation_checkpointing=recompute)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
     def loss_fn(x0, mask, weight):
         noisy = x0.masked_fill(mask, cfg.mask_id)
-        if variant == "masked_rows":
+        if masked_rows:
             return mdm_loss(model, noisy, x0, mask, weight)
         logits = model(noisy)  # (B, L, V): the head over every row
         ce = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), x0.reshape(-1), reduction="none")
@@ -49,37 +64,34 @@ def one_variant(variant: str, config: str, seq_len: int, batch: int, mask_rate: 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)  # keep the gradient buffers allocated: same baseline for both
-        return float(loss)
+        return float(loss.detach())
 
     step(1, 1)  # allocate gradients and AdamW state
     before = maxrss_mib()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = step(batch, seq_len)
     seconds = time.perf_counter() - t0
     after = maxrss_mib()
+    times, cpu = [seconds], [time.process_time() - c0]
+    for _ in range(steps - 1):  # more steps on the same batch: timing only (the weights move, the peak stays)
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(batch, seq_len)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     return {"variant": variant, "config": config, "batch": batch, "seq_len": seq_len, "mask_rate": mask_rate,
             "loss": loss, "baseline_mib": before, "peak_mib": after, "step_peak_mib": after - before,
-            "seconds": seconds, "threads": torch.get_num_threads()}
+            "seconds": seconds, "step_seconds": times, "step_cpu_seconds": cpu, "threads": torch.get_num_threads()}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="170M")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--mask-rate", type=float, default=0.5)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # the child process
-    a = ap.parse_args(argv)
-    if a.variant:
-        print(json.dumps(one_variant(a.variant, a.config, a.seq_len, a.batch, a.mask_rate)))
-        return 0
-    rows = []
-    for variant in ("full_logits", "masked_rows"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--config", a.config,
-               "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--mask-rate", str(a.mask_rate)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+def run_child(a, variant: str, steps: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--variant", variant, "--config", a.config, "--seq-len", str(a.seq_len),
+           "--batch", str(a.batch), "--mask-rate", str(a.mask_rate), "--steps", str(steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def head_rows(a) -> list[dict]:
+    rows = [run_child(a, variant) for variant in ("full_logits", "masked_rows")]
     full, masked = rows
     assert abs(full["loss"] - masked["loss"]) <= 1e-3 * abs(full["loss"]), (full["loss"], masked["loss"])
     print(f"one MDM training step, {a.config}, batch {a.batch} x {a.seq_len}, vocab 32000, mask rate "
@@ -91,6 +103,58 @@ def main(argv=None) -> int:
     saved = full["step_peak_mib"] - masked["step_peak_mib"]
     print(f"head at masked rows only saves {saved:.0f} MiB of the step's peak "
           f"({saved / full['step_peak_mib']:.0%}); loss {masked['loss']:.4f} in both")
+    return rows
+
+
+def checkpointing_rows(a) -> list[dict]:
+    rows = []
+    for _ in range(a.repeats):  # A B A B ...: machine load hits both variants alike
+        for variant in ("masked_rows", "masked_rows_ac"):
+            rows.append(run_child(a, variant, a.steps))
+    plain = [r for r in rows if r["variant"] == "masked_rows"]
+    ac = [r for r in rows if r["variant"] == "masked_rows_ac"]
+    assert len({r["loss"] for r in rows}) == 1, [r["loss"] for r in rows]  # the same computation
+    print(f"one MDM training step (head at masked rows), {a.config}, batch {a.batch} x {a.seq_len}, vocab 32000, "
+          f"mask rate {a.mask_rate}, CPU ({rows[0]['threads']} threads), {a.repeats} alternating subprocess "
+          f"pairs x {a.steps} steps; peak RSS (ru_maxrss) in MiB")
+    print(f"{'activation checkpointing':<26}{'baseline':>10}{'peak':>10}{'step peak':>11}"
+          f"{'wall s (median, min-max)':>26}{'CPU s (median, min-max)':>26}")
+    summary = {}
+    for name, rs in (("off", plain), ("on", ac)):
+        wall = sorted(t for r in rs for t in r["step_seconds"])
+        cpu = sorted(t for r in rs for t in r["step_cpu_seconds"])
+        peak = max(r["step_peak_mib"] for r in rs)
+        summary[name] = (peak, statistics.median(wall), statistics.median(cpu))
+        print(f"{name:<26}{statistics.median(r['baseline_mib'] for r in rs):>10.0f}"
+              f"{max(r['peak_mib'] for r in rs):>10.0f}{peak:>11.0f}"
+              f"{f'{summary[name][1]:.1f} ({wall[0]:.1f}-{wall[-1]:.1f})':>26}"
+              f"{f'{summary[name][2]:.1f} ({cpu[0]:.1f}-{cpu[-1]:.1f})':>26}")
+    (p0, w0, c0), (p1, w1, c1) = summary["off"], summary["on"]
+    spread = [max(r["step_peak_mib"] for r in rs) - min(r["step_peak_mib"] for r in rs) for rs in (plain, ac)]
+    print(f"step peak with/without: {p1:.0f}/{p0:.0f} MiB = {p1 / p0:.2f} (spread over repeats {spread[0]:.0f} / "
+          f"{spread[1]:.0f} MiB); step time with/without (medians): wall {w1 / w0:.2f}x, process CPU time "
+          f"{c1 / c0:.2f}x (CPU time is the less load-sensitive one on a shared machine); loss "
+          f"{rows[0]['loss']:.4f} in every run")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="170M")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--mask-rate", type=float, default=0.5)
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="compare the trainer's step without / with activation checkpointing (memory and time)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating subprocess pairs (with --activation-...)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per subprocess (with --activation-...)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--variant", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)  # the child
+    a = ap.parse_args(argv)
+    if a.variant:
+        print(json.dumps(one_variant(a.variant, a.config, a.seq_len, a.batch, a.mask_rate, a.steps)))
+        return 0
+    rows = checkpointing_rows(a) if a.activation_checkpointing else head_rows(a)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -15,9 +15,9 @@ attend only within their document), key validity (`key_valid`, padding of ragged
 (`KVCache`: the ARM's generation cache, and the MDM's prefix cache of finished blocks).
 
 Activation checkpointing (`Transformer(config, activation_checkpointing=True)`, or set the attribute): while
-gradients are recorded, each block keeps only its input and recomputes its activations in backward
-(`torch.utils.checkpoint`, non-reentrant). The blocks draw no random numbers (no dropout), so the recomputation
-is the same computation and the gradients are unchanged.
+gradients are recorded (and no KV cache is passed), each block keeps only its input and recomputes its
+activations in backward (`torch.utils.checkpoint`, non-reentrant). The blocks draw no random numbers (no
+dropout), so the recomputation is the same computation and the gradients are unchanged.
 """
 
 from __future__ import annotations
