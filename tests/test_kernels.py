@@ -572,6 +572,139 @@ def test_cli_registers_check_build_sass(capsys):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# the kernel code itself on CPU: a host emulation of csrc/ (smdm.kernels._emulate: threads, barriers, warp
+# exchanges, and ldmatrix / mma / cp.async after the PTX ISA tables). No races or device-compiler effects.
+# ------------------------------------------------------------------------------------------------------------
+def _emulator():
+    from smdm.kernels import _emulate as E
+
+    try:
+        E.load()
+    except E.EmulatorUnavailable as e:
+        pytest.skip(str(e))
+    return E
+
+
+def _emulated_step_equals_reference(E, dtype, V, conf, opts, seed, threads=64, B=2, L=9):
+    g = torch.Generator().manual_seed(seed)
+    logits = _edge_logits(B, L, V, dtype, g)
+    cand = torch.rand(B, L, generator=g) < 0.8
+    cand[0, :8] = True
+    if conf == "neg_entropy":  # the reference's entropy sum is undefined for NaN / +inf rows
+        cand[0, 1:3] = False
+    kw = dict(
+        temperature=opts["temperature"],
+        top_k=opts.get("top_k", 0),
+        top_p=opts.get("top_p", 1.0),
+        confidence=conf,
+        position_offset=4,
+    )
+    if opts.get("cfg"):
+        kw.update(uncond_logits=(torch.randn(B, L, V, generator=g) * 3).to(dtype), cfg_scale=opts["cfg"])
+    if "threshold" in opts:
+        kw["threshold"] = opts["threshold"]
+    else:
+        kw["n_commit"] = torch.tensor([7, 3, 1][:B])
+    seeds = torch.tensor([3, -(2**61), 5][:B])
+    buf = torch.randint(0, V, (B, L + 9), generator=g)
+    buf_r = buf.clone()
+    got = E.unmask_step(logits, buf[:, 4 : 4 + L], cand, seeds, 5, threads=threads, **kw)
+    want = R.unmask_step_reference(logits, buf_r[:, 4 : 4 + L], cand, seeds, 5, **kw)
+    for name, a, b in zip(("pred", "conf", "committed"), got, want):
+        assert _same(a, b), (dtype, V, conf, opts, name, (a != b).nonzero()[:8].tolist())
+    assert torch.equal(buf, buf_r)
+
+
+EMU_SAMPLER_CASES = [
+    # dtype, V (odd: scalar loads; multiple of 8: 16-byte loads), confidence, options
+    (torch.float32, 1001, "prob", dict(temperature=0.0)),
+    (torch.bfloat16, 1000, "margin", dict(temperature=1.0, top_k=7)),
+    (torch.float16, 1000, "neg_entropy", dict(temperature=0.8, top_p=0.9, threshold=0.05)),
+    (torch.bfloat16, 1001, "prob", dict(temperature=1.2, top_k=40, top_p=0.5, cfg=1.5)),
+    (torch.float32, 1000, "neg_entropy", dict(temperature=0.7, top_k=500, top_p=0.999)),
+]
+
+
+@pytest.mark.parametrize("case", EMU_SAMPLER_CASES)
+def test_emulated_sampler_kernels_equal_reference(case):
+    E = _emulator()
+    dtype, V, conf, opts = case
+    _emulated_step_equals_reference(E, dtype, V, conf, opts, seed=V + len(opts))
+
+
+@pytest.mark.slow
+def test_emulated_sampler_kernels_full_grid():
+    E = _emulator()
+    opts = [
+        dict(temperature=0.0),
+        dict(temperature=1.0, top_k=7),
+        dict(temperature=0.8, top_p=0.9, threshold=0.05),
+        dict(temperature=1.2, top_k=40, top_p=0.5),
+        dict(temperature=0.7, top_k=2000, top_p=0.999, cfg=1.5),
+    ]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for conf in ("prob", "margin", "neg_entropy"):
+            for i, o in enumerate(opts):
+                _emulated_step_equals_reference(E, dtype, 3001 - (i % 2), conf, o, seed=i, threads=96)
+    # the real launch shape: 1024 threads, a 32000 / 32003 vocabulary
+    _emulated_step_equals_reference(
+        E, torch.bfloat16, 32000, "prob", dict(temperature=1.0, top_k=50, top_p=0.9), 7, 1024, B=1
+    )
+    _emulated_step_equals_reference(
+        E, torch.float32, 32003, "neg_entropy", dict(temperature=0.0, top_p=0.5, threshold=0.0), 8, 1024, B=1
+    )
+
+
+def test_emulated_select_positions_equal_reference():
+    E = _emulator()
+    g = torch.Generator().manual_seed(24)
+    conf = torch.rand(5, 301, generator=g)
+    pick = torch.rand(5, 301, generator=g)
+    conf[pick < 0.1] = -math.inf
+    conf[(pick >= 0.1) & (pick < 0.12)] = math.nan
+    conf[(pick >= 0.12) & (pick < 0.2)] = 0.0
+    conf[(pick >= 0.2) & (pick < 0.3)] = -0.0
+    conf[(pick >= 0.3) & (pick < 0.4)] = 0.5
+    conf[3] = -math.inf
+    cand = torch.rand(5, 301, generator=g) < 0.7
+    n = torch.tensor([0, 5, 100, 301, -1])
+    for kw in (dict(n=n), dict(threshold=0.5), dict(threshold=2.0)):
+        want = R.select_positions_reference(conf, cand, **kw)
+        assert torch.equal(E.select_positions(conf, cand, **kw), want), kw
+        assert torch.equal(E.select_positions(conf, cand, threads=128, **kw), want), kw
+
+
+EMU_ATTN_CASES = [
+    # dtype, B, Hq, Hkv, Lq, Lk, D, documents
+    (torch.bfloat16, 1, 2, 1, 70, 130, 64, 0),  # tails of both tiles, GQA, Lk > Lq
+    (torch.float16, 2, 2, 2, 100, 100, 128, 3),  # documents, rows without keys
+    (torch.bfloat16, 1, 1, 1, 33, 200, 128, 2),  # a block of queries over a prefix, documents
+]
+
+
+@pytest.mark.parametrize("case", EMU_ATTN_CASES)
+def test_emulated_attention_kernel_matches_reference(case):
+    E = _emulator()
+    dtype, B, Hq, Hkv, Lq, Lk, D, ndocs = case
+    g = torch.Generator().manual_seed(Lq + Lk + D)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(dtype)
+    k = (torch.randn(B, Hkv, Lk, D, generator=g) * 2).to(dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    ks = _segments(B, Lk, ndocs, g)
+    qs = None
+    if ks is not None:
+        qs = ks[:, Lk - Lq :].clone()
+        qs[0, Lq // 3 : Lq // 3 + 5] = 99  # no key has segment 99
+    out = E.attention(q, k, v, q_segment_ids=qs, k_segment_ids=ks)
+    ref = R.attention_reference(q, k, v, q_segment_ids=qs, k_segment_ids=ks, out_dtype=torch.float32)
+    pt = _low_precision_attention(q, k, v, qs, ks, D**-0.5)
+    err, err_pt = (out.float() - ref).abs().max().item(), (pt.float() - ref).abs().max().item()
+    assert not out.isnan().any() and err <= 2 * err_pt + 1e-5, (err, err_pt)
+    if qs is not None:
+        assert (out[0, :, Lq // 3 : Lq // 3 + 5] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
 # GPU: the kernels against the references
 # ------------------------------------------------------------------------------------------------------------
 def _cuda():
@@ -768,14 +901,14 @@ def _same(a, b):
 
 def _edge_logits(B, L, V, dtype, g):
     """Logits rows that exercise the special cases of the sampler (rows 0-7 of sequence 0)."""
-    x = torch.randn(B, L, V, device="cuda", generator=g) * 3
+    x = torch.randn(B, L, V, device=g.device, generator=g) * 3
     x[0, 0] = -math.inf  # nothing finite: token 0, confidence NaN
     x[0, 1, 5] = math.nan  # a NaN: torch.argmax picks it
     x[0, 2, 100] = math.inf
     x[0, 3] = 0.0
     x[0, 3, ::2] = -0.0  # +0 / -0 everywhere: one big tie (top-k cuts inside it)
     x[0, 4, :50] = x[0, 4].max() + 1  # 50 tied maxima
-    x[0, 5, 1000:] = -math.inf  # few finite entries (top-k larger than them)
+    x[0, 5, V // 3 :] = -math.inf  # few finite entries (top-k larger than them)
     x[0, 6, V - 1] = x[0, 6].max() + 6  # the winner in the tail of the row
     x[0, 7] = x[0, 7] * 1e-3 - 1e4  # far from 0, tiny spread
     return x.to(dtype)
