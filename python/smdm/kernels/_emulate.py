@@ -6,13 +6,15 @@ C++20 by the host compiler, with a small shim:
   * one std::thread per CUDA thread of a block; blocks run one after another; `__syncthreads` is a
     std::barrier over the block, warp shuffles go through a per-warp exchange with a barrier of 32;
   * `ldmatrix` (.x4, .trans), `mma.sync.m16n8k16.row.col` (fp32 accumulate) and `cp.async` (16 bytes with
-    zero fill) follow the fragment tables of the PTX ISA, written here independently of the kernel;
+    zero fill) follow the fragment tables of the PTX ISA, written here independently of the kernel; cp.async
+    copies land only at the `wait_group` that must wait for them (the latest moment the rules allow);
   * `__fadd_rn` & co. are single IEEE operations (compiled with -ffp-contract=off), so the sampler must agree
     with `smdm.kernels._reference` bit for bit here too; dynamic shared memory is poisoned before each block.
 
 It checks index arithmetic, tails, fragment layouts, the radix select, the block reductions and the order of
-float32 operations. It cannot see data races or memory-ordering bugs (every emulated barrier is a full fence
-and cp.async is synchronous), performance, or what the device compiler does differently.
+float32 operations, and a read of a cp.async buffer before its wait. It cannot reliably see data races
+(threads really run concurrently, but every emulated barrier is a full fence), performance, or what the
+device compiler does differently.
 
     lib = load()                                        # builds once per source version (a few seconds)
     pred, conf, committed = unmask_step(logits, tokens, candidates, seeds, step, ...)   # = the CUDA op
@@ -164,12 +166,25 @@ inline u32 pack_f16x2(float lo, float hi) { return (u32)emu_f2h(lo) | ((u32)emu_
 # after `ATTN_BLOCK_N` (inside namespace smdm): PTX semantics of the attention kernel's inline assembly
 _SHIM_FLASH = r"""
 inline u32 smem_u32(const void* p) { return (u32)((const unsigned char*)p - g_dyn); }
-inline void cp_async16(u32 dst, const void* src, int src_bytes) {
-  memset(g_dyn + dst, 0, 16);
-  if (src_bytes) memcpy(g_dyn + dst, src, src_bytes);
+// cp.async lands as late as the PTX rules allow: a thread's copies are queued per commit group and done by
+// `cp.async.wait_group N` for all but its N newest groups (a read before the right wait sees stale data).
+struct EmuCopy { u32 dst; const void* src; int bytes; };
+static thread_local std::vector<std::vector<EmuCopy>> emu_groups;
+static thread_local std::vector<EmuCopy> emu_open;
+inline void cp_async16(u32 dst, const void* src, int src_bytes) { emu_open.push_back({dst, src, src_bytes}); }
+inline void cp_async_commit() {
+  emu_groups.push_back(emu_open);
+  emu_open.clear();
 }
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
+template <int N> inline void cp_async_wait() {
+  while ((int)emu_groups.size() > N) {
+    for (const EmuCopy& c : emu_groups.front()) {
+      memset(g_dyn + c.dst, 0, 16);
+      if (c.bytes) memcpy(g_dyn + c.dst, c.src, c.bytes);
+    }
+    emu_groups.erase(emu_groups.begin());
+  }
+}
 // ldmatrix.x4: lane l gives the address of row l % 8 of matrix l / 8 (16 bytes); lane l receives in r[i], of
 // matrix i, the elements (row l / 4, cols 2 (l % 4) and + 1), or with .trans (rows 2 (l % 4) and + 1,
 // col l / 4); the first element in the low half.
