@@ -98,12 +98,15 @@ def test_bad_config_and_positions_raise():
         m(torch.zeros(1, 9, dtype=torch.long))
 
 
-def _loss_and_grads(causal: bool, activation_checkpointing: bool):
+def _loss_and_grads(causal: bool, activation_checkpointing: bool, compile_backend=None):
     """One MDM or ARM loss on packed windows (segment ids), backward; returns (loss, {name: grad})."""
     from smdm.diffusion import ar_loss, mdm_loss
 
     m = build_model(config_by_name("tiny", vocab_size=50, causal=causal),
                     activation_checkpointing=activation_checkpointing)
+    if compile_backend is not None:
+        for block in m.blocks:
+            block.compile(backend=compile_backend, fullgraph=True)
     rng = torch.get_rng_state()
     g = torch.Generator().manual_seed(0)
     seg = torch.tensor([[0] * 10 + [1] * 6 + [2] * 9] * 3)  # (3, 25): three documents per window
@@ -155,3 +158,24 @@ def test_activation_checkpointing_recomputes_blocks_only_with_grad():
     cache_a, cache_b = plain.make_kv_cache(2, 12), ckpt.make_kv_cache(2, 12)
     assert torch.equal(ckpt(ids, kv_cache=cache_b), plain(ids, kv_cache=cache_a))
     assert all(torch.equal(a, b) for a, b in zip(cache_a.k, cache_b.k))
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning")
+def test_blocks_trace_whole_under_torch_compile():
+    """Each block, activation checkpointing included, is captured by dynamo as one graph (fullgraph=True: a
+    graph break is an error) and differentiated by AOT autograd; backend "aot_eager" runs the captured aten
+    graph as is, so losses and gradients equal eager exactly. Inductor's code generation (what `smdm train
+    --compile` adds on top, a g++ build of its kernels) is covered by the slow tests in test_train.py."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # a fresh cache: Block.forward's compiled code is shared by every model in the process
+    graphs = counters["stats"]["unique_graphs"]
+    try:
+        for causal in (False, True):
+            loss0, g0 = _loss_and_grads(causal, False)
+            loss1, g1 = _loss_and_grads(causal, True, compile_backend="aot_eager")
+            assert torch.equal(loss0, loss1)
+            assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    finally:
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # one per objective, shared by the blocks
