@@ -268,8 +268,9 @@ __global__ void __launch_bounds__(UNMASK_THREADS)
       if (z >= -21.5f) s += fixed31(exp_neg_f32(z));  // below: exactly 0 (see step 3)
     }
     s = block_sum_u64(s, sc.red_u64);
-    // s == 0 only when no entry is finite (m = -inf): the reference then keeps everything, and the cut-off
-    // search would find no bin. Otherwise 1 <= need <= s (the max entry alone weighs 2^31).
+    // s == 0 only when m is not finite (no finite entry, a NaN, or +inf): every weight is then 0, the
+    // reference keeps everything, and the cut-off search would find no bin (it used to read stale scratch and
+    // divide by a zero weight). Otherwise 1 <= need <= s (the max entry alone weighs 2^31).
     if (s > 0) {
       const double need_d = ceil(top_p * (double)s);
       const u64 need = (top_p <= 0.0 || need_d < 1.0) ? 1ULL : (u64)need_d;
