@@ -179,3 +179,101 @@ def test_blocks_trace_whole_under_torch_compile():
     finally:
         torch._dynamo.reset()
     assert counters["stats"]["unique_graphs"] - graphs == 2  # one per objective, shared by the blocks
+
+
+# ---- the fused attention path (model.attention; DESIGN §7) ----
+def _both(model, *args, **kw):
+    """Logits through SDPA and through smdm.kernels.attention (its PyTorch reference on CPU)."""
+    out = {}
+    for impl in ("sdpa", "fused"):
+        model.attention = impl
+        with torch.no_grad():
+            out[impl] = model(*args, **kw)
+    model.attention = "auto"
+    return out["sdpa"], out["fused"]
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 1], ids=["mha", "gqa"])
+def test_fused_attention_path_matches_sdpa(n_kv_head):
+    """Document masking, ragged key padding and the prefix K/V cache, translated to the kernel's segment ids,
+    give SDPA's logits (float32 here: the kernel's reference runs the same math)."""
+    torch.manual_seed(4)
+    c = config_by_name("tiny", vocab_size=50, n_kv_head=n_kv_head)
+    mdm = build_model(c).eval()
+    ids = torch.randint(0, 50, (3, 12))
+    a, b = _both(mdm, ids)
+    assert torch.allclose(a, b, atol=1e-5)
+    seg = torch.tensor([[0] * 5 + [1] * 7, [0] * 12, [0] * 2 + [3] * 4 + [5] * 6])
+    a, b = _both(mdm, ids, segment_ids=seg)
+    assert torch.allclose(a, b, atol=1e-5)
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[0, 9:] = False
+    valid[2, 4:] = False
+    a, b = _both(mdm, ids, key_valid=valid)
+    assert torch.allclose(a, b, atol=1e-5)
+    # prefix cache: the first 8 slots written once, then a block of 4 queries attends to slots [0, 12)
+    for impl in ("sdpa", "fused"):
+        mdm.attention = impl
+        cache = mdm.make_kv_cache(3, 16)
+        with torch.no_grad():
+            mdm(ids[:, :8], kv_cache=cache, cache_pos=0, key_valid=valid[:, :8])
+            out = mdm(ids[:, 8:], kv_cache=cache, cache_pos=8, key_valid=valid)
+        if impl == "sdpa":
+            ref = out
+    mdm.attention = "auto"
+    assert torch.allclose(ref, out, atol=1e-5)
+
+
+def test_fused_attention_choice_and_errors():
+    mdm = build_model(config_by_name("tiny", vocab_size=50))
+    x = torch.zeros(1, 4, dtype=torch.long)
+    assert mdm._fused_backend(x) is None  # auto on CPU: SDPA
+    mdm.attention = "fused"
+    assert mdm._fused_backend(x) == "auto"
+    mdm.attention = "flash"
+    with pytest.raises(ValueError, match="model.attention must be one of"):
+        mdm(x)
+    arm = build_model(config_by_name("tiny", vocab_size=50, causal=True))
+    arm.attention = "fused"
+    with pytest.raises(ValueError, match="bidirectional"):
+        arm(x)
+    mdm.attention = "fused"
+    with pytest.raises(ValueError, match="segment_ids must be >= 0"):
+        mdm(x, segment_ids=torch.tensor([[0, 0, -1, -1]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_attention_in_the_model_on_gpu():
+    """bf16 MDM on CUDA: "auto" takes the kernel under no_grad; its logits' error against the float32 model is
+    at most 2x SDPA's (plus a small floor), for plain, document-masked, ragged and prefix-cache calls."""
+    from smdm import kernels
+
+    torch.manual_seed(5)
+    c = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=256, d_ff=512, vocab_size=512)  # head dim 64
+    ref = build_model(c, device="cuda").eval()
+    mdm = build_model(c, device="cuda").to(torch.bfloat16).eval()
+    B, L = 3, 300
+    ids = torch.randint(0, 512, (B, L), device="cuda")
+    seg = (torch.arange(L, device="cuda") * 3 // L).expand(B, L).contiguous()
+    valid = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    valid[1, 200:] = False
+    with torch.no_grad():
+        assert mdm._fused_backend(ids) == "auto" and kernels.available()
+        for kw in ({}, {"segment_ids": seg}, {"key_valid": valid}):
+            want = ref(ids, **kw).float()
+            mdm.attention = "auto"
+            got = mdm(ids, **kw).float()
+            mdm.attention = "sdpa"
+            base = mdm(ids, **kw).float()
+            rows = valid[:, :, None].expand_as(want) if "key_valid" in kw else torch.ones_like(want, dtype=bool)
+            err, err_sdpa = (got - want)[rows].abs().max(), (base - want)[rows].abs().max()
+            assert torch.isfinite(got[rows]).all() and err <= 2 * err_sdpa + 1e-2, (kw.keys(), err, err_sdpa)
+        for impl in ("auto", "sdpa"):  # prefix cache: Lk > Lq
+            mdm.attention = impl
+            cache = mdm.make_kv_cache(B, L)
+            mdm(ids[:, :256], kv_cache=cache, cache_pos=0)
+            out = mdm(ids[:, 256:], kv_cache=cache, cache_pos=256).float()
+            if impl == "auto":
+                got = out
+        assert (got - out).abs().max() < 0.1

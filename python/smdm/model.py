@@ -14,6 +14,16 @@ One attention path serves training and sampling: optional document masking (`seg
 attend only within their document), key validity (`key_valid`, padding of ragged batches) and a static KV cache
 (`KVCache`: the ARM's generation cache, and the MDM's prefix cache of finished blocks).
 
+Attention implementation (`model.attention`, a run option like checkpointing): "auto" runs smdm's fused
+bidirectional flash-attention kernel (`smdm.kernels.attention`, DESIGN §7) for the MDM's inference on CUDA in
+bf16/fp16 with head dim 64 or 128 when the kernels build (sampling, likelihoods: no gradients), and PyTorch's SDPA
+everywhere else (training keeps SDPA's backward; the ARM twin is causal). Document masking, key validity and
+the prefix cache become segment ids for the kernel: query i sees key j iff their segment ids are equal, and an
+invalid key gets id -1. "sdpa" always uses SDPA; "fused" always calls `smdm.kernels.attention` (its PyTorch
+reference off CUDA, or under SMDM_KERNELS=reference: what the CPU tests use to check this translation).
+SMDM_KERNELS=reference keeps "auto" on SDPA; SMDM_KERNELS=cuda makes "auto" demand the kernel (an error when
+it cannot be built, never a silent fallback).
+
 Activation checkpointing (`Transformer(config, activation_checkpointing=True)`, or set the attribute): while
 gradients are recorded (and no KV cache is passed), each block keeps only its input and recomputes its
 activations in backward (`torch.utils.checkpoint`, non-reentrant). The blocks draw no random numbers (no
@@ -23,8 +33,9 @@ dropout), so the recomputation is the same computation and the gradients are unc
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +171,28 @@ class KVCache:
         self.max_len = max_len
 
 
+class KernelSegments(NamedTuple):
+    """What the fused attention kernel takes instead of a boolean mask: query i of row b sees key j iff
+    q[b, i] == k[b, j] ((B, Lq) / (B, Lk) int32, or both None for full attention)."""
+
+    q: Optional[torch.Tensor]
+    k: Optional[torch.Tensor]
+    backend: str  # smdm.kernels.attention's backend=: "auto" | "cuda" | "reference"
+
+
+ATTENTION_IMPLS = ("auto", "sdpa", "fused")
+_kernels_ok: Optional[bool] = None  # auto mode: did the CUDA kernels build here (asked once per process)
+
+
+def _kernels_available() -> bool:
+    global _kernels_ok
+    if _kernels_ok is None:
+        from smdm import kernels
+
+        _kernels_ok = kernels.available()
+    return _kernels_ok
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -181,6 +214,11 @@ class Attention(nn.Module):
             kv_cache.v[layer][:, :, cache_pos:cache_pos + L] = v.to(kv_cache.v[layer].dtype)
             k = kv_cache.k[layer][:, :, :cache_pos + L].to(q.dtype)
             v = kv_cache.v[layer][:, :, :cache_pos + L].to(q.dtype)
+        if isinstance(mask, KernelSegments):  # smdm's fused kernel (bidirectional, grouped-query heads native)
+            from smdm import kernels
+
+            y = kernels.attention(q, k, v, q_segment_ids=mask.q, k_segment_ids=mask.k, backend=mask.backend)
+            return self.proj(y.transpose(1, 2).reshape(B, L, c.n_head * c.head_dim))
         if c.kv_heads != c.n_head:  # grouped-query attention: share each K/V head across its query group
             k = k.repeat_interleave(c.n_head // c.kv_heads, dim=1)
             v = v.repeat_interleave(c.n_head // c.kv_heads, dim=1)
@@ -232,6 +270,7 @@ class Transformer(nn.Module):
         # recompute each block in backward instead of keeping its activations (a run option, not part of
         # the architecture: it is not in `config` and not saved with the weights)
         self.activation_checkpointing = activation_checkpointing
+        self.attention = "auto"  # "auto" | "sdpa" | "fused" (module docstring); a run option like the above
         self.embed = nn.Embedding(config.n_embed_rows, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
@@ -258,6 +297,48 @@ class Transformer(nn.Module):
     def make_kv_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
         p = self.head.weight
         return KVCache(self.config, batch, max_len, device=p.device, dtype=dtype or p.dtype)
+
+    def _fused_backend(self, x: torch.Tensor) -> Optional[str]:
+        """The fused kernel's backend for this forward pass, or None for SDPA (module docstring)."""
+        impl = self.attention
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        if impl == "sdpa":
+            return None
+        if self.config.causal:
+            if impl == "fused":
+                raise ValueError("model.attention='fused': the kernel is bidirectional (MDM only)")
+            return None
+        if impl == "fused":
+            return "auto"
+        env = os.environ.get("SMDM_KERNELS", "auto").strip().lower()
+        if env == "reference" or not x.is_cuda or torch.is_grad_enabled():
+            return None
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.head.weight.dtype
+        if dtype not in (torch.bfloat16, torch.float16) or self.config.head_dim not in (64, 128):
+            return None
+        if env == "cuda":
+            return "cuda"  # demanded: smdm.kernels.attention raises if it cannot build
+        return "auto" if _kernels_available() else None
+
+    def _segments(self, B, Lq, Lk, device, *, segment_ids, key_valid, kv_cache, backend) -> KernelSegments:
+        """The masks of `_mask` as segment ids for the fused kernel (an invalid key gets -1)."""
+        if segment_ids is not None and kv_cache is not None:
+            raise ValueError("segment_ids cannot be combined with a KV cache")
+        if key_valid is not None and key_valid.shape != (B, Lk):
+            raise ValueError(f"key_valid must have shape {(B, Lk)}, got {tuple(key_valid.shape)}")
+        if segment_ids is None and key_valid is None:
+            return KernelSegments(None, None, backend)
+        if segment_ids is not None:
+            if int(segment_ids.min()) < 0:
+                raise ValueError("segment_ids must be >= 0 (the fused attention path keeps -1 for padding)")
+            q = k = segment_ids.to(torch.int32)
+        else:
+            q = torch.zeros(B, Lq, dtype=torch.int32, device=device)
+            k = torch.zeros(B, Lk, dtype=torch.int32, device=device)
+        if key_valid is not None:
+            k = torch.where(key_valid, k, torch.full_like(k, -1))
+        return KernelSegments(q.contiguous(), k.contiguous(), backend)
 
     def _mask(self, B, Lq, Lk, device, *, segment_ids, key_valid, kv_cache, cache_pos):
         """Boolean attention mask (B, 1, Lq, Lk), True = may attend; None when plain SDPA suffices."""
@@ -303,8 +384,13 @@ class Transformer(nn.Module):
             cos, sin = cos[None, None], sin[None, None]  # (1, 1, L, hd)
         else:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, L, hd)
-        mask = self._mask(B, L, Lk, input_ids.device, segment_ids=segment_ids, key_valid=key_valid,
-                          kv_cache=kv_cache, cache_pos=cache_pos)
+        backend = self._fused_backend(input_ids)
+        if backend is None:
+            mask = self._mask(B, L, Lk, input_ids.device, segment_ids=segment_ids, key_valid=key_valid,
+                              kv_cache=kv_cache, cache_pos=cache_pos)
+        else:  # the fused kernel takes segment ids, never a (B, 1, Lq, Lk) mask
+            mask = self._segments(B, L, Lk, input_ids.device, segment_ids=segment_ids, key_valid=key_valid,
+                                  kv_cache=kv_cache, backend=backend)
         x = self.embed(input_ids)  # (B, L, d)
         # a KV cache is written in forward (sampling): never recompute a block that writes one
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
