@@ -442,3 +442,22 @@ def test_the_demo_path_prepares_the_builtin_corpus_trains_and_samples(tmp_path):
     assert ckpt.latest(tmp_path / "runs/demo-mdm") is not None
     assert (ckpt.latest(tmp_path / "runs/demo-mdm") / "tokenizer.json").is_file()
     assert "---- samples (mdm" in p.stdout
+
+
+def test_verify_data_full_at_start_or_ids_per_batch(tmp_path):
+    """A shard whose payload was damaged after it was written: "full" (auto for small data) refuses it at start
+    naming the file; "headers" starts and stops at the first batch holding the bad id, naming the window."""
+    root = make_dataset(tmp_path / "data")
+    shard = root / "train" / "shard_00000.smdm"
+    raw = bytearray(shard.read_bytes())
+    raw[data.SHARD_HEADER_LEN + 2 * 10:data.SHARD_HEADER_LEN + 2 * 11] = np.uint16(VOCAB).tobytes()  # the mask id
+    shard.write_bytes(bytes(raw))
+    for mode in ("auto", "full"):
+        with pytest.raises(Exception, match="shard_00000.smdm") as e:
+            train(cfg_for(root, tmp_path / f"run-{mode}", verify_data=mode))
+        assert "window" not in str(e.value)
+    # headers: one epoch (83 batches of 4 windows) covers the window of token 10
+    with pytest.raises(TrainError, match=rf"window \d+ holds token id {VOCAB} >= vocab_size {VOCAB}"):
+        train(cfg_for(root, tmp_path / "run-headers", verify_data="headers", max_steps=90))
+    with pytest.raises(TrainError, match="--verify-data must be one of"):
+        train(cfg_for(root, tmp_path / "run-bad", verify_data="some"))

@@ -44,6 +44,8 @@ class TrainConfig:
     plot: bool = False  # write OUT/loss.png (matplotlib)
     samples: int = 0  # samples printed at the end (the demo prints 3)
     vocab_size: Optional[int] = None  # optional check against the data's vocabulary
+    verify_data: str = "auto"  # "full": CRC + every token id of every shard at start; "headers": headers and
+    # sizes only (each batch's ids are still checked); "auto": full up to 2^30 tokens, else headers
 
     def to_dict(self) -> dict:
         return asdict(self)

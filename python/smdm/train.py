@@ -50,6 +50,10 @@ INJECT_NONFINITE_ENV = "SMDM_INJECT_NONFINITE"
 LOG_WINDOWS_ENV = "SMDM_LOG_WINDOWS"
 
 
+VERIFY_DATA = ("auto", "full", "headers")
+FULL_VERIFY_TOKENS = 1 << 30  # "auto" reads every byte of datasets up to this size at start
+
+
 class TrainError(ValueError):
     """Bad input to the trainer (the message says what is wrong and where)."""
 
@@ -266,8 +270,18 @@ class Trainer:
         # data
         from smdm.data import PackedDataset
 
+        # Full checks read every byte of every shard on every rank at every start: seconds for the demo, hours
+        # for a SlimPajama-sized corpus, where `smdm data verify` once is the better place (DESIGN §5).
+        if cfg.verify_data not in VERIFY_DATA:
+            raise TrainError(f"--verify-data must be one of {VERIFY_DATA}, got {cfg.verify_data!r}")
+        self.verify_full = cfg.verify_data == "full" or (cfg.verify_data == "auto"
+                                                         and self.manifest.num_tokens <= FULL_VERIFY_TOKENS)
+        if not self.verify_full and d.rank == 0:
+            print(f"data: {self.manifest.num_tokens:,} tokens: shard headers and sizes checked at start, token ids "
+                  f"per batch (--verify-data full checks every byte; `smdm data verify` once does it too)",
+                  flush=True)
         self.dataset = PackedDataset(self.train_dir, cfg.seq_len, self.micro, extra_token=self.kind == "ar",
-                                     seed=cfg.seed, rank=d.rank, world_size=d.world)
+                                     seed=cfg.seed, rank=d.rank, world_size=d.world, verify=self.verify_full)
         if state is not None:
             self.dataset.load_state_dict(state["data"])
         self.val_dataset = None
@@ -275,7 +289,8 @@ class Trainer:
             # Every rank reads the same global validation batches and evaluates its own rows of them, so the
             # validation set (and the ELBO's draws, keyed by window id) is the same for any world size.
             self.val_dataset = PackedDataset(self.val_dir, cfg.seq_len, self.micro * d.world,
-                                             extra_token=self.kind == "ar", seed=cfg.seed, shuffle=False)
+                                             extra_token=self.kind == "ar", seed=cfg.seed, shuffle=False,
+                                             verify=self.verify_full)
         self.metrics_path = self.out / "metrics.jsonl"
         self._stop = False
         self.mask_id = self.model_config.mask_id
@@ -435,6 +450,17 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    def _check_ids(self, batch):
+        """Headers-only verification: a token id the model has no row for is an error naming the windows, not
+        an index error deep in the embedding (or, for the mask id, a silently wrong input)."""
+        ids = batch["input_ids"]
+        bad = ids >= self.model_config.vocab_size
+        if bool(bad.any()):
+            row = int(bad.any(1).nonzero()[0, 0])
+            raise TrainError(f"{self.train_dir}: window {int(batch['index'][row])} holds token id "
+                             f"{int(ids[row][bad[row]][0])} >= vocab_size {self.model_config.vocab_size} "
+                             f"(run `smdm data verify {self.train_dir}`)")
+
     def train_step(self, it) -> dict:
         from smdm import diffusion
 
@@ -448,6 +474,8 @@ class Trainer:
         for m in range(cfg.grad_accum):
             batch = next(it)
             ids = batch["input_ids"]
+            if not self.verify_full:
+                self._check_ids(batch)
             if self.window_log is not None:  # debug hook: which windows each rank trains on
                 with open(self.window_log, "a") as f:
                     f.write(json.dumps({"step": self.step, "index": batch["index"].tolist()}) + "\n")
@@ -705,6 +733,9 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--plot", action="store_true", help="write OUT/loss.png (with the twin run's curve when it exists)")
     a("--samples", type=int, default=None, help="samples printed at the end (default 3 for the demo, else 0)")
     a("--vocab-size", type=int, default=None, help="check the data's vocabulary size")
+    a("--verify-data", choices=VERIFY_DATA, default=d.verify_data,
+      help="check every shard byte at start (full), headers and sizes only with per-batch id checks (headers), "
+           "or full up to 2^30 tokens (auto)")
     a("--device", default=d.device)
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--compare", nargs="+", metavar="RUN", help="only plot the validation curves of these runs (--out PNG)")
