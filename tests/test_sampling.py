@@ -109,6 +109,18 @@ def test_unfiltered_fast_path_is_bit_identical_to_the_kernel_reference(T, confid
     assert torch.equal(tok, ref_tok) and torch.equal(conf, ref_conf)
     tok_p, conf_p = choose_tokens(logits, top_k=None, top_p=1.0, **args)
     assert torch.equal(tok_p, ref_tok) and torch.equal(conf_p, ref_conf)
+    # rows the kernel must also survive: a NaN, all -inf, one and two +inf, all NaN
+    bad = torch.randn(5, 300, generator=g)
+    bad[0, 5] = math.nan
+    bad[1] = -math.inf
+    bad[2, 9] = math.inf
+    bad[3, [9, 20]] = math.inf
+    bad[4] = math.nan
+    args.update(seeds=torch.arange(5) * 7, positions=torch.arange(5) + 100)
+    tok, conf = choose_tokens(bad, top_k=None, top_p=None, **args)
+    ref_tok, ref_conf = choose_tokens_reference(bad, top_k=None, top_p=None, **args)
+    assert torch.equal(tok, ref_tok)
+    torch.testing.assert_close(conf, ref_conf, rtol=0, atol=0, equal_nan=True)
 
 
 def test_argmax_ties_lowest_id_and_confidences():

@@ -194,7 +194,9 @@ def _choose_unfiltered(logits, *, seeds, positions, step, temperature, top_k, to
     if t32 > 0.0:
         t = torch.full((1, 1), t32, dtype=torch.float32, device=lf.device)
         keys = gumbel_keys(seeds, step, positions)
-        tok = torch.argmax(torch.where(valid, lf / t + gumbel_noise(keys, V), -math.inf), dim=1)
+        # a NaN logit is never drawn here (as in the reference's filtered path); at T = 0 argmax takes it
+        drawable = valid & ~torch.isnan(lf)
+        tok = torch.argmax(torch.where(drawable, lf / t + gumbel_noise(keys, V), -math.inf), dim=1)
     else:
         tok = top
     if confidence == "prob":
