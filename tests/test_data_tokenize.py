@@ -80,6 +80,21 @@ def test_crate_path_equals_fast_path(trained, tiny_texts, monkeypatch):
     assert rust.encode(texts) == fast
 
 
+def test_long_documents_equal_python_tokenizers(trained, tiny_texts):
+    """Documents far over the fast path's 64 KiB segments (cut inside, see tokenize.rs) keep the ids of the
+    whole document, whatever the whitespace around the cuts."""
+    rust, py, _ = trained
+    seps = ["", "\n\n   ", " \u3000 ", "\t\r\n\xa0"]
+    texts = [sep.join(tiny_texts * 6) + sep for sep in seps]
+    texts.append("".join(t for t in TRICKY if "<|" not in t) * 2000)  # no added token: the fast path
+    assert min(len(t) for t in texts) > 150_000
+    stream, starts = rust.encode_pack(texts)
+    ids = _py_ids(py, texts)
+    want = np.concatenate([np.array(i + [rust.eos_id], np.uint16) for i in ids])
+    assert np.array_equal(stream, want)
+    assert np.array_equal(starts, np.cumsum([0] + [len(i) + 1 for i in ids[:-1]]))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=60), min_size=1, max_size=8))
 def test_random_text_ids_equal_python(trained, texts):

@@ -3,9 +3,9 @@
 //! - `Tok::from_file` loads a tokenizer.json; `Tok::train_bpe` trains a byte-level BPE tokenizer
 //!   (GPT-2 style: byte-level pre-tokenizer without prefix space, all 256 bytes in the alphabet, so no
 //!   unknown tokens) with `<|endoftext|>` as special token 0.
-//! - `Tok::encode_pack` encodes documents in parallel (rayon, one document per task) without the
-//!   tokenizer's own special tokens (`add_special_tokens = false`), and packs them as `ids + [EOS]`
-//!   (see `pack.rs`). Ids equal Python `tokenizers`' `encode(text, add_special_tokens=False).ids`.
+//! - `Tok::encode_pack` encodes documents in parallel without the tokenizer's own special tokens
+//!   (`add_special_tokens = false`), and packs them as `ids + [EOS]` (see `pack.rs`). Ids equal Python
+//!   `tokenizers`' `encode(text, add_special_tokens=False).ids`.
 //! - EOS/BOS are found among the tokenizer's special added tokens by their usual names.
 //!
 //! Fast path (`FastByteLevel`): for the common GPT-2-style tokenizer (no normalizer, a `ByteLevel`
@@ -14,9 +14,21 @@
 //! pattern without that alternative on the `regex` crate (a DFA, same Unicode tables) and apply the
 //! lookahead by hand: a whitespace run followed by a non-space character gives back its last character
 //! (exactly what `\s+(?!\S)|\s+` does under leftmost-first alternation). Each piece is mapped to the
-//! byte-level alphabet and tokenized by the tokenizer's own BPE model, with a per-task cache of pieces.
+//! byte-level alphabet and tokenized by the tokenizer's own BPE model, with a per-thread cache of pieces.
 //! A document that contains an added token's text takes the crate's normal path (added tokens are split
 //! out before pre-tokenization). Tests compare every id with Python `tokenizers`.
+//!
+//! Scaling with cores (fast path):
+//! - Tasks are segments of text of about `SEGMENT_BYTES`, not whole documents: a long document is cut
+//!   where a non-space ASCII character is followed by an ASCII whitespace character. No piece of the split pattern
+//!   crosses such a point (only `\s` matches whitespace and it never matches the character before) and
+//!   the pattern has no look-behind, so the pieces, hence the ids, are those of the whole document; one
+//!   huge document no longer runs on one core while the others wait.
+//! - Nothing mutable is shared between worker threads. Each thread owns a `Worker`: its piece cache, a
+//!   clone of the split `Regex` (a shared `regex::Regex` lends its scratch space from a pool whose fast
+//!   path serves only the first thread that used it; the others take a mutex on every search) and a clone
+//!   of the BPE model with its internal cache turned off (the crate's cache is one `RwLock` whose lock
+//!   word every thread writes on every lookup).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -68,9 +80,14 @@ fn bytes_to_chars() -> [char; 256] {
     table
 }
 
-/// Byte-level BPE encoding without fancy-regex (see the module docs).
+/// Byte-level BPE encoding without fancy-regex (see the module docs). `Clone` gives the regex its own
+/// scratch-space pool (see `Worker`).
+#[derive(Clone)]
 pub struct FastByteLevel {
     re: regex::Regex,
+    /// The tokenizer's BPE model with its internal cache off: each `Worker` clones it (with the cache)
+    /// and `Worker::cache` replaces the cache. Unused by `plain` (an empty model).
+    model: BPE,
     add_prefix_space: bool,
     added: Vec<String>,
     chars: [char; 256],
@@ -90,10 +107,11 @@ impl FastByteLevel {
             Some(PreTokenizerWrapper::ByteLevel(bl)) if bl.use_regex => bl.add_prefix_space,
             _ => return None,
         };
-        match tk.get_model() {
-            ModelWrapper::BPE(bpe) if bpe.dropout.is_none_or(|d| d == 0.0) => {}
+        let mut model = match tk.get_model() {
+            ModelWrapper::BPE(bpe) if bpe.dropout.is_none_or(|d| d == 0.0) => bpe.clone(),
             _ => return None,
-        }
+        };
+        model.resize_cache(0);
         let added: Vec<String> = tk
             .get_added_tokens_decoder()
             .into_values()
@@ -104,6 +122,7 @@ impl FastByteLevel {
         }
         Some(FastByteLevel {
             re: regex::Regex::new(SPLIT_NO_LOOKAHEAD).ok()?,
+            model,
             add_prefix_space,
             added,
             chars: bytes_to_chars(),
@@ -114,6 +133,7 @@ impl FastByteLevel {
     fn plain() -> Option<FastByteLevel> {
         Some(FastByteLevel {
             re: regex::Regex::new(SPLIT_NO_LOOKAHEAD).ok()?,
+            model: BPE::builder().cache_capacity(0).build().ok()?,
             add_prefix_space: false,
             added: Vec::new(),
             chars: bytes_to_chars(),
@@ -158,19 +178,22 @@ impl FastByteLevel {
         out.extend(piece.bytes().map(|b| self.chars[b as usize]));
     }
 
-    /// Append the ids of `text` to `out`; Ok(false) if the text needs the normal path (added tokens).
+    /// Whether `text` can take the fast path: it contains no added token's text.
+    fn handles(&self, text: &str) -> bool {
+        !self.added.iter().any(|a| text.contains(a.as_str()))
+    }
+
+    /// Append the ids of `text` (one segment of a document that `handles`, see `segments`) to `out`.
+    /// `first`: the segment starts the document (where the prefix space goes).
     fn encode_into(
         &self,
-        model: &ModelWrapper,
         text: &str,
+        first: bool,
         cache: &mut HashMap<String, Vec<u32>>,
         out: &mut Vec<u32>,
-    ) -> tokenizers::Result<bool> {
-        if self.added.iter().any(|a| text.contains(a.as_str())) {
-            return Ok(false);
-        }
+    ) -> tokenizers::Result<()> {
         let prefixed;
-        let text = if self.add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
+        let text = if first && self.add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
             prefixed = format!(" {text}");
             prefixed.as_str()
         } else {
@@ -183,16 +206,56 @@ impl FastByteLevel {
                 return Ok(());
             }
             self.map_bytes(piece, &mut mapped);
-            let ids: Vec<u32> = model.tokenize(&mapped)?.into_iter().map(|t| t.id).collect();
+            let ids: Vec<u32> = self
+                .model
+                .tokenize(&mapped)?
+                .into_iter()
+                .map(|t| t.id)
+                .collect();
             out.extend_from_slice(&ids);
             if cache.len() > 1 << 18 {
                 cache.clear();
             }
             cache.insert(piece.to_string(), ids);
             Ok(())
-        })?;
-        Ok(true)
+        })
     }
+}
+
+/// Target size of one fast-path task (bytes of text): small next to a core's share of a 4 MiB call, large
+/// next to the cost of a task (a thread-local lookup and a vector).
+const SEGMENT_BYTES: usize = 1 << 16;
+
+/// Cut `text` into consecutive segments of about `target` bytes (or more, up to the next cut point) whose
+/// pre-tokenized pieces are exactly those of the whole text: each cut is just before an ASCII whitespace
+/// byte that follows a non-whitespace ASCII byte (see the module docs).
+fn segments(text: &str, target: usize) -> Vec<&str> {
+    let b = text.as_bytes();
+    let is_ws = |c: u8| matches!(c, b'\t' | b'\n' | b'\x0B' | b'\x0C' | b'\r' | b' ');
+    let mut out = Vec::with_capacity(text.len() / target.max(1) + 1);
+    let mut start = 0;
+    let mut i = start + target;
+    while i < b.len() {
+        if is_ws(b[i]) && b[i - 1] < 0x80 && !is_ws(b[i - 1]) {
+            out.push(&text[start..i]);
+            start = i;
+            i = start + target;
+        } else {
+            i += 1;
+        }
+    }
+    out.push(&text[start..]);
+    out
+}
+
+/// One worker thread's state for one tokenizer (see the module docs): nothing in it is shared.
+struct Worker {
+    /// The `Tok::id` this state belongs to.
+    tok_id: u64,
+    /// A clone of the tokenizer's: its own regex pool and BPE model.
+    fast: FastByteLevel,
+    /// Piece -> ids; emptied when it grows past 2^18 pieces.
+    cache: HashMap<String, Vec<u32>>,
 }
 
 type ByteLevelBpe = TokenizerImpl<
@@ -232,16 +295,16 @@ fn bpe_trainer(vocab_size: u32) -> Result<tokenizers::models::bpe::BpeTrainer> {
 }
 
 thread_local! {
-    /// (tokenizer id, piece -> ids) of the byte-level fast path; see `Tok::encode_docs`.
-    static PIECE_CACHE: std::cell::RefCell<(u64, HashMap<String, Vec<u32>>)> =
-        std::cell::RefCell::new((0, HashMap::new()));
+    /// The fast path's per-thread state; it survives across calls, tied to one tokenizer (by its unique
+    /// id) and rebuilt when another one uses the thread.
+    static WORKER: std::cell::RefCell<Option<Worker>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Unique ids for `Tok` instances (0 is never used, so a fresh thread cache matches no tokenizer).
 static NEXT_TOK_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 pub struct Tok {
-    /// Unique per instance: keys the thread-local piece cache.
+    /// Unique per instance: keys the thread-local `Worker`.
     id: u64,
     pub inner: Tokenizer,
     /// Some for plain byte-level BPE tokenizers (see the module docs); None uses the crate's `encode`.
@@ -355,35 +418,80 @@ impl Tok {
 
     /// Ids of each document (no special tokens added), in parallel.
     pub fn encode_docs(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let (doc_of, ids) = self.encode_tasks(texts, SEGMENT_BYTES)?;
+        let mut docs: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
+        for (d, v) in doc_of.into_iter().zip(ids) {
+            match docs.get_mut(d) {
+                Some(doc) => doc.extend_from_slice(&v),
+                None => docs.push(v),
+            }
+        }
+        Ok(docs)
+    }
+
+    /// Encode in parallel, one task per fast-path segment (see `segments`) or per document on the crate's
+    /// path: (document of each task, ids of each task), tasks in document order, every document at least
+    /// one task. SMDM_REFERENCE=1 turns the fast path off (the benchmark's crate-encode row).
+    fn encode_tasks(
+        &self,
+        texts: &[&str],
+        segment_bytes: usize,
+    ) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
         let fast = self
             .fast
             .as_ref()
             .filter(|_| std::env::var_os("SMDM_REFERENCE").is_none_or(|v| v == "0"));
-        texts
+        // Looking for added tokens reads all the text: in parallel too.
+        let on_fast: Vec<bool> = texts
             .par_iter()
-            .map(|t| {
+            .map(|t| fast.is_some_and(|f| f.handles(t)))
+            .collect();
+        // (document, text, first segment of its document, fast path)
+        let mut tasks: Vec<(usize, &str, bool, bool)> = Vec::with_capacity(texts.len());
+        for (d, (&t, &f)) in texts.iter().zip(&on_fast).enumerate() {
+            if f {
+                let segs = segments(t, segment_bytes);
+                tasks.extend(
+                    segs.into_iter()
+                        .enumerate()
+                        .map(|(k, seg)| (d, seg, k == 0, true)),
+                );
+            } else {
+                tasks.push((d, t, true, false));
+            }
+        }
+        let ids = tasks
+            .par_iter()
+            .map(|&(_, text, first, on_fast)| {
                 let err = |e: tokenizers::Error| tok_err(&self.path, format!("encode failed: {e}"));
-                if let Some(f) = fast {
-                    let mut ids = Vec::with_capacity(t.len() / 3);
-                    // The piece cache lives in the worker thread and survives across calls; it is tied to
-                    // one tokenizer (by its unique id) and emptied when another one uses the thread.
-                    let done = PIECE_CACHE.with(|c| {
-                        let mut c = c.borrow_mut();
-                        if c.0 != self.id {
-                            *c = (self.id, HashMap::new());
-                        }
-                        f.encode_into(self.inner.get_model(), t, &mut c.1, &mut ids)
-                    });
-                    if done.map_err(err)? {
-                        return Ok(ids);
+                match fast {
+                    Some(f) if on_fast => {
+                        let mut ids = Vec::with_capacity(text.len() / 3);
+                        WORKER
+                            .with(|w| {
+                                let mut w = w.borrow_mut();
+                                let w = match &mut *w {
+                                    Some(w) if w.tok_id == self.id => w,
+                                    slot => slot.insert(Worker {
+                                        tok_id: self.id,
+                                        fast: f.clone(),
+                                        cache: HashMap::new(),
+                                    }),
+                                };
+                                w.fast.encode_into(text, first, &mut w.cache, &mut ids)
+                            })
+                            .map_err(err)?;
+                        Ok(ids)
                     }
+                    _ => self
+                        .inner
+                        .encode_fast(text, false)
+                        .map(|e| e.get_ids().to_vec())
+                        .map_err(err),
                 }
-                self.inner
-                    .encode_fast(*t, false)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(err)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok((tasks.into_iter().map(|t| t.0).collect(), ids))
     }
 
     /// The crate's own encoding (the reference for the fast path).
@@ -404,29 +512,37 @@ impl Tok {
         &self,
         texts: &[&str],
     ) -> Result<(Vec<T>, Vec<u64>)> {
-        let docs = self.encode_docs(texts)?;
-        let lengths: Vec<u64> = docs.iter().map(|d| d.len() as u64).collect();
+        let (doc_of, ids) = self.encode_tasks(texts, SEGMENT_BYTES)?;
+        let mut lengths = vec![0u64; texts.len()];
+        for (&d, v) in doc_of.iter().zip(&ids) {
+            lengths[d] += v.len() as u64;
+        }
         let (starts, n) = pack::doc_starts(&lengths, lengths.iter().sum::<u64>() as usize)?;
+        let (eos, vocab) = (self.eos_id, self.vocab_size);
         let mut out = vec![T::default(); n];
-        // Split the output at document boundaries and copy each document in parallel.
-        let mut slots: Vec<&mut [T]> = Vec::with_capacity(docs.len());
+        // Split the output into one slot per task, writing the EOS after each document's last task, and
+        // copy the tasks in parallel.
+        let mut slots: Vec<&mut [T]> = Vec::with_capacity(ids.len());
         let mut rest = out.as_mut_slice();
-        for d in &docs {
-            let (a, b) = rest.split_at_mut(d.len() + 1);
+        for (k, v) in ids.iter().enumerate() {
+            let (a, b) = rest.split_at_mut(v.len());
             slots.push(a);
             rest = b;
+            if doc_of.get(k + 1) != Some(&doc_of[k]) {
+                let (e, b) = rest.split_at_mut(1);
+                e[0] = T::from_id(eos);
+                rest = b;
+            }
         }
-        let (eos, vocab) = (self.eos_id, self.vocab_size);
         let bad = slots
             .into_par_iter()
-            .zip(docs.par_iter())
-            .map(|(slot, d)| {
+            .zip(ids.par_iter())
+            .map(|(slot, v)| {
                 let mut bad = false;
-                for (y, &x) in slot.iter_mut().zip(d) {
+                for (y, &x) in slot.iter_mut().zip(v) {
                     *y = T::from_id(x);
                     bad |= x >= vocab;
                 }
-                slot[d.len()] = T::from_id(eos);
                 bad
             })
             .reduce(|| false, |a, b| a || b);
@@ -495,10 +611,71 @@ mod tests {
         ];
         let mut all: Vec<&str> = refs.clone();
         all.extend_from_slice(&tricky);
+        let want = tok.encode_docs_reference(&all).unwrap();
+        assert_eq!(tok.encode_docs(&all).unwrap(), want);
+        // Cut into many segments (down to one cut per whitespace run), the ids stay those of the whole
+        // documents; long documents mixing every case, too.
+        let mut long: Vec<String> = tricky.iter().map(|t| t.repeat(40)).collect();
+        long.push(refs.concat());
+        long.push(all.join(" \u{3000}\n  "));
+        let long_refs: Vec<&str> = long.iter().map(|s| s.as_str()).collect();
+        let want_long = tok.encode_docs_reference(&long_refs).unwrap();
+        for target in [1, 2, 5, 64, 1 << 20] {
+            for (texts, want) in [(&all, &want), (&long_refs, &want_long)] {
+                let (doc_of, ids) = tok.encode_tasks(texts, target).unwrap();
+                let mut docs: Vec<Vec<u32>> = vec![Vec::new(); texts.len()];
+                for (d, v) in doc_of.iter().zip(&ids) {
+                    docs[*d].extend_from_slice(v);
+                }
+                assert_eq!(&docs, want, "segments of {target} bytes");
+            }
+        }
+        let (doc_of, _) = tok.encode_tasks(&long_refs, 5).unwrap();
+        assert!(doc_of.len() > 1000, "{} tasks", doc_of.len());
+        // with a prefix space (added to the first segment only)
+        let json = tok.to_json().unwrap();
+        assert!(json.contains("\"add_prefix_space\":false"));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        std::fs::write(
+            &p,
+            json.replace("\"add_prefix_space\":false", "\"add_prefix_space\":true"),
+        )
+        .unwrap();
+        let spaced = Tok::from_file(&p, None).unwrap();
+        assert!(spaced.fast.as_ref().is_some_and(|f| f.add_prefix_space));
+        let want = spaced.encode_docs_reference(&long_refs).unwrap();
+        assert_ne!(want, want_long);
+        for target in [1, 5, 1 << 20] {
+            let (doc_of, ids) = spaced.encode_tasks(&long_refs, target).unwrap();
+            let mut docs: Vec<Vec<u32>> = vec![Vec::new(); long_refs.len()];
+            for (d, v) in doc_of.iter().zip(&ids) {
+                docs[*d].extend_from_slice(v);
+            }
+            assert_eq!(docs, want, "prefix space, segments of {target} bytes");
+        }
+    }
+
+    #[test]
+    fn segments_cut_before_whitespace_after_non_space() {
+        let text = "ab  c\nd \u{a0}e\u{a0} f\t\tg é h";
+        for target in [1, 3, 100] {
+            let segs = segments(text, target);
+            assert_eq!(segs.concat(), text);
+            for w in segs.windows(2) {
+                let (prev, next) = (w[0].chars().last().unwrap(), w[1].chars().next().unwrap());
+                assert!(
+                    prev.is_ascii() && !prev.is_whitespace() && next.is_ascii_whitespace(),
+                    "{segs:?}"
+                );
+            }
+        }
+        // no cut after a non-ASCII character (`\u{a0}` is whitespace, `é` is not: both are left alone)
         assert_eq!(
-            tok.encode_docs(&all).unwrap(),
-            tok.encode_docs_reference(&all).unwrap()
+            segments(text, 1),
+            ["ab", "  c", "\nd", " \u{a0}e\u{a0} f", "\t\tg", " é h"]
         );
+        assert_eq!(segments("", 4), [""]);
     }
 
     #[test]
