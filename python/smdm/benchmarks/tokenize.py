@@ -12,6 +12,9 @@ Variants:
   per document in parallel (what the fast path replaces).
 - `python tokenizers + numpy` (the DESIGN §8 baseline, target >= 1.5x): `Tokenizer.encode_batch(texts,
   add_special_tokens=False)` (parallel in Rust inside the package) + appending EOS and concatenating in numpy.
+- `rust (one document)`: `rust` on the same texts joined by newlines into one document (what a large .txt
+  input is), checked equal to the crate's encode of that document; its ratios compare MB/s with the rows
+  above. A document is cut into segments inside (tokenize.rs), so it scales with cores too.
 Scaling with cores: both sides use rayon pools sized when first used; `--threads N` sets RAYON_NUM_THREADS
 (ours) and RAYON_RS_NUM_THREADS (the package's) before any work, so run once with `--threads 1` and once
 with the default to compare.
@@ -30,6 +33,7 @@ import numpy as np
 from smdm.benchmarks import write_records
 
 BASELINE = "python tokenizers + numpy"
+ONE_DOC = "rust (one document)"
 
 
 def corpus_texts(mb: float) -> list[str]:
@@ -107,8 +111,16 @@ def run(mb: float = 8.0, tokenizer: str | None = None, vocab_size: int = 8192, r
         got = fn()
         if not (np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])):
             raise AssertionError(f"{name} produces different tokens than rust")
+    one = ["\n".join(texts)]
+    want_one = _with_env("SMDM_REFERENCE", "1", lambda: rust.encode_pack(one))
+    variants[ONE_DOC] = lambda: rust.encode_pack(one)
+    if not np.array_equal(variants[ONE_DOC]()[0], want_one[0]):
+        raise AssertionError(f"{ONE_DOC} produces different tokens than the crate's encode")
     secs = {name: _time(fn, repeats) for name, fn in variants.items()}
     n_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    sizes = {name: (len(texts), n_bytes, int(want[0].size)) for name in variants}
+    sizes[ONE_DOC] = (1, n_bytes + len(texts) - 1, int(want_one[0].size))
+    mb_s = {name: sizes[name][1] / sec / 1e6 for name, sec in secs.items()}
     env = {
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -122,16 +134,16 @@ def run(mb: float = 8.0, tokenizer: str | None = None, vocab_size: int = 8192, r
         {
             "bench": "tokenize",
             "variant": name,
-            "documents": len(texts),
-            "bytes": n_bytes,
-            "tokens": int(want[0].size),
+            "documents": sizes[name][0],
+            "bytes": sizes[name][1],
+            "tokens": sizes[name][2],
             "vocab_size": vocab,
             "seconds": sec,
-            "mb_per_s": n_bytes / sec / 1e6,
-            "tokens_per_s": want[0].size / sec,
+            "mb_per_s": mb_s[name],
+            "tokens_per_s": sizes[name][2] / sec,
             "ratio_vs": {
-                BASELINE: secs[BASELINE] / sec,
-                "rust (crate encode)": secs["rust (crate encode)"] / sec,
+                BASELINE: mb_s[name] / mb_s[BASELINE],
+                "rust (crate encode)": mb_s[name] / mb_s["rust (crate encode)"],
             },
             "environment": env,
         }
