@@ -133,7 +133,7 @@ def section_tests() -> dict:
         return {"summary": "skipped: pytest not installed (pip install pytest)"}
     # -W: the ini's `timeout` option warns (and warnings are errors) where pytest-timeout is not installed
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
-    cmd += ["-W", "ignore::pytest.PytestConfigWarning", "tests/test_kernels.py"]
+    cmd += ["-W", "ignore::pytest.PytestConfigWarning", "tests/test_kernels.py", "tests/test_model.py"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*EXTRA_PATHS, os.environ.get("PYTHONPATH", "")]))
     t = time.perf_counter()
     try:
