@@ -240,6 +240,12 @@ def test_fused_attention_choice_and_errors():
     mdm.attention = "fused"
     with pytest.raises(ValueError, match="segment_ids must be >= 0"):
         mdm(x, segment_ids=torch.tensor([[0, 0, -1, -1]]))
+    for impl in ("sdpa", "fused"):  # argument checks shared by both attention paths
+        mdm.attention = impl
+        with pytest.raises(ValueError, match="key_valid must have shape"):
+            mdm(x, key_valid=torch.ones(1, 3, dtype=torch.bool))
+        with pytest.raises(ValueError, match="segment_ids cannot be combined with a KV cache"):
+            mdm(x, segment_ids=torch.zeros(1, 4, dtype=torch.long), kv_cache=mdm.make_kv_cache(1, 8))
 
 
 @pytest.mark.gpu

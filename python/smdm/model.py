@@ -321,12 +321,8 @@ class Transformer(nn.Module):
             return "cuda"  # demanded: smdm.kernels.attention raises if it cannot build
         return "auto" if _kernels_available() else None
 
-    def _segments(self, B, Lq, Lk, device, *, segment_ids, key_valid, kv_cache, backend) -> KernelSegments:
+    def _segments(self, B, Lq, Lk, device, *, segment_ids, key_valid, backend) -> KernelSegments:
         """The masks of `_mask` as segment ids for the fused kernel (an invalid key gets -1)."""
-        if segment_ids is not None and kv_cache is not None:
-            raise ValueError("segment_ids cannot be combined with a KV cache")
-        if key_valid is not None and key_valid.shape != (B, Lk):
-            raise ValueError(f"key_valid must have shape {(B, Lk)}, got {tuple(key_valid.shape)}")
         if segment_ids is None and key_valid is None:
             return KernelSegments(None, None, backend)
         if segment_ids is not None:
@@ -346,12 +342,8 @@ class Transformer(nn.Module):
             return None
         mask = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
         if segment_ids is not None:  # document masking inside packed windows
-            if kv_cache is not None:
-                raise ValueError("segment_ids cannot be combined with a KV cache")
             mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         if key_valid is not None:  # padding of ragged batches: (B, Lk) True = real key
-            if key_valid.shape != (B, Lk):
-                raise ValueError(f"key_valid must have shape {(B, Lk)}, got {tuple(key_valid.shape)}")
             mask &= key_valid[:, None, None, :]
         if self.config.causal:
             q_slot = torch.arange(Lq, device=device)[:, None] + cache_pos
@@ -384,13 +376,17 @@ class Transformer(nn.Module):
             cos, sin = cos[None, None], sin[None, None]  # (1, 1, L, hd)
         else:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, L, hd)
+        if segment_ids is not None and kv_cache is not None:
+            raise ValueError("segment_ids cannot be combined with a KV cache")
+        if key_valid is not None and key_valid.shape != (B, Lk):
+            raise ValueError(f"key_valid must have shape {(B, Lk)}, got {tuple(key_valid.shape)}")
         backend = self._fused_backend(input_ids)
         if backend is None:
             mask = self._mask(B, L, Lk, input_ids.device, segment_ids=segment_ids, key_valid=key_valid,
                               kv_cache=kv_cache, cache_pos=cache_pos)
         else:  # the fused kernel takes segment ids, never a (B, 1, Lq, Lk) mask
             mask = self._segments(B, L, Lk, input_ids.device, segment_ids=segment_ids, key_valid=key_valid,
-                                  kv_cache=kv_cache, backend=backend)
+                                  backend=backend)
         x = self.embed(input_ids)  # (B, L, d)
         # a KV cache is written in forward (sampling): never recompute a block that writes one
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
