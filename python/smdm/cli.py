@@ -8,6 +8,7 @@ when used, so `smdm --help` stays fast.
     smdm eval mc|gsm8k|ppl    likelihood benchmarks, MDM vs ARM     (smdm.evaluate)
     smdm bench pack|mask|tokenize|sampler                           (smdm.benchmarks.*)
     smdm kernels check        compile the CUDA sources              (smdm.kernels)
+    smdm convert from-litgpt|to-litgpt  SMDM / TinyLlama weights in and out (smdm.convert)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ COMMANDS = {
     "eval": ("smdm.evaluate", "likelihood and GSM8K benchmarks, MDM vs its ARM twin"),
     "bench": ("smdm.benchmarks", "throughput benchmarks (tables + JSON)"),
     "kernels": ("smdm.kernels", "build or compile-check the CUDA kernels"),
+    "convert": ("smdm.convert", "import SMDM / lit-gpt weights, or export to them"),
 }
 
 
