@@ -3,11 +3,11 @@ Monte Carlo ELBO. The masking part (top of this file) and the losses (below the 
 """
 
 # ---- forward process ----
-# Schedules (alpha_t = probability that a token is still clean at time t) with their ELBO weights, and the
-# forward process q(x_t | x_0) of the linear schedule (paper Eq. 2): every token is masked independently
-# with probability p = (1 - eps)·t + eps. `forward_process` runs the Rust core (`smdm._core`);
-# `forward_process_reference` is the plain numpy definition it must equal exactly (docs/CONTRACTS.md).
-# SMDM_KERNELS=reference forces the reference.
+# Noise schedules (alpha_t = probability that a token is still clean at time t) with their ELBO weights
+# w(t) = -alpha'_t / (1 - alpha_t), and the forward process q(x_t | x_0) (paper Eq. 2): every token is
+# masked independently with probability p = 1 - alpha(t'), t' = (1 - eps)·t + eps (linear: p = t').
+# `forward_process` runs the Rust core (`smdm._core`); `forward_process_reference` is the plain numpy
+# definition it must equal exactly (docs/CONTRACTS.md). SMDM_KERNELS=reference forces the reference.
 from __future__ import annotations
 
 import math
@@ -26,14 +26,52 @@ def _xp(t):
     return torch if isinstance(t, torch.Tensor) else np
 
 
-def alpha_linear(t):
+# Each schedule is two float64 function chains of the (effective) time t, p = 1 - alpha_t and w(t). The
+# scalar forms (`math`, i.e. the C library's sin/tan/pow, the same functions the Rust core calls) define the
+# forward process, the ELBO and the samplers bit for bit; the array forms below them serve torch tensors
+# (plots, analysis) and may differ from the scalar ones in the last bit (SIMD sin/cos/pow).
+#   linear        p = t                          w = 1 / t
+#   cosine        p = 1 - sin((1 - t)·(pi/2))    w = (pi/2) / tan(t·(pi/4))
+#   polynomial:P  p = pow(t, P)                  w = P / t
+# Cosine is alpha_t = cos(pi t / 2) written as sin((1 - t) pi/2) so that p(0) = 0 and p(1) = 1 exactly, and
+# its weight (pi/2) sin(pi t/2) / (1 - cos(pi t/2)) (MDLM's general weight) as (pi/2) / tan(pi t/4), the same
+# number without the cancellation.
+_HALF_PI = math.pi / 2  # == Rust's FRAC_PI_2 (scaling by a power of two is exact)
+_QUARTER_PI = math.pi / 4  # == Rust's FRAC_PI_4
+
+
+def _p_linear(t: float, power: float) -> float:
+    return t
+
+
+def _w_linear(t: float, power: float) -> float:
+    return 1.0 / t
+
+
+def _p_cosine(t: float, power: float) -> float:
+    return 1.0 - math.sin((1.0 - t) * _HALF_PI)
+
+
+def _w_cosine(t: float, power: float) -> float:
+    return _HALF_PI / math.tan(t * _QUARTER_PI)
+
+
+def _p_polynomial(t: float, power: float) -> float:
+    return math.pow(t, power)
+
+
+def _w_polynomial(t: float, power: float) -> float:
+    return power / t
+
+
+def alpha_linear(t, power: float = 1.0):
     """alpha_t = 1 - t (the paper's schedule, Eq. 2)."""
     return 1 - t
 
 
-def alpha_cosine(t):
-    """alpha_t = cos(pi/2 · t): fewer masks early, more late (MaskGIT-style cosine)."""
-    return _xp(t).cos(0.5 * math.pi * t)
+def alpha_cosine(t, power: float = 1.0):
+    """alpha_t = cos(pi/2 · t) = sin((1 - t)·pi/2): fewer masks early, more late (MaskGIT-style cosine)."""
+    return _xp(t).sin((1 - t) * _HALF_PI)
 
 
 def alpha_polynomial(t, power: float = 2.0):
@@ -41,16 +79,14 @@ def alpha_polynomial(t, power: float = 2.0):
     return 1 - t**power
 
 
-def elbo_weight_linear(t):
+def elbo_weight_linear(t, power: float = 1.0):
     """-alpha'_t / (1 - alpha_t) = 1/t: the weight of the masked-token CE in the ELBO (paper Eq. 4)."""
     return 1 / t
 
 
-def elbo_weight_cosine(t):
-    """-alpha'_t / (1 - alpha_t) = (pi/2) sin(pi t/2) / (1 - cos(pi t/2))  (MDLM's general ELBO weight)."""
-    xp = _xp(t)
-    half = 0.5 * math.pi * t
-    return 0.5 * math.pi * xp.sin(half) / (1 - xp.cos(half))
+def elbo_weight_cosine(t, power: float = 1.0):
+    """-alpha'_t / (1 - alpha_t) = (pi/2) sin(pi t/2) / (1 - cos(pi t/2)) = (pi/2) / tan(pi t/4)."""
+    return _HALF_PI / _xp(t).tan(t * _QUARTER_PI)
 
 
 def elbo_weight_polynomial(t, power: float = 2.0):
@@ -58,27 +94,89 @@ def elbo_weight_polynomial(t, power: float = 2.0):
     return power / t
 
 
-# name -> function; the masking probability at time t is 1 - alpha_t.
+# name -> (scalar p, scalar w, array alpha, array w), each f(t, power): the explicit table of schedules.
+SCHEDULES = {
+    "linear": (_p_linear, _w_linear, alpha_linear, elbo_weight_linear),
+    "cosine": (_p_cosine, _w_cosine, alpha_cosine, elbo_weight_cosine),
+    "polynomial": (_p_polynomial, _w_polynomial, alpha_polynomial, elbo_weight_polynomial),
+}
+# name -> array function (kept for callers that plot a schedule); the masking probability is 1 - alpha_t.
 ALPHAS = {"linear": alpha_linear, "cosine": alpha_cosine, "polynomial": alpha_polynomial}
 ELBO_WEIGHTS = {"linear": elbo_weight_linear, "cosine": elbo_weight_cosine,
                 "polynomial": elbo_weight_polynomial}
 
 
-def _schedule(table: dict, schedule: str):
-    if schedule not in table:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(table)}")
-    return table[schedule]
+@dataclass(frozen=True)
+class Schedule:
+    """A noise schedule: `parse_schedule("cosine")`. Methods take a float, a numpy array (evaluated element
+    by element with `math`: the exact numbers of docs/CONTRACTS.md) or a torch tensor (vectorised; may differ
+    in the last bit)."""
+
+    kind: str  # "linear" | "cosine" | "polynomial"
+    power: float = 1.0  # the exponent P of "polynomial:P" (unused by the others)
+
+    @property
+    def name(self) -> str:
+        """Canonical name, parsed back to the same schedule by Python and by the Rust core."""
+        return f"polynomial:{self.power!r}" if self.kind == "polynomial" else self.kind
+
+    def _apply(self, which: int, t):
+        if isinstance(t, torch.Tensor):
+            if which == 0:
+                return 1 - SCHEDULES[self.kind][2](t, self.power)
+            return SCHEDULES[self.kind][3](t, self.power)
+        fn = SCHEDULES[self.kind][which]
+        if isinstance(t, np.ndarray):
+            flat = [fn(float(v), self.power) for v in t.ravel()]
+            return np.array(flat, dtype=np.float64).reshape(t.shape)
+        return fn(float(t), self.power)
+
+    def mask_prob(self, t):
+        """p = 1 - alpha_t: the probability that a token is masked at time t (linear: t itself)."""
+        return self._apply(0, t)
+
+    def alpha(self, t):
+        """alpha_t, the probability that a token is still clean at time t: 1 - mask_prob(t)."""
+        return 1 - self.mask_prob(t)
+
+    def weight(self, t):
+        """The ELBO weight w(t) = -alpha'_t / (1 - alpha_t): NLL <= E_t[w(t) Σ_masked CE] (DESIGN §4)."""
+        return self._apply(1, t)
+
+
+def parse_schedule(schedule) -> Schedule:
+    """'linear' | 'cosine' | 'polynomial' (power 2) | 'polynomial:P' (P a positive finite float), or a
+    Schedule (returned as is). Raises ValueError naming the value."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    hint = "expected 'linear', 'cosine' or 'polynomial:P' with P a positive number"
+    if not isinstance(schedule, str):
+        raise ValueError(f"unknown schedule {schedule!r}; {hint}")
+    if schedule in ("linear", "cosine"):
+        return Schedule(schedule)
+    if schedule == "polynomial":
+        return Schedule("polynomial", 2.0)
+    if schedule.startswith("polynomial:"):
+        text = schedule[len("polynomial:"):]
+        try:
+            power = float(text)
+        except ValueError:
+            raise ValueError(f"unknown schedule {schedule!r}; {hint} (cannot read the power {text!r})") from None
+        if not (math.isfinite(power) and power > 0) or text != text.strip():
+            raise ValueError(f"unknown schedule {schedule!r}; {hint} (the power {text!r} is not)")
+        return Schedule("polynomial", power)
+    raise ValueError(f"unknown schedule {schedule!r}; {hint}")
 
 
 def alpha(t, schedule: str = "linear"):
     """alpha_t of the named schedule (float, numpy array or torch tensor)."""
-    return _schedule(ALPHAS, schedule)(t)
+    return parse_schedule(schedule).alpha(t)
 
 
 def elbo_weight(t, schedule: str = "linear"):
     """ELBO weight -alpha'_t / (1 - alpha_t) of the named schedule (DESIGN §4):
     NLL <= E_t[w(t) Σ_masked CE]."""
-    return _schedule(ELBO_WEIGHTS, schedule)(t)
+    return parse_schedule(schedule).weight(t)
 
 
 @dataclass
@@ -89,8 +187,9 @@ class NoisyBatch:
     noisy_ids: torch.Tensor  # (B, length) int64: masked tokens hold mask_id (and dropped prompts do too)
     mask: torch.Tensor  # (B, length) bool: the tokens the loss is computed on (never prompt positions)
     t: torch.Tensor  # (B,) float64 diffusion time
-    p: torch.Tensor  # (B,) float64 masking probability (1 - eps)·t + eps
-    weight: torch.Tensor  # (B, length) float32: float32(1/p) at masked tokens, 0 elsewhere (<= 1/eps)
+    p: torch.Tensor  # (B,) float64 masking probability 1 - alpha(t'), t' = (1 - eps)·t + eps (linear: t')
+    weight: torch.Tensor  # (B, length) float32: float32(w(t')) at masked tokens, 0 elsewhere (<= w(eps);
+    # linear: 1/p <= 1/eps)
     length: int  # row length after the crop (L when no crop happened)
     uncond: torch.Tensor  # (B,) bool: the sample's prompt was replaced by masks (CFG training)
 
@@ -100,7 +199,7 @@ _U64 = 1 << 64
 
 
 def _check_args(tokens: np.ndarray, *, seed, step, sample_offset, global_batch, mask_id, eps, stratified,
-                prompt_lens, crop_prob, p_uncond) -> int:
+                prompt_lens, crop_prob, p_uncond, schedule="linear") -> int:
     """Validate the arguments with the messages of the Rust core; return the stratification denominator."""
     def bad(msg):
         raise ValueError(f"forward_process: {msg}")
@@ -117,6 +216,10 @@ def _check_args(tokens: np.ndarray, *, seed, step, sample_offset, global_batch, 
             bad(f"{name} must be an integer in [0, 2**64), got {v!r}")
     if not eps > 0 or not eps <= 1:  # written so that NaN fails
         bad(f"eps must be in (0, 1], got {eps}")
+    try:
+        parse_schedule(schedule)
+    except ValueError as e:
+        bad(str(e))
     if not 0 <= crop_prob <= 1:
         bad(f"crop_prob must be in [0, 1], got {crop_prob}")
     if not 0 <= p_uncond <= 1:
@@ -165,15 +268,16 @@ def crop_length(seed: int, step: int, seq_len: int, crop_prob: float) -> int:
 def forward_process_reference(tokens: np.ndarray, *, seed: int, step: int, mask_id: int,
                               sample_offset: int = 0, global_batch: int | None = None, eps: float = 1e-3,
                               stratified: bool = False, prompt_lens: np.ndarray | None = None,
-                              crop_prob: float = 0.01, p_uncond: float = 0.0):
+                              crop_prob: float = 0.01, p_uncond: float = 0.0, schedule="linear"):
     """The forward process in plain numpy: the definition `smdm._core.forward_process` equals exactly.
 
     tokens: (B, L) uint16/uint32/int64. Sample s = sample_offset + i (its global index) draws
       t_s = uniform(key(seed, step, s, TIME, 0))                    (i.i.d. t ~ U[0, 1))
       or stratified: x = u + s / global_batch, t_s = x - floor(x)   (u: key(seed, step, 0, STRATIFIED, 0))
-      p_s = (1 - eps)·t_s + eps                                     (linear schedule, paper Eq. 2)
+      t'_s = (1 - eps)·t_s + eps                                    (effective time, floored at eps)
+      p_s = 1 - alpha(t'_s)                                         (`Schedule.mask_prob`; linear: t'_s)
       token j masked iff uniform(splitmix64(key(seed, step, s, TOKEN) ^ j)) < p_s and j >= prompt_len_s
-      weight = float32(1 / p_s) at masked tokens                    (ELBO weight 1/t of Eq. 3, t >= eps)
+      weight = float32(w(t'_s)) at masked tokens                    (`Schedule.weight`; linear: 1/t', Eq. 3)
       uncond_s = uniform(key(seed, step, s, UNCOND, 0)) < p_uncond  (its prompt becomes mask_id in `noisy`)
     after the crop to `length = crop_length(seed, step, L, crop_prob)` columns.
     Returns (noisy (B, length) tokens.dtype, mask bool, t float64 (B,), p float64 (B,), weight float32,
@@ -182,7 +286,8 @@ def forward_process_reference(tokens: np.ndarray, *, seed: int, step: int, mask_
     pl = None if prompt_lens is None else np.asarray(prompt_lens, dtype=np.int64)
     gb = _check_args(tokens, seed=seed, step=step, sample_offset=sample_offset, global_batch=global_batch,
                      mask_id=mask_id, eps=eps, stratified=stratified, prompt_lens=pl, crop_prob=crop_prob,
-                     p_uncond=p_uncond)
+                     p_uncond=p_uncond, schedule=schedule)
+    sched = parse_schedule(schedule)
     B, L = tokens.shape
     length = crop_length(seed, step, L, crop_prob)
     s = np.uint64(sample_offset) + np.arange(B, dtype=np.uint64)  # (B,) global sample indices
@@ -191,7 +296,11 @@ def forward_process_reference(tokens: np.ndarray, *, seed: int, step: int, mask_
         t = x - np.floor(x)  # (B,)
     else:
         t = rng.uniform(_sample_keys(seed, step, s, Stream.TIME, 0))  # (B,)
-    p = (1 - eps) * t + eps  # (B,)
+    te = (1 - eps) * t + eps  # (B,) effective time
+    # per sequence, with Python's math (the C library's sin/tan/pow, as the Rust core): numpy's SIMD
+    # transcendental functions may differ in the last bit
+    p = sched.mask_prob(te)  # (B,) float64
+    w = sched.weight(te).astype(np.float32)  # (B,)
     j = np.arange(length, dtype=np.uint64)  # (length,)
     u = rng.uniform(rng.splitmix64(_sample_keys(seed, step, s, Stream.TOKEN)[:, None] ^ j))  # (B, length)
     mask = u < p[:, None]
@@ -203,7 +312,7 @@ def forward_process_reference(tokens: np.ndarray, *, seed: int, step: int, mask_
     uncond = rng.uniform(_sample_keys(seed, step, s, Stream.UNCOND, 0)) < p_uncond  # (B,)
     if pl is not None:
         noisy[prompt & uncond[:, None]] = mask_id
-    weight = np.where(mask, (1.0 / p).astype(np.float32)[:, None], np.float32(0)).astype(np.float32)
+    weight = np.where(mask, w[:, None], np.float32(0)).astype(np.float32)
     return noisy, mask, t, p, weight, length, uncond
 
 
@@ -223,7 +332,7 @@ def _rust_core():
 
 def forward_process(tokens, *, seed: int, step: int, sample_offset: int = 0, global_batch: int | None = None,
                     mask_id: int, eps: float = 1e-3, stratified: bool = False, prompt_lens=None,
-                    crop_prob: float = 0.01, p_uncond: float = 0.0) -> NoisyBatch:
+                    crop_prob: float = 0.01, p_uncond: float = 0.0, schedule="linear") -> NoisyBatch:
     """The forward process q(x_t | x_0) of a training batch (DESIGN §4, docs/CONTRACTS.md).
 
     tokens: (B, L) torch LongTensor or numpy uint16/uint32/int64 array of clean ids.
@@ -233,6 +342,9 @@ def forward_process(tokens, *, seed: int, step: int, sample_offset: int = 0, glo
     prompt_lens: (B,) ints (SFT): positions < prompt_len are never masked; with p_uncond > 0 each sample's
       prompt is replaced by mask_id with probability p_uncond (CFG training; `uncond` says which).
     crop_prob: probability that the whole batch is cut to a random length in 1..L (the same for all ranks).
+    schedule: "linear" | "cosine" | "polynomial:P" (or a `Schedule`): tokens are masked with probability
+      p = 1 - alpha(t') and weighted by w(t') = -alpha'/(1 - alpha) at t' = (1 - eps)·t + eps, so `mdm_loss`
+      / `sft_loss` (which read `weight`) are the ELBO of that schedule.
     Runs the Rust core (GIL released, rows in parallel) unless SMDM_KERNELS=reference; both give identical
     values. Outputs live on the device of `tokens` (computed on CPU)."""
     device = tokens.device if isinstance(tokens, torch.Tensor) else torch.device("cpu")
@@ -254,11 +366,15 @@ def forward_process(tokens, *, seed: int, step: int, sample_offset: int = 0, glo
         pl = np.ascontiguousarray(prompt_lens, dtype=np.int64)
     kw = dict(seed=seed, step=step, sample_offset=sample_offset, global_batch=global_batch, mask_id=mask_id,
               eps=eps, stratified=stratified, prompt_lens=pl, crop_prob=crop_prob, p_uncond=p_uncond)
+    try:
+        name = parse_schedule(schedule).name  # canonical: the Rust core parses the same number
+    except ValueError as e:
+        raise ValueError(f"forward_process: {e}") from None
     if _use_reference():
-        out = forward_process_reference(x, **kw)
+        out = forward_process_reference(x, **kw, schedule=name)
     else:
         _check_args(x, **kw)  # clearer messages than a failed conversion at the Rust boundary
-        out = _rust_core().forward_process(x, **kw)
+        out = _rust_core().forward_process(x, **kw, schedule=name)
     noisy, mask, t, p, weight, length, uncond = out
     if noisy.dtype != np.int64:  # uint16/uint32 windows: the model takes int64 ids
         noisy = noisy.astype(np.int64)
@@ -292,10 +408,12 @@ def _masked_ce(model, noisy, x0, mask, *, segment_ids=None, positions=None):
 
 
 def mdm_loss(model, noisy, x0, mask, weight, *, segment_ids=None, positions=None):
-    """MDM pretraining loss (paper Eq. 3 with the linear schedule): sum over masked tokens of CE(x0) / p,
-    divided by B·L (all tokens, masked or not).
+    """MDM pretraining loss (paper Eq. 3): sum over masked tokens of w(t)·CE(x0), divided by B·L (all
+    tokens, masked or not). The schedule lives entirely in `weight`: w = 1/p for the linear schedule, the
+    general -alpha'/(1 - alpha) for the others (DESIGN §4), so the loss is the ELBO of whatever schedule
+    `forward_process(..., schedule=)` masked with.
 
-    noisy, x0: (B, L) int64; mask: (B, L) bool; weight: (B, L) float = 1/p at masked tokens (<= 1/eps, from
+    noisy, x0: (B, L) int64; mask: (B, L) bool; weight: (B, L) float = w(t') at masked tokens (from
     `forward_process`). A batch without a masked token gives an exact, finite zero (with a graph)."""
     ce = _masked_ce(model, noisy, x0, mask, segment_ids=segment_ids, positions=positions)  # (M,)
     return (ce * weight[mask].to(ce.dtype)).sum() / mask.numel()
@@ -303,7 +421,7 @@ def mdm_loss(model, noisy, x0, mask, weight, *, segment_ids=None, positions=None
 
 def sft_loss(model, noisy, x0, mask, weight, prompt_lens, *, positions=None):
     """SFT loss (SMDM / LLaDA): prompt tokens are never masked (the forward process got `prompt_lens`); each
-    sequence's sum of CE / p over masked answer tokens is divided by its number of non-prompt tokens
+    sequence's sum of w(t')·CE (linear: CE / p) over masked answer tokens is divided by its number of non-prompt tokens
     (answer + EOS padding), then averaged over the batch.
 
     prompt_lens: (B,) int. For standard CFG training `noisy` comes from `forward_process(...,
@@ -337,26 +455,30 @@ class Elbo:
     n_samples: int
 
 
-def _elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target):
+def _elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target, schedule="linear"):
     """Masks (count, B, L) for samples [first, first+count): token j of row b in sample k is masked iff
-    uniform(splitmix64(key(seed, k, row_id_b, TOKEN) ^ j)) < t_k, and j is a target position."""
+    uniform(splitmix64(key(seed, k, row_id_b, TOKEN) ^ j)) < p_k, and j is a target position, with
+    p_k = 1 - alpha(t_k) of the schedule (`Schedule.mask_prob`; linear: t_k itself)."""
     ks = _np.arange(first, first + count, dtype=_np.uint64)
     keys = _np.array([[_rng.key(seed, int(k), int(r), _rng.Stream.TOKEN) for r in row_ids] for k in ks],
                      dtype=_np.uint64)  # (count, B)
     u = _rng.uniform(_rng.splitmix64(keys[:, :, None] ^ _np.arange(L, dtype=_np.uint64)))  # (count, B, L)
-    mask = u < t[first:first + count, None, None]
+    p = parse_schedule(schedule).mask_prob(_np.asarray(t[first:first + count], dtype=_np.float64))  # (count,)
+    mask = u < p[:, None, None]
     return _torch.from_numpy(mask) & target[None].cpu()
 
 
 @_torch.no_grad()
 def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: int = 128, seed: int = 0,
-             row_ids=None, max_rows: int = 64, stratified: bool = True) -> Elbo:
-    """Monte Carlo ELBO (DESIGN §4, paper Eq. 4): -log p(target | prompt) <= E_t [ (1/t) sum_{masked} CE ].
+             row_ids=None, max_rows: int = 64, stratified: bool = True, schedule="linear") -> Elbo:
+    """Monte Carlo ELBO (DESIGN §4, paper Eq. 4): -log p(target | prompt) <= E_t [ w(t) sum_{masked} CE ].
 
     tokens: (B, L) prompt + target (a packed window is all target: prompt_lens None). The prompt stays clean
-    and only target tokens are masked, each independently with probability t_k. t is stratified over the
-    samples: t_k = (k + 1 - u) / n_samples with one shared u (so t in (0, 1]);
-    NLL ≈ mean_k sum_masked CE / t_k.
+    and only target tokens are masked, each independently with probability p_k = 1 - alpha(t_k) of the
+    `schedule` (linear: t_k). t is stratified over the samples: t_k = (k + 1 - u) / n_samples with one
+    shared u (so t in (0, 1]); NLL ≈ mean_k w(t_k) sum_masked CE (linear: sum_masked CE / t_k, computed as
+    that division; other schedules multiply by the float64 w(t_k) of `Schedule.weight`). The continuous-time
+    ELBO does not depend on the schedule (substitute p = 1 - alpha_t: w dt = dp/p); the variance does.
     The draws are keyed by (seed, sample, row id) only, so the estimate does not depend on the batch layout
     (`row_ids` default arange(B)). Rows are evaluated `max_rows` (sample, sequence) pairs per forward pass."""
     if n_samples < 2:
@@ -372,6 +494,7 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
     else:
         target = pos >= _torch.as_tensor(prompt_lens, device=device)[:, None]  # (B, L)
     row_ids = _np.arange(B) if row_ids is None else _np.asarray(row_ids)
+    sched = parse_schedule(schedule)
     if stratified:
         u = _rng.uniform(_rng.key(seed, 0, 0, _rng.Stream.STRATIFIED, 0))
         t = (_np.arange(n_samples) + 1.0 - u) / n_samples  # (n,) in (0, 1]
@@ -382,7 +505,7 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
     chunk = max(1, max_rows // B)  # samples per forward pass
     for first in range(0, n_samples, chunk):
         count = min(chunk, n_samples - first)
-        mask = _elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target.cpu())  # (c, B, L)
+        mask = _elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target.cpu(), sched)  # (c, B, L)
         mask = mask.to(device)
         x0 = tokens[None].expand(count, B, L)
         noisy = _torch.where(mask, _torch.full_like(x0, mask_id), x0).reshape(count * B, L)
@@ -391,8 +514,12 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
         ce = _masked_ce(model, noisy, x0.reshape(count * B, L), flat, segment_ids=seg).double()  # (M,)
         row = _torch.arange(count * B, device=device)[:, None].expand(count * B, L)[flat]
         sums = _torch.zeros(count * B, dtype=_torch.float64, device=device).index_add_(0, row, ce)
-        per_sample[first:first + count] = (sums.reshape(count, B).cpu()
-                                           / _torch.from_numpy(t[first:first + count])[:, None])
+        tk = t[first:first + count]
+        if sched.kind == "linear":  # CE / t_k: the linear weight as a division, bit for bit as always
+            per_sample[first:first + count] = sums.reshape(count, B).cpu() / _torch.from_numpy(tk)[:, None]
+        else:
+            w = _torch.from_numpy(sched.weight(tk))  # (c,) float64
+            per_sample[first:first + count] = sums.reshape(count, B).cpu() * w[:, None]
     nll = per_sample.mean(0)
     stderr = per_sample.std(0, unbiased=True) / _math.sqrt(n_samples)
     return Elbo(nll=nll, stderr=stderr, n_tokens=target.sum(1).cpu(), n_samples=n_samples)
@@ -401,7 +528,8 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
 def elbo_exact(model, tokens, prompt_lens=None) -> _torch.Tensor:
     """The ELBO of `elbo_nll` computed exactly by enumerating every mask set M of the target positions (tiny
     targets only, 2^T forward rows per sequence): sum_M [sum_{i in M} CE_i(x_M)] · (|M|-1)! (T-|M|)! / T!,
-    the integral over t of t^|M|-1 (1-t)^(T-|M|). Returns (B,) float64. Used as the oracle in tests."""
+    the integral over t of t^|M|-1 (1-t)^(T-|M|). Returns (B,) float64. Used as the oracle in tests.
+    The same for every schedule: with p = 1 - alpha_t, w(t) dt = dp/p and the integral runs over p in (0, 1)."""
     B, L = tokens.shape
     out = _torch.zeros(B, dtype=_torch.float64)
     for b in range(B):

@@ -1,13 +1,14 @@
 //! The forward process of a masked diffusion model (DESIGN §4, docs/CONTRACTS.md "Forward process"):
 //! a batch of clean windows (B, L) -> noisy ids, the loss mask, t, p and the ELBO weights.
 //!
-//! Linear schedule alpha_t = 1 - t (paper Eq. 2/4):
 //!   t_s = uniform(key(seed, step, s, TIME, 0)), or stratified over the global batch:
 //!         u = uniform(key(seed, step, 0, STRATIFIED, 0)), x = u + s / global_batch, t_s = x - floor(x);
-//!   p_s = (1 - eps) * t_s + eps;
+//!   effective time t'_s = (1 - eps) * t_s + eps (t floored at eps);
+//!   p_s = 1 - alpha(t'_s), the masking probability of the noise schedule (`Schedule`; linear: p = t');
 //!   token j of sample s is masked iff uniform(splitmix64(key(seed, step, s, TOKEN) ^ j)) < p_s
 //!         and j >= prompt_len_s (SFT prompts are never masked);
-//!   weight = f32(1 / p_s) at masked tokens, 0 elsewhere (the 1/t ELBO weight with t floored at eps).
+//!   weight = f32(w(t'_s)) at masked tokens, 0 elsewhere, w = -alpha'/(1 - alpha) the ELBO weight
+//!         (linear: 1/t', the paper's Eq. 3 with t floored at eps).
 //! Random length: if uniform(key(seed, step, 0, CROP, 0)) < crop_prob every row is cut to
 //!   1 + floor(uniform(key(seed, step, 0, CROP, 1)) * L) tokens (the same for every rank).
 //! CFG prompt drop (SFT): sample s is unconditional iff uniform(key(seed, step, s, UNCOND, 0)) < p_uncond;
@@ -16,7 +17,8 @@
 //!
 //! `s` is the *global* sample index (`sample_offset + row`), so a sample draws the same mask whatever the
 //! batch split, rank count or resume point. The numpy reference `smdm.diffusion.forward_process_reference`
-//! defines the same arrays; the tests check exact equality.
+//! defines the same arrays; the tests check exact equality (the schedules' sin/tan/pow are the C library's,
+//! the same functions Python's `math` calls).
 //!
 //! Speed: per row one key and one threshold, then one splitmix64 per token compared as an integer
 //! (`(h >> 11) < ceil(p * 2^53)` is exactly `uniform(h) < p`, see `mask_threshold`); rows run in parallel
@@ -63,6 +65,77 @@ token_id!(u16, "uint16");
 token_id!(u32, "uint32");
 token_id!(i64, "int64");
 
+/// A noise schedule alpha_t (the probability that a token is still clean at time t), named in Python as
+/// "linear", "cosine" or "polynomial:P". Each is defined by two float64 function chains of the effective
+/// time t (docs/CONTRACTS.md), evaluated with the C library's sin/tan/pow so that the numpy reference
+/// (Python's `math`, the same libm) gives the same bits:
+///
+/// | schedule        | p = 1 - alpha_t                | w = -alpha'_t / (1 - alpha_t) |
+/// |-----------------|--------------------------------|-------------------------------|
+/// | linear          | t                              | 1 / t                         |
+/// | cosine          | 1 - sin((1 - t) * (pi/2))      | (pi/2) / tan(t * (pi/4))      |
+/// | polynomial:P    | pow(t, P)                      | P / t                         |
+///
+/// Cosine is alpha_t = cos(pi t / 2), written as sin((1 - t) pi/2) so that p(0) = 0 and p(1) = 1 exactly,
+/// and its weight (pi/2) sin(pi t/2) / (1 - cos(pi t/2)) = (pi/2) / tan(pi t / 4) without cancellation.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum Schedule {
+    /// alpha_t = 1 - t (the paper's schedule, Eq. 2).
+    #[default]
+    Linear,
+    /// alpha_t = cos(pi t / 2).
+    Cosine,
+    /// alpha_t = 1 - t^P, P > 0 finite.
+    Polynomial(f64),
+}
+
+impl Schedule {
+    /// Parses "linear", "cosine", "polynomial" (power 2) or "polynomial:P" (P a positive finite float).
+    pub fn parse(name: &str) -> Result<Schedule> {
+        let bad = |why: &str| {
+            Err(Error::Invalid(format!(
+                "unknown schedule '{name}'; expected 'linear', 'cosine' or 'polynomial:P' with P a \
+                 positive number{why}"
+            )))
+        };
+        match name {
+            "linear" => Ok(Schedule::Linear),
+            "cosine" => Ok(Schedule::Cosine),
+            "polynomial" => Ok(Schedule::Polynomial(2.0)),
+            _ => match name.strip_prefix("polynomial:") {
+                Some(p) => match p.parse::<f64>() {
+                    Ok(v) if v.is_finite() && v > 0.0 => Ok(Schedule::Polynomial(v)),
+                    Ok(v) => bad(&format!(" (the power {v} is not)")),
+                    Err(_) => bad(&format!(" (cannot read the power '{p}')")),
+                },
+                None => bad(""),
+            },
+        }
+    }
+
+    /// Masking probability p = 1 - alpha_t at (effective) time t in [0, 1].
+    #[inline]
+    pub fn mask_prob(self, t: f64) -> f64 {
+        match self {
+            Schedule::Linear => t,
+            Schedule::Cosine => 1.0 - ((1.0 - t) * std::f64::consts::FRAC_PI_2).sin(),
+            Schedule::Polynomial(power) => t.powf(power),
+        }
+    }
+
+    /// ELBO weight w = -alpha'_t / (1 - alpha_t) at (effective) time t in (0, 1].
+    #[inline]
+    pub fn weight(self, t: f64) -> f64 {
+        match self {
+            Schedule::Linear => 1.0 / t,
+            Schedule::Cosine => {
+                std::f64::consts::FRAC_PI_2 / (t * std::f64::consts::FRAC_PI_4).tan()
+            }
+            Schedule::Polynomial(power) => power / t,
+        }
+    }
+}
+
 /// The settings of one call: the key (seed, step, sample_offset) and the schedule options.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ForwardConfig {
@@ -74,7 +147,7 @@ pub struct ForwardConfig {
     /// allowed only when `sample_offset == 0`).
     pub global_batch: Option<u64>,
     pub mask_id: u64,
-    /// Floor of the masking probability: p = (1 - eps) * t + eps, eps in (0, 1].
+    /// Floor of the time: the effective time is t' = (1 - eps) * t + eps, eps in (0, 1].
     pub eps: f64,
     /// Stratified t over the global batch instead of i.i.d. uniform t.
     pub stratified: bool,
@@ -82,6 +155,8 @@ pub struct ForwardConfig {
     pub crop_prob: f64,
     /// Probability that a sample's prompt is replaced by masks (CFG training); needs prompt lengths.
     pub p_uncond: f64,
+    /// Noise schedule: masking probability and ELBO weight as functions of the effective time.
+    pub schedule: Schedule,
 }
 
 impl Default for ForwardConfig {
@@ -96,6 +171,7 @@ impl Default for ForwardConfig {
             stratified: false,
             crop_prob: 0.01,
             p_uncond: 0.0,
+            schedule: Schedule::Linear,
         }
     }
 }
@@ -150,9 +226,10 @@ pub fn sample_time(seed: u64, step: u64, s: u64, stratified: bool, global_batch:
     }
 }
 
-/// Masking probability p = (1 - eps) * t + eps (two roundings, no fused multiply-add, like numpy).
+/// Effective time t' = (1 - eps) * t + eps (two roundings, no fused multiply-add, like numpy); the
+/// masking probability of the linear schedule.
 #[inline]
-pub fn mask_prob(t: f64, eps: f64) -> f64 {
+pub fn effective_time(t: f64, eps: f64) -> f64 {
     (1.0 - eps) * t + eps
 }
 
@@ -203,6 +280,13 @@ fn validate(
             "forward_process: eps must be in (0, 1], got {}",
             cfg.eps
         ));
+    }
+    if let Schedule::Polynomial(power) = cfg.schedule {
+        if !(power.is_finite() && power > 0.0) {
+            return bad(format!(
+                "forward_process: the polynomial schedule needs a positive finite power, got {power}"
+            ));
+        }
     }
     if !(0.0..=1.0).contains(&cfg.crop_prob) {
         return bad(format!(
@@ -406,10 +490,10 @@ pub fn forward_process_into<T: TokenId>(
     for i in 0..batch {
         let s = cfg.sample_offset + i as u64;
         t[i] = sample_time(seed, step, s, cfg.stratified, gb);
-        p[i] = mask_prob(t[i], cfg.eps);
+        p[i] = cfg.schedule.mask_prob(effective_time(t[i], cfg.eps));
         uncond[i] = drops_prompt(seed, step, s, cfg.p_uncond);
     }
-    let (p, uncond) = (&*p, &*uncond);
+    let (t, p, uncond) = (&*t, &*p, &*uncond);
     let row = |i: usize, noisy: &mut [T], mask: &mut [bool], weight: &mut [f32]| {
         let s = cfg.sample_offset + i as u64;
         let protect = prompt_lens.map_or(0, |pl| pl[i] as usize);
@@ -420,7 +504,7 @@ pub fn forward_process_into<T: TokenId>(
             weight,
             key(&[seed, step, s, stream::TOKEN]),
             mask_threshold(p[i]),
-            (1.0 / p[i]) as f32,
+            cfg.schedule.weight(effective_time(t[i], cfg.eps)) as f32,
             protect,
             uncond[i],
             mask_tok,
@@ -554,6 +638,130 @@ mod tests {
                 assert_eq!(r.noisy[k], if m { 32000 } else { x[k] });
                 assert_eq!(r.weight[k], if m { w } else { 0.0 });
             }
+        }
+    }
+
+    const SCHEDULES: [Schedule; 5] = [
+        Schedule::Linear,
+        Schedule::Cosine,
+        Schedule::Polynomial(2.0),
+        Schedule::Polynomial(0.5),
+        Schedule::Polynomial(3.7),
+    ];
+
+    #[test]
+    fn schedule_names_parse_or_fail_with_the_name() {
+        assert_eq!(Schedule::parse("linear").unwrap(), Schedule::Linear);
+        assert_eq!(Schedule::parse("cosine").unwrap(), Schedule::Cosine);
+        assert_eq!(
+            Schedule::parse("polynomial").unwrap(),
+            Schedule::Polynomial(2.0)
+        );
+        assert_eq!(
+            Schedule::parse("polynomial:0.5").unwrap(),
+            Schedule::Polynomial(0.5)
+        );
+        assert_eq!(
+            Schedule::parse("polynomial:1e+16").unwrap(),
+            Schedule::Polynomial(1e16)
+        );
+        for bad in [
+            "",
+            "Linear",
+            "cos",
+            "polynomial:",
+            "polynomial:0",
+            "polynomial:-2",
+            "polynomial:inf",
+            "polynomial:NaN",
+            "polynomial:two",
+            "polynomial: 2",
+            "linear:2",
+        ] {
+            let e = Schedule::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("unknown schedule '{bad}'")), "{e}");
+        }
+    }
+
+    #[test]
+    fn schedule_endpoints_and_weights() {
+        use std::f64::consts::PI;
+        assert_eq!(std::f64::consts::FRAC_PI_2, PI / 2.0);
+        assert_eq!(std::f64::consts::FRAC_PI_4, PI / 4.0);
+        for sch in SCHEDULES {
+            assert_eq!(sch.mask_prob(0.0), 0.0, "{sch:?}");
+            assert_eq!(sch.mask_prob(1.0), 1.0, "{sch:?}");
+            // w = -alpha' / (1 - alpha) = p' / p, checked by central differences
+            for k in 1..100 {
+                let t = k as f64 / 100.0;
+                let h = 1e-6;
+                let dp = (sch.mask_prob(t + h) - sch.mask_prob(t - h)) / (2.0 * h);
+                let w = dp / sch.mask_prob(t);
+                assert!((sch.weight(t) - w).abs() <= 1e-6 * w, "{sch:?} t={t}");
+                assert!(
+                    sch.mask_prob(t) > sch.mask_prob(t - 0.005),
+                    "{sch:?} increasing"
+                );
+            }
+        }
+        // the linear weight is 1/t and power 1 is the linear schedule, bit for bit
+        let mut h = 7u64;
+        for _ in 0..10_000 {
+            h = splitmix64(h);
+            let t = uniform(h);
+            assert_eq!(Schedule::Linear.mask_prob(t), t);
+            assert_eq!(Schedule::Polynomial(1.0).mask_prob(t), t);
+            assert_eq!(Schedule::Polynomial(1.0).weight(t), 1.0 / t);
+        }
+    }
+
+    #[test]
+    fn schedules_set_p_weight_and_mask_rate() {
+        let (b, l) = (16, 4096);
+        let x = tokens(b, l);
+        for sch in SCHEDULES {
+            let mut c = cfg(11);
+            c.schedule = sch;
+            c.stratified = true;
+            let r = forward_process(&c, &x, b, l, None).unwrap();
+            let (mut hits, mut expect, mut var) = (0.0, 0.0, 0.0);
+            for i in 0..b {
+                let te = 0.999 * r.t[i] + 1e-3;
+                assert_eq!(r.p[i], sch.mask_prob(te));
+                let w = sch.weight(te) as f32;
+                let tk = key(&[11, 7, i as u64, stream::TOKEN]);
+                for j in 0..l {
+                    let k = i * l + j;
+                    assert_eq!(r.mask[k], uniform(splitmix64(tk ^ j as u64)) < r.p[i]);
+                    assert_eq!(r.weight[k], if r.mask[k] { w } else { 0.0 });
+                    hits += r.mask[k] as u32 as f64;
+                }
+                expect += r.p[i] * l as f64;
+                var += r.p[i] * (1.0 - r.p[i]) * l as f64;
+            }
+            // masked tokens: a sum of independent Bernoulli(p_i); 5 sigma
+            assert!((hits - expect).abs() <= 5.0 * var.sqrt(), "{sch:?}");
+        }
+        // eps = 1: t' = 1, so every schedule masks everything
+        for sch in SCHEDULES {
+            let mut c = cfg(1);
+            c.schedule = sch;
+            c.eps = 1.0;
+            let r = forward_process(&c, &x[..2 * l], 2, l, None).unwrap();
+            assert!(r.mask.iter().all(|&m| m), "{sch:?}");
+        }
+    }
+
+    #[test]
+    fn bad_polynomial_power_is_an_error() {
+        let x = tokens(2, 10);
+        for power in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let mut c = cfg(0);
+            c.schedule = Schedule::Polynomial(power);
+            let e = forward_process(&c, &x, 2, 10, None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("positive finite power"), "{e}");
         }
     }
 

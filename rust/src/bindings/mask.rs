@@ -5,7 +5,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
 
-use crate::mask::{crop_length, forward_process_into, ForwardConfig, ForwardOut, TokenId};
+use crate::mask::{
+    crop_length, forward_process_into, ForwardConfig, ForwardOut, Schedule, TokenId,
+};
 
 fn run<'py, T: TokenId + Element>(
     py: Python<'py>,
@@ -58,14 +60,16 @@ fn run<'py, T: TokenId + Element>(
 }
 
 /// forward_process(tokens, *, seed, step, mask_id, sample_offset=0, global_batch=None, eps=1e-3,
-/// stratified=False, prompt_lens=None, crop_prob=0.01, p_uncond=0.0)
+/// stratified=False, prompt_lens=None, crop_prob=0.01, p_uncond=0.0, schedule="linear")
 /// -> (noisy, mask, t, p, weight, length, uncond)
 ///
 /// The forward process of docs/CONTRACTS.md over a C-contiguous (B, L) uint16/uint32/int64 array.
-/// `noisy` has the dtype of `tokens`; `prompt_lens` is an int64 (B,) array.
+/// `noisy` has the dtype of `tokens`; `prompt_lens` is an int64 (B,) array; `schedule` is "linear",
+/// "cosine" or "polynomial:P" (an unknown name is a ValueError naming it).
 #[pyfunction]
 #[pyo3(signature = (tokens, *, seed, step, mask_id, sample_offset=0, global_batch=None, eps=1e-3,
-                    stratified=false, prompt_lens=None, crop_prob=0.01, p_uncond=0.0))]
+                    stratified=false, prompt_lens=None, crop_prob=0.01, p_uncond=0.0,
+                    schedule="linear"))]
 #[allow(clippy::too_many_arguments)]
 fn forward_process<'py>(
     py: Python<'py>,
@@ -80,7 +84,10 @@ fn forward_process<'py>(
     prompt_lens: Option<PyReadonlyArray1<'py, i64>>,
     crop_prob: f64,
     p_uncond: f64,
+    schedule: &str,
 ) -> PyResult<Py<PyAny>> {
+    let schedule = Schedule::parse(schedule)
+        .map_err(|e| PyValueError::new_err(format!("forward_process: {e}")))?;
     let cfg = ForwardConfig {
         seed,
         step,
@@ -91,6 +98,7 @@ fn forward_process<'py>(
         stratified,
         crop_prob,
         p_uncond,
+        schedule,
     };
     if let Ok(a) = tokens.cast::<PyArray2<i64>>() {
         run(py, a, cfg, prompt_lens)
