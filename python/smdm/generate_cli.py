@@ -11,6 +11,10 @@ token boundary. Without a tokenizer in the checkpoint, give token ids: `--prompt
 
 `--show-steps` draws the denoising: after every step the current text with `·` for each masked position
 (redrawn in place on a terminal, one line per step otherwise).
+
+`--schedule` (linear | cosine | polynomial:P) sets how many positions each step reveals; without it the
+schedule the checkpoint was trained with (`"schedule"` in the `"train"` section of its config.json), else
+linear. Precedence: --schedule, then the checkpoint's train.schedule, then "linear".
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight w (0 = off)")
     parser.add_argument("--confidence", default="prob", help="prob | margin | entropy")
+    parser.add_argument("--schedule", default=None,
+                        help="noise schedule of the reverse steps: linear | cosine | polynomial:P "
+                             "(default: the checkpoint's training schedule, else linear)")
     parser.add_argument("--cache", default=None,
                         help="none | prefix (MDM: K/V of finished blocks, approximate; ARM: its KV cache). "
                              "Default: none for the MDM, the KV cache for the ARM")
@@ -96,6 +103,31 @@ def check_args(args, name: str) -> None:
         raise ValueError(f"--confidence must be one of {', '.join(CONFIDENCES)}, got {args.confidence!r}")
     if args.cache is not None and args.cache not in CACHES:
         raise ValueError(f"--cache must be one of {', '.join(CACHES)}, got {args.cache!r}")
+    if args.schedule is not None:
+        from smdm.diffusion import parse_schedule
+
+        try:
+            parse_schedule(args.schedule)
+        except ValueError as e:
+            raise ValueError(f"--schedule: {e}") from None
+
+
+def resolve_schedule(args, conf: dict) -> str:
+    """The sampling schedule: --schedule, else the checkpoint config's train.schedule (the schedule the model
+    was trained with), else "linear". Returns the canonical name; a bad name in the config is a ValueError
+    that says where it came from."""
+    from smdm.diffusion import parse_schedule
+
+    if args.schedule is not None:
+        return parse_schedule(args.schedule).name
+    train = conf.get("train")
+    name = train.get("schedule") if isinstance(train, dict) else None
+    if name is None:
+        return "linear"
+    try:
+        return parse_schedule(name).name
+    except ValueError as e:
+        raise ValueError(f"the checkpoint's config.json train.schedule: {e} (override it with --schedule)") from None
 
 
 def parse_ids(text: str, mask_id=None) -> list:
@@ -169,12 +201,14 @@ def main(args, name: str = "generate") -> int:
         print(f"smdm {name}: error: {e}", file=sys.stderr)
         return 2
     import smdm
-    from smdm import sampling
+    from smdm import checkpoint, sampling
 
-    model, tokenizer = smdm.load(args.ckpt, device=args.device)
+    step_dir = checkpoint.resolve(args.ckpt)
+    model, tokenizer = smdm.load(step_dir, device=args.device)
     cfg = model.config
     mask_id = cfg.mask_id
     try:
+        schedule = resolve_schedule(args, checkpoint.read_config(step_dir))
         if name == "generate":
             if args.prompt is not None:
                 if tokenizer is None:
@@ -194,7 +228,7 @@ def main(args, name: str = "generate") -> int:
         opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     cfg_scale=args.cfg_scale, seed=args.seed, confidence=args.confidence,
-                    eos_id=_eos_id(args, tokenizer), cache=args.cache)
+                    eos_id=_eos_id(args, tokenizer), cache=args.cache, schedule=schedule)
         callback = _drawer(tokenizer, mask_id if mask_id is not None else -1) if args.show_steps else None
         t0 = time.perf_counter()
         if name == "generate":
@@ -210,7 +244,8 @@ def main(args, name: str = "generate") -> int:
     if args.json:
         print(json.dumps({"tokens": out.tokens, "text": texts if tokenizer else None,
                           "forward_passes": out.forward_passes, "steps": out.steps,
-                          "generated_tokens": out.generated_tokens, "seconds": round(seconds, 4)}))
+                          "generated_tokens": out.generated_tokens, "schedule": schedule,
+                          "seconds": round(seconds, 4)}))
     else:
         for i, text in enumerate(texts):
             if len(texts) > 1:

@@ -6,19 +6,24 @@
     filled = infill(model, ids, mask_positions, ...)
 
 Samplers (`SAMPLERS`, a plain name -> commit-rule mapping). Time runs t = 1 -> 0 over a uniform grid: at
-step i of S (inside the current block), t = 1 - i/S and s = 1 - (i+1)/S.
-- `ancestral`: the exact reverse step t -> s. Each masked position is revealed with probability (t - s)/t =
-  1/(S - i) (all at the last step) with a token sampled from the model. A step that reveals nothing leaves the
-  input unchanged, so the next step reuses the logits without a forward pass (exact caching).
+step i of S (inside the current block), t = 1 - i/S and s = 1 - (i+1)/S (float64). The noise schedule
+(`schedule=`, `smdm.diffusion.parse_schedule`; the model's training schedule is the right one) sets the
+fraction of the still-masked positions a step reveals, q_i = (alpha_s - alpha_t)/(1 - alpha_t)
+(`reveal_probability`): linear 1/(S - i), and always 1 at the last step.
+- `ancestral`: the exact reverse step t -> s. Each masked position is revealed with probability q_i (linear:
+  (t - s)/t = 1/(S - i); all at the last step) with a token sampled from the model. A step that reveals
+  nothing leaves the input unchanged, so the next step reuses the logits without a forward pass (exact
+  caching). With blocks each block runs its own grid t = 1 -> 0 over its steps.
 - `low_confidence` (MaskGIT / SMDM "greedy" / LLaDA): a candidate token at every masked position, confidence
-  prob | margin | entropy; commit the n most confident per sequence, n = floor(m (1 - s/t)) = m // (S - i)
-  (integer form of the same number), everything at the last step; committed tokens are never re-masked.
+  prob | margin | entropy; commit the n most confident per sequence, n = floor(m q_i) (`commit_count`; linear:
+  floor(m (1 - s/t)) = m // (S - i), the integer form of the same number), everything at the last step;
+  committed tokens are never re-masked.
   With `block_length` (semi-autoregressive, LLaDA): S steps split evenly over the blocks; in a block with m
-  masks and s steps, step i commits floor(m/s) + [i < m mod s]; positions outside the current block have
-  confidence -inf.
+  masks and s steps, step i commits floor(m/s) + [i < m mod s] (schedule-free: the schedule is not used);
+  positions outside the current block have confidence -inf.
 - `threshold` (Fast-dLLM parallel decoding): in the current block commit every masked position whose
   confidence is >= tau, plus always the single most confident one; the number of steps is adaptive (`steps`
-  is unused).
+  is unused; schedule-free).
 
 Unsupervised classifier-free guidance (paper Eq. 7): the unconditional input is the same sequence with
 every given (prompt) position replaced by the mask id; both rows go through ONE batched forward and the
@@ -29,7 +34,7 @@ Token choice and position choice follow docs/CONTRACTS.md "Sampler token choice"
 `select_positions` (per-row top-n or threshold, ties to the lower position). Both are reached through
 `_dispatch`, where a fused CUDA kernel may replace them; `SMDM_KERNELS=reference` forces these references.
 Randomness: `step` in the keys is the sampler iteration (0, 1, ... across blocks, the same for every row);
-the ancestral reveal coin of a position is uniform(key(seed, step, position, REVEAL_STREAM)) < 1/(S - i)
+the ancestral reveal coin of a position is uniform(key(seed, step, position, REVEAL_STREAM)) < q_i
 (float64, `smdm.rng.uniform`), REVEAL_STREAM = 7 (the next free `smdm.rng.Stream` word).
 
 Batch invariance (a row's tokens never depend on the other rows): every draw is keyed by the row's own seed
@@ -69,6 +74,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from smdm.diffusion import Schedule, parse_schedule
 from smdm.rng import Stream
 
 PAD_MULTIPLE = 64  # padded row lengths are multiples of this (see "Batch invariance" above)
@@ -76,6 +82,7 @@ REVEAL_STREAM = Stream.GUMBEL + 1  # 4th key word of the ancestral reveal coin (
 CONFIDENCES = ("prob", "margin", "entropy")
 CACHES = ("none", "prefix")
 _CHUNK = 1 << 22  # elements of (rows x vocab) processed at once by choose_tokens
+COMMIT_EPS = 1e-9  # commit_count: n = floor(m·q + COMMIT_EPS), so rounding never loses a whole token
 
 _MASK64 = (1 << 64) - 1
 
@@ -280,10 +287,39 @@ class _Row:
     done: bool = False
 
 
+def reveal_probability(schedule: Schedule, i: int, S: int) -> float:
+    """The fraction of the masked positions that step i of S reveals, from t = 1 - i/S to s = 1 - (i+1)/S:
+    q = (alpha_s - alpha_t)/(1 - alpha_t) = (p_t - p_s)/p_t with p = `schedule.mask_prob` (float64, the
+    scalar `math` chain of docs/CONTRACTS.md). Linear: exactly 1.0 / (S - i). The last step (i >= S - 1)
+    gives exactly 1.0, and so does a step whose p_t underflowed to 0 (a huge polynomial power)."""
+    if i >= S - 1:
+        return 1.0
+    if schedule.kind == "linear":
+        return 1.0 / (S - i)
+    t, s = 1.0 - i / S, 1.0 - (i + 1) / S
+    pt, ps = schedule.mask_prob(t), schedule.mask_prob(s)
+    return (pt - ps) / pt if pt > 0 else 1.0
+
+
+def commit_count(m: int, schedule: Schedule, i: int, S: int) -> int:
+    """Positions the low-confidence sampler commits at step i of S with m still masked: floor(m·q_i) of
+    `reveal_probability`, everything at the last step. Linear: exactly m // (S - i) (integer arithmetic).
+    Other schedules: floor(m·q + COMMIT_EPS) in float64, clipped to m: the products are off by at most
+    ~m·1e-16 (a few ulps of q), far below COMMIT_EPS, so a product that is an integer in exact arithmetic
+    (e.g. m = 9, q = 1 - (2/3)^2 for polynomial:2) is never floored to one less; a true value within
+    COMMIT_EPS below an integer would round up (none occurs for step counts below ~3e4)."""
+    if i >= S - 1:
+        return m
+    if schedule.kind == "linear":
+        return m // (S - i)
+    return min(m, math.floor(m * reveal_probability(schedule, i, S) + COMMIT_EPS))
+
+
 def _commit_ancestral(conf, cand, rows, step, opts):
-    """Exact reverse step: reveal each masked position with probability 1/(S - i) (= (t - s)/t)."""
+    """Exact reverse step: reveal each masked position with probability q_i (linear: 1/(S - i) = (t - s)/t)."""
     B, P = cand.shape
-    p_reveal = torch.tensor([1.0 / (r.block_steps[r.b] - r.i) for r in rows], dtype=torch.float64)
+    p_reveal = torch.tensor([reveal_probability(opts["schedule"], r.i, r.block_steps[r.b]) for r in rows],
+                            dtype=torch.float64)
     coins = torch.stack([_reveal_uniform(r, step, P) for r in rows])  # (B, P) float64
     return cand & (coins < p_reveal[:, None].to(coins.device))
 
@@ -298,13 +334,14 @@ def _reveal_uniform(row: _Row, step: int, P: int) -> torch.Tensor:
 
 
 def _commit_low_confidence(conf, cand, rows, step, opts):
-    """Commit the most confident positions per row: m // (S - i) without blocks (= floor(m (1 - s/t)) on the
-    uniform grid), the LLaDA quota floor(m/s) + [i < m mod s] inside blocks."""
+    """Commit the most confident positions per row: `commit_count` without blocks (linear: m // (S - i) =
+    floor(m (1 - s/t)) on the uniform grid), the LLaDA quota floor(m/s) + [i < m mod s] inside blocks
+    (schedule-free)."""
     n = []
     for r in rows:
         s = r.block_steps[r.b]
         if opts["block_length"] is None:
-            n.append(int(cand[len(n)].sum()) // (s - r.i))
+            n.append(commit_count(int(cand[len(n)].sum()), opts["schedule"], r.i, s))
         else:
             n.append(r.m_block // s + (1 if r.i < r.m_block % s else 0))
     n = torch.tensor(n, dtype=torch.int64, device=conf.device)
@@ -358,7 +395,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
              threshold: Optional[float] = None, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
              confidence: str = "prob", eos_id: Optional[int] = None, cache: Optional[str] = None,
-             batch_invariant: bool = True, callback: Optional[Callable] = None) -> GenerationOutput:
+             batch_invariant: bool = True, callback: Optional[Callable] = None,
+             schedule: Union[str, Schedule] = "linear") -> GenerationOutput:
     """Generate `gen_length` tokens after each prompt (token-id lists of any lengths).
 
     MDM (model.config.causal False): `sampler` in SAMPLERS, `steps` sampler steps (split evenly over blocks of
@@ -369,8 +407,12 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     `threshold`, `cfg_scale`, `confidence` do not apply.
     `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `batch_invariant`: arrange
     the forward passes so a row's floats never depend on the other rows (module docstring; False is a little
-    faster). `callback(step, seqs)` sees the rows (mask id where still masked) after each step."""
+    faster). `callback(step, seqs)` sees the rows (mask id where still masked) after each step.
+    `schedule`: the noise schedule of the reverse steps ("linear" | "cosine" | "polynomial:P"; use the one the
+    model was trained with): sets how many positions `ancestral` and `low_confidence` (without blocks) reveal
+    per step; the block quota and `threshold` do not use it, nor does the ARM twin."""
     cfg = model.config
+    schedule = parse_schedule(schedule)
     if cache is None:  # the ARM's KV cache is exact, the MDM's prefix cache an approximation
         cache = "prefix" if cfg.causal else "none"
     if len(prompts) and isinstance(prompts[0], (int, np.integer)):
@@ -409,7 +451,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     out = _denoise(model, rows, sampler, dict(block_length=block_length, threshold=threshold,
                                               temperature=temperature, top_k=top_k, top_p=top_p,
                                               cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
-                                              cache=cache, batch_invariant=batch_invariant), callback)
+                                              cache=cache, batch_invariant=batch_invariant,
+                                              schedule=schedule), callback)
     tokens = [_cut(r.seq[len(p):].tolist(), eos_id) for r, p in zip(rows, prompts)]
     return _output(rows, out, tokens, eos_id, [len(p) for p in prompts])
 
@@ -419,15 +462,18 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
            threshold: Optional[float] = None, temperature: float = 0.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
            confidence: str = "prob", eos_id: Optional[int] = None, cache: Optional[str] = None,
-           batch_invariant: bool = True, callback: Optional[Callable] = None) -> GenerationOutput:
+           batch_invariant: bool = True, callback: Optional[Callable] = None,
+           schedule: Union[str, Schedule] = "linear") -> GenerationOutput:
     """Fill any set of masked positions of each sequence (MDM only); everything else is kept as given.
 
     ids: a list of token-id lists (or one list). mask_positions: per sequence the positions to generate (or
     one list for one sequence); None = the positions where ids equal the model's mask id. steps: per sequence,
     default its number of masked positions. Blocks (block_length) are runs of that many masked positions in
     position order; steps are split over them as evenly as possible. `tokens` of the output are the filled
-    sequences; CFG masks every given position for the unconditional row. Other options as in `generate`."""
+    sequences; CFG masks every given position for the unconditional row. Other options (`schedule` too) as
+    in `generate`."""
     cfg = model.config
+    schedule = parse_schedule(schedule)
     if cfg.causal:
         raise ValueError("infill needs the MDM (model.config.causal is True: the ARM twin cannot infill)")
     single = len(ids) > 0 and not isinstance(ids[0], (list, tuple, torch.Tensor))
@@ -463,7 +509,8 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
     out = _denoise(model, rows, sampler, dict(block_length=block_length, threshold=threshold,
                                               temperature=temperature, top_k=top_k, top_p=top_p,
                                               cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
-                                              cache=cache, batch_invariant=batch_invariant), callback)
+                                              cache=cache, batch_invariant=batch_invariant,
+                                              schedule=schedule), callback)
     tokens = [r.seq.tolist() for r in rows]
     return GenerationOutput(tokens=tokens, sequences=tokens, forward_passes=out,
                             row_forward_passes=[r.forwards for r in rows], steps=[r.steps for r in rows],
