@@ -85,7 +85,7 @@ def cli_args(c: TrainConfig) -> list[str]:
     args = ["--config", c.config, "--data", c.data, "--out", c.out, "--batch-size", str(c.batch_size),
             "--seq-len", str(c.seq_len), "--val-every", str(c.val_every), "--val-samples", str(c.val_samples),
             "--val-batches", str(c.val_batches), "--save-every", str(c.save_every), "--samples", "0",
-            "--seed", str(c.seed), "--objective", c.objective]
+            "--seed", str(c.seed), "--objective", c.objective or "mdm"]
     if c.max_steps is not None:
         args += ["--max-steps", str(c.max_steps)]
     return args

@@ -9,10 +9,23 @@ from typing import Optional
 
 @dataclass
 class TrainConfig:
-    config: str = "demo"  # model size name (smdm.model.NAMED_SIZES / TINY_SIZES)
+    config: Optional[str] = None  # model size name (smdm.model.NAMED_SIZES / TINY_SIZES); None: "demo", or
+    # the --init-from checkpoint's model
     data: Optional[str] = None  # `smdm prepare` output or dataset dir; None: the built-in corpus in runs/data
     out: Optional[str] = None  # run dir; None: runs/demo-mdm or runs/demo-ar
-    objective: str = "mdm"  # "mdm" (masked diffusion) or "ar" (the autoregressive twin)
+    objective: Optional[str] = None  # "mdm" (masked diffusion) or "ar" (the autoregressive twin); None: "mdm",
+    # or the --init-from checkpoint's objective
+    init_from: Optional[str] = None  # checkpoint (run or step dir) whose weights, model config, objective and
+    # tokenizer the run starts from (fine-tuning; not a resume: fresh optimizer, schedule and data position)
+    sft: Optional[str] = None  # supervised fine-tuning on (prompt, response) pairs in this JSONL (smdm.sft)
+    sft_val: Optional[str] = None  # SFT validation JSONL (MDM: ELBO, ARM: exact NLL per response token)
+    sft_format: str = "plain"  # "plain": fields prompt_field / response_field; "gsm8k": question / answer as
+    # `smdm eval gsm8k` prompts them at 0 shots
+    prompt_field: Optional[str] = None  # None: "prompt" ("question" for the gsm8k format)
+    response_field: Optional[str] = None  # None: "response" ("answer" for the gsm8k format)
+    p_uncond: float = 0.0  # SFT, MDM: probability that a sample's prompt is all masks (CFG training)
+    tokenizer: Optional[str] = None  # tokenizer.json for SFT without --init-from
+    epochs: Optional[float] = None  # max_steps = ceil(epochs · steps per epoch) (SFT default: 3 epochs)
     max_steps: Optional[int] = None  # optimizer steps (None: from --flops, else the demo's default)
     flops: Optional[float] = None  # compute budget C: steps = C / (6 · N_nonembedding · tokens per step)
     time_budget: Optional[float] = None  # seconds: max_steps from one timed step (default without steps: 300)
@@ -21,8 +34,10 @@ class TrainConfig:
     batch_size: int = 16  # GLOBAL sequences per optimizer step (split over ranks and accumulation steps)
     grad_accum: int = 1  # micro-batches per optimizer step on each rank
     seq_len: int = 256  # tokens per sequence (the ARM reads seq_len + 1 and predicts seq_len)
-    lr: Optional[float] = None  # peak learning rate (None: 4e-4 for the paper's sizes, 2e-3 for tiny configs)
-    warmup: Optional[int] = None  # linear warmup steps (None: max(1% of steps, 100), at most 10% of steps)
+    lr: Optional[float] = None  # peak learning rate (None: 4e-4 for the paper's sizes, 2e-3 for tiny configs;
+    # SFT: a quarter of that, 1e-4 and 5e-4)
+    warmup: Optional[int] = None  # linear warmup steps (None: max(1% of steps, 100), at most 10% of steps;
+    # SFT: 3% of steps, at least 1)
     min_lr_ratio: float = 0.1  # the cosine ends at peak · min_lr_ratio
     weight_decay: float = 0.1  # AdamW decay of the matrices (not of norms and embeddings)
     grad_clip: float = 1.0  # max global gradient norm

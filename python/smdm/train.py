@@ -18,6 +18,13 @@
 - SIGTERM finishes the current step, saves a checkpoint and exits 0. Resume restores weights, optimizer,
   schedule, RNG and the data position in O(1); on CPU it is bit-exact.
 - Distributed: the same command under `torchrun` (DDP; FSDP2 `fully_shard` with `--fsdp`).
+- `--init-from CKPT` starts from a checkpoint's weights, model config, objective and tokenizer (a fresh
+  optimizer, schedule and data position; `--resume` is the way to continue a run).
+- SFT (`--sft TRAIN.jsonl [--sft-val VAL.jsonl]`, smdm.sft): rows `prompt + response + EOS` padded with EOS.
+  MDM: the forward process with `prompt_lens` (prompts never masked; with `--p-uncond` a sample's prompt is all
+  masks as input, CFG training), no random-length crop, `diffusion.sft_loss`; ARM: CE on the response and the
+  first EOS. Both normalised per sequence, then averaged. Defaults: 3 epochs, a quarter of the pretraining LR,
+  warmup 3% of the steps, cosine to a tenth. Validation: NLL per response token (MDM ELBO, ARM exact).
 """
 
 from __future__ import annotations
@@ -31,18 +38,20 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from smdm import checkpoint as ckpt
 from smdm.config import TrainConfig
-from smdm.model import NAMED_SIZES, build_model, config_by_name
+from smdm.model import NAMED_SIZES, TINY_SIZES, ModelConfig, build_model, config_by_name
 
 DEMO_SECONDS = 300.0  # `smdm train` with no step count trains for about five minutes
+SFT_EPOCHS = 3  # `smdm train --sft` with no step count
 DEMO_DATA = Path("runs/data")
 # Debug hook (used by the tests, a real code path): comma-separated steps whose loss is multiplied by NaN.
 INJECT_NONFINITE_ENV = "SMDM_INJECT_NONFINITE"
@@ -65,6 +74,8 @@ class TrainError(ValueError):
 def warmup_steps(cfg: TrainConfig, max_steps: int) -> int:
     if cfg.warmup is not None:
         return cfg.warmup
+    if cfg.sft is not None:  # fine-tuning starts from trained weights: a short warmup (3%, the usual SFT ratio)
+        return max(1, math.ceil(0.03 * max_steps))
     return max(1, min(max(math.ceil(0.01 * max_steps), 100), max_steps // 10))
 
 
@@ -129,6 +140,12 @@ class Objective(nn.Module):
         if kind == "elbo":  # validation of the MDM: (nll, stderr, n_tokens) per sequence
             est = diffusion.elbo_nll(self.model, **kw)
             return est.nll, est.stderr, est.n_tokens
+        if kind == "sft":
+            return diffusion.sft_loss(self.model, **kw)
+        if kind in ("ar_sft", "ar_sft_nll"):
+            from smdm import sft
+
+            return (sft.ar_sft_loss if kind == "ar_sft" else sft.ar_sft_nll)(self.model, **kw)
         return diffusion.ar_loss(self.model, **kw)
 
 
@@ -175,19 +192,99 @@ def resolve_data(cfg: TrainConfig, dist: Dist):
     return Path(train_dir), (Path(val_dir) if val_dir else None), manifest
 
 
+def load_init(path) -> tuple[Path, dict, ModelConfig]:
+    """--init-from: (step dir, its config.json, its ModelConfig); a run dir means its latest complete step."""
+    try:
+        step_dir = ckpt.resolve(path)
+        ckpt.verify(step_dir)
+    except ckpt.CheckpointError as e:
+        raise TrainError(f"--init-from: {e}") from None
+    conf = ckpt.read_config(step_dir)
+    try:
+        mc = ModelConfig(**conf["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainError(f"--init-from: {step_dir / 'config.json'}: bad model config ({e})") from None
+    return step_dir, conf, mc
+
+
+def _arch(c: ModelConfig) -> tuple:
+    return (c.n_layer, c.n_head, c.kv_heads, c.d_model, c.d_ff)
+
+
+def _size_name(mc: ModelConfig) -> Optional[str]:
+    for name in (*NAMED_SIZES, *TINY_SIZES):
+        if _arch(config_by_name(name, vocab_size=mc.vocab_size)) == _arch(mc):
+            return name
+    return None
+
+
+def resolve_model_choice(cfg: TrainConfig, init) -> TrainConfig:
+    """The model size and objective of the run: --config / --objective, else (with --init-from) the
+    checkpoint's, else "demo" / "mdm". Given explicitly they must match the checkpoint."""
+    objective, config = cfg.objective, cfg.config
+    if init is not None:
+        step_dir, conf, mc = init
+        saved = conf.get("objective") or ("ar" if mc.causal else "mdm")
+        if objective is not None and objective != saved:
+            raise TrainError(f"--objective {objective} does not match --init-from {step_dir}, an {saved.upper()} "
+                             f"checkpoint (objective {saved!r}); leave --objective out to use the checkpoint's")
+        name = conf.get("config_name") or _size_name(mc) or "custom"
+        if config is not None:
+            try:
+                asked = config_by_name(config, vocab_size=mc.vocab_size)
+            except ValueError as e:
+                raise TrainError(f"--config: {e}") from None
+            if _arch(asked) != _arch(mc):
+                raise TrainError(f"--config {config} (layers, heads, kv heads, width, ffn = {_arch(asked)}) does "
+                                 f"not match --init-from {step_dir}, a {name} model ({_arch(mc)}); leave --config "
+                                 f"out to use the checkpoint's")
+        objective, config = saved, name
+    return replace(cfg, objective=objective or "mdm", config=config or "demo")
+
+
+def check_sft_args(cfg: TrainConfig) -> None:
+    """Options that only make sense with --sft, and --sft's own ranges (before any file is read)."""
+    from smdm.sft import FORMATS
+
+    if cfg.sft is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in (("sft_val", cfg.sft_val), ("tokenizer", cfg.tokenizer),
+                                                          ("prompt_field", cfg.prompt_field),
+                                                          ("response_field", cfg.response_field)) if v is not None]
+        given += ["--p-uncond"] if cfg.p_uncond else []
+        given += ["--sft-format"] if cfg.sft_format != "plain" else []
+        if given:
+            raise TrainError(f"{', '.join(given)} need --sft (supervised fine-tuning on a JSONL file)")
+    else:
+        if cfg.data is not None:
+            raise TrainError("--sft and --data exclude each other (SFT reads (prompt, response) pairs from JSONL)")
+        if cfg.sft_format not in FORMATS:
+            raise TrainError(f"--sft-format must be one of {FORMATS}, got {cfg.sft_format!r}")
+    if not 0 <= cfg.p_uncond <= 1:
+        raise TrainError(f"--p-uncond must be in [0, 1], got {cfg.p_uncond}")
+    if cfg.p_uncond > 0 and cfg.objective == "ar":
+        raise TrainError("--p-uncond (CFG training: prompts replaced by masks) is for the MDM; the ARM has no "
+                         "mask token")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise TrainError(f"--epochs must be > 0, got {cfg.epochs}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # the run
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        init = load_init(cfg.init_from) if cfg.init_from is not None else None
+        cfg = resolve_model_choice(cfg, init)
         if cfg.objective not in ("mdm", "ar"):
             raise TrainError(f"--objective must be 'mdm' or 'ar', got {cfg.objective!r}")
         self.cfg = cfg
         self.kind = cfg.objective
+        self.sft = cfg.sft is not None
+        self.init_dir = init[0] if init is not None else None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.out = Path(cfg.out or f"runs/demo-{cfg.objective}")
+        self.out = Path(cfg.out or f"runs/{'sft' if self.sft else 'demo'}-{cfg.objective}")
         self.dist = Dist(cfg.device)
         d = self.dist
         per_rank, rem = divmod(cfg.batch_size, d.world * cfg.grad_accum)
@@ -198,15 +295,18 @@ class Trainer:
         self.local_batch = per_rank * cfg.grad_accum
         if cfg.keep < 2:
             raise TrainError(f"--keep must be >= 2, got {cfg.keep}")
-        try:
-            self.model_config = config_by_name(cfg.config, vocab_size=2, causal=self.kind == "ar")
-        except ValueError as e:
-            raise TrainError(f"--config: {e}") from None
+        if init is None:
+            try:
+                self.model_config = config_by_name(cfg.config, vocab_size=2, causal=self.kind == "ar")
+            except ValueError as e:
+                raise TrainError(f"--config: {e}") from None
+        check_sft_args(cfg)
 
         resume_dir = None
         existing = ckpt.step_dirs(self.out)
         if existing and not cfg.resume:
-            if not (cfg.overwrite or (cfg.out is None and cfg.data is None)):  # the demo restarts freely
+            demo = cfg.out is None and cfg.data is None and not self.sft  # the demo restarts freely
+            if not (cfg.overwrite or demo):
                 raise TrainError(f"{self.out} already holds checkpoints (latest {existing[-1][1].name}); "
                                  f"pass --resume to continue it, --overwrite to start over, or another --out")
             if d.rank == 0:
@@ -221,16 +321,37 @@ class Trainer:
             except ckpt.CheckpointError as e:
                 raise TrainError(f"--resume: {e}") from None
 
-        self.train_dir, self.val_dir, self.manifest = resolve_data(cfg, d)
-        vocab = int(self.manifest.vocab_size)
-        if cfg.vocab_size is not None and cfg.vocab_size != vocab:
-            raise TrainError(f"--vocab-size {cfg.vocab_size} does not match the data's vocabulary ({vocab}, "
-                             f"{self.train_dir / 'manifest.json'})")
-        max_seq = max(cfg.seq_len + 1, 2048 if cfg.config in NAMED_SIZES else 512)
-        self.model_config = config_by_name(cfg.config, vocab_size=vocab, causal=self.kind == "ar",
-                                           max_seq_len=max_seq)
+        if self.sft:
+            vocab = self._load_sft(init)
+            self.train_dir = Path(cfg.sft)
+            self.val_dir = Path(cfg.sft_val) if cfg.sft_val else None
+            self.manifest = None
+        else:
+            self.train_dir, self.val_dir, self.manifest = resolve_data(cfg, d)
+            vocab = int(self.manifest.vocab_size)
+            if cfg.vocab_size is not None and cfg.vocab_size != vocab:
+                raise TrainError(f"--vocab-size {cfg.vocab_size} does not match the data's vocabulary ({vocab}, "
+                                 f"{self.train_dir / 'manifest.json'})")
+            self.tokenizer_path = self.manifest.tokenizer_path
+        if init is not None:
+            mc = init[2]
+            if mc.vocab_size != vocab:
+                raise TrainError(f"--init-from {init[0]} has vocab_size {mc.vocab_size}, the data has {vocab} "
+                                 f"({self.train_dir}: another tokenizer?)")
+            if cfg.seq_len > mc.max_seq_len:
+                raise TrainError(f"--seq-len {cfg.seq_len} exceeds the context of --init-from {init[0]} "
+                                 f"({mc.max_seq_len} positions)")
+            self.model_config = mc
+        else:
+            max_seq = max(cfg.seq_len + 1, 2048 if cfg.config in NAMED_SIZES else 512)
+            self.model_config = config_by_name(cfg.config, vocab_size=vocab, causal=self.kind == "ar",
+                                               max_seq_len=max_seq)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
-        self.peak_lr = cfg.lr if cfg.lr is not None else (4e-4 if cfg.config in NAMED_SIZES else 2e-3)
+        # the paper's sizes 4e-4, tiny configs 2e-3 (a checkpoint of unknown size counts as large);
+        # fine-tuning a quarter of that
+        large = cfg.config in NAMED_SIZES or cfg.config not in TINY_SIZES
+        default_lr = (4e-4 if large else 2e-3) * (0.25 if self.sft else 1.0)
+        self.peak_lr = cfg.lr if cfg.lr is not None else default_lr
 
         # model, optimizer
         self.model = build_model(self.model_config, seed=cfg.seed,
@@ -240,6 +361,11 @@ class Trainer:
         state = None
         if resume_dir is not None:
             state = self._load_resume(resume_dir)
+        elif init is not None:
+            self.model.load_state_dict(ckpt.load_weights(init[0]))
+            if d.rank == 0:
+                print(f"initialised from {init[0]} ({init[1].get('objective', self.kind).upper()} "
+                      f"{cfg.config}, step {init[1].get('step')})", flush=True)
         self.model.to(d.device)
         if cfg.compile:
             for block in self.model.blocks:
@@ -263,34 +389,41 @@ class Trainer:
         if state is not None:
             self._load_optimizer(state["optimizer"])
             torch.set_rng_state(state["rng"]["torch"])
+
+        # data
+        self.val_dataset = None
+        if self.sft:
+            from smdm.sft import SftDataset
+
+            self.verify_full = True  # every id was checked against the vocabulary when the file was read
+            self.dataset = SftDataset(self.train_examples, self.micro, seed=cfg.seed, rank=d.rank,
+                                      world_size=d.world, step_batches=cfg.grad_accum)
+        else:
+            from smdm.data import PackedDataset
+
+            # Full checks read every byte of every shard on every rank at every start: seconds for the demo,
+            # hours for a SlimPajama-sized corpus, where `smdm data verify` once is the better place (DESIGN §5).
+            if cfg.verify_data not in VERIFY_DATA:
+                raise TrainError(f"--verify-data must be one of {VERIFY_DATA}, got {cfg.verify_data!r}")
+            self.verify_full = cfg.verify_data == "full" or (cfg.verify_data == "auto"
+                                                             and self.manifest.num_tokens <= FULL_VERIFY_TOKENS)
+            if not self.verify_full and d.rank == 0:
+                print(f"data: {self.manifest.num_tokens:,} tokens: shard headers and sizes checked at start, token "
+                      f"ids per batch (--verify-data full checks every byte; `smdm data verify` once does it too)",
+                      flush=True)
+            self.dataset = PackedDataset(self.train_dir, cfg.seq_len, self.micro, extra_token=self.kind == "ar",
+                                         seed=cfg.seed, rank=d.rank, world_size=d.world, verify=self.verify_full)
+            if self.val_dir is not None:
+                # Every rank reads the same global validation batches and evaluates its own rows of them, so the
+                # validation set (and the ELBO's draws, keyed by window id) is the same for any world size.
+                self.val_dataset = PackedDataset(self.val_dir, cfg.seq_len, self.micro * d.world,
+                                                 extra_token=self.kind == "ar", seed=cfg.seed, shuffle=False,
+                                                 verify=self.verify_full)
+        if state is not None:
+            self.dataset.load_state_dict(state["data"])
         self.max_steps = self._decide_steps(state)
         self.warmup = warmup_steps(cfg, self.max_steps)
         self.val_every = cfg.val_every if cfg.val_every is not None else min(100, max(1, self.max_steps // 5))
-
-        # data
-        from smdm.data import PackedDataset
-
-        # Full checks read every byte of every shard on every rank at every start: seconds for the demo, hours
-        # for a SlimPajama-sized corpus, where `smdm data verify` once is the better place (DESIGN §5).
-        if cfg.verify_data not in VERIFY_DATA:
-            raise TrainError(f"--verify-data must be one of {VERIFY_DATA}, got {cfg.verify_data!r}")
-        self.verify_full = cfg.verify_data == "full" or (cfg.verify_data == "auto"
-                                                         and self.manifest.num_tokens <= FULL_VERIFY_TOKENS)
-        if not self.verify_full and d.rank == 0:
-            print(f"data: {self.manifest.num_tokens:,} tokens: shard headers and sizes checked at start, token ids "
-                  f"per batch (--verify-data full checks every byte; `smdm data verify` once does it too)",
-                  flush=True)
-        self.dataset = PackedDataset(self.train_dir, cfg.seq_len, self.micro, extra_token=self.kind == "ar",
-                                     seed=cfg.seed, rank=d.rank, world_size=d.world, verify=self.verify_full)
-        if state is not None:
-            self.dataset.load_state_dict(state["data"])
-        self.val_dataset = None
-        if self.val_dir is not None:
-            # Every rank reads the same global validation batches and evaluates its own rows of them, so the
-            # validation set (and the ELBO's draws, keyed by window id) is the same for any world size.
-            self.val_dataset = PackedDataset(self.val_dir, cfg.seq_len, self.micro * d.world,
-                                             extra_token=self.kind == "ar", seed=cfg.seed, shuffle=False,
-                                             verify=self.verify_full)
         self.metrics_path = self.out / "metrics.jsonl"
         self._stop = False
         self.mask_id = self.model_config.mask_id
@@ -298,12 +431,84 @@ class Trainer:
         log_dir = os.environ.get(LOG_WINDOWS_ENV)
         self.window_log = Path(log_dir) / f"windows-rank{d.rank}.jsonl" if log_dir else None
 
+    def _load_sft(self, init) -> int:
+        """Tokenizer (the --init-from checkpoint's or --tokenizer) and the SFT files; returns the vocab size."""
+        from tokenizers import Tokenizer
+
+        from smdm import sft
+        from smdm.data import sha256_file
+
+        cfg = self.cfg
+        tok_path = None
+        if init is not None and (init[0] / "tokenizer.json").is_file():
+            tok_path = init[0] / "tokenizer.json"
+        if cfg.tokenizer is not None:
+            given = Path(cfg.tokenizer)
+            if not given.is_file():
+                raise TrainError(f"--tokenizer {given}: no such file")
+            if tok_path is not None and sha256_file(given) != sha256_file(tok_path):
+                raise TrainError(f"--tokenizer {given} differs from {tok_path}, the tokenizer the --init-from model "
+                                 f"was trained with; leave --tokenizer out")
+            tok_path = given
+        if tok_path is None:
+            where = f" ({init[0]} holds no tokenizer.json)" if init is not None else ""
+            raise TrainError(f"--sft needs a tokenizer: --init-from a checkpoint that has one, or --tokenizer "
+                             f"tokenizer.json{where}")
+        try:
+            tok = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            raise TrainError(f"{tok_path}: not a tokenizer.json ({e})") from None
+        eos = sft.find_eos(tok)
+        if eos is None:
+            from smdm.generate_cli import EOS_NAMES
+
+            raise TrainError(f"{tok_path}: no EOS token (tried {', '.join(EOS_NAMES)}): SFT ends every answer "
+                             f"with it")
+        ids = tok.get_vocab(with_added_tokens=True).values()
+        tok_vocab = max(tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+        if init is not None:
+            vocab = init[2].vocab_size
+            if tok_vocab > vocab:
+                raise TrainError(f"{tok_path} has token ids up to {tok_vocab - 1}, but the model of --init-from "
+                                 f"{init[0]} has vocab_size {vocab}")
+        else:
+            vocab = tok_vocab
+        if cfg.vocab_size is not None and cfg.vocab_size != vocab:
+            raise TrainError(f"--vocab-size {cfg.vocab_size} does not match the model's vocabulary ({vocab})")
+        kw = dict(seq_len=cfg.seq_len, eos_id=eos, vocab_size=vocab, fmt=cfg.sft_format,
+                  prompt_field=cfg.prompt_field, response_field=cfg.response_field)
+        try:
+            self.train_examples = sft.load_examples(cfg.sft, tok, **kw)
+            self.val_examples = sft.load_examples(cfg.sft_val, tok, **kw) if cfg.sft_val else None
+        except sft.SftDataError as e:
+            raise TrainError(str(e)) from None
+        if self.dist.rank == 0:
+            for ex in (self.train_examples, self.val_examples):
+                if ex is not None:
+                    print(f"sft: {ex.summary()}", flush=True)
+        pf, rf = sft.fields_for(cfg.sft_format, cfg.prompt_field, cfg.response_field)
+        self.tokenizer_path = tok_path
+        self.eos_id = eos
+        self.sft_record = {"train": str(cfg.sft), "val": cfg.sft_val, "format": cfg.sft_format,
+                           "prompt_field": pf, "response_field": rf, "p_uncond": cfg.p_uncond,
+                           "init_from": None if init is None else str(init[0]), "tokenizer": str(tok_path),
+                           "eos_id": eos, "examples": len(self.train_examples),
+                           "dropped": self.train_examples.dropped, "seq_len": cfg.seq_len}
+        return vocab
+
     def _decide_steps(self, state) -> int:
-        """--max-steps, else --flops (C / (6 N tokens per step)), else the resumed run's, else --time-budget
-        (the demo: 300 s) divided by the time of one timed step."""
+        """--max-steps, else --epochs (SFT without a step count: 3), else --flops (C / (6 N tokens per step)),
+        else the resumed run's, else --time-budget (the demo: 300 s) divided by the time of one timed step."""
         cfg = self.cfg
         if cfg.max_steps is not None:
             steps = cfg.max_steps
+        elif cfg.epochs is not None or (self.sft and state is None and cfg.flops is None
+                                        and cfg.time_budget is None):
+            epochs = cfg.epochs if cfg.epochs is not None else SFT_EPOCHS
+            per_epoch = len(self.dataset) // cfg.grad_accum  # the SFT reader's epoch is whole steps
+            steps = math.ceil(epochs * per_epoch)
+            if self.dist.rank == 0:
+                print(f"{epochs:g} epochs of {per_epoch} steps: {steps} steps", flush=True)
         elif cfg.flops is not None:
             n = self.model_config.non_embedding_params()
             steps = int(cfg.flops // (6 * n * self.tokens_per_step))
@@ -355,12 +560,19 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------------------
     def run_identity(self) -> dict:
         c = self.cfg
-        return {"seed": c.seed, "batch_size": c.batch_size, "world_size": self.dist.world,
-                "grad_accum": c.grad_accum, "seq_len": c.seq_len, "objective": self.kind, "config": c.config}
+        ident = {"seed": c.seed, "batch_size": c.batch_size, "world_size": self.dist.world,
+                 "grad_accum": c.grad_accum, "seq_len": c.seq_len, "objective": self.kind, "config": c.config}
+        if self.sft:  # what decides the examples, their order and the prompt drops
+            r = self.sft_record
+            ident["sft"] = {k: r[k] for k in ("format", "prompt_field", "response_field", "p_uncond", "examples")}
+        return ident
 
     def _load_resume(self, step_dir: Path) -> dict:
         conf = ckpt.read_config(step_dir)
         saved_model = conf.get("model", {})
+        if ("sft" in conf) != self.sft:
+            raise TrainError(f"--resume: {step_dir} is {'an SFT' if 'sft' in conf else 'a pretraining'} run, this "
+                             f"one is {'an SFT' if self.sft else 'a pretraining'} run")
         if conf.get("objective") != self.kind:
             raise TrainError(f"--resume: {step_dir} was trained with --objective {conf.get('objective')}, "
                              f"this run uses {self.kind}")
@@ -433,7 +645,11 @@ class Trainer:
             conf = {"model": self.model_config.to_dict(), "objective": self.kind,
                     "config_name": self.cfg.config,
                     "train": {**self.cfg.to_dict(), "max_steps": self.max_steps}}
-            tok = self.manifest.tokenizer_path
+            if self.init_dir is not None:
+                conf["init_from"] = str(self.init_dir)
+            if self.sft:
+                conf["sft"] = self.sft_record
+            tok = self.tokenizer_path
             path = ckpt.save(self.out, self.step, model_state=weights, config=conf, train_state=train_state,
                              tokenizer_path=tok, keep=self.cfg.keep)
             self.log({"event": "checkpoint", "step": self.step, "path": str(path)})
@@ -479,10 +695,14 @@ class Trainer:
             if self.window_log is not None:  # debug hook: which windows each rank trains on
                 with open(self.window_log, "a") as f:
                     f.write(json.dumps({"step": self.step, "index": batch["index"].tolist()}) + "\n")
-            seg = batch["segment_ids"] if cfg.doc_mask else None
+            seg = batch["segment_ids"] if cfg.doc_mask and not self.sft else None
             last = m == cfg.grad_accum - 1
             sync = nullcontext() if last or not (d.enabled and not cfg.fsdp) else self.wrapped.no_sync()
-            if self.kind == "mdm":
+            kind = self.kind
+            if self.sft:
+                kind, kw = self._sft_inputs(ids, batch, m)
+                n_tokens += ids.numel()
+            elif self.kind == "mdm":
                 fp = diffusion.forward_process(ids, seed=cfg.seed, step=self.step,
                                                sample_offset=d.rank * self.local_batch + m * self.micro,
                                                global_batch=cfg.batch_size, mask_id=self.mask_id,
@@ -497,7 +717,7 @@ class Trainer:
                 n_tokens += ids.shape[0] * (ids.shape[1] - 1)
             with sync:
                 with self._autocast():
-                    loss = self.wrapped(self.kind, **kw)
+                    loss = self.wrapped(kind, **kw)
                 if self.step in self.inject:
                     loss = loss * float("nan")  # debug hook: a non-finite loss must not reach the weights
                 (loss / cfg.grad_accum).backward()
@@ -520,9 +740,30 @@ class Trainer:
         return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                 "tokens": self.tokens_seen, "step_tokens": int(stats[1])}
 
+    def _sft_inputs(self, ids, batch, m: int) -> tuple[str, dict]:
+        """The loss and its inputs for an SFT micro-batch (DESIGN §4 SFT; smdm.sft's docstring)."""
+        from smdm import diffusion
+
+        cfg, d = self.cfg, self.dist
+        pl = batch["prompt_lens"]
+        if self.kind == "ar":
+            return "ar_sft", {"tokens": ids.to(d.device), "prompt_lens": pl.to(d.device),
+                              "lengths": batch["lengths"].to(d.device)}
+        # Prompts stay clean (and, with probability p_uncond, become all masks as inputs only); the draws are
+        # keyed by the global sample index as in pretraining. No random-length crop: it would cut answers
+        # and their EOS off.
+        fp = diffusion.forward_process(ids, seed=cfg.seed, step=self.step,
+                                       sample_offset=d.rank * self.local_batch + m * self.micro,
+                                       global_batch=cfg.batch_size, mask_id=self.mask_id, stratified=cfg.stratified,
+                                       prompt_lens=pl, p_uncond=cfg.p_uncond, crop_prob=0.0)
+        return "sft", {"noisy": fp.noisy_ids.to(d.device), "x0": ids.to(d.device), "mask": fp.mask.to(d.device),
+                       "weight": fp.weight.to(d.device), "prompt_lens": pl.to(d.device)}
+
     # -- validation -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> Optional[dict]:
+        if self.sft:
+            return self._validate_sft()
         if self.val_dataset is None:
             return None
 
@@ -551,6 +792,48 @@ class Trainer:
                     loss = net("ar", tokens=ids, segment_ids=seg).double().cpu()
                     n = ids.shape[0] * (ids.shape[1] - 1)
                     sums += torch.tensor([float(loss) * n, n, 0.0], dtype=torch.float64)
+        d.all_reduce(sums)
+        self.model.train()
+        if sums[1] == 0:
+            return None
+        return {"event": "val", "step": self.step, "tokens": self.tokens_seen,
+                "val_loss": float(sums[0] / sums[1]), "val_stderr": float(sums[2].sqrt() / sums[1]),
+                "val_tokens": int(sums[1]), "val_kind": "elbo" if self.kind == "mdm" else "exact"}
+
+    @torch.no_grad()
+    def _validate_sft(self) -> Optional[dict]:
+        """NLL per response token (response + first EOS) on the first val_batches global batches of --sft-val,
+        in file order: the ARM's exact -log p, the MDM's Monte Carlo ELBO (prompt clean, every position after it
+        masked, EOS padding included, as trained; draws keyed by example id, so the same for any world size)
+        with its standard error. Both are divided by the same token count, so they compare directly (the MDM's
+        is an upper bound that also pays for the padding)."""
+        ex = self.val_examples
+        if ex is None:
+            return None
+        cfg, d = self.cfg, self.dist
+        self.model.eval()
+        net = self.wrapped if cfg.fsdp and d.enabled else self.objective
+        gb = self.micro * d.world
+        sums = torch.zeros(3, dtype=torch.float64)  # nll, target tokens, variance of the nll sum
+        for first in range(0, min(len(ex), cfg.val_batches * gb), gb):
+            # every rank runs `micro` rows (FSDP needs all ranks in every forward); rows past the end are
+            # copies of example 0 that count for nothing
+            idx = first + d.rank * self.micro + np.arange(self.micro)
+            valid = torch.from_numpy(idx < len(ex))
+            batch = ex.rows(np.where(idx < len(ex), idx, 0))
+            ids, pl = batch["input_ids"].to(d.device), batch["prompt_lens"]
+            n = (batch["lengths"] - pl).double() * valid
+            with self._autocast():
+                if self.kind == "mdm":
+                    nll, se, _ = net("elbo", tokens=ids, prompt_lens=pl.to(d.device), n_samples=cfg.val_samples,
+                                     seed=cfg.seed + 1, row_ids=batch["index"].numpy(),
+                                     max_rows=max(64, ids.shape[0]))
+                    nll, var = nll.double().cpu() * valid, (se.double().cpu() ** 2) * valid
+                else:
+                    nll, _ = net("ar_sft_nll", tokens=ids, prompt_lens=pl.to(d.device),
+                                 lengths=batch["lengths"].to(d.device))
+                    nll, var = nll.double().cpu() * valid, torch.zeros(len(idx), dtype=torch.float64)
+            sums += torch.stack([nll.sum(), n.sum(), var.sum()])
         d.all_reduce(sums)
         self.model.train()
         if sums[1] == 0:
@@ -589,7 +872,8 @@ class Trainer:
         stop_at = min(self.max_steps, cfg.stop_after) if cfg.stop_after is not None else self.max_steps
         if d.rank == 0:
             n = self.model_config.non_embedding_params()
-            print(f"smdm train: {self.kind.upper()} {cfg.config} ({n / 1e6:.2f}M non-embedding params, vocab "
+            what = f"{self.kind.upper()} {cfg.config}" + (" SFT" if self.sft else "")
+            print(f"smdm train: {what} ({n / 1e6:.2f}M non-embedding params, vocab "
                   f"{self.model_config.vocab_size}), {self.max_steps} steps × {self.tokens_per_step} tokens, "
                   f"world {d.world}, device {d.device}, out {self.out}", flush=True)
         from tqdm import tqdm
@@ -659,6 +943,21 @@ def print_samples(model, tokenizer, n: int, kind: str, seed: int = 0):
         print(repr(p + tokenizer.decode(toks)))
 
 
+def print_sft_samples(model, tokenizer, examples, n: int, eos_id: int, seed: int = 0):
+    """Greedy answers to the first n prompts of the SFT validation (else training) file."""
+    from smdm.sampling import generate
+
+    idx = np.arange(min(n, len(examples)))
+    prompts = [examples.tokens[examples.offsets[i]:examples.offsets[i] + examples.prompt_lens[i]].tolist()
+               for i in idx]
+    gen = max(1, min(128, examples.seq_len - max(len(p) for p in prompts)))
+    out = generate(model, prompts, gen_length=gen, steps=gen, sampler="low_confidence", temperature=0.0,
+                   seed=seed, eos_id=eos_id)
+    print(f"\n---- SFT samples ({examples.path}, greedy, up to {gen} tokens) ----")
+    for p, toks in zip(prompts, out.tokens):
+        print(repr(tokenizer.decode(p)), "->", repr(tokenizer.decode(toks, skip_special_tokens=True)))
+
+
 def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -700,13 +999,30 @@ def plot_runs(runs: list, png) -> Path:
 def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     d = TrainConfig()
     a = parser.add_argument
-    a("--config", default=d.config, help="model size (demo, tiny, 6M ... 2121M, 1.1B)")
+    a("--config", default=None, help="model size (demo, tiny, 6M ... 2121M, 1.1B; default demo, or the "
+      "--init-from checkpoint's)")
     a("--data", default=None, help="`smdm prepare` output or dataset dir (default: built-in corpus)")
     a("--out", default=None, help="run dir (default runs/demo-mdm or runs/demo-ar)")
-    a("--objective", choices=["mdm", "ar"], default=d.objective)
+    a("--objective", choices=["mdm", "ar"], default=None, help="default mdm, or the --init-from checkpoint's")
+    a("--init-from", default=None, metavar="CKPT",
+      help="start from this checkpoint's weights, model config, objective and tokenizer (run or step dir)")
+    s = parser.add_argument_group("supervised fine-tuning (smdm.sft)")
+    s.add_argument("--sft", default=None, metavar="TRAIN.jsonl",
+                   help="fine-tune on (prompt, response) pairs: prompt + response + EOS, padded with EOS")
+    s.add_argument("--sft-val", default=None, metavar="VAL.jsonl",
+                   help="validation pairs: NLL per response token (MDM: ELBO, ARM: exact)")
+    s.add_argument("--sft-format", choices=["plain", "gsm8k"], default=d.sft_format,
+                   help="gsm8k: question/answer lines as `smdm eval gsm8k` prompts them (0-shot)")
+    s.add_argument("--prompt-field", default=None, help="default prompt (question for --sft-format gsm8k)")
+    s.add_argument("--response-field", default=None, help="default response (answer for --sft-format gsm8k)")
+    s.add_argument("--p-uncond", type=float, default=d.p_uncond,
+                   help="MDM: probability that a prompt is replaced by masks (CFG training; default 0)")
+    s.add_argument("--tokenizer", default=None, help="tokenizer.json for --sft without --init-from")
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--flops", type=float, default=None, help="compute budget: steps = C / (6 N tokens/step)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help=f"passes over the data (default for --sft without a step count: {SFT_EPOCHS})")
     g.add_argument("--time-budget", type=float, default=None,
                    help=f"seconds: steps from one timed step (default without --max-steps: {DEMO_SECONDS:g})")
     a("--stop-after", type=int, default=None, help="save and stop after this step")
@@ -717,8 +1033,10 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--batch-size", type=int, default=d.batch_size, help="global sequences per optimizer step")
     a("--grad-accum", type=int, default=d.grad_accum)
     a("--seq-len", type=int, default=d.seq_len)
-    a("--lr", type=float, default=None, help="peak learning rate")
-    a("--warmup", type=int, default=None)
+    a("--lr", type=float, default=None, help="peak learning rate (default 4e-4 for the paper's sizes, 2e-3 for "
+      "tiny configs; --sft: a quarter of that)")
+    a("--warmup", type=int, default=None, help="warmup steps (default max(1%% of steps, 100), at most 10%%; "
+      "--sft: 3%%)")
     a("--val-every", type=int, default=None, help="steps between validations (default min(100, steps/5))")
     a("--val-samples", type=int, default=d.val_samples, help="ELBO Monte Carlo samples per sequence")
     a("--val-batches", type=int, default=d.val_batches)
@@ -746,7 +1064,7 @@ def config_from_args(args) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     if args.samples is None:
-        cfg.samples = 3 if args.data is None else 0
+        cfg.samples = 3 if args.data is None and args.sft is None else 0
     return cfg
 
 
@@ -783,7 +1101,11 @@ def run(args) -> int:
             print(f"plot: {plot_runs(runs, out / 'loss.png')}")
         if cfg.samples:
             model, tok = ckpt.load(out, device=trainer.dist.device)
-            print_samples(model, tok, cfg.samples, trainer.kind, seed=cfg.seed)
+            if trainer.sft:
+                print_sft_samples(model, tok, trainer.val_examples or trainer.train_examples, cfg.samples,
+                                  trainer.eos_id, seed=cfg.seed)
+            else:
+                print_samples(model, tok, cfg.samples, trainer.kind, seed=cfg.seed)
     return 0
 
 
