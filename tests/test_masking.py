@@ -373,3 +373,187 @@ def test_bench_mask_smoke(tmp_path):
     for r in records:
         assert r["tokens_per_s"] > 0 and set(r["ratio_vs"]) == set(bench.BASELINES)
         assert r["environment"]["torch"] == torch.__version__
+
+
+# ---- noise schedules in the forward process (docs/CONTRACTS.md "Forward process") ----
+
+SCHEDULES = ["cosine", "polynomial:2", "polynomial:0.5", "polynomial:3.7"]
+
+
+def _documented_p_w(schedule, te):
+    """p and w of the contract, written out with Python's math (the C library's sin/tan/pow)."""
+    if schedule == "cosine":
+        return 1.0 - math.sin((1.0 - te) * (math.pi / 2)), (math.pi / 2) / math.tan(te * (math.pi / 4))
+    if schedule.startswith("polynomial:"):
+        power = float(schedule.split(":")[1])
+        return math.pow(te, power), power / te
+    return te, 1.0 / te
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_rust_equals_reference_over_many_seeds(schedule):
+    """Exact equality (masks, p, weights) for every seed: sin/tan/pow are the same libm on both sides."""
+    x = _tokens(24, 40)
+    pl = np.random.default_rng(5).integers(0, 41, size=24)
+    for seed in range(120):
+        kw = dict(seed=seed * 7919 + 3, step=seed, schedule=schedule, eps=[1e-3, 0.05, 1.0][seed % 3],
+                  stratified=seed % 2 == 0, crop_prob=[0.0, 1.0][seed % 5 == 0])
+        if seed % 4 == 1:
+            kw.update(prompt_lens=pl, p_uncond=0.5)
+        if seed % 6 == 5:
+            kw.update(sample_offset=1000, global_batch=1100)
+        _both(x.astype(DTYPES[seed % 3]), **kw)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 64), (40, 1024)])  # 40x1024: rayon path
+def test_schedule_rust_equals_reference_shapes(schedule, shape):
+    x = _tokens(*shape)
+    _both(x, seed=2**63 + 5, step=17, crop_prob=0.0, schedule=schedule)
+    _both(x, seed=1, step=18, stratified=True, crop_prob=0.0, schedule=schedule)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    B=st.integers(1, 6),
+    L=st.integers(1, 70),
+    seed=st.integers(0, 2**64 - 1),
+    step=st.integers(0, 2**40),
+    schedule=st.sampled_from(SCHEDULES + ["linear", "polynomial:1e-3", "polynomial:40"]),
+    stratified=st.booleans(),
+    crop=st.sampled_from([0.0, 1.0]),
+    eps=st.sampled_from([1e-3, 0.1, 1.0]),
+    p_uncond=st.sampled_from([0.0, 0.5]),
+    data=st.data(),
+)
+def test_property_schedule_rust_equals_reference(B, L, seed, step, schedule, stratified, crop, eps, p_uncond,
+                                                 data):
+    x = _tokens(B, L, seed=seed % 97)
+    pl = np.array(data.draw(st.lists(st.integers(0, L), min_size=B, max_size=B)), dtype=np.int64)
+    _both(x, seed=seed, step=step, stratified=stratified, crop_prob=crop, eps=eps, prompt_lens=pl,
+          p_uncond=p_uncond, schedule=schedule)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES + ["linear"])
+def test_schedule_p_and_weight_are_the_documented_formulas(schedule):
+    B, L = 64, 256
+    for eps in (1e-3, 0.2):
+        noisy, mask, t, p, weight, _, _ = _both(_tokens(B, L), seed=3, step=1, crop_prob=0.0, eps=eps,
+                                                schedule=schedule)
+        te = (1 - eps) * t + eps  # the effective time, numpy float64 like the contract
+        for i in range(B):
+            want_p, want_w = _documented_p_w(schedule, float(te[i]))
+            assert p[i] == want_p and 0 < p[i] <= 1
+            np.testing.assert_array_equal(weight[i], np.where(mask[i], np.float32(want_w), np.float32(0)))
+            token_key = np.uint64(rng.key(3, 1, i, rng.Stream.TOKEN))
+            u = rng.uniform(rng.splitmix64(token_key ^ np.arange(L, dtype=np.uint64)))
+            np.testing.assert_array_equal(mask[i], u < want_p)
+        np.testing.assert_array_equal(noisy, np.where(mask, MASK, _tokens(B, L)))
+    # cosine is 1 - cos(pi t'/2) (to rounding), polynomial t'^P
+    if schedule == "cosine":
+        np.testing.assert_allclose(p, 1 - np.cos(np.pi / 2 * te), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(diffusion.parse_schedule(schedule).weight(te),
+                                   np.pi / 2 * np.sin(np.pi / 2 * te) / (1 - np.cos(np.pi / 2 * te)), rtol=1e-9)
+
+
+def test_linear_schedule_is_today_and_power_one_is_linear():
+    x = _tokens(16, 300)
+    pl = np.arange(16) * 11
+    kw = dict(seed=9, step=4, mask_id=MASK, prompt_lens=pl, p_uncond=0.3, crop_prob=1.0, stratified=True)
+    default = _core.forward_process(x, **kw)
+    _assert_same(_core.forward_process(x, **kw, schedule="linear"), default)
+    _assert_same(_core.forward_process(x, **kw, schedule="polynomial:1"), default)
+    _assert_same(forward_process_reference(x, **kw, schedule=diffusion.Schedule("linear")), default)
+    np.testing.assert_array_equal(default[3], (1 - 1e-3) * default[2] + 1e-3)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_mask_fraction_matches_one_minus_alpha(schedule):
+    """Per row, the masked fraction is within 5 sigma of p = 1 - alpha(t') (binomial, L draws); pooled over
+    the batch within 4 sigma; and p itself is 1 - alpha(t') of the schedule's formula."""
+    B, L = 64, 4096
+    eps = 1e-3
+    _, mask, t, p, *_ = _core.forward_process(_tokens(B, L), seed=7, step=0, mask_id=MASK, crop_prob=0.0,
+                                              schedule=schedule, stratified=True)
+    te = (1 - eps) * t + eps
+    np.testing.assert_allclose(p, 1 - diffusion.alpha(torch.from_numpy(te), schedule).numpy(), rtol=1e-12,
+                               atol=1e-15)
+    frac = mask.mean(axis=1)
+    sigma = np.sqrt(p * (1 - p) / L)
+    assert np.all(np.abs(frac - p) <= 5 * sigma + 1e-12)
+    assert abs(mask.mean() - p.mean()) <= 4 * np.sqrt(np.mean(p * (1 - p)) / (B * L))
+    # the schedule matters: cosine and t'^2 mask less than linear at the same t, t'^0.5 more
+    lin = (1 - eps) * t + eps
+    if schedule in ("cosine", "polynomial:2", "polynomial:3.7"):
+        assert np.all(p[lin < 0.99] < lin[lin < 0.99])
+    else:
+        assert np.all(p[lin < 0.99] > lin[lin < 0.99])
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_weights_bounded_by_w_eps(schedule):
+    sched = diffusion.parse_schedule(schedule)
+    for eps in (1e-3, 0.5, 1.0):
+        _, mask, _, _, weight, *_ = _core.forward_process(_tokens(256, 64), seed=2, step=1, mask_id=MASK,
+                                                          eps=eps, schedule=schedule)
+        assert np.all(weight[~mask] == 0) and np.all(np.isfinite(weight))
+        assert weight.max() <= np.float32(sched.weight(eps)) and weight[mask].min() >= np.float32(sched.weight(1.0))
+
+
+def test_eps_one_masks_everything_for_every_schedule():
+    for schedule in SCHEDULES:
+        _, mask, _, p, *_ = _both(_tokens(4, 500), seed=1, step=0, eps=1.0, crop_prob=0.0, schedule=schedule)
+        assert mask.all() and np.all(p == 1.0)
+
+
+def test_schedule_api():
+    ps = diffusion.parse_schedule
+    assert ps("linear") == diffusion.Schedule("linear") and ps("cosine").name == "cosine"
+    assert ps("polynomial") == ps("polynomial:2") == ps("polynomial:2.0") == diffusion.Schedule("polynomial", 2.0)
+    for name in ("polynomial:0.5", "polynomial:1e-05", "polynomial:3.7", "polynomial:1e+16"):
+        assert ps(ps(name).name) == ps(name)  # the canonical name round-trips (Rust parses it too)
+        _core.forward_process(_tokens(1, 4), seed=0, step=0, mask_id=MASK, schedule=ps(name).name)
+    sch = ps("cosine")
+    assert ps(sch) is sch
+    t = np.array([0.0, 0.25, 1.0])
+    np.testing.assert_array_equal(sch.mask_prob(t), [sch.mask_prob(float(v)) for v in t])
+    assert sch.mask_prob(0.0) == 0.0 and sch.mask_prob(1.0) == 1.0 and sch.alpha(1.0) == 0.0
+    np.testing.assert_allclose(sch.alpha(torch.tensor(t)).numpy(), np.cos(np.pi / 2 * t), atol=1e-15)
+    assert ps("polynomial:3").weight(0.5) == 6.0 and ps("polynomial:3").mask_prob(0.5) == 0.125
+    assert diffusion.elbo_weight(0.5, "polynomial:3") == 6.0
+
+
+BAD_SCHEDULES = ["nope", "Linear", "cos", "polynomial:", "polynomial:0", "polynomial:-1", "polynomial:nan",
+                 "polynomial:inf", "polynomial:two", "polynomial: 2", "linear:2", ""]
+
+
+@pytest.mark.parametrize("name", BAD_SCHEDULES)
+def test_bad_schedule_names(name, monkeypatch):
+    msg = f"unknown schedule '{name}'"
+    with pytest.raises(ValueError, match=msg):
+        diffusion.parse_schedule(name)
+    with pytest.raises(ValueError, match=msg):  # straight into Rust: its own check, no panic
+        _core.forward_process(_tokens(2, 10), seed=0, step=0, mask_id=MASK, schedule=name)
+    with pytest.raises(ValueError, match="forward_process: " + msg):
+        forward_process(_tokens(2, 10), seed=0, step=0, mask_id=MASK, schedule=name)
+    monkeypatch.setenv("SMDM_KERNELS", "reference")
+    with pytest.raises(ValueError, match="forward_process: " + msg):
+        forward_process(_tokens(2, 10), seed=0, step=0, mask_id=MASK, schedule=name)
+    with pytest.raises(ValueError, match=msg):
+        forward_process_reference(_tokens(2, 10), seed=0, step=0, mask_id=MASK, schedule=name)
+
+
+def test_bad_schedule_types():
+    with pytest.raises(ValueError, match="unknown schedule 3"):
+        diffusion.parse_schedule(3)
+    with pytest.raises(TypeError):  # pyo3's conversion error, not a panic
+        _core.forward_process(_tokens(2, 10), seed=0, step=0, mask_id=MASK, schedule=3)
+
+
+@pytest.mark.parametrize("name", ["polynomial:0.5", "polynomial:3"])
+def test_polynomial_weights_are_minus_dalpha_over_one_minus_alpha(name):
+    t = np.linspace(0.01, 0.99, 99)
+    h = 1e-6
+    dalpha = (diffusion.alpha(t + h, name) - diffusion.alpha(t - h, name)) / (2 * h)
+    np.testing.assert_allclose(diffusion.elbo_weight(t, name), -dalpha / (1 - diffusion.alpha(t, name)),
+                               rtol=1e-6)
