@@ -94,3 +94,63 @@ def test_infill_hole_syntax(capsys, ckpts, tmp_path):
     assert filled[:2] == [1, 2] and filled[-1] == 5 and len(filled) == 6 and max(filled) < len(WORDS)
     rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["ar"]), "--ids", "1 _ 2")
     assert rc == 2 and "autoregressive" in err
+
+
+# ---- --schedule, and the checkpoint's training schedule as the default ----
+
+
+@pytest.fixture(scope="module")
+def sched_ckpts(tmp_path_factory):
+    """MDM checkpoints whose config.json names a training schedule (train.schedule), one of them bad."""
+    root = tmp_path_factory.mktemp("sched")
+    _tokenizer(root / "tokenizer.json")
+    model = build_model(config_by_name("tiny", vocab_size=len(WORDS), causal=False, max_seq_len=64))
+    out = {}
+    for name, schedule in (("cosine", "cosine"), ("bad", "cosinus")):
+        out[name] = checkpoint.save(root / name, 1, model_state=model.state_dict(),
+                                    config={"model": model.config.to_dict(), "objective": "mdm",
+                                            "train": {"schedule": schedule}},
+                                    train_state={"step": 1}, tokenizer_path=root / "tokenizer.json")
+    return out
+
+
+def _masks_per_step(err):
+    """Masked positions after each step, from the --show-steps lines ('step k | text with ·')."""
+    return [line.count("·") for line in err.splitlines() if line.startswith("step ")]
+
+
+def _expected(schedule, G=8, S=4):
+    from smdm.diffusion import parse_schedule
+    from smdm.sampling import commit_count
+
+    left, m = [], G
+    for i in range(S):
+        m -= commit_count(m, parse_schedule(schedule), i, S)
+        left.append(m)
+    return left
+
+
+def test_schedule_precedence(capsys, ckpts, sched_ckpts):
+    """--schedule, else the checkpoint's train.schedule, else linear; the steps follow the chosen one."""
+    assert _expected("cosine") != _expected("linear")
+    args = ["--prompt", "the cat", "--gen-length", "8", "--steps", "4", "--json", "--no-eos", "--show-steps"]
+    for ckpt, extra, want in ((ckpts["mdm"], [], "linear"), (sched_ckpts["cosine"], [], "cosine"),
+                              (sched_ckpts["cosine"], ["--schedule", "linear"], "linear"),
+                              (ckpts["mdm"], ["--schedule", "cosine"], "cosine"),
+                              (sched_ckpts["bad"], ["--schedule", "polynomial:2"], "polynomial:2.0")):
+        rc, out, err = run(capsys, "generate", "--ckpt", str(ckpt), *args, *extra)
+        assert rc == 0, err
+        assert json.loads(out)["schedule"] == want
+        assert _masks_per_step(err) == _expected(want), (ckpt, extra)
+    rc, out, err = run(capsys, "infill", "--ckpt", str(sched_ckpts["cosine"]), "--text",
+                       "the <|mask:8|> mat", "--steps", "4", "--json", "--show-steps")
+    assert rc == 0 and json.loads(out)["schedule"] == "cosine" and _masks_per_step(err) == _expected("cosine")
+
+
+def test_bad_schedule(capsys, sched_ckpts):
+    rc, _, err = run(capsys, "generate", "--ckpt", "/nonexistent", "--prompt", "x", "--schedule", "cosinus")
+    assert rc == 2 and "--schedule: unknown schedule 'cosinus'" in err  # before loading anything
+    rc, _, err = run(capsys, "infill", "--ckpt", "/nonexistent", "--ids", "1 _", "--schedule", "polynomial:-1")
+    assert rc == 2 and "unknown schedule 'polynomial:-1'" in err
+    rc, _, err = run(capsys, "generate", "--ckpt", str(sched_ckpts["bad"]), "--prompt", "the")
+    assert rc == 2 and "train.schedule" in err and "'cosinus'" in err and "--schedule" in err

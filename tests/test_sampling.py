@@ -502,3 +502,164 @@ def test_more_steps_than_tokens_and_callback(mdm):
     seen = []
     out = generate(mdm, [[1, 2]], gen_length=4, steps=12, callback=lambda i, seqs: seen.append(i))
     assert out.steps == [12] and out.forward_passes == 4 and seen == list(range(1, 13))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Noise schedules: how many positions a step reveals (docs/CONTRACTS.md "Samplers and schedules")
+
+from smdm.diffusion import parse_schedule  # noqa: E402
+from smdm.sampling import commit_count, reveal_probability  # noqa: E402
+
+
+def _q_cosine(i, S):
+    """(alpha_s - alpha_t)/(1 - alpha_t) for alpha = cos(pi t/2), written independently of the library."""
+    t, s = 1 - i / S, 1 - (i + 1) / S
+    a_t, a_s = math.cos(math.pi / 2 * t), math.cos(math.pi / 2 * s)
+    return (a_s - a_t) / (1 - a_t)
+
+
+def test_linear_step_rule_is_unchanged():
+    lin = parse_schedule("linear")
+    for S in range(1, 41):
+        for i in range(S):
+            assert reveal_probability(lin, i, S) == 1.0 / (S - i)
+            for m in range(0, 120, 7):
+                assert commit_count(m, lin, i, S) == m // (S - i)
+
+
+def test_polynomial_commit_count_is_the_exact_rational_floor():
+    """t^2: q = 1 - (s/t)^2 is rational, floor(m q) checked in exact arithmetic (many products are integers
+    that float64 misses by an ulp; COMMIT_EPS must restore them, and never more)."""
+    sch = parse_schedule("polynomial:2")
+    for S in range(1, 41):
+        for i in range(S):
+            t, s = 1 - Fraction(i, S), 1 - Fraction(i + 1, S)
+            q = 1 - (s / t) ** 2
+            assert abs(reveal_probability(sch, i, S) - q) < 1e-15
+            for m in range(0, 150):
+                assert commit_count(m, sch, i, S) == (m if i == S - 1 else math.floor(m * q)), (m, i, S)
+
+
+def _q_exact(name, i, S):
+    """q = (alpha_s - alpha_t)/(1 - alpha_t) in 50-digit arithmetic (mpmath), from alpha itself."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50
+    t, s = 1 - mp.mpf(i) / S, 1 - mp.mpf(i + 1) / S
+    if name == "cosine":
+        alpha = lambda x: mp.cos(mp.pi / 2 * x)  # noqa: E731
+    else:
+        power = mp.mpf(name.split(":")[1])
+        alpha = lambda x: 1 - x**power  # noqa: E731
+    return (alpha(s) - alpha(t)) / (1 - alpha(t))
+
+
+@pytest.mark.parametrize("name", ["cosine", "polynomial:0.5", "polynomial:2.5", "polynomial:3"])
+def test_commit_counts_follow_the_formula_and_finish_at_the_last_step(name):
+    """q within ~10 ulps of the 50-digit value; n = floor(m q) of the real number (no product lies within
+    1e-9 of an integer here unless it is one); every row is fully committed at the last step."""
+    import mpmath
+
+    sch = parse_schedule(name)
+    for S in (1, 2, 3, 7, 16, 64, 1000):
+        steps = range(S) if S < 100 else [0, 1, 500, 997, 998, 999]
+        for i in steps:
+            q = reveal_probability(sch, i, S)
+            assert (q == 1.0) == (i == S - 1) and 0 < q <= 1
+            if i < S - 1:
+                qe = _q_exact(name, i, S)
+                assert abs(q - qe) <= 2e-15 * qe, (name, i, S, q, qe)  # ~10 ulps
+                for m in (1, 2, 5, 23, 100, 4096, 10**5):
+                    assert commit_count(m, sch, i, S) == int(mpmath.floor(m * qe + mpmath.mpf(10) ** -30))
+        for m0 in (0, 1, 5, 23, 100, 1000):
+            m = m0
+            for i in range(S):
+                n = commit_count(m, sch, i, S)
+                assert 0 <= n <= m
+                m -= n
+            assert m == 0
+    # a product that is a whole number in exact arithmetic: cosine, S = 3, i = 0 has q = 1/2
+    if name == "cosine":
+        assert [commit_count(m, sch, 0, 3) for m in range(2, 12, 2)] == [1, 2, 3, 4, 5]
+
+
+def test_low_confidence_follows_the_cosine_schedule():
+    model = ToyModel(lambda ids: torch.zeros(ids.shape[0], ids.shape[1], V))
+    G, S = 23, 7
+    _, trace = _mask_trace(model, prompts=[[1]], gen_length=G, steps=S, schedule="cosine")
+    left = [G] + [t[0] for t in trace]
+    assert left[-1] == 0 and len(left) == S + 1
+    for i in range(S - 1):
+        assert left[i] - left[i + 1] == math.floor(left[i] * _q_cosine(i, S)), (i, left)
+    # cosine reveals more positions at the first step than linear (q = sin(pi/2S) > 1/S): a different trace
+    _, lin = _mask_trace(model, prompts=[[1]], gen_length=G, steps=S)
+    assert left[1] < lin[0][0]
+    # infill uses the same rule
+    trace = []
+    out = infill(model, [1] + [V] * G, steps=S, schedule="cosine",
+                 callback=lambda step, seqs: trace.append(int((seqs[0] == V).sum())))
+    assert out.steps == [S] and trace == left[1:]
+
+
+def test_ancestral_reveal_probability_follows_the_schedule():
+    model = ToyModel(lambda ids: torch.zeros(ids.shape[0], ids.shape[1], V))
+    S, G, n_seeds = 5, 64, 40
+    for name, q_of in (("cosine", _q_cosine), ("polynomial:2", lambda i, S: 1 - ((S - i - 1) / (S - i)) ** 2)):
+        _, trace = _mask_trace(model, prompts=[[1]] * n_seeds, gen_length=G, steps=S, sampler="ancestral",
+                               seed=list(range(n_seeds)), schedule=name)
+        left = np.array([[G] * n_seeds] + trace, dtype=np.float64)  # (S + 1, rows)
+        for i in range(S - 1):
+            m, q = left[i].sum(), q_of(i, S)
+            revealed = m - left[i + 1].sum()
+            assert abs(revealed - m * q) <= 5 * math.sqrt(m * q * (1 - q)), (name, i, revealed, m * q)
+        assert left[-1].sum() == 0
+        # the first cosine step reveals sin(pi/(2S)) ~ 0.31 of the positions, linear 1/S = 0.2
+        if name == "cosine":
+            assert (G * n_seeds - left[1].sum()) / (G * n_seeds) > 0.25
+
+
+def _reference_loop_schedule(model, prompt, G, S, sampler, q_of, seed=0):
+    """Without blocks: the commit rule with the reveal fraction q_of(i, S) (the plain loop above, scheduled)."""
+    seq = list(prompt) + [V] * G
+    positions = list(range(len(prompt), len(prompt) + G))
+    for i in range(S):
+        cand = [j for j in positions if seq[j] == V]
+        if not cand:
+            break
+        logits = _logits_of(model, seq)
+        probs = torch.softmax(logits, -1)
+        tok = {j: int(torch.argmax(logits[j])) for j in cand}
+        conf = {j: float(probs[j, tok[j]]) for j in cand}
+        ranked = sorted(cand, key=lambda j: (-conf[j], j))
+        q = 1.0 if i == S - 1 else q_of(i, S)
+        if sampler == "ancestral":
+            commit = [j for j in cand if rng.uniform(rng.key(seed, i, j, sampling.REVEAL_STREAM)) < q]
+        else:
+            commit = ranked[:math.floor(len(cand) * q + 1e-9)]
+        for j in commit:
+            seq[j] = tok[j]
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("sampler", ["low_confidence", "ancestral"])
+def test_scheduled_sampler_matches_plain_reference_loop(mdm, sampler):
+    prompt, G, S = [3, 1, 4, 1, 5], 16, 6
+    out = generate(mdm, [prompt], gen_length=G, steps=S, seed=3, sampler=sampler, schedule="cosine")
+    assert out.tokens[0] == _reference_loop_schedule(mdm, prompt, G, S, sampler, _q_cosine, seed=3)
+
+
+@pytest.mark.parametrize("kw", [dict(sampler="low_confidence", block_length=4, steps=8),
+                                dict(sampler="threshold", threshold=0.05, block_length=8)],
+                         ids=["blocks", "threshold"])
+def test_block_quota_and_threshold_are_schedule_free(mdm, kw):
+    a = generate(mdm, [[3, 1, 4]], gen_length=16, seed=1, temperature=1.0, **{"steps": 8, **kw})
+    b = generate(mdm, [[3, 1, 4]], gen_length=16, seed=1, temperature=1.0, schedule="cosine",
+                 **{"steps": 8, **kw})
+    assert a.tokens == b.tokens and a.steps == b.steps
+
+
+def test_bad_schedule_raises(mdm, arm):
+    for fn, args in ((generate, ([[1, 2]],)), (infill, ([1, V, V],))):
+        with pytest.raises(ValueError, match="unknown schedule 'cosinus'"):
+            fn(mdm, *args, steps=2, schedule="cosinus")
+    with pytest.raises(ValueError, match="unknown schedule 'polynomial:0'"):
+        generate(arm, [[1]], gen_length=2, schedule="polynomial:0")

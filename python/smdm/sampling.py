@@ -69,6 +69,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -83,6 +84,7 @@ CONFIDENCES = ("prob", "margin", "entropy")
 CACHES = ("none", "prefix")
 _CHUNK = 1 << 22  # elements of (rows x vocab) processed at once by choose_tokens
 COMMIT_EPS = 1e-9  # commit_count: n = floor(m·q + COMMIT_EPS), so rounding never loses a whole token
+MAX_EXACT_POWER = 64  # polynomial:P with a whole P up to this: step counts in exact integer arithmetic
 
 _MASK64 = (1 << 64) - 1
 
@@ -287,31 +289,55 @@ class _Row:
     done: bool = False
 
 
+def _integer_power(schedule: Schedule) -> Optional[int]:
+    """P of "polynomial:P" when P is a whole number up to MAX_EXACT_POWER (exact integer step counts)."""
+    if schedule.kind == "polynomial" and schedule.power.is_integer() and schedule.power <= MAX_EXACT_POWER:
+        return int(schedule.power)
+    return None
+
+
 def reveal_probability(schedule: Schedule, i: int, S: int) -> float:
-    """The fraction of the masked positions that step i of S reveals, from t = 1 - i/S to s = 1 - (i+1)/S:
-    q = (alpha_s - alpha_t)/(1 - alpha_t) = (p_t - p_s)/p_t with p = `schedule.mask_prob` (float64, the
-    scalar `math` chain of docs/CONTRACTS.md). Linear: exactly 1.0 / (S - i). The last step (i >= S - 1)
-    gives exactly 1.0, and so does a step whose p_t underflowed to 0 (a huge polynomial power)."""
-    if i >= S - 1:
+    """The fraction of the still-masked positions that step i of S reveals, from t = 1 - i/S to
+    s = 1 - (i+1)/S: q = (alpha_s - alpha_t)/(1 - alpha_t). With k = S - i steps left, in float64:
+      last step (k <= 1)      1.0
+      linear                  1.0 / k                                 (= (t - s)/t, as always)
+      cosine                  sin((2k-1)a)·sin(a) / sin(ka)^2, a = pi/(4S)  (cos A - cos B as a product of
+                              sines: no cancellation, a few ulps of relative error)
+      polynomial:P, whole P   float(Fraction(k^P - (k-1)^P, k^P))   (= 1 - ((k-1)/k)^P, correctly rounded)
+      polynomial:P, other P   -expm1(P·log1p(-1/k))                 (the same number, relative error ~ulps)
+    """
+    k = S - i
+    if k <= 1:
         return 1.0
     if schedule.kind == "linear":
-        return 1.0 / (S - i)
-    t, s = 1.0 - i / S, 1.0 - (i + 1) / S
-    pt, ps = schedule.mask_prob(t), schedule.mask_prob(s)
-    return (pt - ps) / pt if pt > 0 else 1.0
+        return 1.0 / k
+    if schedule.kind == "cosine":
+        a = math.pi / (4 * S)
+        return math.sin((2 * k - 1) * a) * math.sin(a) / math.sin(k * a) ** 2
+    power = _integer_power(schedule)
+    if power is not None:
+        return float(Fraction(k**power - (k - 1) ** power, k**power))
+    return -math.expm1(schedule.power * math.log1p(-1.0 / k))
 
 
 def commit_count(m: int, schedule: Schedule, i: int, S: int) -> int:
-    """Positions the low-confidence sampler commits at step i of S with m still masked: floor(m·q_i) of
-    `reveal_probability`, everything at the last step. Linear: exactly m // (S - i) (integer arithmetic).
-    Other schedules: floor(m·q + COMMIT_EPS) in float64, clipped to m: the products are off by at most
-    ~m·1e-16 (a few ulps of q), far below COMMIT_EPS, so a product that is an integer in exact arithmetic
-    (e.g. m = 9, q = 1 - (2/3)^2 for polynomial:2) is never floored to one less; a true value within
-    COMMIT_EPS below an integer would round up (none occurs for step counts below ~3e4)."""
-    if i >= S - 1:
+    """Positions the low-confidence sampler commits at step i of S with m still masked: floor(m·q) with q of
+    `reveal_probability`, everything at the last step. Deterministic by construction:
+      linear                  m // k                       (integer arithmetic, k = S - i, as always)
+      polynomial:P, whole P   m·(k^P - (k-1)^P) // k^P     (exact integers)
+      cosine, other P         min(m, floor(m·q + COMMIT_EPS)) in float64: q is within a few ulps (relative)
+                              of the real number, so for m < 10^6 the product is off by < 10^-9 and a
+                              product that is a whole number in exact arithmetic (cosine with S = 3, i = 0
+                              has q = 1/2) is never floored to one less; only a real value within 10^-9
+                              below a whole number is rounded up."""
+    k = S - i
+    if k <= 1:
         return m
     if schedule.kind == "linear":
-        return m // (S - i)
+        return m // k
+    power = _integer_power(schedule)
+    if power is not None:
+        return m * (k**power - (k - 1) ** power) // k**power
     return min(m, math.floor(m * reveal_probability(schedule, i, S) + COMMIT_EPS))
 
 
