@@ -85,6 +85,7 @@ def forward_process(
     prompt_lens: Optional[npt.NDArray[np.int64]] = None,
     crop_prob: float = 0.01,
     p_uncond: float = 0.0,
+    schedule: str = "linear",
 ) -> Tuple[
     np.ndarray,  # noisy (B, L') dtype of tokens
     npt.NDArray[np.bool_],  # mask (B, L')
@@ -95,4 +96,5 @@ def forward_process(
     npt.NDArray[np.bool_],  # uncond (B,)
 ]:
     """The forward process of docs/CONTRACTS.md over a C-contiguous (B, L) array (GIL released).
-    Raises ValueError for bad arguments (eps, mask_id, prompt_lens, layout, dtype)."""
+    `schedule`: "linear" | "cosine" | "polynomial:P" (masking probability 1 - alpha(t'), weight w(t')).
+    Raises ValueError for bad arguments (eps, mask_id, prompt_lens, schedule, layout, dtype)."""

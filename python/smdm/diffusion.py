@@ -28,8 +28,10 @@ def _xp(t):
 
 # Each schedule is two float64 function chains of the (effective) time t, p = 1 - alpha_t and w(t). The
 # scalar forms (`math`, i.e. the C library's sin/tan/pow, the same functions the Rust core calls) define the
-# forward process, the ELBO and the samplers bit for bit; the array forms below them serve torch tensors
-# (plots, analysis) and may differ from the scalar ones in the last bit (SIMD sin/cos/pow).
+# forward process and the ELBO bit for bit (the samplers' step fractions have their own cancellation-free
+# forms, `smdm.sampling.reveal_probability`); the array forms below them serve torch tensors (plots,
+# analysis) and may differ from the scalar ones in the last bit (SIMD sin/cos/pow). Every function takes
+# (t, power); only the polynomial ones use the power.
 #   linear        p = t                          w = 1 / t
 #   cosine        p = 1 - sin((1 - t)·(pi/2))    w = (pi/2) / tan(t·(pi/4))
 #   polynomial:P  p = pow(t, P)                  w = P / t
