@@ -216,8 +216,12 @@ def test_reader_order_ranks_epochs_and_resume(files, tokenizer):
 
 
 def test_mdm_prompts_stay_clean_and_padding_is_noised(files, tmp_path, monkeypatch, mask_id):
+    from smdm import diffusion
+
+    # a seed whose step 0 would crop the batch under pretraining's random-length rule (probability 0.01)
+    seed = next(s for s in range(10_000) if diffusion.crop_length(s, 0, SEQ_LEN, 0.01) < SEQ_LEN)
     seen = record_inputs(monkeypatch)
-    train(sft_cfg(files, tmp_path / "r", max_steps=6))
+    train(sft_cfg(files, tmp_path / "r", max_steps=6, seed=seed))
     assert [k for k, _ in seen] == ["sft"] * 6
     masked_pad = 0
     for _, kw in seen:
@@ -329,6 +333,15 @@ def test_resume_is_bit_exact(files, tmp_path, kind):
             train(sft_cfg(files, tmp_path / "half", resume=True, **{**kw, "p_uncond": 0.5}))
 
 
+def test_a_non_finite_step_is_skipped(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("SMDM_INJECT_NONFINITE", "1")  # the loss of step index 1 (reported as step 2) is NaN
+    train(sft_cfg(files, tmp_path / "r", max_steps=3, save_every=1, keep=5))
+    rows = [r for r in metrics(tmp_path / "r") if "loss" in r]
+    assert [r["skipped"] for r in rows] == [False, True, False]
+    w1, w2 = ckpt.load_weights(tmp_path / "r" / "step-1"), ckpt.load_weights(tmp_path / "r" / "step-2")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
 def test_gradient_accumulation_split_equals_the_whole_batch(files, tmp_path):
     # per-sequence normalisation: the mean over 2 micro-batches of 4 is the mean over the batch of 8
     train(sft_cfg(files, tmp_path / "a", max_steps=3, p_uncond=0.25))
@@ -368,6 +381,10 @@ def test_init_from_takes_model_objective_and_tokenizer_and_mismatches_are_errors
     assert "--sft and --data exclude each other" in err("--init-from", str(base), "--data", str(tmp_path))
     assert "exceeds the context" in err("--init-from", str(base), "--seq-len", "100000")
     assert "--init-from: " in err("--init-from", str(tmp_path / "missing"))
+    assert main(["train", "--sft", str(files["train"]), "--init-from", str(base), "--out", str(base),
+                 "--overwrite", "--max-steps", "1", "--seq-len", str(SEQ_LEN)]) == 2
+    assert "whose checkpoints a fresh run deletes" in capsys.readouterr().err
+    assert ckpt.latest(base) is not None
     assert main(["train", "--p-uncond", "0.1", "--out", str(tmp_path / "y")]) == 2
     assert "--p-uncond need --sft" in capsys.readouterr().err
     from test_train import make_dataset
@@ -432,3 +449,47 @@ def test_checkpoint_loads_and_runs_eval_gsm8k_and_generate(files, tmp_path, caps
     assert "n=3 0-shot  acc" in capsys.readouterr().out
     assert main(["generate", "--ckpt", str(out), "--prompt", "Question: what is 2 plus 3?\nAnswer:",
                  "--gen-length", "8", "--device", "cpu"]) == 0
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_torchrun_two_ranks_train_the_global_batch(files, tmp_path):
+    """2 processes (DDP, gloo): each rank reads its contiguous share of the epoch's order, and the first step's
+    loss is the SFT loss of the whole global batch (masks keyed by global sample index, per-sequence mean),
+    computed here in one process from the same initial weights."""
+    import os
+    import subprocess
+    import sys
+
+    from smdm import diffusion
+
+    out, windows = tmp_path / "ddp", tmp_path / "w"
+    windows.mkdir()
+    args = ["--config", "tiny", "--sft", str(files["train"]), "--tokenizer", str(files["tok"]), "--out", str(out),
+            "--seq-len", str(SEQ_LEN), "--batch-size", "8", "--max-steps", "2", "--p-uncond", "0.3", "--lr", "3e-3",
+            "--val-every", "0", "--save-every", "0", "--threads", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "smdm.cli",
+           "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SMDM_LOG_WINDOWS": str(windows)}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+
+    t = Trainer(sft_cfg(files, tmp_path / "ref", max_steps=2, p_uncond=0.3))  # the same initial weights
+    shares = [sft.SftDataset(t.train_examples, 4, rank=r, world_size=2) for r in range(2)]
+    for r in range(2):
+        logged = [json.loads(x)["index"] for x in (windows / f"windows-rank{r}.jsonl").read_text().splitlines()]
+        assert logged == [shares[r].example_ids(0, b).tolist() for b in range(2)]
+    batch = [t.train_examples.rows(d.example_ids(0, 0)) for d in shares]
+    x0 = torch.cat([b["input_ids"] for b in batch])
+    pl = torch.cat([b["prompt_lens"] for b in batch])
+    fp = diffusion.forward_process(x0, seed=0, step=0, mask_id=t.mask_id, prompt_lens=pl, p_uncond=0.3,
+                                   crop_prob=0.0)
+    with torch.no_grad():
+        ref = diffusion.sft_loss(t.model, fp.noisy_ids, x0, fp.mask, fp.weight, pl)
+    t.dist.close()
+    assert step_losses(out)[0] == pytest.approx(float(ref), rel=1e-5)
+    import smdm
+
+    model, tok = smdm.load(out)
+    assert tok is not None and model.config.vocab_size == t.model_config.vocab_size

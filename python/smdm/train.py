@@ -304,8 +304,11 @@ class Trainer:
 
         resume_dir = None
         existing = ckpt.step_dirs(self.out)
+        if existing and not cfg.resume and init is not None and init[0].parent.resolve() == self.out.resolve():
+            raise TrainError(f"--init-from {init[0]} lies in --out {self.out}, whose checkpoints a fresh run "
+                             f"deletes: write the new run to another --out")
         if existing and not cfg.resume:
-            demo = cfg.out is None and cfg.data is None and not self.sft  # the demo restarts freely
+            demo = cfg.out is None and cfg.data is None and not self.sft and init is None  # restarts freely
             if not (cfg.overwrite or demo):
                 raise TrainError(f"{self.out} already holds checkpoints (latest {existing[-1][1].name}); "
                                  f"pass --resume to continue it, --overwrite to start over, or another --out")
