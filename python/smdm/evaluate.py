@@ -5,6 +5,7 @@ zero-shot comparisons, Nie et al. 2024), measured the same way for both.
     smdm eval mc    --ckpt DIR [--ckpt DIR ...] --data F.jsonl [--n-samples N] [--cfg W] [--method elbo|chain]
     smdm eval gsm8k --ckpt DIR [--ckpt DIR ...] --data test.jsonl [--few-shot K] [--gen-length 256] ...
     smdm eval ppl   --ckpt DIR [--ckpt DIR ...] --data SHARDS [--seq-len L] [--n-samples N]
+    smdm eval harness --ckpt DIR [--ckpt DIR ...] --tasks T [--include-path P]   (lm-eval tasks: smdm.harness)
 
 Library: `score(model, pairs)` -> `Scores` (-log p(continuation | context) per (context, continuation) pair
 of token ids), `evaluate_mc`, `evaluate_gsm8k`, `evaluate_ppl`, `extract_answer`.
@@ -95,6 +96,10 @@ class Scores:
     method: str  # "ar" | "elbo" | "chain"
     n_samples: int  # Monte Carlo samples per pair (elbo), else 0
     cfg: float = 0.0  # guidance weight w (MDM)
+    # (N,) bool, "ar" and "chain" only (None for elbo): every continuation token is the argmax of the (guided)
+    # logits of its own step (ARM: given its prefix; chain: in the fixed order, the rest masked). Computed in
+    # the same forward passes as the score (lm-eval's is_greedy).
+    greedy: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -190,6 +195,7 @@ def score(model, pairs: Sequence, *, method: Optional[str] = None, n_samples: in
     by_length = sorted(range(N), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))  # fewer pads
     t = elbo_times(n_samples, seed) if method == "elbo" else None
     sums = np.zeros((N, n_samples if method == "elbo" else 1), dtype=np.float64)
+    greedy = np.ones(N, dtype=bool)
     if method == "elbo":
         units = _elbo_units(pairs, by_length, t, seed, row_ids, conf.mask_id)
     elif method == "chain":
@@ -197,8 +203,9 @@ def score(model, pairs: Sequence, *, method: Optional[str] = None, n_samples: in
     else:
         units = _ar_units(pairs, by_length)
     with torch.no_grad():
-        for unit, ce in _run_units(model, units, cfg, batch_size, batch_invariant):
+        for unit, (ce, argmax) in _run_units(model, units, cfg, batch_size, batch_invariant):
             sums[unit.pair, unit.slot] += ce
+            greedy[unit.pair] &= argmax
     if method == "elbo":
         per_sample = sums / t[None, :]  # (N, n): sum_masked CE / t_k, exactly zero for empty masks
         nll = per_sample.mean(1)
@@ -206,7 +213,8 @@ def score(model, pairs: Sequence, *, method: Optional[str] = None, n_samples: in
     else:
         nll, stderr = sums[:, 0], np.zeros(N)
     return Scores(nll=nll, stderr=stderr, n_tokens=n_tokens, method=method,
-                  n_samples=n_samples if method == "elbo" else 0, cfg=float(cfg))
+                  n_samples=n_samples if method == "elbo" else 0, cfg=float(cfg),
+                  greedy=None if method == "elbo" else greedy)
 
 
 def _orders(order, pairs) -> list:
@@ -271,7 +279,8 @@ def _ar_units(pairs, by_length) -> Iterator[_Unit]:
 
 
 def _run_units(model, units: Iterable[_Unit], cfg: float, batch_size: int, batch_invariant: bool):
-    """Yield (unit, sum of its CE) with `batch_size` rows per forward pass (CFG: two rows per unit)."""
+    """Yield (unit, (sum of its CE, whether each of its targets is the argmax)) with `batch_size` rows per
+    forward pass (CFG: two rows per unit)."""
     per_pass = max(1, batch_size // (2 if cfg else 1))
     batch = []
     for u in units:
@@ -284,8 +293,9 @@ def _run_units(model, units: Iterable[_Unit], cfg: float, batch_size: int, batch
 
 
 def _ce_sums(model, batch: list, cfg: float, batch_invariant: bool) -> list:
-    """One padded forward pass over the units' rows (plus their unconditional rows with CFG): the sum of the
-    (guided) cross-entropy at each unit's positions, float32 CE summed in float64."""
+    """One padded forward pass over the units' rows (plus their unconditional rows with CFG): per unit the sum
+    of the (guided) cross-entropy at its positions (float32 CE summed in float64) and whether every target is
+    the argmax of its (guided) logits (first index on ties, as torch.argmax)."""
     import torch
     import torch.nn.functional as F
 
@@ -310,7 +320,8 @@ def _ce_sums(model, batch: list, cfg: float, batch_invariant: bool) -> list:
     guided = _guided(logits[:m], logits[m:] if cfg else None, cfg)  # float32
     target = torch.cat([u.tok for u in batch]).to(device)
     ce = F.cross_entropy(guided, target, reduction="none").double().cpu()  # (P,)
-    return [float(c.sum()) for c in ce.split(sizes)]
+    hit = (guided.argmax(-1) == target).cpu()  # (P,)
+    return [(float(c.sum()), bool(h.all())) for c, h in zip(ce.split(sizes), hit.split(sizes))]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -605,7 +616,7 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
 
 
 def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
-    """Add `smdm eval mc | gsm8k | ppl` to `parser`."""
+    """Add `smdm eval mc | gsm8k | ppl | harness` to `parser`."""
     parser.description = "Likelihood and generation benchmarks, MDM vs its ARM twin (smdm.evaluate)."
     sub = parser.add_subparsers(dest="task", required=True)
 
@@ -645,6 +656,12 @@ def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
     p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per window (MDM)")
     p.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
                    help="attend across the documents packed in a window")
+
+    from smdm.harness import add_arguments  # no lm_eval import until the command runs
+
+    p = sub.add_parser("harness", help="lm-evaluation-harness tasks through the smdm adapter (smdm.harness; "
+                       "pip install 'smdm[eval]')")
+    add_arguments(p)
     parser.set_defaults(func=run)
 
 
@@ -702,6 +719,10 @@ def _describe(res: dict) -> str:
 
 
 def run(args) -> int:
+    if args.task == "harness":
+        from smdm.harness import run_cli
+
+        return run_cli(args)
     try:
         _check_args(args)
         results = [_run_one(args, ckpt) for ckpt in args.ckpt]
