@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 from smdm import checkpoint, cli
 from smdm.generate_cli import encode_with_holes, parse_ids, render
 from smdm.model import build_model, config_by_name
@@ -114,6 +115,16 @@ def sched_ckpts(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread avoids OpenMP spin-waits on a busy machine (nothing compared across
+    thread counts)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _masks_per_step(err):
     """Masked positions after each step, from the --show-steps lines ('step k | text with ·')."""
     return [line.count("·") for line in err.splitlines() if line.startswith("step ")]
@@ -130,7 +141,7 @@ def _expected(schedule, G=8, S=4):
     return left
 
 
-def test_schedule_precedence(capsys, ckpts, sched_ckpts):
+def test_schedule_precedence(capsys, ckpts, sched_ckpts, one_thread):
     """--schedule, else the checkpoint's train.schedule, else linear; the steps follow the chosen one."""
     assert _expected("cosine") != _expected("linear")
     args = ["--prompt", "the cat", "--gen-length", "8", "--steps", "4", "--json", "--no-eos", "--show-steps"]

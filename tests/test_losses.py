@@ -186,6 +186,16 @@ def test_elbo_rejects_the_arm_and_one_sample():
 SCHEDULES = ["linear", "cosine", "polynomial:2", "polynomial:0.5"]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread avoids OpenMP spin-waits on a busy machine (nothing compared across
+    thread counts)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class _LinearWeights(diffusion.Schedule):
     """A deliberately wrong ELBO: the schedule's masks with the linear weight 1/t."""
 
@@ -193,7 +203,7 @@ class _LinearWeights(diffusion.Schedule):
         return diffusion.Schedule("linear").weight(t)
 
 
-def test_elbo_is_schedule_invariant_and_needs_the_matching_weight():
+def test_elbo_is_schedule_invariant_and_needs_the_matching_weight(one_thread):
     """With p = 1 - alpha_t, w(t) dt = dp/p: the continuous-time ELBO is the same for every schedule, so each
     schedule's Monte Carlo estimate agrees with `elbo_exact` and with the others within a few standard errors
     (deterministic seeds); cosine or t^2 masks weighted by 1/t are far off."""
@@ -217,7 +227,7 @@ def test_elbo_is_schedule_invariant_and_needs_the_matching_weight():
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "polynomial:2", "linear"])
-def test_mdm_loss_with_a_schedule_estimates_the_elbo(schedule):
+def test_mdm_loss_with_a_schedule_estimates_the_elbo(schedule, one_thread):
     """`mdm_loss` reads the weights of `forward_process(schedule=)`, so L · loss is an unbiased estimate of
     the per-sequence ELBO for any schedule (up to the eps floor, ~0.1% here): 32 independent batches of 256
     copies (i.i.d. t) against `elbo_exact`. Weighting the same masks by 1/t' instead is far off."""
