@@ -350,13 +350,14 @@ def test_rolling_loglikelihood(twins, runs):
 # ---- the CLI ----------------------------------------------------------------------------------------------------
 
 def test_cli_subprocess(twins, runs, tmp_path):
-    """`smdm eval harness` in a real process, offline: lm-eval's table, the JSON, the same acc as in-process."""
+    """`smdm eval harness` in a real process, offline: lm-eval's table, the JSON, the same acc as in-process;
+    the MDM-only options are left out for the ARM (as in `smdm eval mc`)."""
     out = tmp_path / "h.json"
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1"}  # a tiny model: one thread (see one_thread)
     r = subprocess.run([sys.executable, "-m", "smdm.cli", "eval", "harness", "--ckpt", str(twins["ar"]),
                         "--tasks", "tiny_mc", "--include-path", str(twins["tasks"]), "--limit", "2",
-                        "--device", "cpu", "--json", str(out)],
+                        "--device", "cpu", "--json", str(out), "--method", "chain", "--cfg", "0.5"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, **env})
     assert r.returncode == 0, r.stderr
     assert "(ARM, ar)" in r.stdout and "tiny_mc" in r.stdout and "acc_norm" in r.stdout
@@ -372,10 +373,11 @@ def test_cli_subprocess(twins, runs, tmp_path):
 
 def test_cli_errors(twins, offline, capsys):
     _lm_eval()
-    base = ["harness", "--ckpt", str(twins["ar"]), "--device", "cpu", "--include-path", str(twins["tasks"])]
+    base = ["harness", "--ckpt", str(twins["mdm"]), "--device", "cpu", "--include-path", str(twins["tasks"])]
     for extra, msg in [(["--tasks", " , "], "names no task"),
-                       (["--tasks", "tiny_mc", "--method", "elbo"], "the ARM twin is scored exactly"),
-                       (["--tasks", "tiny_mc", "--cfg", "1"], "CFG applies to the MDM only")]:
+                       (["--tasks", "tiny_mc", "--method", "ar"], "the MDM takes elbo or chain"),
+                       (["--tasks", "tiny_mc", "--cfg", "-1"], "cfg=-1.0: expected a finite number >= 0"),
+                       (["--tasks", "tiny_mc", "--ckpt", str(twins["root"] / "none")], "does not exist")]:
         assert evaluate.main(base + extra) == 2
         assert msg in capsys.readouterr().err, msg
     rc = evaluate.main(["harness", "--ckpt", str(twins["ar"]), "--tasks", "t", "--include-path",

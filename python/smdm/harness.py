@@ -385,7 +385,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help="MDM: elbo (default) | chain")
     p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per request (MDM elbo)")
     p.add_argument("--cfg", type=float, default=0.0, help="unsupervised CFG weight w (MDM; 0 = off)")
-    p.add_argument("--greedy", default="auto", choices=GREEDY, help="is_greedy rule (MDM elbo: decode = auto)")
+    p.add_argument("--greedy", default="auto", choices=GREEDY, help="MDM is_greedy: auto (chain: exact; elbo: "
+                   "decode), decode (greedy decode reproduces the continuation), off (always False)")
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation length when a task gives none")
     p.add_argument("--steps", type=int, default=None, help="MDM sampler steps (default: the generation length)")
     p.add_argument("--sampler", default="low_confidence", help="MDM sampler (smdm.sampling.SAMPLERS)")
@@ -397,11 +398,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_args(args, ckpt) -> dict:
-    """The model arguments of `SmdmLM` from the CLI options."""
-    return {"ckpt": str(ckpt), "device": args.device, "batch_size": args.batch_size, "method": args.method,
-            "mc_samples": args.n_samples, "cfg": args.cfg, "seed": args.seed, "greedy": args.greedy,
-            "steps": args.steps, "block_length": args.block_length, "sampler": args.sampler,
-            "temperature": args.temperature, "max_gen_toks": args.max_gen_toks}
+    """The model arguments of `SmdmLM` from the CLI options. As in `smdm eval mc`, the MDM-only options (method,
+    cfg, greedy=decode) apply to the MDMs of a run and are left out for an ARM twin."""
+    from smdm import checkpoint
+
+    causal = bool(checkpoint.read_config(checkpoint.resolve(ckpt))["model"].get("causal"))
+    mdm_only = {} if causal else {"method": args.method, "cfg": args.cfg, "greedy": args.greedy}
+    return {"ckpt": str(ckpt), "device": args.device, "batch_size": args.batch_size,
+            "mc_samples": args.n_samples, "seed": args.seed, "steps": args.steps, "block_length": args.block_length,
+            "sampler": args.sampler, "temperature": args.temperature, "max_gen_toks": args.max_gen_toks,
+            **mdm_only}
 
 
 def task_manager(tasks: list, include_path=None):
@@ -439,7 +445,7 @@ def run_cli(args) -> int:
                                           bootstrap_iters=args.bootstrap_iters, log_samples=False,
                                           random_seed=args.seed)
             results.append((ckpt, res))
-    except (ImportError, ValueError, TypeError, OSError) as e:
+    except (ImportError, ValueError, TypeError, KeyError, OSError) as e:
         print(f"smdm eval harness: error: {e}", file=sys.stderr)
         return 2
     doc = {"task": "harness", "tasks": tasks, "results": []}
