@@ -403,6 +403,7 @@ def test_registered_class_and_model_argument_errors(twins, offline):
                     ({"ckpt": ck, "greedy": "yes"}, "greedy='yes': expected one of auto, decode, off"),
                     ({"ckpt": ck, "sampler": "beam"}, "sampler='beam'"),
                     ({"ckpt": ck, "batch_size": "auto"}, "batch_size='auto': expected an integer >= 1"),
+                    ({"ckpt": ck, "rolling_context": CTX - 1}, "leaves no token to predict"),
                     ({"ckpt": str(twins["ar"]), "greedy": "decode"}, "the ARM's is_greedy is exact"),
                     ({"ckpt": str(twins["root"] / "none")}, "does not exist")]:
         with pytest.raises((ValueError, TypeError)) as e:

@@ -2,7 +2,7 @@
 """lm-evaluation-harness adapter: any lm-eval task (multiple choice, loglikelihood, rolling perplexity,
 generate_until) on an smdm MDM or its ARM twin, scored exactly as `smdm eval` scores them.
 
-    pip install 'smdm[eval]'                          # lm-eval is optional; `import smdm.harness` works without
+    pip install 'smdm[eval]'                          # lm-eval (Python >= 3.10) is optional
     smdm eval harness --ckpt DIR --tasks T[,T2] [--include-path P] [--limit N] [--json F]
     python -m smdm.harness --ckpt DIR --tasks T ...   # the same command
 
@@ -46,17 +46,19 @@ loglikelihood(requests) -> [(log p(continuation | context), is_greedy)]:
       len(continuation) masks, steps = len(continuation), sampler low_confidence, temperature 0 (and the same
       cfg): the sampler's own greedy decode. Costs one forward row per continuation token, shared by the
       continuations of equal length of one context (the choices of a question); greedy=off skips it and
-      returns False for every request.
+      returns False for every request. greedy=decode applies this rule to method chain too.
 
 loglikelihood_rolling(requests) -> [log p(text)]: the text's tokens, preceded by [EOS], cut into windows that
     predict every token once (lm-eval's rolling windows). A window holds at most B tokens, B = max_seq_len + 1
     for the ARM (it feeds B - 1) and max_seq_len for the MDM (the predicted tokens are in its input too): the
     first window predicts tokens [0, B - 1) given [EOS]; every later one predicts the next up to
     B - rolling_context tokens given the B - (its length) tokens before them (so the last window gets the
-    longest context). The ARM's sum is the exact log-likelihood (lm-eval's HF convention with
-    max_length = max_seq_len); the MDM's is the sum over windows of the Monte Carlo ELBO of each window given
-    its context (method chain would cost one forward row per token, so rolling always uses the ELBO; cfg
-    applies). With rolling_context 1 the MDM's windows are those of `smdm eval ppl`.
+    longest context). The ARM's sum is exact, each token conditioned on what its window holds before it
+    (the windows of lm-eval's HF model: get_rolling_token_windows with max_length = max_seq_len, tested);
+    the MDM's is the sum over windows of the Monte Carlo ELBO of each window given its context (method chain
+    would cost one forward row per token, so rolling always uses the ELBO; cfg applies). With
+    rolling_context 1 an MDM window is shaped like one of `smdm eval ppl --seq-len max_seq_len-1` (one clean
+    token, then the predicted ones), cut from one document instead of the packed stream.
 
 generate_until(requests) -> [text]: `smdm.generate` (batch invariant, so prompts of different lengths share
     batches) of `max_gen_toks` tokens (the request's, else the model argument), stopped at EOS, decoded, cut
@@ -206,6 +208,9 @@ class _Adapter:
             raise ValueError("smdm model argument greedy=decode: the ARM's is_greedy is exact (use auto)")
         self.greedy = greedy
         self.rolling_context = _int("rolling_context", rolling_context, 1)
+        if self.rolling_context > self.max_length - (2 if not self.causal else 1):
+            raise ValueError(f"smdm model argument rolling_context={rolling_context}: leaves no token to predict "
+                             f"in a window of the model's context ({self.max_length})")
         self.steps = _int("steps", steps, 1, none_ok=True)
         self.block_length = _int("block_length", block_length, 1, none_ok=True)
         if sampler not in SAMPLERS:
