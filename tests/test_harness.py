@@ -54,9 +54,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def offline():
-    """No hub access and a datasets cache inside the test's tmp dir (set before datasets is first imported)."""
+    """No hub access for the whole module (set before datasets / huggingface_hub are first imported; the task
+    YAMLs put the datasets cache in the test's tmp dir)."""
     with pytest.MonkeyPatch.context() as mp:
         for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             mp.setenv(k, "1")
