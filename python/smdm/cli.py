@@ -5,7 +5,7 @@ when used, so `smdm --help` stays fast.
     smdm data verify|inspect|import  check / describe / adopt shards (smdm.data_cli)
     smdm train ...            the bundled trainer (the main job)    (smdm.train)
     smdm generate|infill ...  guided generation                     (smdm.generate_cli)
-    smdm eval mc|gsm8k|ppl    likelihood benchmarks, MDM vs ARM     (smdm.evaluate)
+    smdm eval mc|gsm8k|ppl|harness  likelihood benchmarks and lm-eval tasks, MDM vs ARM (smdm.evaluate)
     smdm bench pack|mask|tokenize|sampler                           (smdm.benchmarks.*)
     smdm kernels check        compile the CUDA sources              (smdm.kernels)
     smdm convert from-litgpt|to-litgpt  SMDM / TinyLlama weights in and out (smdm.convert)
@@ -25,7 +25,7 @@ COMMANDS = {
     "train": ("smdm.train", "train an MDM or its autoregressive twin"),
     "generate": ("smdm.generate_cli", "generate text from a checkpoint"),
     "infill": ("smdm.generate_cli", "fill the holes of a text"),
-    "eval": ("smdm.evaluate", "likelihood and GSM8K benchmarks, MDM vs its ARM twin"),
+    "eval": ("smdm.evaluate", "likelihood, GSM8K and lm-eval benchmarks, MDM vs its ARM twin"),
     "bench": ("smdm.benchmarks", "throughput benchmarks (tables + JSON)"),
     "kernels": ("smdm.kernels", "build or compile-check the CUDA kernels"),
     "convert": ("smdm.convert", "import SMDM / lit-gpt weights, or export to them"),
