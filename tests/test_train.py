@@ -461,3 +461,58 @@ def test_verify_data_full_at_start_or_ids_per_batch(tmp_path):
         train(cfg_for(root, tmp_path / "run-headers", verify_data="headers", max_steps=90))
     with pytest.raises(TrainError, match="--verify-data must be one of"):
         train(cfg_for(root, tmp_path / "run-bad", verify_data="some"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# noise schedules (DESIGN §4): the trainer masks with --schedule, saves it, resumes only with the same one
+
+
+def test_schedule_reaches_the_forward_process_checkpoint_and_resume(dataset, tmp_path, monkeypatch):
+    from smdm import diffusion
+    from smdm.train import Objective
+
+    seen = []
+    original = Objective.forward
+
+    def forward(self, kind, **kw):
+        seen.append((kind, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}))
+        return original(self, kind, **kw)
+
+    monkeypatch.setattr(Objective, "forward", forward)
+    out = tmp_path / "cos"
+    train(cfg_for(dataset, out, max_steps=4, stop_after=2, schedule="cosine"))
+    mdm = [kw for kind, kw in seen if kind == "mdm"]
+    assert len(mdm) == 2
+    for step, kw in enumerate(mdm):  # the trainer's inputs are exactly forward_process(schedule="cosine")'s
+        x0 = kw["x0"]
+        fp = diffusion.forward_process(x0, seed=0, step=step, global_batch=4, mask_id=VOCAB, crop_prob=0.0,
+                                       schedule="cosine")
+        lin = diffusion.forward_process(x0, seed=0, step=step, global_batch=4, mask_id=VOCAB, crop_prob=0.0)
+        assert torch.equal(kw["noisy"], fp.noisy_ids) and torch.equal(kw["weight"], fp.weight)
+        assert not torch.equal(kw["weight"], lin.weight)  # (so the check above can tell the schedules apart)
+    conf = ckpt.read_config(ckpt.latest(out))
+    assert conf["train"]["schedule"] == "cosine"
+    with pytest.raises(TrainError, match=r"schedule \(checkpoint cosine, now linear\)"):
+        train(cfg_for(dataset, out, max_steps=4, resume=True))
+    train(cfg_for(dataset, out, max_steps=4, resume=True, schedule="cosine"))
+    assert step_losses(out)[-1][0] == 4
+
+
+def test_schedule_names_defaults_and_the_arm(dataset, tmp_path):
+    from smdm.model import config_by_name
+    from smdm.train import resolve_model_choice
+
+    with pytest.raises(TrainError, match=r"--schedule: unknown schedule 'cosin'"):
+        train(cfg_for(dataset, tmp_path / "a", schedule="cosin"))
+    with pytest.raises(TrainError, match="noise schedules are for the MDM"):
+        train(cfg_for(dataset, tmp_path / "b", objective="ar", schedule="linear"))
+    assert resolve_model_choice(TrainConfig(schedule="polynomial:3"), None).schedule == "polynomial:3.0"
+    assert resolve_model_choice(TrainConfig(), None).schedule == "linear"
+    # fine-tuning (--init-from) keeps the checkpoint's schedule unless --schedule says otherwise
+    mc = config_by_name("tiny", vocab_size=VOCAB)
+    init = (tmp_path, {"objective": "mdm", "train": {"schedule": "cosine"}}, mc)
+    assert resolve_model_choice(TrainConfig(), init).schedule == "cosine"
+    assert resolve_model_choice(TrainConfig(schedule="linear"), init).schedule == "linear"
+    bad = (tmp_path, {"objective": "mdm", "train": {"schedule": "zigzag"}}, mc)
+    with pytest.raises(TrainError, match=r"config.json: train.schedule: unknown schedule 'zigzag'"):
+        resolve_model_choice(TrainConfig(), bad)

@@ -48,6 +48,9 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept (>= 2)
     doc_mask: bool = True  # attention stays inside each packed document (segment_ids)
     stratified: bool = False  # t_i = (u + i/B) mod 1 over the global batch instead of i.i.d. U(0, 1)
+    schedule: Optional[str] = None  # MDM noise schedule: "linear" (the paper's), "cosine", "polynomial:P"
+    # (DESIGN §4); None: the --init-from checkpoint's, else linear. Saved in config.json "train", where
+    # `smdm generate` reads it as its default.
     compile: bool = False  # torch.compile each Transformer block
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, one more forward
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun

@@ -239,7 +239,25 @@ def resolve_model_choice(cfg: TrainConfig, init) -> TrainConfig:
                                  f"not match --init-from {step_dir}, a {name} model ({_arch(mc)}); leave --config "
                                  f"out to use the checkpoint's")
         objective, config = saved, name
-    return replace(cfg, objective=objective or "mdm", config=config or "demo")
+    if objective == "ar" and cfg.schedule is not None:
+        raise TrainError(f"--schedule {cfg.schedule}: noise schedules are for the MDM; the autoregressive twin "
+                         f"has none")
+    return replace(cfg, objective=objective or "mdm", config=config or "demo", schedule=_schedule(cfg, init))
+
+
+def _schedule(cfg: TrainConfig, init) -> str:
+    """--schedule, else the --init-from checkpoint's (fine-tuning keeps the noise it was trained with), else
+    linear; the canonical name (`diffusion.parse_schedule`), so resumes compare equal strings."""
+    from smdm import diffusion
+
+    name, where = cfg.schedule, "--schedule"
+    if name is None and init is not None:
+        name = (init[1].get("train") or {}).get("schedule")
+        where = f"--init-from {init[0] / 'config.json'}: train.schedule"
+    try:
+        return diffusion.parse_schedule(name or "linear").name
+    except ValueError as e:
+        raise TrainError(f"{where}: {e}") from None
 
 
 def check_sft_args(cfg: TrainConfig) -> None:
@@ -564,7 +582,8 @@ class Trainer:
     def run_identity(self) -> dict:
         c = self.cfg
         ident = {"seed": c.seed, "batch_size": c.batch_size, "world_size": self.dist.world,
-                 "grad_accum": c.grad_accum, "seq_len": c.seq_len, "objective": self.kind, "config": c.config}
+                 "grad_accum": c.grad_accum, "seq_len": c.seq_len, "objective": self.kind, "config": c.config,
+                 "schedule": c.schedule}
         if self.sft:  # what decides the examples, their order and the prompt drops
             r = self.sft_record
             ident["sft"] = {k: r[k] for k in ("format", "prompt_field", "response_field", "p_uncond", "examples")}
@@ -588,7 +607,8 @@ class Trainer:
         if diff:
             raise TrainError(f"--resume: {step_dir} holds a different model ({diff}; saved, requested)")
         state = ckpt.load_train_state(step_dir)
-        saved_id, mine_id = state.get("run", {}), self.run_identity()
+        saved_id, mine_id = {"schedule": "linear", **state.get("run", {})}, self.run_identity()  # (checkpoints
+        # from before schedules existed were linear)
         bad = {k: (saved_id.get(k), v) for k, v in mine_id.items() if saved_id.get(k) != v}
         if bad and not self.cfg.force_resume:
             raise TrainError("--resume: the run differs from the checkpoint in "
@@ -709,7 +729,7 @@ class Trainer:
                 fp = diffusion.forward_process(ids, seed=cfg.seed, step=self.step,
                                                sample_offset=d.rank * self.local_batch + m * self.micro,
                                                global_batch=cfg.batch_size, mask_id=self.mask_id,
-                                               stratified=cfg.stratified)
+                                               stratified=cfg.stratified, schedule=cfg.schedule)
                 x0 = ids[:, :fp.length]  # the random-length crop cuts every row of the step alike
                 kw = {"noisy": fp.noisy_ids.to(d.device), "x0": x0.to(d.device), "mask": fp.mask.to(d.device),
                       "weight": fp.weight.to(d.device),
@@ -758,7 +778,8 @@ class Trainer:
         fp = diffusion.forward_process(ids, seed=cfg.seed, step=self.step,
                                        sample_offset=d.rank * self.local_batch + m * self.micro,
                                        global_batch=cfg.batch_size, mask_id=self.mask_id, stratified=cfg.stratified,
-                                       prompt_lens=pl, p_uncond=cfg.p_uncond, crop_prob=0.0)
+                                       prompt_lens=pl, p_uncond=cfg.p_uncond, crop_prob=0.0,
+                                       schedule=cfg.schedule)
         return "sft", {"noisy": fp.noisy_ids.to(d.device), "x0": ids.to(d.device), "mask": fp.mask.to(d.device),
                        "weight": fp.weight.to(d.device), "prompt_lens": pl.to(d.device)}
 
@@ -789,7 +810,8 @@ class Trainer:
                 if self.kind == "mdm":
                     rows = batch["index"][mine].numpy()
                     nll, se, n = net("elbo", tokens=ids, segment_ids=seg, n_samples=cfg.val_samples,
-                                     seed=cfg.seed + 1, row_ids=rows, max_rows=max(64, ids.shape[0]))
+                                     seed=cfg.seed + 1, row_ids=rows, max_rows=max(64, ids.shape[0]),
+                                     schedule=cfg.schedule)
                     sums += torch.stack([nll.sum(), n.sum().double(), (se ** 2).sum()])
                 else:
                     loss = net("ar", tokens=ids, segment_ids=seg).double().cpu()
@@ -830,7 +852,7 @@ class Trainer:
                 if self.kind == "mdm":
                     nll, se, _ = net("elbo", tokens=ids, prompt_lens=pl.to(d.device), n_samples=cfg.val_samples,
                                      seed=cfg.seed + 1, row_ids=batch["index"].numpy(),
-                                     max_rows=max(64, ids.shape[0]))
+                                     max_rows=max(64, ids.shape[0]), schedule=cfg.schedule)
                     nll, var = nll.double().cpu() * valid, (se.double().cpu() ** 2) * valid
                 else:
                     nll, _ = net("ar_sft_nll", tokens=ids, prompt_lens=pl.to(d.device),
@@ -1046,6 +1068,8 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--save-every", type=int, default=d.save_every)
     a("--keep", type=int, default=d.keep)
     a("--stratified", action="store_true", help="stratified t over the global batch (default: i.i.d.)")
+    a("--schedule", default=None, help="MDM noise schedule: linear (default), cosine, polynomial:P; "
+      "default with --init-from: the checkpoint's")
     a("--no-doc-mask", dest="doc_mask", action="store_false", help="attend across packed documents")
     a("--compile", action="store_true", help="torch.compile each Transformer block")
     a("--activation-checkpointing", action="store_true",
