@@ -36,3 +36,20 @@ def prepared(tmp_path_factory, tiny_jsonl):
     prepare([str(tiny_jsonl)], out, vocab_size=300, val_fraction=0.1, shard_tokens=4000, progress=False,
             log=lambda msg: None)
     return out
+
+
+@pytest.fixture
+def loss_inputs(monkeypatch) -> list:
+    """Every (kind, inputs) the trainer hands to its loss module (`smdm.train.Objective`), copied."""
+    import torch
+    from smdm.train import Objective
+
+    seen = []
+    original = Objective.forward
+
+    def forward(self, kind, **kw):
+        seen.append((kind, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}))
+        return original(self, kind, **kw)
+
+    monkeypatch.setattr(Objective, "forward", forward)
+    return seen

@@ -128,7 +128,7 @@ def test_shuffle_is_a_deterministic_permutation_per_epoch(ds_dir):
 
 def test_feistel_permutation_is_a_bijection():
     for n in [1, 2, 3, 5, 16, 17, 1000, 4099]:
-        p = D._feistel_permute(np.arange(n), n, seed=1, epoch=2)
+        p = D.feistel_permute(np.arange(n), n, seed=1, epoch=2)
         assert sorted(p.tolist()) == list(range(n))
 
 
@@ -149,7 +149,7 @@ def test_every_window_once_per_epoch_across_ranks_and_workers(ds_dir, world_size
     per_rank = n // (world_size * B) * B
     assert len(served) == len(set(served)) == world_size * per_rank
     # exactly the first world_size * per_rank positions of the epoch's order: the remainder is dropped
-    order = D._feistel_permute(np.arange(n), n, 11, 0)
+    order = D.feistel_permute(np.arange(n), n, 11, 0)
     assert sorted(served) == sorted(order[: world_size * per_rank].tolist())
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from smdm import checkpoint, evaluate
-from smdm.diffusion import _elbo_masks, elbo_exact, elbo_nll
+from smdm.diffusion import elbo_exact, elbo_masks, elbo_nll
 from smdm.model import build_model, config_by_name
 
 WORDS = ["<|endoftext|>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "fast", "[UNK]"]
@@ -169,7 +169,7 @@ def test_guided_elbo_matches_hand(mdm):
     x0 = torch.tensor(c + d)
     target = torch.zeros(1, len(x0), dtype=torch.bool)
     target[0, len(c):] = True
-    masks = _elbo_masks(1, len(x0), n, 0, n, seed, [42], t, target)[:, 0]
+    masks = elbo_masks(1, len(x0), n, 0, n, seed, [42], t, target)[:, 0]
     per = []
     for k in range(n):
         x = x0.masked_fill(masks[k], mdm.mask_id)

@@ -256,9 +256,9 @@ def test_elbo_masks_use_the_schedule_and_linear_is_unchanged():
     B, L, n = 2, 2048, 8
     t = np.linspace(0.1, 1.0, n)
     target = torch.ones(B, L, dtype=torch.bool)
-    lin = diffusion._elbo_masks(B, L, n, 0, n, 5, [3, 4], t, target)
-    assert torch.equal(lin, diffusion._elbo_masks(B, L, n, 0, n, 5, [3, 4], t, target, "linear"))
-    cos = diffusion._elbo_masks(B, L, n, 0, n, 5, [3, 4], t, target, "cosine")
+    lin = diffusion.elbo_masks(B, L, n, 0, n, 5, [3, 4], t, target)
+    assert torch.equal(lin, diffusion.elbo_masks(B, L, n, 0, n, 5, [3, 4], t, target, "linear"))
+    cos = diffusion.elbo_masks(B, L, n, 0, n, 5, [3, 4], t, target, "cosine")
     p = 1 - np.cos(np.pi / 2 * t)
     frac = cos.double().mean(dim=(1, 2)).numpy()
     assert np.all(np.abs(frac - p) <= 5 * np.sqrt(p * (1 - p) / (B * L)) + 1e-12)

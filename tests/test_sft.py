@@ -18,7 +18,7 @@ import torch
 from smdm import checkpoint as ckpt
 from smdm import rng, sft
 from smdm.config import TrainConfig
-from smdm.train import Objective, Trainer, TrainError, train
+from smdm.train import Trainer, TrainError, train
 
 LETTERS = "abcdefgh"
 SEQ_LEN = 24
@@ -95,19 +95,6 @@ def step_losses(out) -> list[float]:
 
 def vals(out) -> list[dict]:
     return [r for r in metrics(out) if r.get("event") == "val"]
-
-
-def record_inputs(monkeypatch) -> list:
-    """Every (kind, inputs) the trainer hands to its loss, copied."""
-    seen = []
-    original = Objective.forward
-
-    def forward(self, kind, **kw):
-        seen.append((kind, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}))
-        return original(self, kind, **kw)
-
-    monkeypatch.setattr(Objective, "forward", forward)
-    return seen
 
 
 def load(files, tokenizer, path=None, seq_len=SEQ_LEN, **kw):
@@ -215,12 +202,12 @@ def test_reader_order_ranks_epochs_and_resume(files, tokenizer):
 # what the models are trained on
 
 
-def test_mdm_prompts_stay_clean_and_padding_is_noised(files, tmp_path, monkeypatch, mask_id):
+def test_mdm_prompts_stay_clean_and_padding_is_noised(files, tmp_path, monkeypatch, loss_inputs, mask_id):
     from smdm import diffusion
 
     # a seed whose step 0 would crop the batch under pretraining's random-length rule (probability 0.01)
     seed = next(s for s in range(10_000) if diffusion.crop_length(s, 0, SEQ_LEN, 0.01) < SEQ_LEN)
-    seen = record_inputs(monkeypatch)
+    seen = loss_inputs
     train(sft_cfg(files, tmp_path / "r", max_steps=6, seed=seed))
     assert [k for k, _ in seen] == ["sft"] * 6
     masked_pad = 0
@@ -259,8 +246,8 @@ def test_mdm_loss_equals_a_hand_computed_reference(files, tmp_path, mask_id):
     assert step_losses(t.out)[0] == pytest.approx(ref, rel=1e-5)
 
 
-def test_ar_loss_equals_a_hand_computed_reference_and_ignores_late_padding(files, tmp_path, monkeypatch):
-    seen = record_inputs(monkeypatch)
+def test_ar_loss_equals_a_hand_computed_reference_and_ignores_late_padding(files, tmp_path, monkeypatch, loss_inputs):
+    seen = loss_inputs
     t = Trainer(sft_cfg(files, tmp_path / "r", objective="ar", max_steps=1, batch_size=6))
     batch = t.dataset.examples.rows(t.dataset.example_ids(0, 0))
     ids, pl, ln = batch["input_ids"], batch["prompt_lens"], batch["lengths"]
@@ -283,10 +270,10 @@ def test_ar_loss_equals_a_hand_computed_reference_and_ignores_late_padding(files
     assert step_losses(t.out)[0] == pytest.approx(ref, rel=1e-5)
 
 
-def test_cfg_prompt_drop_rate_and_inputs_only(files, tmp_path, monkeypatch, mask_id):
+def test_cfg_prompt_drop_rate_and_inputs_only(files, tmp_path, monkeypatch, loss_inputs, mask_id):
     from smdm import diffusion
 
-    seen = record_inputs(monkeypatch)
+    seen = loss_inputs
     p_uncond, B, steps = 0.3, 16, 12
     train(sft_cfg(files, tmp_path / "r", max_steps=steps, batch_size=B, p_uncond=p_uncond, seed=3))
     drops = 0

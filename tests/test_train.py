@@ -467,18 +467,10 @@ def test_verify_data_full_at_start_or_ids_per_batch(tmp_path):
 # noise schedules (DESIGN §4): the trainer masks with --schedule, saves it, resumes only with the same one
 
 
-def test_schedule_reaches_the_forward_process_checkpoint_and_resume(dataset, tmp_path, monkeypatch):
+def test_schedule_reaches_the_forward_process_checkpoint_and_resume(dataset, tmp_path, loss_inputs):
     from smdm import diffusion
-    from smdm.train import Objective
 
-    seen = []
-    original = Objective.forward
-
-    def forward(self, kind, **kw):
-        seen.append((kind, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}))
-        return original(self, kind, **kw)
-
-    monkeypatch.setattr(Objective, "forward", forward)
+    seen = loss_inputs
     out = tmp_path / "cos"
     train(cfg_for(dataset, out, max_steps=4, stop_after=2, schedule="cosine"))
     mdm = [kw for kind, kw in seen if kind == "mdm"]

@@ -89,7 +89,7 @@ def read_state_dict(path) -> dict:
 def _save_safetensors_atomic(state: dict, path: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    from smdm.data import _fsync_dir
+    from smdm.data import fsync_dir
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -100,7 +100,7 @@ def _save_safetensors_atomic(state: dict, path: Path, metadata: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -119,10 +119,10 @@ def write_atomic(path: PathLike, data: bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SmdmIOError(f"{path}: {e.strerror or e}") from e
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     try:  # not every platform / filesystem can open or fsync a directory: best effort
         fd = os.open(d, os.O_RDONLY)
     except OSError:
@@ -712,7 +712,7 @@ def litpkds_shard_entry(path: PathLike, vocab_size: int, eos_id: int) -> tuple[d
 # ---------------------------------------------------------------------------------------------------------
 # Reader
 # ---------------------------------------------------------------------------------------------------------
-def _feistel_permute(pos: np.ndarray, n: int, seed: int, epoch: int, rounds: int = 4) -> np.ndarray:
+def feistel_permute(pos: np.ndarray, n: int, seed: int, epoch: int, rounds: int = 4) -> np.ndarray:
     """A pseudo-random bijection of [0, n), keyed by (seed, epoch), applied to the positions `pos`.
 
     Balanced Feistel network on 2h bits (4**h >= n) with splitmix64 round functions; values that land
@@ -733,7 +733,31 @@ def _feistel_permute(pos: np.ndarray, n: int, seed: int, epoch: int, rounds: int
     return x
 
 
-class _PackedDatasetImpl:
+class EpochCursor:
+    """The (epoch, batch) position of an endless reader with `_len` batches per epoch on this rank: O(1)
+    state and resume (the packed reader here, the SFT reader in `smdm.sft`)."""
+
+    _len: int
+    _epoch: int = 0
+    _batch: int = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return self._len
+
+    def state_dict(self) -> dict:
+        """Position of the next batch this object would serve (in-process iteration)."""
+        return {"epoch": self._epoch, "batch": self._batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at (epoch, batch) in O(1); batch == len rolls to the next epoch."""
+        e, b = int(state["epoch"]), int(state["batch"])
+        if e < 0 or b < 0:
+            raise ValueError(f"bad data position {state}")
+        self._epoch, self._batch = divmod(e * self._len + b, self._len)
+
+
+class _PackedDatasetImpl(EpochCursor):
     """Fixed windows over memory-mapped shards, as batches; see the module docstring and docs/CONTRACTS.md.
 
     Yields dicts: `input_ids` int64 (B, seq_len + extra_token), `segment_ids` int32 (same shape; 0-based,
@@ -790,21 +814,6 @@ class _PackedDatasetImpl:
         d["_maps"] = None
         return d
 
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return self._len
-
-    def state_dict(self) -> dict:
-        """Position of the next batch this object would serve (in-process iteration)."""
-        return {"epoch": self._epoch, "batch": self._batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at (epoch, batch) in O(1); batch == len rolls to the next epoch."""
-        e, b = int(state["epoch"]), int(state["batch"])
-        if e < 0 or b < 0:
-            raise ValueError(f"bad data position {state}")
-        self._epoch, self._batch = divmod(e * self._len + b, self._len)
-
     def state_after(self, batch: dict) -> dict:
         """The state that resumes right after a served batch (uses its `epoch`/`batch` fields)."""
         e, b = divmod(int(batch["epoch"]) * self._len + int(batch["batch"]) + 1, self._len)
@@ -847,7 +856,7 @@ class _PackedDatasetImpl:
         pos = self.rank * per_rank + batch * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         if not self.shuffle:
             return pos
-        return _feistel_permute(pos, self.num_windows, self.seed, epoch).astype(np.int64)
+        return feistel_permute(pos, self.num_windows, self.seed, epoch).astype(np.int64)
 
     def _get_batch(self, epoch: int, batch: int) -> dict:
         import torch

@@ -457,8 +457,9 @@ class Elbo:
     n_samples: int
 
 
-def _elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target, schedule="linear"):
-    """Masks (count, B, L) for samples [first, first+count): token j of row b in sample k is masked iff
+def elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target, schedule="linear"):
+    """The ELBO's draws (public: `smdm.evaluate` scores continuations with the same masks as `elbo_nll`).
+    Masks (count, B, L) for samples [first, first+count): token j of row b in sample k is masked iff
     uniform(splitmix64(key(seed, k, row_id_b, TOKEN) ^ j)) < p_k, and j is a target position, with
     p_k = 1 - alpha(t_k) of the schedule (`Schedule.mask_prob`; linear: t_k itself)."""
     ks = _np.arange(first, first + count, dtype=_np.uint64)
@@ -507,7 +508,7 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
     chunk = max(1, max_rows // B)  # samples per forward pass
     for first in range(0, n_samples, chunk):
         count = min(chunk, n_samples - first)
-        mask = _elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target.cpu(), sched)  # (c, B, L)
+        mask = elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target.cpu(), sched)  # (c, B, L)
         mask = mask.to(device)
         x0 = tokens[None].expand(count, B, L)
         noisy = _torch.where(mask, _torch.full_like(x0, mask_id), x0).reshape(count * B, L)

@@ -236,7 +236,7 @@ def _elbo_units(pairs, by_length, t, seed, row_ids, mask_id) -> Iterator[_Unit]:
     row id, j) is < t_k; every masked token is predicted."""
     import torch
 
-    from smdm.diffusion import _elbo_masks
+    from smdm.diffusion import elbo_masks
 
     n = len(t)
     for i in by_length:
@@ -245,7 +245,7 @@ def _elbo_units(pairs, by_length, t, seed, row_ids, mask_id) -> Iterator[_Unit]:
         x0 = torch.tensor(ctx + cont, dtype=torch.int64)
         target = torch.zeros(1, L, dtype=torch.bool)
         target[0, len(ctx):] = True
-        masks = _elbo_masks(1, L, n, 0, n, seed, [row_ids[i]], t, target)[:, 0]  # (n, L)
+        masks = elbo_masks(1, L, n, 0, n, seed, [row_ids[i]], t, target)[:, 0]  # (n, L)
         for k in range(n):
             pos = masks[k].nonzero()[:, 0]
             if len(pos):  # an empty mask adds exactly 0: no forward pass
@@ -299,25 +299,21 @@ def _ce_sums(model, batch: list, cfg: float, batch_invariant: bool) -> list:
     import torch
     import torch.nn.functional as F
 
-    from smdm.sampling import _guided, _head, _len_multiple, _padded, _round_up
+    from smdm.sampling import guided_logits, logits_at
 
-    opts = {"batch_invariant": batch_invariant}
     conf = model.config
     device = model.head.weight.device
     seqs = [u.ids for u in batch]
     if cfg:  # paper Eq. 7: the unconditional row has every context position masked
         seqs += [u.ids.clone().index_fill_(0, torch.arange(u.n_given), conf.mask_id) for u in batch]
-    length = _round_up(max(len(s) for s in seqs), _len_multiple(opts))
-    x, valid, positions = _padded(seqs, length, conf.max_seq_len - 1)  # pads: any position, hidden as keys
-    h = model.hidden(x.to(device), key_valid=valid.to(device), positions=positions.to(device))  # (R, Lp, d)
     sizes = [len(u.pos) for u in batch]
     row = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(sizes))  # (P,) unit of each target
     pos = torch.cat([u.pos for u in batch])  # (P,)
     if cfg:  # the unconditional rows follow the conditional ones
         row, pos = torch.cat([row, row + len(batch)]), torch.cat([pos, pos])
-    logits = _head(model, h[row.to(device), pos.to(device)], opts)  # (P or 2P, V): head on target rows only
+    logits = logits_at(model, seqs, row, pos, batch_invariant=batch_invariant)  # (P or 2P, V)
     m = sum(sizes)
-    guided = _guided(logits[:m], logits[m:] if cfg else None, cfg)  # float32
+    guided = guided_logits(logits[:m], logits[m:] if cfg else None, cfg)  # float32
     target = torch.cat([u.tok for u in batch]).to(device)
     ce = F.cross_entropy(guided, target, reduction="none").double().cpu()  # (P,)
     hit = (guided.argmax(-1) == target).cpu()  # (P,)
@@ -484,6 +480,11 @@ _NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?|-?\$?\.\d+")
 _CALC = re.compile(r"<<[^>]*>>")
 
 
+def strip_calculator(answer: str) -> str:
+    """A GSM8K answer without its <<expr=value>> calculator annotations (how prompts show worked answers)."""
+    return _CALC.sub("", answer)
+
+
 def normalize_number(s: str) -> Optional[str]:
     """'$1,234.50' -> '1234.5', '18.00' -> '18', '-3' -> '-3'; None when it is not a number."""
     s = s.strip().replace(",", "").replace("$", "").rstrip(".")
@@ -516,7 +517,7 @@ def extract_answer(text: str) -> Optional[str]:
 
 def gsm8k_prompt(question: str, shots: Sequence[Gsm8kItem] = ()) -> str:
     """K worked examples then the question (module docstring)."""
-    parts = [f"Question: {s.question}\nAnswer: {_CALC.sub('', s.answer)}\n\n" for s in shots]
+    parts = [f"Question: {s.question}\nAnswer: {strip_calculator(s.answer)}\n\n" for s in shots]
     return "".join(parts) + f"Question: {question}\nAnswer:"
 
 
@@ -665,7 +666,7 @@ def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
     parser.set_defaults(func=run)
 
 
-def _eos_id(tokenizer) -> Optional[int]:
+def eos_id_of(tokenizer) -> Optional[int]:
     from smdm.generate_cli import EOS_NAMES
 
     for n in EOS_NAMES:
@@ -763,7 +764,7 @@ def _run_one(args, ckpt) -> dict:
         if args.task == "mc":
             items = read_mc(args.data, args.limit)
             method = None if model.config.causal else (args.method or "elbo")
-            res = evaluate_mc(model, tokenizer, items, eos_id=_eos_id(tokenizer), method=method,
+            res = evaluate_mc(model, tokenizer, items, eos_id=eos_id_of(tokenizer), method=method,
                               n_samples=args.n_samples, seed=args.seed, cfg=0.0 if model.config.causal
                               else args.cfg, batch_size=bs or 64)
         else:
@@ -777,7 +778,7 @@ def _run_one(args, ckpt) -> dict:
             res = evaluate_gsm8k(model, tokenizer, items, shots=shots, gen_length=args.gen_length,
                                  steps=args.steps, sampler=args.sampler, block_length=args.block_length,
                                  cfg=0.0 if model.config.causal else args.cfg, batch_size=bs or 8,
-                                 seed=args.seed, eos_id=_eos_id(tokenizer), progress=_progress(ckpt))
+                                 seed=args.seed, eos_id=eos_id_of(tokenizer), progress=_progress(ckpt))
     res["model"] = kind
     res["ckpt"] = str(ckpt)
     return res

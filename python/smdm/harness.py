@@ -176,7 +176,7 @@ class _Adapter:
         if ckpt is None:
             raise ValueError("smdm model argument ckpt is required (model_args='ckpt=DIR,...')")
         import smdm
-        from smdm.evaluate import _eos_id
+        from smdm.evaluate import eos_id_of
         from smdm.sampling import SAMPLERS
 
         if batch_size in (None, ""):
@@ -190,7 +190,7 @@ class _Adapter:
             raise ValueError(f"smdm model argument ckpt={ckpt}: the checkpoint has no tokenizer.json (lm-eval "
                              "requests are text)")
         self.ckpt = str(ckpt)
-        self.eos_id = _eos_id(self.tokenizer)
+        self.eos_id = eos_id_of(self.tokenizer)
         if method in (None, "", "none"):
             method = "ar" if self.causal else "elbo"
         if method not in (("ar",) if self.causal else ("elbo", "chain")):

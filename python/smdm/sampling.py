@@ -710,8 +710,8 @@ def _after_step(r: _Row, mask_id: int, eos_id: Optional[int]):
         r.stash.clear()
 
 
-def _guided(c: torch.Tensor, u: Optional[torch.Tensor], w: float) -> torch.Tensor:
-    """Unsupervised CFG, paper Eq. 7: u + (w + 1)(c - u), in float32."""
+def guided_logits(c: torch.Tensor, u: Optional[torch.Tensor], w: float) -> torch.Tensor:
+    """Unsupervised CFG, paper Eq. 7: u + (w + 1)(c - u), in float32 (u None: c itself, in float32)."""
     c = c.float()
     if u is None:
         return c
@@ -745,7 +745,7 @@ def _forward_mdm(model, rows: list, opts: dict) -> int:
         n = len(r.cand)
         c = logits[a:a + n]
         u = logits[a + n:a + 2 * n] if cfg_on else None
-        r.logits = _guided(c, u, opts["cfg_scale"])
+        r.logits = guided_logits(c, u, opts["cfg_scale"])
         a += nb * n
         r.forwards += 1
     return 1
@@ -772,6 +772,20 @@ def _head(model, h: torch.Tensor, opts: dict) -> torch.Tensor:
     if pad:
         h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
     return model.head(h)[:n]
+
+
+def logits_at(model, seqs: Sequence[torch.Tensor], rows: torch.Tensor, pos: torch.Tensor, *,
+              batch_invariant: bool = True) -> torch.Tensor:
+    """Logits (P, V) at (rows[p], pos[p]) of one forward pass over `seqs` (1-D id tensors of any lengths,
+    right-padded and hidden as keys), the head run on those P rows only. With `batch_invariant` a sequence's
+    logits have the same bits whatever else is in the batch (CPU; module docstring "Batch invariance"): what
+    `smdm.evaluate` scores continuations with."""
+    opts = {"batch_invariant": batch_invariant}
+    device = model.head.weight.device
+    length = _round_up(max(len(s) for s in seqs), _len_multiple(opts))
+    x, valid, positions = _padded(list(seqs), length, model.config.max_seq_len - 1)
+    h = model.hidden(x.to(device), key_valid=valid.to(device), positions=positions.to(device))  # (R, Lp, d)
+    return _head(model, h[rows.to(device), pos.to(device)], opts)
 
 
 def _padded(seqs: list, length: int, max_pos: int):
@@ -829,7 +843,7 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
             n = len(r.cand)
             c = logits[a:a + n]
             u = logits[a + n:a + 2 * n] if cfg_on else None
-            r.logits = _guided(c, u, opts["cfg_scale"])
+            r.logits = guided_logits(c, u, opts["cfg_scale"])
             a += nb * n
             r.forwards += 1
         calls += 1

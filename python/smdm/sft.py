@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from smdm.data import EpochCursor, feistel_permute
+
 FORMATS = ("plain", "gsm8k")
 DEFAULT_FIELDS = {"plain": ("prompt", "response"), "gsm8k": ("question", "answer")}
 ENCODE_CHUNK = 4096  # examples per batch encode (bounds the memory of the Python strings)
@@ -53,9 +55,9 @@ def fields_for(fmt: str, prompt_field: Optional[str] = None, response_field: Opt
 
 def gsm8k_pair(question: str, answer: str) -> tuple[str, str]:
     """The prompt `smdm eval gsm8k` gives at 0 shots and the response it should be answered with."""
-    from smdm.evaluate import _CALC, gsm8k_prompt
+    from smdm.evaluate import gsm8k_prompt, strip_calculator
 
-    return gsm8k_prompt(question), " " + _CALC.sub("", answer)
+    return gsm8k_prompt(question), " " + strip_calculator(answer)
 
 
 def read_pairs(path, fmt: str = "plain", prompt_field: Optional[str] = None,
@@ -208,7 +210,7 @@ def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int
                        response_tokens=response_tokens)
 
 
-class SftDataset(torch.utils.data.IterableDataset):
+class SftDataset(EpochCursor, torch.utils.data.IterableDataset):
     """Batches of examples for one rank (module docstring, "Order"). Yields `SftExamples.rows` dicts plus the
     batch's position `epoch`, `batch`. Endless unless `epochs` is given.
 
@@ -230,20 +232,6 @@ class SftDataset(torch.utils.data.IterableDataset):
         self._len = self.steps_per_epoch * step_batches  # batches per epoch on this rank
         self._epoch, self._batch = 0, 0
 
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return self._len
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batch": self._batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at (epoch, batch) in O(1); batch == len rolls to the next epoch."""
-        e, b = int(state["epoch"]), int(state["batch"])
-        if e < 0 or b < 0:
-            raise ValueError(f"bad data position {state}")
-        self._epoch, self._batch = divmod(e * self._len + b, self._len)
-
     def example_ids(self, epoch: int, batch: int) -> np.ndarray:
         """Example ids of batch `batch` of `epoch` on this rank (int64, (B,))."""
         n = len(self.examples)
@@ -251,9 +239,7 @@ class SftDataset(torch.utils.data.IterableDataset):
         pos = pos % n  # the padded tail of an epoch wraps to the start of the same epoch's order
         if not self.shuffle:
             return pos.astype(np.int64)
-        from smdm.data import _feistel_permute
-
-        return _feistel_permute(pos, n, self.seed, epoch).astype(np.int64)
+        return feistel_permute(pos, n, self.seed, epoch).astype(np.int64)
 
     def __iter__(self) -> Iterator[dict]:
         g = self._epoch * self._len + self._batch

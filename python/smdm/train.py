@@ -817,7 +817,11 @@ class Trainer:
                     loss = net("ar", tokens=ids, segment_ids=seg).double().cpu()
                     n = ids.shape[0] * (ids.shape[1] - 1)
                     sums += torch.tensor([float(loss) * n, n, 0.0], dtype=torch.float64)
-        d.all_reduce(sums)
+        return self._val_event(sums)
+
+    def _val_event(self, sums: torch.Tensor) -> Optional[dict]:
+        """Reduce (nll sum, tokens, variance of the nll sum) over ranks into the logged val event."""
+        self.dist.all_reduce(sums)
         self.model.train()
         if sums[1] == 0:
             return None
@@ -859,13 +863,7 @@ class Trainer:
                                  lengths=batch["lengths"].to(d.device))
                     nll, var = nll.double().cpu() * valid, torch.zeros(len(idx), dtype=torch.float64)
             sums += torch.stack([nll.sum(), n.sum(), var.sum()])
-        d.all_reduce(sums)
-        self.model.train()
-        if sums[1] == 0:
-            return None
-        return {"event": "val", "step": self.step, "tokens": self.tokens_seen,
-                "val_loss": float(sums[0] / sums[1]), "val_stderr": float(sums[2].sqrt() / sums[1]),
-                "val_tokens": int(sums[1]), "val_kind": "elbo" if self.kind == "mdm" else "exact"}
+        return self._val_event(sums)
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
