@@ -140,8 +140,10 @@ def train_model(objective: str, data: Path, tokenizer: Path, out: Path, *, confi
                       max_steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len, seed=seed,
                       threads=threads, val_every=0, save_every=0, overwrite=True, device="cpu")
     t0 = time.perf_counter()
-    train(cfg)
+    trainer = train(cfg)
     seconds = time.perf_counter() - t0
+    if trainer.step < steps:  # SIGTERM makes the trainer save and return early: no results from a cut run
+        raise SystemExit(f"smdm bench reversal: the {objective} run stopped at step {trainer.step} of {steps}")
     model, tok = checkpoint.load(out, device="cpu")
     return model, tok, seconds
 
