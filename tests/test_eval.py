@@ -231,6 +231,176 @@ def test_score_errors(mdm, arm):
         evaluate.score(mdm, [([1], [2, 3])], method="chain", order=[[0, 0]])
 
 
+# ---- any positions (score_positions: infilling likelihood) ----------------------------------------------------
+
+# (ids, positions): a middle span, the first token, scattered positions listed out of order, a name-first layout
+ITEMS = [([1, 2, 3, 4, 5, 6], [2, 3]), ([7, 1, 1, 2], [0]), ([2, 9, 9, 8, 1, 3], [4, 0, 1]),
+         ([5, 6, 7, 8], [3, 1]), ([4, 4, 2, 6, 1], [0, 1, 3])]
+ORDERS = [[1, 0], [0], [2, 0, 1], [0, 1], [1, 2, 0]]  # indices into each item's positions
+
+
+def _reveal_order(pos, order, i):
+    if order == "l2r":
+        return sorted(pos)
+    if order == "r2l":
+        return sorted(pos, reverse=True)
+    return [pos[j] for j in order[i]]
+
+
+def _chain_by_hand(model, ids, reveal, w=0.0):
+    """-log p and the greedy flag of revealing `reveal` one per step (the rest of it masked), each token
+    predicted by the (guided) logits; the unconditional row masks every position not in `reveal`."""
+    x0 = torch.tensor(ids)
+    total, greedy = 0.0, True
+    for s, p in enumerate(reveal):
+        x = x0.clone()
+        x[reveal[s:]] = model.mask_id
+        logits = model(x[None])[0, p].double()
+        if w:
+            xu = torch.full_like(x0, model.mask_id)
+            xu[reveal[:s]] = x0[reveal[:s]]
+            lu = model(xu[None])[0, p].double()
+            logits = lu + (w + 1) * (logits - lu)
+        total -= float(torch.log_softmax(logits, -1)[x0[p]])
+        greedy &= int(logits.argmax()) == int(x0[p])
+    return total, greedy
+
+
+def test_positions_chain_rule_matches_hand_loop(mdm):
+    """The chain rule over any positions (middle, first, scattered), in l2r, r2l and a given order, with
+    and without CFG, equals the definition computed with one model call per step."""
+    for order, w in (("l2r", 0.0), ("r2l", 0.0), (ORDERS, 0.0), (ORDERS, 1.5)):
+        s = evaluate.score_positions(mdm, ITEMS, method="chain", order=order, cfg=w)
+        for i, (ids, pos) in enumerate(ITEMS):
+            want, greedy = _chain_by_hand(mdm, ids, _reveal_order(pos, order, i), w)
+            assert s.nll[i] == pytest.approx(want, rel=1e-5), (order, w, i)
+            assert s.greedy[i] == greedy, (order, w, i)
+        assert s.n_tokens.tolist() == [len(p) for _, p in ITEMS] and np.all(s.stderr == 0)
+    l2r = evaluate.score_positions(mdm, ITEMS, method="chain").nll
+    assert not np.allclose(l2r, evaluate.score_positions(mdm, ITEMS, method="chain", order=ORDERS).nll)
+
+
+def test_positions_elbo_matches_hand(mdm):
+    """Middle positions with CFG: the masks of `diffusion.elbo_masks` restricted to the targets, CE under
+    u + (w+1)(c - u) with every non-target position masked in u, weight 1/t_k."""
+    w, n, seed = 0.7, 6, 3
+    ids, pos = [1, 2, 3, 4, 5, 6, 7], [1, 3, 4]
+    s = evaluate.score_positions(mdm, [(ids, pos)], n_samples=n, seed=seed, cfg=w, row_ids=[42])
+    t = evaluate.elbo_times(n, seed)
+    x0 = torch.tensor(ids)
+    target = torch.zeros(1, len(ids), dtype=torch.bool)
+    target[0, pos] = True
+    masks = elbo_masks(1, len(ids), n, 0, n, seed, [42], t, target)[:, 0]
+    assert masks.any() and not masks[:, [0, 2, 5, 6]].any()
+    per = []
+    for k in range(n):
+        x = x0.masked_fill(masks[k], mdm.mask_id)
+        xu = x.masked_fill(~target[0], mdm.mask_id)
+        lc, lu = mdm(torch.stack([x, xu])).double()
+        logp = torch.log_softmax(lu + (w + 1) * (lc - lu), -1)
+        per.append(-float(logp[masks[k], x0[masks[k]]].sum()) / t[k])
+    assert s.nll[0] == pytest.approx(np.mean(per), rel=1e-5)
+    assert s.stderr[0] == pytest.approx(np.std(per, ddof=1) / math.sqrt(n), rel=1e-5)
+
+
+def _elbo_enumerated(model, ids, pos):
+    """The exact ELBO of x[pos] given the rest: every nonempty mask set M of the targets with weight
+    (|M|-1)!(T-|M|)!/T! (the integral over t of `diffusion.elbo_exact`), for positions anywhere."""
+    x0 = torch.tensor(ids)
+    T, total = len(pos), 0.0
+    for m in range(1, 2 ** T):
+        M = [p for j, p in enumerate(pos) if m >> j & 1]
+        x = x0.clone()
+        x[M] = model.mask_id
+        logp = torch.log_softmax(model(x[None])[0].double(), -1)
+        ce = -float(logp[M, x0[M]].sum())
+        total += ce * math.factorial(len(M) - 1) * math.factorial(T - len(M)) / math.factorial(T)
+    return total
+
+
+def test_positions_elbo_converges_to_exact_and_to_the_order_average(mdm):
+    """For middle / scattered positions: the chain rule averaged over all T! orders equals the enumerated
+    ELBO, and the Monte Carlo ELBO is within 4 standard errors of it (and far from the ELBO of the whole row,
+    which masks drawn over every position would estimate: the check can tell them apart)."""
+    items = [([1, 2, 3, 4, 5, 6], [1, 2, 3]), ([9, 8, 7, 6, 5], [0, 4]), ([3, 1, 4, 1, 5, 9, 2], [5, 0, 3])]
+    s = evaluate.score_positions(mdm, items, n_samples=256, seed=1, batch_invariant=False)
+    for i, (ids, pos) in enumerate(items):
+        exact = _elbo_enumerated(mdm, ids, pos)
+        perms = [list(o) for o in itertools.permutations(range(len(pos)))]
+        chain = evaluate.score_positions(mdm, [(ids, pos)] * len(perms), method="chain", order=perms)
+        assert chain.nll.mean() == pytest.approx(exact, rel=1e-5), i
+        assert abs(s.nll[i] - exact) < 4 * s.stderr[i], (i, s.nll[i], exact, s.stderr[i])
+        assert s.stderr[i] < 0.2 * exact
+        unrestricted = _elbo_enumerated(mdm, ids, list(range(len(ids))))  # masks not kept to the targets
+        assert abs(s.nll[i] - unrestricted) > 4 * s.stderr[i], (i, unrestricted)
+
+
+@pytest.mark.parametrize("method,cfg", [("elbo", 0.0), ("elbo", 1.0), ("chain", 0.0), ("chain", 0.5),
+                                        ("ar", 0.0)])
+def test_positions_of_a_suffix_equal_score(mdm, arm, method, cfg):
+    """A suffix through score_positions is `score` of (prefix, suffix) bit for bit (the ARM too), whatever
+    order the suffix positions are listed in (chain: the order argument indexes the list as given)."""
+    model = arm if method == "ar" else mdm
+    pairs = [p for p in PAIRS if p[0]] if method == "ar" else PAIRS
+    items = [(c + d, list(range(len(c), len(c) + len(d)))) for c, d in pairs]
+    kw = dict(method=method, cfg=cfg, n_samples=8, batch_size=5)
+    want = evaluate.score(model, pairs, **kw)
+    got = evaluate.score_positions(model, items, **kw)
+    assert np.array_equal(got.nll, want.nll) and np.array_equal(got.stderr, want.stderr)
+    assert np.array_equal(got.n_tokens, want.n_tokens) and got.method == want.method
+    assert (got.greedy is None) == (want.greedy is None)
+    if want.greedy is not None:
+        assert np.array_equal(got.greedy, want.greedy)
+    backwards = [(ids, pos[::-1]) for ids, pos in items]
+    if method == "chain":  # listed backwards, revealed in the same order
+        orders = [list(range(len(p)))[::-1] for _, p in items]
+        got = evaluate.score_positions(model, backwards, order=orders, **kw)
+    else:
+        got = evaluate.score_positions(model, backwards, **kw)
+    assert np.array_equal(got.nll, want.nll)
+
+
+@pytest.mark.parametrize("method,cfg", [("elbo", 0.0), ("elbo", 1.0), ("chain", 0.5)])
+def test_positions_batch_size_and_order_do_not_change_scores(mdm, method, cfg):
+    kw = dict(method=method, cfg=cfg, n_samples=4)
+    ref = evaluate.score_positions(mdm, ITEMS, batch_size=64, **kw)
+    for bs in (1, 3):
+        s = evaluate.score_positions(mdm, ITEMS, batch_size=bs, **kw)
+        assert np.array_equal(s.nll, ref.nll) and np.array_equal(s.stderr, ref.stderr), bs
+    perm = [3, 0, 4, 2, 1]
+    s = evaluate.score_positions(mdm, [ITEMS[i] for i in perm], batch_size=2, **kw)
+    assert np.array_equal(s.nll, ref.nll[perm]) and np.array_equal(s.stderr, ref.stderr[perm])
+    alone = evaluate.score_positions(mdm, ITEMS[2:3], batch_size=1, **kw)
+    assert alone.nll[0] == ref.nll[2]
+
+
+@pytest.mark.parametrize("item,msg", [
+    (([1, 2, 3], [1, 3]), "item 1: position 3 is out of range for a sequence of 3 tokens"),
+    (([1, 2, 3], [-1]), "item 1: position -1 is out of range"),
+    (([1, 2, 3], [0, 2, 0]), "item 1: position 0 is listed twice"),
+    (([1, 2, 3], []), "item 1: no positions"),
+    (([1, 2], 5), "item 1 is not an (ids, positions) pair"),
+    (([1, V], [0]), "item 1 holds token id 11 outside"),
+    (([1] * 65, [3]), "item 1 has 65 tokens, more than the model's context of 64"),
+])
+def test_positions_errors_name_the_item(mdm, item, msg):
+    with pytest.raises(ValueError) as e:
+        evaluate.score_positions(mdm, [([1, 2], [1]), item])
+    assert msg in str(e.value)
+
+
+def test_positions_arm_scores_suffixes_only(mdm, arm):
+    for pos in ([0, 2], [1], [0, 1, 2]):  # the middle, the start, everything (no given token)
+        with pytest.raises(ValueError, match=r"item 1: the ARM twin scores only a suffix"):
+            evaluate.score_positions(arm, [([1, 2, 3], [2]), ([1, 2, 3], pos)])
+    with pytest.raises(ValueError, match="does not apply"):
+        evaluate.score_positions(arm, [([1, 2, 3], [2])], method="chain")
+    with pytest.raises(ValueError, match=r"order\[0\] = \[0, 0\] is not a permutation"):
+        evaluate.score_positions(mdm, [([1, 2, 3], [0, 2])], method="chain", order=[[0, 0]])
+    with pytest.raises(ValueError, match="order has 2 permutations for 1 items"):
+        evaluate.score_positions(mdm, [([1, 2, 3], [0, 2])], method="chain", order=[[0, 1], [1, 0]])
+
+
 # ---- multiple choice ------------------------------------------------------------------------------------------
 
 # unigram logits of the constructed models (the rest 0): "cat" likely, "mat" less, "dog" and "fast" unlikely

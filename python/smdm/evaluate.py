@@ -8,7 +8,10 @@ zero-shot comparisons, Nie et al. 2024), measured the same way for both.
     smdm eval harness --ckpt DIR [--ckpt DIR ...] --tasks T [--include-path P]   (lm-eval tasks: smdm.harness)
 
 Library: `score(model, pairs)` -> `Scores` (-log p(continuation | context) per (context, continuation) pair
-of token ids), `evaluate_mc`, `evaluate_gsm8k`, `evaluate_ppl`, `extract_answer`.
+of token ids), `score_positions(model, items)` -> `Scores` (-log p(x[positions] | every other token) per
+(ids, positions) item: infilling likelihood, the same estimators with the target positions anywhere; `score`
+is the case of a suffix, with identical numbers), `evaluate_mc`, `evaluate_gsm8k`, `evaluate_ppl`,
+`extract_answer`.
 
 Scores (all in nats, for the continuation tokens only; the context is given):
 - ARM twin ("ar"): exact -log p = -sum_i log softmax(logits at i-1)[x_i] over the continuation.
@@ -103,20 +106,38 @@ class Scores:
 
 
 @dataclass
+class _Item:
+    """One scored sequence: all its ids and the positions whose tokens are scored given the others."""
+
+    ids: list  # token ids of the whole sequence
+    pos: list  # target positions, in the caller's order (`order` indexes this list)
+    given: list  # every other position, ascending (the "prompt" of CFG)
+    start: Optional[int]  # positions are exactly [start, len(ids)) (a continuation after a context), else None
+
+
+def _item(ids: list, pos: list) -> _Item:
+    target = set(pos)
+    given = [j for j in range(len(ids)) if j not in target]
+    start = len(given) if len(given) == 0 or given[-1] == len(given) - 1 else None  # a suffix?
+    return _Item(ids, pos, given, start)
+
+
+@dataclass
 class _Unit:
     """One model row: its input, the positions whose CE counts and their targets, where the sum goes."""
 
-    pair: int
+    item: int
     slot: int  # sample index k (elbo), else 0
     ids: torch.Tensor  # (L,) int64 input (mask ids where masked)
-    n_given: int  # context length: positions [0, n_given) are masked in the unconditional (CFG) row
+    given: torch.Tensor  # (G,) positions given (never scored): masked in the unconditional (CFG) row
     pos: torch.Tensor  # (P,) positions whose CE counts
     tok: torch.Tensor  # (P,) their target ids
 
 
 def context_row_id(context: Sequence[int]) -> int:
     """Default Monte Carlo row key of a pair: the first 8 bytes of blake2b over its context ids (int64).
-    Choices of one question share it (common random numbers); it does not depend on the pair's index."""
+    Choices of one question share it (common random numbers); it does not depend on the pair's index.
+    `score_positions` keys an item by its given tokens in position order (for a suffix: the context)."""
     data = np.asarray(list(context), dtype=np.int64).tobytes()
     return int.from_bytes(hashlib.blake2b(b"smdm-eval" + data, digest_size=8).digest(), "little")
 
@@ -130,9 +151,17 @@ def elbo_times(n_samples: int, seed: int) -> np.ndarray:
     return (np.arange(n_samples) + 1.0 - u) / n_samples
 
 
-def _check_pairs(cfg, pairs, method) -> list:
+def _check_tokens(conf, what: str, ids: list, method: str) -> None:
+    limit = conf.max_seq_len + (1 if method == "ar" else 0)  # the ARM never feeds the last token
+    for t in ids:
+        if not 0 <= t < conf.vocab_size:
+            raise ValueError(f"{what} holds token id {t} outside [0, {conf.vocab_size})")
+    if len(ids) > limit:
+        raise ValueError(f"{what} has {len(ids)} tokens, more than the model's context of {conf.max_seq_len}")
+
+
+def _check_pairs(conf, pairs, method) -> list:
     out = []
-    limit = cfg.max_seq_len + (1 if method == "ar" else 0)  # the ARM never feeds the last token
     for i, pair in enumerate(pairs):
         try:
             ctx, cont = pair
@@ -144,32 +173,38 @@ def _check_pairs(cfg, pairs, method) -> list:
         if method == "ar" and not ctx:
             raise ValueError(f"pair {i}: the ARM needs at least one context token to predict the first "
                              "continuation token (e.g. an EOS/BOS id)")
-        for t in ctx + cont:
-            if not 0 <= t < cfg.vocab_size:
-                raise ValueError(f"pair {i} holds token id {t} outside [0, {cfg.vocab_size})")
-        if len(ctx) + len(cont) > limit:
-            raise ValueError(f"pair {i} has {len(ctx) + len(cont)} tokens, more than the model's context of "
-                             f"{cfg.max_seq_len}")
-        out.append((ctx, cont))
+        _check_tokens(conf, f"pair {i}", ctx + cont, method)
+        out.append(_item(ctx + cont, list(range(len(ctx), len(ctx) + len(cont)))))
     return out
 
 
-def score(model, pairs: Sequence, *, method: Optional[str] = None, n_samples: int = 128, seed: int = 0,
-          cfg: float = 0.0, order="l2r", batch_size: int = 64, row_ids: Optional[Sequence[int]] = None,
-          batch_invariant: bool = True) -> Scores:
-    """-log p(continuation | context) of each (context ids, continuation ids) pair (module docstring).
+def _check_items(conf, items, method) -> list:
+    out = []
+    for i, it in enumerate(items):
+        try:
+            ids, pos = it
+            ids, pos = [int(t) for t in ids], [int(p) for p in pos]
+        except (TypeError, ValueError):
+            raise ValueError(f"item {i} is not an (ids, positions) pair of integer lists") from None
+        if not pos:
+            raise ValueError(f"item {i}: no positions (nothing to score)")
+        bad = [p for p in pos if not 0 <= p < len(ids)]
+        if bad:
+            raise ValueError(f"item {i}: position {bad[0]} is out of range for a sequence of {len(ids)} tokens")
+        if len(set(pos)) != len(pos):
+            dup = next(p for p in pos if pos.count(p) > 1)
+            raise ValueError(f"item {i}: position {dup} is listed twice")
+        _check_tokens(conf, f"item {i}", ids, method)
+        item = _item(ids, pos)
+        if method == "ar" and not (item.start and item.start >= 1):
+            raise ValueError(f"item {i}: the ARM twin scores only a suffix after at least one given token "
+                             f"(positions [s, {len(ids)}), s >= 1), got positions {pos}; score other positions "
+                             "with the MDM")
+        out.append(item)
+    return out
 
-    method: "ar" (the causal twin; the default for it), "elbo" (the MDM's default) or "chain" (MDM).
-    n_samples: Monte Carlo samples per pair for "elbo" (SMDM: 128 for validation, up to 1024 for
-      benchmarks); samples whose mask is empty contribute exactly 0 and run no forward pass.
-    cfg: unsupervised CFG weight w (MDM only; 0 = off). order ("chain"): "l2r", "r2l", or one permutation of
-      range(len(continuation)) per pair (position s of the list is revealed at step s).
-    batch_size: model rows per forward pass (a CFG row pair counts two). row_ids: Monte Carlo keys per pair
-      (default `context_row_id`). batch_invariant: pad as `smdm.sampling` does so that results are
-      bit-identical across batch layouts on CPU (False: a little faster)."""
-    import torch
 
-    conf = model.config
+def _check_options(conf, method, cfg, n_samples, batch_size) -> str:
     method = method or ("ar" if conf.causal else "elbo")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -184,28 +219,75 @@ def score(model, pairs: Sequence, *, method: Optional[str] = None, n_samples: in
         raise ValueError(f"n_samples must be >= 2 for a standard error, got {n_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pairs = _check_pairs(conf, pairs, method)
-    N = len(pairs)
+    return method
+
+
+def score(model, pairs: Sequence, *, method: Optional[str] = None, n_samples: int = 128, seed: int = 0,
+          cfg: float = 0.0, order="l2r", batch_size: int = 64, row_ids: Optional[Sequence[int]] = None,
+          batch_invariant: bool = True) -> Scores:
+    """-log p(continuation | context) of each (context ids, continuation ids) pair (module docstring).
+
+    method: "ar" (the causal twin; the default for it), "elbo" (the MDM's default) or "chain" (MDM).
+    n_samples: Monte Carlo samples per pair for "elbo" (SMDM: 128 for validation, up to 1024 for
+      benchmarks); samples whose mask is empty contribute exactly 0 and run no forward pass.
+    cfg: unsupervised CFG weight w (MDM only; 0 = off). order ("chain"): "l2r", "r2l", or one permutation of
+      range(len(continuation)) per pair (position s of the list is revealed at step s).
+    batch_size: model rows per forward pass (a CFG row pair counts two). row_ids: Monte Carlo keys per pair
+      (default `context_row_id`). batch_invariant: pad as `smdm.sampling` does so that results are
+      bit-identical across batch layouts on CPU (False: a little faster).
+    The same numbers as `score_positions` over (context + continuation, the continuation's positions)."""
+    method = _check_options(model.config, method, cfg, n_samples, batch_size)
+    items = _check_pairs(model.config, pairs, method)
+    return _score_items(model, items, method=method, n_samples=n_samples, seed=seed, cfg=cfg, order=order,
+                        batch_size=batch_size, row_ids=row_ids, batch_invariant=batch_invariant, what="pair")
+
+
+def score_positions(model, items: Sequence, *, method: Optional[str] = None, n_samples: int = 128,
+                    seed: int = 0, cfg: float = 0.0, order="l2r", batch_size: int = 64,
+                    row_ids: Optional[Sequence[int]] = None, batch_invariant: bool = True) -> Scores:
+    """-log p(x[positions] | x[every other position]) of each (ids, positions) item: the likelihood of any
+    set of positions (infilling: a middle span, a name before its description, ...) given the rest.
+
+    The MDM's estimators of `score` with the target positions in place of the continuation: "elbo" masks
+    only target positions (the same stratified times and `diffusion.elbo_masks` draws), "chain" reveals the
+    targets one per step in a fixed order, everything else given. order: "l2r" (ascending position, the
+    default), "r2l", or one permutation of range(len(positions)) per item whose entry s is the index into that
+    item's `positions` revealed at step s. CFG (paper Eq. 7): the unconditional row masks every given (non-
+    target) position. The ARM twin ("ar") scores a suffix only (positions [s, len(ids)), s >= 1): exactly
+    `score` of (ids[:s], ids[s:]); other positions raise ValueError. row_ids default: `context_row_id` of the
+    given tokens in position order, so for a suffix every number equals `score`'s bit for bit. Errors name
+    the item's index. Other arguments as in `score`."""
+    method = _check_options(model.config, method, cfg, n_samples, batch_size)
+    items = _check_items(model.config, items, method)
+    return _score_items(model, items, method=method, n_samples=n_samples, seed=seed, cfg=cfg, order=order,
+                        batch_size=batch_size, row_ids=row_ids, batch_invariant=batch_invariant, what="item")
+
+
+def _score_items(model, items: list, *, method, n_samples, seed, cfg, order, batch_size, row_ids,
+                 batch_invariant, what) -> Scores:
+    import torch
+
+    conf = model.config
+    N = len(items)
     if row_ids is None:
-        row_ids = [context_row_id(c) for c, _ in pairs]
+        row_ids = [context_row_id([it.ids[j] for j in it.given]) for it in items]
     elif len(row_ids) != N:
-        raise ValueError(f"row_ids has {len(row_ids)} entries for {N} pairs")
-    orders = _orders(order, pairs) if method == "chain" else None
-    n_tokens = np.array([len(c) for _, c in pairs], dtype=np.int64)
-    by_length = sorted(range(N), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))  # fewer pads
+        raise ValueError(f"row_ids has {len(row_ids)} entries for {N} {what}s")
+    n_tokens = np.array([len(it.pos) for it in items], dtype=np.int64)
+    by_length = sorted(range(N), key=lambda i: -len(items[i].ids))  # fewer pads
     t = elbo_times(n_samples, seed) if method == "elbo" else None
     sums = np.zeros((N, n_samples if method == "elbo" else 1), dtype=np.float64)
     greedy = np.ones(N, dtype=bool)
     if method == "elbo":
-        units = _elbo_units(pairs, by_length, t, seed, row_ids, conf.mask_id)
+        units = _elbo_units(items, by_length, t, seed, row_ids, conf.mask_id)
     elif method == "chain":
-        units = _chain_units(pairs, by_length, orders, conf.mask_id)
+        units = _chain_units(items, by_length, _orders(order, items, what), conf.mask_id)
     else:
-        units = _ar_units(pairs, by_length)
+        units = _ar_units(items, by_length)
     with torch.no_grad():
         for unit, (ce, argmax) in _run_units(model, units, cfg, batch_size, batch_invariant):
-            sums[unit.pair, unit.slot] += ce
-            greedy[unit.pair] &= argmax
+            sums[unit.item, unit.slot] += ce
+            greedy[unit.item] &= argmax
     if method == "elbo":
         per_sample = sums / t[None, :]  # (N, n): sum_masked CE / t_k, exactly zero for empty masks
         nll = per_sample.mean(1)
@@ -217,65 +299,67 @@ def score(model, pairs: Sequence, *, method: Optional[str] = None, n_samples: in
                   greedy=None if method == "elbo" else greedy)
 
 
-def _orders(order, pairs) -> list:
+def _orders(order, items, what) -> list:
+    """Per item the target positions in reveal order ("l2r": ascending position)."""
     if isinstance(order, str):
         if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS} or one permutation per pair, got {order!r}")
-        return [list(range(len(c))) if order == "l2r" else list(range(len(c)))[::-1] for _, c in pairs]
+            raise ValueError(f"order must be one of {ORDERS} or one permutation per {what}, got {order!r}")
+        return [sorted(it.pos, reverse=order == "r2l") for it in items]
     orders = [list(map(int, o)) for o in order]
-    if len(orders) != len(pairs):
-        raise ValueError(f"order has {len(orders)} permutations for {len(pairs)} pairs")
-    for i, (o, (_, c)) in enumerate(zip(orders, pairs)):
-        if sorted(o) != list(range(len(c))):
-            raise ValueError(f"order[{i}] = {o} is not a permutation of range({len(c)})")
-    return orders
+    if len(orders) != len(items):
+        raise ValueError(f"order has {len(orders)} permutations for {len(items)} {what}s")
+    for i, (o, it) in enumerate(zip(orders, items)):
+        if sorted(o) != list(range(len(it.pos))):
+            raise ValueError(f"order[{i}] = {o} is not a permutation of range({len(it.pos)})")
+    return [[it.pos[j] for j in o] for o, it in zip(orders, items)]
 
 
-def _elbo_units(pairs, by_length, t, seed, row_ids, mask_id) -> Iterator[_Unit]:
-    """Sample k of pair i: continuation token j masked iff the `diffusion.elbo_nll` draw for (seed, k,
-    row id, j) is < t_k; every masked token is predicted."""
+def _elbo_units(items, by_length, t, seed, row_ids, mask_id) -> Iterator[_Unit]:
+    """Sample k of item i: target position j masked iff the `diffusion.elbo_nll` draw for (seed, k, row id,
+    j) is < t_k; every masked token is predicted."""
     import torch
 
     from smdm.diffusion import elbo_masks
 
     n = len(t)
     for i in by_length:
-        ctx, cont = pairs[i]
-        L = len(ctx) + len(cont)
-        x0 = torch.tensor(ctx + cont, dtype=torch.int64)
+        it = items[i]
+        L = len(it.ids)
+        x0 = torch.tensor(it.ids, dtype=torch.int64)
+        given = torch.tensor(it.given, dtype=torch.int64)
         target = torch.zeros(1, L, dtype=torch.bool)
-        target[0, len(ctx):] = True
+        target[0, it.pos] = True
         masks = elbo_masks(1, L, n, 0, n, seed, [row_ids[i]], t, target)[:, 0]  # (n, L)
         for k in range(n):
             pos = masks[k].nonzero()[:, 0]
             if len(pos):  # an empty mask adds exactly 0: no forward pass
-                yield _Unit(i, k, x0.masked_fill(masks[k], mask_id), len(ctx), pos, x0[pos])
+                yield _Unit(i, k, x0.masked_fill(masks[k], mask_id), given, pos, x0[pos])
 
 
-def _chain_units(pairs, by_length, orders, mask_id) -> Iterator[_Unit]:
-    """Step s of pair i: continuation positions order[s:] masked, predict order[s]."""
+def _chain_units(items, by_length, orders, mask_id) -> Iterator[_Unit]:
+    """Step s of item i: target positions order[s:] masked, predict order[s]."""
     import torch
 
     for i in by_length:
-        ctx, cont = pairs[i]
-        x0 = torch.tensor(ctx + cont, dtype=torch.int64)
-        order = [len(ctx) + j for j in orders[i]]
+        x0 = torch.tensor(items[i].ids, dtype=torch.int64)
+        given = torch.tensor(items[i].given, dtype=torch.int64)
+        order = orders[i]
         for s in range(len(order)):
             x = x0.clone()
             x[order[s:]] = mask_id
             pos = torch.tensor([order[s]])
-            yield _Unit(i, 0, x, len(ctx), pos, x0[pos])
+            yield _Unit(i, 0, x, given, pos, x0[pos])
 
 
-def _ar_units(pairs, by_length) -> Iterator[_Unit]:
-    """Input = context + continuation without its last token; position j predicts token j + 1."""
+def _ar_units(items, by_length) -> Iterator[_Unit]:
+    """Input = the sequence without its last token; position j predicts token j + 1 (targets: a suffix)."""
     import torch
 
     for i in by_length:
-        ctx, cont = pairs[i]
-        x0 = torch.tensor(ctx + cont, dtype=torch.int64)
-        pos = torch.arange(len(ctx) - 1, len(x0) - 1)
-        yield _Unit(i, 0, x0[:-1], len(ctx), pos, x0[pos + 1])
+        x0 = torch.tensor(items[i].ids, dtype=torch.int64)
+        start = items[i].start
+        pos = torch.arange(start - 1, len(x0) - 1)
+        yield _Unit(i, 0, x0[:-1], torch.arange(start), pos, x0[pos + 1])
 
 
 def _run_units(model, units: Iterable[_Unit], cfg: float, batch_size: int, batch_invariant: bool):
@@ -304,8 +388,8 @@ def _ce_sums(model, batch: list, cfg: float, batch_invariant: bool) -> list:
     conf = model.config
     device = model.head.weight.device
     seqs = [u.ids for u in batch]
-    if cfg:  # paper Eq. 7: the unconditional row has every context position masked
-        seqs += [u.ids.clone().index_fill_(0, torch.arange(u.n_given), conf.mask_id) for u in batch]
+    if cfg:  # paper Eq. 7: the unconditional row has every given (context) position masked
+        seqs += [u.ids.clone().index_fill_(0, u.given, conf.mask_id) for u in batch]
     sizes = [len(u.pos) for u in batch]
     row = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(sizes))  # (P,) unit of each target
     pos = torch.cat([u.pos for u in batch])  # (P,)
