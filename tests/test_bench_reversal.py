@@ -1,8 +1,9 @@
 # python -m pytest tests/test_bench_reversal.py -q
 """`smdm bench reversal` (smdm.benchmarks.reversal): the synthetic facts and their tokenizer, the batched
-likelihood scorers against `smdm.evaluate.score` (the ARM's exact NLL, the MDM's chain rule), and the quick mode
-end to end through the CLI: JSON with every probe, and both models learned the forward direction (accuracy well
-above chance). The reverse-direction result is the experiment's output, reported, never asserted here."""
+likelihood scorers against `smdm.evaluate` (the ARM's exact NLL by `score`, the MDM's chain rule over any
+positions by `score_positions`), and the quick mode end to end through the CLI: JSON with every probe, and both
+models learned the forward direction (accuracy well above chance). The reverse-direction result is the
+experiment's output, reported, never asserted here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from smdm.benchmarks import reversal
-from smdm.evaluate import score
+from smdm.evaluate import score, score_positions
 from smdm.model import build_model, config_by_name
 
 
@@ -55,18 +56,27 @@ def _rows(seed: int, n: int, length: int, vocab: int) -> torch.Tensor:
 
 
 def test_batched_scorers_equal_evaluate_score():
-    """The bench's N x N scorers compute what `smdm.evaluate.score` computes, on random weights."""
+    """The bench's N x N scorers compute what `smdm.evaluate` computes, on random weights: the MDM's
+    order-averaged chain rule is `score_positions(method="chain")` averaged over every order, for the NAME
+    placed before its context (the infill probe), in the middle, and as a suffix (where `score` applies too);
+    the ARM's exact NLL is `score(method="ar")`."""
     vocab = 40
     mdm = build_model(config_by_name("tiny", vocab_size=vocab, max_seq_len=16), seed=1).eval()
     arm = build_model(config_by_name("tiny", vocab_size=vocab, causal=True, max_seq_len=16), seed=1).eval()
     rows = _rows(0, 6, 7, vocab)
     rows[3] = rows[2]  # duplicate rows share their forward passes: still the same numbers
-    # MDM: the last 3 positions (a suffix, which evaluate.score expresses), averaged over all 3! orders
-    got = reversal.mdm_target_nll(mdm, rows, [4, 5, 6])
-    pairs = [(r[:4].tolist(), r[4:].tolist()) for r in rows]
+    for positions in ([0, 1], [2, 4, 5], [4, 5, 6]):
+        got = reversal.mdm_target_nll(mdm, rows, positions)
+        items = [(r.tolist(), positions) for r in rows]
+        orders = [list(o) for o in itertools.permutations(range(len(positions)))]
+        want = np.mean([score_positions(mdm, items, method="chain", order=[o] * len(items)).nll
+                        for o in orders], axis=0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert np.ptp(got) > 1e-3  # the rows do differ
+    pairs = [(r[:4].tolist(), r[4:].tolist()) for r in rows]  # the suffix: score's pairs give the same
     want = np.mean([score(mdm, pairs, method="chain", order=[list(o)] * len(pairs)).nll
                     for o in itertools.permutations(range(3))], axis=0)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(reversal.mdm_target_nll(mdm, rows, [4, 5, 6]), want, rtol=1e-5, atol=1e-5)
     # ARM: exact NLL of the last 2 tokens given the first 4
     got = reversal.arm_target_nll(arm, rows[:, :6], 4)
     want = score(arm, [(r[:4].tolist(), r[4:6].tolist()) for r in rows], method="ar").nll

@@ -29,9 +29,12 @@ and the likelihood view, independent of greedy decoding: the rank of the true NA
   reverse rank         by log p(NAME | "DESC is"): the ARM exactly; the MDM by its chain rule over the NAME
                        averaged over every order (= its exact ELBO for the NAME) with the row's EOS given
   reverse infill rank  by log p(NAME | "_ _ is DESC <eos>") (MDM, the same order-averaged chain rule)
-The scorers are `smdm.evaluate.score`'s methods "ar" and "chain" written for N x N candidate rows at once
-(distinct rows run once; `evaluate.score` would take minutes, and it scores suffixes only, not a NAME placed
-before its context); tests/test_bench_reversal.py checks both against `evaluate.score`.
+The scorers are `smdm.evaluate`'s exact methods written for N x N candidate rows at once: the ARM's is
+`score(method="ar")`, the MDM's `score_positions(method="chain")` (any positions: the NAME before its context)
+averaged over every order; tests/test_bench_reversal.py checks both against those. They run each distinct input
+row once: candidates share most rows (one NAME word revealed, the other masked). `score_positions` runs every
+row of every candidate: for one rank probe at N = 200 (tiny model, one thread) 175 s instead of 1.9 s, with the
+same ranks and scores within 2e-6.
 Ranks count ties against the true name (a constant scorer gets rank N). Chance: 1/N for exact match and top-1
 (guessing among the known names/descriptions), (N + 1)/2 for the mean rank.
 """
@@ -175,8 +178,8 @@ def mdm_target_nll(model, rows, positions: list, *, batch: int = 4096) -> np.nda
     """-log p(x[positions] | the rest of the row) for each row of `rows` (R, L) int64, by the MDM's chain rule
     averaged over every order of the positions (= its exact ELBO for those tokens, `diffusion.elbo_exact`):
     step s of order o masks positions o[s:], keeps o[:s], predicts o[s]. The same numbers as
-    `smdm.evaluate.score(method="chain")` where that applies (tested), but for any positions (a NAME before its
-    context) and with every distinct input row run once: candidates share most rows. (R,) float64."""
+    `smdm.evaluate.score_positions(method="chain")` averaged over the orders (tested), with every distinct
+    input row run once: candidates share most rows. (R,) float64."""
     import torch
 
     mask_id = model.config.mask_id
