@@ -485,9 +485,14 @@ def test_schedule_reaches_the_forward_process_checkpoint_and_resume(dataset, tmp
     conf = ckpt.read_config(ckpt.latest(out))
     assert conf["train"]["schedule"] == "cosine"
     with pytest.raises(TrainError, match=r"schedule \(checkpoint cosine, now linear\)"):
-        train(cfg_for(dataset, out, max_steps=4, resume=True))
-    train(cfg_for(dataset, out, max_steps=4, resume=True, schedule="cosine"))
+        train(cfg_for(dataset, out, max_steps=4, resume=True, schedule="linear"))
+    seen.clear()
+    train(cfg_for(dataset, out, max_steps=4, resume=True))  # no --schedule: the checkpoint's
     assert step_losses(out)[-1][0] == 4
+    x0 = seen[0][1]["x0"]
+    fp = diffusion.forward_process(x0, seed=0, step=2, global_batch=4, mask_id=VOCAB, crop_prob=0.0,
+                                   schedule="cosine")
+    assert torch.equal(seen[0][1]["weight"], fp.weight)
 
 
 def test_schedule_names_defaults_and_the_arm(dataset, tmp_path):

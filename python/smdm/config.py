@@ -49,7 +49,7 @@ class TrainConfig:
     doc_mask: bool = True  # attention stays inside each packed document (segment_ids)
     stratified: bool = False  # t_i = (u + i/B) mod 1 over the global batch instead of i.i.d. U(0, 1)
     schedule: Optional[str] = None  # MDM noise schedule: "linear" (the paper's), "cosine", "polynomial:P"
-    # (DESIGN §4); None: the --init-from checkpoint's, else linear. Saved in config.json "train", where
+    # (DESIGN §4); None: the --resume / --init-from checkpoint's, else linear. Saved in config.json "train", where
     # `smdm generate` reads it as its default.
     compile: bool = False  # torch.compile each Transformer block
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, one more forward

@@ -293,6 +293,7 @@ def check_sft_args(cfg: TrainConfig) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         init = load_init(cfg.init_from) if cfg.init_from is not None else None
+        schedule_given = cfg.schedule is not None
         cfg = resolve_model_choice(cfg, init)
         if cfg.objective not in ("mdm", "ar"):
             raise TrainError(f"--objective must be 'mdm' or 'ar', got {cfg.objective!r}")
@@ -341,6 +342,9 @@ class Trainer:
                 ckpt.verify(resume_dir)
             except ckpt.CheckpointError as e:
                 raise TrainError(f"--resume: {e}") from None
+            saved = (ckpt.read_config(resume_dir).get("train") or {}).get("schedule")
+            if saved is not None and not schedule_given:  # a resume keeps the run's noise schedule
+                self.cfg = cfg = replace(cfg, schedule=saved)
 
         if self.sft:
             vocab = self._load_sft(init)
@@ -1067,7 +1071,7 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--keep", type=int, default=d.keep)
     a("--stratified", action="store_true", help="stratified t over the global batch (default: i.i.d.)")
     a("--schedule", default=None, help="MDM noise schedule: linear (default), cosine, polynomial:P; "
-      "default with --init-from: the checkpoint's")
+      "default with --init-from or --resume: the checkpoint's")
     a("--no-doc-mask", dest="doc_mask", action="store_false", help="attend across packed documents")
     a("--compile", action="store_true", help="torch.compile each Transformer block")
     a("--activation-checkpointing", action="store_true",
