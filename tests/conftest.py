@@ -53,3 +53,16 @@ def loss_inputs(monkeypatch) -> list:
 
     monkeypatch.setattr(Objective, "forward", forward)
     return seen
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread here and in subprocesses: tiny models run fast on a busy 2-core box, and every process
+    reduces floats in the same order (bit-exact comparisons across processes)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(n)

@@ -17,15 +17,7 @@ from smdm.benchmarks import reversal
 from smdm.evaluate import score, score_positions
 from smdm.model import build_model, config_by_name
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One torch thread (fast on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def test_facts_are_deterministic_unique_and_tokenize_one_id_per_word(tmp_path):

@@ -4,7 +4,6 @@
 import json
 
 import pytest
-import torch
 from smdm import checkpoint, cli
 from smdm.generate_cli import encode_with_holes, parse_ids, render
 from smdm.model import build_model, config_by_name
@@ -113,16 +112,6 @@ def sched_ckpts(tmp_path_factory):
                                             "train": {"schedule": schedule}},
                                     train_state={"step": 1}, tokenizer_path=root / "tokenizer.json")
     return out
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: one torch thread avoids OpenMP spin-waits on a busy machine (nothing compared across
-    thread counts)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _masks_per_step(err):

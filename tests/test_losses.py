@@ -186,16 +186,6 @@ def test_elbo_rejects_the_arm_and_one_sample():
 SCHEDULES = ["linear", "cosine", "polynomial:2", "polynomial:0.5"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: one torch thread avoids OpenMP spin-waits on a busy machine (nothing compared across
-    thread counts)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class _LinearWeights(diffusion.Schedule):
     """A deliberately wrong ELBO: the schedule's masks with the linear weight 1/t."""
 

@@ -24,14 +24,7 @@ LETTERS = "abcdefgh"
 SEQ_LEN = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One torch thread (fast on a busy 2-core box; the same float reductions in every run)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def reverse_pairs(n: int, seed: int) -> list[dict]:

@@ -43,15 +43,7 @@ def make_dataset(root, vocab=VOCAB, n_docs=(300, 40), seed=0) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One torch thread here and in subprocesses: fast on a busy 2-core box, and the same float reductions in
-    every process (bit-exact resume compares runs across processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 @pytest.fixture(scope="module")
