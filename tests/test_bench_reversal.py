@@ -48,10 +48,10 @@ def _rows(seed: int, n: int, length: int, vocab: int) -> torch.Tensor:
 
 
 def test_batched_scorers_equal_evaluate_score():
-    """The bench's N x N scorers compute what `smdm.evaluate` computes, on random weights: the MDM's
-    order-averaged chain rule is `score_positions(method="chain")` averaged over every order, for the NAME
-    placed before its context (the infill probe), in the middle, and as a suffix (where `score` applies too);
-    the ARM's exact NLL is `score(method="ar")`."""
+    """The bench's rank scorers: the MDM's order-averaged chain rule is `score_positions(method="chain")`
+    averaged over every order, for the NAME placed before its context (the infill probe), in the middle, and
+    as a suffix (where `score` applies too; the bench runs without batch-invariant padding, so within float
+    tolerance); the ARM's exact NLL is `score(method="ar")`."""
     vocab = 40
     mdm = build_model(config_by_name("tiny", vocab_size=vocab, max_seq_len=16), seed=1).eval()
     arm = build_model(config_by_name("tiny", vocab_size=vocab, causal=True, max_seq_len=16), seed=1).eval()

@@ -374,6 +374,37 @@ def test_positions_batch_size_and_order_do_not_change_scores(mdm, method, cfg):
     assert alone.nll[0] == ref.nll[2]
 
 
+@pytest.mark.parametrize("method,cfg", [("elbo", 0.0), ("elbo", 1.0), ("chain", 0.0), ("chain", 0.5)])
+def test_shared_rows_run_once_with_the_numbers_of_each_item_alone(mdm, monkeypatch, method, cfg):
+    """Candidates of one context share every row whose differing positions are all masked: each distinct row
+    runs once (counted at the model), across windows too, and every score and greedy flag is bit for bit the
+    one the item gets alone."""
+    rng = np.random.default_rng(0)
+    context = [3, 9, 4, 4, 7]
+    items = [([int(a), int(b)] + context, [0, 1]) for a, b in rng.integers(1, 4, (12, 2))]
+    items += [(context[:3] + [int(a), 2], [3]) for a in rng.integers(1, 5, 6)]  # a shorter length, a suffix
+    items += [items[0], items[-1]]  # exact duplicates
+    kw = dict(method=method, cfg=cfg, n_samples=6)
+    alone = [evaluate.score_positions(mdm, [it], batch_size=1, **kw) for it in items]
+    rows_run, log_probs = [], evaluate._log_probs
+
+    def counted(model, batch, *a):
+        rows_run.append(len(batch))
+        return log_probs(model, batch, *a)
+
+    monkeypatch.setattr(evaluate, "_log_probs", counted)
+    for window in (evaluate.WINDOW_TOKENS, 40):  # all units in one window; a few units per window
+        monkeypatch.setattr(evaluate, "WINDOW_TOKENS", window)
+        rows_run.clear()
+        got = evaluate.score_positions(mdm, items, batch_size=4, **kw)
+        assert np.array_equal(got.nll, [a.nll[0] for a in alone])
+        assert np.array_equal(got.stderr, [a.stderr[0] for a in alone])
+        if method == "chain":
+            assert got.greedy.tolist() == [bool(a.greedy[0]) for a in alone]
+        units = len(items) * kw["n_samples"] if method == "elbo" else sum(len(p) for _, p in items)
+        assert sum(rows_run) < units, window  # (chain: the candidates' first steps, all targets masked, are one row)
+
+
 @pytest.mark.parametrize("item,msg", [
     (([1, 2, 3], [1, 3]), "item 1: position 3 is out of range for a sequence of 3 tokens"),
     (([1, 2, 3], [-1]), "item 1: position -1 is out of range"),

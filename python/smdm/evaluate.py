@@ -34,7 +34,9 @@ Scores (all in nats, for the continuation tokens only; the context is given):
 
 Batching: ragged rows are right-padded and the pads hidden with `key_valid`; rows are padded and head rows
 aligned exactly as in `smdm.sampling` ("Batch invariance"), so on CPU a pair's score is bit-identical for any
-batch size and order.
+batch size and order. Every distinct model row runs once: candidates of one context share each row whose
+differing positions are all masked (the chain rule's first step, ELBO samples that mask the whole
+continuation), so ranking N candidates costs far fewer than N times one.
 
 Multiple-choice JSONL (`smdm eval mc`), one question per line:
     {"context": "The capital of France is", "choices": [" Paris", " Rome"], "label": 0}
@@ -70,12 +72,9 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
 
 METHODS = ("ar", "elbo", "chain")
 ORDERS = ("l2r", "r2l")
@@ -128,10 +127,10 @@ class _Unit:
 
     item: int
     slot: int  # sample index k (elbo), else 0
-    ids: torch.Tensor  # (L,) int64 input (mask ids where masked)
-    given: torch.Tensor  # (G,) positions given (never scored): masked in the unconditional (CFG) row
-    pos: torch.Tensor  # (P,) positions whose CE counts
-    tok: torch.Tensor  # (P,) their target ids
+    ids: np.ndarray  # (L,) int64 input (mask ids where masked)
+    given: np.ndarray  # (G,) int64 positions given (never scored): masked in the unconditional (CFG) row
+    pos: np.ndarray  # (P,) int64 positions whose CE counts
+    tok: np.ndarray  # (P,) int64 their target ids
 
 
 def context_row_id(context: Sequence[int]) -> int:
@@ -153,9 +152,9 @@ def elbo_times(n_samples: int, seed: int) -> np.ndarray:
 
 def _check_tokens(conf, what: str, ids: list, method: str) -> None:
     limit = conf.max_seq_len + (1 if method == "ar" else 0)  # the ARM never feeds the last token
-    for t in ids:
-        if not 0 <= t < conf.vocab_size:
-            raise ValueError(f"{what} holds token id {t} outside [0, {conf.vocab_size})")
+    if ids and (min(ids) < 0 or max(ids) >= conf.vocab_size):
+        bad = next(t for t in ids if not 0 <= t < conf.vocab_size)
+        raise ValueError(f"{what} holds token id {bad} outside [0, {conf.vocab_size})")
     if len(ids) > limit:
         raise ValueError(f"{what} has {len(ids)} tokens, more than the model's context of {conf.max_seq_len}")
 
@@ -274,7 +273,8 @@ def _score_items(model, items: list, *, method, n_samples, seed, cfg, order, bat
     elif len(row_ids) != N:
         raise ValueError(f"row_ids has {len(row_ids)} entries for {N} {what}s")
     n_tokens = np.array([len(it.pos) for it in items], dtype=np.int64)
-    by_length = sorted(range(N), key=lambda i: -len(items[i].ids))  # fewer pads
+    # longest first (fewer pads); items of one context together (their units share rows: `_run_units`)
+    by_length = sorted(range(N), key=lambda i: (-len(items[i].ids), row_ids[i], i))
     t = elbo_times(n_samples, seed) if method == "elbo" else None
     sums = np.zeros((N, n_samples if method == "elbo" else 1), dtype=np.float64)
     greedy = np.ones(N, dtype=bool)
@@ -325,83 +325,130 @@ def _elbo_units(items, by_length, t, seed, row_ids, mask_id) -> Iterator[_Unit]:
     for i in by_length:
         it = items[i]
         L = len(it.ids)
-        x0 = torch.tensor(it.ids, dtype=torch.int64)
-        given = torch.tensor(it.given, dtype=torch.int64)
+        x0 = np.array(it.ids, dtype=np.int64)
+        given = np.array(it.given, dtype=np.int64)
         target = torch.zeros(1, L, dtype=torch.bool)
         target[0, it.pos] = True
-        masks = elbo_masks(1, L, n, 0, n, seed, [row_ids[i]], t, target)[:, 0]  # (n, L)
+        masks = elbo_masks(1, L, n, 0, n, seed, [row_ids[i]], t, target)[:, 0].numpy()  # (n, L)
         for k in range(n):
-            pos = masks[k].nonzero()[:, 0]
+            pos = np.flatnonzero(masks[k])
             if len(pos):  # an empty mask adds exactly 0: no forward pass
-                yield _Unit(i, k, x0.masked_fill(masks[k], mask_id), given, pos, x0[pos])
+                yield _Unit(i, k, np.where(masks[k], mask_id, x0), given, pos, x0[pos])
 
 
 def _chain_units(items, by_length, orders, mask_id) -> Iterator[_Unit]:
     """Step s of item i: target positions order[s:] masked, predict order[s]."""
-    import torch
-
     for i in by_length:
-        x0 = torch.tensor(items[i].ids, dtype=torch.int64)
-        given = torch.tensor(items[i].given, dtype=torch.int64)
-        order = orders[i]
+        x0 = np.array(items[i].ids, dtype=np.int64)
+        given = np.array(items[i].given, dtype=np.int64)
+        order = np.array(orders[i], dtype=np.int64)
         for s in range(len(order)):
-            x = x0.clone()
+            x = x0.copy()
             x[order[s:]] = mask_id
-            pos = torch.tensor([order[s]])
-            yield _Unit(i, 0, x, given, pos, x0[pos])
+            yield _Unit(i, 0, x, given, order[s:s + 1], x0[order[s:s + 1]])
 
 
 def _ar_units(items, by_length) -> Iterator[_Unit]:
     """Input = the sequence without its last token; position j predicts token j + 1 (targets: a suffix)."""
-    import torch
-
     for i in by_length:
-        x0 = torch.tensor(items[i].ids, dtype=torch.int64)
+        x0 = np.array(items[i].ids, dtype=np.int64)
         start = items[i].start
-        pos = torch.arange(start - 1, len(x0) - 1)
-        yield _Unit(i, 0, x0[:-1], torch.arange(start), pos, x0[pos + 1])
+        pos = np.arange(start - 1, len(x0) - 1)
+        yield _Unit(i, 0, x0[:-1], np.arange(start), pos, x0[pos + 1])
+
+
+WINDOW_TOKENS = 1 << 21  # input tokens of the units deduplicated together (~16 MB of int64 ids)
+
+
+@dataclass
+class _Row:
+    """One distinct model input (plus its unconditional twin with CFG) and the union of the positions its
+    units score."""
+
+    ids: np.ndarray
+    given: np.ndarray
+    cols: dict  # position -> index into `pos`
+    pos: list
+    index: int  # among the window's distinct rows
 
 
 def _run_units(model, units: Iterable[_Unit], cfg: float, batch_size: int, batch_invariant: bool):
-    """Yield (unit, (sum of its CE, whether each of its targets is the argmax)) with `batch_size` rows per
-    forward pass (CFG: two rows per unit)."""
-    per_pass = max(1, batch_size // (2 if cfg else 1))
-    batch = []
+    """Yield (unit, (sum of its CE, whether each of its targets is the argmax)) for every unit. Units are taken
+    in windows of about WINDOW_TOKENS input tokens; inside a window every distinct input row (with CFG: the
+    row and its given positions) runs once, with `batch_size` model rows per forward pass (CFG: two per
+    distinct row), and serves every unit that shares it (the candidates of one context share every row
+    whose differing positions are all masked). The numbers are those of running each unit alone (bit for
+    bit on CPU: the logits of a position do not depend on the other rows or positions of its pass)."""
+    window, size = [], 0
     for u in units:
-        batch.append(u)
-        if len(batch) == per_pass:
-            yield from zip(batch, _ce_sums(model, batch, cfg, batch_invariant))
-            batch = []
-    if batch:
-        yield from zip(batch, _ce_sums(model, batch, cfg, batch_invariant))
+        window.append(u)
+        size += len(u.ids)
+        if size >= WINDOW_TOKENS:
+            yield from _run_window(model, window, cfg, batch_size, batch_invariant)
+            window, size = [], 0
+    if window:
+        yield from _run_window(model, window, cfg, batch_size, batch_invariant)
 
 
-def _ce_sums(model, batch: list, cfg: float, batch_invariant: bool) -> list:
-    """One padded forward pass over the units' rows (plus their unconditional rows with CFG): per unit the sum
-    of the (guided) cross-entropy at its positions (float32 CE summed in float64) and whether every target is
-    the argmax of its (guided) logits (first index on ties, as torch.argmax)."""
+def _run_window(model, window: list, cfg: float, batch_size: int, batch_invariant: bool):
+    import torch
+
+    rows, base, flat = {}, [], []  # distinct rows by input; per unit its first index into `flat`
+    for u in window:
+        key = u.ids.tobytes() + (b"|" + u.given.tobytes() if cfg else b"")
+        r = rows.get(key)
+        if r is None:
+            r = rows[key] = _Row(u.ids, u.given, {}, [], len(rows))
+        base.append(len(flat))
+        for p in u.pos.tolist():
+            c = r.cols.get(p)
+            if c is None:
+                c = r.cols[p] = len(r.pos)
+                r.pos.append(p)
+            flat.append((r.index, c))
+    distinct = list(rows.values())
+    per_pass = max(1, batch_size // (2 if cfg else 1))
+    lps, ams = [], []  # per distinct row: (positions, V) log-softmax of the (guided) logits, their argmax
+    for a in range(0, len(distinct), per_pass):
+        for lp, am in _log_probs(model, distinct[a:a + per_pass], cfg, batch_invariant):
+            lps.append(lp)
+            ams.append(am)
+    offset = np.cumsum([0] + [len(r.pos) for r in distinct])
+    idx = torch.from_numpy(np.array([offset[r] + c for r, c in flat], dtype=np.int64))  # (P,) into the rows
+    tok = torch.from_numpy(np.concatenate([u.tok for u in window]))
+    ce = -torch.cat(lps)[idx, tok].double()
+    hit = torch.cat(ams)[idx] == tok
+    starts = np.array(base, dtype=np.int64)
+    sums = np.add.reduceat(ce.numpy(), starts)  # per unit (every unit has >= 1 position)
+    hits = np.logical_and.reduceat(hit.numpy(), starts)
+    for u, c, h in zip(window, sums.tolist(), hits.tolist()):
+        yield u, (c, h)
+
+
+def _log_probs(model, batch: list, cfg: float, batch_invariant: bool) -> list:
+    """One padded forward pass over the distinct rows (plus their unconditional rows with CFG): per row the
+    float32 log-softmax of the (guided) logits at its positions, on the CPU, and their argmax (first index on
+    ties, as torch.argmax). -log_softmax(x)[target] is exactly F.cross_entropy(x, target)."""
     import torch
     import torch.nn.functional as F
 
     from smdm.sampling import guided_logits, logits_at
 
     conf = model.config
-    device = model.head.weight.device
-    seqs = [u.ids for u in batch]
+    seqs = [torch.from_numpy(r.ids) for r in batch]
     if cfg:  # paper Eq. 7: the unconditional row has every given (context) position masked
-        seqs += [u.ids.clone().index_fill_(0, u.given, conf.mask_id) for u in batch]
-    sizes = [len(u.pos) for u in batch]
-    row = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(sizes))  # (P,) unit of each target
-    pos = torch.cat([u.pos for u in batch])  # (P,)
+        seqs += [x.clone().index_fill_(0, torch.from_numpy(r.given), conf.mask_id) for x, r in zip(seqs, batch)]
+    sizes = [len(r.pos) for r in batch]
+    row = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(sizes))  # (P,) row of each position
+    pos = torch.tensor([p for r in batch for p in r.pos])  # (P,)
     if cfg:  # the unconditional rows follow the conditional ones
         row, pos = torch.cat([row, row + len(batch)]), torch.cat([pos, pos])
     logits = logits_at(model, seqs, row, pos, batch_invariant=batch_invariant)  # (P or 2P, V)
     m = sum(sizes)
     guided = guided_logits(logits[:m], logits[m:] if cfg else None, cfg)  # float32
-    target = torch.cat([u.tok for u in batch]).to(device)
-    ce = F.cross_entropy(guided, target, reduction="none").double().cpu()  # (P,)
-    hit = (guided.argmax(-1) == target).cpu()  # (P,)
-    return [(float(c.sum()), bool(h.all())) for c, h in zip(ce.split(sizes), hit.split(sizes))]
+    lp = F.log_softmax(guided, -1).cpu()
+    am = guided.argmax(-1).cpu()
+    return list(zip(lp.split(sizes), am.split(sizes)))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -29,12 +29,9 @@ and the likelihood view, independent of greedy decoding: the rank of the true NA
   reverse rank         by log p(NAME | "DESC is"): the ARM exactly; the MDM by its chain rule over the NAME
                        averaged over every order (= its exact ELBO for the NAME) with the row's EOS given
   reverse infill rank  by log p(NAME | "_ _ is DESC <eos>") (MDM, the same order-averaged chain rule)
-The scorers are `smdm.evaluate`'s exact methods written for N x N candidate rows at once: the ARM's is
-`score(method="ar")`, the MDM's `score_positions(method="chain")` (any positions: the NAME before its context)
-averaged over every order; tests/test_bench_reversal.py checks both against those. They run each distinct input
-row once: candidates share most rows (one NAME word revealed, the other masked). `score_positions` runs every
-row of every candidate: for one rank probe at N = 200 (tiny model, one thread) 175 s instead of 1.9 s, with the
-same ranks and scores within 2e-6.
+The scorers are `smdm.evaluate`'s exact methods: the ARM's `score(method="ar")`, the MDM's
+`score_positions(method="chain")` (any positions: the NAME before its context) averaged over every order.
+Candidates share most input rows (one NAME word revealed, the other masked), which `score_positions` runs once.
 Ranks count ties against the true name (a constant scorer gets rank N). Chance: 1/N for exact match and top-1
 (guessing among the known names/descriptions), (N + 1)/2 for the mean rank.
 """
@@ -174,44 +171,26 @@ def infill_names(model, rows: list, k: int) -> list:
     return [s[:k] for s in out.sequences]
 
 
-def mdm_target_nll(model, rows, positions: list, *, batch: int = 4096) -> np.ndarray:
+def mdm_target_nll(model, rows, positions: list, *, batch: int = 512) -> np.ndarray:
     """-log p(x[positions] | the rest of the row) for each row of `rows` (R, L) int64, by the MDM's chain rule
     averaged over every order of the positions (= its exact ELBO for those tokens, `diffusion.elbo_exact`):
-    step s of order o masks positions o[s:], keeps o[:s], predicts o[s]. The same numbers as
-    `smdm.evaluate.score_positions(method="chain")` averaged over the orders (tested), with every distinct
-    input row run once: candidates share most rows. (R,) float64."""
-    import torch
+    `smdm.evaluate.score_positions(method="chain")` per order (it runs each distinct input row once, and the
+    candidates of one fact share most rows). (R,) float64."""
+    from smdm.evaluate import score_positions
 
-    mask_id = model.config.mask_id
-    pos = torch.tensor(positions)
+    items = [(r, positions) for r in rows.tolist()]
     orders = list(itertools.permutations(range(len(positions))))
-    total = torch.zeros(rows.shape[0], dtype=torch.float64)
-    with torch.no_grad():
-        for o in orders:
-            for s in range(len(o)):
-                x = rows.clone()
-                x[:, pos[list(o[s:])]] = mask_id
-                p = int(pos[o[s]])
-                uniq, inv = torch.unique(x, dim=0, return_inverse=True)  # (U, L), (R,)
-                logp = torch.cat([torch.log_softmax(model.head(model.hidden(uniq[a:a + batch])[:, p]).float(), -1)
-                                  for a in range(0, len(uniq), batch)])  # (U, V)
-                total -= logp[inv, rows[:, p]].double()
-    return (total / len(orders)).numpy()
+    return np.mean([score_positions(model, items, method="chain", order=[list(o)] * len(items), batch_size=batch,
+                                    batch_invariant=False).nll for o in orders], axis=0)
 
 
-def arm_target_nll(model, rows, start: int, *, batch: int = 4096) -> np.ndarray:
-    """The ARM's exact -log p(x[start:] | x[:start]) for each row of `rows` (R, L) int64, as
-    `smdm.evaluate.score(method="ar")` computes it (tested). (R,) float64."""
-    import torch
+def arm_target_nll(model, rows, start: int, *, batch: int = 512) -> np.ndarray:
+    """The ARM's exact -log p(x[start:] | x[:start]) for each row of `rows` (R, L) int64:
+    `smdm.evaluate.score(method="ar")`. (R,) float64."""
+    from smdm.evaluate import score
 
-    out = []
-    with torch.no_grad():
-        for a in range(0, len(rows), batch):
-            x = rows[a:a + batch]
-            h = model.hidden(x[:, :-1])[:, start - 1:]  # (b, T, d): position j predicts token j + 1
-            logp = torch.log_softmax(model.head(h).float(), -1)  # (b, T, V)
-            out.append(-logp.gather(2, x[:, start:, None])[..., 0].double().sum(1))
-    return torch.cat(out).numpy()
+    pairs = [(r[:start], r[start:]) for r in rows.tolist()]
+    return score(model, pairs, method="ar", batch_size=batch, batch_invariant=False).nll
 
 
 def ranks(nll: np.ndarray) -> np.ndarray:
