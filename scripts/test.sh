@@ -4,10 +4,15 @@
 # (which also compiles every CUDA source with nvcc from PyPI: no GPU needed). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# SMDM_VENV=DIR: use / create that venv instead of .venv; SMDM_TORCH=2.11.0: install that torch first (the GPU
+# machines run torch 2.11 with CUDA 13.0: `SMDM_VENV=/tmp/v211 SMDM_TORCH=2.11.0 bash scripts/test.sh` runs the
+# whole suite, nvcc 13.0 build of the kernels included, against it)
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-. .venv/bin/activate
+VENV=${SMDM_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+. "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
+[ -z "${SMDM_TORCH:-}" ] || python -m pip install -q "torch==$SMDM_TORCH"
 python -m pip install -q -e '.[test]'
 # nvcc for the CUDA compile check, pinned to the CUDA runtime that torch brought (a newer nvcc rejects torch's
 # headers). ~275 MB, cached by pip after the first run.

@@ -540,16 +540,41 @@ def test_compile_check_everything():
     assert sum(r.ok is True for r in results) >= 4
 
 
-@pytest.mark.slow
 def test_jit_build_compiles_links_and_imports_without_gpu(monkeypatch, tmp_path):
+    """The real first-use build (torch.utils.cpp_extension: the launchers and bindings against torch's headers,
+    nvcc for sm_90a, linked) on a machine without a GPU, imported, and every binding called with CPU tensors:
+    what the compile check of the kernel headers alone cannot show (~80 s on 2 cores)."""
     _need_nvcc()
     monkeypatch.setenv("SMDM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_build, "device_archs", lambda: ["sm_90a"])
     mod = _build._build_nvcc(K.source_dir(), _build.find_cuda_home(), verbose=False)
     assert {"unmask_step", "choose_tokens", "select_positions", "attention"} <= set(dir(mod))
+    # every binding takes the arguments in the order and types `smdm.kernels._ops` passes them (a mismatch is
+    # a pybind TypeError); CPU tensors then stop at the launcher's first device check
     q = torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        mod.attention(q, q, q, None, None, torch.empty_like(q), 1.0)
+    B, L, V = 2, 5, 16
+    logits, i64 = torch.zeros(B, L, V), lambda *shape: torch.zeros(shape, dtype=torch.int64)
+    f32, b8 = lambda *shape: torch.zeros(shape), lambda *shape: torch.zeros(shape, dtype=torch.bool)
+    calls = {
+        "attention": lambda: mod.attention(q, q, q, None, None, torch.empty_like(q), 1.0),
+        "attention (segments)": lambda: mod.attention(q, q, q, i64(1, 8), i64(1, 8), torch.empty_like(q), 1.0),
+        "unmask_step": lambda: mod.unmask_step(logits, None, b8(B, L), i64(B), 3, 0, 0.0, 1.0, 0, 1.0, 0,
+                                               i64(B), 0.9, i64(B, L), i64(B, L), f32(B, L), b8(B, L)),
+        "unmask_step (cfg, threshold)": lambda: mod.unmask_step(logits, logits, b8(B, L), i64(B), 3, 0, 1.5, 0.7,
+                                                                4, 0.9, 2, None, 0.9, i64(B, L), i64(B, L),
+                                                                f32(B, L), b8(B, L)),
+        "choose_tokens": lambda: mod.choose_tokens(f32(4, V), i64(4), i64(4), i64(4), 1.0, 0, 1.0, 0, i64(4),
+                                                   f32(4)),
+        "select_positions": lambda: mod.select_positions(f32(B, L), b8(B, L), i64(B), 0.5, b8(B, L)),
+        "select_positions (threshold)": lambda: mod.select_positions(f32(B, L), b8(B, L), None, 0.5, b8(B, L)),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+        except RuntimeError as e:
+            assert "must be a CUDA tensor" in str(e), (name, str(e))
+        else:
+            pytest.fail(f"{name}: CPU tensors raised nothing")
 
 
 @pytest.mark.slow

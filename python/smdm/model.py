@@ -200,7 +200,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(c.d_model, (c.n_head + 2 * c.kv_heads) * c.head_dim, bias=False)
         self.proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, *, layer: int, kv_cache: Optional[KVCache], cache_pos: int):
+    def forward(self, x, cos, sin, mask, *, layer: Optional[int], kv_cache: Optional[KVCache], cache_pos: int):
         c = self.c
         B, L, _ = x.shape
         q, k, v = self.qkv(x).split([c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim],
@@ -391,7 +391,11 @@ class Transformer(nn.Module):
         # a KV cache is written in forward (sampling): never recompute a block that writes one
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, layer=i, kv_cache=kv_cache, cache_pos=cache_pos, recompute=recompute)
+            # the layer index only picks a KV cache slot: without a cache every block gets the same arguments,
+            # so `block.compile()` traces one graph for all of them (an int would be specialised per layer
+            # and recompiled by torch <= 2.11)
+            layer = i if kv_cache is not None else None
+            x = block(x, cos, sin, mask, layer=layer, kv_cache=kv_cache, cache_pos=cache_pos, recompute=recompute)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -241,6 +241,9 @@ def _build_nvcc(src: Path, home: Path, verbose: bool):
             ldflags.append(f"-L{shim}")
     cflags = ["-O3", f"-std={_torch_cxx_std()}"]
     cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *(gencode(a) for a in archs)]
+    here = Path(sys.executable).parent  # `pip install ninja` in a venv that is not activated: use its ninja
+    if shutil.which("ninja") is None and (here / "ninja").is_file():
+        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
     try:
         ce.CUDA_HOME = str(home)  # cpp_extension resolved CUDA_HOME at import; point it at the toolkit found
         os.environ.setdefault("CUDA_HOME", str(home))
