@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional
 
@@ -116,13 +117,33 @@ TINY_SIZES = {
 ALIASES = {"1.1B": "1028M"}
 
 
-def config_by_name(name: str, vocab_size: int = 32000, causal: bool = False, **overrides) -> ModelConfig:
-    """A named config: one of NAMED_SIZES (e.g. "170M", "1028M" alias "1.1B") or TINY_SIZES."""
+SIZE_SPEC = re.compile(r"L(\d+)-H(\d+)-D(\d+)(?:-F(\d+))?", re.IGNORECASE)
+
+
+def parse_size(name: str) -> tuple:
+    """(layers, heads, width, ffn) of a named size (NAMED_SIZES, TINY_SIZES, ALIASES) or of a spelled-out
+    one, "L4-H4-D128-F512" (layers, heads, width, ffn; "-F" left out: ffn = 4 x width)."""
     name = ALIASES.get(name, name)
     table = {**NAMED_SIZES, **TINY_SIZES}
-    if name not in table:
-        raise ValueError(f"unknown model config {name!r}; known: {', '.join(table)}")
-    n_layer, n_head, d_model, d_ff = table[name]
+    if name in table:
+        return table[name]
+    m = SIZE_SPEC.fullmatch(name)
+    if m is None:
+        raise ValueError(f"unknown model config {name!r}; known: {', '.join(table)}, or spelled out as "
+                         "L<layers>-H<heads>-D<width>[-F<ffn>] (e.g. L4-H4-D128-F512)")
+    n_layer, n_head, d_model = (int(g) for g in m.groups()[:3])
+    d_ff = int(m.group(4)) if m.group(4) else 4 * d_model
+    if min(n_layer, n_head, d_model, d_ff) < 1 or d_model % n_head or (d_model // n_head) % 2:
+        raise ValueError(f"model config {name!r}: sizes must be >= 1 and the width {d_model} a multiple of the "
+                         f"{n_head} heads with an even head dimension (RoPE rotates pairs)")
+    return n_layer, n_head, d_model, d_ff
+
+
+def config_by_name(name: str, vocab_size: int = 32000, causal: bool = False, **overrides) -> ModelConfig:
+    """A named config: one of NAMED_SIZES (e.g. "170M", "1028M" alias "1.1B") or TINY_SIZES, or a spelled-out
+    size "L4-H4-D128-F512" (`parse_size`; context 512 unless given, like the tiny ones)."""
+    n_layer, n_head, d_model, d_ff = parse_size(name)
+    name = ALIASES.get(name, name)
     max_seq_len = overrides.pop("max_seq_len", 2048 if name in NAMED_SIZES else 512)
     return ModelConfig(n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=d_ff, vocab_size=vocab_size,
                        causal=causal, max_seq_len=max_seq_len, **overrides)

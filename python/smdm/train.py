@@ -372,9 +372,11 @@ class Trainer:
             self.model_config = config_by_name(cfg.config, vocab_size=vocab, causal=self.kind == "ar",
                                                max_seq_len=max_seq)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
-        # the paper's sizes 4e-4, tiny configs 2e-3 (a checkpoint of unknown size counts as large);
+        # the paper's sizes 4e-4, tiny configs 2e-3; spelled-out sizes (L4-H4-D128-F512) and checkpoints of
+        # unknown size by their non-embedding parameters (tiny below 5M, the paper's smallest being 6M);
         # fine-tuning a quarter of that
-        large = cfg.config in NAMED_SIZES or cfg.config not in TINY_SIZES
+        large = cfg.config in NAMED_SIZES or (cfg.config not in TINY_SIZES
+                                              and self.model_config.non_embedding_params() >= 5_000_000)
         default_lr = (4e-4 if large else 2e-3) * (0.25 if self.sft else 1.0)
         self.peak_lr = cfg.lr if cfg.lr is not None else default_lr
 
@@ -1026,8 +1028,8 @@ def plot_runs(runs: list, png) -> Path:
 def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     d = TrainConfig()
     a = parser.add_argument
-    a("--config", default=None, help="model size (demo, tiny, 6M ... 2121M, 1.1B; default demo, or the "
-      "--init-from checkpoint's)")
+    a("--config", default=None, help="model size (demo, tiny, 6M ... 2121M, 1.1B, or spelled out as "
+      "L<layers>-H<heads>-D<width>[-F<ffn>]; default demo, or the --init-from checkpoint's)")
     a("--data", default=None, help="`smdm prepare` output or dataset dir (default: built-in corpus)")
     a("--out", default=None, help="run dir (default runs/demo-mdm or runs/demo-ar)")
     a("--objective", choices=["mdm", "ar"], default=None, help="default mdm, or the --init-from checkpoint's")
@@ -1061,7 +1063,7 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--grad-accum", type=int, default=d.grad_accum)
     a("--seq-len", type=int, default=d.seq_len)
     a("--lr", type=float, default=None, help="peak learning rate (default 4e-4 for the paper's sizes, 2e-3 for "
-      "tiny configs; --sft: a quarter of that)")
+      "tiny configs and spelled-out sizes below 5M parameters; --sft: a quarter of that)")
     a("--warmup", type=int, default=None, help="warmup steps (default max(1%% of steps, 100), at most 10%%; "
       "--sft: 3%%)")
     a("--val-every", type=int, default=None, help="steps between validations (default min(100, steps/5))")

@@ -1,4 +1,4 @@
-"""`smdm bench pack|mask|tokenize|sampler|reversal`: benchmarks that print a table and write JSON.
+"""`smdm bench pack|mask|tokenize|sampler|reversal|scaling`: benchmarks that print a table and write JSON.
 
 Each benchmark lives in `smdm.benchmarks.<name>` and exposes `register(parser)` (adds its options, sets
 `func`). The module is imported only when its benchmark runs, so `smdm bench --help` stays fast and a
@@ -19,6 +19,7 @@ BENCHMARKS = {
     "tokenize": "tokenize + pack (Rust pipeline vs Python tokenizers encode_batch + numpy)",
     "sampler": "MDM samplers vs the ARM twin (GPU kernels when available)",
     "reversal": "the reversal curse: MDM vs its ARM twin on facts trained in one direction (CPU, minutes)",
+    "scaling": "IsoFLOP sweep: MDM vs ARM validation loss over model sizes and compute budgets, power-law fits",
 }
 
 

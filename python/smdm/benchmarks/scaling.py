@@ -1,0 +1,256 @@
+# smdm bench scaling --quick            (a ~1 minute smoke run on the built-in corpus)
+"""`smdm bench scaling`: an IsoFLOP sweep of the MDM and its autoregressive twin (the paper's scaling study,
+Nie et al. 2024 §3: "MDMs scale at a rate comparable to ARMs, with a relatively small compute gap").
+
+For every compute budget C and model size N (non-embedding parameters), both objectives are trained by the
+bundled trainer with `--flops C` (steps = C / (6 N tokens per step), the same data, batch, learning rate and
+seed), then scored on the same validation windows by `smdm.evaluate.evaluate_ppl`: the MDM by its Monte Carlo
+ELBO (an upper bound on its NLL; what the paper plots), the ARM exactly, in nats per token.
+
+The fits, per objective:
+  IsoFLOP minimum   at each budget, a parabola in ln N through the sizes' losses gives the loss-optimal size
+                    N*(C) and the minimum L*(C); when the parabola opens downwards or its vertex falls outside
+                    the sizes tried, the best size tried is used instead and flagged ("edge": widen the sizes)
+  power law         L*(C) = A C^(-alpha), least squares in log-log space over the budgets
+  compute gap       the MDM's compute to reach the ARM's L*(C): (A_mdm / L*_arm(C))^(1 / alpha_mdm), divided
+                    by C, at each budget (the paper's "MDMs need more compute for the same loss")
+Fewer than three sizes give no parabola (the best size is used); fewer than two budgets give no power law.
+
+Every finished run writes OUT/runs/<objective>-<size>-C<budget>/result.json (atomically), and a later call with
+the same settings reuses it: an interrupted sweep resumes where it stopped. The defaults are CPU-sized (four
+sizes from 16k to 340k non-embedding parameters, budgets 3e10 to 3e11 FLOPs: about 20 minutes on 2 cores;
+at these sizes the 8192-token embedding and head dominate the parameters and the time); on GPUs pass
+the paper's sizes, e.g. `--sizes 19M 34M 48M 66M 85M --flops 1e18 3e18 1e19 --seq-len 2048 --batch-size 256`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from smdm.benchmarks import write_records
+
+OBJECTIVES = ("mdm", "ar")
+DEFAULTS = dict(sizes=["L1-H2-D32-F128", "L2-H2-D48-F192", "L2-H2-D64-F256", "L3-H3-D96-F384"],
+                flops=[3e10, 1e11, 3e11], batch_size=16, seq_len=128, val_windows=64, val_samples=16)
+QUICK = dict(sizes=["L1-H2-D32-F128", "L2-H2-D48-F192", "L2-H2-D64-F256"], flops=[2e9, 6e9], batch_size=8,
+             seq_len=64, val_windows=8, val_samples=4)
+RESULT_KEYS = ("objective", "size", "flops", "data", "batch_size", "seq_len", "lr", "seed", "schedule",
+               "val_windows", "val_samples")  # a cached result is reused only when all of these match
+
+
+# ----------------------------------------------------------------------------------------------------
+# one run
+
+
+def run_one(args, objective: str, size: str, flops: float, root: Path) -> dict:
+    """Train one (objective, size, budget) and score it on the validation windows; cached in result.json."""
+    from smdm import checkpoint
+    from smdm.config import TrainConfig
+    from smdm.evaluate import evaluate_ppl
+    from smdm.train import TrainError, train
+
+    out = root / "runs" / f"{objective}-{size}-C{flops:.3g}"
+    settings = {"objective": objective, "size": size, "flops": flops, "data": str(args.data),
+                "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
+                "schedule": args.schedule if objective == "mdm" else None, "val_windows": args.val_windows,
+                "val_samples": args.val_samples if objective == "mdm" else 0}
+    cached = _read_result(out / "result.json")
+    if cached is not None and all(cached.get(k) == settings[k] for k in RESULT_KEYS):
+        print(f"   {objective:3s} {size:16s} C={flops:.3g}: cached", flush=True)
+        return cached
+    cfg = TrainConfig(config=size, objective=objective, data=str(args.data), out=str(out / "train"), flops=flops,
+                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                      schedule=settings["schedule"], threads=args.threads, device=args.device, val_every=0,
+                      save_every=0, overwrite=True)
+    t0 = time.perf_counter()
+    try:
+        trainer = train(cfg)
+    except TrainError as e:  # a budget below one step of this size
+        result = {**settings, "skipped": str(e)}
+        _write_result(out / "result.json", result)
+        print(f"   {objective:3s} {size:16s} C={flops:.3g}: skipped ({e})", flush=True)
+        return result
+    seconds = time.perf_counter() - t0
+    if trainer.step < trainer.max_steps:  # SIGTERM: the trainer saved and returned early
+        raise SystemExit(f"smdm bench scaling: the {objective} {size} run stopped at step {trainer.step} of "
+                         f"{trainer.max_steps}; run the same command again to resume the sweep")
+    model, _ = checkpoint.load(out / "train", device=args.device if args.device != "auto" else None)
+    ev = evaluate_ppl(model, args.data, seq_len=args.seq_len, limit=args.val_windows, n_samples=args.val_samples,
+                      seed=args.seed)
+    result = {**settings, "non_embedding_params": model.config.non_embedding_params(), "steps": trainer.step,
+              "train_tokens": trainer.step * args.batch_size * args.seq_len, "train_seconds": seconds,
+              "val_nll": ev["nll_per_token"], "val_stderr": ev["stderr"], "val_tokens": ev["tokens"]}
+    _write_result(out / "result.json", result)
+    print(f"   {objective:3s} {size:16s} C={flops:.3g}: N={result['non_embedding_params']:,} "
+          f"{trainer.step} steps, {seconds:.0f} s, val {result['val_nll']:.4f} ± {result['val_stderr']:.4f}",
+          flush=True)
+    return result
+
+
+def _read_result(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".result-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fits
+
+
+def isoflop_minimum(n_params, losses) -> dict:
+    """The loss-optimal size at one budget: the vertex of a parabola in ln N (>= 3 sizes) when it opens
+    upwards inside the sizes tried, else the best size tried ("edge" True)."""
+    x, y = np.log(np.asarray(n_params, dtype=np.float64)), np.asarray(losses, dtype=np.float64)
+    best = int(np.argmin(y))
+    fallback = {"n_opt": float(np.exp(x[best])), "loss": float(y[best]), "edge": True, "fit": "best tried"}
+    if len(x) < 3:
+        return fallback
+    a, b, c = np.polyfit(x, y, 2)
+    if a <= 0:
+        return fallback
+    v = -b / (2 * a)
+    if not x.min() <= v <= x.max():
+        return fallback
+    return {"n_opt": float(np.exp(v)), "loss": float(c - b * b / (4 * a)), "edge": False, "fit": "parabola"}
+
+
+def power_law(flops, losses) -> dict | None:
+    """L = A C^(-alpha) by least squares on (ln C, ln L); None with fewer than two budgets."""
+    if len(flops) < 2:
+        return None
+    slope, intercept = np.polyfit(np.log(flops), np.log(losses), 1)
+    return {"A": float(np.exp(intercept)), "alpha": float(-slope)}
+
+
+def compute_to_reach(law: dict, loss: float) -> float:
+    """The compute at which L = A C^(-alpha) reaches `loss`."""
+    return float((law["A"] / loss) ** (1.0 / law["alpha"]))
+
+
+def fit(results: list) -> dict:
+    """IsoFLOP minima per (objective, budget), a power law per objective, the MDM's compute gap."""
+    out: dict = {"minima": {}, "laws": {}, "gap": []}
+    for obj in OBJECTIVES:
+        rows = [r for r in results if r["objective"] == obj and "val_nll" in r]
+        minima = []
+        for C in sorted({r["flops"] for r in rows}):
+            at = [r for r in rows if r["flops"] == C]
+            m = isoflop_minimum([r["non_embedding_params"] for r in at], [r["val_nll"] for r in at])
+            minima.append({"flops": C, "sizes": len(at), **m})
+        out["minima"][obj] = minima
+        out["laws"][obj] = power_law([m["flops"] for m in minima], [m["loss"] for m in minima])
+    mdm_law = out["laws"].get("mdm")
+    if mdm_law is not None and mdm_law["alpha"] > 0:
+        for m in out["minima"].get("ar", []):
+            need = compute_to_reach(mdm_law, m["loss"])
+            out["gap"].append({"flops": m["flops"], "arm_loss": m["loss"], "mdm_flops_for_it": need,
+                               "ratio": need / m["flops"]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# report
+
+
+def print_table(results: list, fits: dict) -> None:
+    print("\nrun                                   N        steps   val nll (nats/token)")
+    for r in sorted(results, key=lambda r: (r["objective"], r["flops"], r.get("non_embedding_params", 0))):
+        name = f"{r['objective']:3s} {r['size']:16s} C={r['flops']:.3g}"
+        if "val_nll" in r:
+            print(f"{name:34s} {r['non_embedding_params']:>10,} {r['steps']:>7}   {r['val_nll']:.4f} "
+                  f"± {r['val_stderr']:.4f}")
+        else:
+            print(f"{name:34s} skipped: {r['skipped']}")
+    print("\nIsoFLOP minima (loss-optimal size per budget)")
+    for obj, minima in fits["minima"].items():
+        for m in minima:
+            flag = "  (edge of the sizes tried)" if m["edge"] else ""
+            print(f"  {obj:3s} C={m['flops']:.3g}: N*={m['n_opt']:,.0f}  L*={m['loss']:.4f}  [{m['fit']}]{flag}")
+    for obj, law in fits["laws"].items():
+        if law is None:
+            print(f"  {obj:3s} power law: needs two budgets or more")
+        else:
+            print(f"  {obj:3s} L*(C) = {law['A']:.4g} C^-{law['alpha']:.4f}")
+    for g in fits["gap"]:
+        print(f"  compute gap at C={g['flops']:.3g}: the MDM reaches the ARM's {g['arm_loss']:.4f} at "
+              f"C={g['mdm_flops_for_it']:.3g} ({g['ratio']:.1f}x)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    preset = QUICK if args.quick else DEFAULTS
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.data is None:  # the built-in corpus, as `smdm train` prepares it
+        from smdm.train import DEMO_DATA, _prepare_builtin
+
+        if not (DEMO_DATA / "train" / "manifest.json").is_file():
+            print(f"preparing the built-in corpus into {DEMO_DATA}/ ...", flush=True)
+            _prepare_builtin(DEMO_DATA)
+        args.data = DEMO_DATA
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="smdm-scaling-"))
+    t0 = time.perf_counter()
+    results = []
+    for C in args.flops:
+        for size in args.sizes:
+            for obj in args.objectives:
+                results.append(run_one(args, obj, size, C, root))
+    wall = time.perf_counter() - t0
+    fits = fit(results)
+    print_table(results, fits)
+    print(f"\n{len(args.sizes)} sizes × {len(args.flops)} budgets × {len(args.objectives)} objectives, data "
+          f"{args.data}, batch {args.batch_size} × {args.seq_len}, seed {args.seed}, wall {wall:.0f} s; runs in "
+          f"{root}")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    record = {"bench": "scaling", "settings": settings, "wall_seconds": wall, "runs": results, "fits": fits,
+              "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                              "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                              "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    if args.json:
+        write_records([record], args.json)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    a = parser.add_argument
+    a("--quick", action="store_true", help=f"a ~1 minute smoke run ({QUICK})")
+    a("--data", type=Path, default=None, help="`smdm prepare` output with a val split (default: the built-in "
+                                              "corpus in runs/data, prepared if missing)")
+    a("--sizes", nargs="+", default=None,
+      help=f"model sizes: names (19M, demo, ...) or L<layers>-H<heads>-D<width>[-F<ffn>] (default {DEFAULTS['sizes']})")
+    a("--flops", nargs="+", type=float, default=None, help=f"compute budgets C (default {DEFAULTS['flops']})")
+    a("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES), help="default: both")
+    a("--batch-size", type=int, default=None, help="sequences per step (default 16)")
+    a("--seq-len", type=int, default=None, help="tokens per sequence (default 128)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: the trainer's for the size)")
+    a("--schedule", default=None, help="the MDM's noise schedule (default linear)")
+    a("--seed", type=int, default=0)
+    a("--val-windows", type=int, default=None, help="validation windows scored per run (default 64)")
+    a("--val-samples", type=int, default=None, help="ELBO Monte Carlo samples per window (MDM; default 16)")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--out", default=None, help="keep the runs here; a repeated call reuses finished ones (default: a temp dir)")
+    a("--json", default=None, help="write the settings, every run and the fits here")
+    parser.set_defaults(func=run)
+    return parser

@@ -1,0 +1,88 @@
+# python -m pytest tests/test_bench_scaling.py -q
+"""`smdm bench scaling` (smdm.benchmarks.scaling): the IsoFLOP fits on data with a known answer, spelled-out
+model sizes, and a small sweep end to end through the CLI (both objectives trained by the bundled trainer under
+a FLOP budget, scored on the same validation windows), resumed from its cached runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from smdm.benchmarks import scaling
+from smdm.model import config_by_name, parse_size
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
+
+
+def test_isoflop_minimum_finds_the_vertex_or_falls_back_to_the_best_size():
+    n = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
+    loss = 0.3 * (np.log(n) - np.log(6e4)) ** 2 + 4.0  # optimum N* = 6e4, L* = 4
+    m = scaling.isoflop_minimum(n, loss)
+    assert m["fit"] == "parabola" and not m["edge"]
+    assert m["n_opt"] == pytest.approx(6e4, rel=1e-9) and m["loss"] == pytest.approx(4.0, abs=1e-9)
+    falling = 5.0 - 0.1 * np.log(n)  # still improving at the largest size: the optimum is beyond the sizes
+    m = scaling.isoflop_minimum(n, falling)
+    assert m["edge"] and m["n_opt"] == pytest.approx(1e6) and m["loss"] == pytest.approx(falling[-1])
+    m = scaling.isoflop_minimum(n[:2], loss[:2])  # two sizes: no parabola
+    assert m["fit"] == "best tried" and m["n_opt"] == pytest.approx(3e4)
+
+
+def test_power_law_and_compute_gap_recover_known_laws():
+    C = np.array([1e17, 1e18, 1e19])
+    law = scaling.power_law(C, 30.0 * C ** -0.05)
+    assert law["A"] == pytest.approx(30.0, rel=1e-9) and law["alpha"] == pytest.approx(0.05, rel=1e-9)
+    assert scaling.power_law(C[:1], [3.0]) is None
+    # the MDM's law is the ARM's shifted by a factor 16 in compute: it needs 16x the compute for the same loss
+    results = []
+    for obj, a in (("ar", 30.0), ("mdm", 30.0 * 16 ** 0.05)):
+        for c in C:
+            for n, extra in ((1e8, 0.02), (3e8, 0.0), (9e8, 0.02)):  # the middle size (in ln N) is the optimum
+                results.append({"objective": obj, "flops": float(c), "non_embedding_params": n,
+                                "val_nll": a * c ** -0.05 + extra})
+    results.append({"objective": "mdm", "flops": 1e17, "size": "x", "skipped": "budget below one step"})
+    fits = scaling.fit(results)
+    for obj in ("ar", "mdm"):
+        assert [m["n_opt"] for m in fits["minima"][obj]] == pytest.approx([3e8] * 3, rel=1e-6)
+        assert fits["laws"][obj]["alpha"] == pytest.approx(0.05, rel=1e-6)
+    assert [g["ratio"] for g in fits["gap"]] == pytest.approx([16.0] * 3, rel=1e-5)
+
+
+def test_spelled_out_sizes():
+    c = config_by_name("L3-H4-D96-F200", vocab_size=50)
+    assert (c.n_layer, c.n_head, c.d_model, c.d_ff, c.max_seq_len) == (3, 4, 96, 200, 512)
+    assert parse_size("l2-h2-d64") == (2, 2, 64, 256)  # ffn 4 x width
+    assert parse_size("demo") == (4, 4, 128, 512) and parse_size("1.1B") == parse_size("1028M")  # names too
+    for bad, msg in (("L2-H3-D64", "multiple of the 3 heads"), ("L2-H2-D6", "even head dimension"),
+                     ("L0-H1-D8", "sizes must be >= 1"), ("L2-H2", "spelled out as")):
+        with pytest.raises(ValueError, match=msg):
+            config_by_name(bad)
+
+
+def test_sweep_end_to_end_and_resumed_from_its_cache(prepared, tmp_path, capsys):
+    from smdm.cli import main
+
+    out, js = tmp_path / "sweep", tmp_path / "scaling.json"
+    common = ["bench", "scaling", "--data", str(prepared), "--flops", "3e7", "1e8", "--batch-size", "4",
+              "--seq-len", "32", "--val-samples", "4", "--threads", "1", "--out", str(out)]
+    argv = common + ["--sizes", "L1-H2-D16-F32", "L1-H2-D32-F64", "L2-H2-D32-F64", "--val-windows", "4",
+                     "--json", str(js)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    rec = json.loads(js.read_text())[0]
+    runs = rec["runs"]
+    assert len(runs) == 3 * 2 * 2 and all("val_nll" in r for r in runs)
+    for r in runs:  # the budget decided the steps: C / (6 N tokens per step)
+        assert r["steps"] == int(r["flops"] // (6 * r["non_embedding_params"] * 4 * 32))
+        assert np.isfinite(r["val_nll"]) and r["val_nll"] > 0
+        assert (r["val_stderr"] > 0) == (r["objective"] == "mdm")  # the ARM's score is exact
+    assert set(rec["fits"]["minima"]) == {"mdm", "ar"} and len(rec["fits"]["gap"]) == 2
+    assert "IsoFLOP minima" in first and "compute gap" in first
+    # the same command again: every run comes from its result.json, the fits are the same
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("cached") == 12
+    assert json.loads(js.read_text())[0]["fits"] == rec["fits"]
+    # a changed setting (the validation windows) reruns instead of reusing a result measured differently
+    assert main(common + ["--sizes", "L1-H2-D16-F32", "--objectives", "ar", "--val-windows", "3"]) == 0
+    assert "cached" not in capsys.readouterr().out
