@@ -54,3 +54,15 @@ def write_records(records: list, path: str) -> None:
         os.unlink(tmp)
         raise
     print(f"wrote {len(records)} records to {path}")
+
+
+def environment(**extra) -> dict:
+    """What a benchmark record says about the machine: Python, torch, CPU count and threads, platform, the GPU
+    (when CUDA is available), plus `extra`."""
+    import platform
+
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **extra}

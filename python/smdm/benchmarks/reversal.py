@@ -42,7 +42,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smdm.benchmarks import write_records
+from smdm.benchmarks import environment, write_records
 
 EOS = "<|endoftext|>"
 TEMPLATE = "is"
@@ -344,8 +343,7 @@ def run(args: argparse.Namespace) -> int:
                                               "both_frac", "config", "steps", "batch_size", "lr", "seeds",
                                               "threads", "quick")}
     record = {"bench": "reversal", "settings": settings, "wall_seconds": wall, "runs": results,
-              "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                              "cpu_count": os.cpu_count(), "platform": platform.platform()}}
+              "environment": environment()}
     if args.json:
         write_records([record], args.json)
     return 0

@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from smdm.benchmarks import write_records
+from smdm.benchmarks import environment, write_records
 
 OBJECTIVES = ("mdm", "ar")
 DEFAULTS = dict(sizes=["L1-H2-D32-F128", "L2-H2-D48-F192", "L2-H2-D64-F256", "L3-H3-D96-F384"],
@@ -224,9 +223,7 @@ def run(args: argparse.Namespace) -> int:
           f"{root}")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     record = {"bench": "scaling", "settings": settings, "wall_seconds": wall, "runs": results, "fits": fits,
-              "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                              "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                              "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+              "environment": environment()}
     if args.json:
         write_records([record], args.json)
     return 0
