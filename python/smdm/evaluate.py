@@ -407,28 +407,32 @@ def _run_window(model, window: list, cfg: float, batch_size: int, batch_invarian
                 r.pos.append(p)
             flat.append((r.index, c))
     distinct = list(rows.values())
+    flat = np.array(flat, dtype=np.int64).reshape(-1, 2)  # (P, 2): distinct row, its position column
+    offset = np.cumsum([0] + [len(r.pos) for r in distinct])  # first logits row of each distinct row
+    where = offset[flat[:, 0]] + flat[:, 1]  # (P,) logits row of every unit position
+    tok = np.concatenate([u.tok for u in window])
+    by_row = np.argsort(flat[:, 0], kind="stable")  # unit positions grouped by distinct row
+    ce, hit = np.empty(len(flat)), np.empty(len(flat), dtype=bool)
     per_pass = max(1, batch_size // (2 if cfg else 1))
-    lps, ams = [], []  # per distinct row: (positions, V) log-softmax of the (guided) logits, their argmax
-    for a in range(0, len(distinct), per_pass):
-        for lp, am in _log_probs(model, distinct[a:a + per_pass], cfg, batch_invariant):
-            lps.append(lp)
-            ams.append(am)
-    offset = np.cumsum([0] + [len(r.pos) for r in distinct])
-    idx = torch.from_numpy(np.array([offset[r] + c for r, c in flat], dtype=np.int64))  # (P,) into the rows
-    tok = torch.from_numpy(np.concatenate([u.tok for u in window]))
-    ce = -torch.cat(lps)[idx, tok].double()
-    hit = torch.cat(ams)[idx] == tok
+    for a in range(0, len(distinct), per_pass):  # logits of one pass at a time: memory of one batch
+        b = min(a + per_pass, len(distinct))
+        lp, am = _log_probs(model, distinct[a:b], cfg, batch_invariant)  # (positions of rows a..b, V)
+        sel = by_row[np.searchsorted(flat[by_row, 0], a):np.searchsorted(flat[by_row, 0], b)]
+        i, t = torch.from_numpy(where[sel] - offset[a]), torch.from_numpy(tok[sel])
+        ce[sel] = (-lp[i, t]).double().numpy()
+        hit[sel] = (am[i] == t).numpy()
     starts = np.array(base, dtype=np.int64)
-    sums = np.add.reduceat(ce.numpy(), starts)  # per unit (every unit has >= 1 position)
-    hits = np.logical_and.reduceat(hit.numpy(), starts)
+    sums = np.add.reduceat(ce, starts)  # per unit (every unit has >= 1 position)
+    hits = np.logical_and.reduceat(hit, starts)
     for u, c, h in zip(window, sums.tolist(), hits.tolist()):
         yield u, (c, h)
 
 
-def _log_probs(model, batch: list, cfg: float, batch_invariant: bool) -> list:
-    """One padded forward pass over the distinct rows (plus their unconditional rows with CFG): per row the
-    float32 log-softmax of the (guided) logits at its positions, on the CPU, and their argmax (first index on
-    ties, as torch.argmax). -log_softmax(x)[target] is exactly F.cross_entropy(x, target)."""
+def _log_probs(model, batch: list, cfg: float, batch_invariant: bool) -> tuple:
+    """One padded forward pass over the distinct rows (plus their unconditional rows with CFG): the float32
+    log-softmax of the (guided) logits at the rows' positions, row after row, on the CPU (P, V), and their
+    argmax (P,) (first index on ties, as torch.argmax). -log_softmax(x)[target] is exactly
+    F.cross_entropy(x, target)."""
     import torch
     import torch.nn.functional as F
 
@@ -446,9 +450,7 @@ def _log_probs(model, batch: list, cfg: float, batch_invariant: bool) -> list:
     logits = logits_at(model, seqs, row, pos, batch_invariant=batch_invariant)  # (P or 2P, V)
     m = sum(sizes)
     guided = guided_logits(logits[:m], logits[m:] if cfg else None, cfg)  # float32
-    lp = F.log_softmax(guided, -1).cpu()
-    am = guided.argmax(-1).cpu()
-    return list(zip(lp.split(sizes), am.split(sizes)))
+    return F.log_softmax(guided, -1).cpu(), guided.argmax(-1).cpu()
 
 
 # ------------------------------------------------------------------------------------------------------------
