@@ -16,8 +16,9 @@ The fits, per objective:
                     by C, at each budget (the paper's "MDMs need more compute for the same loss")
 Fewer than three sizes give no parabola (the best size is used); fewer than two budgets give no power law.
 
-Every finished run writes OUT/runs/<objective>-<size>-C<budget>/result.json (atomically), and a later call with
-the same settings reuses it: an interrupted sweep resumes where it stopped. The defaults are CPU-sized (four
+Every finished run writes OUT/runs/<objective>-<size>-C<budget>/result.json (atomically; OUT defaults to
+runs/scaling; the checkpoint is in .../train), and a later call with the same settings reuses it: an
+interrupted sweep resumes where it stopped. The defaults are CPU-sized (four
 sizes from 16k to 340k non-embedding parameters, budgets 3e10 to 3e11 FLOPs: about 20 minutes on 2 cores;
 at these sizes the 8192-token embedding and head dominate the parameters and the time); on GPUs pass
 the paper's sizes, e.g. `--sizes 19M 34M 48M 66M 85M --flops 1e18 3e18 1e19 --seq-len 2048 --batch-size 256`.
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         args.data = DEMO_DATA
     if args.threads:
         torch.set_num_threads(args.threads)
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="smdm-scaling-"))
+    root = Path(args.out)
     t0 = time.perf_counter()
     results = []
     for C in args.flops:
@@ -247,7 +248,8 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--val-samples", type=int, default=None, help="ELBO Monte Carlo samples per window (MDM; default 16)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a("--out", default=None, help="keep the runs here; a repeated call reuses finished ones (default: a temp dir)")
+    a("--out", default="runs/scaling", help="the runs (checkpoints, result.json each); the same command again "
+                                            "reuses the finished ones (default runs/scaling)")
     a("--json", default=None, help="write the settings, every run and the fits here")
     parser.set_defaults(func=run)
     return parser
