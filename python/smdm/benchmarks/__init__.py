@@ -11,7 +11,6 @@ import argparse
 import importlib
 import json
 import os
-import tempfile
 
 BENCHMARKS = {
     "pack": "packing documents into a token stream (Rust vs numpy vs a lit-gpt style loop)",
@@ -43,16 +42,10 @@ def register(parser: argparse.ArgumentParser, name: str = "bench") -> None:
 
 
 def write_records(records: list, path: str) -> None:
-    """Write a benchmark's records (one per variant) as JSON, atomically (temp file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write a benchmark's records (one per variant) as JSON, atomically (`smdm.data.write_atomic`)."""
+    from smdm.data import write_atomic
+
+    write_atomic(path, json.dumps(records, indent=2).encode())
     print(f"wrote {len(records)} records to {path}")
 
 
