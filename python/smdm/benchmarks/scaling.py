@@ -19,7 +19,7 @@ Fewer than three sizes give no parabola (the best size is used); fewer than two 
 Every finished run writes OUT/runs/<objective>-<size>-C<budget>/result.json (atomically; OUT defaults to
 runs/scaling; the checkpoint is in .../train), and a later call with the same settings reuses it: an
 interrupted sweep resumes where it stopped. The defaults are CPU-sized (four
-sizes from 16k to 340k non-embedding parameters, budgets 3e10 to 3e11 FLOPs: 46 minutes on 2 cores;
+sizes from 16k to 443k non-embedding parameters, budgets 3e10 to 3e11 FLOPs: 46 minutes on 2 busy cores;
 at these sizes the 8192-token embedding and head dominate the parameters and the time); on GPUs pass
 the paper's sizes, e.g. `--sizes 19M 34M 48M 66M 85M --flops 1e18 3e18 1e19 --seq-len 2048 --batch-size 256`.
 """
