@@ -146,6 +146,8 @@ def fit(results: list) -> dict:
     out: dict = {"minima": {}, "laws": {}, "gap": []}
     for obj in OBJECTIVES:
         rows = [r for r in results if r["objective"] == obj and "val_nll" in r]
+        if not rows:  # not swept (--objectives), or every run skipped
+            continue
         minima = []
         for C in sorted({r["flops"] for r in rows}):
             at = [r for r in rows if r["flops"] == C]
