@@ -412,12 +412,13 @@ def _run_window(model, window: list, cfg: float, batch_size: int, batch_invarian
     where = offset[flat[:, 0]] + flat[:, 1]  # (P,) logits row of every unit position
     tok = np.concatenate([u.tok for u in window])
     by_row = np.argsort(flat[:, 0], kind="stable")  # unit positions grouped by distinct row
+    row_sorted = flat[by_row, 0]
     ce, hit = np.empty(len(flat)), np.empty(len(flat), dtype=bool)
     per_pass = max(1, batch_size // (2 if cfg else 1))
     for a in range(0, len(distinct), per_pass):  # logits of one pass at a time: memory of one batch
         b = min(a + per_pass, len(distinct))
         lp, am = _log_probs(model, distinct[a:b], cfg, batch_invariant)  # (positions of rows a..b, V)
-        sel = by_row[np.searchsorted(flat[by_row, 0], a):np.searchsorted(flat[by_row, 0], b)]
+        sel = by_row[np.searchsorted(row_sorted, a):np.searchsorted(row_sorted, b)]
         i, t = torch.from_numpy(where[sel] - offset[a]), torch.from_numpy(tok[sel])
         ce[sel] = (-lp[i, t]).double().numpy()
         hit[sel] = (am[i] == t).numpy()

@@ -160,17 +160,23 @@ def _prepare_builtin(out: Path) -> None:
     prepare([], out)
 
 
+def builtin_data() -> Path:
+    """runs/data: the built-in corpus as `smdm prepare` writes it, prepared on first use."""
+    if not (DEMO_DATA / "train" / "manifest.json").is_file():
+        print(f"preparing the built-in corpus into {DEMO_DATA}/ ...", flush=True)
+        _prepare_builtin(DEMO_DATA)
+    return DEMO_DATA
+
+
 def resolve_data(cfg: TrainConfig, dist: Dist):
     """(train dataset dir, val dataset dir or None, manifest)."""
     from smdm import data
 
     if cfg.data is None:
+        if dist.rank == 0:
+            builtin_data()
+        dist.barrier()
         root = DEMO_DATA
-        if not (root / "train" / "manifest.json").is_file():
-            if dist.rank == 0:
-                print(f"preparing the built-in corpus into {root}/ ...", flush=True)
-                _prepare_builtin(root)
-            dist.barrier()
     else:
         root = Path(cfg.data)
     if not root.exists():
@@ -375,8 +381,7 @@ class Trainer:
         # the paper's sizes 4e-4, tiny configs 2e-3; spelled-out sizes (L4-H4-D128-F512) and checkpoints of
         # unknown size by their non-embedding parameters (tiny below 5M, the paper's smallest being 6M);
         # fine-tuning a quarter of that
-        large = cfg.config in NAMED_SIZES or (cfg.config not in TINY_SIZES
-                                              and self.model_config.non_embedding_params() >= 5_000_000)
+        large = cfg.config not in TINY_SIZES and self.model_config.non_embedding_params() >= 5_000_000
         default_lr = (4e-4 if large else 2e-3) * (0.25 if self.sft else 1.0)
         self.peak_lr = cfg.lr if cfg.lr is not None else default_lr
 

@@ -40,8 +40,6 @@ DEFAULTS = dict(sizes=["L1-H2-D32-F128", "L2-H2-D48-F192", "L2-H2-D64-F256", "L3
                 flops=[3e10, 1e11, 3e11], batch_size=16, seq_len=128, val_windows=64, val_samples=16)
 QUICK = dict(sizes=["L1-H2-D32-F128", "L2-H2-D48-F192", "L2-H2-D64-F256"], flops=[2e9, 6e9], batch_size=8,
              seq_len=64, val_windows=8, val_samples=4)
-RESULT_KEYS = ("objective", "size", "flops", "data", "batch_size", "seq_len", "lr", "seed", "schedule",
-               "val_windows", "val_samples")  # a cached result is reused only when all of these match
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,7 +59,7 @@ def run_one(args, objective: str, size: str, flops: float, root: Path) -> dict:
                 "schedule": args.schedule if objective == "mdm" else None, "val_windows": args.val_windows,
                 "val_samples": args.val_samples if objective == "mdm" else 0}
     cached = _read_result(out / "result.json")
-    if cached is not None and all(cached.get(k) == settings[k] for k in RESULT_KEYS):
+    if cached is not None and all(cached.get(k) == v for k, v in settings.items()):  # measured the same way
         print(f"   {objective:3s} {size:16s} C={flops:.3g}: cached", flush=True)
         return cached
     cfg = TrainConfig(config=size, objective=objective, data=str(args.data), out=str(out / "train"), flops=flops,
@@ -200,12 +198,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.data is None:  # the built-in corpus, as `smdm train` prepares it
-        from smdm.train import DEMO_DATA, _prepare_builtin
+        from smdm.train import builtin_data
 
-        if not (DEMO_DATA / "train" / "manifest.json").is_file():
-            print(f"preparing the built-in corpus into {DEMO_DATA}/ ...", flush=True)
-            _prepare_builtin(DEMO_DATA)
-        args.data = DEMO_DATA
+        args.data = builtin_data()
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.out)
