@@ -139,14 +139,20 @@ def test_round_trip_is_exact_and_named_sizes_are_recognised(tmp_path):
         lit = load_file(str(out))
         assert lit["transformer.wte.weight"].shape[0] == 23 + (0 if causal else 1)
         assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
-        # "tiny" is (2 layers, 64 wide, ffn 192): the head count comes from the named size, no --n-head
         back = tmp_path / f"back{causal}"
         assert cli(["convert", "from-litgpt", str(out), "--out", str(back)]) == 0
         again = ckpt.load_weights(ckpt.resolve(back))
         assert set(again) == set(state)
         for k in state:
             assert torch.equal(again[k], state[k]), k
-        assert ckpt.read_config(ckpt.resolve(back))["model"] == {**cfg.to_dict(), "max_seq_len": 2048}
+        assert ckpt.read_config(ckpt.resolve(back))["model"] == cfg.to_dict()  # from the file's metadata
+        # without smdm's metadata (SMDM's own files): "tiny" is (2 layers, 64 wide, ffn 192), so the head count
+        # comes from the named size, no --n-head; the context is the paper's 2048
+        bare = tmp_path / f"bare{causal}.safetensors"
+        save_file(lit, str(bare))
+        assert cli(["convert", "from-litgpt", str(bare), "--out", str(tmp_path / f"bare{causal}")]) == 0
+        assert ckpt.read_config(ckpt.resolve(tmp_path / f"bare{causal}"))["model"] == {**cfg.to_dict(),
+                                                                                       "max_seq_len": 2048}
 
 
 def test_dtype_option_and_generation_with_a_tokenizer(tmp_path):
@@ -208,3 +214,53 @@ def test_bad_inputs_name_the_file_and_tensor(tmp_path, capsys):
     assert cli(["convert", "from-litgpt", str(path), "--out", str(tmp_path / "ok")]) == 0
     assert cli(["convert", "from-litgpt", str(path), "--out", str(tmp_path / "ok")]) == 2  # never overwrites
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_round_trip_keeps_the_config_of_any_size(tmp_path):
+    """to-litgpt records the smdm config in the file's metadata, so from-litgpt restores what the shapes do not
+    hold: the context (not 2048), the heads of a spelled-out size that no name matches (no --n-head needed),
+    grouped-query heads, RoPE base and norm eps. Explicit options still win."""
+    from smdm.model import ModelConfig
+
+    for causal in (False, True):
+        cfg = ModelConfig(n_layer=3, n_head=4, n_kv_head=2, d_model=32, d_ff=80, vocab_size=19, max_seq_len=96,
+                          causal=causal, rope_base=500.0, norm_eps=1e-6)
+        state = {k: v.clone() for k, v in build_model(cfg, seed=1).state_dict().items()}
+        run = tmp_path / f"run{causal}"
+        ckpt.save(run, 3, model_state=state, config={"model": cfg.to_dict(), "objective": "mdm"},
+                  train_state={"step": 3})
+        lit = tmp_path / f"lit{causal}.safetensors"
+        assert cli(["convert", "to-litgpt", str(run), "--out", str(lit)]) == 0
+        back = tmp_path / f"back{causal}"
+        assert cli(["convert", "from-litgpt", str(lit), "--out", str(back)]) == 0
+        assert ckpt.read_config(ckpt.resolve(back))["model"] == cfg.to_dict()
+        again = ckpt.load_weights(ckpt.resolve(back))
+        assert set(again) == set(state) and all(torch.equal(again[k], state[k]) for k in state)
+        other = tmp_path / f"other{causal}"
+        assert cli(["convert", "from-litgpt", str(lit), "--out", str(other), "--max-seq-len", "64"]) == 0
+        assert ckpt.read_config(ckpt.resolve(other))["model"]["max_seq_len"] == 64
+
+
+def test_mlp_shape_errors_name_the_tensor_of_the_file(tmp_path):
+    """A wrong MLP shape names the file's own tensor (fc_2, w12, w3), in every layout."""
+    for mlp, key, shape in [("fc", "transformer.h.1.mlp.fc_2.weight", (100, 64)),
+                            ("w12", "transformer.h.1.mlp.swiglu.w12.weight", (300, 64)),
+                            ("w1w2w3", "transformer.h.1.mlp.swiglu.w3.weight", (64, 100))]:
+        sd = litgpt_state(2, 2, 2, 64, 192, 30, mdm=True, mlp=mlp)
+        sd[key] = torch.zeros(shape)
+        with pytest.raises(ConvertError, match=rf"w\.pt: {key.replace('.', '[.]')} has shape {shape}".replace(
+                "(", r"\(").replace(")", r"\)")):
+            from_litgpt(sd, infer_config(sd, source="w.pt"), source="w.pt")
+
+
+def test_legacy_torch_files_and_nested_wrapper_prefixes(tmp_path):
+    """A state dict in torch's legacy (non-zip) format loads (it cannot be memory-mapped); a DDP-wrapped
+    compiled model's "module._orig_mod." prefix is stripped."""
+    sd = litgpt_state(2, 2, 2, 64, 192, 30, mdm=False)
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": sd}, legacy, _use_new_zipfile_serialization=False)
+    got = read_state_dict(legacy)
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    nested = tmp_path / "nested.pt"
+    torch.save({"module._orig_mod." + k: v for k, v in sd.items()}, nested)
+    assert set(read_state_dict(nested)) == set(sd)

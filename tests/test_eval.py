@@ -550,6 +550,22 @@ def test_cli_errors(mc_setup, tmp_path, capsys):
         assert rc == 2 and msg in capsys.readouterr().err, msg
 
 
+
+def test_mc_context_longer_than_the_model_names_the_line(mc_setup, tmp_path, capsys):
+    """A question that does not fit the model's context is an error naming its line and choice (not the index
+    of a flattened (context, choice) pair, which the user cannot map back to the file)."""
+    _, tok, ckpts, _, _ = mc_setup
+    data = tmp_path / "long.jsonl"
+    long = {"context": " ".join(["the cat sat"] * 30), "choices": [" mat", " dog"], "label": 0}  # 90 tokens
+    data.write_text(json.dumps(MC_ITEMS[0]) + "\n" + json.dumps(long) + "\n")
+    for name in ("mdm", "arm"):  # both have a context of 64 tokens
+        model, _ = checkpoint.load(ckpts[name], device="cpu")
+        with pytest.raises(ValueError, match=r"line 2: context \+ choice 0 has 91 tokens, more than the model's "
+                                             r"context of 64"):
+            evaluate.evaluate_mc(model, tok, evaluate.read_mc(data), eos_id=0, n_samples=4)
+        rc = evaluate.main(["mc", "--ckpt", str(ckpts[name]), "--data", str(data), "--device", "cpu"])
+        assert rc == 2 and "line 2: context + choice 0" in capsys.readouterr().err
+
 # ---- GSM8K ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,want", [
@@ -636,6 +652,16 @@ def test_gsm8k_cli_runs(prepared, tmp_path, capsys):
     assert rc == 2 and "holds 1 examples" in capsys.readouterr().err
 
 
+def test_gsm8k_prompt_longer_than_the_model_names_the_line(mc_setup):
+    """A prompt that does not fit the context with the generation is an error naming its line, not the index
+    of the prompt inside its generation batch (here 0 of the second batch)."""
+    tok = mc_setup[1]
+    items = [evaluate.Gsm8kItem("the cat", "#### 7", "7", 1), evaluate.Gsm8kItem("the cat " * 30, "#### 3", "3", 2)]
+    for causal in (False, True):
+        with pytest.raises(ValueError, match=r"line 2: the prompt \(0-shot\) has 62 tokens; with gen_length=4 "
+                                             r"that is 66 > the model's context of 64"):
+            evaluate.evaluate_gsm8k(_model(causal), tok, items, gen_length=4, steps=4, batch_size=1)
+
 def test_bad_gsm8k_jsonl(tmp_path):
     p = tmp_path / "g.jsonl"
     p.write_text('{"question": "q", "answer": "no final number"}\n')
@@ -674,6 +700,23 @@ def test_ppl_same_windows(prepared, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "(MDM): [elbo] 5 windows x 24" in out and "(exact)" in out
 
+
+
+def test_ppl_data_with_more_ids_than_the_model_is_a_clear_error(prepared, tmp_path, capsys):
+    """Shards whose vocabulary is larger than the model's (another tokenizer) are refused with a message, not
+    an IndexError from the embedding (and the MDM does not read id vocab_size as its mask token)."""
+    from smdm.data import load_manifest, resolve_dataset
+
+    vocab = load_manifest(resolve_dataset(prepared, "val")).vocab_size
+    for causal in (False, True):
+        model = _model(causal, vocab=vocab - 1)
+        with pytest.raises(ValueError, match=f"vocabulary has {vocab} ids, the model only {vocab - 1}"):
+            evaluate.evaluate_ppl(model, prepared, seq_len=16, limit=2, n_samples=4)
+    (tmp_path / "tokenizer.json").write_bytes((prepared / "tokenizer.json").read_bytes())
+    ck = _save(tmp_path, _model(False, vocab=vocab - 1), "mdm")
+    rc = evaluate.main(["ppl", "--ckpt", str(ck), "--data", str(prepared), "--seq-len", "16", "--limit", "2",
+                        "--n-samples", "4", "--device", "cpu"])
+    assert rc == 2 and "the model only" in capsys.readouterr().err
 
 # ---- a tiny trained pair ---------------------------------------------------------------------------------------
 

@@ -283,6 +283,21 @@ def test_is_greedy_matches_its_definitions(twins, offline):
     assert [g for _, g in res_off] == [False] * len(pairs) and [ll for ll, _ in res_off] == [ll for ll, _ in res]
 
 
+
+def test_empty_continuation_is_log_one(twins, offline):
+    """An empty continuation (e.g. an empty choice string) is log p = 0 and greedy, as lm-eval's HF model
+    returns it, without failing the whole request list; the other requests keep their own scores."""
+    _lm_eval()
+    cls = harness.register()
+    for kw in ({"ckpt": str(twins["ar"])}, {"ckpt": str(twins["mdm"]), "mc_samples": 4},
+               {"ckpt": str(twins["mdm"]), "method": "chain", "cfg": 0.5}):
+        lm = cls(device="cpu", **kw)
+        reqs = [("the cat", ""), ("the cat", " meows"), ("", ""), ("the dog", " barks")]
+        res = lm.loglikelihood(_instances(reqs))
+        assert res[0] == (0.0, True) and res[2] == (0.0, True)
+        alone = lm.loglikelihood(_instances([reqs[1], reqs[3]]))
+        assert [res[1], res[3]] == alone and all(ll < 0 for ll, _ in alone)
+
 # ---- generate_until ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["ar", "elbo"])

@@ -24,15 +24,19 @@ model computes the same function (tests/test_convert.py checks logits against an
 forward).
 
 The model kind follows the embedding: V + 1 rows (V = the head's rows) is an MDM, V rows its autoregressive
-twin. The number of query heads is not in the shapes: `--config NAME`, else the paper's family is matched by
-(layers, width, ffn), else `--n-head` must say it. A checkpoint converted in is a normal smdm checkpoint
-(weights-only: it cannot be resumed) that `smdm.load`, `smdm generate` and `smdm eval` read; pass the
-tokenizer.json the weights were trained with (Llama-2's for SMDM's releases) or generation has no tokenizer.
+twin. The number of query heads is not in the shapes: `--config NAME`, else the smdm config that `to-litgpt`
+records in the file's metadata (with the context, RoPE base and norm eps: a round trip is exact), else the
+paper's family is matched by (layers, width, ffn), else `--n-head` must say it. A checkpoint converted in is
+a normal smdm checkpoint (weights-only: it cannot be resumed) that `smdm.load`, `smdm generate` and `smdm eval`
+read; pass the tokenizer.json the weights were trained with (Llama-2's for SMDM's releases) or generation has
+no tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import sys
@@ -72,7 +76,12 @@ def read_state_dict(path) -> dict:
             raise ConvertError(f"{path}: not a readable safetensors file ({e})") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad pickle / zip
             raise ConvertError(f"{path}: not a torch state dict that loads with weights_only=True "
                                f"({type(e).__name__}: {e})") from None
@@ -80,10 +89,31 @@ def read_state_dict(path) -> dict:
             state = state["model"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConvertError(f"{path}: expected a dict of tensors (a model state dict)")
-    for prefix in _PREFIXES:  # strip a wrapper prefix shared by every key
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    stripped = True
+    while stripped:  # strip wrapper prefixes shared by every key, also nested ones ("module._orig_mod.")
+        stripped = False
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
     return state
+
+
+def read_exported_config(path) -> Optional[dict]:
+    """The smdm ModelConfig dict that `export_litgpt` stores in a .safetensors file's metadata (None for other
+    files): lets a round trip restore what the shapes do not hold (heads, context, RoPE base, norm eps)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        conf = json.loads(meta["smdm_model"]) if "smdm_model" in meta else None
+    except (OSError, ValueError, KeyError):
+        return None
+    return conf if isinstance(conf, dict) else None
 
 
 def _save_safetensors_atomic(state: dict, path: Path, metadata: dict) -> None:
@@ -192,10 +222,9 @@ def from_litgpt(state: dict, config: ModelConfig, *, source: str = "state dict")
         g = qkv.reshape(n_kv, q_per_kv + 2, hd, d)  # per group: q_per_kv queries, one key, one value
         out[q + "attn.qkv.weight"] = torch.cat([g[:, :q_per_kv].reshape(-1, d), g[:, q_per_kv].reshape(-1, d),
                                                 g[:, q_per_kv + 1].reshape(-1, d)])
-        w1, w2, w3 = _mlp(state, p, source)
-        out[q + "mlp.w1.weight"] = _shape(w1, (c.d_ff, d), p + "mlp w1", source)
-        out[q + "mlp.w2.weight"] = _shape(w2, (c.d_ff, d), p + "mlp w2", source)
-        out[q + "mlp.w3.weight"] = _shape(w3, (d, c.d_ff), p + "mlp w3", source)
+        for dst, (key, w), shape in zip(("w1", "w2", "w3"), _mlp(state, p, source, c.d_ff, d),
+                                        ((c.d_ff, d), (c.d_ff, d), (d, c.d_ff))):
+            out[q + f"mlp.{dst}.weight"] = _shape(w, shape, key, source)
     out["norm.weight"] = _shape(_take(state, "transformer.ln_f.weight", source), (d,), "transformer.ln_f.weight",
                                 source)
     out["head.weight"] = _shape(_take(state, "lm_head.weight", source), (c.vocab_size, d), "lm_head.weight",
@@ -207,15 +236,18 @@ def from_litgpt(state: dict, config: ModelConfig, *, source: str = "state dict")
     return out
 
 
-def _mlp(state: dict, p: str, source: str) -> tuple:
+def _mlp(state: dict, p: str, source: str, d_ff: int, d: int) -> list:
+    """[(file tensor name, w1), (.., w2), (.., w3)] of block prefix `p` in any of the three layouts."""
     if p + "mlp.swiglu.w12.weight" in state:  # xformers' packed SwiGLU: [w1; w2]
-        w12 = state.pop(p + "mlp.swiglu.w12.weight")
-        w1, w2 = w12.chunk(2, dim=0)
-        return w1, w2, _take(state, p + "mlp.swiglu.w3.weight", source)
+        key = p + "mlp.swiglu.w12.weight"
+        w1, w2 = _shape(state.pop(key), (2 * d_ff, d), key, source).chunk(2, dim=0)
+        w3 = p + "mlp.swiglu.w3.weight"
+        return [(key, w1), (key, w2), (w3, _take(state, w3, source))]
     if p + "mlp.fc_1.weight" in state:  # lit-gpt's LLaMAMLP: proj(silu(fc_1 x) * fc_2 x)
-        return (state.pop(p + "mlp.fc_1.weight"), _take(state, p + "mlp.fc_2.weight", source),
-                _take(state, p + "mlp.proj.weight", source))
-    return tuple(_take(state, p + f"mlp.swiglu.{w}.weight", source) for w in ("w1", "w2", "w3"))
+        names = [p + f"mlp.{w}.weight" for w in ("fc_1", "fc_2", "proj")]
+    else:
+        names = [p + f"mlp.swiglu.{w}.weight" for w in ("w1", "w2", "w3")]
+    return [(k, _take(state, k, source)) for k in names]
 
 
 def to_litgpt(state: dict, config: ModelConfig) -> dict:
@@ -247,8 +279,11 @@ def to_litgpt(state: dict, config: ModelConfig) -> dict:
 
 
 def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_head: Optional[int] = None,
-                  max_seq_len: int = 2048, dtype: str = "keep") -> Path:
-    """Write an smdm checkpoint `OUT/step-0/` from a lit-gpt weights file; returns the step dir."""
+                  max_seq_len: Optional[int] = None, dtype: str = "keep") -> Path:
+    """Write an smdm checkpoint `OUT/step-0/` from a lit-gpt weights file; returns the step dir. A file written
+    by `export_litgpt` carries its smdm config: unless `config` / `n_head` / `max_seq_len` say otherwise, the
+    heads, context, RoPE base and norm eps come from it (where its shapes agree), so a round trip is exact;
+    else max_seq_len defaults to 2048."""
     from smdm import checkpoint as ckpt
 
     path = Path(path)
@@ -259,7 +294,16 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
     if ckpt.step_dirs(out):
         raise ConvertError(f"{out} already holds checkpoints; choose an empty --out")
     state = read_state_dict(path)
-    cfg = infer_config(state, source=str(path), config=config, n_head=n_head, max_seq_len=max_seq_len)
+    saved = read_exported_config(path)
+    if saved is not None and config is None and n_head is None:
+        n_head = saved.get("n_head")
+    cfg = infer_config(state, source=str(path), config=config, n_head=n_head,
+                       max_seq_len=max_seq_len or (saved or {}).get("max_seq_len") or 2048)
+    if saved is not None:
+        fields = ("n_layer", "n_head", "d_model", "d_ff", "vocab_size", "causal")
+        if all(saved.get(f) == getattr(cfg, f) for f in fields) and saved.get("n_kv_head") in (None, cfg.kv_heads):
+            cfg = dataclasses.replace(cfg, rope_base=float(saved.get("rope_base", cfg.rope_base)),
+                                      norm_eps=float(saved.get("norm_eps", cfg.norm_eps)))
     weights = from_litgpt(state, cfg, source=str(path))
     if DTYPES[dtype] is not None:
         weights = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
@@ -300,7 +344,8 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep") -> Path:
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConvertError(f"--out {out}: the lit-gpt export is a .safetensors file")
-    _save_safetensors_atomic(state, out, {"format": "lit-gpt", "source": str(step_dir)})
+    _save_safetensors_atomic(state, out, {"format": "lit-gpt", "source": str(step_dir),
+                                          "smdm_model": json.dumps(cfg.to_dict())})
     return out
 
 
@@ -312,7 +357,8 @@ def register(parser: argparse.ArgumentParser, name: str = "convert") -> None:
     p.add_argument("--tokenizer", help="the tokenizer.json the weights were trained with (copied along)")
     p.add_argument("--config", help="smdm size name (e.g. 1028M); default: matched from the shapes")
     p.add_argument("--n-head", type=int, help="query heads (when the shapes match no named size)")
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context (default: the one an `smdm convert to-litgpt` file records, else 2048)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
     p = sub.add_parser("to-litgpt", help="an smdm checkpoint -> one lit-gpt-layout .safetensors file")
     p.add_argument("ckpt", help="run dir or step dir")

@@ -581,6 +581,9 @@ def evaluate_mc(model, tokenizer, items: Sequence[McItem], *, eos_id: Optional[i
                 ctx = [eos_id]
             if not cont:
                 raise ValueError(f"line {it.line}: choice {j} encodes to no tokens")
+            # checked here so that the error names the line and choice (score() only knows its pair index)
+            _check_tokens(model.config, f"line {it.line}: context + choice {j}", ctx + cont,
+                          "ar" if model.config.causal else "elbo")
             pairs.append((ctx, cont))
             index.append((q, j))
             lengths.append((len(choice), len(choice.encode("utf-8"))))
@@ -673,6 +676,11 @@ def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Seque
         raise ValueError("cfg applies to the MDM only (the ARM twin has no mask token)")
     prompts = [tokenizer.encode(gsm8k_prompt(it.question, shots), add_special_tokens=False).ids
                for it in items]
+    for it, p in zip(items, prompts):  # here, so that the error names the line (generate's, the batch index)
+        if len(p) + gen_length > model.config.max_seq_len:
+            raise ValueError(f"line {it.line}: the prompt ({len(shots)}-shot) has {len(p)} tokens; with "
+                             f"gen_length={gen_length} that is {len(p) + gen_length} > the model's context of "
+                             f"{model.config.max_seq_len}")
     kw = dict(gen_length=gen_length, eos_id=eos_id, seed=seed, temperature=0.0)
     if not causal:
         kw.update(steps=steps or gen_length, sampler=sampler, block_length=block_length, cfg_scale=cfg)
@@ -715,6 +723,9 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
         raise ValueError(f"--seq-len {seq_len}: windows of {seq_len + 1} tokens exceed the model's context of "
                          f"{conf.max_seq_len}")
     ds = PackedDataset(data, seq_len, 1, extra_token=True, shuffle=False, epochs=1, split=split)
+    if ds.manifest.vocab_size > conf.vocab_size:  # ids the model has no row for (or the MDM's mask id)
+        raise ValueError(f"{data}: the data's vocabulary has {ds.manifest.vocab_size} ids, the model only "
+                         f"{conf.vocab_size} (data prepared with a different tokenizer?)")
     device = model.head.weight.device
     nll = var = 0.0
     windows = 0

@@ -35,6 +35,8 @@ loglikelihood(requests) -> [(log p(continuation | context), is_greedy)]:
     [EOS], and scored by `smdm.evaluate.score`: the same numbers as `smdm eval mc` (same seed, samples and
     row keys), so acc / acc_norm of a multiple-choice task equal `smdm eval mc` on the same items. A context
     that does not fit the model's window with the continuation is cut from the left (`smdm eval mc` raises).
+    A continuation of no tokens (an empty choice) is (0.0, True) without a forward pass: log p = log 1, as
+    lm-eval's own models return it.
     With the ELBO the value is a Monte Carlo estimate of a lower bound on log p; with cfg > 0 a guided score.
     is_greedy:
     - ARM: every continuation token is the argmax of the next-token logits given its prefix (exact, from the
@@ -252,28 +254,30 @@ class _Adapter:
         from smdm.evaluate import encode_pair
 
         budget = self.max_length + (1 if self.causal else 0)  # tokens of one scored row (context + target)
-        pairs = []
+        pairs, scored = [], []  # scored: the requests with a non-empty continuation
+        out = [(0.0, True)] * len(requests)  # an empty continuation: log p = log 1, greedy (as lm-eval's HF LM)
         for i, req in enumerate(requests):
             context, continuation = req.args[0], req.args[1]
             ctx, cont = encode_pair(self.tokenizer, context, continuation)
             if not ctx:  # as `smdm eval mc` and lm-eval: an empty context is [EOS]
                 ctx = [self._need_eos("an empty context")]
             if not cont:
-                raise ValueError(f"request {i}: the continuation {continuation!r} encodes to no tokens")
+                continue
             if len(cont) >= budget:
                 raise ValueError(f"request {i}: the continuation has {len(cont)} tokens, the model's context "
                                  f"is {self.max_length}")
             pairs.append((ctx[-(budget - len(cont)):], cont))
-        if not pairs:
-            return []
-        s = self._score(pairs, self.method)
-        if s.greedy is not None and self.greedy == "auto":
-            greedy = s.greedy.tolist()
-        elif self.greedy == "off":
-            greedy = [False] * len(pairs)
-        else:
-            greedy = self._decoded_greedy(pairs)
-        out = [(-float(nll), bool(g)) for nll, g in zip(s.nll, greedy)]
+            scored.append(i)
+        if pairs:
+            s = self._score(pairs, self.method)
+            if s.greedy is not None and self.greedy == "auto":
+                greedy = s.greedy.tolist()
+            elif self.greedy == "off":
+                greedy = [False] * len(pairs)
+            else:
+                greedy = self._decoded_greedy(pairs)
+            for i, nll, g in zip(scored, s.nll, greedy):
+                out[i] = (-float(nll), bool(g))
         for req, res in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
         return out
