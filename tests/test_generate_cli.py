@@ -154,3 +154,29 @@ def test_bad_schedule(capsys, sched_ckpts):
     assert rc == 2 and "unknown schedule 'polynomial:-1'" in err
     rc, _, err = run(capsys, "generate", "--ckpt", str(sched_ckpts["bad"]), "--prompt", "the")
     assert rc == 2 and "train.schedule" in err and "'cosinus'" in err and "--schedule" in err
+
+
+def test_missing_checkpoint_is_an_error_not_a_traceback(capsys, tmp_path):
+    for name, src in (("generate", ["--prompt", "x"]), ("infill", ["--ids", "1 _"])):
+        rc, _, err = run(capsys, name, "--ckpt", str(tmp_path / "nope"), *src)
+        assert rc == 2 and "does not exist" in err and "Traceback" not in err
+    (tmp_path / "step-3").mkdir()  # an interrupted save: no manifest
+    rc, _, err = run(capsys, "generate", "--ckpt", str(tmp_path / "step-3"), "--prompt", "x")
+    assert rc == 2 and "incomplete" in err
+
+
+def test_malformed_or_oversized_holes_and_ids_without_holes(capsys, ckpts, tmp_path):
+    tok = _tokenizer(tmp_path / "t.json")
+    for text in ("the <|mask: 3|> mat", "the <|mask:3> mat <|mask|>", "the <|mask:|> cat <|mask|>",
+                 "<|MASK:2|> the <|mask|>"):
+        with pytest.raises(ValueError, match="malformed hole"):
+            encode_with_holes(tok, text, 99)
+    with pytest.raises(ValueError, match="context of 64"):
+        encode_with_holes(tok, "the <|mask:99999999999999|>", 99, max_len=64)  # never builds the list
+    assert encode_with_holes(tok, "the <|mask:63|>", 99, max_len=64) == [1] + [99] * 63
+    rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--text", "the <|mask: 2|> mat <|mask|>")
+    assert rc == 2 and "malformed hole" in err
+    rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--text", "the <|mask:1000000000000|>")
+    assert rc == 2 and "context" in err
+    rc, out, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--ids", "1 2 _", "--ids", "1 2 3")
+    assert rc == 2 and "no masked position" in err and not out

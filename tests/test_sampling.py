@@ -123,6 +123,25 @@ def test_unfiltered_fast_path_is_bit_identical_to_the_kernel_reference(T, confid
     torch.testing.assert_close(conf, ref_conf, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("T", [1e-3, 1.0])
+def test_unfiltered_fast_path_without_a_drawable_id_takes_the_argmax(T):
+    """Rows where no l/T + g is drawable (only NaN and -inf logits; every l/T overflowing to -inf at a small
+    T): the reference (= the kernel) falls back to the argmax; the fast path used to return id 0."""
+    from smdm.kernels._reference import choose_tokens_reference
+
+    rows = torch.full((3, 5), -math.inf)
+    rows[0, 2] = math.nan
+    rows[1] = torch.tensor([-3.2e38, -3.1e38, -3.0e38, -3.3e38, -3.4e38])
+    rows[2, 3] = math.nan
+    rows[2, 4] = math.nan
+    args = dict(seeds=torch.arange(3), positions=torch.arange(3), step=0, temperature=T, confidence="prob")
+    tok, conf = choose_tokens(rows, **args)
+    ref_tok, ref_conf = choose_tokens_reference(rows, **args)
+    assert ref_tok[0] == 2 and ref_tok[2] == 3 and (T > 0.5 or ref_tok[1] == 2)
+    assert torch.equal(tok, ref_tok)
+    torch.testing.assert_close(conf, ref_conf, rtol=0, atol=0, equal_nan=True)
+
+
 def test_argmax_ties_lowest_id_and_confidences():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     tok, conf = choose_tokens(logits, seeds=torch.zeros(2), positions=torch.arange(2), step=0)
@@ -288,6 +307,29 @@ def test_eos_early_stop_fills_and_frees_the_row():
     assert out.generated_tokens == 2 + 12
 
 
+def test_infill_eos_rule_covers_only_the_trailing_masks():
+    """An EOS committed in a hole that given text follows, or an EOS given in the text, ends nothing: later
+    holes are sampled, not filled with EOS. A trailing run of masks is generation: same tokens and counts as
+    `generate`."""
+    eos = 7
+
+    def fn(ids):  # EOS very likely at position 2, token 9 elsewhere
+        logits = torch.zeros(ids.shape[0], ids.shape[1], V)
+        logits[:, :, 9] = 5.0
+        logits[:, 2, eos] = 20.0
+        return logits
+
+    model = ToyModel(fn)
+    out = infill(model, [[1, V, V, V, 4, 5, V, V, V], [eos, 2, 3, 6, 4, 5, V, V, V]], eos_id=eos)
+    assert out.tokens == [[1, 9, eos, 9, 4, 5, 9, 9, 9], [eos, 2, 3, 6, 4, 5, 9, 9, 9]]
+    assert out.generated_tokens == 6 + 3
+    assert infill(model, [[V, 1, eos, 2, V, V]], eos_id=eos).tokens == [[9, 1, eos, 2, 9, 9]]
+    both = infill(model, [[1] + [V] * 8], steps=8, eos_id=eos)
+    gen = generate(model, [[1]], gen_length=8, steps=8, eos_id=eos)
+    assert both.tokens == gen.sequences == [[1, 9, eos] + [eos] * 6]
+    assert (both.generated_tokens, both.forward_passes) == (gen.generated_tokens, gen.forward_passes) == (2, 2)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Each sampler's commit rule against a plain per-sequence loop (real Transformer, temperature 0)
 
@@ -442,6 +484,9 @@ def test_infill_keeps_given_tokens(mdm):
     assert single.tokens[0] == out.tokens[0]
     blocks = infill(mdm, ids, steps=4, block_length=2, cfg_scale=0.5)
     assert all(V not in t for t in blocks.tokens)
+    # rows as numpy arrays (a list of them, or one 2-D array) are a batch, as lists are
+    assert infill(mdm, [np.array(x) for x in ids]).tokens == out.tokens
+    assert infill(mdm, np.array([ids[0], ids[0]])).tokens == [out.tokens[0]] * 2
 
 
 def test_prefix_cache_runs_the_block_not_the_prefix(mdm):
@@ -495,6 +540,19 @@ def test_bad_prompts_raise(mdm, arm):
         generate(mdm, [[1], [2]], gen_length=4, steps=4, seed=[1])
     with pytest.raises(ValueError, match="list of token-id lists"):
         generate(mdm, [1, 2, 3], gen_length=4, steps=4)
+    with pytest.raises(ValueError, match="list of token-id lists"):
+        generate(mdm, torch.tensor([1, 2, 3]), gen_length=4, steps=4)
+    with pytest.raises(ValueError, match="'greedy'"):  # unused by the ARM, but a typo is still an error
+        generate(arm, [[1]], gen_length=4, sampler="greedy")
+    with pytest.raises(ValueError, match="'probability'"):
+        generate(arm, [[1]], gen_length=4, confidence="probability")
+
+
+def test_numpy_integer_seeds(mdm):
+    kw = dict(gen_length=6, steps=3, temperature=1.0)
+    want = generate(mdm, [[1, 2], [3]], seed=5, **kw).tokens
+    assert generate(mdm, [[1, 2], [3]], seed=np.int64(5), **kw).tokens == want
+    assert generate(mdm, [[1, 2], [3]], seed=np.array([5, 5]), **kw).tokens == want
 
 
 def test_more_steps_than_tokens_and_callback(mdm):

@@ -26,6 +26,7 @@ import sys
 import time
 
 HOLE = re.compile(r"<\|mask(?::(\d+))?\|>")
+MALFORMED = re.compile(r"<\|\s*mask", re.IGNORECASE)  # what is left of a hole tag that HOLE did not match
 MASK_GLYPH = "·"
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|end_of_text|>")
 
@@ -147,19 +148,30 @@ def parse_ids(text: str, mask_id=None) -> list:
     return out
 
 
-def encode_with_holes(tokenizer, text: str, mask_id: int) -> list:
-    """Tokenize `text`, turning each <|mask:N|> into N mask ids (each text piece tokenized on its own)."""
+def encode_with_holes(tokenizer, text: str, mask_id: int, max_len=None) -> list:
+    """Tokenize `text`, turning each <|mask:N|> into N mask ids (each text piece tokenized on its own).
+    A `<|mask` that is not a well-formed hole is an error (it would silently become text); with `max_len`
+    (the model's context) a longer result is an error before any hole is expanded."""
+
+    def piece(t):
+        bad = MALFORMED.search(t)
+        if bad:
+            raise ValueError(f"malformed hole {t[bad.start():bad.start() + 16]!r}: write <|mask:N|> (N >= 1) "
+                             f"or <|mask|>")
+        return tokenizer.encode(t, add_special_tokens=False).ids if t else []
+
     ids, pos = [], 0
     for m in HOLE.finditer(text):
-        if m.start() > pos:
-            ids += tokenizer.encode(text[pos:m.start()], add_special_tokens=False).ids
+        ids += piece(text[pos:m.start()])
         n = int(m.group(1) or 1)
         if n < 1:
             raise ValueError(f"a hole needs at least one token: {m.group(0)!r}")
+        if max_len is not None and len(ids) + n > max_len:
+            raise ValueError(f"the hole {m.group(0)!r} makes the text longer than the model's context of "
+                             f"{max_len} tokens")
         ids += [mask_id] * n
         pos = m.end()
-    if pos < len(text):
-        ids += tokenizer.encode(text[pos:], add_special_tokens=False).ids
+    ids += piece(text[pos:])
     if mask_id not in ids:
         raise ValueError("the text has no hole: mark the positions to fill with <|mask:N|> or <|mask|>")
     return ids
@@ -203,8 +215,12 @@ def main(args, name: str = "generate") -> int:
     import smdm
     from smdm import checkpoint, sampling
 
-    step_dir = checkpoint.resolve(args.ckpt)
-    model, tokenizer = smdm.load(step_dir, device=args.device)
+    try:  # a missing or incomplete checkpoint is the user's error, not a traceback
+        step_dir = checkpoint.resolve(args.ckpt)
+        model, tokenizer = smdm.load(step_dir, device=args.device)
+    except (ValueError, OSError) as e:
+        print(f"smdm {name}: error: {e}", file=sys.stderr)
+        return 2
     cfg = model.config
     mask_id = cfg.mask_id
     try:
@@ -222,9 +238,11 @@ def main(args, name: str = "generate") -> int:
             if args.text is not None:
                 if tokenizer is None:
                     raise ValueError(f"{args.ckpt} has no tokenizer.json: give --ids")
-                rows = [encode_with_holes(tokenizer, t, mask_id) for t in args.text]
+                rows = [encode_with_holes(tokenizer, t, mask_id, max_len=cfg.max_seq_len) for t in args.text]
             else:
                 rows = [parse_ids(t, mask_id) for t in args.ids]
+                if any(mask_id not in r for r in rows):
+                    raise ValueError("--ids has no masked position: mark the positions to fill with '_'")
         opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     cfg_scale=args.cfg_scale, seed=args.seed, confidence=args.confidence,

@@ -61,12 +61,15 @@ layout:
 GPU GEMMs may pick other kernels per shape, so on CUDA logits can still differ in the last bits.
 
 EOS: with `eos_id`, a row stops once its first committed EOS has no masked position before it: every masked
-position after it is filled with EOS as soon as it is committed, and the row leaves the batch.
+position after it is filled with EOS as soon as it is committed, and the row leaves the batch. For `infill`
+the rule covers only the trailing run of masked positions (after the last given token): text given after a hole
+means the sequence goes on, whatever the hole holds.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -205,7 +208,10 @@ def _choose_unfiltered(logits, *, seeds, positions, step, temperature, top_k, to
         keys = gumbel_keys(seeds, step, positions)
         # a NaN logit is never drawn here (as in the reference's filtered path); at T = 0 argmax takes it
         drawable = valid & ~torch.isnan(lf)
-        tok = torch.argmax(torch.where(drawable, lf / t + gumbel_noise(keys, V), -math.inf), dim=1)
+        score = torch.where(drawable, lf / t + gumbel_noise(keys, V), -math.inf)
+        # no drawable score (only NaN / -inf logits, or every l/T overflowing to -inf): the argmax `top`,
+        # as the reference and the kernel do (argmax of an all -inf row would be id 0)
+        tok = torch.where(score.max(dim=1).values == -math.inf, top, torch.argmax(score, dim=1))
     else:
         tok = top
     if confidence == "prob":
@@ -441,7 +447,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     schedule = parse_schedule(schedule)
     if cache is None:  # the ARM's KV cache is exact, the MDM's prefix cache an approximation
         cache = "prefix" if cfg.causal else "none"
-    if len(prompts) and isinstance(prompts[0], (int, np.integer)):
+    if len(prompts) and (isinstance(prompts[0], (int, np.integer))
+                         or isinstance(prompts[0], torch.Tensor) and prompts[0].dim() == 0):  # a 1-D tensor
         raise ValueError("prompts must be a list of token-id lists (one prompt: [ids])")
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -458,6 +465,10 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     if cfg.causal:
         if cfg_scale:
             raise ValueError("cfg_scale applies to the MDM only (the ARM twin has no mask token)")
+        if sampler not in SAMPLERS:  # unused by the ARM, still validated (as the schedule is)
+            raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+        if confidence not in CONFIDENCES:
+            raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
         return _generate_arm(model, prompts, gen_length, seeds, dict(temperature=temperature, top_k=top_k,
                              top_p=top_p, batch_invariant=batch_invariant), eos_id, cache, callback)
     _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence)
@@ -502,7 +513,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
     schedule = parse_schedule(schedule)
     if cfg.causal:
         raise ValueError("infill needs the MDM (model.config.causal is True: the ARM twin cannot infill)")
-    single = len(ids) > 0 and not isinstance(ids[0], (list, tuple, torch.Tensor))
+    single = len(ids) > 0 and not isinstance(ids[0], (list, tuple, torch.Tensor, np.ndarray))
     ids = [list(map(int, ids))] if single else [list(map(int, x)) for x in ids]
     if mask_positions is not None and single:
         mask_positions = [mask_positions]
@@ -530,7 +541,11 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
         _check_ids(cfg, seq[keep].tolist(), f"sequence {i} (outside its mask positions)")
         seq[masked] = cfg.mask_id
         n_steps = len(masked) if steps is None else steps
-        window = (int(masked[0]), len(x)) if len(masked) else None
+        # the EOS rule applies to the trailing run of masked positions only (after the last given token, as
+        # in `generate`): an EOS inside a hole with given text after it (or a given EOS) ends nothing
+        given_at = torch.nonzero(keep)[:, 0]
+        lo = int(given_at[-1]) + 1 if len(given_at) else 0
+        window = (lo, len(x)) if lo < len(x) else None
         rows.append(_make_row(i, seq, masked, max(1, n_steps), block_length, seeds[i], window))
     out = _denoise(model, rows, sampler, dict(block_length=block_length, threshold=threshold,
                                               temperature=temperature, top_k=top_k, top_p=top_p,
@@ -540,7 +555,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
     tokens = [r.seq.tolist() for r in rows]
     return GenerationOutput(tokens=tokens, sequences=tokens, forward_passes=out,
                             row_forward_passes=[r.forwards for r in rows], steps=[r.steps for r in rows],
-                            generated_tokens=sum(sum(len(b) for b in r.blocks) for r in rows))
+                            generated_tokens=sum(_generated_count(r, eos_id) for r in rows))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -548,8 +563,8 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
 
 
 def _seeds(seed, n: int) -> list:
-    if isinstance(seed, (int,)) and not isinstance(seed, bool):
-        return [seed] * n
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):  # numpy integers too
+        return [int(seed)] * n
     seeds = [int(s) for s in seed]
     if len(seeds) != n:
         raise ValueError(f"seed is a list of {len(seeds)} for {n} prompts (pass an int or one per prompt)")
@@ -604,6 +619,17 @@ def _output(rows, forwards, tokens, eos_id, prompt_lens):
     return GenerationOutput(tokens=tokens, sequences=seqs, forward_passes=forwards,
                             row_forward_passes=[r.forwards for r in rows], steps=[r.steps for r in rows],
                             generated_tokens=gen)
+
+
+def _generated_count(r: _Row, eos_id: Optional[int]) -> int:
+    """Tokens the sampler generated in row r: its masked positions, but in the EOS window only those up to
+    and including the first EOS (the rest is EOS fill), as `generate` counts them."""
+    n = sum(len(b) for b in r.blocks)
+    if eos_id is None or r.window is None:
+        return n
+    lo, hi = r.window
+    eos = torch.nonzero(r.seq[lo:hi] == eos_id)
+    return n - (hi - lo) + (int(eos[0, 0]) + 1 if len(eos) else hi - lo)
 
 
 def _make_row(index, seq, masked, steps, block_length, seed, window) -> _Row:
