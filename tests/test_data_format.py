@@ -62,7 +62,7 @@ def test_empty_shard_roundtrips(tmp_path):
     assert h["num_tokens"] == 0 and toks.size == 0 and starts.size == 0
 
 
-def test_writer_rejects_bad_ids_and_starts_and_leaves_nothing(tmp_path):
+def test_writer_rejects_bad_ids_and_starts_and_leaves_nothing(tmp_path, monkeypatch):
     stream, starts = _sample()
     bad = stream.copy()
     bad[5] = 300  # == vocab_size == the mask id
@@ -75,6 +75,21 @@ def test_writer_rejects_bad_ids_and_starts_and_leaves_nothing(tmp_path):
         D.write_shard(tmp_path / "x.smdm", stream, starts[::-1].copy(), vocab_size=300, eos_id=0)
     with pytest.raises(ValueError):
         D.write_shard(tmp_path / "x.smdm", stream, starts, vocab_size=300, eos_id=300)
+    # float ids were truncated silently (1.7 -> 1) by both writers and the packers
+    floats = stream.astype(np.float64) + 0.7
+    for ref in ("0", "1"):  # the Rust path and the numpy reference
+        monkeypatch.setenv("SMDM_REFERENCE", ref)
+        with pytest.raises(ValueError, match="integers, got an array of dtype float64"):
+            D.write_shard(tmp_path / "x.smdm", floats, starts, vocab_size=300, eos_id=0)
+        with pytest.raises(ValueError, match="integers"):
+            D.write_litpkds(tmp_path / "x.bin", floats, 8)
+        with pytest.raises(ValueError, match="integers"):
+            D.pack_documents([floats[:3], [1, 2]], 0, 300)
+        with pytest.raises(ValueError, match="integers"):
+            D.pack_documents(floats, 0, 300, lengths=[floats.size])
+        with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)|>= vocab_size"):
+            D.pack_documents([np.array([1, -2]), []], 0, 300)  # checked, never wrapped
+        assert D.pack_documents([[1, 2], []], 0, 300)[0].tolist() == [1, 2, 0, 0]
     assert list(tmp_path.iterdir()) == []  # no shard, no temp file
 
 

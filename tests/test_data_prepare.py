@@ -126,7 +126,7 @@ def test_litpkds_output_is_byte_exact_to_lit_gpt(tmp_path, tiny_jsonl, prepared,
     assert ds.manifest.format == "litpkds" and len(list(ds)) == len(ds)
 
 
-def test_jsonl_errors_name_file_and_line(tmp_path):
+def test_jsonl_errors_name_file_and_line(tmp_path, prepared):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n\n{"txt": "no text field"}\n')
     with pytest.raises(SmdmFormatError, match=r"bad.jsonl:3: no 'text' field"):
@@ -137,6 +137,11 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     p.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(SmdmFormatError, match=r"bad.jsonl:2: not valid JSON"):
         prepare([str(p)], tmp_path / "out", vocab_size=280, **QUIET)
+    # valid JSON, but a lone surrogate escape is no text a tokenizer can take (a pair is fine)
+    p.write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 half"}\n')
+    for kw in (dict(vocab_size=280), dict(tokenizer=str(prepared / "tokenizer.json"))):
+        with pytest.raises(SmdmFormatError, match=r"bad.jsonl:2: field 'text' holds the lone surrogate"):
+            prepare([str(p)], tmp_path / "out", **kw, **QUIET)
     assert not (tmp_path / "out").exists()
     assert [x.name for x in tmp_path.iterdir()] == ["bad.jsonl"]  # no partial output left behind
 
@@ -164,6 +169,38 @@ def test_bad_inputs(tmp_path, prepared):
     with pytest.raises(SmdmIOError, match="not empty"):
         prepare([str(tmp_path / "a.txt")], prepared, vocab_size=280, **QUIET)
     assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())
+
+
+def test_out_dot_fills_the_working_directory_and_bad_outputs_are_named(tmp_path, monkeypatch, capsys):
+    """`--out .` used to end in `OSError: [Errno 16] Device or resource busy: '.'` (the finished output was
+    renamed onto '.'), and an --out below a regular file in a raw FileExistsError traceback."""
+    (tmp_path / "a.txt").write_text("hello world, hello again " * 20)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert smdm_main(["prepare", str(tmp_path / "a.txt"), "--out", ".", "--vocab-size", "270"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in here.iterdir()) == ["tokenizer.json", "train", "val"]
+    assert D.verify_dataset(here / "train").num_tokens > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "here"]  # no temporary left beside it
+    # an existing output needs --force, also as '.'; `sub/..` names the directory itself
+    (here / "sub").mkdir()
+    with pytest.raises(SmdmIOError, match="not empty"):
+        prepare([str(tmp_path / "a.txt")], "sub/..", vocab_size=270, **QUIET)
+    # outputs that cannot be created: SmdmIOError naming the path, exit 1 without a traceback
+    with pytest.raises(SmdmIOError, match="a.txt"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "a.txt" / "out", vocab_size=270, **QUIET)
+    assert smdm_main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "a.txt" / "o")]) == 1
+    assert "a.txt" in capsys.readouterr().err
+
+
+def test_log_names_the_vocabulary_actually_trained(tmp_path):
+    """BPE training stops when the sample has no more pairs to merge: the log said "300 ids" for the ~260 trained."""
+    (tmp_path / "a.txt").write_text("ab ab ab")
+    logs = []
+    s = prepare([str(tmp_path / "a.txt")], tmp_path / "o", vocab_size=300, progress=False, log=logs.append)
+    assert s["vocab_size"] < 300
+    assert f"BPE ({s['vocab_size']} ids (of 300 asked" in logs[0], logs
 
 
 def _parquet(path, columns: dict, row_group_size=None):
@@ -315,6 +352,19 @@ def test_cli_prepare_verify_inspect(tmp_path, tiny_jsonl, capsys):
     tok.write_text(tok.read_text().replace('"<|endoftext|>"', '"<|endoftext|>"', 1) + " ")
     assert smdm_main(["data", "verify", str(out / "val")]) == 1
     assert "hash" in capsys.readouterr().err
+
+
+def test_inspect_with_an_unreadable_tokenizer_fails_naming_it(tmp_path, prepared, capsys):
+    """`smdm data inspect` decodes a sample with the dataset's tokenizer.json: a corrupt one used to escape
+    as the `tokenizers` package's bare Exception (a traceback) instead of an error naming the file."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    (out / "tokenizer.json").write_text('{"broken')
+    assert smdm_main(["data", "inspect", str(out / "train")]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer.json: not a readable tokenizer.json" in err
 
 
 def test_manifest_is_valid_json_with_the_contract_fields(prepared):

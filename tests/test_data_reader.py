@@ -249,6 +249,14 @@ def _edit_manifest(root, fn):
         (lambda m: m.update(shard_dir="../.."), SmdmFormatError, "shard_dir"),
         (lambda m: m.update(shard_dir="/tmp"), SmdmFormatError, "shard_dir"),
         (lambda m: m.update(shard_dir=".."), SmdmIOError, "listed in .* but missing"),
+        # field types: used to escape as TypeError / a ValueError without the file's name, or pass
+        (lambda m: m.update(num_docs=None), SmdmFormatError, "manifest.json: field 'num_docs'"),
+        (lambda m: m.update(num_docs="7"), SmdmFormatError, "manifest.json: field 'num_docs'"),
+        (lambda m: m.update(num_docs=-5), SmdmFormatError, "manifest.json: field 'num_docs'"),
+        (lambda m: m.update(bos_id=-1), SmdmFormatError, "manifest.json: field 'bos_id'"),
+        (lambda m: m.update(bos_id=True), SmdmFormatError, "manifest.json: field 'bos_id'"),
+        (lambda m: m.update(tokenizer=5), SmdmFormatError, "manifest.json: field 'tokenizer'"),
+        (lambda m: m.update(tokenizer_hash=["x"]), SmdmFormatError, "manifest.json: field 'tokenizer_hash'"),
     ],
 )
 def test_manifest_disagreeing_with_files(ds_dir, edit, exc, words):

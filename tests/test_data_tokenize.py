@@ -153,6 +153,33 @@ def test_too_small_vocab_is_a_value_error(tiny_texts):
         _core.Tokenizer.train_bpe(tiny_texts, 100)
 
 
+def test_huge_vocab_is_a_value_error_not_an_abort(tmp_path):
+    """The BPE trainer reserves memory per requested id: 2^31 ids used to abort the whole process on the
+    failed allocation ("memory allocation of 141733920784 bytes failed"). Run in a child process so that
+    an abort fails this test instead of killing pytest; the CLI says why and exits 1."""
+    import subprocess
+    import sys
+
+    code = (
+        "from smdm import _core\n"
+        "try:\n"
+        "    _core.Tokenizer.train_bpe(['ab ab'], 2**31)\n"
+        "except ValueError as e:\n"
+        "    print('ValueError:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "too large" in r.stdout, (r.returncode, r.stdout, r.stderr[-500:])
+    (tmp_path / "a.txt").write_text("ab ab ab")
+    for v in ("2147483648", "5000000000", "-3"):
+        r = subprocess.run(
+            [sys.executable, "-m", "smdm.cli", "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"),
+             "--vocab-size", v],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert r.returncode == 1 and "vocab-size" in r.stderr and "Traceback" not in r.stderr, (v, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
 # ---- packing ----
 
 

@@ -137,3 +137,36 @@ def test_mutated_litpkds(tmp_path, code, toks, data):
 def test_random_manifest_bytes(tmp_path, raw):
     (tmp_path / "manifest.json").write_bytes(raw)
     _outcome(lambda: D.load_manifest(tmp_path))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@SETTINGS
+@given(st.data())
+def test_manifest_fields_of_any_json_type(tmp_path, data):
+    """A valid manifest with one field (top level or of a shard entry) set to any JSON value, or removed:
+    loading and verifying it raise only SmdmFormatError / SmdmIOError (never TypeError, KeyError, ...)."""
+    import json
+
+    ds = tmp_path / "ds"
+    ds.mkdir(exist_ok=True)
+    stream, starts = D.pack_documents([[1, 2, 3], [4, 5]], 0, 50)
+    info = D.write_shard(ds / "s.smdm", stream, starts, vocab_size=50, eos_id=0)
+    m = dict(
+        version=1, format="smdm", vocab_size=50, eos_id=0, bos_id=None, dtype="uint16", num_tokens=7,
+        num_docs=2, tokenizer=None, tokenizer_hash=None,
+        shards=[dict(file="s.smdm", num_tokens=7, num_docs=2, bytes=info["file_bytes"], crc32=info["file_crc32"])],
+    )
+    target = m if data.draw(st.booleans()) else m["shards"][0]
+    key = data.draw(st.sampled_from(sorted(target) + ["shard_dir"]))
+    if data.draw(st.booleans()):
+        target.pop(key, None)
+    else:
+        target[key] = data.draw(JSON_VALUES)
+    (ds / "manifest.json").write_text(json.dumps(m))
+    _outcome(lambda: D.verify_dataset(ds))

@@ -120,11 +120,24 @@ def file_docs(path: Path, key: str, text_field: str = "text") -> Iterator[Doc]:
             raise SmdmFormatError(f"{path}:{lineno}: not valid JSON (byte offset {start}): {e.msg}") from e
         if not isinstance(obj, dict) or text_field not in obj:
             raise SmdmFormatError(f"{path}:{lineno}: no {text_field!r} field (byte offset {start})")
-        if not isinstance(obj[text_field], str):
+        text = obj[text_field]
+        if not isinstance(text, str):
             raise SmdmFormatError(
                 f"{path}:{lineno}: field {text_field!r} is not a string (byte offset {start})"
             )
-        yield Doc(f"{key}:{lineno}", obj[text_field])
+        if b"\\u" in line:  # only a \u escape can give a lone surrogate, which no tokenizer can take
+            _check_unicode(path, lineno, start, text_field, text)
+        yield Doc(f"{key}:{lineno}", text)
+
+
+def _check_unicode(path: Path, lineno: int, start: int, text_field: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SmdmFormatError(
+            f"{path}:{lineno}: field {text_field!r} holds the lone surrogate {text[e.start]!r} at character "
+            f"{e.start} (line at byte offset {start}): not valid Unicode text"
+        ) from None
 
 
 def _require_pyarrow(path: Path) -> None:

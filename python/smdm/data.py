@@ -147,11 +147,30 @@ def _bad_token_msg(token: int, index: int, byte_offset: int, vocab_size: int) ->
     return f"token id {token} at token {index} (byte offset {byte_offset}) >= vocab_size {vocab_size}"
 
 
+def _int_ids(a, what: str = "token ids") -> np.ndarray:
+    """`a` as an array, refused unless it holds integers: a float array would be truncated silently
+    (1.7 -> 1) by the casts that follow (an empty array of any dtype is fine: `np.asarray([])` is float)."""
+    a = np.asarray(a)
+    if a.size and a.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integers, got an array of dtype {a.dtype}")
+    return a
+
+
+def _ids_u32(a) -> np.ndarray:
+    """Integer token ids as uint32 (values checked, never wrapped)."""
+    a = _int_ids(a)
+    if a.dtype == np.uint32:
+        return a
+    if a.size and (a.min() < 0 or a.max() >= 2**32):
+        raise ValueError("token ids must be in [0, 2**32)")
+    return a.astype(np.uint32)
+
+
 def encode_shard_numpy(
     tokens: np.ndarray, doc_starts: np.ndarray, vocab_size: int, eos_id: int, bos_id: Optional[int] = None
 ) -> bytes:
     """The bytes of an smdm shard v1 (reference implementation; see the module docstring)."""
-    tokens = np.asarray(tokens)
+    tokens = _int_ids(tokens)
     starts = np.asarray(doc_starts, dtype="<u8")
     if not 0 < vocab_size < 2**32 or not 0 <= eos_id < vocab_size:
         raise ValueError(f"need 0 <= eos_id {eos_id} < vocab_size {vocab_size} < 2**32")
@@ -290,8 +309,8 @@ def encode_litpkds_numpy(tokens, dtype_code: int) -> bytes:
     """Bytes of a LITPKDS file holding exactly `tokens` (lit-gpt `PackedDatasetBuilder._write_chunk`)."""
     if dtype_code not in LITPKDS_DTYPES:
         raise ValueError(f"LITPKDS dtype code must be 1..8, got {dtype_code}")
-    arr = np.asarray(tokens)
     dt = np.dtype(LITPKDS_DTYPES[dtype_code]).newbyteorder("<")
+    arr = np.asarray(tokens) if dt.kind == "f" else _int_ids(tokens)
     if arr.size and dt.kind in "iu" and (arr.min() < 0 or arr.max() > np.iinfo(dt).max):
         raise ValueError(f"token ids do not fit LITPKDS dtype code {dtype_code}")
     head = LITPKDS_MAGIC + np.array([LITPKDS_VERSION], "<u8").tobytes() + bytes([dtype_code])
@@ -340,7 +359,7 @@ def read_litpkds_numpy(path: PathLike) -> tuple[int, int, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------
 def write_shard(path: PathLike, tokens, doc_starts, *, vocab_size: int, eos_id: int, bos_id=None) -> dict:
     """Write an smdm shard atomically. Returns the header dict + `file_crc32`, `file_bytes`."""
-    tokens = np.asarray(tokens)
+    tokens = _int_ids(tokens)
     starts = np.ascontiguousarray(doc_starts, dtype=np.uint64)
     if use_reference():
         return write_shard_numpy(path, tokens, starts, vocab_size, eos_id, bos_id)
@@ -369,7 +388,7 @@ def shard_info(path: PathLike, verify: bool = True) -> dict:
 
 def write_litpkds(path: PathLike, tokens, dtype_code: int) -> int:
     """Write one LITPKDS file holding exactly `tokens`; returns the file's CRC-32."""
-    tokens = np.asarray(tokens)
+    tokens = np.asarray(tokens) if dtype_code in (6, 7) else _int_ids(tokens)
     if use_reference() or dtype_code in (6, 7):
         return write_litpkds_numpy(path, tokens, dtype_code)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**32):
@@ -386,7 +405,7 @@ def read_litpkds(path: PathLike) -> tuple[int, int, np.ndarray]:
 
 def pack_documents_numpy(tokens: np.ndarray, lengths: np.ndarray, eos_id: int, vocab_size: int):
     """Reference packing: (stream = each document + [eos], in the shard dtype; uint64 document starts)."""
-    tokens = np.asarray(tokens)
+    tokens = _int_ids(tokens)
     lengths = np.asarray(lengths, dtype=np.int64)
     if int(lengths.sum()) != tokens.size:
         raise ValueError(f"document lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
@@ -414,19 +433,16 @@ def pack_documents(docs, eos_id: int, vocab_size: int, lengths=None):
     if lengths is None:
         lengths = np.fromiter((len(d) for d in docs), np.uint64, len(docs))
         flat = (
-            np.concatenate([np.asarray(d, dtype=np.uint32) for d in docs])
+            np.concatenate([_ids_u32(d) for d in docs])
             if len(docs)
             else np.zeros(0, np.uint32)
         )
     else:
-        flat = np.asarray(docs)
-        lengths = np.asarray(lengths, dtype=np.uint64)
+        flat = _int_ids(docs)
+        lengths = np.asarray(_int_ids(lengths, "document lengths"), dtype=np.uint64)
     if use_reference():
         return pack_documents_numpy(flat, lengths, eos_id, vocab_size)
-    if flat.dtype != np.uint32:
-        if flat.size and (flat.min() < 0 or flat.max() >= 2**32):
-            raise ValueError("token ids must be in [0, 2**32)")
-        flat = flat.astype(np.uint32)
+    flat = _ids_u32(flat)
     return _core().pack_documents(
         np.ascontiguousarray(flat), np.ascontiguousarray(lengths), eos_id, vocab_size
     )
@@ -505,8 +521,11 @@ def load_manifest(dataset_dir: PathLike) -> Manifest:
     vocab = field(raw, "vocab_size", int)
     eos = field(raw, "eos_id", int)
     bos = raw.get("bos_id")
-    if bos is not None and not isinstance(bos, int):
-        raise SmdmFormatError(f"{path}: field 'bos_id' must be an integer or null")
+    if bos is not None:
+        bos = field(raw, "bos_id", int)
+    for key in ("tokenizer", "tokenizer_hash"):
+        if raw.get(key) is not None:
+            field(raw, key, str)
     if vocab == 0 or eos >= vocab or (bos is not None and bos >= vocab):
         raise SmdmFormatError(f"{path}: inconsistent ids: vocab_size {vocab}, eos_id {eos}, bos_id {bos}")
     # Where the shard files are, relative to this manifest: "." (default) or ".." (`smdm data import
@@ -539,6 +558,7 @@ def load_manifest(dataset_dir: PathLike) -> Manifest:
     if field(raw, "num_tokens", int) != total:
         raise SmdmFormatError(f"{path}: num_tokens {raw['num_tokens']} != sum over shards {total}")
     dtype = field(raw, "dtype", str)
+    num_docs = field(raw, "num_docs", int) if "num_docs" in raw else sum(s.num_docs for s in shards)
     tok = raw.get("tokenizer")
     tok_path = (root / tok).resolve() if isinstance(tok, str) else None
     return Manifest(
@@ -549,7 +569,7 @@ def load_manifest(dataset_dir: PathLike) -> Manifest:
         bos_id=bos,
         dtype=dtype,
         num_tokens=total,
-        num_docs=int(raw.get("num_docs", sum(s.num_docs for s in shards))),
+        num_docs=num_docs,
         shards=tuple(shards),
         tokenizer_path=tok_path,
         tokenizer_hash=raw.get("tokenizer_hash"),
@@ -931,6 +951,8 @@ def decode_sample(manifest: Manifest, n_tokens: int = 64) -> Optional[str]:
         toks = read_shard(s.path, verify=False)[1][:n_tokens]
     else:
         toks = read_litpkds(s.path)[2][:n_tokens]
-    return Tokenizer.from_file(os.fspath(manifest.tokenizer_path)).decode(
-        [int(t) for t in toks], skip_special_tokens=False
-    )
+    try:  # the `tokenizers` package raises a bare Exception for a file that does not parse
+        tok = Tokenizer.from_file(os.fspath(manifest.tokenizer_path))
+    except Exception as e:  # noqa: BLE001
+        raise SmdmFormatError(f"{manifest.tokenizer_path}: not a readable tokenizer.json: {e}") from e
+    return tok.decode([int(t) for t in toks], skip_special_tokens=False)

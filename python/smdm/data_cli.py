@@ -17,7 +17,8 @@ all cores with the GIL released (`smdm._core.Tokenizer.encode_pack`); a tqdm bar
 Shards (smdm: whole documents, at most --shard-tokens tokens unless one document is longer; litpkds:
 exactly --shard-tokens tokens, the last padded with EOS like lit-gpt) are written into a temporary
 directory next to DIR, each split's manifest.json last, then the directory is renamed to DIR: an
-interrupted run never leaves a half-written DIR.
+interrupted run never leaves a half-written DIR. (An existing empty DIR, e.g. `--out .`, is filled in
+place instead: tokenizer.json, then each split directory whole, its manifest inside.)
 
 Without --tokenizer a byte-level BPE tokenizer of --vocab-size ids (default 8192) is trained in Rust on a
 stable hash-chosen sample of the training documents of about --tokenizer-sample-mb MB (default 8: BPE
@@ -44,6 +45,7 @@ from smdm.data import (
     MANIFEST_VERSION,
     decode_sample,
     find_litpkds_files,
+    fsync_dir,
     litpkds_dtype_code,
     litpkds_shard_entry,
     load_manifest,
@@ -168,8 +170,9 @@ def _train_tokenizer(
     t0 = time.perf_counter()
     tok = Tokenizer.train_bpe(sample, vocab_size)
     mb = sum(len(s) for s in sample) / 1e6
+    fewer = "" if tok.vocab_size == vocab_size else f" (of {vocab_size} asked: the sample has no more merges)"
     log(
-        f"trained byte-level BPE ({vocab_size} ids) on {len(sample)} documents, {mb:.1f} MB, "
+        f"trained byte-level BPE ({tok.vocab_size} ids{fewer}) on {len(sample)} documents, {mb:.1f} MB, "
         f"in {time.perf_counter() - t0:.1f} s"
     )
     return tok
@@ -202,17 +205,22 @@ def prepare(
         raise ValueError(f"--format must be 'smdm' or 'litpkds', got {fmt!r}")
     if tokenizer is not None and vocab_size is not None:
         raise ValueError("give either --tokenizer or --vocab-size, not both")
+    if vocab_size is not None and not 0 < vocab_size < 2**32:
+        raise ValueError(f"--vocab-size must be a positive number of ids below 2**32, got {vocab_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     shard_tokens = int(shard_tokens or DEFAULT_SHARD_TOKENS[fmt])
     if shard_tokens < 1:
         raise ValueError("--shard-tokens must be positive")
     corpus.expand_inputs(inputs)  # fail early on missing or unsupported inputs
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # `--out .` / `x/..`: a real name, so the temporary dir can sit beside it
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise SmdmIOError(f"{out}: exists and is not empty (use --force to replace it)")
     t0 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SmdmIOError(f"{out.parent}: cannot create the output's parent directory: {e.strerror or e}") from e
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -220,7 +228,7 @@ def prepare(
             (tmp / s).mkdir(parents=True)
         if tokenizer is not None:
             tok = Tokenizer.from_file(tokenizer, eos_token)
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            write_atomic(tmp / "tokenizer.json", Path(tokenizer).read_bytes())  # fsynced like the shards
         else:
             tok = _train_tokenizer(
                 inputs, vocab_size or DEFAULT_VOCAB, val_fraction, tokenizer_sample_mb, log, text_field
@@ -267,19 +275,39 @@ def prepare(
             m = sink.manifest(tok_hash)
             write_manifest(tmp / s, m)  # last file of the split
             summary[s] = dict(num_tokens=m["num_tokens"], num_docs=m["num_docs"], shards=len(m["shards"]))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
+        _publish(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, SmdmIOError):  # the output side: name the path
+            raise SmdmIOError(f"{e.filename or out}: {e.strerror or e}") from e
         raise
     summary.update(vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id, format=fmt)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished output directory `tmp` to `out`. An existing empty `out` (often the working
+    directory: `--out .`, which cannot be renamed) is filled in place: the tokenizer first, then each split
+    directory whole, its manifest inside. A non-empty `out` (--force) is swapped for `tmp` (put back if the
+    swap fails); no `out` is a plain rename."""
+    if out.is_dir() and not any(out.iterdir()):
+        for name in ("tokenizer.json", *SPLITS):
+            os.replace(tmp / name, out / name)
+        tmp.rmdir()
+    elif out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    fsync_dir(out)
+    fsync_dir(out.parent)
 
 
 IMPORT_HELP = """\

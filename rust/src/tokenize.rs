@@ -278,11 +278,21 @@ fn byte_level_builder(model: BPE) -> Result<ByteLevelBpe> {
         .map_err(|e| tok_err(Path::new("<trained tokenizer>"), e))
 }
 
+/// Largest vocabulary `train_bpe` accepts. The crate's trainer reserves ~66 bytes per requested id up
+/// front, so an absurd request (2^31 ids: 141 GB) would abort the process on the failed allocation instead
+/// of raising; 2^22 ids (~280 MB) is far above any byte-level BPE vocabulary in use (~256k).
+pub const MAX_TRAINED_VOCAB: u32 = 1 << 22;
+
 /// BPE trainer: all 256 bytes in the alphabet (no unknown tokens), pairs seen at least twice, EOS special.
 fn bpe_trainer(vocab_size: u32) -> Result<tokenizers::models::bpe::BpeTrainer> {
     if vocab_size < 257 + 1 {
         return Err(Error::Invalid(format!(
             "--vocab-size {vocab_size} is too small for byte-level BPE (at least 258: 256 bytes + EOS + 1)"
+        )));
+    }
+    if vocab_size > MAX_TRAINED_VOCAB {
+        return Err(Error::Invalid(format!(
+            "--vocab-size {vocab_size} is too large to train a byte-level BPE (at most {MAX_TRAINED_VOCAB})"
         )));
     }
     Ok(BpeTrainerBuilder::new()
@@ -687,6 +697,15 @@ mod tests {
         let a = Tok::train_bpe(&refs, 420).unwrap();
         let b = Tok::train_bpe_reference(&refs, 420).unwrap();
         assert_eq!(a.to_json().unwrap(), b.to_json().unwrap());
+    }
+
+    #[test]
+    fn vocab_size_out_of_range_is_an_error_not_an_abort() {
+        for v in [0, 257, MAX_TRAINED_VOCAB + 1, u32::MAX] {
+            let e = Tok::train_bpe(&["ab ab"], v).err().unwrap();
+            assert!(matches!(e, Error::Invalid(_)), "{e}");
+        }
+        assert_eq!(Tok::train_bpe(&["ab ab"], 300).unwrap().vocab_size, 258);
     }
 
     #[test]
