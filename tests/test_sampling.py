@@ -721,3 +721,15 @@ def test_bad_schedule_raises(mdm, arm):
             fn(mdm, *args, steps=2, schedule="cosinus")
     with pytest.raises(ValueError, match="unknown schedule 'polynomial:0'"):
         generate(arm, [[1]], gen_length=2, schedule="polynomial:0")
+
+
+def test_infill_default_steps_are_one_per_position_in_every_block():
+    """Without `steps`, infill commits one token per step in every block, also when the last block is short
+    (steps split evenly over blocks of 16, 16 and 3 positions would commit two at a time in the long ones)."""
+    model = ToyModel(lambda ids: torch.zeros(ids.shape[0], ids.shape[1], V))
+    G = 35
+    trace = []
+    out = infill(model, [1] + [V] * G, block_length=16,
+                 callback=lambda step, seqs: trace.append(int((seqs[0] == V).sum())))
+    left = [G] + trace
+    assert out.steps == [G] and [a - b for a, b in zip(left, left[1:])] == [1] * G

@@ -505,8 +505,9 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
 
     ids: a list of token-id lists (or one list). mask_positions: per sequence the positions to generate (or
     one list for one sequence); None = the positions where ids equal the model's mask id. steps: per sequence,
-    default its number of masked positions. Blocks (block_length) are runs of that many masked positions in
-    position order; steps are split over them as evenly as possible. `tokens` of the output are the filled
+    default its number of masked positions (one step per position in every block). Blocks (block_length) are
+    runs of that many masked positions in position order; given steps are split over them as evenly as
+    possible. `tokens` of the output are the filled
     sequences; CFG masks every given position for the unconditional row. Other options (`schedule` too) as
     in `generate`."""
     cfg = model.config
@@ -540,13 +541,13 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
         keep[masked] = False
         _check_ids(cfg, seq[keep].tolist(), f"sequence {i} (outside its mask positions)")
         seq[masked] = cfg.mask_id
-        n_steps = len(masked) if steps is None else steps
         # the EOS rule applies to the trailing run of masked positions only (after the last given token, as
         # in `generate`): an EOS inside a hole with given text after it (or a given EOS) ends nothing
         given_at = torch.nonzero(keep)[:, 0]
         lo = int(given_at[-1]) + 1 if len(given_at) else 0
         window = (lo, len(x)) if lo < len(x) else None
-        rows.append(_make_row(i, seq, masked, max(1, n_steps), block_length, seeds[i], window))
+        rows.append(_make_row(i, seq, masked, None if steps is None else max(1, steps), block_length, seeds[i],
+                              window))
     out = _denoise(model, rows, sampler, dict(block_length=block_length, threshold=threshold,
                                               temperature=temperature, top_k=top_k, top_p=top_p,
                                               cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
@@ -634,14 +635,18 @@ def _generated_count(r: _Row, eos_id: Optional[int]) -> int:
 
 def _make_row(index, seq, masked, steps, block_length, seed, window) -> _Row:
     """Blocks are runs of `block_length` initially-masked positions (the whole set without blocks); S steps
-    are split over them as evenly as possible (exactly evenly when the caller checked divisibility)."""
+    are split over them as evenly as possible (exactly evenly when the caller checked divisibility); S = None
+    gives every block one step per position."""
     masked = masked.to(torch.int64)
     if block_length is None or len(masked) == 0:
         blocks = [masked]
     else:
         blocks = list(torch.split(masked, block_length))
     nb = len(blocks)
-    block_steps = [max(1, steps // nb + (1 if k < steps % nb else 0)) for k in range(nb)]
+    if steps is None:
+        block_steps = [max(1, len(b)) for b in blocks]
+    else:
+        block_steps = [max(1, steps // nb + (1 if k < steps % nb else 0)) for k in range(nb)]
     row = _Row(index=index, seq=seq, given=torch.ones_like(seq, dtype=torch.bool), blocks=blocks,
                block_steps=block_steps, seed=seed, window=window)
     row.given[masked] = False
