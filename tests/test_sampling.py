@@ -307,6 +307,18 @@ def test_eos_early_stop_fills_and_frees_the_row():
     assert out.generated_tokens == 2 + 12
 
 
+def test_sequences_after_the_first_eos_are_eos_even_if_committed_before_it():
+    eos = 7
+
+    def fn(ids):  # position 6 commits token 9 first, then position 2 (9), then EOS at position 3
+        logits = torch.zeros(ids.shape[0], ids.shape[1], V)
+        logits[:, 6, 9], logits[:, 2, 9], logits[:, 3, eos] = 30.0, 25.0, 20.0
+        return logits
+
+    out = generate(ToyModel(fn), [[1, 2]], gen_length=6, steps=6, eos_id=eos)
+    assert out.tokens == [[9]] and out.sequences == [[1, 2, 9] + [eos] * 5]
+
+
 def test_infill_eos_rule_covers_only_the_trailing_masks():
     """An EOS committed in a hole that given text follows, or an EOS given in the text, ends nothing: later
     holes are sampled, not filled with EOS. A trailing run of masks is generation: same tokens and counts as

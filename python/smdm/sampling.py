@@ -615,6 +615,8 @@ def _cut(ids: list, eos_id: Optional[int]) -> list:
 
 def _output(rows, forwards, tokens, eos_id, prompt_lens):
     seqs = [r.seq.tolist() for r in rows]
+    if eos_id is not None:  # the tail after the first EOS is EOS (positions committed before that EOS included)
+        seqs = [s[:p] + t + [eos_id] * (len(s) - p - len(t)) for s, t, p in zip(seqs, tokens, prompt_lens)]
     gen = sum(len(t) + (1 if eos_id is not None and len(t) < len(s) - p else 0)
               for t, s, p in zip(tokens, seqs, prompt_lens))
     return GenerationOutput(tokens=tokens, sequences=seqs, forward_passes=forwards,
