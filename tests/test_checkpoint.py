@@ -101,3 +101,26 @@ def test_resave_of_the_same_step_replaces_it(tmp_path, model):
     save_step(run, 3, model)
     m2, _ = smdm.load(run)
     assert torch.equal(m2.head.weight, model.head.weight)
+
+
+def test_stale_temp_dirs_of_dead_saves_are_removed(tmp_path, model):
+    """A save killed before its rename (SIGKILL, a crash) leaves a full-size `.tmp-step-N-PID`: the next save
+    removes it once that PID is gone, and never touches the temp dir of a live process."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    save_step(run, 1, model)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = run / f".tmp-step-2-{dead_pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    live = run / f".tmp-step-2-{os.getppid()}"  # a save in progress in another (live) process
+    live.mkdir()
+    save_step(run, 3, model)
+    assert not stale.exists()
+    assert live.is_dir()
+    assert [p.name for _, p in ckpt.step_dirs(run)] == ["step-1", "step-3"]

@@ -283,8 +283,10 @@ def test_resume_in_a_new_process_is_bit_exact(dataset, tmp_path):
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(dataset, tmp_path):
-    c = cfg_for(dataset, tmp_path / "run", max_steps=100_000, save_every=0)
-    proc = subprocess.Popen(CLI + cli_args(c), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # validating every step and asking for samples: on SIGTERM neither runs, the save comes at once
+    c = cfg_for(dataset, tmp_path / "run", max_steps=100_000, save_every=0, val_every=1)
+    proc = subprocess.Popen(CLI + cli_args(c) + ["--samples", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     mpath = Path(c.out) / "metrics.jsonl"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -294,8 +296,11 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(dataset, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: saved step" in out and "samples" not in out
     last = step_losses(c.out)[-1][0]
     assert ckpt.latest(c.out).name == f"step-{last}"
+    vals = [r["step"] for r in metrics(c.out) if r.get("event") == "val"]
+    assert vals == list(range(last)), vals  # every step validated but the one SIGTERM ended
     ckpt.verify(ckpt.latest(c.out))
     # and it resumes from there
     train(cfg_for(dataset, c.out, max_steps=100_000, stop_after=last + 1, resume=True))
@@ -505,3 +510,108 @@ def test_schedule_names_defaults_and_the_arm(dataset, tmp_path):
     bad = (tmp_path, {"objective": "mdm", "train": {"schedule": "zigzag"}}, mc)
     with pytest.raises(TrainError, match=r"config.json: train.schedule: unknown schedule 'zigzag'"):
         resolve_model_choice(TrainConfig(), bad)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    (["--max-steps", "-5"], "--max-steps must be >= 1, got -5"),
+    (["--seed", "-1"], r"--seed must be in \[0, 2\*\*64\), got -1"),
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--warmup", "-3"], "--warmup must be >= 0, got -3"),
+    (["--time-budget", "-5"], "--time-budget must be a positive number of seconds, got -5.0"),
+    (["--flops", "inf"], "--flops must be a positive number, got inf"),
+    (["--epochs", "inf"], "--epochs must be > 0, got inf"),
+    (["--stop-after", "-1"], "--stop-after must be >= 1, got -1"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--val-every", "-1"], "--val-every must be >= 0"),
+    (["--val-batches", "-1"], "--val-batches must be >= 0"),
+    (["--val-samples", "1"], "--val-samples must be >= 2"),
+    (["--threads", "-2"], "--threads must be >= 1, got -2"),
+    (["--device", "gpu0"], "--device gpu0: "),
+])
+def test_bad_numbers_are_clear_errors(dataset, tmp_path, capsys, args, match):
+    """Out-of-range values are refused up front with the option's name (before: ZeroDivisionError, torch and
+    forward_process tracebacks, or runs that silently did nothing / saved and validated every step)."""
+    import re
+
+    base = ["--config", "tiny", "--data", str(dataset), "--out", str(tmp_path / "r"), "--batch-size", "4",
+            "--seq-len", "32", "--samples", "0"]
+    if not {"--max-steps", "--time-budget", "--flops", "--epochs"} & set(args):
+        base += ["--max-steps", "2"]
+    err = cli_error(capsys, base + args)
+    assert re.search(match, err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failing_overwrite_keeps_the_old_checkpoints(dataset, tmp_path):
+    """--overwrite deletes the old checkpoints only once the new run has passed every check: a typo in --data
+    or a bad option must not cost them."""
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=2))
+    with pytest.raises(TrainError, match="no such directory"):
+        train(cfg_for(tmp_path / "typo", out, max_steps=2, overwrite=True))
+    with pytest.raises(TrainError, match="--vocab-size 100"):
+        train(cfg_for(dataset, out, max_steps=2, overwrite=True, vocab_size=100))
+    assert [p.name for _, p in ckpt.step_dirs(out)] == ["step-2"]
+    train(cfg_for(dataset, out, max_steps=1, overwrite=True))
+    assert [p.name for _, p in ckpt.step_dirs(out)] == ["step-1"]
+
+
+def test_resume_keeps_the_lr_schedule_of_the_run(dataset, tmp_path):
+    """A run trained with --lr / --warmup resumed without them continues on its own schedule, bit for bit
+    (before: the default peak LR came back silently)."""
+    kw = dict(max_steps=6, lr=1e-2, warmup=3)
+    straight = cfg_for(dataset, tmp_path / "straight", **kw)
+    train(straight)
+    half = cfg_for(dataset, tmp_path / "half", stop_after=3, **kw)
+    train(half)
+    train(cfg_for(dataset, half.out, max_steps=6, resume=True))
+    lrs = [r["lr"] for r in metrics(half.out) if "lr" in r]
+    assert lrs == [r["lr"] for r in metrics(straight.out) if "lr" in r] and lrs[2] == 1e-2
+    assert step_losses(straight.out) == step_losses(half.out)
+    # given explicitly on resume, they win (an intended change of schedule)
+    train(cfg_for(dataset, half.out, max_steps=8, resume=True, lr=1e-3))
+    assert [r["lr"] for r in metrics(half.out) if "lr" in r][6] < 1e-3
+
+
+@pytest.mark.parametrize("option", [dict(stratified=True), dict(doc_mask=False)])
+def test_resume_with_other_masking_or_attention_needs_force(dataset, tmp_path, option):
+    """--stratified and --no-doc-mask change the masks and the attention: a resume without them is an error
+    naming the option (before: the run silently continued with other masks / attention)."""
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=4, stop_after=2, **option))
+    (name, value), = option.items()
+    with pytest.raises(TrainError, match=rf"{name} \(checkpoint {value}, now {not value}\).*--force-resume"):
+        train(cfg_for(dataset, out, max_steps=4, resume=True))
+    train(cfg_for(dataset, out, max_steps=4, resume=True, **option))
+    assert step_losses(out)[-1][0] == 4
+
+
+def test_resume_with_another_model_names_the_runs_config(dataset, tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=4, stop_after=2))
+    with pytest.raises(TrainError, match=r"holds a different model .*--config small\); resume with --config tiny"):
+        train(cfg_for(dataset, out, config="small", max_steps=4, resume=True))
+
+
+def test_time_budget_counts_every_validation_of_a_long_run(dataset, tmp_path, monkeypatch):
+    """Past 500 steps the default validates every 100 steps, not 6 times: the step count leaves time for all of
+    them (before: 20% over the budget with these costs). The step time is fixed, so nothing here is timed."""
+    import math
+
+    from smdm.train import Trainer
+
+    st = 1e-3
+    monkeypatch.setattr(Trainer, "_time_one_step", lambda self: st)
+    t = Trainer(cfg_for(dataset, tmp_path / "run", max_steps=None, time_budget=10.0, val_every=None,
+                        val_samples=64))
+    try:
+        vt = st * 1 * 4 * 64 / (3 * 4)  # the trainer's model of one validation: a third of a step per row
+        n_val = 1 + math.ceil(t.max_steps / t.val_every)  # step 0, every val_every steps and the last
+        assert t.val_every == 100
+        assert 9.5 < t.max_steps * st + n_val * vt <= 10.0 * 1.01
+    finally:
+        t.dist.close()

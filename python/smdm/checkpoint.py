@@ -128,11 +128,33 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
     return final
 
 
+_TMP_RE = re.compile(r"^\.tmp-step-\d+-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def prune(run_dir, keep: int) -> None:
-    """Delete all but the last `keep` complete steps, and stale temporary dirs of this process' saves."""
+    """Delete all but the last `keep` complete steps, and stale temporary dirs: saves that died before their
+    rename (a crash or SIGKILL mid-save leaves a full-size `.tmp-step-N-PID`; its PID is gone, or is ours
+    from an earlier failed save in this process)."""
+    run_dir = Path(run_dir)
     dirs = step_dirs(run_dir)
     for _, p in dirs[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.iterdir():
+        m = _TMP_RE.match(p.name)
+        if m and p.is_dir():
+            pid = int(m.group(1))
+            if pid == os.getpid() or not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def verify(step_dir) -> dict:

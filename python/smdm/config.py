@@ -35,9 +35,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step on each rank
     seq_len: int = 256  # tokens per sequence (the ARM reads seq_len + 1 and predicts seq_len)
     lr: Optional[float] = None  # peak learning rate (None: 4e-4 for the paper's sizes, 2e-3 for tiny configs;
-    # SFT: a quarter of that, 1e-4 and 5e-4)
+    # SFT: a quarter of that, 1e-4 and 5e-4; --resume: the checkpoint's)
     warmup: Optional[int] = None  # linear warmup steps (None: max(1% of steps, 100), at most 10% of steps;
-    # SFT: 3% of steps, at least 1)
+    # SFT: 3% of steps, at least 1; --resume: the checkpoint's)
     min_lr_ratio: float = 0.1  # the cosine ends at peak · min_lr_ratio
     weight_decay: float = 0.1  # AdamW decay of the matrices (not of norms and embeddings)
     grad_clip: float = 1.0  # max global gradient norm
@@ -58,7 +58,8 @@ class TrainConfig:
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     resume: bool = False  # continue from the latest checkpoint in `out` (error if there is none)
     overwrite: bool = False  # start fresh in an `out` that holds checkpoints (they are deleted)
-    force_resume: bool = False  # resume although seed / batch / world size differ
+    force_resume: bool = False  # resume although the run identity (seed, batch split, world size, seq_len,
+    # schedule, stratified, doc_mask) differs
     plot: bool = False  # write OUT/loss.png (matplotlib)
     samples: int = 0  # samples printed at the end (the demo prints 3)
     vocab_size: Optional[int] = None  # optional check against the data's vocabulary

@@ -102,7 +102,12 @@ class Dist:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and self.world > 1:
             device = f"cuda:{self.local_rank}"
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise TrainError(f"--device {device}: {e}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"--device {device}: CUDA is not available here (use --device cpu or auto)")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.enabled = self.world > 1
@@ -266,6 +271,50 @@ def _schedule(cfg: TrainConfig, init) -> str:
         raise TrainError(f"{where}: {e}") from None
 
 
+def check_args(cfg: TrainConfig) -> None:
+    """The ranges of the numeric options, checked before anything is read, built or deleted (a bad value is a
+    clear error, never a traceback deep in the run or a silently odd run)."""
+
+    def need(ok: bool, what: str, value) -> None:
+        if not ok:
+            raise TrainError(f"{what}, got {value}")
+
+    def finite_positive(x) -> bool:
+        return math.isfinite(x) and x > 0
+
+    need(cfg.batch_size >= 1, "--batch-size must be >= 1", cfg.batch_size)
+    need(cfg.grad_accum >= 1, "--grad-accum must be >= 1", cfg.grad_accum)
+    need(cfg.seq_len >= 1, "--seq-len must be >= 1", cfg.seq_len)
+    need(0 <= cfg.seed < 2**64, "--seed must be in [0, 2**64)", cfg.seed)
+    if cfg.max_steps is not None:
+        need(cfg.max_steps >= 1, "--max-steps must be >= 1", cfg.max_steps)
+    if cfg.flops is not None:
+        need(finite_positive(cfg.flops), "--flops must be a positive number", cfg.flops)
+    if cfg.time_budget is not None:
+        need(finite_positive(cfg.time_budget), "--time-budget must be a positive number of seconds",
+             cfg.time_budget)
+    if cfg.epochs is not None:
+        need(finite_positive(cfg.epochs), "--epochs must be > 0", cfg.epochs)
+    if cfg.stop_after is not None:
+        need(cfg.stop_after >= 1, "--stop-after must be >= 1", cfg.stop_after)
+    if cfg.lr is not None:
+        need(finite_positive(cfg.lr), "--lr must be a positive number", cfg.lr)
+    if cfg.warmup is not None:
+        need(cfg.warmup >= 0, "--warmup must be >= 0", cfg.warmup)
+    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]", cfg.min_lr_ratio)
+    need(cfg.weight_decay >= 0, "weight_decay must be >= 0", cfg.weight_decay)
+    need(cfg.grad_clip > 0, "grad_clip must be > 0", cfg.grad_clip)
+    if cfg.val_every is not None:
+        need(cfg.val_every >= 0, "--val-every must be >= 0 (0: never)", cfg.val_every)
+    need(cfg.save_every >= 0, "--save-every must be >= 0 (0: only at the end and on SIGTERM)", cfg.save_every)
+    need(cfg.val_batches >= 0, "--val-batches must be >= 0", cfg.val_batches)
+    if cfg.objective != "ar":  # the MDM's validation ELBO reports a standard error
+        need(cfg.val_samples >= 2, "--val-samples must be >= 2 (the ELBO's standard error needs two draws)",
+             cfg.val_samples)
+    if cfg.threads is not None:
+        need(cfg.threads >= 1, "--threads must be >= 1", cfg.threads)
+
+
 def check_sft_args(cfg: TrainConfig) -> None:
     """Options that only make sense with --sft, and --sft's own ranges (before any file is read)."""
     from smdm.sft import FORMATS
@@ -303,6 +352,7 @@ class Trainer:
         cfg = resolve_model_choice(cfg, init)
         if cfg.objective not in ("mdm", "ar"):
             raise TrainError(f"--objective must be 'mdm' or 'ar', got {cfg.objective!r}")
+        check_args(cfg)
         self.cfg = cfg
         self.kind = cfg.objective
         self.sft = cfg.sft is not None
@@ -337,11 +387,9 @@ class Trainer:
             if not (cfg.overwrite or demo):
                 raise TrainError(f"{self.out} already holds checkpoints (latest {existing[-1][1].name}); "
                                  f"pass --resume to continue it, --overwrite to start over, or another --out")
-            if d.rank == 0:
-                print(f"starting over in {self.out}: deleting {len(existing)} old checkpoint(s)", flush=True)
-                for _, p in existing:
-                    shutil.rmtree(p)
-            d.barrier()
+        # deleted when the run starts (fit), once everything else has been checked: a bad option or a typo in
+        # a path must not cost the old checkpoints without a new run to replace them
+        self._old_checkpoints = [p for _, p in existing] if not cfg.resume else []
         if cfg.resume:  # checked before any data work: --resume never silently starts fresh
             try:
                 resume_dir = ckpt.resolve(self.out)
@@ -455,9 +503,16 @@ class Trainer:
             self.dataset.load_state_dict(state["data"])
         self.max_steps = self._decide_steps(state)
         self.warmup = warmup_steps(cfg, self.max_steps)
+        if state is not None:  # a resume keeps the run's LR schedule unless --lr / --warmup say otherwise
+            saved = state["schedule"]
+            if cfg.lr is None:
+                self.peak_lr = float(saved["peak_lr"])
+            if cfg.warmup is None:
+                self.warmup = int(saved["warmup"])
         self.val_every = cfg.val_every if cfg.val_every is not None else min(100, max(1, self.max_steps // 5))
         self.metrics_path = self.out / "metrics.jsonl"
         self._stop = False
+        self.stopped = False  # fit() ended on SIGTERM (the CLI then exits without samples)
         self.mask_id = self.model_config.mask_id
         self.inject = {int(s) for s in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if s.strip()}
         log_dir = os.environ.get(LOG_WINDOWS_ENV)
@@ -552,8 +607,10 @@ class Trainer:
             # a validation costs about a third (forward only) of a step per token it evaluates
             rows = cfg.val_batches * self.micro * (cfg.val_samples if self.kind == "mdm" else 1)
             vt = 0.0 if cfg.val_every == 0 or self.val_dir is None else st * rows / (3 * self.local_batch)
-            if cfg.val_every is None:  # about 6 validations (see `val_every`)
+            if cfg.val_every is None:  # val_every = min(100, steps / 5): about 6 validations up to 500 steps, ...
                 steps = int((budget - 6 * vt) / st)
+                if steps // 5 > 100:  # ... then one every 100 steps, plus the first and the last
+                    steps = int((budget - 2 * vt) / (st + vt / 100))
             else:
                 steps = int((budget - vt) / (st + vt / max(cfg.val_every, 1)))
             steps = max(1, steps)
@@ -594,7 +651,9 @@ class Trainer:
         c = self.cfg
         ident = {"seed": c.seed, "batch_size": c.batch_size, "world_size": self.dist.world,
                  "grad_accum": c.grad_accum, "seq_len": c.seq_len, "objective": self.kind, "config": c.config,
-                 "schedule": c.schedule}
+                 "schedule": c.schedule, "stratified": c.stratified}
+        if not self.sft:  # SFT rows hold one example each: no document mask
+            ident["doc_mask"] = c.doc_mask
         if self.sft:  # what decides the examples, their order and the prompt drops
             r = self.sft_record
             ident["sft"] = {k: r[k] for k in ("format", "prompt_field", "response_field", "p_uncond", "examples")}
@@ -616,10 +675,14 @@ class Trainer:
         diff = {k: (saved_model.get(k), v) for k, v in mine.items()
                 if saved_model.get(k) != v and k != "max_seq_len"}
         if diff:
-            raise TrainError(f"--resume: {step_dir} holds a different model ({diff}; saved, requested)")
+            name = conf.get("config_name")
+            hint = f"; resume with --config {name}" if name and name != self.cfg.config else ""
+            raise TrainError(f"--resume: {step_dir} holds a different model ({diff}; saved, requested: "
+                             f"--config {self.cfg.config}){hint}")
         state = ckpt.load_train_state(step_dir)
-        saved_id, mine_id = {"schedule": "linear", **state.get("run", {})}, self.run_identity()  # (checkpoints
-        # from before schedules existed were linear)
+        # (checkpoints from before these keys existed: linear schedule, i.i.d. t, document masking)
+        saved_id = {"schedule": "linear", "stratified": False, "doc_mask": True, **state.get("run", {})}
+        mine_id = self.run_identity()
         bad = {k: (saved_id.get(k), v) for k, v in mine_id.items() if saved_id.get(k) != v}
         if bad and not self.cfg.force_resume:
             raise TrainError("--resume: the run differs from the checkpoint in "
@@ -896,6 +959,12 @@ class Trainer:
     def fit(self) -> dict:
         cfg, d = self.cfg, self.dist
         if d.rank == 0:
+            if self._old_checkpoints:
+                print(f"starting over in {self.out}: deleting {len(self._old_checkpoints)} old checkpoint(s)",
+                      flush=True)
+                for p in self._old_checkpoints:
+                    shutil.rmtree(p, ignore_errors=True)
+            self._old_checkpoints = []
             self.out.mkdir(parents=True, exist_ok=True)
             if cfg.resume:
                 self._rewind_metrics()
@@ -938,13 +1007,15 @@ class Trainer:
                 stop = torch.tensor([1.0 if self._stop else 0.0])
                 stop = bool(d.all_reduce(stop, torch.distributed.ReduceOp.MAX if d.enabled else None) > 0)
                 done = self.step >= stop_at
-                if self.val_every and (self.step % self.val_every == 0 or done):
+                # on SIGTERM save at once (a preemption's grace period is short): no validation first
+                if self.val_every and not stop and (self.step % self.val_every == 0 or done):
                     last_val = self.validate()
                     if last_val:
                         self.log(last_val)
                 if done or stop or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
                 if stop:
+                    self.stopped = True
                     if d.rank == 0:
                         print(f"\nSIGTERM: saved step {self.step}, exiting", flush=True)
                     break
@@ -1135,7 +1206,7 @@ def run(args) -> int:
             if twin != out and (twin / "metrics.jsonl").is_file():
                 runs = sorted([out, twin])
             print(f"plot: {plot_runs(runs, out / 'loss.png')}")
-        if cfg.samples:
+        if cfg.samples and not trainer.stopped:
             model, tok = ckpt.load(out, device=trainer.dist.device)
             if trainer.sft:
                 print_sft_samples(model, tok, trainer.val_examples or trainer.train_examples, cfg.samples,
