@@ -484,6 +484,7 @@ def test_mc_accuracy_on_known_model(mc_setup):
         for key, want in WANT.items():
             assert [r[key] for r in recs] == want, (name, kw, key)
         assert res["acc"] == 0.5 and res["acc_norm"] == 1.0 and res["acc_token"] == 1.0
+        assert {"acc_bytes", "acc_bytes_stderr"} <= res.keys()  # lm-eval 0.4's metric names
         assert res["acc_stderr"] == pytest.approx(math.sqrt(0.5 * 0.5 / 3))
 
 

@@ -43,7 +43,7 @@ Multiple-choice JSONL (`smdm eval mc`), one question per line:
 Context and choice are tokenized like lm-eval: trailing whitespace of the context moves to the choice, the
 continuation is encode(context + choice) after the tokens of encode(context) (separate encoding if that is not
 a prefix); an empty context becomes [EOS]. Metrics (lm-eval's names): acc = argmin total NLL; acc_norm =
-argmin NLL / characters of the choice string (lm-eval's acc_norm); acc_byte = NLL / UTF-8 bytes;
+argmin NLL / characters of the choice string (lm-eval's acc_norm); acc_bytes = NLL / UTF-8 bytes;
 acc_token = NLL / tokens. Each with the standard error of a mean of 0/1 outcomes, sqrt(p(1-p)/(n-1))
 (lm-eval's formula). Other fields on a line are ignored.
 
@@ -569,7 +569,7 @@ def mean_stderr(x) -> Optional[float]:
 
 
 def evaluate_mc(model, tokenizer, items: Sequence[McItem], *, eos_id: Optional[int] = None, **score_kw) -> dict:
-    """Accuracy of `model` on multiple-choice items (acc, acc_norm, acc_byte, acc_token with standard errors)
+    """Accuracy of `model` on multiple-choice items (acc, acc_norm, acc_bytes, acc_token with standard errors)
     and one record per item. `score_kw` go to `score` (method, n_samples, seed, cfg, batch_size)."""
     pairs, index, lengths = [], [], []
     for q, it in enumerate(items):
@@ -601,7 +601,7 @@ def evaluate_mc(model, tokenizer, items: Sequence[McItem], *, eos_id: Optional[i
                         "n_bytes": nbytes.astype(int).tolist()})
         a += k
     out = {"task": "mc", "n": len(items), "method": s.method, "n_samples": s.n_samples, "cfg": s.cfg}
-    for metric, key in (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_byte", "pred_byte"),
+    for metric, key in (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_bytes", "pred_byte"),
                         ("acc_token", "pred_token")):
         hits = [float(r[key] == r["label"]) for r in records]
         out[metric], out[metric + "_stderr"] = float(np.mean(hits)), mean_stderr(hits)
