@@ -124,3 +124,33 @@ def test_stale_temp_dirs_of_dead_saves_are_removed(tmp_path, model):
     assert not stale.exists()
     assert live.is_dir()
     assert [p.name for _, p in ckpt.step_dirs(run)] == ["step-1", "step-3"]
+
+
+def test_incomplete_step_dirs_outdated_by_keep_newer_steps_are_pruned(tmp_path, model):
+    """A deletion cut short (rmtree removes files in directory order, the manifest possibly first) used to leave
+    a `step-N` without manifest that keep-last-N never removed (it counts complete steps only). Such a dir is
+    removed once `keep` newer complete steps exist (keep-last-N would remove it had it been complete); a newer
+    incomplete one (possibly a copy still being written) is left alone. Deleting a step now renames it to
+    `.old-step-N-PID` first, so a cut-short deletion leaves trash that the next prune removes."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    for s in (1, 2, 3):
+        save_step(run, s, model, keep=10)
+    (run / "step-1" / "manifest.json").unlink()  # as a deletion cut short leaves it
+    newer = run / "step-9"
+    newer.mkdir()
+    (newer / "model.safetensors").write_bytes(b"\0" * 100)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    trash = run / f".old-step-0-{int(dead.stdout)}"
+    trash.mkdir()
+    (trash / "state.pt").write_bytes(b"\0" * 100)
+    save_step(run, 3, model, keep=3)  # 3 complete steps (1 is not): nothing outdates step-1 yet
+    assert (run / "step-1").is_dir()
+    save_step(run, 4, model, keep=2)
+    assert not (run / "step-1").exists() and not (run / "step-2").exists() and not trash.exists()
+    assert newer.is_dir()
+    assert [p.name for _, p in ckpt.step_dirs(run)] == ["step-3", "step-4"]
+    assert sorted(p.name for p in run.iterdir()) == ["step-3", "step-4", "step-9"]

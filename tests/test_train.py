@@ -615,3 +615,87 @@ def test_time_budget_counts_every_validation_of_a_long_run(dataset, tmp_path, mo
         assert 9.5 < t.max_steps * st + n_val * vt <= 10.0 * 1.01
     finally:
         t.dist.close()
+
+
+def test_resume_at_or_past_the_end_says_nothing_was_trained(dataset, tmp_path, capsys):
+    """--resume of a run already at --max-steps / --stop-after (or past it) trains nothing and says so, exit 0,
+    checkpoint and metrics untouched (before: exit 0 in silence)."""
+    from smdm.cli import main
+
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=4))
+    manifest, rows = (out / "step-4" / "manifest.json").read_bytes(), metrics(out)
+    base = cli_args(cfg_for(dataset, out, max_steps=None)) + ["--resume"]
+    for extra, end in [([], "the end of its 4-step schedule"), (["--max-steps", "4"], "--max-steps 4"),
+                       (["--max-steps", "2"], "--max-steps 2"), (["--max-steps", "9", "--stop-after", "3"],
+                                                                 "--stop-after 3")]:
+        capsys.readouterr()
+        assert main(["train", *base, *extra]) == 0
+        said = capsys.readouterr().out
+        assert f"{out} is already at step 4 >= {end}: nothing trained" in said, said
+    assert [p.name for _, p in ckpt.step_dirs(out)] == ["step-4"]
+    assert (out / "step-4" / "manifest.json").read_bytes() == manifest and metrics(out) == rows
+
+
+def test_time_budget_with_resume_is_an_error(dataset, tmp_path, capsys):
+    """A time budget sizes a new run's schedule; with --resume it was silently ignored (the checkpoint's step
+    count won). Now it is an error that says what to use instead; the run is untouched."""
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=4, stop_after=2))
+    err = cli_error(capsys, cli_args(cfg_for(dataset, out, max_steps=None)) + ["--resume", "--time-budget", "5"])
+    assert "--time-budget sets the length of a new run" in err and "schedule of 4 steps" in err, err
+    assert "--max-steps" in err
+    assert [p.name for _, p in ckpt.step_dirs(out)] == ["step-2"]
+
+
+def _rewrite_state(step_dir: Path, edit) -> None:
+    """Change state.pt of a checkpoint and its manifest entry (as an older version would have written it)."""
+    state = ckpt.load_train_state(step_dir)
+    edit(state)
+    torch.save(state, step_dir / "state.pt")
+    man = json.loads((step_dir / "manifest.json").read_text())
+    man["files"]["state.pt"] = {"bytes": (step_dir / "state.pt").stat().st_size,
+                                "sha256": ckpt._sha256(step_dir / "state.pt")}
+    (step_dir / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True))
+
+
+def test_resume_on_other_data_of_the_same_vocabulary_needs_force(dataset, tmp_path):
+    """The checkpoint records an identity of its training data; resuming on other data (same vocabulary, so the
+    model fits) is an error suggesting --force-resume (before: silently read another dataset at the saved
+    position). A moved copy of the same data still resumes; checkpoints without the field resume as before."""
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=6, stop_after=2))
+    other = make_dataset(tmp_path / "other", seed=1)  # vocabulary 64 as well
+    with pytest.raises(TrainError, match=r"the training data \(--data .*other.*--force-resume"):
+        train(cfg_for(other, out, max_steps=6, stop_after=3, resume=True))
+    import shutil
+
+    moved = Path(shutil.copytree(dataset, tmp_path / "moved"))
+    train(cfg_for(moved, out, max_steps=6, stop_after=3, resume=True))
+    train(cfg_for(other, out, max_steps=6, stop_after=4, resume=True, force_resume=True))
+    _rewrite_state(out / "step-4", lambda s: s["run"].pop("data"))  # a checkpoint from before the field
+    train(cfg_for(other, out, max_steps=6, stop_after=5, resume=True))
+    assert step_losses(out)[-1][0] == 5
+
+
+def test_sft_resume_on_another_file_of_the_same_size_needs_force(tmp_path):
+    """SFT: the identity holds the training file's content hash (the example count alone matched before)."""
+    from smdm._core import Tokenizer
+
+    rows = [{"prompt": f"q{i} ", "response": f"a{i % 7}"} for i in range(40)]
+    (tmp_path / "tokenizer.json").write_text(
+        Tokenizer.train_bpe([r["prompt"] + r["response"] for r in rows], 300).to_json())
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b.write_text("".join(json.dumps({**r, "response": r["response"] + "x"}) + "\n" for r in rows))
+
+    def cfg(path, **kw):
+        return TrainConfig(config="tiny", sft=str(path), tokenizer=str(tmp_path / "tokenizer.json"),
+                           out=str(tmp_path / "run"), max_steps=4, batch_size=4, seq_len=16, val_every=0,
+                           save_every=0, samples=0, **kw)
+
+    train(cfg(a, stop_after=2))
+    with pytest.raises(TrainError, match=r"the training data \(--sft .*b\.jsonl.*--force-resume"):
+        train(cfg(b, resume=True))
+    train(cfg(a, resume=True))
+    assert ckpt.latest(tmp_path / "run").name == "step-4"

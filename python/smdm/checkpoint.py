@@ -8,7 +8,9 @@
     manifest.json       written last: file names, sizes and sha256; a step dir without it does not count
 
 A step is written into a temporary directory next to its final name, every file fsynced, then renamed (atomic
-on POSIX) and the parent directory fsynced. Only the last `keep` complete steps are kept (numeric order).
+on POSIX) and the parent directory fsynced. Only the last `keep` complete steps are kept (numeric order). A step
+is deleted by first renaming it to `.old-step-N-PID` (`discard`), so an interrupted deletion never leaves a
+`step-N` without its manifest, only trash that the next prune removes.
 `load(path)` -> (model, tokenizer) for inference; `smdm.load` is this function.
 """
 
@@ -120,15 +122,16 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))  # last: marks it complete
     _fsync_file(tmp / MANIFEST)
     _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. a resumed run that stops at once): replace it
-        shutil.rmtree(final)
+    if final.exists():  # re-saving the same step (e.g. after an interrupted deletion): replace it
+        discard(final)
     os.replace(tmp, final)
     _fsync_dir(run_dir)
     prune(run_dir, keep)
     return final
 
 
-_TMP_RE = re.compile(r"^\.tmp-step-\d+-(\d+)$")
+# temp dirs of saves (.tmp-step-N-PID) and steps being deleted (.old-step-N-PID); PID: the writing process
+_TMP_RE = re.compile(r"^\.(?:tmp|old)-step-\d+-(\d+)$")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -141,15 +144,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def discard(step_dir) -> None:
+    """Delete a step dir: rename it to `.old-step-N-PID` first (atomic: it stops counting at once, whole), then
+    remove that. A deletion cut short (SIGKILL, a crash, a file it cannot remove) leaves trash that `prune` removes
+    once this process is gone, never a `step-N` without its manifest (rmtree removes files in directory order,
+    the manifest possibly first)."""
+    step_dir = Path(step_dir)
+    trash = step_dir.parent / f".old-{step_dir.name}-{os.getpid()}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(step_dir, trash)
+    except FileNotFoundError:  # already gone (a concurrent prune)
+        return
+    except OSError:  # cannot rename (e.g. the dir is a mount point): delete in place
+        trash = step_dir
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def prune(run_dir, keep: int) -> None:
-    """Delete all but the last `keep` complete steps, and stale temporary dirs: saves that died before their
-    rename (a crash or SIGKILL mid-save leaves a full-size `.tmp-step-N-PID`; its PID is gone, or is ours
-    from an earlier failed save in this process)."""
+    """Delete all but the last `keep` complete steps; incomplete step dirs (no manifest) that `keep` newer
+    complete steps outdate; and stale temporary dirs: saves that died before their rename (a crash or SIGKILL
+    mid-save leaves a full-size `.tmp-step-N-PID`) and deletions cut short (`.old-step-N-PID`), whose PID is gone
+    or is ours (an earlier failed save or deletion in this process).
+
+    Incomplete `step-N` dirs come from deletions cut short by versions before `discard` (or `--overwrite` runs),
+    or from a copy in progress by some other tool. No smdm process ever writes into a `step-N` (saves write the
+    temp dir and rename it complete), and one that keep-last-N would delete had it been complete is safe to
+    delete incomplete; newer ones are left alone (a copy of a newer step may still be running)."""
     run_dir = Path(run_dir)
     dirs = step_dirs(run_dir)
     for _, p in dirs[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        discard(p)
+    kept = [n for n, _ in dirs[-keep:]]
     for p in run_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and not (p / MANIFEST).is_file():
+            if len(kept) >= keep and int(m.group(1)) < kept[0]:
+                shutil.rmtree(p, ignore_errors=True)
+            continue
         m = _TMP_RE.match(p.name)
         if m and p.is_dir():
             pid = int(m.group(1))

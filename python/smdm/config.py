@@ -28,7 +28,8 @@ class TrainConfig:
     epochs: Optional[float] = None  # max_steps = ceil(epochs · steps per epoch) (SFT default: 3 epochs)
     max_steps: Optional[int] = None  # optimizer steps (None: from --flops, else the demo's default)
     flops: Optional[float] = None  # compute budget C: steps = C / (6 · N_nonembedding · tokens per step)
-    time_budget: Optional[float] = None  # seconds: max_steps from one timed step (default without steps: 300)
+    time_budget: Optional[float] = None  # seconds: max_steps from one timed step (default without steps: 300);
+    # a new run's length only: an error with `resume` (a resumed run keeps its max_steps)
     stop_after: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps)
     seed: int = 0  # model init, data order and masks
     batch_size: int = 16  # GLOBAL sequences per optimizer step (split over ranks and accumulation steps)
@@ -59,7 +60,7 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in `out` (error if there is none)
     overwrite: bool = False  # start fresh in an `out` that holds checkpoints (they are deleted)
     force_resume: bool = False  # resume although the run identity (seed, batch split, world size, seq_len,
-    # schedule, stratified, doc_mask) differs
+    # schedule, stratified, doc_mask, the training data's identity) differs
     plot: bool = False  # write OUT/loss.png (matplotlib)
     samples: int = 0  # samples printed at the end (the demo prints 3)
     vocab_size: Optional[int] = None  # optional check against the data's vocabulary

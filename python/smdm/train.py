@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -396,7 +395,15 @@ class Trainer:
                 ckpt.verify(resume_dir)
             except ckpt.CheckpointError as e:
                 raise TrainError(f"--resume: {e}") from None
-            saved = (ckpt.read_config(resume_dir).get("train") or {}).get("schedule")
+            saved_train = ckpt.read_config(resume_dir).get("train") or {}
+            if cfg.time_budget is not None:
+                # A time budget sizes a NEW run's schedule from one timed step; on a resume it could mean the
+                # whole run or only what is left, and either would silently bend the cosine the run is on.
+                raise TrainError(f"--time-budget sets the length of a new run; {resume_dir} continues its own "
+                                 f"schedule of {saved_train.get('max_steps', '?')} steps: leave --time-budget out "
+                                 f"(or change the length with --max-steps / --flops / --epochs, or stop early "
+                                 f"with --stop-after)")
+            saved = saved_train.get("schedule")
             if saved is not None and not schedule_given:  # a resume keeps the run's noise schedule
                 self.cfg = cfg = replace(cfg, schedule=saved)
 
@@ -412,6 +419,7 @@ class Trainer:
                 raise TrainError(f"--vocab-size {cfg.vocab_size} does not match the data's vocabulary ({vocab}, "
                                  f"{self.train_dir / 'manifest.json'})")
             self.tokenizer_path = self.manifest.tokenizer_path
+        self.data_id = self._data_identity()
         if init is not None:
             mc = init[2]
             if mc.vocab_size != vocab:
@@ -583,6 +591,23 @@ class Trainer:
                            "dropped": self.train_examples.dropped, "seq_len": cfg.seq_len}
         return vocab
 
+    def _data_identity(self) -> str:
+        """"sha256:<hex>" of what the reader's saved position indexes: for pretraining the train manifest's
+        shards in order (tokens, documents, bytes, CRC-32; not their paths, so a moved dataset still matches),
+        dtype, ids and the tokenizer hash; for SFT the training file's bytes and the tokenizer's."""
+        import hashlib
+
+        from smdm.data import sha256_file
+
+        if self.sft:
+            ident = {"sft": sha256_file(self.cfg.sft), "tokenizer": sha256_file(self.tokenizer_path)}
+        else:
+            m = self.manifest
+            ident = {"format": m.format, "dtype": m.dtype, "vocab_size": m.vocab_size, "eos_id": m.eos_id,
+                     "bos_id": m.bos_id, "tokenizer": m.tokenizer_hash,
+                     "shards": [[s.num_tokens, s.num_docs, s.bytes, s.crc32] for s in m.shards]}
+        return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
     def _decide_steps(self, state) -> int:
         """--max-steps, else --epochs (SFT without a step count: 3), else --flops (C / (6 N tokens per step)),
         else the resumed run's, else --time-budget (the demo: 300 s) divided by the time of one timed step."""
@@ -657,6 +682,7 @@ class Trainer:
         if self.sft:  # what decides the examples, their order and the prompt drops
             r = self.sft_record
             ident["sft"] = {k: r[k] for k in ("format", "prompt_field", "response_field", "p_uncond", "examples")}
+        ident["data"] = self.data_id  # the training data the saved reader position indexes
         return ident
 
     def _load_resume(self, step_dir: Path) -> dict:
@@ -683,10 +709,18 @@ class Trainer:
         # (checkpoints from before these keys existed: linear schedule, i.i.d. t, document masking)
         saved_id = {"schedule": "linear", "stratified": False, "doc_mask": True, **state.get("run", {})}
         mine_id = self.run_identity()
+        if "data" not in saved_id:  # checkpoints from before the data identity: unknown, not checked
+            del mine_id["data"]
         bad = {k: (saved_id.get(k), v) for k, v in mine_id.items() if saved_id.get(k) != v}
         if bad and not self.cfg.force_resume:
-            raise TrainError("--resume: the run differs from the checkpoint in "
-                             + ", ".join(f"{k} (checkpoint {a}, now {b})" for k, (a, b) in bad.items())
+            what = [f"{k} (checkpoint {a}, now {b})" for k, (a, b) in bad.items() if k != "data"]
+            if "data" in bad:
+                a, b = bad["data"]
+                src = f"--sft {self.cfg.sft}" if self.sft else f"--data {self.train_dir}"
+                what.append(f"the training data ({src} is not the data the checkpoint was trained on: data "
+                            f"identity {b[:19]}…, checkpoint {a[:19]}…; the saved reader position would index "
+                            f"other data)")
+            raise TrainError("--resume: the run differs from the checkpoint in " + ", ".join(what)
                              + "; pass --force-resume to continue anyway (masks and data order change)")
         weights = ckpt.load_weights(step_dir)
         self.model.load_state_dict(weights)
@@ -963,7 +997,7 @@ class Trainer:
                 print(f"starting over in {self.out}: deleting {len(self._old_checkpoints)} old checkpoint(s)",
                       flush=True)
                 for p in self._old_checkpoints:
-                    shutil.rmtree(p, ignore_errors=True)
+                    ckpt.discard(p)
             self._old_checkpoints = []
             self.out.mkdir(parents=True, exist_ok=True)
             if cfg.resume:
@@ -971,8 +1005,19 @@ class Trainer:
             elif self.metrics_path.exists():
                 self.metrics_path.unlink()
         d.barrier()
-        old = signal.signal(signal.SIGTERM, self._on_sigterm)
         stop_at = min(self.max_steps, cfg.stop_after) if cfg.stop_after is not None else self.max_steps
+        if self.step >= stop_at:  # only a resume starts past step 0
+            if d.rank == 0:
+                if cfg.stop_after is not None and cfg.stop_after <= self.max_steps:
+                    end, more = f"--stop-after {cfg.stop_after}", "a larger --stop-after"
+                elif cfg.max_steps is not None:
+                    end, more = f"--max-steps {cfg.max_steps}", "a larger --max-steps"
+                else:
+                    end, more = f"the end of its {self.max_steps}-step schedule", "--max-steps"
+                print(f"smdm train: {self.out} is already at step {self.step} >= {end}: nothing trained, the "
+                      f"checkpoint is unchanged (give {more} to train further)", flush=True)
+            return {"step": self.step, "val": None}
+        old = signal.signal(signal.SIGTERM, self._on_sigterm)
         if d.rank == 0:
             n = self.model_config.non_embedding_params()
             what = f"{self.kind.upper()} {cfg.config}" + (" SFT" if self.sft else "")
@@ -1129,12 +1174,15 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     g.add_argument("--epochs", type=float, default=None,
                    help=f"passes over the data (default for --sft without a step count: {SFT_EPOCHS})")
     g.add_argument("--time-budget", type=float, default=None,
-                   help=f"seconds: steps from one timed step (default without --max-steps: {DEMO_SECONDS:g})")
+                   help=f"seconds: a new run's steps from one timed step (default without --max-steps: "
+                        f"{DEMO_SECONDS:g}); not with --resume, which keeps the run's step count")
     a("--stop-after", type=int, default=None, help="save and stop after this step")
     a("--seed", type=int, default=d.seed)
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --out (error if none)")
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --out (error if none; "
+      "one already at --max-steps / --stop-after trains nothing and says so, exit 0)")
     a("--overwrite", action="store_true", help="start over in an --out that holds checkpoints (deletes them)")
-    a("--force-resume", action="store_true", help="resume although seed / batch / world size differ")
+    a("--force-resume", action="store_true", help="resume although seed / batch / world size / training data "
+      "differ")
     a("--batch-size", type=int, default=d.batch_size, help="global sequences per optimizer step")
     a("--grad-accum", type=int, default=d.grad_accum)
     a("--seq-len", type=int, default=d.seq_len)
