@@ -261,3 +261,35 @@ def test_elbo_masks_use_the_schedule_and_linear_is_unchanged():
     assert torch.equal(a.nll, b.nll) and torch.equal(a.stderr, b.stderr)
     with pytest.raises(ValueError, match="unknown schedule 'cosin'"):
         elbo_nll(model, tokens, n_samples=4, schedule="cosin")
+
+
+def test_losses_of_a_float64_model_are_float64():
+    """The CE is computed in at least float32: a float64 model keeps float64 (it used to be rounded to
+    float32, so the float64 references above only agreed to ~1e-7)."""
+    model = tiny()
+    x0, noisy, mask, weight = random_masking(4, 12, 11, model.mask_id, seed=3)
+    loss = mdm_loss(model, noisy, x0, mask, weight)
+    ce = F.cross_entropy(model(noisy).reshape(-1, 11), x0.reshape(-1), reduction="none").reshape(4, 12)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, (ce * mask * weight.double()).sum() / 48, rtol=1e-13, atol=0)
+    lens = torch.tensor([2, 0, 5, 11])
+    loss = sft_loss(model, noisy, x0, mask & (torch.arange(12) >= lens[:, None]), weight, lens)
+    ref = ((ce * (mask & (torch.arange(12) >= lens[:, None])) * weight.double()).sum(1) / (12 - lens)).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-13, atol=0)
+    arm = tiny(causal=True)
+    loss = ar_loss(arm, x0)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, F.cross_entropy(arm(x0[:, :-1]).reshape(-1, 11), x0[:, 1:].reshape(-1)),
+                               rtol=1e-13, atol=0)
+    # the Monte Carlo ELBO from its own masks (`elbo_masks`) and stratified times, full logits in float64
+    n, tokens = 4, x0[:2]
+    u = diffusion.rng.uniform(diffusion.rng.key(7, 0, 0, diffusion.rng.Stream.STRATIFIED, 0))
+    t = (np.arange(n) + 1.0 - u) / n
+    masks = diffusion.elbo_masks(2, 12, n, 0, n, 7, [0, 1], t, torch.ones(2, 12, dtype=torch.bool))
+    per = torch.zeros(n, 2, dtype=torch.float64)
+    for k in range(n):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.where(masks[k], model.mask_id, tokens)), -1)
+        per[k] = -(logp.gather(-1, tokens[..., None])[..., 0] * masks[k]).sum(1) / t[k]
+    est = elbo_nll(model, tokens, n_samples=n, seed=7)
+    torch.testing.assert_close(est.nll, per.mean(0), rtol=1e-13, atol=0)

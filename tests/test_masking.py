@@ -557,3 +557,17 @@ def test_polynomial_weights_are_minus_dalpha_over_one_minus_alpha(name):
     dalpha = (diffusion.alpha(t + h, name) - diffusion.alpha(t - h, name)) / (2 * h)
     np.testing.assert_allclose(diffusion.elbo_weight(t, name), -dalpha / (1 - diffusion.alpha(t, name)),
                                rtol=1e-6)
+
+
+def test_splitmix64_wraps_for_every_input_kind():
+    """The numpy reference equals the Rust function and the Python-int path for arrays of any rank, 0-d
+    included (a 0-d array used to become a numpy scalar whose wrapping multiply warned: an error here)."""
+    from smdm import _core
+
+    xs = [0, 1, 2**63 + 5, 2**64 - 1, 0x9E3779B97F4A7C15]
+    for x in xs:
+        want = _core.splitmix64(x)
+        assert rng.splitmix64(x) == want
+        assert int(rng.splitmix64(np.array(x, dtype=np.uint64))) == want  # 0-d
+        assert int(rng.splitmix64(np.array([x], dtype=np.uint64))[0]) == want
+    assert int(rng.key(np.uint64(3), 2**64 - 1)) == rng.key(3, 2**64 - 1)

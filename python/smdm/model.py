@@ -58,13 +58,17 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
 
     def __post_init__(self):
+        for name in ("n_layer", "n_head", "d_model", "d_ff", "vocab_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_kv_head is not None and self.n_kv_head < 1:
+            raise ValueError(f"ModelConfig.n_kv_head must be >= 1 (or None), got {self.n_kv_head}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}")
-        for name in ("n_layer", "n_head", "d_model", "d_ff", "vocab_size", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension {self.head_dim} (d_model / n_head) must be even: RoPE rotates pairs")
 
     @property
     def kv_heads(self) -> int:
@@ -156,16 +160,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        dt = torch.promote_types(x.dtype, torch.float32)  # at least float32 (a float64 model stays float64)
+        xf = x.to(dt)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(dt)).to(x.dtype)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for GPT-NeoX RoPE at integer positions (any shape P) -> (P..., head_dim) float32."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                               / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # (..., hd/2)
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for GPT-NeoX RoPE at integer positions (any shape P) -> (P..., head_dim) in `dtype` (float32;
+    float64 for a float64 model)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim))
+    angles = positions.to(dtype)[..., None] * inv_freq  # (..., hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., hd): half-split layout
     return angles.cos(), angles.sin()
 
@@ -175,7 +181,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -392,7 +398,9 @@ class Transformer(nn.Module):
         if int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds the context length "
                              f"{self.config.max_seq_len}")
-        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_base)
+        # float32 tables (also under autocast and for bf16 weights), float64 for a float64 model
+        rope_dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_base, rope_dtype)
         if cos.dim() == 2:
             cos, sin = cos[None, None], sin[None, None]  # (1, 1, L, hd)
         else:
