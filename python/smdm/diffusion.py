@@ -402,7 +402,7 @@ import torch.nn.functional as _F  # noqa: E402
 from smdm import rng as _rng  # noqa: E402
 
 
-def _ce_dtype(logits):
+def ce_dtype(logits):
     """CE in at least float32 (bf16/fp16 logits upcast; a float64 model's logits stay float64)."""
     return logits.to(_torch.promote_types(logits.dtype, _torch.float32))
 
@@ -411,7 +411,7 @@ def _masked_ce(model, noisy, x0, mask, *, segment_ids=None, positions=None):
     """Cross-entropy (at least float32) at the masked rows only, in row-major order of `mask`: (M,)."""
     h = model.hidden(noisy, segment_ids=segment_ids, positions=positions)  # (B, L, d)
     logits = model.head(h[mask])  # (M, V): the head runs on masked rows only
-    return _F.cross_entropy(_ce_dtype(logits), x0[mask], reduction="none")  # (M,)
+    return _F.cross_entropy(ce_dtype(logits), x0[mask], reduction="none")  # (M,)
 
 
 def mdm_loss(model, noisy, x0, mask, weight, *, segment_ids=None, positions=None):
@@ -448,7 +448,7 @@ def ar_loss(model, tokens, *, segment_ids=None):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     seg = None if segment_ids is None else segment_ids[:, :-1]
     logits = model(inputs, segment_ids=seg)  # (B, L, V)
-    return _F.cross_entropy(_ce_dtype(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return _F.cross_entropy(ce_dtype(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 @_dataclass

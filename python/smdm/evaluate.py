@@ -716,7 +716,7 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
     import torch.nn.functional as F
 
     from smdm.data import PackedDataset
-    from smdm.diffusion import elbo_nll
+    from smdm.diffusion import ce_dtype, elbo_nll
 
     conf = model.config
     if seq_len + 1 > conf.max_seq_len + (1 if conf.causal else 0):
@@ -740,7 +740,7 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
             seg = torch.cat([b["segment_ids"] for b in got]).to(device) if doc_mask else None
             if conf.causal:
                 logits = model(x[:, :-1], segment_ids=None if seg is None else seg[:, :-1])  # (B, L, V)
-                nll += float(F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="sum"))
+                nll += float(F.cross_entropy(ce_dtype(logits).transpose(1, 2), x[:, 1:], reduction="sum"))
             else:  # row ids = window ids: the estimate of a window does not depend on the batching
                 rows = torch.cat([b["index"] for b in got]).numpy()
                 est = elbo_nll(model, x, prompt_lens=[1] * len(x), segment_ids=seg, n_samples=n_samples,

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from smdm.data import EpochCursor, feistel_permute
+from smdm.diffusion import ce_dtype
 
 FORMATS = ("plain", "gsm8k")
 DEFAULT_FIELDS = {"plain": ("prompt", "response"), "gsm8k": ("question", "answer")}
@@ -273,7 +274,7 @@ def ar_sft_nll(model, tokens: torch.Tensor, prompt_lens, lengths) -> tuple[torch
     B, L = tokens.shape
     tgt = ar_targets(tokens, prompt_lens, lengths)  # (B, L-1)
     h = model.hidden(tokens[:, :-1])  # (B, L-1, d)
-    ce = F.cross_entropy(model.head(h[tgt]).float(), tokens[:, 1:][tgt], reduction="none")  # (M,)
+    ce = F.cross_entropy(ce_dtype(model.head(h[tgt])), tokens[:, 1:][tgt], reduction="none")  # (M,)
     row = torch.arange(B, device=tokens.device)[:, None].expand(B, L - 1)[tgt]  # (M,) the row of each target
     sums = torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(0, row, ce)  # (B,)
     return sums, tgt.sum(1)
