@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -516,6 +517,47 @@ def test_explicit_kernel_request_without_gpu_raises_clearly():
     assert K.available() is False
 
 
+def test_every_build_failure_is_a_kernel_build_error(monkeypatch, tmp_path):
+    """An NVRTC compile error (CuPy's own exception type) or an unusable cache directory must surface as
+    KernelBuildError: `available()` and backend="auto" catch only that and fall back; anything else crashed
+    the caller (e.g. the model's attention="auto") instead."""
+    import sys
+    import types
+
+    class CompileException(Exception):  # stands in for cupy.cuda.compiler.CompileException
+        pass
+
+    class RawModule:
+        def __init__(self, **kw):
+            pass
+
+        def compile(self):
+            raise CompileException("kernels.cu(12): error: identifier is undefined")
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: None)
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_module_error", None)
+    monkeypatch.setattr(K, "_warned_fallback", False)
+    with pytest.raises(K.KernelBuildError, match="identifier is undefined"):
+        K.build()
+    assert K.available() is False
+    with pytest.warns(RuntimeWarning, match="using the PyTorch reference"):
+        assert K._resolve_backend("auto", True, None) == "reference"
+
+    monkeypatch.undo()
+    _need_nvcc()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_build, "device_archs", lambda: ["sm_90a"])
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_module_error", None)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SMDM_CACHE_DIR", str(tmp_path / "file" / "cache"))  # cannot be created
+    with pytest.raises(K.KernelBuildError, match="cache"):
+        K.build()
+
+
 def _need_nvcc():
     if _build.find_cuda_home() is None:
         if os.environ.get("SMDM_REQUIRE_NVCC"):  # CI installs nvcc: there a missing compiler is a failure
@@ -538,6 +580,75 @@ def test_compile_check_everything():
     failed = [f"{r.name} ({r.tool}):\n{r.log[-3000:]}" for r in results if r.ok is False]
     assert not failed, "\n".join(failed)
     assert sum(r.ok is True for r in results) >= 4
+
+
+_FAKE_SOURCES = {
+    "smdm_common.cuh": "",
+    "bindings.cpp": "#include <pybind11/pybind11.h>\nint fake_sampler();\nint fake_attention();\n"
+    'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", [] { return fake_sampler() + fake_attention(); }); }\n',
+    "sampler.cu": "__global__ void k1(int* x) { *x = 1; }\nint fake_sampler() { return 40; }\n",
+    "attention.cu": "__global__ void k2(int* x) { *x = 2; }\nint fake_attention() { return 2; }\n",
+}
+
+
+def test_concurrent_first_builds_share_one_cache_dir(tmp_path):
+    """Two processes (e.g. two ranks) building at once into one cache directory: one builds, the other waits
+    for it and loads the result (small stand-in sources through the real `_build_nvcc`, ~20 s)."""
+    import subprocess
+    import sys
+
+    _need_nvcc()
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, text in _FAKE_SOURCES.items():
+        (src / name).write_text(text)
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom smdm.kernels import _build\n"
+        "_build.device_archs = lambda: ['sm_80']\n"
+        f"mod = _build._build_nvcc(Path({str(src)!r}), _build.find_cuda_home(), verbose=False)\n"
+        "print('answer', mod.answer())\n"
+    )
+    env = dict(os.environ, SMDM_CACHE_DIR=str(tmp_path / "cache"))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "answer 42" in out, err[-3000:]
+    assert sum("(first use)" in err for _, err in outs) == 1  # built once, the other process waited
+
+
+def test_build_recovers_from_a_dangling_cudart_link_and_a_stale_torch_lock(monkeypatch, tmp_path):
+    """The cache directory is keyed by versions, not by the environment's path: a deleted or moved venv
+    leaves `lib/libcudart.so` dangling (exists() is False, symlink_to raised FileExistsError on every build),
+    and a killed build leaves torch's `lock` file, on which torch's FileBaton waits forever."""
+    import torch.utils.cpp_extension as ce
+
+    _need_nvcc()
+    home = _build.find_cuda_home()
+    if any((home / d / "libcudart.so").exists() for d in ("lib", "lib64")):
+        pytest.skip("this toolkit has an unversioned libcudart.so: no link is made")
+    monkeypatch.setenv("SMDM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_build, "device_archs", lambda: ["sm_90a"])
+    seen = []
+
+    def fake_load(*, build_directory, extra_ldflags, **kw):
+        d = Path(build_directory)
+        seen.append((d, (d / "lib" / "libcudart.so").resolve(), (d / "lock").exists(), extra_ldflags))
+        return "module"
+
+    monkeypatch.setattr(ce, "load", fake_load)
+    assert _build._build_nvcc(K.source_dir(), home, verbose=False) == "module"
+    build_dir, target, _, ldflags = seen[0]
+    assert target.is_file() and target.name.startswith("libcudart.so.") and f"-L{build_dir / 'lib'}" in ldflags
+    link = build_dir / "lib" / "libcudart.so"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone" / "libcudart.so.13")  # the environment it pointed into was deleted
+    (build_dir / "lock").write_text("")  # left by a killed build
+    assert _build._build_nvcc(K.source_dir(), home, verbose=False) == "module"
+    assert seen[1][1] == target and seen[1][2] is False
 
 
 def test_jit_build_compiles_links_and_imports_without_gpu(monkeypatch, tmp_path):
@@ -615,8 +726,6 @@ def _emulated_step_equals_reference(E, dtype, V, conf, opts, seed, threads=64, B
     logits = _edge_logits(B, L, V, dtype, g)
     cand = torch.rand(B, L, generator=g) < 0.8
     cand[0, :8] = True
-    if conf == "neg_entropy":  # the reference's entropy sum is undefined for NaN / +inf rows
-        cand[0, 1:3] = False
     kw = dict(
         temperature=opts["temperature"],
         top_k=opts.get("top_k", 0),
@@ -678,6 +787,29 @@ def test_emulated_sampler_kernels_full_grid():
     _emulated_step_equals_reference(
         E, torch.float32, 32003, "neg_entropy", dict(temperature=0.0, top_p=0.5, threshold=0.0), 8, 1024, B=1
     )
+
+
+def test_reference_entropy_of_nan_and_inf_rows_is_the_kernels():
+    """Rows with +inf or NaN logits: the entropy terms are NaN (inf - inf, 0 * -inf); the device's
+    saturating conversion makes them 0, so the confidence is NaN (ranked first). The reference used a torch
+    NaN -> int64 cast (undefined: INT64_MIN on x86) and returned +inf."""
+    E = _emulator()
+    V = 33
+    x = torch.randn(1, 5, V, generator=torch.Generator().manual_seed(3))
+    x[0, 0, 4] = math.inf
+    x[0, 1, 7] = math.nan
+    x[0, 2, 4] = x[0, 2, 9] = math.inf
+    x[0, 3, 0], x[0, 3, 1] = math.inf, -math.inf
+    cand = torch.ones(1, 5, dtype=torch.bool)
+    seeds = torch.tensor([1])
+    for T in (0.0, 1.0):
+        kw = dict(temperature=T, confidence="neg_entropy", n_commit=torch.tensor([2]))
+        want = R.unmask_step_reference(x, torch.zeros(1, 5, dtype=torch.int64), cand, seeds, 0, **kw)
+        assert want[1][0, :4].isnan().all(), want[1]
+        got = E.unmask_step(x, torch.zeros(1, 5, dtype=torch.int64), cand, seeds, 0, **kw)
+        for a, b in zip(got, want):
+            assert _same(a, b), (a, b)
+    assert R.fixed31(torch.tensor([math.nan, -0.5, 0.0, 1.0])).tolist() == [0, 0, 0, 2**31]
 
 
 def test_emulated_select_positions_equal_reference():
@@ -860,6 +992,24 @@ def test_gpu_sampler_statistics():
 
 
 @gpu
+def test_gpu_unmask_step_takes_a_strided_n_commit():
+    """n_commit is only validated for shape/dtype/device in Python; a column of a (B, k) table used to reach
+    the launcher's contiguity check and raise even with backend="auto"."""
+    _cuda()
+    g = torch.Generator(device="cuda").manual_seed(4)
+    logits = torch.randn(3, 6, 50, device="cuda", generator=g)
+    cand = torch.ones(3, 6, dtype=torch.bool, device="cuda")
+    seeds = torch.tensor([1, 2, 3], device="cuda")
+    table = torch.tensor([[1, 9], [2, 9], [4, 9]], device="cuda")
+    tok_k = torch.zeros(3, 6, dtype=torch.int64, device="cuda")
+    tok_r = tok_k.clone()
+    got = K.unmask_step(logits, tok_k, cand, seeds, 0, temperature=0.5, n_commit=table[:, 0], backend="cuda")
+    want = R.unmask_step_reference(logits, tok_r, cand, seeds, 0, temperature=0.5, n_commit=table[:, 0])
+    assert all(_same(a, b) for a, b in zip(got, want)) and torch.equal(tok_k, tok_r)
+    assert got[2].sum(1).tolist() == [1, 2, 4]
+
+
+@gpu
 def test_gpu_batch_invariance():
     _cuda()
     V, L = 32000, 24
@@ -951,8 +1101,6 @@ def test_gpu_unmask_step_edge_rows_and_tails(dtype, conf):
     uncond = (torch.randn(B, L, V, device="cuda", generator=g) * 3).to(dtype)
     cand = torch.rand(B, L, device="cuda", generator=g) < 0.8
     cand[0, :8] = True
-    if conf == "neg_entropy":  # the reference's entropy sum is undefined for NaN / +inf rows (fixed31(NaN))
-        cand[0, 1:3] = False
     seeds = torch.tensor([3, -(2**61)], device="cuda")
     for opts in (
         dict(temperature=0.0),

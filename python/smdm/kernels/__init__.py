@@ -292,7 +292,7 @@ def unmask_step(
         candidates,
         seeds,
         tokens,
-        n_commit,
+        None if n_commit is None else n_commit.contiguous(),  # the launcher reads it as a flat array
         int(step),
         int(position_offset),
         float(cfg_scale),

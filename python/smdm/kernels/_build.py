@@ -184,6 +184,13 @@ def load(verbose: bool = False):
         except KernelBuildError as e:
             _module_error = e
             raise
+        except Exception as e:  # CuPy's CompileException, an unwritable cache dir, a broken nvcc, ...
+            # callers (available(), backend="auto") catch KernelBuildError only: anything else would crash them
+            _module_error = KernelBuildError(
+                f"building or loading the smdm CUDA kernels failed: {type(e).__name__}: {e}\n"
+                f"(cache: {cache_root()}; SMDM_KERNELS=reference uses the PyTorch references)"
+            )
+            raise _module_error from e
         return _module
 
 
@@ -230,15 +237,13 @@ def _build_nvcc(src: Path, home: Path, verbose: bool):
     build_dir.mkdir(parents=True, exist_ok=True)
     old_home = ce.CUDA_HOME
     ldflags = []
+    cudart = None
     if not any((home / d / "libcudart.so").exists() for d in ("lib", "lib64")):
         # the PyPI runtime ships only libcudart.so.<major>: give the linker an unversioned name for it
         found = sorted((home / "lib").glob("libcudart.so.*"))
         if found:
-            shim = build_dir / "lib"
-            shim.mkdir(exist_ok=True)
-            if not (shim / "libcudart.so").exists():
-                (shim / "libcudart.so").symlink_to(found[0])
-            ldflags.append(f"-L{shim}")
+            cudart = found[0]
+            ldflags.append(f"-L{build_dir / 'lib'}")
     cflags = ["-O3", f"-std={_torch_cxx_std()}"]
     cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *(gencode(a) for a in archs)]
     here = Path(sys.executable).parent  # `pip install ninja` in a venv that is not activated: use its ninja
@@ -248,6 +253,12 @@ def _build_nvcc(src: Path, home: Path, verbose: bool):
         ce.CUDA_HOME = str(home)  # cpp_extension resolved CUDA_HOME at import; point it at the toolkit found
         os.environ.setdefault("CUDA_HOME", str(home))
         with FileLock(str(build_dir) + ".lock"):
+            if cudart is not None:
+                _link_cudart(build_dir / "lib", cudart)
+            # torch's own build lock (`FileBaton`, a file whose mere existence blocks) stays behind when a
+            # build is killed (timeout, OOM): every later build would wait on it forever. Under our OS lock no
+            # other smdm build runs in this directory, so a leftover one is stale.
+            (build_dir / "lock").unlink(missing_ok=True)
             if not any(build_dir.glob("*.so")):
                 msg = f"smdm: building the CUDA kernels for {','.join(archs)} into {build_dir} (first use)"
                 print(msg, file=sys.stderr, flush=True)
@@ -268,6 +279,20 @@ def _build_nvcc(src: Path, home: Path, verbose: bool):
         ) from e
     finally:
         ce.CUDA_HOME = old_home
+
+
+def _link_cudart(shim: Path, target: Path) -> None:
+    """`shim/libcudart.so` -> `target`, replacing a link to anything else (a dangling link left by a deleted
+    or moved environment with the same versions, hence the same cache directory: `exists()` is False for it
+    and a plain `symlink_to` raised FileExistsError on every later build). Atomic (rename over the old link)."""
+    shim.mkdir(parents=True, exist_ok=True)
+    link = shim / "libcudart.so"
+    if link.is_symlink() and os.readlink(link) == str(target):
+        return
+    tmp = shim / f".libcudart.so.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
 
 
 # --------------------------------------------------------------------------------------------------------

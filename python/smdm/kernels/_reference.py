@@ -88,8 +88,11 @@ def exp_neg_f32(z: torch.Tensor) -> torch.Tensor:
 
 
 def fixed31(v: torch.Tensor) -> torch.Tensor:
-    """floor(v * 2^31) as int64 for v in [0, 1] (exact scaling; = `smdm::fixed31`)."""
-    return (v * TWO31).to(torch.int64)
+    """floor(v * 2^31) as int64 for v in [0, 1] (exact scaling; = `smdm::fixed31`). NaN (and anything
+    below 0) gives 0, as the device's saturating `__float2uint_rz` does: a NaN cast to int64 is undefined in
+    torch (INT64_MIN on x86), which made the entropy of a row with +inf / NaN logits differ from the kernel's."""
+    x = v * TWO31
+    return torch.where(x >= 0.0, x, 0.0).to(torch.int64)
 
 
 def gumbel_keys(seeds: torch.Tensor, step, positions: torch.Tensor) -> torch.Tensor:
