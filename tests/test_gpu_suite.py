@@ -1,11 +1,15 @@
 # python -m pytest -q tests/test_gpu_suite.py
 """The GPU suite's CPU dry run: `benches/gpu_suite.py --smoke` walks every section (ceilings, sampler,
-attention, generation, training) on tiny shapes with the PyTorch references, so a Python error in the script is
-caught here and not on a scarce GPU machine. Only the code paths are checked, never the numbers."""
+attention, generation, training), each in its child process, on tiny shapes with the PyTorch references, so a
+Python error in the script is caught here and not on a scarce GPU machine. Only the code paths are checked,
+never the numbers. The isolation tests inject faults (--fail): a section's failure, a CUDA error that poisons
+its child, a crash, a hang and the overall deadline must each cost only what they touch, and the JSON and the
+table must still come out."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,34 +18,96 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benches" / "gpu_suite.py"
+
+
+def _run(tmp_path, *args, timeout=300):
+    p = subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p, json.loads((tmp_path / "gpu_suite.json").read_text())
+
+
+def _check_out_dir(tmp_path):
+    """What the device tool brings back: at most 8 files, plain names, no leftovers of atomic writes."""
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
+    assert not any(f.endswith(".tmp") for f in files), files
+    assert all((tmp_path / f).is_file() for f in files), files
 
 
 def test_gpu_suite_smoke_runs_every_section(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "benches" / "gpu_suite.py"), "--smoke", "--skip-tests",
-                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    r = json.loads((tmp_path / "gpu_suite.json").read_text())
+    p, r = _run(tmp_path, "--skip-tests")
     assert r["smoke"] is True
-    assert not (tmp_path / "gpu_suite.json.tmp").exists()
-    for section in ("env", "build", "ceilings", "sampler", "attention", "model"):
+    _check_out_dir(tmp_path)
+    for section in ("env", "build", "ceilings", "sampler", "attention", "generate", "train", "sampler_compiled"):
         assert section in r and "error" not in r[section], (section, r.get(section))
+        assert r["sections"][section]["status"] == "ok", (section, r["sections"][section])
     assert r["ceilings"]["copy_GBps"] > 0 and r["ceilings"]["bf16_gemm_TFLOPs"] > 0
-    for name, s in r["sampler"].items():  # the reference against itself: identical by construction
+    sampler = {k: v for k, v in r["sampler"].items() if isinstance(v, dict)}
+    assert len(sampler) == 5
+    for name, s in sampler.items():  # the reference against itself: identical by construction
         assert s["identical_to_reference"] is True, name
-        assert s["rows"] > 0 and s["kernel"]["median_ms"] > 0, name
-    for name, s in r["attention"].items():
-        assert s["max_abs_err_vs_fp32"] < 0.05 and "err_ratio_vs_sdpa_math" in s, name
-    gen = r["model"]["generate"]
+        assert s["rows"] > 0 and s["kernel"]["median_ms"] > 0 and s["speedup_vs_eager"] > 0, name
+    attention = {k: v for k, v in r["attention"].items() if isinstance(v, dict)}
+    assert len(attention) == 3
+    for name, s in attention.items():
+        assert s["max_abs_err_vs_fp32"] < 0.05 and "err_ratio_vs_sdpa_math" in s and s["finite"], name
+    gen = r["generate"]
     assert gen["arm kv-cache"]["tokens_per_s"] > 0
-    for label in ("mdm steps=gen/4", "mdm blocks 32 prefix-cache steps=gen/4"):
+    assert gen["arm kv-cache"]["generated_tokens"] == gen["batch"] * gen["gen_length"]  # prompts not counted
+    for label in ("mdm steps=gen/4", "mdm blocks 8 prefix-cache steps=gen/4"):
         assert gen[label]["over_arm"] > 0 and gen[label]["forward_passes"] > 0, label
-    train = r["model"]["train"]
-    assert isinstance(train, dict) and train["tokens_per_s"] > 0 and train["mfu_6N"] > 0, train
-    assert "every number above is meaningless" in p.stdout  # the table is printed last and says what it is
+    train = r["train"]["steps"]
+    assert train["tokens_per_s"] > 0 and train["mfu"] > 0 and train["mfu_6N"] > 0, train
+    assert "6*N_non_emb*tokens" in train["flops_formula"]
+    assert r["sampler_compiled"]["gumbel T=1 bf16 rows"]["kernel"]["median_ms"] > 0
+    # the table is printed last and says what it is
+    assert p.stdout.rstrip().splitlines()[-2].startswith("(smoke run on CPU")
+    assert (tmp_path / "bench.log").read_text().count("===== ") == 5  # one child per benchmark section
+
+
+def test_gpu_suite_isolates_failures(tmp_path):
+    """A CUDA error poisons its child: it is restarted and skips the item it recorded; a crash (abort) costs
+    the item it hit; the GPU tests run through pytest (all skipped here) with their own log and JUnit XML."""
+    p, r = _run(tmp_path, "--only", "ceilings,tests,sampler,attention", "--fail", "sampler:cuda",
+                "--fail", "attention:crash:L64 D128 3 docs")
+    _check_out_dir(tmp_path)
+    assert {"gpu_suite.json", "suite.log", "bench.log", "pytest.log", "pytest-junit.xml"} <= {
+        f.name for f in tmp_path.iterdir()}
+    assert r["ceilings"]["copy_GBps"] > 0
+    assert r["tests"]["returncode"] == 0 and r["tests"]["skipped"] == r["tests"]["tests"] > 0, r["tests"]
+    s = r["sampler"]
+    assert "illegal memory access" in s["greedy bf16"]["error"]  # the first item: where the fault was injected
+    assert "restarted 1x" in s["restarts"]
+    for name in ("gumbel T=1 bf16", "cfg+top-p 0.9 bf16", "top-k 50 T=0.7 entropy bf16", "gumbel T=1 fp32"):
+        assert s[name]["identical_to_reference"] is True, name  # measured by the restarted child
+    assert r["sections"]["sampler"] == {**r["sections"]["sampler"], "status": "partial",
+                                        "failed_items": ["greedy bf16"]}
+    a = r["attention"]
+    assert "SIGABRT" in a["L64 D128 3 docs"]["error"] and "restarted 1x" in a["restarts"]
+    assert a["L64 D64"]["kernel"]["median_ms"] > 0 and a["prefix cache q16 k80"]["kernel"]["median_ms"] > 0
+    assert "generate" not in r and "train" not in r  # not selected by --only
+    out = p.stdout
+    assert "ERROR RuntimeError: CUDA error" in out and "ERROR child process died (killed by SIGABRT)" in out
+    assert out.rstrip().splitlines()[-2].startswith("(smoke run on CPU")
+
+
+def test_gpu_suite_hang_and_deadline(tmp_path):
+    """A hung child is killed at its time limit (what it recorded before stays), sections that no longer fit
+    before --deadline are skipped, and the table is still printed."""
+    p, r = _run(tmp_path, "--only", "sampler,attention", "--fail", "sampler:hang:gumbel T=1 bf16",
+                "--deadline", "20", timeout=120)
+    _check_out_dir(tmp_path)
+    assert r["sections"]["sampler"]["status"] == "error"
+    assert "killed at its time limit" in r["sampler"]["error"]
+    assert r["sections"]["attention"]["status"] == "skipped" and "deadline" in r["attention"]["status"]
+    assert r["seconds"] < 20
+    assert "skipped: deadline" in p.stdout and p.stdout.rstrip().splitlines()[-1].startswith("full results")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_gpu_suite_without_cuda_says_so():
-    p = subprocess.run([sys.executable, str(ROOT / "benches" / "gpu_suite.py"), "--out", "/nonexistent"],
+    p = subprocess.run([sys.executable, str(SUITE), "--out", "/nonexistent"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--smoke" in p.stderr
