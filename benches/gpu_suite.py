@@ -177,18 +177,6 @@ def _cuda_fatal(e: BaseException) -> bool:
                                 "illegal instruction", "unspecified launch failure", "misaligned address"))
 
 
-def _force_nvrtc() -> None:
-    """Make smdm.kernels build through NVRTC (CuPy) even where nvcc exists: the fallback after a failed nvcc
-    build. Set by the parent as SMDM_SUITE_BUILD=nvrtc; applied on import (also as a pytest plugin, -p)."""
-    from smdm.kernels import _build
-
-    _build.find_cuda_home = lambda: None
-
-
-if os.environ.get("SMDM_SUITE_BUILD") == "nvrtc":
-    _force_nvrtc()
-
-
 # ------------------------------------------------------------------------------------------------------------
 # child side: one section per process, results saved after every item
 # ------------------------------------------------------------------------------------------------------------
@@ -356,12 +344,13 @@ def child_build(part: Part, ctx: dict) -> None:
         return
     from smdm.kernels import _build as B
 
+    mode = B.build_mode()  # SMDM_KERNEL_BUILD (auto | nvcc | nvrtc); the parent sets nvrtc after a fallback
     home = B.find_cuda_home()
     part.data.update(cuda_home=str(home), nvcc=B.nvcc_version(home) if home else None, archs=B.device_archs(),
-                     max_jobs=os.environ.get("MAX_JOBS"), cache=str(B.cache_root()))
+                     max_jobs=os.environ.get("MAX_JOBS"), cache=str(B.cache_root()), build_mode=mode)
     part.save()
     t = time.perf_counter()
-    if home is not None and os.environ.get("SMDM_SUITE_BUILD") != "nvrtc":
+    if home is not None and mode != "nvrtc":
         try:
             mod = B.load(verbose=True)
             part.data.update(backend="nvcc", seconds=round(time.perf_counter() - t, 1),
@@ -371,15 +360,13 @@ def child_build(part: Part, ctx: dict) -> None:
             print(f"nvcc build failed:\n{e}", flush=True)
             part.data.update(nvcc_error=str(e)[-6000:], nvcc_seconds=round(time.perf_counter() - t, 1))
             part.save()
-            if importlib.util.find_spec("cupy") is None:
+            if mode == "nvcc" or importlib.util.find_spec("cupy") is None:  # nvcc demanded, or no CuPy
                 raise
-            print("retrying through NVRTC (CuPy)", flush=True)
-            _force_nvrtc()
-            B._module_error = None
+            print("retrying through NVRTC (CuPy): SMDM_KERNEL_BUILD=nvrtc", flush=True)
+            os.environ["SMDM_KERNEL_BUILD"] = "nvrtc"  # a failed build is final per mode: this one retries
             t = time.perf_counter()
-    mod = B.load(verbose=True)
-    part.data.update(backend="nvrtc" if home is None or "nvcc_error" in part.data else "nvcc",
-                     seconds=round(time.perf_counter() - t, 1), module=type(mod).__name__)
+    mod = B.load(verbose=True)  # NVRTC here (no toolkit, SMDM_KERNEL_BUILD=nvrtc, or the fallback); nvcc mode raises
+    part.data.update(backend="nvrtc", seconds=round(time.perf_counter() - t, 1), module=type(mod).__name__)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -982,9 +969,6 @@ class Suite:
         # a test; CI keeps them errors); this also drops the ini's filter naming pytest_benchmark's class, which
         # is a config error where pytest-benchmark is not installed
         cmd += ["-o", "filterwarnings=default\nignore::DeprecationWarning\nignore::pytest.PytestConfigWarning"]
-        if self.env_extra.get("SMDM_SUITE_BUILD") == "nvrtc":  # the NVRTC fallback, applied by importing us
-            env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env["PYTHONPATH"]])
-            cmd += ["-p", "gpu_suite"]
         cmd += ["tests/test_kernels.py", "tests/test_model.py"]
         rc, timed_out, secs = _spawn(cmd, self.out / LOG_NAMES["tests"], env, limit, "tests")
         text = (self.out / LOG_NAMES["tests"]).read_text(errors="replace")
@@ -1053,7 +1037,7 @@ def run_suite(args) -> int:
             if name == "build":
                 b = s.results.get("build", {})
                 if b.get("backend") == "nvrtc" and "nvcc_error" in b:
-                    s.env_extra["SMDM_SUITE_BUILD"] = "nvrtc"  # later children build through NVRTC too
+                    s.env_extra["SMDM_KERNEL_BUILD"] = "nvrtc"  # later children (pytest too) use NVRTC
                 kernels_ok = SMOKE or ("backend" in b and "error" not in b)
                 if not kernels_ok:  # no child may retry the failed build (minutes each): references only
                     s.env_extra["SMDM_KERNELS"] = "reference"

@@ -9,6 +9,7 @@ table must still come out."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -111,3 +112,86 @@ def test_gpu_suite_without_cuda_says_so():
     p = subprocess.run([sys.executable, str(SUITE), "--out", "/nonexistent"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--smoke" in p.stderr
+
+
+def _suite_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_suite_under_test", SUITE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_suite_nvrtc_fallback_uses_the_build_switch(monkeypatch, tmp_path):
+    """A failed nvcc build with CuPy importable: the build child retries through NVRTC by setting
+    SMDM_KERNEL_BUILD=nvrtc (smdm's own switch, no patching of smdm internals), and the parent hands that
+    variable to every later child, pytest included (no plugin, no extra import path)."""
+    import types
+
+    from smdm import kernels as K
+    from smdm.kernels import _build
+    from smdm.kernels._nvrtc import NvrtcModule
+
+    gs = _suite_module()
+
+    class RawModule:
+        def __init__(self, **kw):
+            pass
+
+        def compile(self):
+            pass
+
+    find_cuda_home = _build.find_cuda_home
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule))
+    real_find_spec = gs.importlib.util.find_spec
+    monkeypatch.setattr(gs.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "cupy" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_build, "device_archs", lambda: ["sm_90a"])
+    monkeypatch.setattr(_build, "nvcc_version", lambda home: "13.0")
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: Path("/opt/fake-cuda"))
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_module_error", None)
+
+    def nvcc_fails(src, home, verbose):
+        raise K.KernelBuildError("nvcc exploded")
+
+    monkeypatch.setattr(_build, "_build_nvcc", nvcc_fails)
+    monkeypatch.delenv("SMDM_KERNEL_BUILD", raising=False)
+    monkeypatch.setenv("SMDM_CACHE_DIR", str(tmp_path / "cache"))
+    part = gs.Part("build", tmp_path / "build.json")
+    gs.child_build(part, {})
+    assert part.data["backend"] == "nvrtc" and "nvcc exploded" in part.data["nvcc_error"], part.data
+    assert isinstance(_build.load(), NvrtcModule)
+    assert os.environ["SMDM_KERNEL_BUILD"] == "nvrtc"
+    assert _build.find_cuda_home() == Path("/opt/fake-cuda")  # smdm's discovery is left alone
+
+    # SMDM_KERNEL_BUILD=nvcc forbids the fallback: the nvcc error stands
+    monkeypatch.setenv("SMDM_KERNEL_BUILD", "nvcc")
+    monkeypatch.setattr(_build, "_module", None)
+    part = gs.Part("build", tmp_path / "build2.json")
+    with pytest.raises(K.KernelBuildError, match="nvcc exploded"):
+        gs.child_build(part, {})
+    assert os.environ["SMDM_KERNEL_BUILD"] == "nvcc"
+    monkeypatch.setattr(_build, "find_cuda_home", find_cuda_home)
+
+    # the parent: the pytest child gets the variable through its environment, nothing else
+    spawned = []
+
+    def spawn(cmd, log_path, env, limit, header):
+        spawned.append((cmd, env))
+        log_path.write_text(f"##### {header}\n1 passed\n")
+        return 0, False, 0.1
+
+    monkeypatch.setattr(gs, "_spawn", spawn)
+    monkeypatch.setattr(gs, "DEADLINE_AT", gs.time.time() + 500)
+    args = types.SimpleNamespace(out=str(tmp_path / "out"), deadline=500.0, only=None, skip_tests=False,
+                                 skip_model=False, fail=None)
+    s = gs.Suite(args)
+    s.env_extra["SMDM_KERNEL_BUILD"] = "nvrtc"
+    s.tests()
+    (cmd, env), = spawned
+    assert env["SMDM_KERNEL_BUILD"] == "nvrtc"
+    assert ["-p", "gpu_suite"] not in [cmd[i:i + 2] for i in range(len(cmd))], cmd
+    assert str(SUITE.parent) not in env["PYTHONPATH"].split(os.pathsep)

@@ -486,6 +486,90 @@ def test_opcheck_and_compile_on_cpu():
     assert torch.allclose(public(q), R.attention_reference(q, q, q) * 2)
 
 
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_public_sampler_functions_compile_fullgraph_on_cpu(compiler):
+    """torch.compile(fullgraph=True) over the public sampler functions on CPU tensors: they trace into the
+    registered op (CPU implementation = the reference) instead of the reference's data-dependent shapes
+    (`nonzero()`), and give the eager results, the in-place update of a column slice of `tokens` included."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 4, 20, generator=g)
+    cand = torch.tensor([[True, False, True, True], [True, True, True, False]])
+    seeds, n = torch.tensor([1, 2]), torch.tensor([1, 2])
+
+    def step(logits, buf):
+        return K.unmask_step(logits, buf[:, 2:6], cand, seeds, 3, temperature=1.0, top_p=0.9, n_commit=n,
+                             position_offset=2)
+
+    def choose(rows):
+        return K.choose_tokens(rows, seeds=3, positions=torch.arange(8), step=1, temperature=1.0, top_k=5)
+
+    def select(conf):
+        return K.select_positions(conf, conf > 0.2, n=2), K.select_positions(conf, conf > 0.2, threshold=0.5)
+
+    buf_c, buf_e = torch.zeros(2, 7, dtype=torch.int64), torch.zeros(2, 7, dtype=torch.int64)
+    conf = torch.rand(2, 6, generator=g)
+    cases = [(step, (logits, buf_c), (logits, buf_e)), (choose, (logits.reshape(8, 20),), None),
+             (select, (conf,), None)]
+    for fn, args, eager_args in cases:
+        got = torch.compile(fn, backend=compiler, fullgraph=True)(*args)
+        want = fn(*(eager_args or args))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), fn.__name__
+    assert torch.equal(buf_c, buf_e) and buf_c[:, 2:6].ne(0).any()
+    assert buf_c[:, :2].eq(0).all() and buf_c[:, 6:].eq(0).all()
+
+
+def test_compiled_backend_choice_is_made_when_the_op_runs(monkeypatch):
+    """While torch.compile traces, backend="auto" must not pick the kernel unbuilt (a failed build then raised
+    at run time): the call resolves to "auto" and the op, when it runs, builds and falls back to the reference
+    on a failed build or an unsupported call (a misaligned q/k/v start address, invisible while tracing);
+    "cuda" raises the eager errors there instead."""
+    import smdm.kernels._ops as O
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_module_error", K.KernelBuildError("nvcc exploded"))
+    monkeypatch.setattr(K, "_warned_fallback", False)
+    monkeypatch.delenv("SMDM_KERNELS", raising=False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert K._resolve_backend("auto", True, None) == "auto"  # not "cuda", and no build while tracing
+    assert K._resolve_backend("cuda", True, None) == "cuda"
+    assert K._resolve_backend("auto", True, "head dim 32") == "reference"
+    assert K._resolve_backend("auto", False, None) == "reference"
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        K._resolve_backend("cuda", False, None)
+    q = torch.zeros(64 * 2 + 1, dtype=torch.bfloat16)[1:].view(1, 1, 2, 64)  # start 2 bytes off alignment
+    assert K._attention_unsupported(q, q, q) is None  # the address is unknown while tracing...
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert K._attention_unsupported(q, q, q) == K.ALIGNMENT_MESSAGE  # ...and checked when the op runs
+    # the op at run time
+    with pytest.warns(RuntimeWarning, match="using the PyTorch reference: nvcc exploded"):
+        assert O._use_kernel("auto", True) is False
+    with pytest.raises(K.KernelBuildError, match="nvcc exploded"):
+        O._use_kernel("cuda", True)
+    assert O._use_kernel("auto", True, K.ALIGNMENT_MESSAGE) is False
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        O._use_kernel("cuda", True, K.ALIGNMENT_MESSAGE)
+    assert O._use_kernel("reference", True) is False and O._use_kernel("cuda", False) is False
+    monkeypatch.setattr(_build, "_module", object())  # a built kernel module
+    assert O._use_kernel("auto", True) is True and O._use_kernel("cuda", True) is True
+    monkeypatch.setenv("SMDM_KERNELS", "reference")
+    assert O._use_kernel("auto", True) is False
+
+
+def test_available_is_false_when_the_env_forces_the_reference(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_build, "_module", object())  # built: the kernels could run
+    monkeypatch.delenv("SMDM_KERNELS", raising=False)
+    assert K.available() is True
+    monkeypatch.setenv("SMDM_KERNELS", "cuda")
+    assert K.available() is True
+    monkeypatch.setenv("SMDM_KERNELS", "reference")
+    assert K.available() is False  # backend="auto" (and the model's attention="auto") will not use them
+    monkeypatch.setenv("SMDM_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="SMDM_KERNELS must be one of"):
+        K.available()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # build machinery and compile check
 # ------------------------------------------------------------------------------------------------------------
@@ -556,6 +640,83 @@ def test_every_build_failure_is_a_kernel_build_error(monkeypatch, tmp_path):
     monkeypatch.setenv("SMDM_CACHE_DIR", str(tmp_path / "file" / "cache"))  # cannot be created
     with pytest.raises(K.KernelBuildError, match="cache"):
         K.build()
+
+
+def _fake_cupy(monkeypatch):
+    import sys
+    import types
+
+    class RawModule:
+        def __init__(self, **kw):
+            pass
+
+        def compile(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule))
+
+
+def test_build_path_switch(monkeypatch):
+    """SMDM_KERNEL_BUILD=auto|nvcc|nvrtc: auto = nvcc when a toolkit is found, else NVRTC; nvrtc even where
+    nvcc exists; nvcc never falls back to NVRTC; anything else is a ValueError naming the variable. A failed
+    build is final for its mode only: switching the mode retries (the GPU suite's NVRTC fallback)."""
+    from smdm.kernels._nvrtc import NvrtcModule
+
+    calls = []
+
+    def nvcc_build(src, home, verbose):
+        calls.append(home)
+        if os.environ.get("FAKE_NVCC_FAILS"):
+            raise K.KernelBuildError("nvcc exploded")
+        return "nvcc-module"
+
+    def fresh(mode, home):
+        monkeypatch.setattr(_build, "_module", None)
+        monkeypatch.setattr(_build, "_module_error", None)
+        monkeypatch.setattr(_build, "find_cuda_home", lambda: home)
+        if mode is None:
+            monkeypatch.delenv("SMDM_KERNEL_BUILD", raising=False)
+        else:
+            monkeypatch.setenv("SMDM_KERNEL_BUILD", mode)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_build, "_build_nvcc", nvcc_build)
+    monkeypatch.delenv("SMDM_KERNELS", raising=False)
+    monkeypatch.delenv("FAKE_NVCC_FAILS", raising=False)
+    _fake_cupy(monkeypatch)
+    toolkit = Path("/opt/fake-cuda")
+    for mode in (None, "auto", " Auto "):
+        fresh(mode, toolkit)
+        assert K.build() == "nvcc-module" and calls[-1] == toolkit
+        fresh(mode, None)
+        assert isinstance(K.build(), NvrtcModule)
+    fresh("nvrtc", toolkit)
+    n = len(calls)
+    assert isinstance(K.build(), NvrtcModule) and len(calls) == n  # nvcc exists but is not used
+    fresh("nvcc", toolkit)
+    assert K.build() == "nvcc-module"
+    fresh("nvcc", None)
+    with pytest.raises(K.KernelBuildError, match="SMDM_KERNEL_BUILD=nvcc but no CUDA toolkit"):
+        K.build()
+    assert K.available() is False
+    fresh("nvrtc", toolkit)
+    monkeypatch.setitem(__import__("sys").modules, "cupy", None)  # CuPy not installed
+    with pytest.raises(K.KernelBuildError, match="SMDM_KERNEL_BUILD=nvrtc but CuPy is not installed"):
+        K.build()
+    _fake_cupy(monkeypatch)
+    fresh("cuda", toolkit)
+    for fn in (K.build, K.available):
+        with pytest.raises(ValueError, match=r"SMDM_KERNEL_BUILD must be one of auto, nvcc, nvrtc .*'cuda'"):
+            fn()
+    # a failed nvcc build is remembered for its mode; switching to nvrtc retries without any reset
+    fresh("auto", toolkit)
+    monkeypatch.setenv("FAKE_NVCC_FAILS", "1")
+    for _ in range(2):
+        with pytest.raises(K.KernelBuildError, match="nvcc exploded"):
+            K.build()
+    n = len(calls)
+    monkeypatch.setenv("SMDM_KERNEL_BUILD", "nvrtc")
+    assert isinstance(K.build(), NvrtcModule) and len(calls) == n
 
 
 def _need_nvcc():
@@ -1300,3 +1461,43 @@ def test_gpu_auto_backend_and_compile():
     finally:
         del os.environ["SMDM_KERNELS"]
     assert torch.allclose(c.float(), b.float(), atol=2e-2)
+
+
+@gpu
+def test_gpu_compiled_calls_choose_like_eager(monkeypatch):
+    """torch.compile(fullgraph=True) over the public functions on CUDA: the same results as eager, a q/k/v
+    start address off 16-byte alignment (invisible while tracing) falls back under "auto" and raises under
+    "cuda" when the op runs, and a failed build falls back (auto) or raises (cuda) at the first call."""
+    _cuda()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = torch.randn(2, 5, 1000, device="cuda", generator=g).to(torch.bfloat16)
+    cand = torch.ones(2, 5, dtype=torch.bool, device="cuda")
+    seeds, n = torch.tensor([4, 5], device="cuda"), torch.tensor([2, 3], device="cuda")
+
+    def step(logits, tokens):
+        return K.unmask_step(logits, tokens, cand, seeds, 1, temperature=1.0, n_commit=n)
+
+    t_c, t_e = torch.zeros(2, 5, dtype=torch.int64, device="cuda"), torch.zeros(2, 5, dtype=torch.int64, device="cuda")
+    got, want = torch.compile(step, backend="aot_eager", fullgraph=True)(logits, t_c), step(logits, t_e)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and torch.equal(t_c, t_e)
+
+    buf = torch.randn(2 * 128 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    q = buf[1:].view(1, 2, 128, 64)  # strides fine, start 2 bytes off alignment
+    eager = K.attention(q, q, q)  # auto: the reference
+    assert torch.equal(eager, K.attention_reference(q, q, q))
+    auto = torch.compile(lambda q: K.attention(q, q, q), backend="eager", fullgraph=True)
+    assert torch.equal(auto(q), eager)
+    explicit = torch.compile(lambda q: K.attention(q, q, q, backend="cuda"), backend="eager", fullgraph=True)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        explicit(q)
+
+    qa = torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_module_error", K.KernelBuildError("simulated build failure"))
+    monkeypatch.setattr(K, "_warned_fallback", False)
+    auto = torch.compile(lambda q: K.attention(q, q, q) + 0, backend="eager", fullgraph=True)
+    with pytest.warns(RuntimeWarning, match="simulated build failure"):
+        assert torch.equal(auto(qa), K.attention_reference(qa, qa, qa))
+    explicit = torch.compile(lambda q: K.attention(q, q, q, backend="cuda") + 0, backend="eager", fullgraph=True)
+    with pytest.raises(K.KernelBuildError, match="simulated build failure"):
+        explicit(qa)

@@ -11,12 +11,23 @@ Backend choice (`backend=` argument of each op): "auto" runs the CUDA kernel for
 configuration is supported and the reference otherwise; the environment variable `SMDM_KERNELS=reference`
 makes "auto" use the reference everywhere. "cuda" demands the kernel: an unsupported configuration, CPU
 tensors or a failed build raise (`KernelBuildError`) instead of falling back. "reference" always uses it.
+The same holds under `torch.compile` (fullgraph included): while tracing, the public functions emit the
+registered op `torch.ops.smdm.*` with the requested backend ("auto" or "cuda") and the op decides when it
+first runs: it builds the kernels there, and for "auto" falls back to the reference when the build fails or
+the configuration is unsupported (attention: q/k/v not 16-byte aligned, which tracing cannot see), while
+"cuda" raises the eager error. The sampler functions (`unmask_step`, `choose_tokens`, `select_positions`)
+always trace into their op (its reference branch on CPU or with the reference backend: the references
+use data-dependent shapes); `attention` traces its reference inline when the reference is chosen at trace
+time (CPU tensors, SMDM_KERNELS=reference, a statically unsupported configuration), so it stays
+differentiable. SMDM_KERNELS is read when tracing (and by an "auto" op again when it runs); the build
+path (SMDM_KERNEL_BUILD) when building.
 
 Sources live in `smdm/kernels/csrc/` (package data, so an installed wheel has them; the repository's top-level
 `csrc` is a symlink there) and are found by `smdm.kernels._build.source_dir()` ($SMDM_CSRC overrides); they
 are built into a user cache ($SMDM_CACHE_DIR or
 $XDG_CACHE_HOME/smdm/kernels/<hash>) under a file lock; with no CUDA toolkit they compile through NVRTC
-(CuPy).
+(CuPy). `SMDM_KERNEL_BUILD=auto|nvcc|nvrtc` chooses the build path (auto: nvcc when a toolkit is found,
+else NVRTC; nvcc: no NVRTC fallback; nvrtc: NVRTC even where nvcc exists).
 
 Sampler arithmetic: the kernel and `unmask_step_reference` agree bit for bit on tokens, confidences and
 commits. Where docs/CONTRACTS.md leaves freedom we fixed it as follows (both sides implement exactly this):
@@ -83,7 +94,10 @@ def build(verbose: bool = False):
 
 
 def available() -> bool:
-    """True when the CUDA kernels can run here (a GPU and a successful build)."""
+    """True when backend="auto" will use the CUDA kernels here: a GPU, a successful build, and SMDM_KERNELS not
+    set to "reference" (a bad SMDM_KERNELS or SMDM_KERNEL_BUILD value raises ValueError)."""
+    if _env_backend() == "reference":
+        return False
     try:
         import torch
 
@@ -95,32 +109,38 @@ def available() -> bool:
         return False
 
 
-def _resolve_backend(backend: str, is_cuda: bool, unsupported: str | None) -> str:
-    """'cuda' or 'reference' for this call; `unsupported` is why the kernel cannot take it (or None)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _env_backend() -> str:
     env = os.environ.get("SMDM_KERNELS", "auto").strip().lower() or "auto"
     if env not in BACKENDS:
         raise ValueError(f"SMDM_KERNELS must be one of {BACKENDS}, got {env!r}")
+    return env
+
+
+def _resolve_backend(backend: str, is_cuda: bool, unsupported: str | None) -> str:
+    """'cuda' or 'reference' for this call; `unsupported` is why the kernel cannot take it (or None).
+    While torch.compile traces, nothing is built: a call the kernel may take resolves to the requested
+    backend ('auto' or 'cuda'), which the op `torch.ops.smdm.*` resolves again (building) when it runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    env = _env_backend()
     if backend == "auto":
         backend = env
     if backend == "reference":
         return "reference"
-    import torch
-
-    if torch.compiler.is_compiling():  # tracing: no build here; the op builds on first real call
-        if backend == "cuda" and (not is_cuda or unsupported):
-            raise ValueError(f"backend='cuda' cannot run this call: {unsupported or 'needs CUDA tensors'}")
-        return "cuda" if is_cuda and not unsupported else "reference"
     if backend == "cuda":
         if not is_cuda:
             raise ValueError("backend='cuda' needs CUDA tensors")
         if unsupported:
             raise ValueError(f"backend='cuda' cannot run this call: {unsupported}")
+    elif not is_cuda or unsupported:
+        return "reference"
+    import torch
+
+    if torch.compiler.is_compiling():  # tracing: no build here (the op builds, or falls back, when it runs)
+        return backend
+    if backend == "cuda":
         build()  # raises KernelBuildError: never a silent fallback when the kernel was asked for
         return "cuda"
-    if not is_cuda or unsupported:
-        return "reference"
     try:
         build()
     except KernelBuildError as e:
@@ -264,8 +284,10 @@ def unmask_step(
         unsupported = "candidates and seeds must be contiguous"
     elif logits.is_cuda:
         unsupported = _smem_unsupported(logits, max(V, L), "max(V, L)")
+    import torch
+
     which = _resolve_backend(backend, logits.is_cuda, unsupported)
-    if which == "reference":
+    if which == "reference" and not torch.compiler.is_compiling():  # traced: the op (no data-dependent shapes)
         return unmask_step_reference(
             logits,
             tokens,
@@ -282,8 +304,6 @@ def unmask_step(
             threshold=threshold,
             position_offset=position_offset,
         )
-    import torch
-
     from smdm.kernels import _ops  # noqa: F401  (registers torch.ops.smdm.*)
 
     return torch.ops.smdm.unmask_step(
@@ -301,6 +321,7 @@ def unmask_step(
         float(top_p),
         CONFIDENCE_MODES[confidence],
         0.0 if threshold is None else float(threshold),
+        which,
     )
 
 
@@ -365,7 +386,8 @@ def choose_tokens(
         unsupported = "logits must be contiguous"
     elif logits.is_cuda:
         unsupported = _smem_unsupported(logits, V, "V")
-    if _resolve_backend(backend, logits.is_cuda, unsupported) == "reference":
+    which = _resolve_backend(backend, logits.is_cuda, unsupported)
+    if which == "reference" and not torch.compiler.is_compiling():
         return choose_tokens_reference(
             logits,
             seeds=seeds,
@@ -387,6 +409,7 @@ def choose_tokens(
         int(top_k),
         float(top_p),
         CONFIDENCE_MODES[confidence],
+        which,
     )
 
 
@@ -415,12 +438,13 @@ def select_positions(confidence, candidates, n=None, threshold: float | None = N
     conf32 = confidence.to(torch.float32).contiguous()
     candidates = candidates.to(confidence.device).contiguous()
     unsupported = _smem_unsupported(confidence, P, "P") if confidence.is_cuda else None
-    if _resolve_backend(backend, confidence.is_cuda, unsupported) == "reference":
+    which = _resolve_backend(backend, confidence.is_cuda, unsupported)
+    if which == "reference" and not torch.compiler.is_compiling():
         return select_positions_reference(conf32, candidates, n, threshold)
     from smdm.kernels import _ops  # noqa: F401
 
     return torch.ops.smdm.select_positions(
-        conf32, candidates, n, 0.0 if threshold is None else float(threshold)
+        conf32, candidates, n, 0.0 if threshold is None else float(threshold), which
     )
 
 
@@ -480,22 +504,7 @@ def attention(
             if t.device != q.device:
                 raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    unsupported = None
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        unsupported = f"dtype {q.dtype} (the kernel takes bfloat16 or float16)"
-    elif D not in (64, 128):
-        unsupported = f"head dim {D} (the kernel takes 64 or 128)"
-    elif k.shape[2] == 0:
-        unsupported = "no keys"
-    elif B > 65535 or Hq > 65535:  # grid (ceil(Lq / 64), Hq, B): gridDim.y and .z are at most 65535
-        unsupported = f"batch {B} or heads {Hq} above 65535"
-    elif max(Lq, k.shape[2]) >= 2**31:
-        unsupported = "sequence length >= 2^31"
-    elif any(t.stride(3) != 1 or any(s % 8 for s in t.stride()[:3]) for t in (q, k, v)) or (
-        not torch.compiler.is_compiling() and any(t.data_ptr() % 16 for t in (q, k, v))
-    ):
-        unsupported = "q/k/v need a contiguous last dim and 16-byte aligned rows"
-    which = _resolve_backend(backend, q.is_cuda, unsupported)
+    which = _resolve_backend(backend, q.is_cuda, _attention_unsupported(q, k, v))
     if which == "reference":
         return attention_reference(
             q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale
@@ -505,7 +514,33 @@ def attention(
     if q_segment_ids is not None:
         q_segment_ids = q_segment_ids.to(torch.int32).contiguous()
         k_segment_ids = k_segment_ids.to(torch.int32).contiguous()
-    return torch.ops.smdm.attention(q, k, v, q_segment_ids, k_segment_ids, scale)
+    return torch.ops.smdm.attention(q, k, v, q_segment_ids, k_segment_ids, scale, which)
+
+
+ALIGNMENT_MESSAGE = "q/k/v need a contiguous last dim and 16-byte aligned rows"
+
+
+def _attention_unsupported(q, k, v) -> str | None:
+    """Why the attention kernel cannot take q/k/v (or None). The start addresses are not known while
+    torch.compile traces: the op `torch.ops.smdm.attention` checks them again when it runs."""
+    import torch
+
+    B, Hq, Lq, D = q.shape
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (the kernel takes bfloat16 or float16)"
+    if D not in (64, 128):
+        return f"head dim {D} (the kernel takes 64 or 128)"
+    if k.shape[2] == 0:
+        return "no keys"
+    if B > 65535 or Hq > 65535:  # grid (ceil(Lq / 64), Hq, B): gridDim.y and .z are at most 65535
+        return f"batch {B} or heads {Hq} above 65535"
+    if max(Lq, k.shape[2]) >= 2**31:
+        return "sequence length >= 2^31"
+    if any(t.stride(3) != 1 or any(s % 8 for s in t.stride()[:3]) for t in (q, k, v)):
+        return ALIGNMENT_MESSAGE
+    if not torch.compiler.is_compiling() and any(t.data_ptr() % 16 for t in (q, k, v)):
+        return ALIGNMENT_MESSAGE
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

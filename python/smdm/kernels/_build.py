@@ -7,6 +7,9 @@ Build at first use, never into the package directory:
     CUDA and Python versions and the architectures, so a changed source rebuilds.
   * NVRTC path (no CUDA toolkit, CuPy installed): csrc/kernels.cu compiled by CuPy (`cupy.RawModule`) and
     launched on torch's current stream; it exposes the same two functions as the pybind module.
+  * `SMDM_KERNEL_BUILD` picks the path: `auto` (default: nvcc when a CUDA toolkit is found, else NVRTC),
+    `nvcc` (never NVRTC: no toolkit is a KernelBuildError), `nvrtc` (NVRTC even where nvcc exists). A failed
+    build is remembered per process and per mode: setting another mode and calling `load()` again retries.
 `check_sources()` compiles every source without a GPU: nvcc `-c` per file (kernels for sm_90a, sm_80 and
 sm_89; the torch launchers and bindings against torch's headers) and NVRTC (libnvrtc through ctypes).
 """
@@ -32,6 +35,7 @@ LAUNCHERS = ("sampler.cu", "attention.cu")
 BINDINGS = "bindings.cpp"
 NVRTC_UNIT = "kernels.cu"
 CHECK_ARCHS = ("sm_90a", "sm_80", "sm_89")
+BUILD_MODES = ("auto", "nvcc", "nvrtc")  # values of $SMDM_KERNEL_BUILD
 
 
 class KernelBuildError(RuntimeError):
@@ -171,17 +175,34 @@ _module = None
 _module_error: KernelBuildError | None = None
 
 
+def build_mode() -> str:
+    """The build path asked for by $SMDM_KERNEL_BUILD: "auto" (default), "nvcc" or "nvrtc" (module docstring).
+    Any other value is a ValueError: a misspelt switch must not quietly build another way."""
+    raw = os.environ.get("SMDM_KERNEL_BUILD", "")
+    mode = raw.strip().lower() or "auto"
+    if mode not in BUILD_MODES:
+        raise ValueError(
+            f"SMDM_KERNEL_BUILD must be one of {', '.join(BUILD_MODES)} (auto: nvcc when a CUDA toolkit is "
+            f"found, else NVRTC through CuPy; nvcc: never NVRTC; nvrtc: NVRTC even where nvcc exists), got {raw!r}"
+        )
+    return mode
+
+
 def load(verbose: bool = False):
-    """The kernel module (built on first use). Raises KernelBuildError with the reason when impossible."""
+    """The kernel module (built on first use, by the path $SMDM_KERNEL_BUILD selects). Raises KernelBuildError
+    with the reason when impossible (ValueError for a bad SMDM_KERNEL_BUILD)."""
     global _module, _module_error
+    mode = build_mode()
     with _lock:
         if _module is not None:
             return _module
-        if _module_error is not None:
+        # a failure is final for its mode only (an error set from outside, without a mode, for every mode)
+        if _module_error is not None and getattr(_module_error, "build_mode", mode) == mode:
             raise _module_error
         try:
-            _module = _load_uncached(verbose)
+            _module = _load_uncached(verbose, mode)
         except KernelBuildError as e:
+            e.build_mode = mode
             _module_error = e
             raise
         except Exception as e:  # CuPy's CompileException, an unwritable cache dir, a broken nvcc, ...
@@ -190,22 +211,34 @@ def load(verbose: bool = False):
                 f"building or loading the smdm CUDA kernels failed: {type(e).__name__}: {e}\n"
                 f"(cache: {cache_root()}; SMDM_KERNELS=reference uses the PyTorch references)"
             )
+            _module_error.build_mode = mode
             raise _module_error from e
         return _module
 
 
-def _load_uncached(verbose: bool):
+def _load_uncached(verbose: bool, mode: str = "auto"):
     import torch
 
     if not torch.cuda.is_available():
         raise KernelBuildError("smdm CUDA kernels need a CUDA device (torch.cuda.is_available() is False)")
     src = source_dir()
-    home = find_cuda_home()
+    home = None if mode == "nvrtc" else find_cuda_home()
     if home is not None:
         return _build_nvcc(src, home, verbose)
+    if mode == "nvcc":
+        raise KernelBuildError(
+            "SMDM_KERNEL_BUILD=nvcc but no CUDA toolkit (nvcc) was found ($CUDA_HOME, $CUDA_PATH, the PyPI "
+            "nvidia-cuda-nvcc, PATH, /usr/local/cuda): `pip install nvidia-cuda-nvcc nvidia-cuda-cccl pybind11 "
+            "ninja` or set CUDA_HOME; SMDM_KERNEL_BUILD=auto allows the NVRTC (CuPy) build instead."
+        )
     try:
         import cupy  # noqa: F401
     except ImportError:
+        if mode == "nvrtc":
+            raise KernelBuildError(
+                "SMDM_KERNEL_BUILD=nvrtc but CuPy is not installed: `pip install cupy-cuda13x` (matching "
+                "torch's CUDA major version), or unset SMDM_KERNEL_BUILD to build with nvcc."
+            ) from None
         raise KernelBuildError(
             "cannot build the smdm CUDA kernels: no CUDA toolkit (nvcc) found and CuPy is not installed. "
             "Install one of: `pip install nvidia-cuda-nvcc nvidia-cuda-cccl pybind11 ninja` (nvcc, matching "

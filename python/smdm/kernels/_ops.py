@@ -4,6 +4,12 @@ Each op has a fake (meta) implementation so `torch.compile` traces it without ru
 implementation runs the CUDA kernel for CUDA tensors and the PyTorch reference otherwise (so the ops work, and
 can be opchecked, on CPU). Outputs are allocated here, in Python.
 
+The last argument, `backend`, is the backend the public function resolved ("cuda" by default: the kernel,
+building it on first use, errors raised): under torch.compile the public functions pass "auto" (nothing was
+built while tracing), and the op makes the eager choice when it runs: build, and on a failed build or an
+unsupported call (attention: a q/k/v start address not 16-byte aligned) the reference instead, with the eager
+warning. "reference" runs the reference on any device (how compiled sampler calls avoid tracing into it).
+
 No `from __future__ import annotations` here: torch.library infers the op schema from the annotations.
 """
 
@@ -22,6 +28,16 @@ from smdm.kernels._reference import (
 _CONF_NAMES = ("prob", "margin", "neg_entropy")
 
 
+def _use_kernel(backend: str, is_cuda: bool, unsupported: Optional[str] = None) -> bool:
+    """Run-time choice of one op call: True for the kernel (built), False for the reference. "cuda" raises
+    (KernelBuildError, or ValueError for an unsupported call) instead of falling back."""
+    if not is_cuda or backend == "reference":
+        return False
+    from smdm import kernels
+
+    return kernels._resolve_backend(backend, True, unsupported) == "cuda"
+
+
 @torch.library.custom_op("smdm::unmask_step", mutates_args=("tokens",))
 def unmask_step_op(
     logits: torch.Tensor,
@@ -38,9 +54,10 @@ def unmask_step_op(
     top_p: float,
     conf_mode: int,
     threshold: float,
+    backend: str = "cuda",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, _ = logits.shape
-    if not logits.is_cuda:
+    if not _use_kernel(backend, logits.is_cuda):
         return unmask_step_reference(
             logits,
             tokens,
@@ -98,6 +115,7 @@ def _unmask_step_fake(
     top_p,
     conf_mode,
     threshold,
+    backend="cuda",
 ):
     B, L, _ = logits.shape
     return (
@@ -117,8 +135,9 @@ def choose_tokens_op(
     top_k: int,
     top_p: float,
     conf_mode: int,
+    backend: str = "cuda",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not logits.is_cuda:
+    if not _use_kernel(backend, logits.is_cuda):
         return choose_tokens_reference(
             logits,
             seeds=seeds,
@@ -139,16 +158,20 @@ def choose_tokens_op(
 
 
 @choose_tokens_op.register_fake
-def _choose_tokens_fake(logits, seeds, positions, steps, temperature, top_k, top_p, conf_mode):
+def _choose_tokens_fake(logits, seeds, positions, steps, temperature, top_k, top_p, conf_mode, backend="cuda"):
     N = logits.shape[0]
     return logits.new_empty((N,), dtype=torch.int64), logits.new_empty((N,), dtype=torch.float32)
 
 
 @torch.library.custom_op("smdm::select_positions", mutates_args=())
 def select_positions_op(
-    confidence: torch.Tensor, candidates: torch.Tensor, n: Optional[torch.Tensor], threshold: float
+    confidence: torch.Tensor,
+    candidates: torch.Tensor,
+    n: Optional[torch.Tensor],
+    threshold: float,
+    backend: str = "cuda",
 ) -> torch.Tensor:
-    if not confidence.is_cuda:
+    if not _use_kernel(backend, confidence.is_cuda):
         return select_positions_reference(confidence, candidates, n, None if n is not None else threshold)
     committed = torch.empty(confidence.shape, dtype=torch.bool, device=confidence.device)
     _build.load().select_positions(confidence, candidates, n, threshold, committed)
@@ -156,7 +179,7 @@ def select_positions_op(
 
 
 @select_positions_op.register_fake
-def _select_positions_fake(confidence, candidates, n, threshold):
+def _select_positions_fake(confidence, candidates, n, threshold, backend="cuda"):
     return confidence.new_empty(confidence.shape, dtype=torch.bool)
 
 
@@ -168,8 +191,12 @@ def attention_op(
     q_segment_ids: Optional[torch.Tensor],
     k_segment_ids: Optional[torch.Tensor],
     scale: float,
+    backend: str = "cuda",
 ) -> torch.Tensor:
-    if not q.is_cuda:
+    # the 16-byte alignment of the start addresses, unknown while tracing, is checked here (eager: again)
+    from smdm.kernels import _attention_unsupported
+
+    if not _use_kernel(backend, q.is_cuda, _attention_unsupported(q, k, v) if q.is_cuda else None):
         return attention_reference(
             q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale
         )
@@ -179,5 +206,5 @@ def attention_op(
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, q_segment_ids, k_segment_ids, scale):
+def _attention_fake(q, k, v, q_segment_ids, k_segment_ids, scale, backend="cuda"):
     return q.new_empty(q.shape)
