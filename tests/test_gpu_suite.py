@@ -158,7 +158,8 @@ def test_gpu_suite_nvrtc_fallback_uses_the_build_switch(monkeypatch, tmp_path):
         raise K.KernelBuildError("nvcc exploded")
 
     monkeypatch.setattr(_build, "_build_nvcc", nvcc_fails)
-    monkeypatch.delenv("SMDM_KERNEL_BUILD", raising=False)
+    # setenv, not delenv: delenv of an unset variable records nothing, and child_build sets it in os.environ
+    monkeypatch.setenv("SMDM_KERNEL_BUILD", "auto")  # = unset; restored (removed) after the test
     monkeypatch.setenv("SMDM_CACHE_DIR", str(tmp_path / "cache"))
     part = gs.Part("build", tmp_path / "build.json")
     gs.child_build(part, {})
