@@ -48,6 +48,7 @@ def run(capsys, *argv):
     (["--sampler", "beam"], "--sampler must be one of"),
     (["--gen-length", "8", "--block-length", "4", "--steps", "3"], "multiple of the number of blocks"),
     (["--cache", "all"], "--cache must be one of"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
 ])
 def test_bad_options_fail_before_loading(capsys, argv, msg):
     rc, _, err = run(capsys, "generate", "--ckpt", "/nonexistent", "--prompt", "x", *argv)
@@ -77,6 +78,25 @@ def test_generate_ids_and_arm(capsys, ckpts):
                      "6", "--cache", "prefix", "--json", "--no-eos", "--temperature", "1", "--top-k", "3")
     res = json.loads(out)
     assert rc == 0 and len(res["tokens"][0]) == 6 and res["forward_passes"] == 6
+
+
+def test_num_samples_draw_each_input_with_seeds_seed_plus_j(capsys, ckpts):
+    """--num-samples N: N rows per input with seeds seed..seed+N-1, so one prompt's samples differ at
+    temperature 1 (one seed for all rows would give same-length prompts identical noise), and sample j equals
+    a plain run with --seed seed+j."""
+    common = ["--gen-length", "16", "--steps", "16", "--temperature", "1", "--no-eos", "--json"]
+    rc, out, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt", "the cat", "--prompt",
+                       "a dog", "--num-samples", "3", "--seed", "5", *common)
+    assert rc == 0, err
+    toks = json.loads(out)["tokens"]
+    assert len(toks) == 6 and len({tuple(t) for t in toks[:3]}) == 3
+    for j in range(3):
+        _, one, _ = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt", "a dog", "--seed",
+                        str(5 + j), *common)
+        assert json.loads(one)["tokens"][0] == toks[3 + j]
+    rc, out, _ = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--text", "the <|mask:6|> mat",
+                     "--num-samples", "2", "--temperature", "1", "--no-eos")
+    assert rc == 0 and "--- 0 sample 1 (seed 1)" in out
 
 
 def test_infill_hole_syntax(capsys, ckpts, tmp_path):

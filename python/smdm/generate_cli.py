@@ -61,7 +61,11 @@ def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
     parser.add_argument("--cache", default=None,
                         help="none | prefix (MDM: K/V of finished blocks, approximate; ARM: its KV cache). "
                              "Default: none for the MDM, the KV cache for the ARM")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sample j of every input uses seed + j (the noise is keyed by seed and position, so "
+                             "inputs of one length given the same seed share it)")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="samples per input, with seeds seed, seed + 1, ... (default 1)")
     parser.add_argument("--eos-id", type=int, default=None, help="EOS id (default: the tokenizer's EOS)")
     parser.add_argument("--no-eos", action="store_true", help="no early stop at EOS")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -98,6 +102,8 @@ def check_args(args, name: str) -> None:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.cfg_scale < 0:
         raise ValueError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
     if args.confidence not in CONFIDENCES:
@@ -243,9 +249,12 @@ def main(args, name: str = "generate") -> int:
                 rows = [parse_ids(t, mask_id) for t in args.ids]
                 if any(mask_id not in r for r in rows):
                     raise ValueError("--ids has no masked position: mark the positions to fill with '_'")
+        n = args.num_samples  # rows: input 0's samples, then input 1's, ...
+        rows = [r for r in rows for _ in range(n)]
         opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    cfg_scale=args.cfg_scale, seed=args.seed, confidence=args.confidence,
+                    cfg_scale=args.cfg_scale, seed=[args.seed + j % n for j in range(len(rows))],
+                    confidence=args.confidence,
                     eos_id=_eos_id(args, tokenizer), cache=args.cache, schedule=schedule)
         callback = _drawer(tokenizer, mask_id if mask_id is not None else -1) if args.show_steps else None
         t0 = time.perf_counter()
@@ -265,9 +274,10 @@ def main(args, name: str = "generate") -> int:
                           "generated_tokens": out.generated_tokens, "schedule": schedule,
                           "seconds": round(seconds, 4)}))
     else:
+        n = args.num_samples
         for i, text in enumerate(texts):
             if len(texts) > 1:
-                print(f"--- {i}")
+                print(f"--- {i // n}" + (f" sample {i % n} (seed {args.seed + i % n})" if n > 1 else ""))
             print(text)
         print(f"[{out.generated_tokens} tokens, {out.forward_passes} forward passes, {seconds:.2f} s]",
               file=sys.stderr)
