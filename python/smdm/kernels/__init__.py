@@ -538,9 +538,13 @@ def _attention_unsupported(q, k, v) -> str | None:
         return "sequence length >= 2^31"
     if any(t.stride(3) != 1 or any(s % 8 for s in t.stride()[:3]) for t in (q, k, v)):
         return ALIGNMENT_MESSAGE
-    if not torch.compiler.is_compiling() and any(t.data_ptr() % 16 for t in (q, k, v)):
-        return ALIGNMENT_MESSAGE
-    return None
+    return None if torch.compiler.is_compiling() else _misaligned(q, k, v)
+
+
+def _misaligned(q, k, v) -> str | None:
+    """The one check of `_attention_unsupported` that needs the start addresses: the op repeats only this one
+    when it runs (the static checks were made when the call was traced, or eagerly)."""
+    return ALIGNMENT_MESSAGE if any(t.data_ptr() % 16 for t in (q, k, v)) else None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -193,10 +193,10 @@ def attention_op(
     scale: float,
     backend: str = "cuda",
 ) -> torch.Tensor:
-    # the 16-byte alignment of the start addresses, unknown while tracing, is checked here (eager: again)
-    from smdm.kernels import _attention_unsupported
+    # only the 16-byte alignment of the start addresses (unknown while tracing) is checked again here
+    from smdm.kernels import _misaligned
 
-    if not _use_kernel(backend, q.is_cuda, _attention_unsupported(q, k, v) if q.is_cuda else None):
+    if not _use_kernel(backend, q.is_cuda, _misaligned(q, k, v) if q.is_cuda else None):
         return attention_reference(
             q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale
         )
