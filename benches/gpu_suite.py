@@ -1,4 +1,4 @@
-# python3 benches/gpu_suite.py --out $OUT [--deadline 500]     (one H100 or H200: ~6.5 min, see PLAN)
+# python3 benches/gpu_suite.py --out $OUT [--deadline 500]     (one H100/H200: ~6.5 min estimated, never run yet)
 # python3 benches/gpu_suite.py --smoke --out /tmp/s   (CPU: every section on tiny shapes with the PyTorch
 #                                                      references; checks the script, not the GPU)
 """smdm GPU suite: builds the kernels, runs `pytest -m gpu`, measures the physical ceilings (copy bandwidth,
