@@ -173,6 +173,10 @@ def test_missing_lm_eval_says_how_to_install(tmp_path):
     assert r.returncode == 2
     assert "ERR the lm-evaluation-harness adapter needs lm-eval (`pip install 'smdm[eval]'`)" in r.stdout
     assert "smdm eval harness: error:" in r.stderr and "pip install 'smdm[eval]'" in r.stderr
+    r = _python("import sys; sys.modules['lm_eval'] = None\nfrom smdm import cli\n"
+                "sys.exit(cli.main(['lm-eval', '--model', 'smdm', '--tasks', 't']))")
+    assert r.returncode == 2, r.stderr
+    assert "smdm lm-eval: error:" in r.stderr and "pip install 'smdm[eval]'" in r.stderr
 
 
 def test_cut_at_stop():
@@ -385,6 +389,32 @@ def test_cli_subprocess(twins, runs, tmp_path):
     acc = np.mean([int(np.argmax([ll for ll, _ in doc_])) == it["label"] for doc_, it in zip(mine, MC_ITEMS)])
     assert res["results"]["tiny_mc"]["acc,none"] == acc
     assert res["config"]["smdm_ckpt"] == str(twins["ar"])
+
+
+def test_lm_eval_own_cli(twins, runs, tmp_path):
+    """`smdm lm-eval ...` is lm-eval's own command line (its option names, its output files) with the model
+    "smdm" registered: the ARM on the multiple-choice task in a real process, the same acc and per-sample
+    log-likelihoods as in-process. (One run: lm-eval's CLI indexes all its ~10k default task YAMLs first,
+    about 45 s on CI's machine.)"""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+
+    out = tmp_path / "out"
+    argv = ["--model", "smdm", "--model_args", f"ckpt={twins['ar']}", "--device", "cpu", "--batch_size", "2",
+            "--tasks", "tiny_mc", "--include_path", str(twins["tasks"]), "--limit", "3", "--output_path", str(out),
+            "--log_samples"]
+    r = subprocess.run([sys.executable, "-m", "smdm.cli", "lm-eval", *argv], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tiny_mc" in r.stdout and "acc_norm" in r.stdout
+    results = list(out.rglob("results_*.json"))
+    samples = list(out.rglob("samples_tiny_mc_*.jsonl"))
+    assert len(results) == 1 and len(samples) == 1, sorted(out.rglob("*"))
+    mine = _resps(runs["ar"], "tiny_mc")[:3]
+    acc = np.mean([int(np.argmax([ll for ll, _ in d])) == it["label"] for d, it in zip(mine, MC_ITEMS)])
+    assert json.loads(results[0].read_text())["results"]["tiny_mc"]["acc,none"] == acc
+    got = sorted((json.loads(line) for line in samples[0].read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert [[float(r[0][0]) for r in s["resps"]] for s in got] == [[ll for ll, _ in d] for d in mine]
 
 
 def test_cli_errors(twins, offline, capsys):

@@ -6,6 +6,7 @@ when used, so `smdm --help` stays fast.
     smdm train ...            the bundled trainer (the main job)    (smdm.train)
     smdm generate|infill ...  guided generation                     (smdm.generate_cli)
     smdm eval mc|gsm8k|ppl|harness  likelihood benchmarks and lm-eval tasks, MDM vs ARM (smdm.evaluate)
+    smdm lm-eval ...          lm-eval's own CLI with the model "smdm" registered (smdm.harness)
     smdm bench pack|mask|tokenize|sampler                           (smdm.benchmarks.*)
     smdm kernels check        compile the CUDA sources              (smdm.kernels)
     smdm convert from-litgpt|to-litgpt  SMDM / TinyLlama weights in and out (smdm.convert)
@@ -26,10 +27,13 @@ COMMANDS = {
     "generate": ("smdm.generate_cli", "generate text from a checkpoint"),
     "infill": ("smdm.generate_cli", "fill the holes of a text"),
     "eval": ("smdm.evaluate", "likelihood, GSM8K and lm-eval benchmarks, MDM vs its ARM twin"),
+    "lm-eval": ("smdm.harness", "lm-eval's own command line with the model \"smdm\" registered (`smdm lm-eval "
+                "--model smdm --model_args ckpt=DIR --tasks T ...`)"),
     "bench": ("smdm.benchmarks", "throughput benchmarks (tables + JSON)"),
     "kernels": ("smdm.kernels", "build or compile-check the CUDA kernels"),
     "convert": ("smdm.convert", "import SMDM / lit-gpt weights, or export to them"),
 }
+PASSTHROUGH = "lm-eval"  # hands its arguments to lm-eval's parser untouched
 
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # the main job: `smdm` alone is `smdm train` with its defaults
         argv = ["train"]
+    if argv[0] == PASSTHROUGH:  # every argument after it is lm-eval's (its options clash with argparse here)
+        from smdm.harness import lm_eval_main
+
+        return lm_eval_main(argv[1:])
     parser = _parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

@@ -5,6 +5,8 @@ generate_until) on an smdm MDM or its ARM twin, scored exactly as `smdm eval` sc
     pip install 'smdm[eval]'                          # lm-eval (Python >= 3.10) is optional
     smdm eval harness --ckpt DIR --tasks T[,T2] [--include-path P] [--limit N] [--json F]
     python -m smdm.harness --ckpt DIR --tasks T ...   # the same command
+    smdm lm-eval --model smdm --model_args ckpt=DIR --tasks T [any lm-eval option]
+                                                      # lm-eval's own CLI with "smdm" registered (below)
 
     import lm_eval, smdm.harness
     smdm.harness.register()                           # imports lm_eval, registers the model name "smdm"
@@ -480,6 +482,29 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="smdm eval harness", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_cli(parser.parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def lm_eval_main(argv: list) -> int:
+    """`smdm lm-eval ARGS`: lm-eval's own command line (`lm-eval ARGS`: run / ls / validate, every option:
+    --output_path, --log_samples, --num_fewshot, --gen_kwargs, ...) with the model "smdm" registered, which
+    lm-eval >= 0.4 cannot find by itself (it has no plugin discovery). lm-eval's `--batch_size` and `--device`
+    reach the adapter as its model arguments. Returns lm-eval's exit status."""
+    try:
+        _import_lm_eval()
+        register()
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as e:
+        print(f"smdm lm-eval: error: {e}", file=sys.stderr)
+        return 2
+    saved = sys.argv
+    sys.argv = ["smdm lm-eval", *argv]  # lm-eval parses sys.argv (and inserts `run` where no subcommand is)
+    try:
+        cli_evaluate()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
 
 
 if __name__ == "__main__":
