@@ -699,3 +699,33 @@ def test_sft_resume_on_another_file_of_the_same_size_needs_force(tmp_path):
         train(cfg(b, resume=True))
     train(cfg(a, resume=True))
     assert ckpt.latest(tmp_path / "run").name == "step-4"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_demo_samples_are_greedy_then_temperature_one_with_a_seed_per_prompt(causal, capsys):
+    """The demo's samples: for each prompt a greedy line (MDM low_confidence / ARM left to right, temperature 0)
+    and a temperature-1 line (MDM ancestral), prompt i drawn with seed + i, equal to smdm.generate alone."""
+    from smdm.model import build_model, config_by_name
+    from smdm.sampling import generate
+    from smdm.train import print_samples
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["def f(x):\n    return x\nimport os\nclass A:\n    pass\n"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = build_model(config_by_name("tiny", vocab_size=tok.get_vocab_size(), causal=causal)).eval()
+    kind = "ar" if causal else "mdm"
+    print_samples(model, tok, 3, kind, seed=5)
+    out = capsys.readouterr().out
+    blocks = out.split("---- samples")[1:]
+    assert len(blocks) == 2 and "temperature 0" in blocks[0] and "temperature 1" in blocks[1]
+    assert ("ancestral" in blocks[1]) != causal and ("weak MDM" in out) != causal
+    prompts = ["def ", "import os\n", "class "]
+    for block, kw in zip(blocks, (dict(temperature=0.0), dict(temperature=1.0, sampler="ancestral"
+                                                                if not causal else "low_confidence"))):
+        lines = block.splitlines()[1:4]
+        for i, (text, line) in enumerate(zip(prompts, lines)):
+            alone = generate(model, [tok.encode(text).ids], gen_length=64, steps=64, seed=5 + i, **kw).tokens[0]
+            assert line == repr(text + tok.decode(alone)), (i, kw)
+    assert blocks[1].splitlines()[1:4] != blocks[0].splitlines()[1:4]

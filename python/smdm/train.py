@@ -1075,6 +1075,9 @@ class Trainer:
 
 
 def print_samples(model, tokenizer, n: int, kind: str, seed: int = 0):
+    """n prompts, each decoded twice: greedy (MDM: low_confidence, one token per step; ARM: left to right) and
+    sampled at temperature 1 (MDM: ancestral, the reverse process itself). Prompt i draws with seed + i: the
+    sampler's noise is keyed by (seed, step, position, token), so prompts of one length would share it."""
     prompts_text = ["def ", "import os\n", "class ", "    return "][:n]
     if tokenizer is None:
         print("(no tokenizer in the data: no samples)")
@@ -1085,12 +1088,18 @@ def print_samples(model, tokenizer, n: int, kind: str, seed: int = 0):
         print(f"(samples skipped: smdm.sampling is not available: {e})")
         return
     prompts = [tokenizer.encode(p).ids for p in prompts_text]
-    out = generate(model, prompts, gen_length=64, steps=64, sampler="low_confidence", temperature=0.0,
-                   seed=seed)
-    how = "low_confidence, 64 steps" if kind == "mdm" else "greedy, left to right"
-    print(f"\n---- samples ({kind}, {how}, 64 tokens, temperature 0) ----")
-    for p, toks in zip(prompts_text, out.tokens):
-        print(repr(p + tokenizer.decode(toks)))
+    greedy = "low_confidence, 64 steps" if kind == "mdm" else "greedy, left to right"
+    for title, kw in ((f"{greedy}, temperature 0", dict(sampler="low_confidence", temperature=0.0)),
+                      ("ancestral, 64 steps, temperature 1" if kind == "mdm" else "left to right, temperature 1",
+                       dict(sampler="ancestral" if kind == "mdm" else "low_confidence", temperature=1.0))):
+        print(f"\n---- samples ({kind}, {title}, 64 tokens) ----")
+        out = generate(model, prompts, gen_length=64, steps=64, seed=[seed + i for i in range(len(prompts))], **kw)
+        for text, toks in zip(prompts_text, out.tokens):
+            print(repr(text + tokenizer.decode(toks)))
+    if kind == "mdm":
+        print("(A few CPU minutes make a weak MDM: it needs several times its ARM twin's compute for the same "
+              "likelihood, and greedy decoding of a weak model repeats its most frequent tokens; the temperature-1 "
+              "samples show what it has learned. README: 'What the demo shows'.)")
 
 
 def print_sft_samples(model, tokenizer, examples, n: int, eos_id: int, seed: int = 0):
