@@ -490,8 +490,7 @@ def lm_eval_main(argv: list) -> int:
     lm-eval >= 0.4 cannot find by itself (it has no plugin discovery). lm-eval's `--batch_size` and `--device`
     reach the adapter as its model arguments. Returns lm-eval's exit status."""
     try:
-        _import_lm_eval()
-        register()
+        register()  # imports lm_eval (ImportError naming the extra to install)
         from lm_eval.__main__ import cli_evaluate
     except ImportError as e:
         print(f"smdm lm-eval: error: {e}", file=sys.stderr)

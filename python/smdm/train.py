@@ -1088,12 +1088,16 @@ def print_samples(model, tokenizer, n: int, kind: str, seed: int = 0):
         print(f"(samples skipped: smdm.sampling is not available: {e})")
         return
     prompts = [tokenizer.encode(p).ids for p in prompts_text]
-    greedy = "low_confidence, 64 steps" if kind == "mdm" else "greedy, left to right"
-    for title, kw in ((f"{greedy}, temperature 0", dict(sampler="low_confidence", temperature=0.0)),
-                      ("ancestral, 64 steps, temperature 1" if kind == "mdm" else "left to right, temperature 1",
-                       dict(sampler="ancestral" if kind == "mdm" else "low_confidence", temperature=1.0))):
+    if kind == "mdm":  # (title, sampler, temperature)
+        runs = [("low_confidence, 64 steps, temperature 0", "low_confidence", 0.0),
+                ("ancestral, 64 steps, temperature 1", "ancestral", 1.0)]
+    else:  # the ARM decodes left to right whatever the sampler name
+        runs = [("greedy, left to right, temperature 0", "low_confidence", 0.0),
+                ("left to right, temperature 1", "low_confidence", 1.0)]
+    seeds = [seed + i for i in range(len(prompts))]
+    for title, sampler, temperature in runs:
         print(f"\n---- samples ({kind}, {title}, 64 tokens) ----")
-        out = generate(model, prompts, gen_length=64, steps=64, seed=[seed + i for i in range(len(prompts))], **kw)
+        out = generate(model, prompts, gen_length=64, steps=64, sampler=sampler, temperature=temperature, seed=seeds)
         for text, toks in zip(prompts_text, out.tokens):
             print(repr(text + tokenizer.decode(toks)))
     if kind == "mdm":
