@@ -1,4 +1,4 @@
-"""`smdm bench pack|mask|tokenize|sampler|reversal|scaling`: benchmarks that print a table and write JSON.
+"""`smdm bench pack|mask|tokenize|sampler|frontier|reversal|scaling`: benchmarks that print a table and write JSON.
 
 Each benchmark lives in `smdm.benchmarks.<name>` and exposes `register(parser)` (adds its options, sets
 `func`). The module is imported only when its benchmark runs, so `smdm bench --help` stays fast and a
@@ -17,6 +17,7 @@ BENCHMARKS = {
     "mask": "the masking forward process (Rust vs torch on CPU)",
     "tokenize": "tokenize + pack (Rust pipeline vs Python tokenizers encode_batch + numpy)",
     "sampler": "MDM samplers vs the ARM twin (GPU kernels when available)",
+    "frontier": "speed vs quality of MDM sampling and the ARM twin on trained checkpoints (judge perplexity)",
     "reversal": "the reversal curse: MDM vs its ARM twin on facts trained in one direction (CPU, minutes)",
     "scaling": "IsoFLOP sweep: MDM vs ARM validation loss over model sizes and compute budgets, power-law fits",
 }

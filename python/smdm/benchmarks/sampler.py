@@ -165,7 +165,7 @@ def cache_quality(model, prompts, references, gen_length: int, steps: int, block
     return rows
 
 
-def _quality_prompts(data_dir: str, n: int, prompt_length: int, gen_length: int):
+def validation_prompts(data_dir: str, n: int, prompt_length: int, gen_length: int):
     """The first n validation documents long enough: (prompts, true continuations)."""
     from smdm.data import load_manifest, read_shard, resolve_dataset
 
@@ -201,7 +201,7 @@ def quality_main(args) -> int:
 
     model, _ = smdm.load(args.quality_ckpt, device=args.device)
     G = args.gen_lengths[0]
-    prompts, refs = _quality_prompts(args.quality_data, args.quality_n, args.prompt_length, G)
+    prompts, refs = validation_prompts(args.quality_data, args.quality_n, args.prompt_length, G)
     S = max(1, G // args.steps_div)
     block = args.quality_block
     S -= S % (G // block)

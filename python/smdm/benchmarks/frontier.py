@@ -1,0 +1,282 @@
+# smdm bench frontier --mdm runs/demo-mdm --arm runs/demo-ar --n 32 --gen-length 64 --json frontier.json
+"""`smdm bench frontier`: speed against quality of MDM sampling and of the ARM twin with its KV cache, on
+trained checkpoints.
+
+The paper's claim that an MDM can generate faster than its ARM twin is a claim about a trade-off: fewer sampler
+steps are faster and worse. This benchmark measures both sides of it on the same validation prompts in one
+process:
+
+- speed: generated tokens per second (generated tokens only, never the prompt) over whole `smdm.generate` calls,
+  after one warm-up call per variant; forward passes (model calls);
+- quality: the generative perplexity, exp of the judge's negative log-likelihood per generated token given the
+  prompt (the judge is an autoregressive checkpoint, `--judge`, default the ARM twin: its exact likelihood,
+  `smdm.evaluate.score`), with the standard error of the per-sample mean; and the mean unigram entropy of each
+  sample's tokens (nats), which exposes repetitive text: a sample that repeats one token has entropy 0 and a
+  deceptively good perplexity (MDLM and later papers report the two together for this reason).
+
+The validation continuation of each prompt ("reference text") gets the same quality columns: the judge's
+perplexity of real text and its entropy are the yardstick. A judge that is the ARM twin favours the ARM's own
+samples (it scores its own distribution); an independent, larger ARM (`smdm convert from-litgpt`) is the fairer
+judge. Generation is fixed-length (no stop at EOS), so every variant produces the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from smdm.benchmarks import environment, write_records
+
+
+def sample_entropy(tokens) -> float:
+    """Unigram entropy (nats) of one sample's tokens: -sum_v p_v log p_v with p_v the frequency of v in it."""
+    n = len(tokens)
+    if n == 0:
+        return 0.0
+    return -sum(c / n * math.log(c / n) for c in Counter(tokens).values())
+
+
+def quality(judge, prompts, continuations, *, batch_size: int = 16) -> dict:
+    """The judge's NLL of each continuation given its prompt (exact, ARM) and each continuation's entropy."""
+    import numpy as np
+
+    from smdm.evaluate import score
+
+    s = score(judge, list(zip(prompts, continuations)), batch_size=batch_size)
+    per_token = s.nll / np.maximum(s.n_tokens, 1)  # (N,) nats per token of each sample
+    ent = np.array([sample_entropy(c) for c in continuations])
+    n = len(continuations)
+    se = float(per_token.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    nats = float(s.nll.sum() / max(1, s.n_tokens.sum()))  # token-weighted: all samples are gen_length long
+    return {"judge_nats_per_token": nats, "judge_nats_se": se, "gen_ppl": math.exp(nats),
+            "entropy": float(ent.mean()), "entropy_min": float(ent.min())}
+
+
+def timed_generate(model, prompts, *, seeds, batch_size: int, device, **kw) -> dict:
+    """Every prompt generated in batches of `batch_size` after one warm-up call of the first batch's shape
+    (whose output is discarded); seconds over the timed calls only, GPU synchronized."""
+    import torch
+
+    from smdm.sampling import generate
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    batches = [range(i, min(i + batch_size, len(prompts))) for i in range(0, len(prompts), batch_size)]
+    generate(model, [prompts[i] for i in batches[0]], seed=[seeds[i] for i in batches[0]], **kw)  # warm-up
+    sync()
+    outs, fwd, gen_tokens = [], 0, 0
+    t0 = time.perf_counter()
+    for b in batches:
+        o = generate(model, [prompts[i] for i in b], seed=[seeds[i] for i in b], **kw)
+        outs += [s[len(prompts[i]):] for s, i in zip(o.sequences, b)]
+        fwd += o.forward_passes
+        gen_tokens += o.generated_tokens
+    sync()
+    sec = time.perf_counter() - t0
+    return {"continuations": outs, "seconds": sec, "forward_passes": fwd, "generated_tokens": gen_tokens,
+            "tokens_per_s": gen_tokens / sec}
+
+
+def variants(steps, samplers, block_length=None, cache: str = "none", threshold: float = 0.9) -> dict:
+    """name -> generate() keyword arguments of each MDM variant (the ARM baseline is added by `run`)."""
+    out = {}
+    for sampler in samplers:
+        for S in steps:
+            name = f"mdm {sampler}" + (f" {threshold}" if sampler == "threshold" else "") + f" S={S}"
+            name += (f" blocks {block_length}" if block_length else "") + (" prefix-cache" if cache == "prefix"
+                                                                             else "")
+            out[name] = dict(sampler=sampler, steps=S, block_length=block_length, cache=cache,
+                             threshold=threshold if sampler == "threshold" else None)
+    return out
+
+
+def run(mdm, arm, judge, prompts, references, *, gen_length: int, steps, samplers, temperature: float,
+        block_length=None, cache: str = "none", threshold: float = 0.9, cfg_scale: float = 0.0,
+        batch_size: int = 8, seed: int = 0, judge_batch_size: int = 16) -> list:
+    """One record per variant (ARM twin first when given, then each MDM sampler x steps, then the reference
+    text): speed, forward passes, judge perplexity and entropy, tokens/s over the ARM's."""
+    import torch
+
+    device = next(mdm.parameters()).device
+    seeds = [seed + i for i in range(len(prompts))]
+    common = dict(gen_length=gen_length, temperature=temperature, seeds=seeds, batch_size=batch_size,
+                  device=device)
+    plan = []
+    if arm is not None:
+        plan.append(("arm kv-cache", arm, dict(cache="prefix", batch_invariant=False)))
+    plan += [(name, mdm, dict(kw, cfg_scale=cfg_scale))
+             for name, kw in variants(steps, samplers, block_length, cache, threshold).items()]
+    records = []
+    with torch.no_grad():
+        for name, model, kw in plan:
+            r = timed_generate(model, prompts, **common, **kw)
+            q = quality(judge, prompts, r["continuations"], batch_size=judge_batch_size)
+            records.append({"variant": name, **{k: v for k, v in kw.items() if v is not None},
+                            **{k: v for k, v in r.items() if k != "continuations"}, **q,
+                            "samples": r["continuations"]})
+            print(f"  {name}: {r['tokens_per_s']:.1f} tok/s, gen PPL {q['gen_ppl']:.2f}, entropy "
+                  f"{q['entropy']:.2f}", file=sys.stderr, flush=True)
+        q = quality(judge, prompts, references, batch_size=judge_batch_size)
+    records.append({"variant": "reference text", **q, "samples": references})
+    base = records[0]["tokens_per_s"] if arm is not None else None
+    for r in records:
+        r["ratio_vs_arm"] = r["tokens_per_s"] / base if base and "tokens_per_s" in r else None
+    return records
+
+
+def table(records) -> str:
+    head = (f"{'variant':<34} {'tok/s':>8} {'x ARM':>6} {'fwd':>6} {'gen PPL':>8} {'nats/tok':>8} {'+-':>5} "
+            f"{'entropy':>7}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-"
+        ratio = f"{r['ratio_vs_arm']:.2f}" if r.get("ratio_vs_arm") is not None else "-"
+        fwd = r.get("forward_passes", "-")
+        lines.append(f"{r['variant']:<34} {tps:>8} {ratio:>6} {fwd:>6} {r['gen_ppl']:>8.2f} "
+                     f"{r['judge_nats_per_token']:>8.3f} {r['judge_nats_se']:>5.3f} {r['entropy']:>7.2f}")
+    return "\n".join(lines)
+
+
+def _tokenizer_digest(step_dir: Path) -> str | None:
+    p = step_dir / "tokenizer.json"
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+
+def _load(flag: str, path: str, device, dtype):
+    """(model, tokenizer, tokenizer digest, step dir) of a checkpoint, errors naming the flag."""
+    import torch
+
+    from smdm.checkpoint import load, resolve
+
+    try:
+        step = resolve(path)
+        model, tok = load(step, device=device)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"smdm bench frontier: error: {flag} {path}: {e}") from None
+    return model.to(getattr(torch, dtype)), tok, _tokenizer_digest(step), step
+
+
+def _default_data(step_dir: Path) -> str:
+    """The dataset the MDM was trained on (its config's train.data), else the built-in corpus."""
+    from smdm.checkpoint import read_config
+    from smdm.train import DEMO_DATA
+
+    return read_config(step_dir).get("train", {}).get("data") or str(DEMO_DATA)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.arm is None and args.judge is None:
+        raise SystemExit("smdm bench frontier: error: give --arm (the ARM twin, also the default judge) or "
+                         "--judge (an autoregressive checkpoint that scores the samples)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mdm, tok, digest, mdm_step = _load("--mdm", args.mdm, device, args.dtype)
+    if mdm.config.causal:
+        raise SystemExit(f"smdm bench frontier: error: --mdm {args.mdm} is an autoregressive checkpoint")
+    loaded = {}
+    for flag, path in (("--arm", args.arm), ("--judge", args.judge or args.arm)):
+        if path is None:
+            loaded[flag] = None
+            continue
+        m, _, d, _ = _load(flag, path, device, args.dtype)
+        if not m.config.causal:
+            raise SystemExit(f"smdm bench frontier: error: {flag} {path} is an MDM; it must be autoregressive")
+        if m.config.vocab_size != mdm.config.vocab_size or d != digest:
+            raise SystemExit(f"smdm bench frontier: error: {flag} {path}: its tokenizer differs from --mdm's "
+                             f"(vocab {m.config.vocab_size} vs {mdm.config.vocab_size}, tokenizer.json sha256 "
+                             f"{(d or 'none')[:12]} vs {(digest or 'none')[:12]}); the judge must read the same "
+                             f"token ids")
+        loaded[flag] = m
+    data = args.data or _default_data(mdm_step)
+    prompts, refs = _validation(data, args)
+    steps = sorted({max(1, args.gen_length // d) for d in (8, 4, 2, 1)}) if args.steps is None else args.steps
+    print(f"speed-quality frontier: MDM {args.mdm}, ARM {args.arm}, judge {args.judge or args.arm}; "
+          f"{len(prompts)} validation prompts of {args.prompt_length} tokens from {data}, {args.gen_length} "
+          f"new tokens each, temperature {args.temperature}, batch {args.batch_size}; device {device}, "
+          f"{args.dtype}, {torch.get_num_threads()} threads", flush=True)
+    try:
+        records = run(mdm, loaded["--arm"], loaded["--judge"], prompts, refs, gen_length=args.gen_length,
+                      steps=steps, samplers=args.samplers, temperature=args.temperature,
+                      block_length=args.block_length, cache=args.cache, threshold=args.threshold,
+                      cfg_scale=args.cfg_scale, batch_size=args.batch_size, seed=args.seed)
+    except ValueError as e:  # generate()'s checks: steps vs blocks, sampler names, lengths past the context
+        raise SystemExit(f"smdm bench frontier: error: {e}") from None
+    print(table(records))
+    print("tok/s: generated tokens only; x ARM: over the ARM twin with KV cache in this run; fwd: model calls; "
+          "gen PPL = exp(nats/tok), the judge's NLL per generated token given the prompt (+- its standard "
+          "error over samples); entropy: mean unigram entropy of a sample's tokens (low = repetitive)")
+    if tok is not None:
+        for r in records:
+            r["text"] = [tok.decode(s) for s in r["samples"][:args.show]]
+        for r in records:
+            for t in r["text"]:
+                print(f"[{r['variant']}] {t!r}")
+    if args.json:
+        env = environment(device=str(device), dtype=args.dtype, mdm=args.mdm, arm=args.arm,
+                          judge=args.judge or args.arm, data=str(data), prompt_length=args.prompt_length,
+                          gen_length=args.gen_length, n=len(prompts), temperature=args.temperature)
+        write_records([{**r, "environment": env} for r in records], args.json)
+    return 0
+
+
+def _validation(data: str, args):
+    from smdm.benchmarks.sampler import validation_prompts
+
+    try:
+        prompts, refs = validation_prompts(data, args.n, args.prompt_length, args.gen_length)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"smdm bench frontier: error: --data {data}: {e}") from None
+    if len(prompts) < args.n:
+        print(f"note: {data} has only {len(prompts)} validation documents of "
+              f"{args.prompt_length + args.gen_length}+ tokens (asked for {args.n})", file=sys.stderr)
+    return prompts, refs
+
+
+def register(parser: argparse.ArgumentParser, name: str | None = None) -> argparse.ArgumentParser:
+    """Add the `frontier` benchmark's options to `parser` and set `func`."""
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--mdm", required=True, metavar="DIR", help="the MDM checkpoint (run or step dir)")
+    parser.add_argument("--arm", metavar="DIR", help="its ARM twin: the speed baseline and the default judge")
+    parser.add_argument("--judge", metavar="DIR", help="autoregressive checkpoint that scores every sample "
+                        "(default --arm; same tokenizer)")
+    parser.add_argument("--data", metavar="DIR", help="dataset whose val documents give the prompts and the "
+                        "reference text (default: the MDM's training data, else the built-in corpus)")
+    parser.add_argument("--n", type=int, default=32, help="prompts (default 32)")
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--gen-length", type=int, default=64)
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="MDM sampler steps (default gen/8 gen/4 gen/2 gen)")
+    parser.add_argument("--samplers", nargs="+", default=["ancestral", "low_confidence"],
+                        help="MDM samplers: ancestral low_confidence threshold (default the first two)")
+    parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the threshold "
+                        "sampler (default 0.9)")
+    parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks (MDM)")
+    parser.add_argument("--cache", default="none", help="MDM K/V cache: none | prefix (approximate; needs "
+                        "--block-length to gain anything)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="every variant (default 1: sampling)")
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight of the MDM")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--show", type=int, default=2, help="decoded samples printed per variant")
+    parser.add_argument("--json", metavar="FILE", help="write one JSON record per variant (samples included)")
+    parser.set_defaults(func=main)
+    return parser
+
+
+if __name__ == "__main__":  # python -m smdm.benchmarks.frontier
+    p = register(argparse.ArgumentParser(prog="smdm bench frontier"))
+    a = p.parse_args()
+    sys.exit(a.func(a))

@@ -1,0 +1,134 @@
+# pytest tests/test_bench_frontier.py
+"""`smdm bench frontier`: the quality columns against their definitions, and a real run of the command on saved
+checkpoints (speed and quality per variant, the reference text, JSON), plus its errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from smdm import checkpoint
+from smdm.benchmarks import frontier
+from smdm.model import build_model, config_by_name
+
+
+def test_sample_entropy_is_the_unigram_entropy():
+    assert frontier.sample_entropy([7] * 9) == 0.0
+    assert frontier.sample_entropy([1, 2, 1, 2]) == pytest.approx(math.log(2))
+    assert frontier.sample_entropy([3, 1, 4, 5]) == pytest.approx(math.log(4))
+    p = [0.5, 0.25, 0.25]
+    assert frontier.sample_entropy([1, 1, 2, 3]) == pytest.approx(-sum(x * math.log(x) for x in p))
+
+
+def test_quality_is_the_judges_exact_nll_per_generated_token():
+    """gen PPL = exp(sum of -log p(x_t | x_<t) over the continuation tokens / their count), the per-token
+    log-probabilities read off one plain forward pass of the ARM over prompt + continuation."""
+    judge = build_model(config_by_name("tiny", vocab_size=50, causal=True, max_seq_len=64), seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (3, 5, 1)]
+    conts = [torch.randint(0, 50, (6,), generator=g).tolist() for _ in prompts]
+    q = frontier.quality(judge, prompts, conts, batch_size=2)
+    per_sample = []
+    with torch.no_grad():
+        for p, c in zip(prompts, conts):
+            ids = torch.tensor([p + c])
+            logp = torch.log_softmax(judge(ids).double(), -1)[0]  # (L, V)
+            per_sample.append(-sum(float(logp[len(p) + i - 1, t]) for i, t in enumerate(c)) / len(c))
+    nats = sum(per_sample) / len(per_sample)  # every continuation has 6 tokens: token-weighted = sample mean
+    assert q["judge_nats_per_token"] == pytest.approx(nats, rel=1e-5)
+    assert q["gen_ppl"] == pytest.approx(math.exp(nats), rel=1e-5)
+    se = torch.tensor(per_sample).std().item() / math.sqrt(3)
+    assert q["judge_nats_se"] == pytest.approx(se, rel=1e-4)
+    assert q["entropy"] == pytest.approx(sum(frontier.sample_entropy(c) for c in conts) / 3)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, prepared):
+    """A random MDM and ARM twin (and an ARM with another tokenizer) saved with the prepared data's tokenizer."""
+    from tokenizers import Tokenizer
+
+    root = tmp_path_factory.mktemp("frontier")
+    V = Tokenizer.from_file(str(prepared / "tokenizer.json")).get_vocab_size() + 1  # + the mask id
+    out = {}
+    for kind, causal, seed in (("mdm", False, 0), ("ar", True, 1)):
+        model = build_model(config_by_name("tiny", vocab_size=V, causal=causal, max_seq_len=64), seed=seed)
+        out[kind] = checkpoint.save(root / kind, 1, model_state=model.state_dict(),
+                                    config={"model": model.config.to_dict(), "objective": kind},
+                                    train_state={"step": 1}, tokenizer_path=prepared / "tokenizer.json")
+    other = root / "other-tokenizer.json"
+    other.write_text((prepared / "tokenizer.json").read_text().replace('"[UNK]"', '"[OOV]"', 1) + " ")
+    model = build_model(config_by_name("tiny", vocab_size=V, causal=True, max_seq_len=64), seed=2)
+    out["other"] = checkpoint.save(root / "other", 1, model_state=model.state_dict(),
+                                   config={"model": model.config.to_dict(), "objective": "ar"},
+                                   train_state={"step": 1}, tokenizer_path=other)
+    return out
+
+
+def test_command_measures_every_variant_and_the_reference_text(tmp_path, ckpts, prepared):
+    out = tmp_path / "frontier.json"
+    cmd = [sys.executable, "-m", "smdm.cli", "bench", "frontier", "--mdm", str(ckpts["mdm"]),
+           "--arm", str(ckpts["ar"]), "--data", str(prepared), "--n", "3", "--prompt-length", "8",
+           "--gen-length", "8", "--steps", "2", "8", "--batch-size", "2", "--device", "cpu", "--threads", "1",
+           "--json", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    recs = json.loads(out.read_text())
+    names = [r["variant"] for r in recs]
+    assert names == ["arm kv-cache", "mdm ancestral S=2", "mdm ancestral S=8", "mdm low_confidence S=2",
+                     "mdm low_confidence S=8", "reference text"]
+    for line in names:
+        assert line in p.stdout  # the table
+    from smdm.benchmarks.sampler import validation_prompts
+
+    prompts, refs = validation_prompts(str(prepared), 3, 8, 8)
+    arm, _ = checkpoint.load(ckpts["ar"], device="cpu")
+    for r in recs:
+        assert len(r["samples"]) == 3 and all(len(s) == 8 for s in r["samples"])
+        # the quality columns are those of the saved samples under the judge (the ARM twin)
+        q = frontier.quality(arm, prompts, r["samples"])
+        assert r["gen_ppl"] == pytest.approx(q["gen_ppl"], rel=1e-6)
+        assert r["entropy"] == pytest.approx(q["entropy"])
+    assert recs[-1]["samples"] == refs and "tokens_per_s" not in recs[-1]
+    for r in recs[:-1]:
+        assert r["generated_tokens"] == 3 * 8
+        assert r["tokens_per_s"] == pytest.approx(24 / r["seconds"])
+        assert r["ratio_vs_arm"] == pytest.approx(r["tokens_per_s"] / recs[0]["tokens_per_s"])
+    # 3 prompts in batches of 2: two generate() calls per variant, S model calls each (ARM: one per token;
+    # ancestral: at most S, a step that reveals nothing reuses the previous step's logits)
+    fwd = {r["variant"]: r["forward_passes"] for r in recs[:-1]}
+    assert fwd["arm kv-cache"] == 16 and fwd["mdm low_confidence S=2"] == 4 and fwd["mdm low_confidence S=8"] == 16
+    assert 2 <= fwd["mdm ancestral S=2"] <= 4 and 2 <= fwd["mdm ancestral S=8"] <= 16
+    assert recs[0]["environment"]["gen_length"] == 8
+
+
+def test_same_seed_same_samples(ckpts, prepared):
+    """Samples depend on (seed + prompt index), not on the batch split: batch 1 and batch 3 agree."""
+    mdm, _ = checkpoint.load(ckpts["mdm"], device="cpu")
+    arm, _ = checkpoint.load(ckpts["ar"], device="cpu")
+    from smdm.benchmarks.sampler import validation_prompts
+
+    prompts, refs = validation_prompts(str(prepared), 3, 8, 8)
+    runs = [frontier.run(mdm, arm, arm, prompts, refs, gen_length=8, steps=[4], samplers=["ancestral"],
+                         temperature=1.0, batch_size=b) for b in (1, 3)]
+    for a, b in zip(*runs):
+        assert a["variant"] == b["variant"] and a["samples"] == b["samples"]
+    assert runs[0][1]["samples"] != runs[0][0]["samples"]  # the MDM and the ARM sample differently
+
+
+@pytest.mark.parametrize("flags,msg", [
+    ([], "give --arm"),
+    (["--arm", "MDM"], "--arm {MDM} is an MDM"),
+    (["--arm", "AR", "--judge", "OTHER"], "--judge {OTHER}: its tokenizer differs"),
+    (["--arm", "AR", "--data", "/nonexistent"], "--data /nonexistent"),
+    (["--arm", "/nonexistent"], "--arm /nonexistent"),
+])
+def test_errors_name_the_flag(ckpts, flags, msg, capsys):
+    from smdm import cli
+
+    names = {"MDM": str(ckpts["mdm"]), "AR": str(ckpts["ar"]), "OTHER": str(ckpts["other"])}
+    flags = [names.get(f, f) for f in flags]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "frontier", "--mdm", str(ckpts["mdm"]), "--device", "cpu", *flags])
+    assert msg.format(**names) in str(e.value)
