@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from smdm.model import build_model, config_by_name
-from smdm.sampling import choose_tokens, generate
+from smdm.sampling import choose_tokens, choose_tokens_cpu, generate
 
 VOCAB, PROMPT, GEN, BATCH = 2000, 16, 64, 4
 VARIANTS = {
@@ -42,18 +42,25 @@ def test_generate(benchmark, models, name):
     benchmark.extra_info.update(forward_passes=out.forward_passes, generated_tokens=out.generated_tokens)
 
 
-@pytest.mark.parametrize("name", ["torch_multinomial", "choose_tokens"])
-def test_token_choice(benchmark, name):
-    """Sampling 256 positions over a 32000 vocab at T = 1: the counter-based Gumbel-max reference vs
-    torch.multinomial (the baseline; a different generator, so only validity is compared)."""
-    benchmark.group = "token choice N=256 V=32000 T=1"
-    logits = torch.randn(256, 32000, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("name", ["torch_multinomial", "choose_tokens", "choose_tokens_cpu"])
+@pytest.mark.parametrize("V", [8192, 32000])
+def test_token_choice(benchmark, name, V):
+    """Sampling 256 positions at T = 1: the counter-based Gumbel-max choice, PyTorch reference
+    (`choose_tokens`) and Rust (`choose_tokens_cpu`, the default on CPU; checked bit-identical first), vs
+    torch.multinomial (a baseline with another generator, so only validity is compared)."""
+    benchmark.group = f"token choice N=256 V={V} T=1"
+    logits = torch.randn(256, V, generator=torch.Generator().manual_seed(0))
+    seeds = torch.zeros(256, dtype=torch.int64)
+    pos = torch.arange(256)
     if name == "torch_multinomial":
         fn = lambda: torch.multinomial(torch.softmax(logits, -1), 1)[:, 0]
     else:
-        seeds = torch.zeros(256, dtype=torch.int64)
-        pos = torch.arange(256)
-        fn = lambda: choose_tokens(logits, seeds=seeds, positions=pos, step=0, temperature=1.0)[0]
+        choose = {"choose_tokens": choose_tokens, "choose_tokens_cpu": choose_tokens_cpu}[name]
+        fn = lambda: choose(logits, seeds=seeds, positions=pos, step=0, temperature=1.0)
+        tok, conf = fn()
+        ref_tok, ref_conf = choose_tokens(logits, seeds=seeds, positions=pos, step=0, temperature=1.0)
+        assert torch.equal(tok, ref_tok) and torch.equal(conf, ref_conf)
     tok = fn()
-    assert tok.shape == (256,) and int(tok.max()) < 32000
+    tok = tok[0] if isinstance(tok, tuple) else tok
+    assert tok.shape == (256,) and int(tok.max()) < V
     benchmark.pedantic(fn, rounds=5, iterations=1)

@@ -6,12 +6,22 @@ CFG on known logits, batch invariance, EOS, infilling, and the ARM twin's KV cac
 import math
 from fractions import Fraction
 
+import hypothesis
 import numpy as np
 import pytest
 import torch
+from hypothesis import strategies as st
 from smdm import rng, sampling
 from smdm.model import ModelConfig, build_model, config_by_name
-from smdm.sampling import choose_tokens, filter_logits, generate, infill, select_positions
+from smdm.sampling import (
+    CONFIDENCES,
+    choose_tokens,
+    choose_tokens_cpu,
+    filter_logits,
+    generate,
+    infill,
+    select_positions,
+)
 
 V = 64
 
@@ -93,9 +103,10 @@ def test_gumbel_choice_matches_an_independent_reference():
     assert tok.tolist() == ref
 
 
+@pytest.mark.parametrize("choose_tokens", [choose_tokens, choose_tokens_cpu], ids=["torch", "rust"])
 @pytest.mark.parametrize("T", [0.0, 0.7])
 @pytest.mark.parametrize("confidence", ["prob", "margin", "entropy"])
-def test_unfiltered_fast_path_is_bit_identical_to_the_kernel_reference(T, confidence):
+def test_unfiltered_fast_path_is_bit_identical_to_the_kernel_reference(T, confidence, choose_tokens):
     from smdm.kernels._reference import choose_tokens_reference
 
     g = torch.Generator().manual_seed(1)
@@ -123,8 +134,9 @@ def test_unfiltered_fast_path_is_bit_identical_to_the_kernel_reference(T, confid
     torch.testing.assert_close(conf, ref_conf, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("choose_tokens", [choose_tokens, choose_tokens_cpu], ids=["torch", "rust"])
 @pytest.mark.parametrize("T", [1e-3, 1.0])
-def test_unfiltered_fast_path_without_a_drawable_id_takes_the_argmax(T):
+def test_unfiltered_fast_path_without_a_drawable_id_takes_the_argmax(T, choose_tokens):
     """Rows where no l/T + g is drawable (only NaN and -inf logits; every l/T overflowing to -inf at a small
     T): the reference (= the kernel) falls back to the argmax; the fast path used to return id 0."""
     from smdm.kernels._reference import choose_tokens_reference
@@ -140,6 +152,85 @@ def test_unfiltered_fast_path_without_a_drawable_id_takes_the_argmax(T):
     assert ref_tok[0] == 2 and ref_tok[2] == 3 and (T > 0.5 or ref_tok[1] == 2)
     assert torch.equal(tok, ref_tok)
     torch.testing.assert_close(conf, ref_conf, rtol=0, atol=0, equal_nan=True)
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(rows=st.integers(0, 40), vocab=st.integers(1, 700), scale=st.sampled_from([0.01, 1.0, 30.0, 1e30]),
+       T=st.sampled_from([0.0, 1e-30, 0.3, 1.0, 2.5, 1e30]), confidence=st.sampled_from(CONFIDENCES),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31),
+       specials=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from([math.inf, -math.inf, math.nan])),
+                         max_size=6))
+def test_rust_token_choice_is_bit_identical_to_the_reference(rows, vocab, scale, T, confidence, dtype, seed,
+                                                            specials):
+    """`choose_tokens_cpu` (rust/src/sampler.rs) against the PyTorch reference of the contract: the same tokens
+    and the same confidence bits, over random shapes, magnitudes, temperatures, input dtypes, per-row seeds,
+    steps and positions (negative and above 2^63 as bits), and rows with +-inf and NaN logits."""
+    from smdm.kernels._reference import choose_tokens_reference
+
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g) * scale).to(dtype)
+    for i, v in specials:
+        if rows:
+            logits.view(-1)[i % (rows * vocab)] = v
+    args = dict(seeds=torch.randint(-2**63, 2**63 - 1, (rows,), generator=g),
+                positions=torch.randint(0, 2**40, (rows,), generator=g),
+                step=torch.randint(-5, 10**6, (rows,), generator=g), temperature=T, confidence=confidence)
+    tok, conf = choose_tokens_cpu(logits, **args)
+    ref_tok, ref_conf = choose_tokens_reference(logits, **args)
+    assert tok.dtype == torch.int64 and conf.dtype == torch.float32
+    assert torch.equal(tok, ref_tok)
+    assert _same_bits(conf, ref_conf)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """float32 tensors equal bit for bit (-0.0 != +0.0), NaN where the other has NaN (any payload)."""
+    na, nb = a.isnan(), b.isnan()
+    return torch.equal(na, nb) and torch.equal(a.masked_fill(na, 0).view(torch.int32),
+                                               b.masked_fill(nb, 0).view(torch.int32))
+
+
+def test_rust_token_choice_in_parallel_and_its_errors():
+    """Enough rows for the parallel path (rayon) give the same result as the reference; bad arguments name
+    the argument."""
+    from smdm import _core
+    from smdm.kernels._reference import choose_tokens_reference
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(300, 2048, generator=g) * 4
+    args = dict(seeds=torch.arange(300) % 7, positions=torch.arange(300), step=3, temperature=1.0,
+                confidence="entropy")
+    tok, conf = choose_tokens_cpu(logits, **args)
+    ref_tok, ref_conf = choose_tokens_reference(logits, **args)
+    assert torch.equal(tok, ref_tok) and _same_bits(conf, ref_conf)
+    z = np.zeros(3, dtype=np.int64)
+    with pytest.raises(ValueError, match="confidence must be"):
+        choose_tokens_cpu(logits[:3], seeds=0, positions=0, step=0, confidence="p")
+    with pytest.raises(ValueError, match="positions has 2 entries, logits has 3 rows"):
+        _core.choose_tokens(logits[:3].numpy(), z, z, z[:2], 1.0, "prob")
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        _core.choose_tokens(logits[:3].numpy(), z, z, z, math.nan, "prob")
+    with pytest.raises(ValueError, match="vocab 0"):
+        _core.choose_tokens(np.zeros((3, 0), dtype=np.float32), z, z, z, 1.0, "prob")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.choose_tokens(logits[:3, ::2].numpy(), z, z, z, 1.0, "prob")
+    with pytest.raises(TypeError):
+        _core.choose_tokens(logits[:3].double().numpy(), z, z, z, 1.0, "prob")
+
+
+def test_generate_on_cpu_uses_the_rust_choice_and_matches_the_reference(monkeypatch):
+    """The default CPU path is the Rust token choice (unless SMDM_KERNELS=reference), and a whole generation
+    gives the same tokens either way."""
+    assert sampling._dispatch("choose_tokens", torch.device("cpu")) is sampling.choose_tokens_cpu
+    model = build_model(config_by_name("tiny", vocab_size=V, causal=False, max_seq_len=64), seed=4).eval()
+    kw = dict(gen_length=12, steps=6, temperature=1.0, seed=[3, 4])
+    with torch.no_grad():
+        fast = {s: generate(model, [[1, 2, 3], [4]], sampler=s, **kw).sequences
+                for s in ("ancestral", "low_confidence")}
+        monkeypatch.setenv("SMDM_KERNELS", "reference")
+        assert sampling._dispatch("choose_tokens", torch.device("cpu")) is sampling.choose_tokens
+        ref = {s: generate(model, [[1, 2, 3], [4]], sampler=s, **kw).sequences
+               for s in ("ancestral", "low_confidence")}
+    assert fast == ref
 
 
 def test_argmax_ties_lowest_id_and_confidences():
@@ -225,6 +316,7 @@ def test_cfg_formula_and_unconditional_input(monkeypatch):
     model = ToyModel(fn)
     seen = []
     real = sampling.choose_tokens
+    monkeypatch.setenv("SMDM_KERNELS", "reference")  # the PyTorch choice, whose logits this test records
     monkeypatch.setattr(sampling, "choose_tokens",
                         lambda logits, **kw: (seen.append(logits), real(logits, **kw))[1])
     w = 1.5
@@ -454,13 +546,14 @@ def test_batch_invariance_of_the_logits_bits(mdm, arm, monkeypatch, which, kw):
             seen[(int(seeds[n]), int(step), int(positions[n]))] = logits[n].clone()
         return real(logits, seeds=seeds, positions=positions, step=step, **rest)
 
+    monkeypatch.setenv("SMDM_KERNELS", "reference")  # the PyTorch choice, whose logits `record` sees
     monkeypatch.setattr(sampling, "choose_tokens", record)
     seeds = list(range(100, 100 + len(PROMPTS)))
     for p, sd in zip(PROMPTS, seeds):
         generate(model, [p], seed=sd, **kw)
     alone, seen = seen, {}
     generate(model, PROMPTS, seed=seeds, **kw)
-    assert alone.keys() == seen.keys()
+    assert alone and alone.keys() == seen.keys()
     assert all(torch.equal(alone[k], seen[k]) for k in alone)
 
 

@@ -98,3 +98,18 @@ def forward_process(
     """The forward process of docs/CONTRACTS.md over a C-contiguous (B, L) array (GIL released).
     `schedule`: "linear" | "cosine" | "polynomial:P" (masking probability 1 - alpha(t'), weight w(t')).
     Raises ValueError for bad arguments (eps, mask_id, prompt_lens, schedule, layout, dtype)."""
+
+# ---- sampler token choice on the CPU (rust/src/sampler.rs, rust/src/bindings/sampler.rs) ----
+
+def choose_tokens(
+    logits: npt.NDArray[np.float32],
+    seeds: npt.NDArray[np.int64],
+    steps: npt.NDArray[np.int64],
+    positions: npt.NDArray[np.int64],
+    temperature: float,
+    confidence: str,
+) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Token and confidence per row of C-contiguous float32 (N, V) logits, bit for bit
+    `smdm.sampling._choose_unfiltered` (no top-k / top-p; Gumbel noise of (seeds[n], steps[n], positions[n]));
+    rows in parallel with the GIL released. `confidence`: "prob" | "margin" | "entropy". ValueError names a bad
+    argument."""

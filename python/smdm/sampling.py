@@ -225,6 +225,38 @@ def _choose_unfiltered(logits, *, seeds, positions, step, temperature, top_k, to
     return tok, a_f / s_f - log_f32(s_f)
 
 
+def choose_tokens_cpu(logits: torch.Tensor, *, seeds, positions, step, temperature: float = 0.0,
+                      top_k: Optional[int] = None, top_p: Optional[float] = None,
+                      confidence: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
+    """`choose_tokens` for CPU tensors through the Rust core (`smdm._core.choose_tokens`, rust/src/sampler.rs):
+    the same tokens and confidences bit for bit (tests/test_sampling.py), in one pass over each row with the
+    rows in parallel, where the reference runs some sixty whole-tensor ops over (rows x V) int64 and float32
+    temporaries for the counter-based Gumbel noise. With top-k / top-p it is the reference."""
+    from smdm import _core
+
+    if top_k is not None or (top_p is not None and top_p < 1.0):
+        return choose_tokens(logits, seeds=seeds, positions=positions, step=step, temperature=temperature,
+                             top_k=top_k, top_p=top_p, confidence=confidence)
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
+    N = logits.shape[0]
+    seeds, positions, step = (torch.as_tensor(x, dtype=torch.int64).expand(N).contiguous().numpy()
+                              for x in (seeds, positions, step))
+    lf = logits.detach().to(torch.float32).contiguous().numpy()
+    tok, conf = _core.choose_tokens(lf, seeds, step, positions, float(temperature), confidence)
+    return torch.from_numpy(tok), torch.from_numpy(conf)
+
+
+def _rust_sampler() -> bool:
+    """Whether the Rust core with `choose_tokens` imports (a checkout without the built extension, as on the
+    GPU machines, runs the reference)."""
+    try:
+        from smdm import _core
+    except ImportError:
+        return False
+    return hasattr(_core, "choose_tokens")
+
+
 def select_positions(confidence: torch.Tensor, candidates: torch.Tensor, n: Optional[torch.Tensor] = None,
                      threshold: Optional[float] = None) -> torch.Tensor:
     """Which candidate positions to commit, per row. confidence (B, P) float32, candidates (B, P) bool with
@@ -249,10 +281,13 @@ def select_positions(confidence: torch.Tensor, candidates: torch.Tensor, n: Opti
 
 def _dispatch(name: str, device: torch.device) -> Callable:
     """The implementation of `choose_tokens` / `select_positions`: the reference unless a fused kernel
-    (`smdm.kernels.<name>`, same signature) is available for the device. SMDM_KERNELS=reference forces the
-    reference; SMDM_KERNELS=cuda demands the kernel (an error if it is missing, never a silent fallback)."""
+    (`smdm.kernels.<name>`, same signature) is available for the device; on the CPU, `choose_tokens_cpu` (Rust,
+    bit-identical). SMDM_KERNELS=reference forces the PyTorch reference; SMDM_KERNELS=cuda demands the kernel
+    (an error if it is missing, never a silent fallback)."""
     mode = os.environ.get("SMDM_KERNELS", "auto")
     ref = {"choose_tokens": choose_tokens, "select_positions": select_positions}[name]
+    if mode == "auto" and device.type == "cpu" and name == "choose_tokens" and _rust_sampler():
+        return choose_tokens_cpu  # the Rust row pass, bit-identical to the reference
     if mode == "reference" or (mode == "auto" and device.type != "cuda"):
         return ref
     try:

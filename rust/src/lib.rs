@@ -5,6 +5,7 @@ pub mod litpkds;
 pub mod mask;
 pub mod pack;
 pub mod rng;
+pub mod sampler;
 pub mod shard;
 pub mod tokenize;
 

@@ -8,6 +8,7 @@ use crate::error::Error;
 
 mod data;
 mod mask;
+mod sampler;
 
 create_exception!(
     _core,
@@ -52,6 +53,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rng_key, m)?)?;
     data::register(m)?;
     mask::register(m)?;
+    sampler::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,352 @@
+//! The unmasking sampler's token choice on the CPU: per row of (already guided) logits one token and its
+//! confidence, bit for bit as `smdm.sampling._choose_unfiltered` (the PyTorch reference of the contract in
+//! docs/CONTRACTS.md, no top-k / top-p) and the CUDA kernel (csrc/unmask_sampler.cuh):
+//!
+//!   top = argmax_v l_v (lowest id on ties; a NaN counts as the largest value, as torch.argmax does)
+//!   m = l_top, z_v = l_v - m, e_v = exp_neg_f32(z_v)
+//!   S = f32(sum_v fixed31(e_v) * 2^-31)                  softmax normaliser, an exact integer sum
+//!   T > 0: token = argmax over drawable v (l_v != -inf, not NaN) of l_v / T + g_v,
+//!          g_v = -log_f32(-log_f32(u_v)), u_v = ((h >> 41) + 0.5) 2^-23, h = splitmix64(key ^ v),
+//!          key = key(seed, step, position, GUMBEL); no drawable score: top
+//!   T = 0: token = top
+//!   confidence  prob:    exp_neg_f32(l_token - m) / S
+//!               margin:  (1 - exp_neg_f32(l_2nd - m)) / S   (0 for the exp when there is no 2nd)
+//!               entropy: f32(-sum_valid fixed31(-(e_v z_v)) 2^-31) / S - log_f32(S)   (= sum p log p)
+//!
+//! Every float32 operation is one IEEE operation in the reference's order (Rust never contracts a * b + c
+//! into an fma), and log / exp are the same short op sequences as `smdm.kernels._reference.log_f32` /
+//! `exp_neg_f32`, so the results are identical, not merely close. Rows run in parallel (rayon).
+use rayon::prelude::*;
+
+use crate::rng::{key, splitmix64, stream};
+
+const LN2_HI: f32 = f32::from_bits(0x3F31_7200);
+const LN2_LO: f32 = f32::from_bits(0x35BF_BE8E);
+const LOG2E: f32 = f32::from_bits(0x3FB8_AA3B);
+const LOG_C: [f32; 4] = [
+    f32::from_bits(0x3E63_8E39), // 2/9
+    f32::from_bits(0x3E92_4925), // 2/7
+    f32::from_bits(0x3ECC_CCCD), // 2/5
+    f32::from_bits(0x3F2A_AAAB), // 2/3
+];
+const EXP_C: [f32; 6] = [
+    f32::from_bits(0x37D0_0D01), // 1/8!
+    f32::from_bits(0x3950_0D01), // 1/7!
+    f32::from_bits(0x3AB6_0B61), // 1/6!
+    f32::from_bits(0x3C08_8889), // 1/5!
+    f32::from_bits(0x3D2A_AAAB), // 1/4!
+    f32::from_bits(0x3E2A_AAAB), // 1/3!
+];
+const TWO_M23: f32 = f32::from_bits(0x3400_0000); // 2^-23
+const TWO31: f32 = 2_147_483_648.0;
+const ROUND_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+
+/// Below this many logits the rows run on the calling thread (rayon's fork/join costs more).
+const PAR_MIN_LOGITS: usize = 1 << 16;
+
+/// Which confidence the sampler reports (`smdm.sampling.CONFIDENCES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confidence {
+    Prob,
+    Margin,
+    Entropy,
+}
+
+impl Confidence {
+    pub fn parse(name: &str) -> Option<Confidence> {
+        match name {
+            "prob" => Some(Confidence::Prob),
+            "margin" => Some(Confidence::Margin),
+            "entropy" | "neg_entropy" => Some(Confidence::Entropy),
+            _ => None,
+        }
+    }
+}
+
+/// Natural log of a non-negative float32, op for op as `smdm::log_f32` (log 0 = -inf).
+#[inline(always)]
+pub fn log_f32(x: f32) -> f32 {
+    let bits = x.to_bits() as i32;
+    let mant = bits & 0x7F_FFFF;
+    let big = (mant | 0x3F80_0000) > 0x3FB5_04F3; // m > sqrt(2): use m / 2 and e + 1
+    let e = (bits >> 23) - 127 + big as i32;
+    let m = f32::from_bits(
+        (if big {
+            mant | 0x3F00_0000
+        } else {
+            mant | 0x3F80_0000
+        }) as u32,
+    );
+    let f = m - 1.0;
+    let s = f / (f + 2.0);
+    let s2 = s * s;
+    let mut p = s2 * LOG_C[0] + LOG_C[1];
+    p = p * s2 + LOG_C[2];
+    p = p * s2 + LOG_C[3];
+    p *= s2;
+    let lm = s * 2.0 + s * p;
+    let ef = e as f32;
+    let out = ef * LN2_HI + (ef * LN2_LO + lm);
+    if x == 0.0 {
+        f32::NEG_INFINITY
+    } else {
+        out
+    }
+}
+
+/// exp of a float32 <= 0 (or -inf), op for op as `smdm::exp_neg_f32` (0 below -80, and for NaN).
+#[inline(always)]
+pub fn exp_neg_f32(z: f32) -> f32 {
+    let ok = z >= -80.0;
+    let zc = if ok { z } else { 0.0 };
+    // rintf (round half to even) for |x| < 2^22 without a libm call (x86-64's baseline has no roundss):
+    // adding 1.5 * 2^23 leaves no fraction bits, so the addition rounds x to an integer, half to even
+    let n = (zc * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    let r = (zc - n * LN2_HI) - n * LN2_LO;
+    let mut p = r * EXP_C[0] + EXP_C[1];
+    for c in &EXP_C[2..] {
+        p = p * r + c;
+    }
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if ok {
+        p * scale
+    } else {
+        0.0
+    }
+}
+
+/// floor(v * 2^31) for v in [0, 1]; NaN and negative values give 0 (`smdm::fixed31`).
+#[inline(always)]
+fn fixed31(v: f32) -> i64 {
+    let x = v * TWO31;
+    if x >= 0.0 {
+        x as i64
+    } else {
+        0
+    }
+}
+
+/// An exact fixed-point sum as float32: f32(f64(sum) * 2^-31) (the int64 -> f64 conversion is exact here).
+#[inline(always)]
+fn unfix(sum: i64) -> f32 {
+    (sum as f64 * (1.0 / 2_147_483_648.0)) as f32
+}
+
+/// The Gumbel noise of vocabulary id `v` for a row with Gumbel key `k`.
+#[inline(always)]
+pub fn gumbel(k: u64, v: u64) -> f32 {
+    let h = splitmix64(k ^ v);
+    let u = ((h >> 41) as f32 + 0.5) * TWO_M23; // strictly inside (0, 1): g is finite
+    -log_f32(-log_f32(u))
+}
+
+/// key(seed, step, position, GUMBEL): the Gumbel key of one row (the reference's `gumbel_keys`).
+#[inline]
+pub fn gumbel_key(seed: u64, step: u64, position: u64) -> u64 {
+    key(&[seed, step, position, stream::GUMBEL])
+}
+
+/// torch.argmax over a row: the first NaN if there is one, else the first maximum.
+fn argmax_torch(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x.is_nan() {
+            return i;
+        }
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Token and confidence of one row; `key` its Gumbel key, `t` the float32 temperature.
+pub fn choose_row(row: &[f32], key: u64, t: f32, conf: Confidence) -> (i64, f32) {
+    let top = argmax_torch(row);
+    let m = row[top];
+    let mut s_fix: i64 = 0;
+    let mut a_fix: i64 = 0;
+    for &l in row {
+        let z = l - m;
+        let e = exp_neg_f32(z);
+        s_fix += fixed31(e);
+        if conf == Confidence::Entropy && l != f32::NEG_INFINITY {
+            a_fix += fixed31(-(e * z));
+        }
+    }
+    let s_f = unfix(s_fix);
+    let mut tok = top;
+    if t > 0.0 {
+        let mut best = f32::NEG_INFINITY;
+        let mut arg = usize::MAX;
+        for (v, &l) in row.iter().enumerate() {
+            if l == f32::NEG_INFINITY || l.is_nan() {
+                continue; // not drawable (score -inf in the reference)
+            }
+            let score = l / t + gumbel(key, v as u64);
+            // the reference's argmax over scores that are never NaN: the first strict maximum; a score of
+            // -inf (l / T overflowing) only wins when every score is -inf, which falls back to `top`
+            if score > best {
+                best = score;
+                arg = v;
+            }
+        }
+        if arg != usize::MAX {
+            tok = arg;
+        }
+    }
+    let c = match conf {
+        Confidence::Prob => exp_neg_f32(row[tok] - m) / s_f,
+        Confidence::Margin => {
+            // torch max over the row with `top` set to -inf: NaN propagates
+            let mut l2 = f32::NEG_INFINITY;
+            for (v, &l) in row.iter().enumerate() {
+                if v == top {
+                    continue;
+                }
+                if l.is_nan() || l2.is_nan() {
+                    l2 = f32::NAN;
+                } else if l > l2 {
+                    l2 = l;
+                }
+            }
+            let e2 = if l2 == f32::NEG_INFINITY {
+                0.0
+            } else {
+                exp_neg_f32(l2 - m)
+            };
+            (1.0 - e2) / s_f
+        }
+        Confidence::Entropy => -unfix(a_fix) / s_f - log_f32(s_f),
+    };
+    (tok as i64, c)
+}
+
+/// Every row of `logits` (rows x vocab, row-major): tokens[n], confs[n] for row n with the Gumbel key of
+/// (seeds[n], steps[n], positions[n]). Slices must hold rows * vocab logits and rows entries each.
+#[allow(clippy::too_many_arguments)]
+pub fn choose_rows(
+    logits: &[f32],
+    vocab: usize,
+    seeds: &[i64],
+    steps: &[i64],
+    positions: &[i64],
+    temperature: f32,
+    conf: Confidence,
+    tokens: &mut [i64],
+    confs: &mut [f32],
+) {
+    let rows = tokens.len();
+    assert!(
+        vocab > 0 && logits.len() == rows * vocab,
+        "caller checks the shapes"
+    );
+    let one = |(n, (tok, c)): (usize, (&mut i64, &mut f32))| {
+        let k = gumbel_key(seeds[n] as u64, steps[n] as u64, positions[n] as u64);
+        (*tok, *c) = choose_row(&logits[n * vocab..(n + 1) * vocab], k, temperature, conf);
+    };
+    if logits.len() >= PAR_MIN_LOGITS {
+        tokens
+            .par_iter_mut()
+            .zip(confs.par_iter_mut())
+            .enumerate()
+            .for_each(one);
+    } else {
+        tokens
+            .iter_mut()
+            .zip(confs.iter_mut())
+            .enumerate()
+            .for_each(one);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magic_rounding_is_round_half_to_even() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.0625; // halves and quarters included
+            assert_eq!((x + ROUND_MAGIC) - ROUND_MAGIC, x.round_ties_even(), "{x}");
+        }
+    }
+
+    #[test]
+    fn log_and_exp_are_close_to_libm() {
+        for &x in &[1e-30f32, 1e-7, 0.1, 0.5, 1.0, 1.5, 2.0, 10.0, 1e20] {
+            let got = log_f32(x) as f64;
+            assert!(
+                (got - (x as f64).ln()).abs() <= 2e-7 * (x as f64).ln().abs().max(1.0),
+                "{x}"
+            );
+        }
+        assert_eq!(log_f32(0.0), f32::NEG_INFINITY);
+        for &z in &[0.0f32, -1e-5, -0.5, -1.0, -10.0, -79.0] {
+            let got = exp_neg_f32(z) as f64;
+            assert!(
+                (got - (z as f64).exp()).abs() <= 4e-7 * (z as f64).exp(),
+                "{z}"
+            );
+        }
+        assert_eq!(exp_neg_f32(-81.0), 0.0);
+        assert_eq!(exp_neg_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_neg_f32(f32::NAN), 0.0);
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum_and_reports_its_probability() {
+        let row = [0.0f32, 2.0, 2.0, f32::NEG_INFINITY];
+        let (tok, p) = choose_row(&row, 0, 0.0, Confidence::Prob);
+        assert_eq!(tok, 1);
+        let want = 2.0f64.exp() / (1.0 + 2.0 * 2.0f64.exp());
+        assert!((p as f64 - want).abs() < 1e-6);
+        let (_, margin) = choose_row(&row, 0, 0.0, Confidence::Margin);
+        assert!(margin.abs() < 1e-6); // two equal maxima
+    }
+
+    #[test]
+    fn excluded_ids_are_never_drawn() {
+        let row = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, 0.0];
+        for k in 0..2000u64 {
+            let (tok, _) = choose_row(&row, splitmix64(k), 1.0, Confidence::Prob);
+            assert!(tok == 1 || tok == 3);
+        }
+    }
+
+    #[test]
+    fn parallel_rows_equal_serial_rows() {
+        let (rows, vocab) = (40usize, 4096usize);
+        let logits: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((splitmix64(i as u64) >> 40) as f32) * 1e-6 - 8.0)
+            .collect();
+        let seeds: Vec<i64> = (0..rows as i64).collect();
+        let steps = vec![3i64; rows];
+        let pos: Vec<i64> = (0..rows as i64).map(|p| p * 7).collect();
+        let (mut tok, mut conf) = (vec![0i64; rows], vec![0f32; rows]);
+        choose_rows(
+            &logits,
+            vocab,
+            &seeds,
+            &steps,
+            &pos,
+            0.7,
+            Confidence::Entropy,
+            &mut tok,
+            &mut conf,
+        );
+        for n in 0..rows {
+            let k = gumbel_key(seeds[n] as u64, 3, pos[n] as u64);
+            let (t1, c1) = choose_row(
+                &logits[n * vocab..(n + 1) * vocab],
+                k,
+                0.7,
+                Confidence::Entropy,
+            );
+            assert_eq!((t1, c1.to_bits()), (tok[n], conf[n].to_bits()));
+        }
+    }
+}
