@@ -382,6 +382,26 @@ def test_ancestral_reveal_probability_and_exact_caching():
     assert out.steps[0] <= 300 and out.forward_passes == len(model.inputs) <= 6
 
 
+@pytest.mark.parametrize("sampler,chosen", [("ancestral", "revealed"), ("low_confidence", "masked")])
+def test_ancestral_chooses_tokens_only_at_revealed_positions(mdm, monkeypatch, sampler, chosen):
+    """Ancestral reveal coins ignore tokens, so each position's token is chosen once, at the step that reveals
+    it (the rows chosen over a run = the generated tokens); confidence samplers choose at every masked
+    position of every step. Either way the output equals the PyTorch reference path's."""
+    seen = []
+    real = sampling.choose_tokens
+    monkeypatch.setenv("SMDM_KERNELS", "reference")
+    monkeypatch.setattr(sampling, "choose_tokens", lambda logits, **kw: (seen.append(len(logits)),
+                                                                         real(logits, **kw))[1])
+    kw = dict(gen_length=16, steps=8, sampler=sampler, temperature=1.0, seed=[1, 2])
+    out = generate(mdm, [[1, 2, 3], [4]], **kw)
+    if chosen == "revealed":
+        assert sum(seen) == 2 * 16
+    else:
+        assert sum(seen) > 2 * 16 and seen[0] == 2 * 16
+    monkeypatch.undo()
+    assert generate(mdm, [[1, 2, 3], [4]], **kw).sequences == out.sequences  # the Rust path, default
+
+
 def test_eos_early_stop_fills_and_frees_the_row():
     eos = 7
 

@@ -726,21 +726,32 @@ def _denoise(model, rows: list, sampler: str, opts: dict, callback) -> int:
                 need = [r for r in active if r.logits is None]
                 if need:
                     forwards += _forward_mdm(model, need, opts)
-                seeds = torch.cat([torch.full((len(r.cand),), _i64(r.seed)) for r in active])
-                tok, conf = choose(torch.cat([r.logits for r in active]), seeds=seeds,
-                                   positions=torch.cat([r.cand for r in active]), step=step,
-                                   temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
-                                   confidence=opts["confidence"])
                 P = max(len(r.cand) for r in active)
                 conf_m = torch.full((len(active), P), -math.inf, device=device)
                 cand_m = torch.zeros((len(active), P), dtype=torch.bool, device=device)
                 tok_m = torch.zeros((len(active), P), dtype=torch.int64, device=device)
-                a = 0
                 for b, r in enumerate(active):
-                    n = len(r.cand)
-                    conf_m[b, :n], tok_m[b, :n], cand_m[b, :n] = conf[a:a + n], tok[a:a + n], True
+                    cand_m[b, :len(r.cand)] = True
+                # Ancestral reveal coins look at neither tokens nor confidences: draw them first and choose
+                # tokens only at the revealed positions (a token depends on its own row, seed, step and
+                # position alone, so the result is the same; the sampler work drops from every masked
+                # position per step to the revealed ones). The other rules rank by confidence: every row.
+                commit = commit_rule(None, cand_m, active, step, opts) if sampler == "ancestral" else None
+                pick = [commit[b, :len(r.cand)] if commit is not None else slice(None)
+                        for b, r in enumerate(active)]
+                cands = [r.cand[k] for r, k in zip(active, pick)]
+                seeds = torch.cat([torch.full((len(c),), _i64(r.seed)) for r, c in zip(active, cands)])
+                tok, conf = choose(torch.cat([r.logits[k] for r, k in zip(active, pick)]), seeds=seeds,
+                                   positions=torch.cat(cands), step=step,
+                                   temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
+                                   confidence=opts["confidence"])
+                a = 0
+                for b, (r, k, c) in enumerate(zip(active, pick, cands)):
+                    n = len(c)
+                    tok_m[b, :len(r.cand)][k], conf_m[b, :len(r.cand)][k] = tok[a:a + n], conf[a:a + n]
                     a += n
-                commit = commit_rule(conf_m, cand_m, active, step, opts)
+                if commit is None:
+                    commit = commit_rule(conf_m, cand_m, active, step, opts)
                 for b, r in enumerate(active):
                     n = len(r.cand)
                     sel = commit[b, :n]

@@ -118,12 +118,16 @@ pub fn exp_neg_f32(z: f32) -> f32 {
     }
 }
 
-/// floor(v * 2^31) for v in [0, 1]; NaN and negative values give 0 (`smdm::fixed31`).
+/// floor(v * 2^31) for v in [0, 1]; NaN and negative values give 0 (`smdm::fixed31`). Every v here is in
+/// that range (e = exp(z <= 0) <= 1, -(e z) <= 1/e), so x = v 2^31 <= 2^31: below 2^31 the largest float32
+/// is 2^31 - 128, which an i32 holds, and 2^31 itself is the one value added back. i32 conversions keep the
+/// loop vectorisable (there is no packed float32 -> int64 conversion before AVX-512).
 #[inline(always)]
 fn fixed31(v: f32) -> i64 {
     let x = v * TWO31;
+    let below = (x.min(2_147_483_520.0) as i32) as i64 + if x == TWO31 { 128 } else { 0 };
     if x >= 0.0 {
-        x as i64
+        below
     } else {
         0
     }
@@ -139,7 +143,8 @@ fn unfix(sum: i64) -> f32 {
 #[inline(always)]
 pub fn gumbel(k: u64, v: u64) -> f32 {
     let h = splitmix64(k ^ v);
-    let u = ((h >> 41) as f32 + 0.5) * TWO_M23; // strictly inside (0, 1): g is finite
+    let k23 = (h >> 41) as i32; // < 2^23: exact as i32 and as f32 (i32 -> f32 vectorises, u64 -> f32 does not)
+    let u = (k23 as f32 + 0.5) * TWO_M23; // strictly inside (0, 1): g is finite
     -log_f32(-log_f32(u))
 }
 
@@ -163,18 +168,49 @@ fn argmax_torch(row: &[f32]) -> usize {
     best
 }
 
-/// Token and confidence of one row; `key` its Gumbel key, `t` the float32 temperature.
+/// Logits per chunk of the Gumbel pass: the noise and scores of a chunk are computed in a loop the compiler
+/// vectorises, then scanned for the first maximum.
+const CHUNK: usize = 64;
+
+/// Token and confidence of one row; `key` its Gumbel key, `t` the float32 temperature. Runs the AVX2 build of
+/// the same code where the CPU has it (runtime check; no fma is enabled, so every operation stays one IEEE
+/// operation and the results are the same bits).
 pub fn choose_row(row: &[f32], key: u64, t: f32, conf: Confidence) -> (i64, f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { choose_row_avx2(row, key, t, conf) };
+        }
+    }
+    choose_row_impl(row, key, t, conf)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn choose_row_avx2(row: &[f32], key: u64, t: f32, conf: Confidence) -> (i64, f32) {
+    choose_row_impl(row, key, t, conf)
+}
+
+#[inline(always)]
+fn choose_row_impl(row: &[f32], key: u64, t: f32, conf: Confidence) -> (i64, f32) {
     let top = argmax_torch(row);
     let m = row[top];
-    let mut s_fix: i64 = 0;
-    let mut a_fix: i64 = 0;
-    for &l in row {
-        let z = l - m;
-        let e = exp_neg_f32(z);
-        s_fix += fixed31(e);
-        if conf == Confidence::Entropy && l != f32::NEG_INFINITY {
-            a_fix += fixed31(-(e * z));
+    let (mut s_fix, mut a_fix) = (0i64, 0i64);
+    if conf == Confidence::Entropy {
+        for &l in row {
+            let z = l - m;
+            let e = exp_neg_f32(z);
+            s_fix += fixed31(e);
+            a_fix += if l != f32::NEG_INFINITY {
+                fixed31(-(e * z))
+            } else {
+                0
+            };
+        }
+    } else {
+        for &l in row {
+            s_fix += fixed31(exp_neg_f32(l - m));
         }
     }
     let s_f = unfix(s_fix);
@@ -182,16 +218,26 @@ pub fn choose_row(row: &[f32], key: u64, t: f32, conf: Confidence) -> (i64, f32)
     if t > 0.0 {
         let mut best = f32::NEG_INFINITY;
         let mut arg = usize::MAX;
-        for (v, &l) in row.iter().enumerate() {
-            if l == f32::NEG_INFINITY || l.is_nan() {
-                continue; // not drawable (score -inf in the reference)
+        let mut score = [0f32; CHUNK];
+        for (c, chunk) in row.chunks(CHUNK).enumerate() {
+            let base = c * CHUNK;
+            for (i, (&l, s)) in chunk.iter().zip(score.iter_mut()).enumerate() {
+                let g = gumbel(key, (base + i) as u64);
+                let drawable = l != f32::NEG_INFINITY && !l.is_nan();
+                *s = if drawable {
+                    l / t + g
+                } else {
+                    f32::NEG_INFINITY
+                };
             }
-            let score = l / t + gumbel(key, v as u64);
             // the reference's argmax over scores that are never NaN: the first strict maximum; a score of
-            // -inf (l / T overflowing) only wins when every score is -inf, which falls back to `top`
-            if score > best {
-                best = score;
-                arg = v;
+            // -inf (not drawable, or l / T overflowing) only "wins" when every score is -inf, where the
+            // reference falls back to `top`
+            for (i, &s) in score[..chunk.len()].iter().enumerate() {
+                if s > best {
+                    best = s;
+                    arg = base + i;
+                }
             }
         }
         if arg != usize::MAX {
@@ -276,6 +322,32 @@ mod tests {
     }
 
     #[test]
+    fn fixed31_equals_the_int64_conversion_on_its_domain() {
+        let wide = |v: f32| {
+            let x = v * TWO31;
+            if x >= 0.0 {
+                x as i64
+            } else {
+                0
+            }
+        };
+        let mut vals = vec![
+            0.0f32,
+            1.0,
+            f32::NAN,
+            -0.5,
+            f32::NEG_INFINITY,
+            0.99999994,
+            1e-30,
+        ];
+        vals.extend((0..100_000u64).map(|i| (splitmix64(i) >> 40) as f32 / (1u64 << 24) as f32));
+        vals.extend((0..1000).map(|i| exp_neg_f32(-(i as f32) * 1e-7)));
+        for v in vals {
+            assert_eq!(fixed31(v), wide(v), "{v}");
+        }
+    }
+
+    #[test]
     fn log_and_exp_are_close_to_libm() {
         for &x in &[1e-30f32, 1e-7, 0.1, 0.5, 1.0, 1.5, 2.0, 10.0, 1e20] {
             let got = log_f32(x) as f64;
@@ -314,6 +386,26 @@ mod tests {
         for k in 0..2000u64 {
             let (tok, _) = choose_row(&row, splitmix64(k), 1.0, Confidence::Prob);
             assert!(tok == 1 || tok == 3);
+        }
+    }
+
+    #[test]
+    fn the_avx2_build_gives_the_same_bits_as_the_plain_build() {
+        let vocab = 1000usize;
+        let mut row: Vec<f32> = (0..vocab)
+            .map(|i| ((splitmix64(i as u64) >> 40) as f32) * 1e-6 - 8.0)
+            .collect();
+        row[3] = f32::NEG_INFINITY;
+        for (t, conf) in [
+            (0.0, Confidence::Prob),
+            (1.0, Confidence::Margin),
+            (0.3, Confidence::Entropy),
+        ] {
+            for k in 0..50u64 {
+                let (a, ca) = choose_row(&row, splitmix64(k), t, conf);
+                let (b, cb) = choose_row_impl(&row, splitmix64(k), t, conf);
+                assert_eq!((a, ca.to_bits()), (b, cb.to_bits()));
+            }
         }
     }
 
