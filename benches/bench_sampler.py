@@ -64,3 +64,19 @@ def test_token_choice(benchmark, name, V):
     tok = tok[0] if isinstance(tok, tuple) else tok
     assert tok.shape == (256,) and int(tok.max()) < V
     benchmark.pedantic(fn, rounds=5, iterations=1)
+
+
+@pytest.mark.parametrize("name", ["choose_tokens", "choose_tokens_cpu"])
+@pytest.mark.parametrize("filters", [dict(top_k=50), dict(top_p=0.9), dict(top_k=50, top_p=0.9)],
+                         ids=["top_k50", "top_p0.9", "top_k50_top_p0.9"])
+def test_filtered_token_choice(benchmark, name, filters):
+    """The same with top-k / top-p (the reference sorts every row; Rust selects / sorts integer keys)."""
+    benchmark.group = "token choice N=256 V=32000 T=1 " + " ".join(f"{k}={v}" for k, v in filters.items())
+    logits = torch.randn(256, 32000, generator=torch.Generator().manual_seed(0)) * 3
+    args = dict(seeds=torch.zeros(256, dtype=torch.int64), positions=torch.arange(256), step=0, temperature=1.0,
+                **filters)
+    choose = {"choose_tokens": choose_tokens, "choose_tokens_cpu": choose_tokens_cpu}[name]
+    tok, conf = choose(logits, **args)
+    ref_tok, ref_conf = choose_tokens(logits, **args)
+    assert torch.equal(tok, ref_tok) and torch.equal(conf, ref_conf)
+    benchmark.pedantic(lambda: choose(logits, **args), rounds=3, iterations=1)

@@ -154,17 +154,19 @@ def test_unfiltered_fast_path_without_a_drawable_id_takes_the_argmax(T, choose_t
     torch.testing.assert_close(conf, ref_conf, rtol=0, atol=0, equal_nan=True)
 
 
-@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.settings(max_examples=150, deadline=None)
 @hypothesis.given(rows=st.integers(0, 40), vocab=st.integers(1, 700), scale=st.sampled_from([0.01, 1.0, 30.0, 1e30]),
        T=st.sampled_from([0.0, 1e-30, 0.3, 1.0, 2.5, 1e30]), confidence=st.sampled_from(CONFIDENCES),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31),
        specials=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from([math.inf, -math.inf, math.nan])),
-                         max_size=6))
+                         max_size=6),
+       top_k=st.sampled_from([None, 0, 1, 2, 5, 50, 10**6]), top_p=st.sampled_from([None, 1.0, 0.95, 0.5, 1e-6]))
 def test_rust_token_choice_is_bit_identical_to_the_reference(rows, vocab, scale, T, confidence, dtype, seed,
-                                                            specials):
+                                                            specials, top_k, top_p):
     """`choose_tokens_cpu` (rust/src/sampler.rs) against the PyTorch reference of the contract: the same tokens
-    and the same confidence bits, over random shapes, magnitudes, temperatures, input dtypes, per-row seeds,
-    steps and positions (negative and above 2^63 as bits), and rows with +-inf and NaN logits."""
+    and the same confidence bits, over random shapes, magnitudes, temperatures, top-k / top-p, input dtypes,
+    per-row seeds, steps and positions (negative and above 2^63 as bits), and rows with +-inf and NaN logits
+    (ties too: bfloat16 and float16 inputs repeat values)."""
     from smdm.kernels._reference import choose_tokens_reference
 
     g = torch.Generator().manual_seed(seed)
@@ -174,7 +176,8 @@ def test_rust_token_choice_is_bit_identical_to_the_reference(rows, vocab, scale,
             logits.view(-1)[i % (rows * vocab)] = v
     args = dict(seeds=torch.randint(-2**63, 2**63 - 1, (rows,), generator=g),
                 positions=torch.randint(0, 2**40, (rows,), generator=g),
-                step=torch.randint(-5, 10**6, (rows,), generator=g), temperature=T, confidence=confidence)
+                step=torch.randint(-5, 10**6, (rows,), generator=g), temperature=T, confidence=confidence,
+                top_k=top_k, top_p=top_p)
     tok, conf = choose_tokens_cpu(logits, **args)
     ref_tok, ref_conf = choose_tokens_reference(logits, **args)
     assert tok.dtype == torch.int64 and conf.dtype == torch.float32

@@ -108,8 +108,10 @@ def choose_tokens(
     positions: npt.NDArray[np.int64],
     temperature: float,
     confidence: str,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Token and confidence per row of C-contiguous float32 (N, V) logits, bit for bit
-    `smdm.sampling._choose_unfiltered` (no top-k / top-p; Gumbel noise of (seeds[n], steps[n], positions[n]));
-    rows in parallel with the GIL released. `confidence`: "prob" | "margin" | "entropy". ValueError names a bad
-    argument."""
+    `smdm.kernels._reference.choose_tokens_reference` (Gumbel noise of (seeds[n], steps[n], positions[n]);
+    top_k <= 0 and top_p >= 1 filter nothing); rows in parallel with the GIL released. `confidence`: "prob" |
+    "margin" | "entropy". ValueError names a bad argument."""

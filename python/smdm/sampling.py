@@ -229,21 +229,20 @@ def choose_tokens_cpu(logits: torch.Tensor, *, seeds, positions, step, temperatu
                       top_k: Optional[int] = None, top_p: Optional[float] = None,
                       confidence: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
     """`choose_tokens` for CPU tensors through the Rust core (`smdm._core.choose_tokens`, rust/src/sampler.rs):
-    the same tokens and confidences bit for bit (tests/test_sampling.py), in one pass over each row with the
-    rows in parallel, where the reference runs some sixty whole-tensor ops over (rows x V) int64 and float32
-    temporaries for the counter-based Gumbel noise. With top-k / top-p it is the reference."""
+    the same tokens and confidences bit for bit (tests/test_sampling.py), top-k / top-p included, in one pass
+    over each row (plus a sort of the row when filtering) with the rows in parallel, where the reference runs
+    some sixty whole-tensor ops over (rows x V) int64 and float32 temporaries for the counter-based Gumbel
+    noise."""
     from smdm import _core
 
-    if top_k is not None or (top_p is not None and top_p < 1.0):
-        return choose_tokens(logits, seeds=seeds, positions=positions, step=step, temperature=temperature,
-                             top_k=top_k, top_p=top_p, confidence=confidence)
     if confidence not in CONFIDENCES:
         raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
     N = logits.shape[0]
     seeds, positions, step = (torch.as_tensor(x, dtype=torch.int64).expand(N).contiguous().numpy()
                               for x in (seeds, positions, step))
     lf = logits.detach().to(torch.float32).contiguous().numpy()
-    tok, conf = _core.choose_tokens(lf, seeds, step, positions, float(temperature), confidence)
+    tok, conf = _core.choose_tokens(lf, seeds, step, positions, float(temperature), confidence,
+                                    top_k=int(top_k or 0), top_p=1.0 if top_p is None else float(top_p))
     return torch.from_numpy(tok), torch.from_numpy(conf)
 
 

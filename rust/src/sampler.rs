@@ -1,7 +1,12 @@
 //! The unmasking sampler's token choice on the CPU: per row of (already guided) logits one token and its
-//! confidence, bit for bit as `smdm.sampling._choose_unfiltered` (the PyTorch reference of the contract in
-//! docs/CONTRACTS.md, no top-k / top-p) and the CUDA kernel (csrc/unmask_sampler.cuh):
+//! confidence, bit for bit as `smdm.kernels._reference.choose_tokens_reference` (the PyTorch reference of the
+//! contract in docs/CONTRACTS.md; `smdm.sampling._choose_unfiltered` without top-k / top-p) and the CUDA
+//! kernel (csrc/unmask_sampler.cuh):
 //!
+//!   filter (top-k, top-p): order the ids by (NaN first, value descending, id ascending); keep the first k;
+//!          top-p keeps the sorted prefix up to the first index whose running sum of
+//!          q_j = fixed31(exp_neg_f32(l_j - m)) (kept ids only) reaches need = max(1, ceil(sum q * p));
+//!          the other ids become -inf. The top id is always kept, so top and m below do not change.
 //!   top = argmax_v l_v (lowest id on ties; a NaN counts as the largest value, as torch.argmax does)
 //!   m = l_top, z_v = l_v - m, e_v = exp_neg_f32(z_v)
 //!   S = f32(sum_v fixed31(e_v) * 2^-31)                  softmax normaliser, an exact integer sum
@@ -172,10 +177,31 @@ fn argmax_torch(row: &[f32]) -> usize {
 /// vectorises, then scanned for the first maximum.
 const CHUNK: usize = 64;
 
-/// Token and confidence of one row; `key` its Gumbel key, `t` the float32 temperature. Runs the AVX2 build of
-/// the same code where the CPU has it (runtime check; no fma is enabled, so every operation stays one IEEE
-/// operation and the results are the same bits).
-pub fn choose_row(row: &[f32], key: u64, t: f32, conf: Confidence) -> (i64, f32) {
+/// What the sampler was asked for (`smdm.sampling.choose_tokens`' keyword arguments).
+#[derive(Clone, Copy, Debug)]
+pub struct Choice {
+    /// float32 temperature (0 = argmax)
+    pub temperature: f32,
+    pub confidence: Confidence,
+    /// keep the k most likely ids (0 or >= V: off)
+    pub top_k: usize,
+    /// keep the smallest most-likely prefix whose mass reaches p (>= 1 or NaN: off)
+    pub top_p: f64,
+}
+
+/// Token and confidence of one row; `key` its Gumbel key. Runs the AVX2 build of the same code where the
+/// CPU has it (runtime check; no fma is enabled, so every operation stays one IEEE operation and the results
+/// are the same bits).
+pub fn choose_row(row: &[f32], key: u64, choice: &Choice) -> (i64, f32) {
+    let v = row.len();
+    let filtered;
+    let row = if (choice.top_k > 0 && choice.top_k < v) || choice.top_p < 1.0 {
+        filtered = filter_row(row, choice.top_k, choice.top_p);
+        &filtered[..]
+    } else {
+        row
+    };
+    let (t, conf) = (choice.temperature, choice.confidence);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -184,6 +210,68 @@ pub fn choose_row(row: &[f32], key: u64, t: f32, conf: Confidence) -> (i64, f32)
         }
     }
     choose_row_impl(row, key, t, conf)
+}
+
+/// A u64 whose ascending order is torch.sort(descending=True, stable=True)'s order of (value, id): NaN first,
+/// then larger values, ties (-0 == +0 included) by lower id. High half: the value's bits mapped so that
+/// unsigned order is descending float order; low half: the id (sorting plain integers is much faster than
+/// sorting ids with a comparator that reads the row).
+#[inline(always)]
+fn sort_key(x: f32, id: u32) -> u64 {
+    let b = if x == 0.0 { 0 } else { x.to_bits() }; // -0 == +0
+    let ascending = if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }; // float order as u32 order
+    let desc = if x.is_nan() { 0 } else { !ascending };
+    ((desc as u64) << 32) | id as u64
+}
+
+/// The row with the ids that top-k / top-p exclude set to -inf (the reference's `_rows_reference` filter).
+fn filter_row(row: &[f32], top_k: usize, top_p: f64) -> Vec<f32> {
+    let v = row.len();
+    let k = if top_k > 0 && top_k < v { top_k } else { v };
+    let mut order: Vec<u64> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| sort_key(x, i as u32))
+        .collect();
+    if k < v {
+        order.select_nth_unstable(k - 1); // the k first of the total order as a set, then in order
+        order.truncate(k);
+    }
+    order.sort_unstable(); // keys are unique (ids): a total order
+    let id = |key: u64| (key & 0xFFFF_FFFF) as usize;
+    let mut keep = k;
+    if top_p < 1.0 {
+        let m = row[id(order[0])]; // = row[top]
+        let q: Vec<i64> = order
+            .iter()
+            .map(|&key| fixed31(exp_neg_f32(row[id(key)] - m)))
+            .collect();
+        let total: i64 = q.iter().sum();
+        let need = if top_p <= 0.0 {
+            1
+        } else {
+            ((total as f64 * top_p).ceil() as i64).max(1)
+        };
+        let mut run = 0i64;
+        let mut cut = k; // the number of sorted ids whose running mass is still below `need`
+        for (j, &qj) in q.iter().enumerate() {
+            run += qj;
+            if run >= need {
+                cut = j;
+                break;
+            }
+        }
+        keep = k.min(cut + 1);
+    }
+    let mut out = vec![f32::NEG_INFINITY; v];
+    for &key in &order[..keep] {
+        out[id(key)] = row[id(key)];
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -280,8 +368,7 @@ pub fn choose_rows(
     seeds: &[i64],
     steps: &[i64],
     positions: &[i64],
-    temperature: f32,
-    conf: Confidence,
+    choice: &Choice,
     tokens: &mut [i64],
     confs: &mut [f32],
 ) {
@@ -292,7 +379,7 @@ pub fn choose_rows(
     );
     let one = |(n, (tok, c)): (usize, (&mut i64, &mut f32))| {
         let k = gumbel_key(seeds[n] as u64, steps[n] as u64, positions[n] as u64);
-        (*tok, *c) = choose_row(&logits[n * vocab..(n + 1) * vocab], k, temperature, conf);
+        (*tok, *c) = choose_row(&logits[n * vocab..(n + 1) * vocab], k, choice);
     };
     if logits.len() >= PAR_MIN_LOGITS {
         tokens
@@ -312,6 +399,15 @@ pub fn choose_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plain(temperature: f32, confidence: Confidence) -> Choice {
+        Choice {
+            temperature,
+            confidence,
+            top_k: 0,
+            top_p: 1.0,
+        }
+    }
 
     #[test]
     fn magic_rounding_is_round_half_to_even() {
@@ -372,11 +468,11 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum_and_reports_its_probability() {
         let row = [0.0f32, 2.0, 2.0, f32::NEG_INFINITY];
-        let (tok, p) = choose_row(&row, 0, 0.0, Confidence::Prob);
+        let (tok, p) = choose_row(&row, 0, &plain(0.0, Confidence::Prob));
         assert_eq!(tok, 1);
         let want = 2.0f64.exp() / (1.0 + 2.0 * 2.0f64.exp());
         assert!((p as f64 - want).abs() < 1e-6);
-        let (_, margin) = choose_row(&row, 0, 0.0, Confidence::Margin);
+        let (_, margin) = choose_row(&row, 0, &plain(0.0, Confidence::Margin));
         assert!(margin.abs() < 1e-6); // two equal maxima
     }
 
@@ -384,7 +480,7 @@ mod tests {
     fn excluded_ids_are_never_drawn() {
         let row = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, 0.0];
         for k in 0..2000u64 {
-            let (tok, _) = choose_row(&row, splitmix64(k), 1.0, Confidence::Prob);
+            let (tok, _) = choose_row(&row, splitmix64(k), &plain(1.0, Confidence::Prob));
             assert!(tok == 1 || tok == 3);
         }
     }
@@ -402,7 +498,7 @@ mod tests {
             (0.3, Confidence::Entropy),
         ] {
             for k in 0..50u64 {
-                let (a, ca) = choose_row(&row, splitmix64(k), t, conf);
+                let (a, ca) = choose_row(&row, splitmix64(k), &plain(t, conf));
                 let (b, cb) = choose_row_impl(&row, splitmix64(k), t, conf);
                 assert_eq!((a, ca.to_bits()), (b, cb.to_bits()));
             }
@@ -418,27 +514,39 @@ mod tests {
         let seeds: Vec<i64> = (0..rows as i64).collect();
         let steps = vec![3i64; rows];
         let pos: Vec<i64> = (0..rows as i64).map(|p| p * 7).collect();
+        let choice = Choice {
+            temperature: 0.7,
+            confidence: Confidence::Entropy,
+            top_k: 100,
+            top_p: 0.9,
+        };
         let (mut tok, mut conf) = (vec![0i64; rows], vec![0f32; rows]);
         choose_rows(
-            &logits,
-            vocab,
-            &seeds,
-            &steps,
-            &pos,
-            0.7,
-            Confidence::Entropy,
-            &mut tok,
-            &mut conf,
+            &logits, vocab, &seeds, &steps, &pos, &choice, &mut tok, &mut conf,
         );
         for n in 0..rows {
             let k = gumbel_key(seeds[n] as u64, 3, pos[n] as u64);
-            let (t1, c1) = choose_row(
-                &logits[n * vocab..(n + 1) * vocab],
-                k,
-                0.7,
-                Confidence::Entropy,
-            );
+            let (t1, c1) = choose_row(&logits[n * vocab..(n + 1) * vocab], k, &choice);
             assert_eq!((t1, c1.to_bits()), (tok[n], conf[n].to_bits()));
         }
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_largest_and_top_p_a_prefix_reaching_p() {
+        let row = [0.0f32, 3.0, 1.0, 3.0, f32::NEG_INFINITY, 2.0];
+        let kept = |r: Vec<f32>| -> Vec<usize> {
+            (0..r.len())
+                .filter(|&i| r[i] != f32::NEG_INFINITY)
+                .collect()
+        };
+        assert_eq!(kept(filter_row(&row, 2, 1.0)), vec![1, 3]); // ties by lower id
+        assert_eq!(kept(filter_row(&row, 3, 1.0)), vec![1, 3, 5]);
+        assert_eq!(kept(filter_row(&row, 0, 1e-9)), vec![1]); // the top id is always kept
+                                                              // softmax masses 0.41, 0.41, 0.15, ...: 0.5 needs the two 3.0s, 0.9 the 2.0 as well
+        assert_eq!(kept(filter_row(&row, 0, 0.5)), vec![1, 3]);
+        assert_eq!(kept(filter_row(&row, 0, 0.9)), vec![1, 3, 5]);
+        assert_eq!(kept(filter_row(&row, 2, 0.9)), vec![1, 3]);
+        let nan = [1.0f32, f32::NAN, 5.0];
+        assert_eq!(kept(filter_row(&nan, 1, 1.0)), vec![1]); // NaN sorts first, as in torch.sort
     }
 }

@@ -5,7 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
 
-use crate::sampler::{choose_rows, Confidence};
+use crate::sampler::{choose_rows, Choice, Confidence};
 
 fn column<'a>(name: &str, a: &'a PyReadonlyArray1<'_, i64>, rows: usize) -> PyResult<&'a [i64]> {
     let s = a.as_slice().map_err(|_| {
@@ -22,12 +22,16 @@ fn column<'a>(name: &str, a: &'a PyReadonlyArray1<'_, i64>, rows: usize) -> PyRe
     Ok(s)
 }
 
-/// choose_tokens(logits, seeds, steps, positions, temperature, confidence) -> (tokens, confidence)
+/// choose_tokens(logits, seeds, steps, positions, temperature, confidence, top_k=0, top_p=1.0)
+/// -> (tokens, confidence)
 ///
 /// One token (int64) and its confidence (float32) per row of a C-contiguous float32 (N, V) array, with the
 /// Gumbel noise of (seeds[n], steps[n], positions[n]) (int64 arrays of N entries); bit for bit
-/// `smdm.sampling._choose_unfiltered` (no top-k / top-p). `confidence`: "prob", "margin" or "entropy".
+/// `smdm.kernels._reference.choose_tokens_reference`. `confidence`: "prob", "margin" or "entropy";
+/// `top_k` <= 0 and `top_p` >= 1 filter nothing.
 #[pyfunction]
+#[pyo3(signature = (logits, seeds, steps, positions, temperature, confidence, top_k=0, top_p=1.0))]
+#[allow(clippy::too_many_arguments)]
 fn choose_tokens<'py>(
     py: Python<'py>,
     logits: PyReadonlyArray2<'py, f32>,
@@ -36,6 +40,8 @@ fn choose_tokens<'py>(
     positions: PyReadonlyArray1<'py, i64>,
     temperature: f64,
     confidence: &str,
+    top_k: i64,
+    top_p: f64,
 ) -> PyResult<Py<PyAny>> {
     let conf = Confidence::parse(confidence).ok_or_else(|| {
         PyValueError::new_err(format!(
@@ -70,8 +76,13 @@ fn choose_tokens<'py>(
             tk.as_slice_mut().expect(fresh),
             cf.as_slice_mut().expect(fresh),
         );
-        let t = temperature as f32; // round to nearest, as the reference's np.float32(temperature)
-        py.detach(|| choose_rows(l, vocab, s, st, p, t, conf, tk, cf));
+        let choice = Choice {
+            temperature: temperature as f32, // round to nearest, as the reference's np.float32(temperature)
+            confidence: conf,
+            top_k: top_k.max(0) as usize,
+            top_p,
+        };
+        py.detach(|| choose_rows(l, vocab, s, st, p, &choice, tk, cf));
     }
     (tokens, confs).into_py_any(py)
 }
