@@ -132,14 +132,15 @@ def run(mdm, arm, judge, prompts, references, *, gen_length: int, steps, sampler
 
 
 def table(records) -> str:
-    head = (f"{'variant':<34} {'tok/s':>8} {'x ARM':>6} {'fwd':>6} {'gen PPL':>8} {'nats/tok':>8} {'+-':>5} "
+    w = max(len("variant"), *(len(r["variant"]) for r in records))
+    head = (f"{'variant':<{w}} {'tok/s':>8} {'x ARM':>6} {'fwd':>6} {'gen PPL':>8} {'nats/tok':>8} {'+-':>5} "
             f"{'entropy':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
         tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-"
         ratio = f"{r['ratio_vs_arm']:.2f}" if r.get("ratio_vs_arm") is not None else "-"
         fwd = r.get("forward_passes", "-")
-        lines.append(f"{r['variant']:<34} {tps:>8} {ratio:>6} {fwd:>6} {r['gen_ppl']:>8.2f} "
+        lines.append(f"{r['variant']:<{w}} {tps:>8} {ratio:>6} {fwd:>6} {r['gen_ppl']:>8.2f} "
                      f"{r['judge_nats_per_token']:>8.3f} {r['judge_nats_se']:>5.3f} {r['entropy']:>7.2f}")
     return "\n".join(lines)
 
