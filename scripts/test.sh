@@ -27,5 +27,6 @@ bash scripts/check_wheel.sh
 ruff check python tests benches
 # Two pytest workers (pytest-xdist; SMDM_TEST_WORKERS=0 runs in one process): many long tests keep one core busy
 # at a time (an nvcc unit, torchrun and CLI start-up, imports), so two workers shorten the suite on this project's
-# 2-core CI machine (720 tests: 452 s in one process, 396 s with two, same machine, same day).
+# 2-core CI machine (720 tests: 452 s in one process, 396 s with two while another job shared the machine;
+# .ci/run's pytest then took 310-323 s with two for 742 tests).
 python -m pytest -q -n "${SMDM_TEST_WORKERS:-2}" --dist worksteal "$@"

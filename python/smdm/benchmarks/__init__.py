@@ -43,10 +43,11 @@ def register(parser: argparse.ArgumentParser, name: str = "bench") -> None:
 
 
 def write_records(records: list, path: str) -> None:
-    """Write a benchmark's records (one per variant) as JSON, atomically (`smdm.data.write_atomic`)."""
+    """Write a benchmark's records (one per variant) as a JSON list with one record per line (compact even
+    when records carry long token lists), atomically (`smdm.data.write_atomic`)."""
     from smdm.data import write_atomic
 
-    write_atomic(path, json.dumps(records, indent=2).encode())
+    write_atomic(path, ("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n").encode())
     print(f"wrote {len(records)} records to {path}")
 
 

@@ -12,7 +12,8 @@ process:
   prompt (the judge is an autoregressive checkpoint, `--judge`, default the ARM twin: its exact likelihood,
   `smdm.evaluate.score`), with the standard error of the per-sample mean; and the mean unigram entropy of each
   sample's tokens (nats), which exposes repetitive text: a sample that repeats one token has entropy 0 and a
-  deceptively good perplexity (MDLM and later papers report the two together for this reason).
+  deceptively good perplexity ("Masked Diffusion Models are Secretly Time-Agnostic Masked Models and Exploit
+  Inaccurate Categorical Sampling", Zheng et al., 2024, showed low-entropy samples scoring well this way).
 
 The validation continuation of each prompt ("reference text") gets the same quality columns: the judge's
 perplexity of real text and its entropy are the yardstick. A judge that is the ARM twin favours the ARM's own
@@ -23,7 +24,7 @@ judge. Generation is fixed-length (no stop at EOS), so every variant produces th
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import math
 import sys
 import time
@@ -146,8 +147,12 @@ def table(records) -> str:
 
 
 def _tokenizer_digest(step_dir: Path) -> str | None:
-    p = step_dir / "tokenizer.json"
-    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+    """The sha256 of the checkpoint's tokenizer.json as its manifest records it (`smdm.load` has just checked
+    the file against it), or None without a tokenizer."""
+    from smdm.checkpoint import MANIFEST
+
+    files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    return files.get("tokenizer.json", {}).get("sha256")
 
 
 def _load(flag: str, path: str, device, dtype):
