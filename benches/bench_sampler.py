@@ -18,6 +18,7 @@ VARIANTS = {
     "low_confidence": dict(sampler="low_confidence", steps=GEN // 4),
     "blocks": dict(sampler="low_confidence", steps=GEN // 4, block_length=16),
     "blocks_prefix_cache": dict(sampler="low_confidence", steps=GEN // 4, block_length=16, cache="prefix"),
+    "blocks_dual_cache": dict(sampler="low_confidence", steps=GEN // 4, block_length=16, cache="dual"),
     "low_confidence_cfg": dict(sampler="low_confidence", steps=GEN // 4, cfg_scale=1.0),
 }
 

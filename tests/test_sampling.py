@@ -540,7 +540,8 @@ PROMPTS = [[5], [1, 2, 3, 4, 5, 6, 7], list(range(2, 39)), list(range(9, -1, -1)
     dict(sampler="threshold", threshold=0.05, block_length=8, temperature=1.0),
     dict(sampler="low_confidence", cfg_scale=1.0, temperature=1.0),
     dict(sampler="low_confidence", block_length=8, cache="prefix", temperature=1.0, confidence="entropy"),
-], ids=["greedy", "topk-topp", "ancestral", "blocks-margin", "threshold", "cfg", "prefix-cache"])
+    dict(sampler="threshold", threshold=0.05, block_length=4, cache="dual", temperature=1.0, cfg_scale=0.5),
+], ids=["greedy", "topk-topp", "ancestral", "blocks-margin", "threshold", "cfg", "prefix-cache", "dual-cache"])
 def test_batch_invariance(mdm, kw):
     G = 16
     alone = [generate(mdm, [p], gen_length=G, steps=8, seed=11, **kw).tokens[0] for p in PROMPTS]
@@ -555,6 +556,7 @@ def test_batch_invariance(mdm, kw):
 @pytest.mark.parametrize("which,kw", [("mdm", dict()), ("mdm", dict(cfg_scale=2.0)),
                                       ("mdm", dict(block_length=8, cache="prefix")),
                                       ("mdm", dict(block_length=2, steps=8, gen_length=4, cache="prefix")),
+                                      ("mdm", dict(block_length=4, cache="dual", cfg_scale=1.0)),
                                       ("arm", dict(cache="prefix")), ("arm", dict(cache="none"))])
 def test_batch_invariance_of_the_logits_bits(mdm, arm, monkeypatch, which, kw):
     """Stronger than equal tokens: every guided logit a row sees is bit-identical alone and in a batch
@@ -620,6 +622,77 @@ def test_infill_keeps_given_tokens(mdm):
 def test_prefix_cache_runs_the_block_not_the_prefix(mdm):
     out = generate(mdm, [list(range(30))], gen_length=16, steps=8, block_length=8, cache="prefix")
     assert len(out.tokens[0]) == 16 and out.forward_passes == 8
+
+
+def _record_logits(monkeypatch):
+    """Every guided logits row the sampler's token choice sees, by (seed, step, position)."""
+    seen = {}
+    real = sampling.choose_tokens
+
+    def record(logits, *, seeds, positions, step, **rest):
+        for n in range(len(logits)):
+            seen[(int(seeds[n]), int(step), int(positions[n]))] = logits[n].clone()
+        return real(logits, seeds=seeds, positions=positions, step=step, **rest)
+
+    monkeypatch.setenv("SMDM_KERNELS", "reference")
+    monkeypatch.setattr(sampling, "choose_tokens", record)
+    return seen
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("kw", [dict(sampler="low_confidence", block_length=4, steps=8),
+                                dict(sampler="threshold", threshold=0.3, block_length=4, cfg_scale=1.5),
+                                dict(sampler="low_confidence", steps=8)])
+def test_block_caches_are_exact_for_one_layer(monkeypatch, cache, kw):
+    """In a one-layer model a key/value depends only on its own token and position, and inside a block the
+    kept positions do not change (prefix: committed; suffix: still masks, or given text): so both caches
+    must give the no-cache logits at every step (up to summation order). Checks what the kept slots hold,
+    their RoPE positions and validity, for generation with CFG and for infill with text after the holes."""
+    model = build_model(ModelConfig(n_layer=1, n_head=2, d_model=32, d_ff=64, vocab_size=V)).eval()
+    prompts, seeds = [[5, 9, 2], list(range(20, 31))], [3, 4]
+    holes = [[1, 2, V, V, V, 7, V, V, 9, 9, 4], [V, V, V, V, 3, 3]]
+    runs = {}
+    for c in ("none", cache):
+        seen = _record_logits(monkeypatch)
+        gen = generate(model, prompts, gen_length=16, seed=seeds, cache=c, temperature=1.0, **kw)
+        filled = infill(model, holes, seed=seeds, cache=c, temperature=1.0,
+                        **{k: v for k, v in kw.items() if k != "steps"})
+        runs[c] = (gen.tokens, filled.tokens, gen.row_forward_passes, dict(seen))
+    (t0, f0, n0, s0), (t1, f1, n1, s1) = runs["none"], runs[cache]
+    assert s0.keys() == s1.keys()
+    assert all(torch.allclose(s0[k], s1[k], atol=1e-5, rtol=1e-5) for k in s0)
+    assert (t1, f1, n1) == (t0, f0, n0)
+
+
+def test_dual_cache_runs_the_block_alone(mdm, monkeypatch):
+    """cache="dual": the first step of a block runs the whole sequence; the others run only the block (the
+    prefix cache also runs what follows the block), against kept keys of every other position."""
+    calls = []
+    real = mdm.hidden
+
+    def spy(x, **kw):
+        calls.append((x.shape[1], kw.get("cache_pos", 0), None if kw.get("kv_cache") is None
+                      else kw["kv_cache"].k[0].shape[2]))
+        return real(x, **kw)
+
+    monkeypatch.setattr(mdm, "hidden", spy)
+    torch.set_num_threads(1)  # the query chunk is padded to a multiple of 4 x threads
+    for cache in ("prefix", "dual"):
+        calls.clear()
+        out = generate(mdm, [list(range(30))], gen_length=16, steps=8, block_length=8, cache=cache)
+        assert out.forward_passes == 8 and len(out.tokens[0]) == 16
+        full = [c for c in calls if c[1] == 0]
+        part = [c for c in calls if c[1] != 0]
+        assert len(full) == 2 and len(part) == 6  # 2 blocks x 4 steps
+        if cache == "prefix":  # block 0: 16 queries after 30 kept; block 1: 8 after 38
+            assert sorted(set(part)) == [(8, 38, 46), (16, 30, 46)]
+        else:  # 8 queries against the 38 other positions
+            assert set(part) == {(8, 38, 46)}
+
+
+def test_dual_cache_is_for_the_mdm(arm):
+    with pytest.raises(ValueError, match="MDM only"):
+        generate(arm, [[1, 2]], gen_length=4, cache="dual")
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0, top_k=10), dict(temperature=0.7, top_p=0.8)])

@@ -59,8 +59,9 @@ def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
                         help="noise schedule of the reverse steps: linear | cosine | polynomial:P "
                              "(default: the checkpoint's training schedule, else linear)")
     parser.add_argument("--cache", default=None,
-                        help="none | prefix (MDM: K/V of finished blocks, approximate; ARM: its KV cache). "
-                             "Default: none for the MDM, the KV cache for the ARM")
+                        help="none | prefix | dual (MDM, approximate: prefix keeps the K/V of the prompt and "
+                             "finished blocks, dual also those after the current block; ARM: prefix = its KV "
+                             "cache). Default: none for the MDM, the KV cache for the ARM")
     parser.add_argument("--seed", type=int, default=0,
                         help="sample j of every input uses seed + j (the noise is keyed by seed and position, so "
                              "inputs of one length given the same seed share it)")

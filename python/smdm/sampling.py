@@ -84,7 +84,7 @@ from smdm.rng import Stream
 PAD_MULTIPLE = 64  # padded row lengths are multiples of this (see "Batch invariance" above)
 REVEAL_STREAM = Stream.GUMBEL + 1  # 4th key word of the ancestral reveal coin (next free Stream value)
 CONFIDENCES = ("prob", "margin", "entropy")
-CACHES = ("none", "prefix")
+CACHES = ("none", "prefix", "dual")
 _CHUNK = 1 << 22  # elements of (rows x vocab) processed at once by choose_tokens
 COMMIT_EPS = 1e-9  # commit_count: n = floor(m·q + COMMIT_EPS), so rounding never loses a whole token
 MAX_EXACT_POWER = 64  # polynomial:P with a whole P up to this: step counts in exact integer arithmetic
@@ -467,7 +467,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
 
     MDM (model.config.causal False): `sampler` in SAMPLERS, `steps` sampler steps (split evenly over blocks of
     `block_length`), `threshold` for sampler="threshold", `cfg_scale` w of Eq. 7, `confidence` prob | margin |
-    entropy, `cache` "none" | "prefix" (K/V of the prompt and finished blocks reused: approximate).
+    entropy, `cache` "none" | "prefix" (K/V of the prompt and finished blocks reused) | "dual" (also the K/V
+    after the current block: each step runs the block alone); both caches are approximate.
     ARM twin (causal True): left-to-right decoding with the same token choice; `cache="prefix"` is the static
     KV cache (exact, the default for the ARM; the MDM's default is "none"); `steps`, `sampler`, `block_length`,
     `threshold`, `cfg_scale`, `confidence` do not apply.
@@ -497,6 +498,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
             raise ValueError(f"prompt {i} has {len(p)} tokens: with gen_length={gen_length} that is "
                              f"{len(p) + gen_length} > the model's context of {cfg.max_seq_len}")
     if cfg.causal:
+        if cache == "dual":
+            raise ValueError("cache='dual' applies to the MDM only (the ARM twin's KV cache is cache='prefix')")
         if cfg_scale:
             raise ValueError("cfg_scale applies to the MDM only (the ARM twin has no mask token)")
         if sampler not in SAMPLERS:  # unused by the ARM, still validated (as the schedule is)
@@ -808,7 +811,7 @@ def _branches(r: _Row, mask_id: int, cfg: bool):
 def _forward_mdm(model, rows: list, opts: dict) -> int:
     """Guided logits at each row's candidate positions; returns the number of model calls."""
     cfg_on = opts["cfg_scale"] > 0
-    if opts["cache"] == "prefix":
+    if opts["cache"] in ("prefix", "dual"):
         return _forward_prefix_cache(model, rows, opts)
     mask_id = model.config.mask_id
     inputs = [x for r in rows for x in _branches(r, mask_id, cfg_on)]  # (row, branch) order
@@ -877,41 +880,49 @@ def _padded(seqs: list, length: int, max_pos: int):
 
 
 def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
-    """Prefix K/V cache (Fast-dLLM style): the first step of a block runs the full sequence and keeps the K/V
-    of everything before the block (prompt + finished blocks); later steps of the block run only the block and
-    what follows it, attending to the kept prefix. Approximate for a bidirectional model (the prefix keys do
-    not see the newer tokens after it). Rows are grouped by (length, prefix end, full/partial) so that no row
-    is padded for another."""
+    """Block K/V caches (Fast-dLLM style), both approximate for a bidirectional model.
+    cache="prefix": the first step of a block runs the full sequence and keeps the K/V of everything before
+    the block (prompt + finished blocks); later steps of the block run only the block and what follows it,
+    attending to the kept prefix (whose keys do not see the newer tokens after it).
+    cache="dual" (Fast-dLLM's DualCache): the first step also keeps the K/V of everything after the block's
+    span (the masks still to come, and given text after the holes when infilling); later steps run the block's
+    span alone, attending to the kept prefix and suffix. The kept K/V sit in the cache as [prefix | suffix |
+    block]: keys carry their RoPE positions and no mask orders them, so the slot order does not matter.
+    Rows are grouped by (length, block span, full/partial) so that no row is padded for another."""
     cfg_on = opts["cfg_scale"] > 0
+    dual = opts["cache"] == "dual"
     mask_id = model.config.mask_id
     groups: dict = {}
     for r in rows:
-        start = int(r.blocks[r.b][0])  # every position before the current block is committed
+        block = r.blocks[r.b]
+        start = int(block[0])  # every position before the current block is committed
+        end = int(block[-1]) + 1 if dual else len(r.seq)  # the query chunk is [start, end)
         full = any(r.stash.get(k, (None,))[0] != r.b for k in range(2 if cfg_on else 1))
-        groups.setdefault((len(r.seq), start, full), []).append(r)
+        groups.setdefault((len(r.seq), start, end, full), []).append(r)
     calls = 0
     max_pos = model.config.max_seq_len - 1
-    for (L, start, full), grp in groups.items():
+    for (L, start, end, full), grp in groups.items():
         units = [(r, k, x) for r in grp for k, x in enumerate(_branches(r, mask_id, cfg_on))]
-        if full:  # the whole (padded) sequence; keep the K/V of the prefix
+        if full:  # the whole (padded) sequence; keep the K/V of the prefix (and of the suffix: dual)
             Lp = _round_up(L, _len_multiple(opts))
             cache = model.make_kv_cache(len(units), Lp)
             x, valid, pos = _padded([u[2] for u in units], Lp, max_pos)
             h = model.hidden(x, key_valid=valid, positions=pos, kv_cache=cache, cache_pos=0)  # (G, Lp, d)
-            for g, (r, k, _) in enumerate(units):
-                r.stash[k] = (r.b, [kk[g:g + 1, :, :start].clone() for kk in cache.k],
-                              [vv[g:g + 1, :, :start].clone() for vv in cache.v])
+            for g, (r, k, _) in enumerate(units):  # prefix + suffix slots of unit g (prefix cache: no suffix)
+                r.stash[k] = (r.b, [torch.cat([t[g:g + 1, :, :start], t[g:g + 1, :, end:L]], 2) for t in cache.k],
+                              [torch.cat([t[g:g + 1, :, :start], t[g:g + 1, :, end:L]], 2) for t in cache.v])
             offset = 0
-        else:  # the block and what follows it, attending to the kept prefix; chunk padded on the right
-            Lq = _round_up(L - start, _row_multiple(opts))
-            cache = model.make_kv_cache(len(units), start + Lq)
+        else:  # the block's chunk (prefix: and what follows it), padded on the right, attending to the kept K/V
+            kept = start + L - end
+            Lq = _round_up(end - start, _row_multiple(opts))
+            cache = model.make_kv_cache(len(units), kept + Lq)
             for layer in range(len(cache.k)):
-                cache.k[layer][:, :, :start] = torch.cat([r.stash[k][1][layer] for r, k, _ in units])
-                cache.v[layer][:, :, :start] = torch.cat([r.stash[k][2][layer] for r, k, _ in units])
-            x, valid, pos = _padded([u[2][start:] for u in units], Lq, max_pos)
-            valid = torch.cat([torch.ones(len(units), start, dtype=torch.bool, device=x.device), valid], 1)
+                cache.k[layer][:, :, :kept] = torch.cat([r.stash[k][1][layer] for r, k, _ in units])
+                cache.v[layer][:, :, :kept] = torch.cat([r.stash[k][2][layer] for r, k, _ in units])
+            x, valid, pos = _padded([u[2][start:end] for u in units], Lq, max_pos)
+            valid = torch.cat([torch.ones(len(units), kept, dtype=torch.bool, device=x.device), valid], 1)
             h = model.hidden(x, key_valid=valid, positions=(pos + start).clamp(max=max_pos), kv_cache=cache,
-                             cache_pos=start)  # (G, Lq, d)
+                             cache_pos=kept)  # (G, Lq, d)
             offset = start
         nb = 2 if cfg_on else 1
         picked = torch.cat([h[g, r.cand - offset] for g, (r, _, _) in enumerate(units)])

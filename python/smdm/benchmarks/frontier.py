@@ -91,7 +91,7 @@ def variants(steps, samplers, block_length=None, cache: str = "none", threshold:
     for sampler in samplers:
         for S in steps:
             name = f"mdm {sampler}" + (f" {threshold}" if sampler == "threshold" else "") + f" S={S}"
-            name += (f" blocks {block_length}" if block_length else "") + (" prefix-cache" if cache == "prefix"
+            name += (f" blocks {block_length}" if block_length else "") + (f" {cache}-cache" if cache != "none"
                                                                              else "")
             out[name] = dict(sampler=sampler, steps=S, block_length=block_length, cache=cache,
                              threshold=threshold if sampler == "threshold" else None)
@@ -267,8 +267,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the threshold "
                         "sampler (default 0.9)")
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks (MDM)")
-    parser.add_argument("--cache", default="none", help="MDM K/V cache: none | prefix (approximate; needs "
-                        "--block-length to gain anything)")
+    parser.add_argument("--cache", default="none", help="MDM K/V cache: none | prefix | dual (approximate; "
+                        "need --block-length to gain much)")
     parser.add_argument("--temperature", type=float, default=1.0, help="every variant (default 1: sampling)")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight of the MDM")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -38,6 +38,8 @@ def _variants(gen_length: int, steps_div: int) -> dict:
         v[f"blocks {block} S={S}"] = dict(sampler="low_confidence", steps=S, block_length=block)
         v[f"blocks {block} S={S} prefix-cache"] = dict(sampler="low_confidence", steps=S, block_length=block,
                                                         cache="prefix")
+        v[f"blocks {block} S={S} dual-cache"] = dict(sampler="low_confidence", steps=S, block_length=block,
+                                                      cache="dual")
         v[f"threshold 0.9 blocks {block}"] = dict(sampler="threshold", threshold=0.9, block_length=block,
                                                   steps=S)
     return v
@@ -125,8 +127,8 @@ def run(config: str, device: str, gen_lengths, batch_sizes, *, prompt_length: in
 
 def cache_quality(model, prompts, references, gen_length: int, steps: int, block_length: int,
                   n_samples: int = 64, **kw) -> list:
-    """The prefix K/V cache's effect on output quality (it is approximate for a bidirectional model): the same
-    prompts generated with cache="none" and cache="prefix"; per variant the token agreement with the no-cache
+    """The block K/V caches' effect on output quality (both approximate for a bidirectional model): the same
+    prompts generated with cache="none", "prefix" and "dual"; per variant the token agreement with the no-cache
     output, the MDM's own Monte Carlo ELBO of the generated text given the prompt (nats/token, lower = more
     likely under the model; `smdm.diffusion.elbo_nll`), forward passes and seconds. `references` (the true
     continuations, or None) get the same ELBO as a yardstick."""
@@ -142,7 +144,7 @@ def cache_quality(model, prompts, references, gen_length: int, steps: int, block
         return float(per_tok.mean()), float(per_tok.std() / max(1, len(prompts)) ** 0.5)
 
     rows, base = [], None
-    for cache in ("none", "prefix"):
+    for cache in ("none", "prefix", "dual"):
         t0 = time.perf_counter()
         out = generate(model, prompts, gen_length=gen_length, steps=steps, block_length=block_length,
                        cache=cache, **kw)
@@ -207,7 +209,7 @@ def quality_main(args) -> int:
     S -= S % (G // block)
     rows = cache_quality(model, prompts, refs, G, max(S, G // block), block, seed=list(range(len(prompts))),
                          temperature=args.quality_temperature)
-    print(f"prefix-cache quality: {args.quality_ckpt}, {len(prompts)} validation prompts of "
+    print(f"block-cache quality: {args.quality_ckpt}, {len(prompts)} validation prompts of "
           f"{args.prompt_length} tokens, gen {G}, blocks of {block}, {max(S, G // block)} steps, "
           f"T={args.quality_temperature}; ELBO = the model's Monte Carlo -log p(text | prompt), 64 samples")
     print(f"{'output':<16} {'=nocache':>8} {'=ref':>6} {'ELBO nats/tok':>14} {'+-':>6} {'fwd':>6} {'s':>7}")
@@ -267,8 +269,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", help="write one JSON record per (variant, gen, batch)")
-    q = parser.add_argument_group("prefix-cache quality (instead of throughput)")
-    q.add_argument("--quality-ckpt", metavar="DIR", help="trained MDM checkpoint: compare cache none/prefix")
+    q = parser.add_argument_group("block-cache quality (instead of throughput)")
+    q.add_argument("--quality-ckpt", metavar="DIR", help="trained MDM checkpoint: compare cache none/prefix/dual")
     q.add_argument("--quality-data", metavar="DIR", help="dataset whose val documents give the prompts")
     q.add_argument("--quality-n", type=int, default=32, help="prompts (default 32)")
     q.add_argument("--quality-block", type=int, default=8, help="block length (default 8)")
