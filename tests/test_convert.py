@@ -264,3 +264,29 @@ def test_legacy_torch_files_and_nested_wrapper_prefixes(tmp_path):
     nested = tmp_path / "nested.pt"
     torch.save({"module._orig_mod." + k: v for k, v in sd.items()}, nested)
     assert set(read_state_dict(nested)) == set(sd)
+
+
+def test_litgpt_qkv_layout_is_read(tmp_path):
+    """A litgpt >= 0.5.5 file (`attn.qkv` = [Q | K | V], LLaMAMLP names) converts to the same smdm weights as the
+    grouped file it came from; a file with neither QKV name, or both, is refused by name."""
+    from smdm.convert import to_litgpt
+
+    cfg = config_by_name("tiny", vocab_size=23, causal=False, n_kv_head=1)
+    state = build_model(cfg, seed=2).state_dict()
+    for layout in ("smdm", "litgpt-grouped", "litgpt"):
+        lit = to_litgpt(state, cfg, layout)
+        assert ("transformer.h.1.attn.qkv.weight" in lit) == (layout == "litgpt")
+        got = from_litgpt(lit, infer_config(lit, source="w.pt"), source="w.pt")
+        assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state), layout
+    lit = to_litgpt(state, cfg, "litgpt")
+    with pytest.raises(ConvertError, match=r"w\.pt: neither of 'transformer\.h\.0\.attn\.attn\.weight' and "
+                                           r"'transformer\.h\.0\.attn\.qkv\.weight'"):
+        infer_config({k: v for k, v in lit.items() if "qkv" not in k}, source="w.pt")
+    with pytest.raises(ConvertError, match=r"w\.pt: both of .* \(one layout expected\)"):
+        infer_config({**lit, "transformer.h.0.attn.attn.weight": lit["transformer.h.0.attn.qkv.weight"]},
+                     source="w.pt")
+    mixed = {k.replace("h.1.attn.qkv", "h.1.attn.attn"): v for k, v in lit.items()}  # block 1 in the old name
+    with pytest.raises(ConvertError, match=r"w\.pt: missing tensor 'transformer\.h\.1\.attn\.qkv\.weight'"):
+        from_litgpt(mixed, infer_config(mixed, source="w.pt"), source="w.pt")
+    with pytest.raises(ConvertError, match="layout must be one of"):
+        to_litgpt(state, cfg, "hf")
