@@ -406,17 +406,19 @@ def test_real_litgpt_gpt_and_smdm_compute_the_same_function(tmp_path, litgpt, md
         assert torch.equal(litgpt_logits(back, idx, causal=not mdm), ref), layout
 
 
-def test_litgpt_qkv_layout_is_read(tmp_path):
+def test_litgpt_qkv_layout_is_read():
     """A litgpt >= 0.5.5 file (`attn.qkv` = [Q | K | V], LLaMAMLP names) converts to the same smdm weights as the
     grouped file it came from; a file with neither QKV name, or both, is refused by name."""
     from smdm.convert import to_litgpt
+    from smdm.model import ModelConfig
 
-    cfg = config_by_name("tiny", vocab_size=23, causal=False, n_kv_head=1)
+    # grouped-query heads: with one key/value head, or one per query head, some wrong orders read right
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, vocab_size=23)
     state = build_model(cfg, seed=2).state_dict()
     for layout in ("smdm", "litgpt-grouped", "litgpt"):
         lit = to_litgpt(state, cfg, layout)
         assert ("transformer.h.1.attn.qkv.weight" in lit) == (layout == "litgpt")
-        got = from_litgpt(lit, infer_config(lit, source="w.pt"), source="w.pt")
+        got = from_litgpt(lit, infer_config(lit, source="w.pt", n_head=4), source="w.pt")
         assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state), layout
     lit = to_litgpt(state, cfg, "litgpt")
     with pytest.raises(ConvertError, match=r"w\.pt: neither of 'transformer\.h\.0\.attn\.attn\.weight' and "
@@ -427,6 +429,6 @@ def test_litgpt_qkv_layout_is_read(tmp_path):
                      source="w.pt")
     mixed = {k.replace("h.1.attn.qkv", "h.1.attn.attn"): v for k, v in lit.items()}  # block 1 in the old name
     with pytest.raises(ConvertError, match=r"w\.pt: missing tensor 'transformer\.h\.1\.attn\.qkv\.weight'"):
-        from_litgpt(mixed, infer_config(mixed, source="w.pt"), source="w.pt")
+        from_litgpt(mixed, infer_config(mixed, source="w.pt", n_head=4), source="w.pt")
     with pytest.raises(ConvertError, match="layout must be one of"):
         to_litgpt(state, cfg, "hf")
