@@ -1,13 +1,21 @@
 # python -m pytest tests/test_convert.py -q
-"""`smdm convert`: lit-gpt / SMDM / TinyLlama weights in and out.
+"""`smdm convert`: lit-gpt / SMDM / TinyLlama / litgpt weights in and out.
 
-The oracle is an independent forward pass written here from the lit-gpt layout (fused QKV grouped per key/value
-head, non-interleaved RoPE, RMSNorm, xformers SwiGLU names), with explicit softmax attention instead of SDPA:
-a converted checkpoint loaded by `smdm.load` must give the same logits."""
+Two oracles: the real litgpt model code from PyPI (0.2.0: fused QKV grouped per key/value head, the layout of
+SMDM's releases; 0.5.13: `attn.qkv` as [Q | K | V]), imported from `.litgpt/VERSION` (see `litgpt` below for
+why and how it is installed); and an independent forward pass written here from the lit-gpt layout, with
+explicit softmax attention instead of SDPA, for the xformers SwiGLU names of SMDM's own code that litgpt never
+had. A converted checkpoint loaded by `smdm.load` must give the same logits."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import math
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import smdm
@@ -264,3 +272,163 @@ def test_legacy_torch_files_and_nested_wrapper_prefixes(tmp_path):
     nested = tmp_path / "nested.pt"
     torch.save({"module._orig_mod." + k: v for k, v in sd.items()}, nested)
     assert set(read_state_dict(nested)) == set(sd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# against the real litgpt GPT from PyPI
+
+ROOT = Path(__file__).resolve().parents[1]
+LITGPT_LAYOUT = {"0.2.0": "litgpt-grouped", "0.5.13": "litgpt"}  # to-litgpt's --layout for each version's GPT
+LITGPT_INSTALL = ("pip install 'lightning>=2.6.1' psutil && "
+                  "pip install --no-deps --target .litgpt/{v} litgpt=={v}")
+
+
+@pytest.fixture(scope="module", params=sorted(LITGPT_LAYOUT))
+def litgpt(request):
+    """The real litgpt package of one version (its `GPT` and `Config`), imported from `.litgpt/VERSION`.
+
+    litgpt cannot be a pip dependency beside torch 2.15 and lm-eval: 0.2.0 pins a lightning nightly that PyPI
+    does not have, 0.5.13 pins psutil, jsonargparse and huggingface-hub < 1.4. Its model and config need only
+    torch, PyYAML, typing-extensions and, through the package's imports, lightning (and psutil for 0.5.13), so
+    each version is installed without its dependencies into its own --target dir (LITGPT_INSTALL) and the two
+    take turns in sys.modules: this fixture is module-scoped and removes every `litgpt.*` module when done.
+    Missing, the tests skip, or fail where SMDM_REQUIRE_LITGPT is set (scripts/test.sh, CI); lightning and
+    psutil come with the `test` extra (Python >= 3.10)."""
+    version = request.param
+    path = ROOT / ".litgpt" / version
+
+    def unavailable(why):
+        msg = f"real litgpt {version} not available ({why}): {LITGPT_INSTALL.format(v=version)}"
+        if os.environ.get("SMDM_REQUIRE_LITGPT"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+    if sys.version_info < (3, 10):  # lightning >= 2.6.1 and litgpt 0.5.13 need it; not a failure under CI
+        pytest.skip("the real-litgpt tests need Python >= 3.10")
+    if not (path / "litgpt" / "__init__.py").is_file():
+        unavailable(f"no {path}")
+    assert not [m for m in sys.modules if m.split(".")[0] == "litgpt"], "another litgpt is imported"
+    sys.path.insert(0, str(path))
+    try:
+        try:
+            model, config = importlib.import_module("litgpt.model"), importlib.import_module("litgpt.config")
+        except ImportError as e:  # lightning, or 0.5.13's psutil
+            unavailable(f"{type(e).__name__}: {e}")
+        assert Path(model.__file__).is_relative_to(path) and importlib.metadata.version("litgpt") == version
+        yield SimpleNamespace(version=version, GPT=model.GPT, Config=config.Config)
+    finally:
+        sys.path.remove(str(path))
+        for name in [m for m in sys.modules if m.split(".")[0] == "litgpt"]:
+            del sys.modules[name]
+
+
+def litgpt_model(lit, *, n_query_groups: int, mdm: bool, seed: int = 0):
+    """litgpt's own GPT in TinyLlama's own litgpt config ("tiny-llama-1.1b": RMSNorm eps 1e-5, LLaMAMLP, RoPE
+    over the full head dim, no biases, sequential residual), shrunk to 3 layers of width 48, 4 query heads,
+    ffn 80, vocab 37; random weights, the norm gains too (so that swapped norms show), float64.
+    The MDM is SMDM's TransEncoder: this GPT with one more `transformer.wte` row, the mask token."""
+    vocab, d = 37, 48
+    config = lit.Config.from_name("tiny-llama-1.1b", n_layer=3, n_embd=d, n_head=4, n_query_groups=n_query_groups,
+                                  intermediate_size=80, vocab_size=vocab, padded_vocab_size=vocab, block_size=64)
+    assert (config.norm_class_name, config.norm_eps, config.mlp_class_name, config.rotary_percentage, config.bias,
+            config.parallel_residual, config.head_size) == ("RMSNorm", 1e-5, "LLaMAMLP", 1.0, False, False, 12)
+    model = lit.GPT(config)
+    if mdm:
+        model.transformer.wte = torch.nn.Embedding(vocab + 1, d)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            std = 0.5 if "wte" in name else 0.2 if "attn" in name and "proj" not in name else 0.05
+            p.copy_(1 + 0.1 * noise if "norm" in name or "ln_f" in name else std * noise)
+    return model.double().eval()
+
+
+def _all_true_mask(block, args):
+    x, cos, sin, mask, *rest = args  # GPT.forward's positional call: block(x, cos, sin, mask, input_pos, ...)
+    assert mask is None  # litgpt's "causal" (no KV cache)
+    return (x, cos, sin, torch.ones(1, 1, x.shape[1], x.shape[1], dtype=torch.bool), *rest)
+
+
+def litgpt_logits(model, idx, *, causal: bool):
+    """litgpt's own GPT.forward, unedited. Causal as litgpt runs it; bidirectional as SMDM's MDM (its fork calls
+    SDPA with is_causal=False): litgpt's blocks take an attention mask (for its KV cache) and read None as causal,
+    so a forward pre-hook hands every block an all-True boolean mask (attend everywhere) instead."""
+    hooks = [] if causal else [b.register_forward_pre_hook(_all_true_mask) for b in model.transformer.h]
+    try:
+        with torch.no_grad():
+            return model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("mdm,n_query_groups,fmt", [
+    (True, 2, "safetensors"),  # SMDM's MDM with grouped-query heads
+    (True, 4, "pth"),  # multi-head
+    (False, 2, "pth"),  # the autoregressive twin (TinyLlama's own attention: 32 heads in 4 groups)
+    (False, 1, "safetensors"),  # multi-query
+])
+def test_real_litgpt_gpt_and_smdm_compute_the_same_function(tmp_path, litgpt, mdm, n_query_groups, fmt):
+    """litgpt's weights -> from-litgpt -> smdm gives litgpt's logits; to-litgpt -> litgpt's GPT (strict load)
+    gives back the very same tensors."""
+    model = litgpt_model(litgpt, n_query_groups=n_query_groups, mdm=mdm)
+    state = model.state_dict()
+    src = tmp_path / f"lit_model.{fmt}"
+    if fmt == "safetensors":
+        save_file(state, str(src))
+    else:
+        torch.save(state, src)
+    assert cli(["convert", "from-litgpt", str(src), "--out", str(tmp_path / "run"), "--n-head", "4"]) == 0
+    ours, _ = smdm.load(tmp_path / "run", device="cpu")
+    c = ours.config
+    assert (c.causal, c.n_layer, c.n_head, c.kv_heads, c.d_model, c.d_ff, c.vocab_size) == \
+        (not mdm, 3, 4, n_query_groups, 48, 80, 37)
+    idx = torch.randint(0, 37 + mdm, (2, 23), generator=torch.Generator().manual_seed(1))  # the mask id too
+    ref = litgpt_logits(model, idx, causal=not mdm)
+    with torch.no_grad():
+        got = ours.double()(idx)
+    # litgpt's RMSNorm and RoPE tables compute in float32 even in a float64 model: errors of 2-4e-7 relative seen
+    err = (got - ref).abs().max().item()
+    assert err < 2e-6 * ref.abs().max().item(), err
+    # the other attention direction differs clearly (the comparison sees the mask)
+    assert (litgpt_logits(model, idx, causal=mdm) - ref).abs().max() > 1e-2
+
+    # back: the litgpt layout of this version (0.5.13 also loads the grouped attn.attn of older litgpt)
+    layouts = [LITGPT_LAYOUT[litgpt.version]] + (["litgpt-grouped"] if litgpt.version == "0.5.13" else [])
+    for layout in layouts:
+        out = tmp_path / f"{layout}.safetensors"
+        assert cli(["convert", "to-litgpt", str(tmp_path / "run"), "--out", str(out), "--layout", layout]) == 0
+        back = litgpt_model(litgpt, n_query_groups=n_query_groups, mdm=mdm, seed=7)
+        back.load_state_dict(load_file(str(out)), strict=True)
+        for k, v in back.state_dict().items():
+            assert torch.equal(v, state[k]), (layout, k)
+        assert torch.equal(litgpt_logits(back, idx, causal=not mdm), ref), layout
+
+
+def test_litgpt_qkv_layout_is_read():
+    """A litgpt >= 0.5.5 file (`attn.qkv` = [Q | K | V], LLaMAMLP names) converts to the same smdm weights as the
+    grouped file it came from; a file with neither QKV name, or both, is refused by name."""
+    from smdm.convert import to_litgpt
+    from smdm.model import ModelConfig
+
+    # grouped-query heads: with one key/value head, or one per query head, some wrong orders read right
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, vocab_size=23)
+    state = build_model(cfg, seed=2).state_dict()
+    for layout in ("smdm", "litgpt-grouped", "litgpt"):
+        lit = to_litgpt(state, cfg, layout)
+        assert ("transformer.h.1.attn.qkv.weight" in lit) == (layout == "litgpt")
+        got = from_litgpt(lit, infer_config(lit, source="w.pt", n_head=4), source="w.pt")
+        assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state), layout
+    lit = to_litgpt(state, cfg, "litgpt")
+    with pytest.raises(ConvertError, match=r"w\.pt: neither of 'transformer\.h\.0\.attn\.attn\.weight' and "
+                                           r"'transformer\.h\.0\.attn\.qkv\.weight'"):
+        infer_config({k: v for k, v in lit.items() if "qkv" not in k}, source="w.pt")
+    with pytest.raises(ConvertError, match=r"w\.pt: both of .* \(one layout expected\)"):
+        infer_config({**lit, "transformer.h.0.attn.attn.weight": lit["transformer.h.0.attn.qkv.weight"]},
+                     source="w.pt")
+    mixed = {k.replace("h.1.attn.qkv", "h.1.attn.attn"): v for k, v in lit.items()}  # block 1 in the old name
+    with pytest.raises(ConvertError, match=r"w\.pt: missing tensor 'transformer\.h\.1\.attn\.qkv\.weight'"):
+        from_litgpt(mixed, infer_config(mixed, source="w.pt", n_head=4), source="w.pt")
+    with pytest.raises(ConvertError, match="layout must be one of"):
+        to_litgpt(state, cfg, "hf")

@@ -1,6 +1,6 @@
 # smdm convert from-litgpt mdm-1028M.safetensors --out runs/smdm-1028M --tokenizer tokenizer.json
 # smdm convert to-litgpt runs/demo-mdm --out demo-mdm-litgpt.safetensors        (tests: tests/test_convert.py)
-"""Weights in the lit-gpt / TinyLlama layout of SMDM's released checkpoints, in and out.
+"""Weights in the lit-gpt / TinyLlama layout of SMDM's released checkpoints, and of litgpt, in and out.
 
 SMDM (and TinyLlama, whose trainer it forks) names the same Llama block as smdm.model differently and packs
 the attention projection by key/value group:
@@ -9,6 +9,7 @@ the attention projection by key/value group:
     transformer.wte.weight        (V [+1], d)      embed.weight       (+1 row: the MDM's mask token)
     transformer.h.i.norm_1.weight                  blocks.i.norm1.weight
     transformer.h.i.attn.attn.weight               blocks.i.attn.qkv.weight   (regrouped, see below)
+      (or litgpt >= 0.5.5's .attn.qkv.weight, already in smdm's order)
     transformer.h.i.attn.proj.weight               blocks.i.attn.proj.weight
     transformer.h.i.norm_2.weight                  blocks.i.norm2.weight
     transformer.h.i.mlp.swiglu.w1|w2|w3.weight     blocks.i.mlp.w1|w2|w3.weight   (xformers SwiGLU)
@@ -16,12 +17,19 @@ the attention projection by key/value group:
     transformer.ln_f.weight                        norm.weight
     lm_head.weight                (V, d)           head.weight
 
-The fused QKV rows of lit-gpt are ordered group by group: for each of the n_kv key/value heads, its q_per_kv
-query heads, then its key head, then its value head (each head_dim rows). smdm orders them [all queries | all
-keys | all values], query head h belonging to key/value head h // q_per_kv (the same grouping). Both use
-GPT-NeoX half-split RoPE over the full head dim, RMSNorm eps 1e-5 and w3(silu(w1 x) * w2 x), so a converted
-model computes the same function (tests/test_convert.py checks logits against an independent lit-gpt-layout
-forward).
+The fused QKV rows of lit-gpt (`attn.attn`: SMDM, TinyLlama, litgpt up to 0.5.4) are ordered group by group: for
+each of the n_kv key/value heads, its q_per_kv query heads, then its key head, then its value head (each head_dim
+rows). smdm orders them [all queries | all keys | all values], query head h belonging to key/value head
+h // q_per_kv (the same grouping), and so does litgpt from 0.5.5 on (`attn.qkv`); a file's layout is read from
+its keys. All use GPT-NeoX half-split RoPE over the full head dim, RMSNorm eps 1e-5 and w3(silu(w1 x) * w2 x),
+so a converted model computes the same function (tests/test_convert.py checks logits against the real litgpt
+0.2.0 and 0.5.13 GPT from PyPI, and against an independent lit-gpt-layout forward).
+
+`to-litgpt` writes one of three name sets (`LAYOUTS`): "smdm" (the default) for SMDM's and TinyLlama's own code
+(grouped `attn.attn`, xformers `mlp.swiglu.w1|w2|w3`), "litgpt-grouped" for litgpt <= 0.5.4 (grouped
+`attn.attn`, `mlp.fc_1|fc_2|proj`) and "litgpt" for litgpt >= 0.5.5 (`attn.qkv`, `mlp.fc_1|fc_2|proj`). An MDM's
+embedding keeps its mask row: litgpt's GPT holds it once its `transformer.wte` has V + 1 rows, as SMDM's
+TransEncoder has.
 
 The model kind follows the embedding: V + 1 rows (V = the head's rows) is an MDM, V rows its autoregressive
 twin. The number of query heads is not in the shapes: `--config NAME`, else the smdm config that `to-litgpt`
@@ -48,6 +56,8 @@ import torch
 from smdm.model import NAMED_SIZES, TINY_SIZES, ModelConfig, config_by_name
 
 _BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
+# the fused attention projection: key suffix -> its row order (see the module docstring)
+_QKV_KEYS = {"attn.attn.weight": "grouped", "attn.qkv.weight": "q|k|v"}
 _PREFIXES = ("_orig_mod.", "module.", "model.")  # torch.compile / DDP / wrapper prefixes seen on saved dicts
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -149,12 +159,24 @@ def _shape(t: torch.Tensor, shape: tuple, key: str, source: str) -> torch.Tensor
     return t
 
 
+def qkv_key(state: dict, source: str = "state dict") -> str:
+    """The fused QKV tensor's name in this file's blocks: "attn.attn.weight" (grouped per key/value head: SMDM,
+    TinyLlama, litgpt <= 0.5.4) or "attn.qkv.weight" ([Q | K | V]: litgpt >= 0.5.5), read from block 0."""
+    found = [k for k in _QKV_KEYS if "transformer.h.0." + k in state]
+    if len(found) != 1:
+        names = " and ".join(repr("transformer.h.0." + k) for k in _QKV_KEYS)
+        raise ConvertError(f"{source}: {'both' if found else 'neither'} of {names} "
+                           f"({'one layout expected' if found else 'not a lit-gpt Llama state dict?'})")
+    return found[0]
+
+
 def infer_config(state: dict, *, source: str = "state dict", config: Optional[str] = None,
                  n_head: Optional[int] = None, max_seq_len: int = 2048) -> ModelConfig:
     """The smdm ModelConfig of a lit-gpt Llama state dict (see the module docstring for how heads are found)."""
-    for key in ("transformer.wte.weight", "lm_head.weight", "transformer.h.0.attn.attn.weight"):
+    for key in ("transformer.wte.weight", "lm_head.weight"):
         if key not in state:
             raise ConvertError(f"{source}: missing tensor {key!r} (not a lit-gpt Llama state dict?)")
+    qkv = "transformer.h.0." + qkv_key(state, source)
     vocab, d = state["lm_head.weight"].shape
     rows = state["transformer.wte.weight"].shape[0]
     if rows not in (vocab, vocab + 1) or state["transformer.wte.weight"].shape[1] != d:
@@ -193,10 +215,10 @@ def infer_config(state: dict, *, source: str = "state dict", config: Optional[st
     if d % n_head:
         raise ConvertError(f"{source}: width {d} is not divisible by n_head {n_head}")
     hd = d // n_head
-    qkv_rows = state["transformer.h.0.attn.attn.weight"].shape[0]
+    qkv_rows = state[qkv].shape[0]
     n_kv, rem = divmod(qkv_rows // hd - n_head, 2)
     if qkv_rows % hd or rem or n_kv < 1 or n_head % n_kv:
-        raise ConvertError(f"{source}: transformer.h.0.attn.attn.weight has {qkv_rows} rows, which is not "
+        raise ConvertError(f"{source}: {qkv} has {qkv_rows} rows, which is not "
                            f"(n_head + 2 n_kv) x head_dim for n_head {n_head} (head_dim {hd}); wrong --n-head?")
     return ModelConfig(n_layer=n_layer, n_head=n_head, d_model=d, d_ff=d_ff, vocab_size=vocab,
                        n_kv_head=None if n_kv == n_head else n_kv, max_seq_len=max_seq_len, causal=causal)
@@ -210,6 +232,7 @@ def from_litgpt(state: dict, config: ModelConfig, *, source: str = "state dict")
     hd, n_kv = c.head_dim, c.kv_heads
     q_per_kv = c.n_head // n_kv
     d = c.d_model
+    qkv_name = qkv_key(state, source)  # every block in the layout of block 0
     out = {"embed.weight": _shape(_take(state, "transformer.wte.weight", source), (c.n_embed_rows, d),
                                   "transformer.wte.weight", source)}
     for i in range(c.n_layer):
@@ -217,11 +240,12 @@ def from_litgpt(state: dict, config: ModelConfig, *, source: str = "state dict")
         for src, dst, shape in (("norm_1.weight", "norm1.weight", (d,)), ("norm_2.weight", "norm2.weight", (d,)),
                                 ("attn.proj.weight", "attn.proj.weight", (d, c.n_head * hd))):
             out[q + dst] = _shape(_take(state, p + src, source), shape, p + src, source)
-        qkv = _shape(_take(state, p + "attn.attn.weight", source), ((c.n_head + 2 * n_kv) * hd, d),
-                     p + "attn.attn.weight", source)
-        g = qkv.reshape(n_kv, q_per_kv + 2, hd, d)  # per group: q_per_kv queries, one key, one value
-        out[q + "attn.qkv.weight"] = torch.cat([g[:, :q_per_kv].reshape(-1, d), g[:, q_per_kv].reshape(-1, d),
-                                                g[:, q_per_kv + 1].reshape(-1, d)])
+        qkv = _shape(_take(state, p + qkv_name, source), ((c.n_head + 2 * n_kv) * hd, d), p + qkv_name, source)
+        if _QKV_KEYS[qkv_name] == "grouped":
+            g = qkv.reshape(n_kv, q_per_kv + 2, hd, d)  # per group: q_per_kv queries, one key, one value
+            qkv = torch.cat([g[:, :q_per_kv].reshape(-1, d), g[:, q_per_kv].reshape(-1, d),
+                             g[:, q_per_kv + 1].reshape(-1, d)])
+        out[q + "attn.qkv.weight"] = qkv
         for dst, (key, w), shape in zip(("w1", "w2", "w3"), _mlp(state, p, source, c.d_ff, d),
                                         ((c.d_ff, d), (c.d_ff, d), (d, c.d_ff))):
             out[q + f"mlp.{dst}.weight"] = _shape(w, shape, key, source)
@@ -250,8 +274,19 @@ def _mlp(state: dict, p: str, source: str, d_ff: int, d: int) -> list:
     return [(k, _take(state, k, source)) for k in names]
 
 
-def to_litgpt(state: dict, config: ModelConfig) -> dict:
-    """The inverse of `from_litgpt` (xformers SwiGLU names w1/w2/w3, as SMDM saves them)."""
+# to-litgpt's name sets: layout -> (fused QKV tensor, names of smdm's w1, w2, w3) in a block
+LAYOUTS = {
+    "smdm": ("attn.attn.weight", ("mlp.swiglu.w1.weight", "mlp.swiglu.w2.weight", "mlp.swiglu.w3.weight")),
+    "litgpt-grouped": ("attn.attn.weight", ("mlp.fc_1.weight", "mlp.fc_2.weight", "mlp.proj.weight")),
+    "litgpt": ("attn.qkv.weight", ("mlp.fc_1.weight", "mlp.fc_2.weight", "mlp.proj.weight")),
+}
+
+
+def to_litgpt(state: dict, config: ModelConfig, layout: str = "smdm") -> dict:
+    """The inverse of `from_litgpt`, in one of the `LAYOUTS` (default: SMDM's own names, xformers SwiGLU)."""
+    if layout not in LAYOUTS:
+        raise ConvertError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    qkv_name, mlp_names = LAYOUTS[layout]
     c = config
     hd, n_kv = c.head_dim, c.kv_heads
     q_per_kv = c.n_head // n_kv
@@ -259,16 +294,15 @@ def to_litgpt(state: dict, config: ModelConfig) -> dict:
     out = {"transformer.wte.weight": state["embed.weight"]}
     for i in range(c.n_layer):
         p, q = f"transformer.h.{i}.", f"blocks.{i}."
-        qkv = state[q + "attn.qkv.weight"]
-        qs, ks, vs = qkv.split([c.n_head * hd, n_kv * hd, n_kv * hd])
-        g = torch.cat([qs.reshape(n_kv, q_per_kv, hd, d), ks.reshape(n_kv, 1, hd, d), vs.reshape(n_kv, 1, hd, d)],
-                      dim=1)
-        out.update({p + "norm_1.weight": state[q + "norm1.weight"], p + "attn.attn.weight": g.reshape(-1, d),
+        qkv = state[q + "attn.qkv.weight"]  # (n_head + 2 n_kv) hd rows: [Q | K | V]
+        if _QKV_KEYS[qkv_name] == "grouped":
+            qs, ks, vs = qkv.split([c.n_head * hd, n_kv * hd, n_kv * hd])
+            qkv = torch.cat([qs.reshape(n_kv, q_per_kv, hd, d), ks.reshape(n_kv, 1, hd, d),
+                             vs.reshape(n_kv, 1, hd, d)], dim=1).reshape(-1, d)
+        out.update({p + "norm_1.weight": state[q + "norm1.weight"], p + qkv_name: qkv,
                     p + "attn.proj.weight": state[q + "attn.proj.weight"],
-                    p + "norm_2.weight": state[q + "norm2.weight"],
-                    p + "mlp.swiglu.w1.weight": state[q + "mlp.w1.weight"],
-                    p + "mlp.swiglu.w2.weight": state[q + "mlp.w2.weight"],
-                    p + "mlp.swiglu.w3.weight": state[q + "mlp.w3.weight"]})
+                    p + "norm_2.weight": state[q + "norm2.weight"]})
+        out.update({p + name: state[q + f"mlp.{w}.weight"] for name, w in zip(mlp_names, ("w1", "w2", "w3"))})
     out["transformer.ln_f.weight"] = state["norm.weight"]
     out["lm_head.weight"] = state["head.weight"]
     return out
@@ -328,23 +362,26 @@ def _check_tokenizer(tokenizer, cfg: ModelConfig) -> None:
                            f"outputs (a different tokenizer?)")
 
 
-def export_litgpt(ckpt_path, out, *, dtype: str = "keep") -> Path:
-    """Write an smdm checkpoint's weights as one lit-gpt-layout .safetensors file (for SMDM's own code)."""
+def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") -> Path:
+    """Write an smdm checkpoint's weights as one lit-gpt-layout .safetensors file: for SMDM's own code by default,
+    or for litgpt's GPT (`layout`, see `LAYOUTS`)."""
     from smdm import checkpoint as ckpt
 
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if layout not in LAYOUTS:
+        raise ConvertError(f"--layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     step_dir = ckpt.resolve(ckpt_path)
     ckpt.verify(step_dir)
     conf = ckpt.read_config(step_dir)
     cfg = ModelConfig(**conf["model"])
-    state = to_litgpt(ckpt.load_weights(step_dir), cfg)
+    state = to_litgpt(ckpt.load_weights(step_dir), cfg, layout)
     if DTYPES[dtype] is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConvertError(f"--out {out}: the lit-gpt export is a .safetensors file")
-    _save_safetensors_atomic(state, out, {"format": "lit-gpt", "source": str(step_dir),
+    _save_safetensors_atomic(state, out, {"format": "lit-gpt", "layout": layout, "source": str(step_dir),
                                           "smdm_model": json.dumps(cfg.to_dict())})
     return out
 
@@ -364,6 +401,10 @@ def register(parser: argparse.ArgumentParser, name: str = "convert") -> None:
     p.add_argument("ckpt", help="run dir or step dir")
     p.add_argument("--out", required=True, help="FILE.safetensors")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="smdm",
+                   help="smdm: SMDM's / TinyLlama's code (fused QKV grouped per key/value head, xformers SwiGLU "
+                        "w1/w2/w3); litgpt-grouped: litgpt <= 0.5.4 (grouped attn.attn, fc_1/fc_2/proj); litgpt: "
+                        "litgpt >= 0.5.5 (attn.qkv, fc_1/fc_2/proj)")
     parser.set_defaults(func=run)
 
 
@@ -380,7 +421,7 @@ def run(args) -> int:
                   f"{cfg.d_model}, ffn {cfg.d_ff}, vocab {cfg.vocab_size}, "
                   f"{cfg.non_embedding_params() / 1e6:.1f}M non-embedding parameters")
         else:
-            print(export_litgpt(args.ckpt, args.out, dtype=args.dtype))
+            print(export_litgpt(args.ckpt, args.out, dtype=args.dtype, layout=args.layout))
     except (ConvertError, ckpt.CheckpointError) as e:
         print(f"smdm convert: error: {e}", file=sys.stderr)
         return 2
