@@ -14,6 +14,16 @@ VENV=${SMDM_VENV:-.venv}
 python -m pip install -q --upgrade pip
 [ -z "${SMDM_TORCH:-}" ] || python -m pip install -q "torch==$SMDM_TORCH"
 python -m pip install -q -e '.[test]'
+# the real litgpt model code that tests/test_convert.py checks the converter against: litgpt's pins (a lightning
+# nightly for 0.2.0; psutil / jsonargparse / huggingface-hub < 1.4 for 0.5.13) do not resolve beside torch and
+# lm-eval, so each version goes without its dependencies into its own dir (~0.35 MB of wheels); lightning and
+# psutil, which its model imports, come with the test extra. SMDM_REQUIRE_LITGPT: a missing litgpt fails those tests
+if python -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    for v in 0.2.0 0.5.13; do
+        [ -f ".litgpt/$v/litgpt/__init__.py" ] || python -m pip install -q --no-deps --target ".litgpt/$v" "litgpt==$v"
+    done
+    export SMDM_REQUIRE_LITGPT=1
+fi
 # nvcc for the CUDA compile check, pinned to the CUDA runtime that torch brought (a newer nvcc rejects torch's
 # headers). ~275 MB, cached by pip after the first run.
 CUDA_V=$(python -c "import importlib.metadata as m; print('.'.join(m.version('nvidia-cuda-runtime').split('.')[:2]))")
