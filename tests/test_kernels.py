@@ -486,6 +486,35 @@ def test_opcheck_and_compile_on_cpu():
     assert torch.allclose(public(q), R.attention_reference(q, q, q) * 2)
 
 
+def test_op_outputs_have_the_fake_strides_on_every_branch():
+    """Every torch.ops.smdm.* output has the strides of its fake implementation (contiguous), the reference
+    branch included: inductor asserts them at run time ("AssertionError: expected size 3==3, stride 1==4 ...
+    Error in op: torch.ops.smdm.unmask_step.default"), and `candidates & ...` of a transposed `candidates`
+    used to come back transposed from the reference."""
+    import smdm.kernels._ops as O
+
+    g = torch.Generator().manual_seed(8)
+    B, L, V = 3, 4, 11
+    logits = torch.randn(B, L, V, generator=g)
+    cand = (torch.rand(L, B, generator=g) < 0.7).t()  # (B, L), not contiguous
+    seeds, n = torch.arange(B), torch.full((B,), 2)
+    conf = torch.rand(L, B, generator=g).t()
+    q = torch.randn(1, 5, 2, 8, generator=g).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D)
+    calls = [
+        (O.unmask_step_op, O._unmask_step_fake,
+         (logits, None, cand, seeds, torch.zeros(B, L, dtype=torch.int64), n, 0, 0, 0.0, 1.0, 0, 0.9, 0, 0.0)),
+        (O.choose_tokens_op, O._choose_tokens_fake,
+         (logits.reshape(-1, V)[::2], *(torch.arange(B * L // 2),) * 3, 1.0, 3, 1.0, 0)),
+        (O.select_positions_op, O._select_positions_fake, (conf, cand, n, 0.0)),
+        (O.attention_op, O._attention_fake, (q, q, q, None, None, 0.5)),
+    ]
+    for op, fake, args in calls:
+        got, want = op(*args, backend="reference"), fake(*args)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for a, b in zip(got, want):
+            assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype), op
+
+
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_public_sampler_functions_compile_fullgraph_on_cpu(compiler):
     """torch.compile(fullgraph=True) over the public sampler functions on CPU tensors: they trace into the
@@ -717,6 +746,57 @@ def test_build_path_switch(monkeypatch):
     n = len(calls)
     monkeypatch.setenv("SMDM_KERNEL_BUILD", "nvrtc")
     assert isinstance(K.build(), NvrtcModule) and len(calls) == n
+
+
+def test_nvrtc_launches_opt_in_to_their_shared_memory(monkeypatch):
+    """The NVRTC module raises each kernel's dynamic shared memory limit as the nvcc launchers do. Without the
+    opt-in a block gets 48 KiB in all, static shared memory included (CUDA's default limit on the dynamic part
+    is 48 KiB minus the static bytes): the sampler kernels' 2720 static bytes made V or L in (11608, 12288]
+    fail to launch, since the module opted in only above 48 KiB of dynamic memory. The fake kernel enforces the
+    driver's rule."""
+    import types
+
+    from smdm.kernels._nvrtc import UNMASK_SCRATCH_BYTES, NvrtcModule
+
+    class Kernel:
+        def __init__(self, name):
+            self.static = UNMASK_SCRATCH_BYTES if name.startswith("smdm::unmask") else 0
+            self.max_dynamic_shared_size_bytes = 48 * 1024 - self.static  # the driver's default
+            self.launched = 0
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            assert shared_mem <= self.max_dynamic_shared_size_bytes, "too many resources requested for launch"
+            assert shared_mem + self.static <= 227 * 1024
+            self.launched += 1
+
+    class Ctx:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    _fake_cupy(monkeypatch)
+    mod = NvrtcModule(K.source_dir())
+    kernels = {}
+    mod._mod = types.SimpleNamespace(get_function=lambda name: kernels.setdefault(name, Kernel(name)))
+    mod._cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Ctx, ExternalStream=Ctx))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    for n in (100, 12000, 12288, 20000, 100):  # 12000 * 4 + 2720 > 48 KiB > 12000 * 4
+        logits = torch.zeros(1, 2, n)
+        cand = torch.ones(1, 2, dtype=torch.bool)
+        i64 = torch.zeros(1, dtype=torch.int64)
+        out = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool))
+        mod.unmask_step(logits, None, cand, i64, 0, 0, 0.0, 1.0, 0, 1.0, 0, i64, 0.0, out[0], *out)
+        mod.choose_tokens(logits[0], i64, i64, i64, 1.0, 0, 1.0, 0, i64, torch.zeros(1))
+        conf = torch.zeros(1, n)
+        mod.select_positions(conf, conf == 0, None, 0.5, torch.zeros(1, n, dtype=torch.bool))
+    q = torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16)
+    mod.attention(q, q, q, None, None, torch.zeros_like(q), 0.1)  # 49408 dynamic bytes
+    assert sorted(k.launched for k in kernels.values()) == [1, 10, 10]
 
 
 def _need_nvcc():
