@@ -1030,6 +1030,33 @@ def test_emulated_sampler_kernels_full_grid():
     )
 
 
+def test_emulated_kernels_make_no_misaligned_16_byte_access():
+    """Contiguous logits that start off a 16-byte boundary (a slice of a flat buffer; cond and uncond
+    misaligned differently) with V % 8 == 0: the sampler must fall back from its 16-byte loads, which fault on
+    a GPU at such addresses. The emulator counts every 16-byte access (global loads, cp.async, ldmatrix) off
+    alignment; an attention call on a q 2 bytes off shows that it does."""
+    E = _emulator()
+    g = torch.Generator().manual_seed(31)
+    B, L, V = 2, 3, 1000
+    for dtype, off in ((torch.bfloat16, 1), (torch.bfloat16, 4), (torch.float16, 8), (torch.float32, 2)):
+        shifted = (torch.randn(B * L * V + off, generator=g) * 3).to(dtype)[off:].view(B, L, V)
+        aligned = (torch.randn(B, L, V, generator=g) * 3).to(dtype)
+        for cond, uncond in ((shifted, None), (shifted, aligned), (aligned, shifted)):
+            kw = dict(temperature=1.0, top_k=9, n_commit=torch.tensor([1, 2]))
+            if uncond is not None:
+                kw.update(uncond_logits=uncond, cfg_scale=0.5)
+            cand = torch.ones(B, L, dtype=torch.bool)
+            seeds = torch.tensor([4, 5])
+            tok_e, tok_r = torch.zeros(B, L, dtype=torch.int64), torch.zeros(B, L, dtype=torch.int64)
+            got = E.unmask_step(cond, tok_e, cand, seeds, 2, **kw)
+            want = R.unmask_step_reference(cond, tok_r, cand, seeds, 2, **kw)
+            assert all(_same(a, b) for a, b in zip(got, want)) and torch.equal(tok_e, tok_r), (dtype, off)
+    q = torch.randn(64 * 64 + 1, generator=g).to(torch.bfloat16)[1:].view(1, 1, 64, 64)
+    with pytest.raises(E.MisalignedAccess, match="attention"):
+        E.attention(q, q, q)
+    E.attention(q.clone(), q.clone(), q.clone())  # the count starts afresh
+
+
 def test_reference_entropy_of_nan_and_inf_rows_is_the_kernels():
     """Rows with +inf or NaN logits: the entropy terms are NaN (inf - inf, 0 * -inf); the device's
     saturating conversion makes them 0, so the confidence is NaN (ranked first). The reference used a torch
