@@ -1541,6 +1541,48 @@ def test_gpu_attention_error_within_2x_of_pytorch(case):
 
 
 @gpu
+def test_gpu_layouts_the_emulator_cannot_fault_on():
+    """Addresses and sizes where only a GPU fails: logits that start off 16-byte alignment (cond, uncond) with
+    V % 8 == 0 (16-byte loads would fault; the kernel must take its scalar loads), V and L just above the
+    48 KiB default shared memory limit once the 2720 static bytes are added (12000 * 4 + 2720 > 49152), and
+    attention over K/V slices of a longer cache buffer with a (B, L, H, D) query view: the same bits as
+    contiguous copies."""
+    _cuda()
+    g = torch.Generator(device="cuda").manual_seed(17)
+    B, L, V = 2, 5, 32000
+    flat = torch.randn(B * L * V + 8, device="cuda", generator=g).to(torch.bfloat16) * 3
+    shifted = flat[1 : 1 + B * L * V].view(B, L, V)  # 2 bytes past a 16-byte boundary
+    aligned = flat[8:].view(B, L, V)
+    cand = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    seeds, n = torch.tensor([1, 2], device="cuda"), torch.tensor([2, 3], device="cuda")
+    for cond, uncond in ((shifted, None), (shifted, aligned), (aligned, shifted)):
+        kw = dict(temperature=1.0, top_k=40, n_commit=n, uncond_logits=uncond, cfg_scale=0.5)
+        t_k = torch.zeros(B, L, dtype=torch.int64, device="cuda")
+        t_r = t_k.clone()
+        got = K.unmask_step(cond, t_k, cand, seeds, 3, backend="cuda", **kw)
+        want = R.unmask_step_reference(cond, t_r, cand, seeds, 3, **kw)
+        assert all(_same(a, b) for a, b in zip(got, want)) and torch.equal(t_k, t_r)
+    for n_ in (12000, 12288):
+        rows = torch.randn(3, n_, device="cuda", generator=g)
+        kw = dict(seeds=torch.arange(3, device="cuda"), positions=7, step=1, temperature=1.0, top_p=0.9)
+        got = K.choose_tokens(rows, backend="cuda", **kw)
+        assert all(_same(a, b) for a, b in zip(got, R.choose_tokens_reference(rows, **kw)))
+        conf, cand_ = rows.clone(), rows > 0
+        got = K.select_positions(conf, cand_, n=torch.tensor([5, 0, n_], device="cuda"), backend="cuda")
+        assert torch.equal(got, R.select_positions_reference(conf, cand_, torch.tensor([5, 0, n_], device="cuda")))
+    Bq, H, Hkv, Lq, Lk, D, max_len = 2, 8, 2, 70, 200, 128, 333
+    cache = torch.randn(2, Bq, Hkv, max_len, D, device="cuda", generator=g).to(torch.bfloat16)
+    k, v = cache[0, :, :, :Lk], cache[1, :, :, :Lk]  # what the model passes with a KV cache
+    q = torch.randn(Bq, Lq, H, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    seg = torch.randint(0, 3, (Bq, Lk), device="cuda", generator=g).sort(1).values.int()
+    for qs, ks in ((None, None), (seg[:, -Lq:].contiguous(), seg)):
+        out = K.attention(q, k, v, q_segment_ids=qs, k_segment_ids=ks, backend="cuda")
+        ref = K.attention(q.contiguous(), k.contiguous(), v.contiguous(), q_segment_ids=qs, k_segment_ids=ks,
+                          backend="cuda")
+        assert torch.equal(out, ref)
+
+
+@gpu
 def test_gpu_attention_rows_without_keys_are_zero():
     _cuda()
     q = torch.randn(1, 2, 70, 64, device="cuda", dtype=torch.bfloat16)
