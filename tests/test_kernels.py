@@ -486,6 +486,35 @@ def test_opcheck_and_compile_on_cpu():
     assert torch.allclose(public(q), R.attention_reference(q, q, q) * 2)
 
 
+def test_op_outputs_have_the_fake_strides_on_every_branch():
+    """Every torch.ops.smdm.* output has the strides of its fake implementation (contiguous), the reference
+    branch included: inductor asserts them at run time ("AssertionError: expected size 3==3, stride 1==4 ...
+    Error in op: torch.ops.smdm.unmask_step.default"), and `candidates & ...` of a transposed `candidates`
+    used to come back transposed from the reference."""
+    import smdm.kernels._ops as O
+
+    g = torch.Generator().manual_seed(8)
+    B, L, V = 3, 4, 11
+    logits = torch.randn(B, L, V, generator=g)
+    cand = (torch.rand(L, B, generator=g) < 0.7).t()  # (B, L), not contiguous
+    seeds, n = torch.arange(B), torch.full((B,), 2)
+    conf = torch.rand(L, B, generator=g).t()
+    q = torch.randn(1, 5, 2, 8, generator=g).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D)
+    calls = [
+        (O.unmask_step_op, O._unmask_step_fake,
+         (logits, None, cand, seeds, torch.zeros(B, L, dtype=torch.int64), n, 0, 0, 0.0, 1.0, 0, 0.9, 0, 0.0)),
+        (O.choose_tokens_op, O._choose_tokens_fake,
+         (logits.reshape(-1, V)[::2], *(torch.arange(B * L // 2),) * 3, 1.0, 3, 1.0, 0)),
+        (O.select_positions_op, O._select_positions_fake, (conf, cand, n, 0.0)),
+        (O.attention_op, O._attention_fake, (q, q, q, None, None, 0.5)),
+    ]
+    for op, fake, args in calls:
+        got, want = op(*args, backend="reference"), fake(*args)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for a, b in zip(got, want):
+            assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype), op
+
+
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_public_sampler_functions_compile_fullgraph_on_cpu(compiler):
     """torch.compile(fullgraph=True) over the public sampler functions on CPU tensors: they trace into the
@@ -719,6 +748,57 @@ def test_build_path_switch(monkeypatch):
     assert isinstance(K.build(), NvrtcModule) and len(calls) == n
 
 
+def test_nvrtc_launches_opt_in_to_their_shared_memory(monkeypatch):
+    """The NVRTC module raises each kernel's dynamic shared memory limit as the nvcc launchers do. Without the
+    opt-in a block gets 48 KiB in all, static shared memory included (CUDA's default limit on the dynamic part
+    is 48 KiB minus the static bytes): the sampler kernels' 2720 static bytes made V or L in (11608, 12288]
+    fail to launch, since the module opted in only above 48 KiB of dynamic memory. The fake kernel enforces the
+    driver's rule."""
+    import types
+
+    from smdm.kernels._nvrtc import UNMASK_SCRATCH_BYTES, NvrtcModule
+
+    class Kernel:
+        def __init__(self, name):
+            self.static = UNMASK_SCRATCH_BYTES if name.startswith("smdm::unmask") else 0
+            self.max_dynamic_shared_size_bytes = 48 * 1024 - self.static  # the driver's default
+            self.launched = 0
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            assert shared_mem <= self.max_dynamic_shared_size_bytes, "too many resources requested for launch"
+            assert shared_mem + self.static <= 227 * 1024
+            self.launched += 1
+
+    class Ctx:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    _fake_cupy(monkeypatch)
+    mod = NvrtcModule(K.source_dir())
+    kernels = {}
+    mod._mod = types.SimpleNamespace(get_function=lambda name: kernels.setdefault(name, Kernel(name)))
+    mod._cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Ctx, ExternalStream=Ctx))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    for n in (100, 12000, 12288, 20000, 100):  # 12000 * 4 + 2720 > 48 KiB > 12000 * 4
+        logits = torch.zeros(1, 2, n)
+        cand = torch.ones(1, 2, dtype=torch.bool)
+        i64 = torch.zeros(1, dtype=torch.int64)
+        out = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool))
+        mod.unmask_step(logits, None, cand, i64, 0, 0, 0.0, 1.0, 0, 1.0, 0, i64, 0.0, out[0], *out)
+        mod.choose_tokens(logits[0], i64, i64, i64, 1.0, 0, 1.0, 0, i64, torch.zeros(1))
+        conf = torch.zeros(1, n)
+        mod.select_positions(conf, conf == 0, None, 0.5, torch.zeros(1, n, dtype=torch.bool))
+    q = torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16)
+    mod.attention(q, q, q, None, None, torch.zeros_like(q), 0.1)  # 49408 dynamic bytes
+    assert sorted(k.launched for k in kernels.values()) == [1, 10, 10]
+
+
 def _need_nvcc():
     if _build.find_cuda_home() is None:
         if os.environ.get("SMDM_REQUIRE_NVCC"):  # CI installs nvcc: there a missing compiler is a failure
@@ -948,6 +1028,33 @@ def test_emulated_sampler_kernels_full_grid():
     _emulated_step_equals_reference(
         E, torch.float32, 32003, "neg_entropy", dict(temperature=0.0, top_p=0.5, threshold=0.0), 8, 1024, B=1
     )
+
+
+def test_emulated_kernels_make_no_misaligned_16_byte_access():
+    """Contiguous logits that start off a 16-byte boundary (a slice of a flat buffer; cond and uncond
+    misaligned differently) with V % 8 == 0: the sampler must fall back from its 16-byte loads, which fault on
+    a GPU at such addresses. The emulator counts every 16-byte access (global loads, cp.async, ldmatrix) off
+    alignment; an attention call on a q 2 bytes off shows that it does."""
+    E = _emulator()
+    g = torch.Generator().manual_seed(31)
+    B, L, V = 2, 3, 1000
+    for dtype, off in ((torch.bfloat16, 1), (torch.bfloat16, 4), (torch.float16, 8), (torch.float32, 2)):
+        shifted = (torch.randn(B * L * V + off, generator=g) * 3).to(dtype)[off:].view(B, L, V)
+        aligned = (torch.randn(B, L, V, generator=g) * 3).to(dtype)
+        for cond, uncond in ((shifted, None), (shifted, aligned), (aligned, shifted)):
+            kw = dict(temperature=1.0, top_k=9, n_commit=torch.tensor([1, 2]))
+            if uncond is not None:
+                kw.update(uncond_logits=uncond, cfg_scale=0.5)
+            cand = torch.ones(B, L, dtype=torch.bool)
+            seeds = torch.tensor([4, 5])
+            tok_e, tok_r = torch.zeros(B, L, dtype=torch.int64), torch.zeros(B, L, dtype=torch.int64)
+            got = E.unmask_step(cond, tok_e, cand, seeds, 2, **kw)
+            want = R.unmask_step_reference(cond, tok_r, cand, seeds, 2, **kw)
+            assert all(_same(a, b) for a, b in zip(got, want)) and torch.equal(tok_e, tok_r), (dtype, off)
+    q = torch.randn(64 * 64 + 1, generator=g).to(torch.bfloat16)[1:].view(1, 1, 64, 64)
+    with pytest.raises(E.MisalignedAccess, match="attention"):
+        E.attention(q, q, q)
+    E.attention(q.clone(), q.clone(), q.clone())  # the count starts afresh
 
 
 def test_reference_entropy_of_nan_and_inf_rows_is_the_kernels():
@@ -1431,6 +1538,48 @@ def test_gpu_attention_error_within_2x_of_pytorch(case):
         backend="cuda",
     )
     assert torch.equal(out_t, out)
+
+
+@gpu
+def test_gpu_layouts_the_emulator_cannot_fault_on():
+    """Addresses and sizes where only a GPU fails: logits that start off 16-byte alignment (cond, uncond) with
+    V % 8 == 0 (16-byte loads would fault; the kernel must take its scalar loads), V and L just above the
+    48 KiB default shared memory limit once the 2720 static bytes are added (12000 * 4 + 2720 > 49152), and
+    attention over K/V slices of a longer cache buffer with a (B, L, H, D) query view: the same bits as
+    contiguous copies."""
+    _cuda()
+    g = torch.Generator(device="cuda").manual_seed(17)
+    B, L, V = 2, 5, 32000
+    flat = torch.randn(B * L * V + 8, device="cuda", generator=g).to(torch.bfloat16) * 3
+    shifted = flat[1 : 1 + B * L * V].view(B, L, V)  # 2 bytes past a 16-byte boundary
+    aligned = flat[8:].view(B, L, V)
+    cand = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    seeds, n = torch.tensor([1, 2], device="cuda"), torch.tensor([2, 3], device="cuda")
+    for cond, uncond in ((shifted, None), (shifted, aligned), (aligned, shifted)):
+        kw = dict(temperature=1.0, top_k=40, n_commit=n, uncond_logits=uncond, cfg_scale=0.5)
+        t_k = torch.zeros(B, L, dtype=torch.int64, device="cuda")
+        t_r = t_k.clone()
+        got = K.unmask_step(cond, t_k, cand, seeds, 3, backend="cuda", **kw)
+        want = R.unmask_step_reference(cond, t_r, cand, seeds, 3, **kw)
+        assert all(_same(a, b) for a, b in zip(got, want)) and torch.equal(t_k, t_r)
+    for n_ in (12000, 12288):
+        rows = torch.randn(3, n_, device="cuda", generator=g)
+        kw = dict(seeds=torch.arange(3, device="cuda"), positions=7, step=1, temperature=1.0, top_p=0.9)
+        got = K.choose_tokens(rows, backend="cuda", **kw)
+        assert all(_same(a, b) for a, b in zip(got, R.choose_tokens_reference(rows, **kw)))
+        conf, cand_ = rows.clone(), rows > 0
+        got = K.select_positions(conf, cand_, n=torch.tensor([5, 0, n_], device="cuda"), backend="cuda")
+        assert torch.equal(got, R.select_positions_reference(conf, cand_, torch.tensor([5, 0, n_], device="cuda")))
+    Bq, H, Hkv, Lq, Lk, D, max_len = 2, 8, 2, 70, 200, 128, 333
+    cache = torch.randn(2, Bq, Hkv, max_len, D, device="cuda", generator=g).to(torch.bfloat16)
+    k, v = cache[0, :, :, :Lk], cache[1, :, :, :Lk]  # what the model passes with a KV cache
+    q = torch.randn(Bq, Lq, H, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    seg = torch.randint(0, 3, (Bq, Lk), device="cuda", generator=g).sort(1).values.int()
+    for qs, ks in ((None, None), (seg[:, -Lq:].contiguous(), seg)):
+        out = K.attention(q, k, v, q_segment_ids=qs, k_segment_ids=ks, backend="cuda")
+        ref = K.attention(q.contiguous(), k.contiguous(), v.contiguous(), q_segment_ids=qs, k_segment_ids=ks,
+                          backend="cuda")
+        assert torch.equal(out, ref)
 
 
 @gpu

@@ -12,9 +12,10 @@ C++20 by the host compiler, with a small shim:
     with `smdm.kernels._reference` bit for bit here too; dynamic shared memory is poisoned before each block.
 
 It checks index arithmetic, tails, fragment layouts, the radix select, the block reductions and the order of
-float32 operations, and a read of a cp.async buffer before its wait. It cannot reliably see data races
-(threads really run concurrently, but every emulated barrier is a full fence), performance, or what the
-device compiler does differently.
+float32 operations, a read of a cp.async buffer before its wait, and the 16-byte alignment of every 16-byte
+global load, cp.async and ldmatrix row address (`MisalignedAccess`: x86 would not fault, a GPU does). It
+cannot reliably see data races (threads really run concurrently, but every emulated barrier is a full fence),
+performance, or what the device compiler does differently.
 
     lib = load()                                        # builds once per source version (a few seconds)
     pred, conf, committed = unmask_step(logits, tokens, candidates, seeds, step, ...)   # = the CUDA op
@@ -73,7 +74,18 @@ static Dim3 blockIdx, blockDim;
 struct uint4 { unsigned x, y, z, w; };
 struct float4 { float x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
-inline uint4 __ldcs(const uint4* p) { return *p; }
+// 16-byte accesses (ld.global.v4, cp.async 16, ldmatrix rows) fault on a GPU ("misaligned address") unless
+// their address is a multiple of 16; x86 does not care, so the emulator counts them (emu_misaligned()).
+static std::atomic<long long> g_misaligned{0};
+inline void emu_check16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) & 15) g_misaligned.fetch_add(1);
+}
+inline uint4 __ldcs(const uint4* p) {
+  emu_check16(p);
+  uint4 r;
+  memcpy(&r, p, sizeof(r));
+  return r;
+}
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
@@ -99,7 +111,9 @@ struct BlockCtx {
 };
 static BlockCtx g_ctx;
 static std::vector<unsigned char> g_dyn_buf(256 * 1024 + 64);
-static unsigned char* g_dyn = g_dyn_buf.data();
+// dynamic shared memory starts 16-byte aligned (at least) on a GPU
+static unsigned char* g_dyn =
+    reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(g_dyn_buf.data()) + 15) & ~uintptr_t(15));
 inline void __syncthreads() { g_ctx.bar->arrive_and_wait(); }
 
 template <typename T>
@@ -139,7 +153,7 @@ static void run_block(Dim3 block, int nt, const std::function<void()>& body) {
   g_ctx.wbar = wb;
   g_ctx.slots.assign(nt / 32, std::vector<unsigned long long>(32));
   g_ctx.gather.assign(nt / 32, std::vector<unsigned>(32 * 8));
-  memset(g_dyn, 0xA5, g_dyn_buf.size());  // poison: uninitialised shared memory is not zero on a GPU
+  memset(g_dyn, 0xA5, g_dyn_buf.size() - 16);  // poison: uninitialised shared memory is not zero on a GPU
   blockIdx = block;
   blockDim = {(unsigned)nt, 1, 1};
   std::vector<std::thread> th;
@@ -171,7 +185,11 @@ inline u32 smem_u32(const void* p) { return (u32)((const unsigned char*)p - g_dy
 struct EmuCopy { u32 dst; const void* src; int bytes; };
 static thread_local std::vector<std::vector<EmuCopy>> emu_groups;
 static thread_local std::vector<EmuCopy> emu_open;
-inline void cp_async16(u32 dst, const void* src, int src_bytes) { emu_open.push_back({dst, src, src_bytes}); }
+inline void cp_async16(u32 dst, const void* src, int src_bytes) {
+  emu_check16(g_dyn + dst);
+  emu_check16(src);  // also for a zero fill (src_bytes = 0): PTX asks for an aligned source either way
+  emu_open.push_back({dst, src, src_bytes});
+}
 inline void cp_async_commit() {
   emu_groups.push_back(emu_open);
   emu_open.clear();
@@ -190,6 +208,7 @@ template <int N> inline void cp_async_wait() {
 // col l / 4); the first element in the low half.
 inline void emu_ldsm(u32* r, u32 addr, bool trans) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  emu_check16(g_dyn + addr);
   u32 addrs[32];
   gather32(&addr, 1, addrs);
   for (int i = 0; i < 4; ++i) {
@@ -244,6 +263,7 @@ inline void mma_16816(float* d, const u32* a, u32 b0, u32 b1) {
 
 _ENTRY = r"""
 extern "C" {
+long long emu_misaligned() { return g_misaligned.exchange(0); }
 void emu_rows(int nt, int dt, int has_unc, const void* cond, const void* unc, const unsigned char* cand,
               const long long* seeds, int seed_div, long long pos_offset, long long step, int L, int V, float scale1,
               float T, int top_k, double top_p, int conf_mode, long long* pred, float* conf, long long rows) {
@@ -375,12 +395,24 @@ def load() -> ctypes.CDLL:
     lib.emu_rows.argtypes = [N, N, N, P, P, P, P, N, LL, LL, N, N, F, F, N, D, N, P, P, LL]
     lib.emu_commit.argtypes = [N, P, P, P, P, F, N, N, P, LL, P, LL]
     lib.emu_attn.argtypes = [N, N, P, P, P, P, P, P, P, N, N, N, N, N, F]
+    lib.emu_misaligned.restype = LL
+    lib.emu_misaligned()  # a fresh count
     _lib = lib
     return lib
 
 
 def _p(t):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+class MisalignedAccess(RuntimeError):
+    """An emulated kernel made a 16-byte access at an address that is not a multiple of 16 (a GPU faults)."""
+
+
+def _check_aligned(lib, what: str) -> None:
+    n = lib.emu_misaligned()
+    if n:
+        raise MisalignedAccess(f"emulated {what}: {n} 16-byte accesses off 16-byte alignment (a GPU faults)")
 
 
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -451,6 +483,7 @@ def unmask_step(
         _p(committed),
         B,
     )
+    _check_aligned(lib, "unmask_step")
     return pred, conf, committed.view(torch.bool)
 
 
@@ -477,6 +510,7 @@ def select_positions(confidence, candidates, n=None, threshold: float | None = N
         _p(committed),
         B,
     )
+    _check_aligned(lib, "select_positions")
     return committed.view(torch.bool)
 
 
@@ -510,4 +544,5 @@ def attention(q, k, v, *, q_segment_ids=None, k_segment_ids=None, scale: float |
         B,
         float(np.float32(scale * 1.4426950408889634)),
     )
+    _check_aligned(lib, "attention")
     return out

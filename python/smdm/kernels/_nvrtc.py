@@ -46,8 +46,10 @@ class NvrtcModule:
         cupy = self._cupy
         with cupy.cuda.Device(device_index):
             fn = self._mod.get_function(name)
-            if smem > 48 * 1024:
-                fn.max_dynamic_shared_size_bytes = smem
+            # always, as the nvcc launchers do: without the opt-in a block gets 48 KiB of shared memory in all,
+            # static included, so `smem > 48 KiB` was the wrong test for the sampler kernels (2720 static
+            # bytes): V or L in (11608, 12288] failed to launch
+            fn.max_dynamic_shared_size_bytes = smem
             stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device_index).cuda_stream)
             with stream:
                 fn(grid, block, args, shared_mem=smem)

@@ -10,6 +10,10 @@ built while tracing), and the op makes the eager choice when it runs: build, and
 unsupported call (attention: a q/k/v start address not 16-byte aligned) the reference instead, with the eager
 warning. "reference" runs the reference on any device (how compiled sampler calls avoid tracing into it).
 
+The reference branches return contiguous tensors, as the fake implementations and the kernel branches do:
+a reference result takes its strides from its inputs (`candidates & ...` of a transposed `candidates` is
+transposed), and under torch.compile inductor asserts every custom-op output against the fake's strides.
+
 No `from __future__ import annotations` here: torch.library infers the op schema from the annotations.
 """
 
@@ -26,6 +30,10 @@ from smdm.kernels._reference import (
 )
 
 _CONF_NAMES = ("prob", "margin", "neg_entropy")
+
+
+def _contiguous(*ts: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    return tuple(t.contiguous() for t in ts)
 
 
 def _use_kernel(backend: str, is_cuda: bool, unsupported: Optional[str] = None) -> bool:
@@ -58,21 +66,23 @@ def unmask_step_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, _ = logits.shape
     if not _use_kernel(backend, logits.is_cuda):
-        return unmask_step_reference(
-            logits,
-            tokens,
-            candidates,
-            seeds,
-            step,
-            uncond_logits=uncond_logits,
-            cfg_scale=cfg_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            confidence=_CONF_NAMES[conf_mode],
-            n_commit=n_commit,
-            threshold=None if n_commit is not None else threshold,
-            position_offset=position_offset,
+        return _contiguous(
+            *unmask_step_reference(
+                logits,
+                tokens,
+                candidates,
+                seeds,
+                step,
+                uncond_logits=uncond_logits,
+                cfg_scale=cfg_scale,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                confidence=_CONF_NAMES[conf_mode],
+                n_commit=n_commit,
+                threshold=None if n_commit is not None else threshold,
+                position_offset=position_offset,
+            )
         )
     pred = torch.empty((B, L), dtype=torch.int64, device=logits.device)
     conf = torch.empty((B, L), dtype=torch.float32, device=logits.device)
@@ -138,15 +148,17 @@ def choose_tokens_op(
     backend: str = "cuda",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if not _use_kernel(backend, logits.is_cuda):
-        return choose_tokens_reference(
-            logits,
-            seeds=seeds,
-            positions=positions,
-            step=steps,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            confidence=_CONF_NAMES[conf_mode],
+        return _contiguous(
+            *choose_tokens_reference(
+                logits,
+                seeds=seeds,
+                positions=positions,
+                step=steps,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                confidence=_CONF_NAMES[conf_mode],
+            )
         )
     N = logits.shape[0]
     tokens = torch.empty((N,), dtype=torch.int64, device=logits.device)
@@ -172,7 +184,8 @@ def select_positions_op(
     backend: str = "cuda",
 ) -> torch.Tensor:
     if not _use_kernel(backend, confidence.is_cuda):
-        return select_positions_reference(confidence, candidates, n, None if n is not None else threshold)
+        ref = select_positions_reference(confidence, candidates, n, None if n is not None else threshold)
+        return ref.contiguous()
     committed = torch.empty(confidence.shape, dtype=torch.bool, device=confidence.device)
     _build.load().select_positions(confidence, candidates, n, threshold, committed)
     return committed
@@ -197,9 +210,8 @@ def attention_op(
     from smdm.kernels import _misaligned
 
     if not _use_kernel(backend, q.is_cuda, _misaligned(q, k, v) if q.is_cuda else None):
-        return attention_reference(
-            q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale
-        )
+        ref = attention_reference(q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale)
+        return ref.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _build.load().attention(q, k, v, q_segment_ids, k_segment_ids, out, scale)
     return out
