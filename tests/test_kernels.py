@@ -360,6 +360,8 @@ def _args(B=2, L=3, V=10):
         (1, torch.zeros(2, 3, dtype=torch.int32), {}, TypeError, "tokens must have dtype"),
         (2, torch.ones(2, 4, dtype=torch.bool), {}, ValueError, "candidates must have shape"),
         (3, torch.zeros(3, dtype=torch.int64), {}, ValueError, "seeds must have shape"),
+        (1, torch.zeros(1, 3, dtype=torch.int64).expand(2, 3), {}, ValueError, "tokens rows overlap"),
+        (1, torch.zeros(2, 1, dtype=torch.int64).expand(2, 3), {}, ValueError, "tokens rows overlap"),
         (None, None, {"threshold": 0.5}, ValueError, "exactly one of n_commit"),
         (None, None, {"top_p": 1.5}, ValueError, "top_p"),
         (None, None, {"top_k": -1}, ValueError, "top_k"),

@@ -203,6 +203,10 @@ def _check_unmask_args(
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device}, logits on {logits.device}")
+    s0, s1 = abs(tokens.stride(0)), abs(tokens.stride(1))
+    if (L > 1 and s1 == 0) or (B > 1 and L > 0 and s0 < L * max(s1, 1)):
+        # e.g. an expand()ed row: the kernel's writes to shared elements would race (the reference raises too)
+        raise ValueError(f"tokens rows overlap in memory (strides {tuple(tokens.stride())} for shape {(B, L)})")
     if (n_commit is None) == (threshold is None):
         raise ValueError("give exactly one of n_commit (count mode) and threshold (threshold mode)")
     if n_commit is not None:
