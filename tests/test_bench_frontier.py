@@ -112,8 +112,13 @@ def test_same_seed_same_samples(ckpts, prepared):
     prompts, refs = validation_prompts(str(prepared), 3, 8, 8)
     runs = [frontier.run(mdm, arm, arm, prompts, refs, gen_length=8, steps=[4], samplers=["ancestral"],
                          temperature=1.0, batch_size=b) for b in (1, 3)]
-    for a, b in zip(*runs):
+    runs += [frontier.run(mdm, None, arm, prompts, refs, gen_length=8, steps=[4], samplers=["low_confidence"],
+                          block_length=4, caches=["prefix", "dual"], temperature=1.0, batch_size=b)
+             for b in (1, 3)]
+    for a, b in [*zip(*runs[:2]), *zip(*runs[2:])]:
         assert a["variant"] == b["variant"] and a["samples"] == b["samples"]
+    assert [r["variant"] for r in runs[2]] == ["mdm low_confidence S=4 blocks 4 prefix-cache",
+                                               "mdm low_confidence S=4 blocks 4 dual-cache", "reference text"]
     assert runs[0][1]["samples"] != runs[0][0]["samples"]  # the MDM and the ARM sample differently
 
 

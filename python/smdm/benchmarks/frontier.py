@@ -85,21 +85,23 @@ def timed_generate(model, prompts, *, seeds, batch_size: int, device, **kw) -> d
             "tokens_per_s": gen_tokens / sec}
 
 
-def variants(steps, samplers, block_length=None, cache: str = "none", threshold: float = 0.9) -> dict:
-    """name -> generate() keyword arguments of each MDM variant (the ARM baseline is added by `run`)."""
+def variants(steps, samplers, block_length=None, caches=("none",), threshold: float = 0.9) -> dict:
+    """name -> generate() keyword arguments of each MDM variant (the ARM baseline is added by `run`): every
+    sampler x step count x cache ("none" | "prefix" | "dual"; a single name also works)."""
     out = {}
     for sampler in samplers:
         for S in steps:
-            name = f"mdm {sampler}" + (f" {threshold}" if sampler == "threshold" else "") + f" S={S}"
-            name += (f" blocks {block_length}" if block_length else "") + (f" {cache}-cache" if cache != "none"
-                                                                             else "")
-            out[name] = dict(sampler=sampler, steps=S, block_length=block_length, cache=cache,
-                             threshold=threshold if sampler == "threshold" else None)
+            for cache in [caches] if isinstance(caches, str) else caches:
+                name = f"mdm {sampler}" + (f" {threshold}" if sampler == "threshold" else "") + f" S={S}"
+                name += (f" blocks {block_length}" if block_length else "") + (
+                    f" {cache}-cache" if cache != "none" else "")
+                out[name] = dict(sampler=sampler, steps=S, block_length=block_length, cache=cache,
+                                 threshold=threshold if sampler == "threshold" else None)
     return out
 
 
 def run(mdm, arm, judge, prompts, references, *, gen_length: int, steps, samplers, temperature: float,
-        block_length=None, cache: str = "none", threshold: float = 0.9, cfg_scale: float = 0.0,
+        block_length=None, caches=("none",), threshold: float = 0.9, cfg_scale: float = 0.0,
         batch_size: int = 8, seed: int = 0, judge_batch_size: int = 16) -> list:
     """One record per variant (ARM twin first when given, then each MDM sampler x steps, then the reference
     text): speed, forward passes, judge perplexity and entropy, tokens/s over the ARM's."""
@@ -113,7 +115,7 @@ def run(mdm, arm, judge, prompts, references, *, gen_length: int, steps, sampler
     if arm is not None:
         plan.append(("arm kv-cache", arm, dict(cache="prefix", batch_invariant=False)))
     plan += [(name, mdm, dict(kw, cfg_scale=cfg_scale))
-             for name, kw in variants(steps, samplers, block_length, cache, threshold).items()]
+             for name, kw in variants(steps, samplers, block_length, caches, threshold).items()]
     records = []
     with torch.no_grad():
         for name, model, kw in plan:
@@ -213,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         records = run(mdm, loaded["--arm"], loaded["--judge"], prompts, refs, gen_length=args.gen_length,
                       steps=steps, samplers=args.samplers, temperature=args.temperature,
-                      block_length=args.block_length, cache=args.cache, threshold=args.threshold,
+                      block_length=args.block_length, caches=args.cache, threshold=args.threshold,
                       cfg_scale=args.cfg_scale, batch_size=args.batch_size, seed=args.seed)
     except ValueError as e:  # generate()'s checks: steps vs blocks, sampler names, lengths past the context
         raise SystemExit(f"smdm bench frontier: error: {e}") from None
@@ -267,8 +269,9 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the threshold "
                         "sampler (default 0.9)")
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks (MDM)")
-    parser.add_argument("--cache", default="none", help="MDM K/V cache: none | prefix | dual (approximate; "
-                        "need --block-length to gain much)")
+    parser.add_argument("--cache", nargs="+", default=["none"], choices=("none", "prefix", "dual"),
+                        help="MDM K/V caches, each a variant: none prefix dual (the last two approximate; they "
+                        "need --block-length to gain much; default none)")
     parser.add_argument("--temperature", type=float, default=1.0, help="every variant (default 1: sampling)")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight of the MDM")
     parser.add_argument("--batch-size", type=int, default=8)
