@@ -553,16 +553,8 @@ def test_batch_invariance(mdm, kw):
     assert shuffled == [alone[i] for i in order] + [alone[0]]
 
 
-@pytest.mark.parametrize("which,kw", [("mdm", dict()), ("mdm", dict(cfg_scale=2.0)),
-                                      ("mdm", dict(block_length=8, cache="prefix")),
-                                      ("mdm", dict(block_length=2, steps=8, gen_length=4, cache="prefix")),
-                                      ("mdm", dict(block_length=4, cache="dual", cfg_scale=1.0)),
-                                      ("arm", dict(cache="prefix")), ("arm", dict(cache="none"))])
-def test_batch_invariance_of_the_logits_bits(mdm, arm, monkeypatch, which, kw):
-    """Stronger than equal tokens: every guided logit a row sees is bit-identical alone and in a batch
-    (catches 1e-7 differences that rarely flip a token: padding, small-M GEMM kernels)."""
-    model = mdm if which == "mdm" else arm
-    kw = {"gen_length": 16, "steps": 8, **kw}
+def _record_logits(monkeypatch):
+    """Every guided logits row the sampler's token choice sees, by (seed, step, position)."""
     seen = {}
     real = sampling.choose_tokens
 
@@ -573,10 +565,25 @@ def test_batch_invariance_of_the_logits_bits(mdm, arm, monkeypatch, which, kw):
 
     monkeypatch.setenv("SMDM_KERNELS", "reference")  # the PyTorch choice, whose logits `record` sees
     monkeypatch.setattr(sampling, "choose_tokens", record)
+    return seen
+
+
+@pytest.mark.parametrize("which,kw", [("mdm", dict()), ("mdm", dict(cfg_scale=2.0)),
+                                      ("mdm", dict(block_length=8, cache="prefix")),
+                                      ("mdm", dict(block_length=2, steps=8, gen_length=4, cache="prefix")),
+                                      ("mdm", dict(block_length=4, cache="dual", cfg_scale=1.0)),
+                                      ("arm", dict(cache="prefix")), ("arm", dict(cache="none"))])
+def test_batch_invariance_of_the_logits_bits(mdm, arm, monkeypatch, which, kw):
+    """Stronger than equal tokens: every guided logit a row sees is bit-identical alone and in a batch
+    (catches 1e-7 differences that rarely flip a token: padding, small-M GEMM kernels)."""
+    model = mdm if which == "mdm" else arm
+    kw = {"gen_length": 16, "steps": 8, **kw}
+    seen = _record_logits(monkeypatch)
     seeds = list(range(100, 100 + len(PROMPTS)))
     for p, sd in zip(PROMPTS, seeds):
         generate(model, [p], seed=sd, **kw)
-    alone, seen = seen, {}
+    alone = dict(seen)
+    seen.clear()
     generate(model, PROMPTS, seed=seeds, **kw)
     assert alone and alone.keys() == seen.keys()
     assert all(torch.equal(alone[k], seen[k]) for k in alone)
@@ -622,21 +629,6 @@ def test_infill_keeps_given_tokens(mdm):
 def test_prefix_cache_runs_the_block_not_the_prefix(mdm):
     out = generate(mdm, [list(range(30))], gen_length=16, steps=8, block_length=8, cache="prefix")
     assert len(out.tokens[0]) == 16 and out.forward_passes == 8
-
-
-def _record_logits(monkeypatch):
-    """Every guided logits row the sampler's token choice sees, by (seed, step, position)."""
-    seen = {}
-    real = sampling.choose_tokens
-
-    def record(logits, *, seeds, positions, step, **rest):
-        for n in range(len(logits)):
-            seen[(int(seeds[n]), int(step), int(positions[n]))] = logits[n].clone()
-        return real(logits, seeds=seeds, positions=positions, step=step, **rest)
-
-    monkeypatch.setenv("SMDM_KERNELS", "reference")
-    monkeypatch.setattr(sampling, "choose_tokens", record)
-    return seen
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
