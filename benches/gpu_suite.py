@@ -810,10 +810,12 @@ def _bench_train(ctx: dict, docs: int = 0, attention: str = "auto") -> dict:
            "mfu_6N": round(6 * n_non_emb * tokens / step_s / (peak * 1e12), 3),
            "mfu_vs_measured_gemm": round(flops / step_s / (gemm * 1e12), 3) if gemm else None,
            "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEV == "cuda" else None}
-    if docs:  # the tiles FlexAttention skips for the last timed batch's layout (what SDPA computes anyway)
-        seg = segments()
-        res["block_sparsity_percent"] = round(net._block_mask(B, L, DEV, segment_ids=seg, key_valid=None)
-                                              .block_mask.sparsity(), 1)
+    if docs:  # the tiles FlexAttention skips for a batch's layout (SDPA computes them all); not
+        # BlockMask.sparsity(), which torch 2.11 gets wrong (negative) for a window shorter than a tile
+        bm = net._block_mask(B, L, DEV, segment_ids=segments(), key_valid=None).block_mask
+        tiles = B * bm.kv_indices.shape[-2] * bm.kv_indices.shape[-1]  # (B, 1, q tiles, k tiles)
+        visited = int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum())
+        res["block_sparsity_percent"] = round(100 * (1 - visited / tiles), 1)
     if not backward:
         res["note"] = "smoke run on the CPU: forward only (FlexAttention has no CPU backward)"
     return res
