@@ -523,8 +523,8 @@ def test_flex_attention_compiled_on_cpu(monkeypatch):
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile (inductor) on CPU needs a C++ compiler")
-    # static shapes: in torch 2.15 inductor's CPU template fails to compile (C++ error, `cur_qSplitSize3` not
-    # declared) when the second length recompiles the causal document mask with a dynamic length
+    # static shapes: in torch 2.11 and 2.15 inductor's CPU template fails to compile (C++ error, `cur_qSplitSize3`
+    # not declared) when the second length recompiles the causal document mask with a dynamic length
     compiled = torch.compile(flex_attention, dynamic=False)
     monkeypatch.setattr(M, "_flex_fn", lambda device: compiled)
     g = torch.Generator().manual_seed(11)

@@ -32,8 +32,8 @@ mask already means the flash backend, `is_causal` for the ARM), and with a KV ca
 Grouped-query heads go to FlexAttention as they are (`enable_gqa`). On CUDA the call is
 `torch.compile(flex_attention)` (compiled at first use, one per process: compiling is what makes it a fused
 kernel); elsewhere it is FlexAttention's eager implementation, which materialises the scores like SDPA with a
-dense mask, and which PyTorch refuses to differentiate on the CPU (checked in torch 2.15; reported for 2.13 and
-2.14): "flex" trains on CUDA only (an error on the CPU when gradients are needed; its forward runs everywhere).
+dense mask, and which PyTorch refuses to differentiate on the CPU (checked in torch 2.11 and 2.15): "flex"
+trains on CUDA only (an error on the CPU when gradients are needed; its forward runs everywhere).
 A query that may see no key at all gets zeros (SDPA: NaN). "auto" never picks "flex" (not measured on a GPU yet).
 
 Activation checkpointing (`Transformer(config, activation_checkpointing=True)`, or set the attribute): while
