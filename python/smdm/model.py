@@ -252,7 +252,7 @@ def _flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
     fn = _flex_fn(q.device)
     if torch.compiler.is_compiling() or q.is_cuda:  # traced or compiled: the fused kernel, no warning
         return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    with warnings.catch_warnings():  # the eager path is chosen (module docstring): no warning about it per process
+    with warnings.catch_warnings():  # eager on purpose off CUDA (module docstring): not torch's advice to compile
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
         return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
