@@ -1,4 +1,4 @@
-# python3 benches/gpu_suite.py --out $OUT [--deadline 500]     (one H100/H200: ~6.5 min estimated, never run yet)
+# python3 benches/gpu_suite.py --out $OUT [--deadline 500]     (one H100/H200: ~8 min estimated, never run yet)
 # python3 benches/gpu_suite.py --smoke --out /tmp/s   (CPU: every section on tiny shapes with the PyTorch
 #                                                      references; checks the script, not the GPU)
 """smdm GPU suite: builds the kernels, runs `pytest -m gpu`, measures the physical ceilings (copy bandwidth,
@@ -12,7 +12,8 @@ bf16 GEMM), then benchmarks with CUDA events (warm-up, medians, fresh random inp
   generate          1028M MDM samplers vs its ARM twin with the static KV cache: generated tokens/s (prompt
                     tokens not counted), wall clock with synchronize over whole generate() calls
   train             steps of the 1028M MDM objective (bf16 autocast, fp32 master weights, fused AdamW):
-                    tokens/s and MFU against the card's dense bf16 peak (formula in the JSON)
+                    tokens/s and MFU against the card's dense bf16 peak (formula in the JSON); then the same
+                    steps on document-masked windows (4 documents each): SDPA's dense mask vs FlexAttention
   sampler_compiled  the token-choice half of the sampler vs the torch.compile'd reference (last: the compile
                     takes a minute and matters least)
 
@@ -89,11 +90,11 @@ MAX_LOG_BYTES = 15 << 20  # the device tool brings back files of at most 16 MiB
 PLAN = {
     #                   estimate  cap  min_start  reserve
     "build": (60, 300, 20, 0),
-    "tests": (90, 200, 45, 120),
+    "tests": (140, 200, 45, 120),
     "sampler": (35, 120, 30, 90),
     "attention": (35, 120, 30, 60),
     "generate": (60, 150, 45, 40),
-    "train": (25, 100, 30, 0),
+    "train": (75, 100, 30, 0),
     "sampler_compiled": (80, 200, 60, 0),
 }
 ORDER = ["build", "tests", "sampler", "attention", "generate", "train", "sampler_compiled"]
@@ -679,26 +680,58 @@ def _time_generate(net, prompts, gen, kw, env) -> dict:
             "forward_passes": o.forward_passes, "SMDM_KERNELS": env, **kw}
 
 
+TRAIN_DOCS = 4  # documents per window of the document-masked measurements (boundaries drawn per window)
+
+
 def child_train(part: Part, ctx: dict) -> None:
+    """The unmasked steps, then the same steps on document-masked windows (what `smdm train` trains on):
+    SDPA with the dense (B, 1, L, L) mask (its efficient backend) vs FlexAttention's block mask (compiled at
+    the first warm-up step; flex last: its compile is the longest item and a late kill costs only it)."""
     part.item("steps", _bench_train, ctx, min_left=20)
-    r = part.data.get("steps")
-    if isinstance(r, dict) and "tokens_per_s" in r:
-        log(f"train: {r['tokens_per_s']} tok/s, MFU {r['mfu']}")
+    for impl in ("sdpa", "flex"):
+        part.item(f"doc-masked {impl}", _bench_train, ctx, docs=TRAIN_DOCS, attention=impl,
+                  min_left=45 if impl == "flex" else 20)
+    sdpa, flex = part.data.get("doc-masked sdpa"), part.data.get("doc-masked flex")
+    if isinstance(sdpa, dict) and isinstance(flex, dict) and "tokens_per_s" in sdpa and "tokens_per_s" in flex:
+        flex["speedup_vs_sdpa_masked"] = round(flex["tokens_per_s"] / sdpa["tokens_per_s"], 3)
+        part.save()
+    for name in ("steps", "doc-masked sdpa", "doc-masked flex"):
+        r = part.data.get(name)
+        if isinstance(r, dict) and "tokens_per_s" in r:
+            log(f"train {name}: {r['tokens_per_s']} tok/s, MFU {r['mfu']}")
 
 
-def _bench_train(ctx: dict) -> dict:
+_TRAIN_NET: dict = {}  # the child's one model and optimizer, shared by its items (a 1028M init each is seconds)
+
+
+def _train_net(cfg):
+    if "net" not in _TRAIN_NET:
+        from smdm import model as M
+
+        t = time.perf_counter()
+        net = _model_on_device(M, cfg, torch.float32).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=DEV == "cuda")
+        sync()
+        _TRAIN_NET.update(net=net, opt=opt, init_s=time.perf_counter() - t)
+        return net, opt, _TRAIN_NET["init_s"]
+    return _TRAIN_NET["net"], _TRAIN_NET["opt"], 0.0
+
+
+def _bench_train(ctx: dict, docs: int = 0, attention: str = "auto") -> dict:
     """Training steps of the MDM objective as `smdm train` runs them (forward process on the CPU, output head
-    and CE at masked rows only, bf16 autocast over fp32 master weights, fused AdamW, grad clipping)."""
+    and CE at masked rows only, bf16 autocast over fp32 master weights, fused AdamW, grad clipping); with
+    `docs`, packed windows of that many documents (segment ids, fresh boundaries each step) and
+    model.attention = `attention`. The smoke run's flex item runs the forward pass only: FlexAttention has no
+    CPU backward."""
     from smdm import diffusion
     from smdm import model as M
 
     name, V = pick(("1028M", 32000), ("tiny", 512))
     cfg = M.config_by_name(name, vocab_size=V, causal=False)
-    t = time.perf_counter()
-    net = _model_on_device(M, cfg, torch.float32).train()
-    sync()
-    init_s = time.perf_counter() - t
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=DEV == "cuda")
+    net, opt, init_s = _train_net(cfg)
+    net.attention = attention
+    backward = not (attention == "flex" and DEV != "cuda")
     B, L = pick((4, 2048), (2, 64))
     gen = torch.Generator().manual_seed(0)
     it = iter(range(10**9))
@@ -715,47 +748,76 @@ def _bench_train(ctx: dict) -> dict:
                                         t=torch.from_numpy(t_), p=torch.from_numpy(p_),
                                         weight=torch.from_numpy(weight), length=int(length),
                                         uncond=torch.from_numpy(uncond))
-    masked = []
+    masked, pairs = [], []
+
+    def segments():
+        """(B, L) document ids: `docs` documents per window, boundaries at distinct random positions."""
+        cuts = torch.rand(B, L - 1, generator=gen).argsort(dim=1)[:, :docs - 1] + 1  # (B, docs-1) in [1, L)
+        starts = torch.zeros(B, L, dtype=torch.long).scatter_(1, cuts, 1)
+        seg = starts.cumsum(1)
+        counts = torch.stack([torch.bincount(row, minlength=docs) for row in seg]).double()  # (B, docs)
+        pairs.append(float((counts**2).sum() / (B * L * L)))  # fraction of (query, key) pairs attended
+        return seg.to(DEV)
 
     def batch():
         ids = torch.randint(0, V, (B, L), generator=gen)
         b = fp(ids, seed=0, step=next(it), mask_id=cfg.mask_id, crop_prob=0.0)
         masked.append(int(b.mask.sum()))
-        return (b.noisy_ids.to(DEV), ids.to(DEV), b.mask.to(DEV), b.weight.to(DEV))
+        return (b.noisy_ids.to(DEV), ids.to(DEV), b.mask.to(DEV), b.weight.to(DEV),
+                segments() if docs else None)
 
-    def step(noisy, x0, mask, weight):
-        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"):
-            loss = diffusion.mdm_loss(net, noisy, x0, mask, weight)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(noisy, x0, mask, weight, seg):
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=DEV == "cuda"), \
+                torch.set_grad_enabled(backward):
+            loss = diffusion.mdm_loss(net, noisy, x0, mask, weight, segment_ids=seg)
+        if backward:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    r = cuda_time(step, batch, reps=pick(8, 2), warmup=3)
+    t = time.perf_counter()
+    step(*batch())  # the first step: compiles FlexAttention (and warms the rest)
+    sync()
+    first_s = time.perf_counter() - t
+    r = cuda_time(step, batch, reps=pick(8, 2), warmup=2)
     timed_masked = masked[-r["reps"]:]
+    pair_frac = statistics.mean(pairs[-r["reps"]:]) if docs else 1.0
     d, n_layer = cfg.d_model, cfg.n_layer
     n_non_emb = cfg.non_embedding_params()
     step_s = r["median_ms"] * 1e-3
     tokens = B * L
-    attn = 12 * n_layer * L * d * tokens  # bidirectional scores + values (4 L d per token-layer), fwd + bwd
+    # bidirectional scores + values (4 L d per token-layer), fwd + bwd, over the attended pairs only
+    attn = 12 * n_layer * L * d * tokens * pair_frac
     head = 6 * d * V * statistics.mean(timed_masked)  # the output head runs at masked rows only
     flops = 6 * n_non_emb * tokens + attn + head
     peak = ctx.get("peak_TFLOPs") or ctx.get("bf16_gemm_TFLOPs") or 989.0
     gemm = ctx.get("bf16_gemm_TFLOPs")
     res = {"config": name, "batch": B, "seq_len": L, "params_non_embedding": n_non_emb,
-           "init_seconds": round(init_s, 2),
+           "init_seconds": round(init_s, 2), "attention": attention, "documents_per_window": docs or 1,
+           "attended_pairs_fraction": round(pair_frac, 4), "backward": backward,
+           "first_step_seconds": round(first_s, 2),
            "forward_process": fp_name, "masked_fraction": round(statistics.mean(timed_masked) / tokens, 3),
            "step": r, "tokens_per_s": round(tokens / step_s, 1 if SMOKE else 0),
            "model_TFLOPs": round(flops / step_s / 1e12, 1 if not SMOKE else 6),
-           "flops_formula": "6*N_non_emb*tokens + 12*n_layer*L*d*tokens (attention, bidirectional, fwd+bwd) "
-                            "+ 6*d*V*masked_tokens (head at masked rows)",
+           "flops_formula": "6*N_non_emb*tokens + 12*n_layer*L*d*tokens*attended_pairs_fraction (attention, "
+                            "bidirectional, fwd+bwd, the pairs a document mask leaves) + 6*d*V*masked_tokens "
+                            "(head at masked rows)",
            "peak_TFLOPs": peak, "peak_source": ctx.get("peak_source", "?"),
            "mfu": round(flops / step_s / (peak * 1e12), 3),
            "mfu_6N": round(6 * n_non_emb * tokens / step_s / (peak * 1e12), 3),
            "mfu_vs_measured_gemm": round(flops / step_s / (gemm * 1e12), 3) if gemm else None,
            "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEV == "cuda" else None}
+    if docs:  # the tiles FlexAttention skips for a batch's layout (SDPA computes them all); not
+        # BlockMask.sparsity(), which torch 2.11 gets wrong (negative) for a window shorter than a tile
+        bm = net._block_mask(B, L, DEV, segment_ids=segments(), key_valid=None).block_mask
+        tiles = B * bm.kv_indices.shape[-2] * bm.kv_indices.shape[-1]  # (B, 1, q tiles, k tiles)
+        visited = int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum())
+        res["block_sparsity_percent"] = round(100 * (1 - visited / tiles), 1)
+    if not backward:
+        res["note"] = "smoke run on the CPU: forward only (FlexAttention has no CPU backward)"
     return res
 
 
@@ -1147,13 +1209,21 @@ def print_table(r: dict) -> None:
             else:
                 print(f"  {k:42s} {_short(v)}")
     tr = r.get("train")
-    for _k, v in _items(tr):
+    items = _items(tr)
+    first = next((v for _, v in items if isinstance(v, dict) and "tokens_per_s" in v), None)
+    if first is not None:
+        print(f"training {first['config']} {first['batch']}x{first['seq_len']} (target MFU >= 0.5; MFU of "
+              f"{first['peak_TFLOPs']} TFLOP/s, attention FLOPs of the attended pairs only):")
+        print(f"  {'':32s} {'tok/s':>9s} {'MFU':>6s} {'6N':>6s} {'x GEMM':>6s} {'mem GiB':>7s} {'1st step s':>10s} "
+              f"{'skip %':>6s} {'x sdpa':>6s}")
+    for k, v in items:
         if isinstance(v, dict) and "tokens_per_s" in v:
-            print(f"training {v['config']} {v['batch']}x{v['seq_len']}: {v['tokens_per_s']} tok/s, "
-                  f"MFU {v['mfu']} (6N {v['mfu_6N']}; vs measured GEMM {v['mfu_vs_measured_gemm']}) of "
-                  f"{v['peak_TFLOPs']} TFLOP/s, peak mem {v['peak_memory_GiB']} GiB (target MFU >= 0.5)")
+            cols = [(v["mfu"], "6.3f", 6), (v["mfu_6N"], "6.3f", 6), (v["mfu_vs_measured_gemm"], "6.3f", 6),
+                    (v["peak_memory_GiB"], "7.1f", 7), (v.get("first_step_seconds"), "10.1f", 10),
+                    (v.get("block_sparsity_percent"), "6.1f", 6), (v.get("speedup_vs_sdpa_masked"), "6.2f", 6)]
+            print(f"  {k:32s} {v['tokens_per_s']:9.0f} " + " ".join(f"{_fmt(x, f):>{w}s}" for x, f, w in cols))
         else:
-            print(f"training: {_short(v)}")
+            print(f"training {k}: {_short(v)}")
     if r.get("stopped"):
         print(f"(stopped early by {r['stopped']})")
     if r.get("smoke"):

@@ -61,7 +61,16 @@ def test_gpu_suite_smoke_runs_every_section(tmp_path):
         assert gen[label]["over_arm"] > 0 and gen[label]["forward_passes"] > 0, label
     train = r["train"]["steps"]
     assert train["tokens_per_s"] > 0 and train["mfu"] > 0 and train["mfu_6N"] > 0, train
-    assert "6*N_non_emb*tokens" in train["flops_formula"]
+    assert "6*N_non_emb*tokens" in train["flops_formula"] and train["attended_pairs_fraction"] == 1.0
+    # document-masked windows: SDPA's dense mask vs FlexAttention (forward only on the CPU: no CPU backward)
+    sdpa, flex = r["train"]["doc-masked sdpa"], r["train"]["doc-masked flex"]
+    assert sdpa["attention"] == "sdpa" and sdpa["backward"] is True and flex["attention"] == "flex"
+    assert flex["backward"] is False and "forward only" in flex["note"]
+    for s in (sdpa, flex):
+        assert s["tokens_per_s"] > 0 and s["documents_per_window"] == 4 and 0 < s["attended_pairs_fraction"] < 1
+        assert 0 <= s["block_sparsity_percent"] < 100
+    assert flex["speedup_vs_sdpa_masked"] > 0
+    assert "doc-masked flex" in p.stdout
     assert r["sampler_compiled"]["gumbel T=1 bf16 rows"]["kernel"]["median_ms"] > 0
     # the table is printed last and says what it is
     assert p.stdout.rstrip().splitlines()[-2].startswith("(smoke run on CPU")

@@ -54,6 +54,8 @@ class TrainConfig:
     # `smdm generate` reads it as its default.
     compile: bool = False  # torch.compile each Transformer block
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, one more forward
+    attention: str = "auto"  # model.attention: "auto" | "sdpa" | "flex" (FlexAttention for the document mask;
+    # CUDA only); a run option like activation_checkpointing (not part of the run identity)
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)

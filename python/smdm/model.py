@@ -23,6 +23,18 @@ invalid key gets id -1. "sdpa" always uses SDPA; "fused" always calls `smdm.kern
 reference off CUDA, or under SMDM_KERNELS=reference: what the CPU tests use to check this translation).
 SMDM_KERNELS=reference keeps "auto" on SDPA; SMDM_KERNELS=cuda makes "auto" demand the kernel (an error when
 it cannot be built, never a silent fallback).
+"flex" runs PyTorch's FlexAttention (`torch.nn.attention.flex_attention`) forward and backward whenever there is
+a mask (segment ids and/or key validity; causal within documents for the ARM) and no KV cache: the packed
+training windows of `smdm train`. SDPA with a dense (B, 1, L, L) boolean mask cannot use its flash backend and
+computes every tile; FlexAttention takes a block mask (`create_block_mask`, built once per forward pass and
+shared by the layers) and skips the tiles where no query sees any key. Without a mask "flex" is plain SDPA (no
+mask already means the flash backend, `is_causal` for the ARM), and with a KV cache SDPA with the dense mask.
+Grouped-query heads go to FlexAttention as they are (`enable_gqa`). On CUDA the call is
+`torch.compile(flex_attention)` (compiled at first use, one per process: compiling is what makes it a fused
+kernel); elsewhere it is FlexAttention's eager implementation, which materialises the scores like SDPA with a
+dense mask, and which PyTorch refuses to differentiate on the CPU (checked in torch 2.11 and 2.15): "flex"
+trains on CUDA only (an error on the CPU when gradients are needed; its forward runs everywhere).
+A query that may see no key at all gets zeros (SDPA: NaN). "auto" never picks "flex" (not measured on a GPU yet).
 
 Activation checkpointing (`Transformer(config, activation_checkpointing=True)`, or set the attribute): while
 gradients are recorded (and no KV cache is passed), each block keeps only its input and recomputes its
@@ -35,6 +47,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional
 
@@ -207,8 +220,41 @@ class KernelSegments(NamedTuple):
     backend: str  # smdm.kernels.attention's backend=: "auto" | "cuda" | "reference"
 
 
-ATTENTION_IMPLS = ("auto", "sdpa", "fused")
+class FlexMask(NamedTuple):
+    """What FlexAttention takes instead of a boolean mask: one `BlockMask` (B, 1, L, L) shared by every layer."""
+
+    block_mask: object  # torch.nn.attention.flex_attention.BlockMask (imported at first use: a 1.5 s import)
+
+
+ATTENTION_IMPLS = ("auto", "sdpa", "fused", "flex")
 _kernels_ok: Optional[bool] = None  # auto mode: did the CUDA kernels build here (asked once per process)
+_flex_compiled = None  # torch.compile(flex_attention), made at the first CUDA call (nothing compiles at import)
+
+
+def _flex_fn(device: torch.device):
+    """flex_attention as the "flex" path calls it on `device`: compiled on CUDA, eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention)
+    return _flex_compiled
+
+
+def _flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention (B, H, L, hd) with the block mask of `Transformer._block_mask` (module docstring)."""
+    if q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise NotImplementedError("model.attention='flex' needs CUDA to compute gradients: PyTorch's FlexAttention "
+                                  "has no backward on the CPU; use 'sdpa' (or 'auto') there, or run under "
+                                  "torch.no_grad()")
+    fn = _flex_fn(q.device)
+    if torch.compiler.is_compiling() or q.is_cuda:  # traced or compiled: the fused kernel, no warning
+        return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    with warnings.catch_warnings():  # eager on purpose off CUDA (module docstring): not torch's advice to compile
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
+        return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def _kernels_available() -> bool:
@@ -245,6 +291,9 @@ class Attention(nn.Module):
             from smdm import kernels
 
             y = kernels.attention(q, k, v, q_segment_ids=mask.q, k_segment_ids=mask.k, backend=mask.backend)
+            return self.proj(y.transpose(1, 2).reshape(B, L, c.n_head * c.head_dim))
+        if isinstance(mask, FlexMask):  # FlexAttention (grouped-query heads native)
+            y = _flex_attention(q, k, v, mask.block_mask, enable_gqa=c.kv_heads != c.n_head)  # (B, H, L, hd)
             return self.proj(y.transpose(1, 2).reshape(B, L, c.n_head * c.head_dim))
         if c.kv_heads != c.n_head:  # grouped-query attention: share each K/V head across its query group
             k = k.repeat_interleave(c.n_head // c.kv_heads, dim=1)
@@ -297,7 +346,7 @@ class Transformer(nn.Module):
         # recompute each block in backward instead of keeping its activations (a run option, not part of
         # the architecture: it is not in `config` and not saved with the weights)
         self.activation_checkpointing = activation_checkpointing
-        self.attention = "auto"  # "auto" | "sdpa" | "fused" (module docstring); a run option like the above
+        self.attention = "auto"  # "auto" | "sdpa" | "fused" | "flex" (module docstring); a run option like the above
         self.embed = nn.Embedding(config.n_embed_rows, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
@@ -330,7 +379,7 @@ class Transformer(nn.Module):
         impl = self.attention
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
-        if impl == "sdpa":
+        if impl in ("sdpa", "flex"):
             return None
         if self.config.causal:
             if impl == "fused":
@@ -362,6 +411,22 @@ class Transformer(nn.Module):
         if key_valid is not None:
             k = torch.where(key_valid, k, torch.full_like(k, -1))
         return KernelSegments(q.contiguous(), k.contiguous(), backend)
+
+    def _block_mask(self, B, L, device, *, segment_ids, key_valid) -> FlexMask:
+        """The masks of `_mask` (no KV cache: Lq = Lk = L) as FlexAttention's block mask: `mask_mod` says which
+        (query, key) pairs may attend; `create_block_mask` evaluates it once per forward pass and keeps, per
+        128 x 128 tile, whether it is empty (skipped), full (no mask_mod call) or partial."""
+        from torch.nn.attention.flex_attention import and_masks, create_block_mask
+
+        mods = []
+        if segment_ids is not None:  # document masking inside packed windows
+            mods.append(lambda b, h, q, k: segment_ids[b, q] == segment_ids[b, k])
+        if key_valid is not None:  # padding of ragged batches
+            mods.append(lambda b, h, q, k: key_valid[b, k])
+        if self.config.causal:
+            mods.append(lambda b, h, q, k: q >= k)
+        mask_mod = mods[0] if len(mods) == 1 else and_masks(*mods)
+        return FlexMask(create_block_mask(mask_mod, B, None, L, L, device=device))
 
     def _mask(self, B, Lq, Lk, device, *, segment_ids, key_valid, kv_cache, cache_pos):
         """Boolean attention mask (B, 1, Lq, Lk), True = may attend; None when plain SDPA suffices."""
@@ -410,7 +475,9 @@ class Transformer(nn.Module):
         if key_valid is not None and key_valid.shape != (B, Lk):
             raise ValueError(f"key_valid must have shape {(B, Lk)}, got {tuple(key_valid.shape)}")
         backend = self._fused_backend(input_ids)
-        if backend is None:
+        if self.attention == "flex" and kv_cache is None and (segment_ids is not None or key_valid is not None):
+            mask = self._block_mask(B, L, input_ids.device, segment_ids=segment_ids, key_valid=key_valid)
+        elif backend is None:
             mask = self._mask(B, L, Lk, input_ids.device, segment_ids=segment_ids, key_valid=key_valid,
                               kv_cache=kv_cache, cache_pos=cache_pos)
         else:  # the fused kernel takes segment ids, never a (B, 1, Lq, Lk) mask

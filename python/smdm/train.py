@@ -7,6 +7,10 @@
   run) to the peak, cosine down to peak/10. bf16 autocast on CUDA; gradient accumulation; compute-budget mode.
 - `--activation-checkpointing` recomputes each block in backward (`Transformer.activation_checkpointing`):
   activation memory of one block instead of all, for about one more forward pass; the same losses and weights.
+- `--attention auto|sdpa|flex` (`Transformer.attention`, smdm.model's docstring): "flex" runs the document-masked
+  attention of packed windows through FlexAttention's block-sparse kernel instead of SDPA with a dense mask
+  (CUDA only: FlexAttention has no CPU backward). Like checkpointing a run option: saved with the run's
+  settings, free to change on --resume (the same math, other rounding).
 - `--batch-size` is the GLOBAL batch of an optimizer step; it is split over ranks (rank-major) and then over
   accumulation micro-steps, and each micro-batch masks with `sample_offset = rank·B_local + micro·B_micro`,
   so masks depend on (seed, step, global sample) only, never on the split.
@@ -59,6 +63,7 @@ LOG_WINDOWS_ENV = "SMDM_LOG_WINDOWS"
 
 
 VERIFY_DATA = ("auto", "full", "headers")
+TRAIN_ATTENTION = ("auto", "sdpa", "flex")  # model.attention values that train ("fused" has no backward)
 FULL_VERIFY_TOKENS = 1 << 30  # "auto" reads every byte of datasets up to this size at start
 
 
@@ -281,6 +286,8 @@ def check_args(cfg: TrainConfig) -> None:
     def finite_positive(x) -> bool:
         return math.isfinite(x) and x > 0
 
+    need(cfg.attention in TRAIN_ATTENTION, f"--attention must be one of {', '.join(TRAIN_ATTENTION)}",
+         repr(cfg.attention))
     need(cfg.batch_size >= 1, "--batch-size must be >= 1", cfg.batch_size)
     need(cfg.grad_accum >= 1, "--grad-accum must be >= 1", cfg.grad_accum)
     need(cfg.seq_len >= 1, "--seq-len must be >= 1", cfg.seq_len)
@@ -361,6 +368,9 @@ class Trainer:
         self.out = Path(cfg.out or f"runs/{'sft' if self.sft else 'demo'}-{cfg.objective}")
         self.dist = Dist(cfg.device)
         d = self.dist
+        if cfg.attention == "flex" and d.device.type != "cuda":
+            raise TrainError(f"--attention flex trains on CUDA only (PyTorch's FlexAttention has no backward on "
+                             f"the {d.device.type}); use --attention sdpa or auto here")
         per_rank, rem = divmod(cfg.batch_size, d.world * cfg.grad_accum)
         if rem or per_rank < 1:
             raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by world size {d.world} × "
@@ -444,6 +454,7 @@ class Trainer:
         # model, optimizer
         self.model = build_model(self.model_config, seed=cfg.seed,
                                  activation_checkpointing=cfg.activation_checkpointing)
+        self.model.attention = cfg.attention
         self.step = 0
         self.tokens_seen = 0
         state = None
@@ -1215,6 +1226,9 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--compile", action="store_true", help="torch.compile each Transformer block")
     a("--activation-checkpointing", action="store_true",
       help="recompute each block in backward (less activation memory, more compute; same results)")
+    a("--attention", choices=TRAIN_ATTENTION, default=d.attention,
+      help="attention implementation: auto (SDPA; a dense mask with document masking), sdpa, or flex "
+           "(FlexAttention's block-sparse kernel for the document mask; CUDA only)")
     a("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     a("--plot", action="store_true", help="write OUT/loss.png (with the twin run's curve when it exists)")
     a("--samples", type=int, default=None, help="samples printed at the end (default 3 for the demo, else 0)")
