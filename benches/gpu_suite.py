@@ -633,6 +633,8 @@ def child_generate(part: Part, ctx: dict) -> None:
          "reference"),  # SDPA and the PyTorch sampler: what the fused kernels gain
         (f"mdm blocks {block} prefix-cache steps=gen/4", mdm,
          dict(steps=gen // 4, block_length=block, cache="prefix"), "auto"),
+        (f"mdm blocks {block} dual-cache steps=gen/4", mdm,
+         dict(steps=gen // 4, block_length=block, cache="dual"), "auto"),
         ("mdm steps=gen", mdm, dict(steps=gen, block_length=gen), "auto"),
     ]
     for label, net, kw, env in runs:

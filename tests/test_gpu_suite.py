@@ -57,7 +57,7 @@ def test_gpu_suite_smoke_runs_every_section(tmp_path):
     gen = r["generate"]
     assert gen["arm kv-cache"]["tokens_per_s"] > 0
     assert gen["arm kv-cache"]["generated_tokens"] == gen["batch"] * gen["gen_length"]  # prompts not counted
-    for label in ("mdm steps=gen/4", "mdm blocks 8 prefix-cache steps=gen/4"):
+    for label in ("mdm steps=gen/4", "mdm blocks 8 prefix-cache steps=gen/4", "mdm blocks 8 dual-cache steps=gen/4"):
         assert gen[label]["over_arm"] > 0 and gen[label]["forward_passes"] > 0, label
     train = r["train"]["steps"]
     assert train["tokens_per_s"] > 0 and train["mfu"] > 0 and train["mfu_6N"] > 0, train
