@@ -654,6 +654,12 @@ def test_block_caches_are_exact_for_one_layer(monkeypatch, cache, kw):
     assert s0.keys() == s1.keys()
     assert all(torch.allclose(s0[k], s1[k], atol=1e-5, rtol=1e-5) for k in s0)
     assert (t1, f1, n1) == (t0, f0, n0)
+    # EOS: a token the model generates at position 5 of row 0, so that row stops early, the same way cached
+    eos_runs = [generate(model, prompts, gen_length=16, seed=seeds, cache=c, temperature=1.0, eos_id=t0[0][5], **kw)
+                for c in ("none", cache)]
+    assert len(eos_runs[0].tokens[0]) <= 5
+    assert [(e.sequences, e.row_forward_passes) for e in eos_runs] == [(eos_runs[0].sequences,
+                                                                        eos_runs[0].row_forward_passes)] * 2
 
 
 def test_dual_cache_runs_the_block_alone(mdm, monkeypatch):

@@ -323,7 +323,8 @@ class _Row:
     logits: Optional[torch.Tensor] = None  # (P, V) guided logits of the candidates (reused when not dirty)
     cand: Optional[torch.Tensor] = None  # (P,) candidate positions the logits belong to
     state: Optional[tuple] = None  # (masks left, block) when the logits were computed
-    stash: dict = field(default_factory=dict)  # prefix K/V cache per CFG branch: {branch: (block, k, v)}
+    stash: dict = field(default_factory=dict)  # block K/V caches per CFG branch: {branch: (block, k, v)}
+    stale: bool = False  # an EOS fill changed positions after the current block (the dual cache's kept suffix)
     forwards: int = 0
     steps: int = 0
     done: bool = False
@@ -779,7 +780,10 @@ def _after_step(r: _Row, mask_id: int, eos_id: Optional[int]):
         if len(eos):  # everything after the first committed EOS is settled: EOS
             first = int(eos[0, 0])
             tail = region[first + 1:]
-            tail[tail == mask_id] = eos_id
+            fill = tail == mask_id
+            tail[fill] = eos_id
+            after_block = int(r.blocks[r.b][-1]) + 1 - (lo + first + 1)  # tail index where the suffix starts
+            r.stale = r.stale or bool(fill[max(after_block, 0):].any())
     while r.b < len(r.blocks) and not bool((r.seq[r.blocks[r.b]] == mask_id).any()):
         r.b += 1
         r.i = 0
@@ -887,7 +891,9 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
     cache="dual" (Fast-dLLM's DualCache): the first step also keeps the K/V of everything after the block's
     span (the masks still to come, and given text after the holes when infilling); later steps run the block's
     span alone, attending to the kept prefix and suffix. The kept K/V sit in the cache as [prefix | suffix |
-    block]: keys carry their RoPE positions and no mask orders them, so the slot order does not matter.
+    block]: keys carry their RoPE positions and no mask orders them, so the slot order does not matter. When
+    the EOS rule fills positions after the block with EOS, the row's next step runs in full again (the kept
+    suffix saw masks there).
     Rows are grouped by (length, block span, full/partial) so that no row is padded for another."""
     cfg_on = opts["cfg_scale"] > 0
     dual = opts["cache"] == "dual"
@@ -897,7 +903,7 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
         block = r.blocks[r.b]
         start = int(block[0])  # every position before the current block is committed
         end = int(block[-1]) + 1 if dual else len(r.seq)  # the query chunk is [start, end)
-        full = any(r.stash.get(k, (None,))[0] != r.b for k in range(2 if cfg_on else 1))
+        full = any(r.stash.get(k, (None,))[0] != r.b for k in range(2 if cfg_on else 1)) or (dual and r.stale)
         groups.setdefault((len(r.seq), start, end, full), []).append(r)
     calls = 0
     max_pos = model.config.max_seq_len - 1
@@ -908,6 +914,8 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
             cache = model.make_kv_cache(len(units), Lp)
             x, valid, pos = _padded([u[2] for u in units], Lp, max_pos)
             h = model.hidden(x, key_valid=valid, positions=pos, kv_cache=cache, cache_pos=0)  # (G, Lp, d)
+            for r in grp:
+                r.stale = False
             for g, (r, k, _) in enumerate(units):  # prefix + suffix slots of unit g (prefix cache: no suffix)
                 r.stash[k] = (r.b, [torch.cat([t[g:g + 1, :, :start], t[g:g + 1, :, end:L]], 2) for t in cache.k],
                               [torch.cat([t[g:g + 1, :, :start], t[g:g + 1, :, end:L]], 2) for t in cache.v])
