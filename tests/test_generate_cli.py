@@ -80,6 +80,21 @@ def test_generate_ids_and_arm(capsys, ckpts):
     assert rc == 0 and len(res["tokens"][0]) == 6 and res["forward_passes"] == 6
 
 
+def test_generate_dual_cache_is_the_library_call(capsys, ckpts):
+    """--cache dual: the tokens of smdm.generate(cache="dual"); the ARM twin refuses it by name."""
+    import smdm
+
+    rc, out, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt-ids", "1 2 3", "--gen-length",
+                       "8", "--steps", "4", "--block-length", "4", "--cache", "dual", "--json", "--no-eos")
+    assert rc == 0, err
+    model, _ = smdm.load(ckpts["mdm"], device="cpu")
+    want = smdm.generate(model, [[1, 2, 3]], gen_length=8, steps=4, block_length=4, cache="dual")
+    assert json.loads(out)["tokens"] == want.tokens
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["ar"]), "--prompt-ids", "1", "--gen-length", "4",
+                     "--cache", "dual")
+    assert rc != 0 and "MDM only" in err
+
+
 def test_num_samples_draw_each_input_with_seeds_seed_plus_j(capsys, ckpts):
     """--num-samples N: N rows per input with seeds seed..seed+N-1, so one prompt's samples differ at
     temperature 1 (one seed for all rows would give same-length prompts identical noise), and sample j equals
