@@ -688,6 +688,21 @@ def test_dual_cache_runs_the_block_alone(mdm, monkeypatch):
             assert set(part) == {(8, 38, 46)}
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_block_caches_through_the_fused_attention_path(mdm, cache):
+    """The kept K/V reach the fused kernel's interface (segment ids; its PyTorch reference on the CPU) as they
+    reach SDPA: same tokens, with CFG and ragged prompts."""
+    kw = dict(gen_length=16, steps=8, block_length=4, cache=cache, cfg_scale=1.0, temperature=1.0, seed=[1, 2])
+    out = {}
+    try:
+        for impl in ("sdpa", "fused"):
+            mdm.attention = impl
+            out[impl] = generate(mdm, [[1, 2, 3], list(range(5, 25))], **kw).tokens
+    finally:
+        mdm.attention = "auto"
+    assert out["fused"] == out["sdpa"]
+
+
 def test_dual_cache_is_for_the_mdm(arm):
     with pytest.raises(ValueError, match="MDM only"):
         generate(arm, [[1, 2]], gen_length=4, cache="dual")
