@@ -816,7 +816,7 @@ def _forward_mdm(model, rows: list, opts: dict) -> int:
     """Guided logits at each row's candidate positions; returns the number of model calls."""
     cfg_on = opts["cfg_scale"] > 0
     if opts["cache"] in ("prefix", "dual"):
-        return _forward_prefix_cache(model, rows, opts)
+        return _forward_block_cache(model, rows, opts)
     mask_id = model.config.mask_id
     inputs = [x for r in rows for x in _branches(r, mask_id, cfg_on)]  # (row, branch) order
     Lpad = max(_round_up(len(x), _len_multiple(opts)) for x in inputs)
@@ -883,7 +883,7 @@ def _padded(seqs: list, length: int, max_pos: int):
     return x, valid, torch.arange(length, device=device).clamp(max=max_pos)
 
 
-def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
+def _forward_block_cache(model, rows: list, opts: dict) -> int:
     """Block K/V caches (Fast-dLLM style), both approximate for a bidirectional model.
     cache="prefix": the first step of a block runs the full sequence and keeps the K/V of everything before
     the block (prompt + finished blocks); later steps of the block run only the block and what follows it,
@@ -916,9 +916,9 @@ def _forward_prefix_cache(model, rows: list, opts: dict) -> int:
             h = model.hidden(x, key_valid=valid, positions=pos, kv_cache=cache, cache_pos=0)  # (G, Lp, d)
             for r in grp:
                 r.stale = False
-            for g, (r, k, _) in enumerate(units):  # prefix + suffix slots of unit g (prefix cache: no suffix)
-                r.stash[k] = (r.b, [torch.cat([t[g:g + 1, :, :start], t[g:g + 1, :, end:L]], 2) for t in cache.k],
-                              [torch.cat([t[g:g + 1, :, :start], t[g:g + 1, :, end:L]], 2) for t in cache.v])
+            keep = torch.cat([torch.arange(start), torch.arange(end, L)]).to(x.device)  # prefix, suffix (dual)
+            for g, (r, k, _) in enumerate(units):  # indexing copies: the stash owns its K/V
+                r.stash[k] = (r.b, [t[g:g + 1, :, keep] for t in cache.k], [t[g:g + 1, :, keep] for t in cache.v])
             offset = 0
         else:  # the block's chunk (prefix: and what follows it), padded on the right, attending to the kept K/V
             kept = start + L - end

@@ -87,11 +87,11 @@ def timed_generate(model, prompts, *, seeds, batch_size: int, device, **kw) -> d
 
 def variants(steps, samplers, block_length=None, caches=("none",), threshold: float = 0.9) -> dict:
     """name -> generate() keyword arguments of each MDM variant (the ARM baseline is added by `run`): every
-    sampler x step count x cache ("none" | "prefix" | "dual"; a single name also works)."""
+    sampler x step count x cache ("none" | "prefix" | "dual")."""
     out = {}
     for sampler in samplers:
         for S in steps:
-            for cache in [caches] if isinstance(caches, str) else caches:
+            for cache in caches:
                 name = f"mdm {sampler}" + (f" {threshold}" if sampler == "threshold" else "") + f" S={S}"
                 name += (f" blocks {block_length}" if block_length else "") + (
                     f" {cache}-cache" if cache != "none" else "")
