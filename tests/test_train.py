@@ -675,6 +675,27 @@ def test_time_budget_counts_every_validation_of_a_long_run(dataset, tmp_path, mo
         t.dist.close()
 
 
+def test_time_budget_is_a_deadline_when_steps_get_slower(dataset, tmp_path, monkeypatch):
+    """The step count is planned from one timed step; when the real steps are slower (here: the timing says
+    0.1 ms, a step takes milliseconds, as on a machine loaded after the timing) the run re-plans and ends near the
+    budget with its cosine finished, instead of running the first plan (before: ~50x over a 3 s budget)."""
+    from smdm.train import Trainer
+
+    monkeypatch.setattr(Trainer, "_time_one_step", lambda self: 1e-4)
+    budget = 3.0
+    t0 = time.perf_counter()
+    t = train(cfg_for(dataset, tmp_path / "run", max_steps=None, time_budget=budget, val_every=5))
+    took = time.perf_counter() - t0
+    planned = t.deadline.planned
+    rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert planned > 10 * t.max_steps, (planned, t.max_steps)
+    assert [r["step"] for r in rows] == list(range(1, t.max_steps + 1)) and t.step == t.max_steps
+    assert took < budget + 20, took  # the first plan would have taken minutes
+    assert rows[-1]["lr"] <= 0.2 * t.peak_lr, (rows[-1]["lr"], t.peak_lr)  # the cosine ran to (near) its end
+    state = ckpt.load_train_state(ckpt.latest(tmp_path / "run"))
+    assert state["schedule"]["max_steps"] == t.max_steps
+
+
 def test_resume_at_or_past_the_end_says_nothing_was_trained(dataset, tmp_path, capsys):
     """--resume of a run already at --max-steps / --stop-after (or past it) trains nothing and says so, exit 0,
     checkpoint and metrics untouched (before: exit 0 in silence)."""

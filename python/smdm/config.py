@@ -28,7 +28,8 @@ class TrainConfig:
     epochs: Optional[float] = None  # max_steps = ceil(epochs · steps per epoch) (SFT default: 3 epochs)
     max_steps: Optional[int] = None  # optimizer steps (None: from --flops, else the demo's default)
     flops: Optional[float] = None  # compute budget C: steps = C / (6 · N_nonembedding · tokens per step)
-    time_budget: Optional[float] = None  # seconds: max_steps from one timed step (default without steps: 300);
+    time_budget: Optional[float] = None  # seconds: max_steps from one timed step, re-planned from the real step
+    # times as the run goes (default without steps: 300);
     # a new run's length only: an error with `resume` (a resumed run keeps its max_steps)
     stop_after: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps)
     seed: int = 0  # model init, data order and masks

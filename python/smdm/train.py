@@ -34,6 +34,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -351,6 +352,39 @@ def check_sft_args(cfg: TrainConfig) -> None:
 # the run
 
 
+class TimeBudget:
+    """--time-budget as a deadline, not only a step count. The step count planned from one timed step before the
+    run is re-planned after every step from the median of the recent steps (and the last validation's time), so a
+    machine that gets loaded (or faster) after the timing moves the end of the run instead of overshooting the
+    budget. The plan never grows past the first one; it shrinks by more than 1% of its steps (or to stop at once)
+    and grows by more than 5%, so the noise of the step times does not move it back and forth."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = time.perf_counter()  # the budget counts the timing and the first validation too
+        self.planned = 0
+        self.step_times: collections.deque = collections.deque(maxlen=50)
+        self.val_time = 0.0
+        self.said: Optional[int] = None  # the last plan the trainer printed
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def step_time(self) -> float:
+        return float(np.median(self.step_times))
+
+    def replan(self, step: int, max_steps: int, val_every: int) -> int:
+        """The last step that fits in what is left of the budget (max_steps when it needs no change)."""
+        if len(self.step_times) < 3 or step >= max_steps:
+            return max_steps
+        st, vt = self.step_time(), self.val_time if val_every else 0.0
+        fits = math.floor((self.left() - vt) / (st + vt / max(val_every, 1)))  # the last step validates too
+        new = min(self.planned, step + max(0, fits))
+        if new <= step or new < max_steps - max(1, 0.01 * max_steps) or new > max_steps + max(1, 0.05 * max_steps):
+            return new
+        return max_steps
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         init = load_init(cfg.init_from) if cfg.init_from is not None else None
@@ -520,6 +554,7 @@ class Trainer:
                                                  verify=self.verify_full)
         if state is not None:
             self.dataset.load_state_dict(state["data"])
+        self.deadline: Optional[TimeBudget] = None  # set when the time budget decides the steps
         self.max_steps = self._decide_steps(state)
         self.warmup = warmup_steps(cfg, self.max_steps)
         if state is not None:  # a resume keeps the run's LR schedule unless --lr / --warmup say otherwise
@@ -639,6 +674,7 @@ class Trainer:
             steps = int(state["schedule"]["max_steps"])
         else:
             budget = cfg.time_budget if cfg.time_budget is not None else DEMO_SECONDS
+            self.deadline = TimeBudget(budget)
             st = self._time_one_step()
             # a validation costs about a third (forward only) of a step per token it evaluates
             rows = cfg.val_batches * self.micro * (cfg.val_samples if self.kind == "mdm" else 1)
@@ -650,8 +686,10 @@ class Trainer:
             else:
                 steps = int((budget - vt) / (st + vt / max(cfg.val_every, 1)))
             steps = max(1, steps)
+            self.deadline.planned = steps
             if self.dist.rank == 0:
-                print(f"--time-budget {budget:g} s: {steps} steps", flush=True)
+                print(f"--time-budget {budget:g} s: {steps} steps (re-planned as the run goes if its steps turn out "
+                      f"slower)", flush=True)
         if steps < 1:
             raise TrainError(f"the run has {steps} steps (--max-steps / --flops too small)")
         return steps
@@ -1001,6 +1039,22 @@ class Trainer:
                 continue
         self.metrics_path.write_text("".join(x + "\n" for x in kept))
 
+    def _replanned(self, new_max: int, stop_at: int, bar) -> int:
+        """The time budget moved the run's last step to `new_max`: the cosine now ends there (a warmup longer than
+        the new plan allows ends at once). Returns the new stop step."""
+        old = self.max_steps
+        self.max_steps = new_max
+        if self.cfg.warmup is None:
+            self.warmup = max(warmup_steps(self.cfg, new_max), min(self.warmup, self.step))
+        stop_at = min(new_max, self.cfg.stop_after) if self.cfg.stop_after is not None else new_max
+        bar.total = stop_at
+        said = self.deadline.said
+        if self.dist.rank == 0 and (said is None or abs(new_max - said) > 0.1 * said):  # not every small move
+            self.deadline.said = new_max
+            bar.write(f"--time-budget: steps take {self.deadline.step_time():.3g} s now: the run ends at step "
+                      f"{new_max} instead of {old} ({self.deadline.left():.0f} s left)")
+        return stop_at
+
     def fit(self) -> dict:
         cfg, d = self.cfg, self.dist
         if d.rank == 0:
@@ -1060,12 +1114,23 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 val=f"{last_val['val_loss']:.3f}" if last_val else "-", refresh=False)
-                stop = torch.tensor([1.0 if self._stop else 0.0])
-                stop = bool(d.all_reduce(stop, torch.distributed.ReduceOp.MAX if d.enabled else None) > 0)
+                # one reduction agrees on SIGTERM (max) and on the time budget's new last step (min over ranks)
+                plan = 0
+                if self.deadline is not None:  # a step's whole cost: train step, logging, the progress bar
+                    self.deadline.step_times.append(time.perf_counter() - t0)
+                    plan = self.deadline.replan(self.step, self.max_steps, self.val_every)
+                agreed = torch.tensor([1.0 if self._stop else 0.0, -float(plan)], dtype=torch.float64)
+                agreed = d.all_reduce(agreed, torch.distributed.ReduceOp.MAX if d.enabled else None)
+                stop = bool(agreed[0] > 0)
+                if self.deadline is not None and int(-agreed[1]) != self.max_steps:
+                    stop_at = self._replanned(int(-agreed[1]), stop_at, bar)
                 done = self.step >= stop_at
                 # on SIGTERM save at once (a preemption's grace period is short): no validation first
                 if self.val_every and not stop and (self.step % self.val_every == 0 or done):
+                    t_val = time.perf_counter()
                     last_val = self.validate()
+                    if self.deadline is not None:
+                        self.deadline.val_time = time.perf_counter() - t_val
                     if last_val:
                         self.log(last_val)
                 if done or stop or (cfg.save_every and self.step % cfg.save_every == 0):
@@ -1078,6 +1143,10 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, old)
+        if self.deadline is not None and d.rank == 0:
+            print(f"--time-budget {self.deadline.seconds:g} s: {self.step} steps in "
+                  f"{self.deadline.seconds - self.deadline.left():.0f} s (first plan: {self.deadline.planned})",
+                  flush=True)
         return {"step": self.step, "val": last_val}
 
 
@@ -1198,8 +1267,9 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     g.add_argument("--epochs", type=float, default=None,
                    help=f"passes over the data (default for --sft without a step count: {SFT_EPOCHS})")
     g.add_argument("--time-budget", type=float, default=None,
-                   help=f"seconds: a new run's steps from one timed step (default without --max-steps: "
-                        f"{DEMO_SECONDS:g}); not with --resume, which keeps the run's step count")
+                   help=f"seconds: a new run's steps from one timed step, re-planned from the real step times as "
+                        f"it goes so it ends near the budget (default without --max-steps: {DEMO_SECONDS:g}); "
+                        f"not with --resume, which keeps the run's step count")
     a("--stop-after", type=int, default=None, help="save and stop after this step")
     a("--seed", type=int, default=d.seed)
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out (error if none; "
