@@ -655,22 +655,24 @@ def test_resume_with_another_model_names_the_runs_config(dataset, tmp_path):
         train(cfg_for(dataset, out, config="small", max_steps=4, resume=True))
 
 
-def test_time_budget_counts_every_validation_of_a_long_run(dataset, tmp_path, monkeypatch):
-    """Past 500 steps the default validates every 100 steps, not 6 times: the step count leaves time for all of
-    them (before: 20% over the budget with these costs). The step time is fixed, so nothing here is timed."""
+@pytest.mark.parametrize("budget, val_every", [(10.0, 100), (0.21, 16), (0.07, 1)])
+def test_time_budget_counts_every_validation(dataset, tmp_path, monkeypatch, budget, val_every):
+    """The planned steps leave time for every validation the run will make: past 500 steps the default validates
+    every 100 steps, not 6 times (before: 20% over the budget with these costs); a short run validates 6 or 7 times,
+    or after every step (before: 10% over, or 1 step planned where 2 fit). The step time is fixed: nothing is timed."""
     import math
 
     from smdm.train import Trainer
 
     st = 1e-3
     monkeypatch.setattr(Trainer, "_time_one_step", lambda self: st)
-    t = Trainer(cfg_for(dataset, tmp_path / "run", max_steps=None, time_budget=10.0, val_every=None,
+    t = Trainer(cfg_for(dataset, tmp_path / "run", max_steps=None, time_budget=budget, val_every=None,
                         val_samples=64))
     try:
         vt = st * 1 * 4 * 64 / (3 * 4)  # the trainer's model of one validation: a third of a step per row
         n_val = 1 + math.ceil(t.max_steps / t.val_every)  # step 0, every val_every steps and the last
-        assert t.val_every == 100
-        assert 9.5 < t.max_steps * st + n_val * vt <= 10.0 * 1.01
+        assert t.val_every == val_every
+        assert 0.9 * budget < t.max_steps * st + n_val * vt <= budget
     finally:
         t.dist.close()
 

@@ -84,6 +84,11 @@ def warmup_steps(cfg: TrainConfig, max_steps: int) -> int:
     return max(1, min(max(math.ceil(0.01 * max_steps), 100), max_steps // 10))
 
 
+def default_val_every(cfg: TrainConfig, max_steps: int) -> int:
+    """--val-every, else min(100, steps / 5): about 6 validations up to 500 steps, then one every 100."""
+    return cfg.val_every if cfg.val_every is not None else min(100, max(1, max_steps // 5))
+
+
 def lr_at(step: int, *, peak: float, warmup: int, max_steps: int, min_ratio: float = 0.1) -> float:
     """Linear warmup to `peak` over `warmup` steps, then cosine to peak·min_ratio at `max_steps`."""
     if step < warmup:
@@ -563,7 +568,7 @@ class Trainer:
                 self.peak_lr = float(saved["peak_lr"])
             if cfg.warmup is None:
                 self.warmup = int(saved["warmup"])
-        self.val_every = cfg.val_every if cfg.val_every is not None else min(100, max(1, self.max_steps // 5))
+        self.val_every = default_val_every(cfg, self.max_steps)
         self.metrics_path = self.out / "metrics.jsonl"
         self._stop = False
         self.stopped = False  # fit() ended on SIGTERM (the CLI then exits without samples)
@@ -679,13 +684,22 @@ class Trainer:
             # a validation costs about a third (forward only) of a step per token it evaluates
             rows = cfg.val_batches * self.micro * (cfg.val_samples if self.kind == "mdm" else 1)
             vt = 0.0 if cfg.val_every == 0 or self.val_dir is None else st * rows / (3 * self.local_batch)
-            if cfg.val_every is None:  # val_every = min(100, steps / 5): about 6 validations up to 500 steps, ...
-                steps = int((budget - 6 * vt) / st)
-                if steps // 5 > 100:  # ... then one every 100 steps, plus the first and the last
-                    steps = int((budget - 2 * vt) / (st + vt / 100))
+
+            def cost(n: int) -> float:  # n steps and their validations: step 0, every val_every, the last
+                every = default_val_every(cfg, n)
+                return n * st + (1 + math.ceil(n / every)) * vt if every else n * st
+
+            # the most steps that fit: below 500 the default val_every makes the cost go up and down (9 steps
+            # validate 10 times, 10 steps 6 times), so those are tried one by one; from 500 on it grows with n
+            top = max(1, int(budget / st))
+            if top > 500 and cost(500) <= budget:
+                lo, hi = 500, top
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+                steps = lo
             else:
-                steps = int((budget - vt) / (st + vt / max(cfg.val_every, 1)))
-            steps = max(1, steps)
+                steps = next((n for n in range(min(top, 499), 0, -1) if cost(n) <= budget), 1)
             self.deadline.planned = steps
             if self.dist.rank == 0:
                 print(f"--time-budget {budget:g} s: {steps} steps (re-planned as the run goes if its steps turn out "
