@@ -95,6 +95,16 @@ base, out = json.loads(sys.argv[1]), sys.argv[2]
 for name, extra in (("ddp", {}), ("ddp-ac", {"activation_checkpointing": True}),
                     ("fsdp-ac", {"fsdp": True, "activation_checkpointing": True})):
     Trainer(TrainConfig(**base, out=f"{out}/{name}", **extra)).fit()
+# a time budget whose timing was 40x too optimistic: the ranks re-plan and must agree on the new last step;
+# rank 1's clock runs out first (as when the ranks started at different times)
+Trainer._time_one_step = lambda self: 1e-4
+t = Trainer(TrainConfig(**{**base, "max_steps": None, "val_every": 5}, time_budget=3.0, out=f"{out}/budget"))
+rank = torch.distributed.get_rank()
+if rank == 1:
+    t.deadline.seconds = 1.5
+t.fit()
+with open(f"{out}/budget/plan-rank{rank}.json", "w") as f:
+    json.dump({"planned": t.deadline.planned, "max_steps": t.max_steps, "step": t.step}, f)
 torch.distributed.destroy_process_group()
 """
 
@@ -104,7 +114,7 @@ torch.distributed.destroy_process_group()
 def test_torchrun_activation_checkpointing_under_ddp_and_fsdp2(tmp_path):
     """--activation-checkpointing under DDP gives exactly the DDP losses (the recomputation repeats the same
     CPU kernels; gloo's all-reduce is deterministic), and under FSDP2 the same up to float reduction order
-    (rtol 1e-4, as FSDP2 vs DDP above)."""
+    (rtol 1e-4, as FSDP2 vs DDP above). Then a --time-budget run re-plans on both ranks to one last step."""
     data = make_dataset(tmp_path / "data")
     base = {"config": "tiny", "data": str(data), "batch_size": 8, "seq_len": 32, "max_steps": 4,
             "val_every": 0, "save_every": 0, "samples": 0, "threads": 1}
@@ -121,3 +131,9 @@ def test_torchrun_activation_checkpointing_under_ddp_and_fsdp2(tmp_path):
     assert len(losses["ddp"]) == 4 and np.isfinite(losses["ddp"]).all()
     assert losses["ddp-ac"] == losses["ddp"]
     np.testing.assert_allclose(losses["fsdp-ac"], losses["ddp"], rtol=1e-4)
+    # --time-budget under DDP: both ranks ended at the same re-planned step, far short of the first plan
+    plans = [json.loads((tmp_path / "budget" / f"plan-rank{r}.json").read_text()) for r in range(2)]
+    assert plans[0] == plans[1] and plans[0]["step"] == plans[0]["max_steps"], plans
+    assert plans[0]["planned"] > 10 * plans[0]["max_steps"], plans
+    rows = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, plans[0]["step"] + 1))
