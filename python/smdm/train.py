@@ -1053,14 +1053,19 @@ class Trainer:
                 continue
         self.metrics_path.write_text("".join(x + "\n" for x in kept))
 
-    def _replanned(self, new_max: int, stop_at: int, bar) -> int:
+    def _stop_step(self) -> int:
+        """The step fit() stops after: the schedule's end, or --stop-after when it comes first."""
+        stop_after = self.cfg.stop_after
+        return min(self.max_steps, stop_after) if stop_after is not None else self.max_steps
+
+    def _replanned(self, new_max: int, bar) -> int:
         """The time budget moved the run's last step to `new_max`: the cosine now ends there (a warmup longer than
         the new plan allows ends at once). Returns the new stop step."""
         old = self.max_steps
         self.max_steps = new_max
         if self.cfg.warmup is None:
             self.warmup = max(warmup_steps(self.cfg, new_max), min(self.warmup, self.step))
-        stop_at = min(new_max, self.cfg.stop_after) if self.cfg.stop_after is not None else new_max
+        stop_at = self._stop_step()
         bar.total = stop_at
         said = self.deadline.said
         if self.dist.rank == 0 and (said is None or abs(new_max - said) > 0.1 * said):  # not every small move
@@ -1084,7 +1089,7 @@ class Trainer:
             elif self.metrics_path.exists():
                 self.metrics_path.unlink()
         d.barrier()
-        stop_at = min(self.max_steps, cfg.stop_after) if cfg.stop_after is not None else self.max_steps
+        stop_at = self._stop_step()
         if self.step >= stop_at:  # only a resume starts past step 0
             if d.rank == 0:
                 if cfg.stop_after is not None and cfg.stop_after <= self.max_steps:
@@ -1137,7 +1142,7 @@ class Trainer:
                 agreed = d.all_reduce(agreed, torch.distributed.ReduceOp.MAX if d.enabled else None)
                 stop = bool(agreed[0] > 0)
                 if self.deadline is not None and int(-agreed[1]) != self.max_steps:
-                    stop_at = self._replanned(int(-agreed[1]), stop_at, bar)
+                    stop_at = self._replanned(int(-agreed[1]), bar)
                 done = self.step >= stop_at
                 # on SIGTERM save at once (a preemption's grace period is short): no validation first
                 if self.val_every and not stop and (self.step % self.val_every == 0 or done):
