@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,22 +152,25 @@ def run_until_then_kill(args, ready, timeout=90):
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
 
 
-def test_events_are_on_disk_at_each_validation_while_the_run_goes_on(dataset, tmp_path):
-    """SummaryWriter alone would hold them for up to two minutes."""
+def val_steps(logdir) -> list[int]:
+    return [s for s, _ in read_scalars(logdir).get("val/val_loss", [])] if logdir.is_dir() else []
+
+
+def test_events_are_on_disk_while_the_run_goes_on(dataset, tmp_path):
+    """What TensorBoard shows during a run: the events so far, validations included (the writer is flushed at
+    each one), and they survive a SIGKILL."""
     c = cfg_for(dataset, tmp_path / "run", max_steps=100_000, val_every=2)
     logdir = Path(c.out) / "tensorboard"
-    run_until_then_kill(
-        cli_args(c) + ["--tensorboard"], lambda: logdir.is_dir() and "val/val_loss" in read_scalars(logdir)
-    )
+    run_until_then_kill(cli_args(c) + ["--tensorboard"], lambda: 2 in val_steps(logdir))
     scalars, _ = read_events(logdir)
     assert [s for s, _ in scalars["val/val_loss"]][:2] == [0, 2]
     assert [s for s, _ in scalars["train/loss"]][:2] == [1, 2]
 
 
 def test_a_killed_run_resumes_without_doubling_back(dataset, tmp_path):
-    """Before a checkpoint counts, the events of all its steps are on disk; the resume from it hides what the
-    killed run logged after it (flushed or not), whatever step the kill came at."""
-    c = cfg_for(dataset, tmp_path / "run", max_steps=100_000, save_every=3)  # no validation: no flush but saves
+    """The events of every step a checkpoint holds are on disk (the writer is flushed before the checkpoint is
+    written); the resume from it hides what the killed run logged after it, whatever step the kill came at."""
+    c = cfg_for(dataset, tmp_path / "run", max_steps=100_000, save_every=3)  # no validation
     logdir = Path(c.out) / "tensorboard"
     run_until_then_kill(cli_args(c) + ["--tensorboard"], lambda: ckpt.latest(c.out) is not None)
     k = int(ckpt.latest(c.out).name.split("-")[1])
@@ -185,12 +189,19 @@ def test_a_killed_run_resumes_without_doubling_back(dataset, tmp_path):
     assert [s for s, _ in scalars["train/loss"]] == list(range(1, k + 3))
 
 
+def writer_threads() -> list[threading.Thread]:
+    """The background threads of open SummaryWriters (tensorboard's event file writer; close() ends them)."""
+    return [t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread" and t.is_alive()]
+
+
 def test_the_writer_is_closed_when_fit_raises(dataset, tmp_path, monkeypatch):
     # 20 non-finite steps in a row end the run with an exception, no validation or checkpoint having flushed
     monkeypatch.setenv("SMDM_INJECT_NONFINITE", ",".join(str(i) for i in range(20)))
     out = tmp_path / "run"
+    assert not writer_threads()
     with pytest.raises(RuntimeError, match="20 steps in a row"):
         train(cfg_for(dataset, out, max_steps=30, tensorboard=True))
+    assert not writer_threads()
     scalars, _ = read_events(out / "tensorboard")
     assert scalars["train/skipped"] == [(s, 1.0) for s in range(1, 21)]
 

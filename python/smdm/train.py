@@ -802,7 +802,7 @@ class Trainer:
         weights = self._full_model_state()
         opt = self._optimizer_state()
         if self.dist.rank == 0:
-            if self.tb_writer is not None:  # before the checkpoint counts, the events of all its steps are on disk
+            if self.tb_writer is not None:  # the events of the checkpoint's steps on disk before it counts
                 self.tb_writer.flush()
             train_state = {"step": self.step, "tokens": self.tokens_seen, "optimizer": opt,
                            "schedule": {"peak_lr": self.peak_lr, "warmup": self.warmup,
@@ -831,8 +831,9 @@ class Trainer:
 
     def _log_tensorboard(self, entry: dict):
         """The numbers of a metrics line as scalars at its step: train/<key> for an optimizer step's line (skipped
-        as 0 or 1), val/<key> for a validation's. Flushed at each validation and before each checkpoint (save);
-        in between SummaryWriter flushes every two minutes."""
+        as 0 or 1), val/<key> for a validation's. SummaryWriter queues events for a background thread (and with
+        tensorflow's gfile or on remote storage buffers them up to flush_secs = 120 s): flushed at each validation
+        and before each checkpoint is written (save), so a checkpoint's steps are on disk before it counts."""
         event = entry.get("event")
         if event in (None, "val"):
             group = "train" if event is None else "val"
