@@ -45,7 +45,7 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
             "--max-steps", "30", "--val-every", "30", "--val-samples", "8", "--val-batches", "2",
             "--save-every", "0", "--samples", "0", "--lr", "1e-2", "--threads", "1"]
     single, single_val = run(args, tmp_path / "single", tmp_path / "w1")
-    multi, multi_val = run(args, tmp_path / "multi", tmp_path / "w2", nproc=2)
+    multi, multi_val = run(args + ["--tensorboard"], tmp_path / "multi", tmp_path / "w2", nproc=2)
 
     x = np.array([r["loss"] for r in single])
     y = np.array([r["loss"] for r in multi])
@@ -62,6 +62,13 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
     assert all(len(recs) == 30 and all(len(rec["index"]) == 4 for rec in recs) for recs in read)
     assert not per_rank[0] & per_rank[1]
     assert len(per_rank[0]) + len(per_rank[1]) == 240
+    # rank 0 alone wrote TensorBoard events (one file), the metrics' steps and values
+    from test_tensorboard import read_events
+
+    assert len(list((tmp_path / "multi" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    scalars, texts = read_events(tmp_path / "multi" / "tensorboard")
+    assert scalars["train/loss"] == [(r["step"], np.float32(r["loss"])) for r in multi]
+    assert len(texts) == 1 and '"world_size": 2' in texts[0][1]
     # rank 0 saved one full checkpoint that loads in a single process
     import smdm
 

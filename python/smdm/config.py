@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Union
 
 
 @dataclass
@@ -65,6 +65,8 @@ class TrainConfig:
     force_resume: bool = False  # resume although the run identity (seed, batch split, world size, seq_len,
     # schedule, stratified, doc_mask, the training data's identity) differs
     plot: bool = False  # write OUT/loss.png (matplotlib)
+    tensorboard: Union[bool, str] = False  # TensorBoard event files from rank 0 (torch.utils.tensorboard):
+    # True: OUT/tensorboard, a str: that directory; a logging option (not part of the run identity)
     samples: int = 0  # samples printed at the end (the demo prints 3)
     vocab_size: Optional[int] = None  # optional check against the data's vocabulary
     verify_data: str = "auto"  # "full": CRC + every token id of every shard at start; "headers": headers and

@@ -24,6 +24,9 @@
 - Distributed: the same command under `torchrun` (DDP; FSDP2 `fully_shard` with `--fsdp`).
 - `--init-from CKPT` starts from a checkpoint's weights, model config, objective and tokenizer (a fresh
   optimizer, schedule and data position; `--resume` is the way to continue a run).
+- `--tensorboard [DIR]` (default OUT/tensorboard): rank 0 also writes every metrics.jsonl number as a TensorBoard
+  scalar against the global step (train/<key>, val/<key>) and the run's settings as text; a resume hides the events
+  logged after its checkpoint (SummaryWriter's purge_step), as it drops those lines of metrics.jsonl.
 - SFT (`--sft TRAIN.jsonl [--sft-val VAL.jsonl]`, smdm.sft): rows `prompt + response + EOS` padded with EOS.
   MDM: the forward process with `prompt_lens` (prompts never masked; with `--p-uncond` a sample's prompt is all
   masks as input, CFG training), no random-length crop, `diffusion.sft_loss`; ARM: CE on the response and the
@@ -325,6 +328,20 @@ def check_args(cfg: TrainConfig) -> None:
              cfg.val_samples)
     if cfg.threads is not None:
         need(cfg.threads >= 1, "--threads must be >= 1", cfg.threads)
+    if isinstance(cfg.tensorboard, str):
+        need(cfg.tensorboard != "", "--tensorboard DIR must not be empty", repr(cfg.tensorboard))
+
+
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter for --tensorboard, imported only then: the tensorboard package is an
+    optional dependency."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise TrainError(
+            f"--tensorboard needs the tensorboard package ({e}): pip install 'smdm[tensorboard]'"
+        ) from None
+    return SummaryWriter
 
 
 def check_sft_args(cfg: TrainConfig) -> None:
@@ -398,6 +415,8 @@ class Trainer:
         if cfg.objective not in ("mdm", "ar"):
             raise TrainError(f"--objective must be 'mdm' or 'ar', got {cfg.objective!r}")
         check_args(cfg)
+        # on every rank (they fail alike) before anything is read, built or deleted; rank 0 writes (fit)
+        self._summary_writer = summary_writer_class() if cfg.tensorboard else None
         self.cfg = cfg
         self.kind = cfg.objective
         self.sft = cfg.sft is not None
@@ -570,6 +589,10 @@ class Trainer:
                 self.warmup = int(saved["warmup"])
         self.val_every = default_val_every(cfg, self.max_steps)
         self.metrics_path = self.out / "metrics.jsonl"
+        self.tensorboard_dir = None
+        if cfg.tensorboard:
+            self.tensorboard_dir = self.out / "tensorboard" if cfg.tensorboard is True else Path(cfg.tensorboard)
+        self.tb_writer = None  # rank 0's SummaryWriter while fit() runs
         self._stop = False
         self.stopped = False  # fit() ended on SIGTERM (the CLI then exits without samples)
         self.mask_id = self.model_config.mask_id
@@ -831,6 +854,8 @@ class Trainer:
         weights = self._full_model_state()
         opt = self._optimizer_state()
         if self.dist.rank == 0:
+            if self.tb_writer is not None:  # the events of the checkpoint's steps on disk before it counts
+                self.tb_writer.flush()
             train_state = {"step": self.step, "tokens": self.tokens_seen, "optimizer": opt,
                            "schedule": {"peak_lr": self.peak_lr, "warmup": self.warmup,
                                         "max_steps": self.max_steps, "min_lr_ratio": self.cfg.min_lr_ratio},
@@ -853,6 +878,36 @@ class Trainer:
         if self.dist.rank == 0:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if self.tb_writer is not None:
+                self._log_tensorboard(entry)
+
+    def _log_tensorboard(self, entry: dict):
+        """The numbers of a metrics line as scalars at its step: train/<key> for an optimizer step's line (skipped
+        as 0 or 1), val/<key> for a validation's. SummaryWriter queues events for a background thread (and with
+        tensorflow's gfile or on remote storage buffers them up to flush_secs = 120 s): flushed at each validation
+        and before each checkpoint is written (save), so a checkpoint's steps are on disk before it counts."""
+        event = entry.get("event")
+        if event in (None, "val"):
+            group = "train" if event is None else "val"
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, (int, float)):  # bool is an int
+                    self.tb_writer.add_scalar(f"{group}/{key}", float(value), entry["step"])
+        if event == "val":
+            self.tb_writer.flush()
+
+    def _open_tensorboard(self):
+        """Rank 0's SummaryWriter, with the run's settings as text at the step this fit starts from. Its
+        purge_step makes TensorBoard drop the events an earlier writer logged at or after that step: on a resume
+        those after the checkpoint (a crash may have logged some; _rewind_metrics drops the same lines of
+        metrics.jsonl), on a fresh run all of them (metrics.jsonl starts empty too)."""
+        purge_step = self.step + 1 if self.cfg.resume else 0
+        self.tb_writer = self._summary_writer(log_dir=str(self.tensorboard_dir), purge_step=purge_step)
+        train = self.cfg.to_dict()  # the options as given, then what the run made of them
+        train.update(max_steps=self.max_steps, peak_lr=self.peak_lr, warmup=self.warmup, val_every=self.val_every)
+        model = self.model_config.to_dict()
+        settings = {"objective": self.kind, "world_size": self.dist.world, "model": model, "train": train}
+        text = json.dumps(settings, indent=2, default=str)
+        self.tb_writer.add_text("run/settings", "    " + text.replace("\n", "\n    "), self.step)  # a code block
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def _autocast(self):
@@ -1114,12 +1169,14 @@ class Trainer:
         it = iter(self.dataset)
         self.model.train()
         last_val = None
-        if self.step == 0 and self.val_every:
-            last_val = self.validate()
-            if last_val:
-                self.log(last_val)
         skipped_in_row = 0
         try:
+            if self.tensorboard_dir is not None and d.rank == 0:
+                self._open_tensorboard()
+            if self.step == 0 and self.val_every:
+                last_val = self.validate()
+                if last_val:
+                    self.log(last_val)
             while self.step < stop_at:
                 t0 = time.perf_counter()
                 rec = self.train_step(it)
@@ -1162,6 +1219,9 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, old)
+            if self.tb_writer is not None:
+                self.tb_writer.close()
+                self.tb_writer = None
         if self.deadline is not None and d.rank == 0:
             print(f"--time-budget {self.deadline.seconds:g} s: {self.step} steps in "
                   f"{self.deadline.seconds - self.deadline.left():.0f} s (first plan: {self.deadline.planned})",
@@ -1320,6 +1380,8 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
            "(FlexAttention's block-sparse kernel for the document mask; CUDA only)")
     a("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     a("--plot", action="store_true", help="write OUT/loss.png (with the twin run's curve when it exists)")
+    tb_help = "also write the metrics as TensorBoard events to DIR (default OUT/tensorboard; rank 0)"
+    a("--tensorboard", nargs="?", const=True, default=None, metavar="DIR", help=tb_help)
     a("--samples", type=int, default=None, help="samples printed at the end (default 3 for the demo, else 0)")
     a("--vocab-size", type=int, default=None, help="check the data's vocabulary size")
     a("--verify-data", choices=VERIFY_DATA, default=d.verify_data,
