@@ -476,3 +476,9 @@ def test_command_line_end_to_end(tmp_path, tokenizer_path):
     out = smdm_cli("generate", "--ckpt", tmp_path / "back", "--prompt", "def f", "--gen-length", "8", "--steps", "4",
                    "--device", "cpu", "--json")
     assert len(json.loads(out)["tokens"][0]) <= 8
+    # transformers stays an optional import: neither `import smdm` nor the export itself imports it
+    code = ("import sys, smdm, smdm.cli, smdm.convert; smdm.convert.export_hf(sys.argv[1], sys.argv[2]); "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(tmp_path / "hf2")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "hf2" / "modeling_smdm.py").is_file(), proc.stderr
