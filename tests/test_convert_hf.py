@@ -386,6 +386,8 @@ def test_bad_inputs_name_the_file_and_field(tmp_path, capsys):
           r"expected \(48, 48\)")
     fails(variant("scaled", {**conf0, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
           r"scaled/config\.json: field 'rope_parameters' is .*linear")
+    fails(variant("llama3", {**conf0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+          r"llama3/config\.json: field 'rope_scaling' is .*llama3")
     fails(variant("gelu", {**conf0, "hidden_act": "gelu"}), r"gelu/config\.json: field 'hidden_act' is 'gelu'")
     fails(variant("bias", {**conf0, "attention_bias": True}), r"bias/config\.json: field 'attention_bias' is true")
     fails(variant("headdim", {**conf0, "head_dim": 16}), r"headdim/config\.json: field 'head_dim' is 16")

@@ -414,7 +414,7 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") 
 HF_ARM = "LlamaForCausalLM"
 HF_MDM = "SmdmForMaskedLM"
 HF_MDM_TYPE = "smdm"  # config.json model_type of the MDM (transformers' Llama is "llama")
-HF_MASK_TOKEN = "<|mdm_mask|>"  # the MDM's mask token (id vocab_size) in the exported tokenizer
+HF_MASK_TOKEN = "<|mdm_mask|>"  # the MDM's mask token (smdm's mask id, V) in the exported tokenizer
 HF_CODE = ("configuration_smdm.py", "modeling_smdm.py")  # python/smdm/hf/, copied next to an MDM's weights
 HF_AUTO_MAP = {"AutoConfig": "configuration_smdm.SmdmConfig", "AutoModel": "modeling_smdm.SmdmModel",
                "AutoModelForMaskedLM": "modeling_smdm.SmdmForMaskedLM"}
@@ -507,13 +507,13 @@ def hf_model_config(conf: dict, path, *, mdm: bool = False, shapes: Optional[dic
     for name in ("attention_bias", "mlp_bias"):
         if conf.get(name):
             raise ConvertError(f"{path}: field {name!r} is true; smdm's block has no biases")
-    rope = conf.get("rope_parameters")
-    if rope is not None and not isinstance(rope, dict):
-        raise ConvertError(f"{path}: field 'rope_parameters' must be an object, got {rope!r}")
-    if (rope or {}).get("rope_type", "default") != "default" or conf.get("rope_scaling"):
-        field = "rope_parameters" if (rope or {}).get("rope_type", "default") != "default" else "rope_scaling"
-        raise ConvertError(f"{path}: field {field!r} is {conf[field]!r}; smdm's RoPE is the default (unscaled) one")
-    rope_base = _field(rope or {}, "rope_theta", f"{path} (rope_parameters)", float,
+    for field in ("rope_parameters", "rope_scaling"):  # transformers 5 / 4 names of the RoPE variant
+        rope = conf.get(field)
+        if rope is not None and not isinstance(rope, dict):
+            raise ConvertError(f"{path}: field {field!r} must be an object, got {rope!r}")
+        if (rope or {}).get("rope_type", (rope or {}).get("type", "default")) != "default":
+            raise ConvertError(f"{path}: field {field!r} is {rope!r}; smdm's RoPE is the default (unscaled) one")
+    rope_base = _field(conf.get("rope_parameters") or {}, "rope_theta", f"{path} (rope_parameters)", float,
                        default=_field(conf, "rope_theta", path, float, default=10000.0))
     d = _field(conf, "hidden_size", path)
     n_head = _field(conf, "num_attention_heads", path)
@@ -640,11 +640,14 @@ def _hf_tokenizer_config(path: Path, cfg: ModelConfig, log) -> tuple:
     if eos is None:
         log(f"note: {path} has no EOS token by the usual names: tokenizer_config.json names none")
     if not cfg.causal:
-        if n == cfg.vocab_size and tok.token_to_id(HF_MASK_TOKEN) is None:
+        taken = tok.token_to_id(HF_MASK_TOKEN)
+        if n == cfg.vocab_size and taken is None:
             conf["mask_token"] = HF_MASK_TOKEN
         else:
-            log(f"note: {path} has {n} tokens, the mask id is {cfg.vocab_size}: the exported tokenizer has no mask "
-                f"token (put id {cfg.vocab_size}, config.json's mask_token_id, into input_ids)")
+            why = (f"{HF_MASK_TOKEN} is already token {taken}" if taken is not None else
+                   f"it has {n} tokens, the mask id is {cfg.vocab_size}")
+            log(f"note: {path}: {why}, so the exported tokenizer names no mask token (put id {cfg.vocab_size}, "
+                f"config.json's mask_token_id, into input_ids)")
     return conf, eos, bos
 
 
@@ -693,6 +696,7 @@ def _write_dir_atomic(out: Path, fill) -> None:
         if p.exists():
             shutil.rmtree(p)
     tmp.mkdir()
+    moved = False
     try:
         fill(tmp)
         for p in tmp.iterdir():
@@ -701,7 +705,13 @@ def _write_dir_atomic(out: Path, fill) -> None:
         fsync_dir(tmp)
         if out.is_dir() and any(out.iterdir()):
             os.replace(out, old)
+            moved = True
         os.replace(tmp, out)
+        moved = False  # the new dir is in place: the old one can go
+    except BaseException:
+        if moved:  # the new one did not take its place: put the old one back
+            os.replace(old, out)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
