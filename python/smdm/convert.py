@@ -752,7 +752,7 @@ def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, l
 
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})  # transformers reads "format" (4.x refuses a file without it)
+                  metadata={"format": "pt"})  # transformers 4 refuses metadata without "format"
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         if tok_conf is not None:
             shutil.copyfile(tok, tmp / "tokenizer.json")
