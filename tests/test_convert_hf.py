@@ -11,10 +11,13 @@ bit-identical here; the bound `REL32` leaves room for other kernels."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,11 @@ from smdm.cli import main as cli
 from smdm.convert import HF_MASK_TOKEN, ConvertError, export_hf, import_hf
 from smdm.model import ModelConfig, Transformer
 
+# transformers copies the remote code it loads into its modules cache (a path fixed when it is imported): one of this
+# process's own, never the user's ~/.cache, and no two pytest-xdist workers copying the same files at once
+if "HF_MODULES_CACHE" not in os.environ:
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="smdm-test-hf-modules-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], True)
 if sys.version_info < (3, 10):  # transformers 5 needs Python >= 3.10
     transformers = pytest.importorskip("transformers", minversion="5")
 else:
@@ -141,6 +149,7 @@ def test_mdm_loads_with_its_remote_code(tmp_path, tokenizer_path, n_kv):
         assert "import smdm" not in code and "from smdm" not in code
     hf = transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float64).eval()
     assert type(hf).__name__ == "SmdmForMaskedLM" and type(hf).__module__.startswith("transformers_modules")
+    assert sys.modules[type(hf).__module__].__file__.startswith(os.environ["HF_MODULES_CACHE"])
     assert hf.config._attn_implementation == "sdpa"
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, V + 1, (2, 29), generator=g)  # the mask id V included
