@@ -19,6 +19,9 @@ from smdm import rng
 assert core.rng_key([1, 2, 3]) == rng.key(1, 2, 3)
 assert issubclass(smdm.SmdmFormatError, ValueError) and issubclass(smdm.SmdmIOError, OSError)
 assert smdm.__file__.startswith(__import__("sys").prefix), smdm.__file__
+from pathlib import Path
+for name in ("configuration_smdm.py", "modeling_smdm.py"):  # what `smdm convert to-hf` copies next to an MDM
+    assert (Path(smdm.__file__).parent / "hf" / name).is_file(), name
 print("wheel OK:", smdm.__file__)
 PY
 )

@@ -9,7 +9,8 @@ when used, so `smdm --help` stays fast.
     smdm lm-eval ...          lm-eval's own CLI with the model "smdm" registered (smdm.harness)
     smdm bench pack|mask|tokenize|sampler|frontier|reversal|scaling  (smdm.benchmarks.*)
     smdm kernels check        compile the CUDA sources              (smdm.kernels)
-    smdm convert from-litgpt|to-litgpt  SMDM / TinyLlama weights in and out (smdm.convert)
+    smdm convert from-litgpt|to-litgpt|from-hf|to-hf  SMDM / TinyLlama / Hugging Face weights in and out
+                                                        (smdm.convert)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ COMMANDS = {
                 "--model smdm --model_args ckpt=DIR --tasks T ...`)"),
     "bench": ("smdm.benchmarks", "throughput benchmarks (tables + JSON)"),
     "kernels": ("smdm.kernels", "build or compile-check the CUDA kernels"),
-    "convert": ("smdm.convert", "import SMDM / lit-gpt weights, or export to them"),
+    "convert": ("smdm.convert", "import SMDM / lit-gpt / Hugging Face weights, or export to them"),
 }
 PASSTHROUGH = "lm-eval"  # hands its arguments to lm-eval's parser untouched
 

@@ -1,6 +1,8 @@
 # smdm convert from-litgpt mdm-1028M.safetensors --out runs/smdm-1028M --tokenizer tokenizer.json
 # smdm convert to-litgpt runs/demo-mdm --out demo-mdm-litgpt.safetensors        (tests: tests/test_convert.py)
-"""Weights in the lit-gpt / TinyLlama layout of SMDM's released checkpoints, and of litgpt, in and out.
+# smdm convert to-hf runs/demo-ar --out demo-ar-hf; smdm convert from-hf DIR --out CKPT  (tests/test_convert_hf.py)
+"""Weights in and out: the lit-gpt / TinyLlama layout of SMDM's released checkpoints and of litgpt, and Hugging
+Face transformers directories (the second half of this file, "Hugging Face transformers", says how).
 
 SMDM (and TinyLlama, whose trainer it forks) names the same Llama block as smdm.model differently and packs
 the attention projection by key/value group:
@@ -350,15 +352,15 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
                      train_state={"step": 0, "converted_from": str(path.resolve())}, tokenizer_path=tokenizer)
 
 
-def _check_tokenizer(tokenizer, cfg: ModelConfig) -> None:
+def _check_tokenizer(tokenizer, cfg: ModelConfig, what: str = "--tokenizer ") -> None:
     from tokenizers import Tokenizer
 
     try:
         n = Tokenizer.from_file(str(tokenizer)).get_vocab_size(with_added_tokens=True)
     except Exception as e:  # tokenizers raises its own exception type for a bad file
-        raise ConvertError(f"--tokenizer {tokenizer}: not a tokenizer.json ({e})") from None
+        raise ConvertError(f"{what}{tokenizer}: not a tokenizer.json ({e})") from None
     if n > cfg.vocab_size:
-        raise ConvertError(f"--tokenizer {tokenizer}: {n} tokens, but the model has only {cfg.vocab_size} "
+        raise ConvertError(f"{what}{tokenizer}: {n} tokens, but the model has only {cfg.vocab_size} "
                            f"outputs (a different tokenizer?)")
 
 
@@ -386,6 +388,421 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") 
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face transformers
+#
+# `to-hf` writes a directory that transformers loads:
+# - the ARM twin as a plain `LlamaForCausalLM` (no remote code): smdm's block is transformers' Llama block
+#   (pre-RMSNorm, GPT-NeoX half-split RoPE = transformers' `rotate_half`, SwiGLU, no biases, untied head);
+# - the MDM as `SmdmForMaskedLM` (model_type "smdm"), with its code (python/smdm/hf/, torch and transformers only)
+#   copied next to the weights and named in config.json's `auto_map`, loaded with trust_remote_code=True: Llama's
+#   modules with a bidirectional mask. Its config.json counts the mask token in vocab_size (= smdm's
+#   vocab_size + 1, the embedding's rows; mask_token_id = smdm's mask id, the last one), as transformers expects
+#   of a special token's id; the head has smdm's vocab_size outputs. AutoModelForMaskedLM is its Auto class: an
+#   MDM predicts the tokens at masked positions from both sides, the masked-LM interface (it has no
+#   left-to-right `generate()`). AutoTokenizer needs trust_remote_code=True too, as for any model type that
+#   transformers does not know: it reads config.json's model type (the tokenizer itself is plain `tokenizers`).
+# Tensor names (model.layers.i. ...): smdm's fused attention rows [Q | K | V] are split into q_proj / k_proj /
+# v_proj as they are: both layouts are head-major with the rotated halves inside each head, so no row
+# permutation (transformers' Llama conversion permutes q/k only for Meta's interleaved RoPE). SwiGLU
+# w3(silu(w1 x) * w2 x) is down(silu(gate x) * up x): w1 = gate_proj, w2 = up_proj, w3 = down_proj.
+# The tokenizer: tokenizer.json copied as it is, plus a tokenizer_config.json naming the EOS (and BOS) token
+# that smdm's data pipeline finds, and for the MDM the mask token (`HF_MASK_TOKEN`, see `_hf_tokenizer_config`).
+# `from-hf` reads these directories back, and plain transformers Llama directories (config.json and
+# model.safetensors or shards with model.safetensors.index.json); a round trip is exact.
+
+HF_ARM = "LlamaForCausalLM"
+HF_MDM = "SmdmForMaskedLM"
+HF_MDM_TYPE = "smdm"  # config.json model_type of the MDM (transformers' Llama is "llama")
+HF_MASK_TOKEN = "<|mdm_mask|>"  # the MDM's mask token (smdm's mask id, V) in the exported tokenizer
+HF_CODE = ("configuration_smdm.py", "modeling_smdm.py")  # python/smdm/hf/, copied next to an MDM's weights
+HF_AUTO_MAP = {"AutoConfig": "configuration_smdm.SmdmConfig", "AutoModel": "modeling_smdm.SmdmModel",
+               "AutoModelForMaskedLM": "modeling_smdm.SmdmForMaskedLM"}
+# smdm block tensor -> transformers Llama tensor (both inside a block); the fused QKV is split (see above)
+_HF_BLOCK = {"norm1.weight": "input_layernorm.weight", "attn.proj.weight": "self_attn.o_proj.weight",
+             "norm2.weight": "post_attention_layernorm.weight", "mlp.w1.weight": "mlp.gate_proj.weight",
+             "mlp.w2.weight": "mlp.up_proj.weight", "mlp.w3.weight": "mlp.down_proj.weight"}
+_HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+_MISSING = object()
+
+
+def to_hf(state: dict, config: ModelConfig) -> dict:
+    """transformers Llama tensors (`model.layers.i.self_attn.q_proj.weight`, ...) of an smdm state dict."""
+    c = config
+    hd = c.head_dim
+    out = {"model.embed_tokens.weight": state["embed.weight"]}
+    for i in range(c.n_layer):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        parts = state[q + "attn.qkv.weight"].split([c.n_head * hd, c.kv_heads * hd, c.kv_heads * hd])
+        out.update({p + name: t.clone() for name, t in zip(_HF_QKV, parts)})  # own storage: no shared views
+        out.update({p + theirs: state[q + ours] for ours, theirs in _HF_BLOCK.items()})
+    out["model.norm.weight"] = state["norm.weight"]
+    out["lm_head.weight"] = state["head.weight"]
+    return out
+
+
+def from_hf(state: dict, config: ModelConfig, *, source: str = "state dict", files: Optional[dict] = None) -> dict:
+    """The smdm state dict of transformers Llama tensors (the inverse of `to_hf`, exact). `files`: tensor name ->
+    the file that holds it (named in errors, else `source`). Every tensor must be used, except the RoPE
+    `inv_freq` buffers that files of older transformers versions hold."""
+    state = dict(state)
+    files = files or {}
+    c = config
+    d, hd = c.d_model, c.head_dim
+
+    def take(key: str, shape: tuple) -> torch.Tensor:
+        if key not in state:
+            raise ConvertError(f"{source}: missing tensor {key!r}")
+        return _shape(state.pop(key), shape, key, files.get(key, source))
+
+    out = {"embed.weight": take("model.embed_tokens.weight", (c.n_embed_rows, d))}
+    shapes = {"norm1.weight": (d,), "attn.proj.weight": (d, c.n_head * hd), "norm2.weight": (d,),
+              "mlp.w1.weight": (c.d_ff, d), "mlp.w2.weight": (c.d_ff, d), "mlp.w3.weight": (d, c.d_ff)}
+    for i in range(c.n_layer):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        qkv = [take(p + name, (rows * hd, d)) for name, rows in zip(_HF_QKV, (c.n_head, c.kv_heads, c.kv_heads))]
+        out[q + "attn.qkv.weight"] = torch.cat(qkv)  # [Q | K | V]
+        out.update({q + ours: take(p + theirs, shapes[ours]) for ours, theirs in _HF_BLOCK.items()})
+    out["norm.weight"] = take("model.norm.weight", (d,))
+    out["head.weight"] = take("lm_head.weight", (c.vocab_size, d))
+    left = sorted(k for k in state if not k.endswith("rotary_emb.inv_freq"))
+    if left:
+        raise ConvertError(f"{files.get(left[0], source)}: {len(left)} tensor(s) this model has no place for, e.g. "
+                           f"{left[:4]} (a different architecture, or more layers than num_hidden_layers "
+                           f"{c.n_layer}?)")
+    return out
+
+
+def _field(conf: dict, name: str, path, kind=int, default=_MISSING):
+    """config.json field `name`: a positive int / float; absent (or null): `default`, else an error."""
+    value = conf.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise ConvertError(f"{path}: missing field {name!r}")
+        return default
+    ok = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float)) and value > 0
+    if not ok:
+        raise ConvertError(f"{path}: field {name!r} must be a positive {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def hf_model_config(conf: dict, path, *, mdm: bool = False, shapes: Optional[dict] = None) -> ModelConfig:
+    """The smdm ModelConfig of a transformers config.json (dict `conf`, read from `path`): LlamaForCausalLM
+    (model_type "llama"; the ARM twin, or with `mdm` an MDM whose embedding has one more row than the head's
+    outputs, given by `shapes`: tensor name -> shape) or smdm's exported MDM (model_type "smdm", vocab_size
+    counting the mask token). Defaults are
+    LlamaConfig's (rms_norm_eps 1e-6, rope_theta 10000, context 2048); what smdm's block cannot compute is an
+    error naming the field."""
+    archs, model_type = conf.get("architectures") or [], conf.get("model_type")
+    if model_type == HF_MDM_TYPE or HF_MDM in archs:
+        causal = False
+    elif model_type == "llama" or HF_ARM in archs:
+        causal = not mdm
+    else:
+        raise ConvertError(f"{path}: field 'architectures' is {archs} (model_type {model_type!r}): from-hf reads "
+                           f"{HF_ARM} (model_type 'llama') and smdm's MDM export ({HF_MDM}, model_type "
+                           f"'{HF_MDM_TYPE}')")
+    if (conf.get("hidden_act") or "silu") != "silu":
+        raise ConvertError(f"{path}: field 'hidden_act' is {conf['hidden_act']!r}; smdm's SwiGLU uses silu")
+    for name in ("attention_bias", "mlp_bias"):
+        if conf.get(name):
+            raise ConvertError(f"{path}: field {name!r} is true; smdm's block has no biases")
+    for field in ("rope_parameters", "rope_scaling"):  # transformers 5 / 4 names of the RoPE variant
+        rope = conf.get(field)
+        if rope is not None and not isinstance(rope, dict):
+            raise ConvertError(f"{path}: field {field!r} must be an object, got {rope!r}")
+        if (rope or {}).get("rope_type", (rope or {}).get("type", "default")) != "default":
+            raise ConvertError(f"{path}: field {field!r} is {rope!r}; smdm's RoPE is the default (unscaled) one")
+    rope_base = _field(conf.get("rope_parameters") or {}, "rope_theta", f"{path} (rope_parameters)", float,
+                       default=_field(conf, "rope_theta", path, float, default=10000.0))
+    d = _field(conf, "hidden_size", path)
+    n_head = _field(conf, "num_attention_heads", path)
+    n_kv = _field(conf, "num_key_value_heads", path, default=n_head)
+    head_dim = conf.get("head_dim")
+    if head_dim is not None and head_dim * n_head != d:
+        raise ConvertError(f"{path}: field 'head_dim' is {head_dim}; smdm's heads are hidden_size / "
+                           f"num_attention_heads = {d} / {n_head} wide")
+    if conf.get("tie_word_embeddings") and not causal:
+        raise ConvertError(f"{path}: field 'tie_word_embeddings' is true, but an MDM's head cannot share its "
+                           f"embedding (which has one more row, the mask token)")
+    vocab = _field(conf, "vocab_size", path)
+    if model_type == HF_MDM_TYPE:  # the mask token is the last id
+        mask_id = conf.get("mask_token_id")
+        if mask_id is not None and mask_id != vocab - 1:
+            raise ConvertError(f"{path}: field 'mask_token_id' is {mask_id}; smdm's MDM reads the mask as the last "
+                               f"id, vocab_size - 1 = {vocab - 1}")
+        vocab -= 1
+        if vocab < 1:
+            raise ConvertError(f"{path}: field 'vocab_size' must count at least one token and the mask")
+    elif shapes is not None:  # a Llama directory: the embedding's rows against the head's say which kind
+        rows = shapes.get("model.embed_tokens.weight", (None,))[0]
+        outputs = shapes.get("lm_head.weight", (None,))[0]
+        extra = rows is not None and outputs is not None and rows == outputs + 1
+        if causal and extra:
+            raise ConvertError(f"{path}: model.embed_tokens.weight has {rows} rows, lm_head.weight {outputs}: the "
+                               f"extra row of an MDM's mask token? (convert it with --mdm)")
+        if not causal:  # --mdm
+            if not extra:
+                raise ConvertError(f"{path}: --mdm needs an embedding with one more row than the head's outputs "
+                                   f"(the mask token, id vocab_size), but model.embed_tokens.weight has {rows} rows "
+                                   f"and lm_head.weight {outputs}: an autoregressive Llama (convert it without "
+                                   f"--mdm)")
+            if vocab not in (outputs, rows):
+                raise ConvertError(f"{path}: field 'vocab_size' is {vocab}, but lm_head.weight has {outputs} rows")
+            vocab = outputs
+    try:
+        return ModelConfig(n_layer=_field(conf, "num_hidden_layers", path), n_head=n_head, d_model=d,
+                           d_ff=_field(conf, "intermediate_size", path), vocab_size=vocab,
+                           n_kv_head=None if n_kv == n_head else n_kv,
+                           max_seq_len=_field(conf, "max_position_embeddings", path, default=2048), causal=causal,
+                           rope_base=rope_base, norm_eps=_field(conf, "rms_norm_eps", path, float, default=1e-6))
+    except ValueError as e:
+        raise ConvertError(f"{path}: {e}") from None
+
+
+def read_hf_weights(model_dir) -> tuple:
+    """(name -> tensor, name -> file) of a transformers directory: the shards of model.safetensors.index.json,
+    else model.safetensors, else every *.safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    weight_map = None
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConvertError(f"{index}: not a safetensors index (needs a 'weight_map' object of tensor name -> "
+                               f"file)") from None
+        names = sorted(set(weight_map.values()))
+    elif (model_dir / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    else:
+        names = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        if not names:
+            raise ConvertError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or *.safetensors "
+                               f"(for torch .bin weights: load them in transformers and save_pretrained first)")
+    state, files = {}, {}
+    for name in names:
+        path = model_dir / name
+        if not path.is_file():
+            raise ConvertError(f"{index}: its weight_map names {name}, which does not exist")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ConvertError(f"{path}: not a readable safetensors file ({e})") from None
+        for key, t in tensors.items():
+            if key in state:
+                raise ConvertError(f"{path}: tensor {key!r} is also in {files[key]}")
+            state[key], files[key] = t, str(path)
+    for key, name in (weight_map or {}).items():
+        if files.get(key) != str(model_dir / name):
+            raise ConvertError(f"{index}: its weight_map puts {key!r} in {name}, but "
+                               f"{'it is in ' + files[key] if key in files else 'no shard holds it'}")
+    return state, files
+
+
+def _hf_tokenizer_config(path: Path, cfg: ModelConfig, log) -> tuple:
+    """(tokenizer_config.json dict, eos id, bos id) for the checkpoint's tokenizer.json, which is copied as it
+    is. EOS and BOS are the tokens smdm's data pipeline finds (`smdm._core.Tokenizer`; the samplers' EOS names
+    when that finds none). The MDM's mask token: the mask id is vocab_size, one past the tokenizer's last token
+    when the tokenizer has exactly vocab_size tokens (the usual case: smdm's data sets vocab_size from it), so
+    tokenizer_config.json names `HF_MASK_TOKEN` as `mask_token` and transformers adds it as a special token with
+    that very id (tokenizer.mask_token_id == config.mask_token_id; "<|mdm_mask|>" in a text encodes to it). With
+    fewer tokens an added token would get a smaller id, so none is named (a note says so): the model still reads
+    config.json's mask_token_id."""
+    from tokenizers import Tokenizer
+
+    from smdm.sft import find_eos
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type for a bad file
+        raise ConvertError(f"{path}: not a tokenizer.json ({e})") from None
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > cfg.vocab_size:
+        raise ConvertError(f"{path}: {n} tokens, but the model has only {cfg.vocab_size} outputs")
+    try:
+        from smdm._core import Tokenizer as DataTokenizer
+
+        found = DataTokenizer.from_file(str(path))
+        eos, bos = found.eos_id, found.bos_id
+    except Exception:  # no EOS by the data pipeline's names (or no extension): the samplers' names
+        eos, bos = find_eos(tok), None
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+            "clean_up_tokenization_spaces": False}  # decode exactly as `tokenizers` does
+    for name, i in (("bos_token", bos), ("eos_token", eos)):
+        if i is not None:
+            conf[name] = tok.id_to_token(i)
+    if eos is None:
+        log(f"note: {path} has no EOS token by the usual names: tokenizer_config.json names none")
+    if not cfg.causal:
+        taken = tok.token_to_id(HF_MASK_TOKEN)
+        if n == cfg.vocab_size and taken is None:
+            conf["mask_token"] = HF_MASK_TOKEN
+        else:
+            why = (f"{HF_MASK_TOKEN} is already token {taken}" if taken is not None else
+                   f"it has {n} tokens, the mask id is {cfg.vocab_size}")
+            log(f"note: {path}: {why}, so the exported tokenizer names no mask token (put id {cfg.vocab_size}, "
+                f"config.json's mask_token_id, into input_ids)")
+    return conf, eos, bos
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, *, eos_id: Optional[int] = None,
+              bos_id: Optional[int] = None) -> dict:
+    """The config.json of `to-hf`: LlamaConfig's fields (what transformers 5 writes, plus `rope_theta` and
+    `torch_dtype`, the names transformers 4 reads, which 5 accepts); the MDM's has model_type "smdm",
+    `auto_map`, `mask_token_id` and the mask counted in vocab_size. bos/eos are written even when unknown (null):
+    absent, LlamaConfig would default them to Llama-2's 1 and 2."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    conf = {"architectures": [HF_ARM if cfg.causal else HF_MDM], "model_type": "llama" if cfg.causal else HF_MDM_TYPE,
+            "vocab_size": cfg.n_embed_rows, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+            "max_position_embeddings": cfg.max_seq_len,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base}, "rope_theta": cfg.rope_base,
+            "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "tie_word_embeddings": False,
+            "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None, "use_cache": cfg.causal,
+            "dtype": dtype_name, "torch_dtype": dtype_name}
+    if not cfg.causal:
+        conf.update(mask_token_id=cfg.mask_id, auto_map=dict(HF_AUTO_MAP))
+    return conf
+
+
+def _check_out_dir(out: Path, overwrite: bool, protect: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConvertError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    if out.resolve() == protect.resolve() or out.resolve() in protect.resolve().parents:
+        raise ConvertError(f"--out {out}: holds the checkpoint being converted")
+
+
+def _write_dir_atomic(out: Path, fill) -> None:
+    """`fill(tmp)` writes the files into a temporary dir next to `out`; every file and the dir are fsynced, the
+    dir is renamed to `out` (atomic on POSIX; an empty `out` is replaced by the rename) and the parent fsynced.
+    A non-empty `out` (--overwrite) is first renamed away, then deleted."""
+    import shutil
+
+    from smdm.data import fsync_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    tmp.mkdir()
+    moved = False
+    try:
+        fill(tmp)
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if out.is_dir() and any(out.iterdir()):
+            os.replace(out, old)
+            moved = True
+        os.replace(tmp, out)
+        moved = False  # the new dir is in place: the old one can go
+    except BaseException:
+        if moved:  # the new one did not take its place: put the old one back
+            os.replace(old, out)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
+
+
+def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, log=None) -> Path:
+    """Write an smdm checkpoint as a transformers directory `out` (see "Hugging Face transformers" above):
+    config.json, model.safetensors, tokenizer.json + tokenizer_config.json when the checkpoint has a tokenizer,
+    and the MDM's model code. Written whole into a temporary dir and renamed; an existing non-empty `out` is
+    replaced only with `overwrite`. `log(msg)` gets notes (default: stderr)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from smdm import checkpoint as ckpt
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    step_dir = ckpt.resolve(ckpt_path)
+    out = Path(out)
+    _check_out_dir(out, overwrite, step_dir)
+    ckpt.verify(step_dir)
+    try:
+        cfg = ModelConfig(**ckpt.read_config(step_dir)["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConvertError(f"{step_dir / 'config.json'}: bad model config ({e})") from None
+    state = to_hf(ckpt.load_weights(step_dir), cfg)
+    if DTYPES[dtype] is not None:
+        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    tok = step_dir / "tokenizer.json"
+    tok_conf, eos, bos = _hf_tokenizer_config(tok, cfg, log) if tok.is_file() else (None, None, None)
+    if tok_conf is None:
+        log(f"note: {step_dir} has no tokenizer.json: {out} has no tokenizer")
+    conf = hf_config(cfg, state["lm_head.weight"].dtype, eos_id=eos, bos_id=bos)
+    code = Path(__file__).resolve().parent / "hf"
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})  # transformers 4 refuses metadata without "format"
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        if tok_conf is not None:
+            shutil.copyfile(tok, tmp / "tokenizer.json")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_conf, indent=2) + "\n")
+        if not cfg.causal:
+            for name in HF_CODE:
+                shutil.copyfile(code / name, tmp / name)
+
+    _write_dir_atomic(out, fill)
+    return out
+
+
+def import_hf(model_dir, out, *, mdm: bool = False, dtype: str = "keep") -> Path:
+    """Write an smdm checkpoint `OUT/step-0/` from a transformers directory (an `export_hf` output, or a plain
+    LlamaForCausalLM: the ARM twin, or with `mdm` an MDM when its embedding has the extra mask row); its
+    tokenizer.json is copied along. Returns the step dir."""
+    from smdm import checkpoint as ckpt
+
+    model_dir = Path(model_dir)
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if ckpt.step_dirs(out):
+        raise ConvertError(f"{out} already holds checkpoints; choose an empty --out")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ConvertError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        conf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(conf, dict):
+        raise ConvertError(f"{path}: not a JSON object")
+    state, files = read_hf_weights(model_dir)
+    cfg = hf_model_config(conf, path, mdm=mdm, shapes={k: tuple(v.shape) for k, v in state.items()})
+    if cfg.causal and conf.get("tie_word_embeddings") and "lm_head.weight" not in state:
+        if "model.embed_tokens.weight" in state:  # tied: the head is the embedding
+            state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    weights = from_hf(state, cfg, source=str(model_dir), files=files)
+    if DTYPES[dtype] is not None:
+        weights = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
+    tokenizer = model_dir / "tokenizer.json"
+    if tokenizer.is_file():
+        _check_tokenizer(tokenizer, cfg, what="")
+    conf_out = {"model": cfg.to_dict(), "objective": "ar" if cfg.causal else "mdm",
+                "converted_from": {"path": str(model_dir.resolve()), "format": "hugging-face"}}
+    return ckpt.save(out, 0, model_state=weights, config=conf_out,
+                     train_state={"step": 0, "converted_from": str(model_dir.resolve())},
+                     tokenizer_path=tokenizer if tokenizer.is_file() else None)
+
+
 def register(parser: argparse.ArgumentParser, name: str = "convert") -> None:
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     p = sub.add_parser("from-litgpt", help="a lit-gpt / SMDM / TinyLlama weights file -> an smdm checkpoint")
@@ -405,6 +822,20 @@ def register(parser: argparse.ArgumentParser, name: str = "convert") -> None:
                    help="smdm: SMDM's / TinyLlama's code (fused QKV grouped per key/value head, xformers SwiGLU "
                         "w1/w2/w3); litgpt-grouped: litgpt <= 0.5.4 (grouped attn.attn, fc_1/fc_2/proj); litgpt: "
                         "litgpt >= 0.5.5 (attn.qkv, fc_1/fc_2/proj)")
+    p = sub.add_parser("to-hf", help="an smdm checkpoint -> a Hugging Face transformers directory (the ARM twin "
+                       "as LlamaForCausalLM, the MDM with its model code for trust_remote_code)")
+    p.add_argument("ckpt", help="run dir or step dir")
+    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty, or --overwrite)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p = sub.add_parser("from-hf", help="a Hugging Face transformers directory (to-hf's output, or a plain Llama) "
+                       "-> an smdm checkpoint")
+    p.add_argument("model_dir", help="directory with config.json and model.safetensors (or sharded, with "
+                   "model.safetensors.index.json)")
+    p.add_argument("--out", required=True, help="run dir for the checkpoint (OUT/step-0)")
+    p.add_argument("--mdm", action="store_true", help="a plain Llama dir holds an MDM: its embedding has one more "
+                   "row than the head's outputs, the mask token (id vocab_size)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
     parser.set_defaults(func=run)
 
 
@@ -412,14 +843,23 @@ def run(args) -> int:
     from smdm import checkpoint as ckpt
 
     try:
-        if args.direction == "from-litgpt":
-            step = import_litgpt(args.weights, args.out, tokenizer=args.tokenizer, config=args.config,
-                                 n_head=args.n_head, max_seq_len=args.max_seq_len, dtype=args.dtype)
+        if args.direction in ("from-litgpt", "from-hf"):
+            if args.direction == "from-litgpt":
+                step = import_litgpt(args.weights, args.out, tokenizer=args.tokenizer, config=args.config,
+                                     n_head=args.n_head, max_seq_len=args.max_seq_len, dtype=args.dtype)
+            else:
+                step = import_hf(args.model_dir, args.out, mdm=args.mdm, dtype=args.dtype)
             cfg = ModelConfig(**ckpt.read_config(step)["model"])
             kind = "autoregressive" if cfg.causal else "MDM"
             print(f"{step}: {kind}, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), width "
                   f"{cfg.d_model}, ffn {cfg.d_ff}, vocab {cfg.vocab_size}, "
                   f"{cfg.non_embedding_params() / 1e6:.1f}M non-embedding parameters")
+        elif args.direction == "to-hf":
+            out = export_hf(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
+            arm = json.loads((out / "config.json").read_text())["model_type"] == "llama"
+            how = ("AutoModelForCausalLM.from_pretrained(DIR)" if arm else
+                   "AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)")
+            print(f"{out}: {HF_ARM if arm else HF_MDM} (load with transformers' {how})")
         else:
             print(export_litgpt(args.ckpt, args.out, dtype=args.dtype, layout=args.layout))
     except (ConvertError, ckpt.CheckpointError) as e:
