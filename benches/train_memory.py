@@ -1,5 +1,6 @@
 # python benches/train_memory.py [--config 170M] [--seq-len 2048] [--batch 1] [--mask-rate 0.5] [--json OUT]
 # python benches/train_memory.py --activation-checkpointing [--repeats 3] [--steps 2]
+# python benches/train_memory.py --chunked-ce [--repeats 3] [--steps 2]
 """Peak CPU memory of one MDM training step (forward, backward, AdamW step) with the output head computed
 only at the masked rows (`smdm.diffusion.mdm_loss`, what the trainer runs) against the plain full-logits loss
 (head and cross-entropy over all B·L rows, weights 0 at unmasked tokens). Both compute the same loss value
@@ -14,12 +15,18 @@ same peak measure, and the step time. Timing: --repeats rounds alternate the two
 that load from other processes falls on both alike; each subprocess times --steps steps after the measured one
 (the same batch; the first step's time is kept too), as wall time and as the process's CPU time (with one
 thread, CPU time barely moves when other processes load the machine). Both must compute the same loss
-(exactly, on CPU)."""
+(exactly, on CPU).
+
+--chunked-ce compares the training losses' output head + cross-entropy computed through all rows' logits at once
+(`linear_cross_entropy_reference`, forced by SMDM_KERNELS=reference) with `smdm.linear_ce` (chunks of rows,
+gradients in the forward pass; what the trainer runs), for the MDM (masked rows) and the ARM twin (every row):
+the same peak measure and step times, rounds of the four subprocesses alternating; the losses must agree to 1e-5."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -31,23 +38,26 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-VARIANTS = {  # name -> (head at masked rows only, activation checkpointing)
-    "full_logits": (False, False), "masked_rows": (True, False), "masked_rows_ac": (True, True)}
+VARIANTS = {  # name -> (objective, head at masked rows only, activation checkpointing)
+    "full_logits": ("mdm", False, False), "masked_rows": ("mdm", True, False), "masked_rows_ac": ("mdm", True, True),
+    "ar": ("ar", True, False)}
 
 
 def one_variant(variant: str, config: str, seq_len: int, batch: int, mask_rate: float, steps: int = 1) -> dict:
     import torch
     import torch.nn.functional as F
-    from smdm.diffusion import mdm_loss
+    from smdm.diffusion import ar_loss, mdm_loss
     from smdm.model import build_model, config_by_name
 
     torch.manual_seed(0)
-    cfg = config_by_name(config, vocab_size=32000, max_seq_len=max(seq_len, 2048))
-    masked_rows, recompute = VARIANTS[variant]
+    objective, masked_rows, recompute = VARIANTS[variant]
+    cfg = config_by_name(config, vocab_size=32000, max_seq_len=max(seq_len, 2048) + 1, causal=objective == "ar")
     model = build_model(cfg, seed=0, activation_checkpointing=recompute)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
     def loss_fn(x0, mask, weight):
+        if objective == "ar":  # windows of L + 1 tokens
+            return ar_loss(model, torch.cat([x0, x0[:, :1]], dim=1))
         noisy = x0.masked_fill(mask, cfg.mask_id)
         if masked_rows:
             return mdm_loss(model, noisy, x0, mask, weight)
@@ -83,11 +93,14 @@ def one_variant(variant: str, config: str, seq_len: int, batch: int, mask_rate: 
             "seconds": seconds, "step_seconds": times, "step_cpu_seconds": cpu, "threads": torch.get_num_threads()}
 
 
-def run_child(a, variant: str, steps: int = 1) -> dict:
+def run_child(a, variant: str, steps: int = 1, plain_ce: bool = False) -> dict:
+    """One variant in a fresh subprocess; plain_ce: SMDM_KERNELS=reference, the losses through
+    `linear_cross_entropy_reference` (all rows' logits at once) instead of the chunked `linear_cross_entropy`."""
     cmd = [sys.executable, __file__, "--variant", variant, "--config", a.config, "--seq-len", str(a.seq_len),
            "--batch", str(a.batch), "--mask-rate", str(a.mask_rate), "--steps", str(steps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    env = {**os.environ, "SMDM_KERNELS": "reference" if plain_ce else os.environ.get("SMDM_KERNELS", "auto")}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return {**json.loads(out.strip().splitlines()[-1]), "ce": "plain" if plain_ce else "chunked"}
 
 
 def head_rows(a) -> list[dict]:
@@ -138,6 +151,34 @@ def checkpointing_rows(a) -> list[dict]:
     return rows
 
 
+def chunked_ce_rows(a) -> list[dict]:
+    """The training losses' head + CE through all rows' logits at once (plain) against `smdm.linear_ce` (chunked),
+    for the MDM (masked rows) and the ARM twin (every row): step peak and step time, alternating subprocesses."""
+    rows = []
+    for _ in range(a.repeats):
+        for variant in ("masked_rows", "ar"):
+            for plain in (True, False):
+                rows.append(run_child(a, variant, a.steps, plain_ce=plain))
+    print(f"one training step, {a.config}, batch {a.batch} x {a.seq_len}, vocab 32000, MDM mask rate {a.mask_rate}, "
+          f"CPU ({rows[0]['threads']} threads), {a.repeats} alternating subprocess rounds x {a.steps} steps; the "
+          f"head + CE through all rows' logits (plain) or smdm.linear_ce (chunked); peak RSS (ru_maxrss) in MiB")
+    print(f"{'objective':<10}{'CE':<9}{'step peak':>11}{'wall s (median)':>17}{'CPU s (median)':>16}{'loss':>10}")
+    summary = {}
+    for variant, name in (("masked_rows", "MDM"), ("ar", "ARM")):
+        for ce in ("plain", "chunked"):
+            rs = [r for r in rows if r["variant"] == variant and r["ce"] == ce]
+            peak = max(r["step_peak_mib"] for r in rs)
+            wall = statistics.median(t for r in rs for t in r["step_seconds"])
+            cpu = statistics.median(t for r in rs for t in r["step_cpu_seconds"])
+            summary[name, ce] = (peak, wall, cpu, rs[0]["loss"])
+            print(f"{name:<10}{ce:<9}{peak:>11.0f}{wall:>17.2f}{cpu:>16.2f}{rs[0]['loss']:>10.4f}")
+        (p0, w0, c0, l0), (p1, w1, c1, l1) = summary[name, "plain"], summary[name, "chunked"]
+        assert abs(l0 - l1) <= 1e-5 * abs(l0), (name, l0, l1)  # the same loss
+        print(f"{name}: chunked/plain step peak {p1:.0f}/{p0:.0f} MiB = {p1 / p0:.2f} (saves {p0 - p1:.0f} MiB); "
+              f"step time wall {w1 / w0:.2f}x, CPU {c1 / c0:.2f}x")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="170M")
@@ -146,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-rate", type=float, default=0.5)
     ap.add_argument("--activation-checkpointing", action="store_true",
                     help="compare the trainer's step without / with activation checkpointing (memory and time)")
+    ap.add_argument("--chunked-ce", action="store_true",
+                    help="compare the losses' head + CE through all rows' logits with smdm.linear_ce (MDM and ARM)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating subprocess pairs (with --activation-...)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per subprocess (with --activation-...)")
     ap.add_argument("--json", default=None)
@@ -154,7 +197,10 @@ def main(argv=None) -> int:
     if a.variant:
         print(json.dumps(one_variant(a.variant, a.config, a.seq_len, a.batch, a.mask_rate, a.steps)))
         return 0
-    rows = checkpointing_rows(a) if a.activation_checkpointing else head_rows(a)
+    if a.chunked_ce:
+        rows = chunked_ce_rows(a)
+    else:
+        rows = checkpointing_rows(a) if a.activation_checkpointing else head_rows(a)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

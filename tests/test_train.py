@@ -284,22 +284,28 @@ def test_bf16_autocast_trains_with_float32_master_weights(dataset, tmp_path, mon
     """The trainer's GPU precision path (bf16 autocast around forward and loss; float32 weights, gradients and
     AdamW state) run on CPU: Trainer._autocast is the one switch, so it is pointed at CPU bf16 autocast.
     Losses stay finite, validation improves (ARM by > 1 nat in 20 steps, measured 4.41 -> 1.57; the MDM's
-    ELBO moves slowly, measured 4.215 -> 4.135), the head really computes in bf16, and activation
+    ELBO moves slowly, measured 4.215 -> 4.135), the head really computes in bf16 (smdm.linear_ce's matmuls in
+    training, `model.head` in validation), and activation
     checkpointing under autocast (the recomputation re-enters the recorded autocast state) gives the
     identical losses."""
+    from smdm import linear_ce
     from smdm.train import Trainer
 
+    matmul_dtype = linear_ce._matmul_dtype
     monkeypatch.setattr(Trainer, "_autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
 
     def run(out, **kw):
         t = Trainer(cfg_for(dataset, out, objective=kind, max_steps=20, batch_size=8, lr=1e-2, **kw))
-        head_dtypes = set()
+        head_dtypes, loss_dtypes = set(), []  # validation's `model.head` calls; the training loss's matmuls
         t.model.head.register_forward_hook(lambda mod, args, out, seen=head_dtypes: seen.add(out.dtype))
+        monkeypatch.setattr(linear_ce, "_matmul_dtype",
+                            lambda h, w, seen=loss_dtypes: seen.append(matmul_dtype(h, w)) or seen[-1])
         try:
             t.fit()
         finally:
             t.dist.close()
-        assert head_dtypes == {torch.bfloat16}
+        assert head_dtypes <= {torch.bfloat16} and set(loss_dtypes) == {torch.bfloat16}
+        assert len(loss_dtypes) >= len([r for r in metrics(out) if "loss" in r])  # each step (ARM: validation too)
         assert {p.dtype for p in t.model.parameters()} == {torch.float32}
         assert {v.dtype for st in t.optimizer.state.values() for v in st.values()} == {torch.float32}
         return [r for r in metrics(out) if "loss" in r]

@@ -391,7 +391,8 @@ def forward_process(tokens, *, seed: int, step: int, sample_offset: int = 0, glo
 # ---- losses ----
 # Losses and likelihoods (DESIGN §4). The output head and the cross-entropy are computed only at the rows that
 # enter the loss (`model.head(h[mask])`): memory and FLOPs of the vocabulary projection scale with the masked
-# fraction instead of B·L.
+# fraction instead of B·L. The training losses are weighted sums of per-row CE: `smdm.linear_ce` computes them
+# in chunks of rows without holding the logits of all rows.
 import math as _math  # noqa: E402
 from dataclasses import dataclass as _dataclass  # noqa: E402
 
@@ -400,6 +401,7 @@ import torch as _torch  # noqa: E402
 import torch.nn.functional as _F  # noqa: E402
 
 from smdm import rng as _rng  # noqa: E402
+from smdm.linear_ce import linear_cross_entropy as _linear_ce  # noqa: E402
 
 
 def ce_dtype(logits):
@@ -422,8 +424,9 @@ def mdm_loss(model, noisy, x0, mask, weight, *, segment_ids=None, positions=None
 
     noisy, x0: (B, L) int64; mask: (B, L) bool; weight: (B, L) float = w(t') at masked tokens (from
     `forward_process`). A batch without a masked token gives an exact, finite zero (with a graph)."""
-    ce = _masked_ce(model, noisy, x0, mask, segment_ids=segment_ids, positions=positions)  # (M,)
-    return (ce * weight[mask].to(ce.dtype)).sum() / mask.numel()
+    h = model.hidden(noisy, segment_ids=segment_ids, positions=positions)  # (B, L, d)
+    rows = weight[mask].to(_torch.float64) / mask.numel()  # (M,)
+    return _linear_ce(h[mask], model.head.weight, x0[mask], rows)
 
 
 def sft_loss(model, noisy, x0, mask, weight, prompt_lens, *, positions=None):
@@ -434,11 +437,11 @@ def sft_loss(model, noisy, x0, mask, weight, prompt_lens, *, positions=None):
     prompt_lens: (B,) int. For standard CFG training `noisy` comes from `forward_process(...,
     prompt_lens=..., p_uncond=...)`, which replaces dropped prompts by masks: inputs only, never targets."""
     B, L = x0.shape
-    ce = _masked_ce(model, noisy, x0, mask, positions=positions)  # (M,)
+    h = model.hidden(noisy, positions=positions)  # (B, L, d)
     answer_len = (L - _torch.as_tensor(prompt_lens, device=x0.device)).clamp(min=1)  # (B,)
     row = _torch.arange(B, device=x0.device)[:, None].expand(B, L)[mask]  # (M,) the sequence of each row
-    per_row = ce * weight[mask].to(ce.dtype) / answer_len[row].to(ce.dtype)
-    return per_row.sum() / B
+    rows = weight[mask].to(_torch.float64) / answer_len[row].to(_torch.float64) / B  # (M,)
+    return _linear_ce(h[mask], model.head.weight, x0[mask], rows)
 
 
 def ar_loss(model, tokens, *, segment_ids=None):
@@ -447,8 +450,9 @@ def ar_loss(model, tokens, *, segment_ids=None):
     document is predicted from the EOS that closes the previous one, which sees only its own document)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     seg = None if segment_ids is None else segment_ids[:, :-1]
-    logits = model(inputs, segment_ids=seg)  # (B, L, V)
-    return _F.cross_entropy(ce_dtype(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    h = model.hidden(inputs, segment_ids=seg)  # (B, L, d)
+    rows = _torch.full((targets.numel(),), 1.0 / targets.numel(), dtype=_torch.float64, device=tokens.device)
+    return _linear_ce(h.reshape(-1, h.shape[-1]), model.head.weight, targets.reshape(-1), rows)
 
 
 @_dataclass

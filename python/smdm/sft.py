@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from smdm.data import EpochCursor, feistel_permute
 from smdm.diffusion import ce_dtype
+from smdm.linear_ce import linear_cross_entropy
 
 FORMATS = ("plain", "gsm8k")
 DEFAULT_FIELDS = {"plain": ("prompt", "response"), "gsm8k": ("question", "answer")}
@@ -281,6 +282,11 @@ def ar_sft_nll(model, tokens: torch.Tensor, prompt_lens, lengths) -> tuple[torch
 
 
 def ar_sft_loss(model, tokens: torch.Tensor, prompt_lens, lengths) -> torch.Tensor:
-    """ARM SFT loss: each sequence's CE sum over its targets divided by their number, mean over the batch."""
-    sums, n = ar_sft_nll(model, tokens, prompt_lens, lengths)
-    return (sums / n.clamp(min=1).to(sums.dtype)).mean()
+    """ARM SFT loss: each sequence's CE sum over its targets divided by their number, mean over the batch
+    (`ar_sft_nll`'s numbers; the head and CE chunked by `smdm.linear_ce`)."""
+    B, L = tokens.shape
+    tgt = ar_targets(tokens, prompt_lens, lengths)  # (B, L-1)
+    h = model.hidden(tokens[:, :-1])  # (B, L-1, d)
+    n = tgt.sum(1).clamp(min=1).to(torch.float64)  # (B,)
+    row = torch.arange(B, device=tokens.device)[:, None].expand(B, L - 1)[tgt]  # (M,) the row of each target
+    return linear_cross_entropy(h[tgt], model.head.weight, tokens[:, 1:][tgt], 1.0 / (n[row] * B))
