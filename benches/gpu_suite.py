@@ -1033,7 +1033,7 @@ class Suite:
         # a test; CI keeps them errors); this also drops the ini's filter naming pytest_benchmark's class, which
         # is a config error where pytest-benchmark is not installed
         cmd += ["-o", "filterwarnings=default\nignore::DeprecationWarning\nignore::pytest.PytestConfigWarning"]
-        cmd += ["tests/test_kernels.py", "tests/test_model.py"]
+        cmd += ["tests/test_kernels.py", "tests/test_model.py", "tests/test_linear_ce.py"]
         rc, timed_out, secs = _spawn(cmd, self.out / LOG_NAMES["tests"], env, limit, "tests")
         text = (self.out / LOG_NAMES["tests"]).read_text(errors="replace")
         text = text[text.rfind("##### tests"):]

@@ -191,3 +191,29 @@ def test_training_losses_equal_their_plain_form(name, monkeypatch):
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-14)
     for a, b in zip(fast_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_matches_the_plain_form_in_less_memory():
+    """On the GPU under bf16 autocast (the trainer's precision): as close to float64 as the plain form, and the
+    peak memory of forward + backward below the plain form's by at least the float32 logits of all rows."""
+    M, d, V = 8192, 1024, 32000
+    h, W, y, w = (t.detach().cuda() for t in inputs(M=M, d=d, V=V, dtype=torch.float32, seed=6))
+    w = w / M
+    exact = linear_cross_entropy_reference(h.double(), W.double(), y, w.double())
+
+    def run(fn):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(hh, WW, y, w)
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.detach().double(), torch.cuda.max_memory_allocated() - base
+
+    (fast, fast_peak), (plain, plain_peak) = run(linear_cross_entropy), run(linear_cross_entropy_reference)
+    assert (fast - exact).abs() <= 2 * (plain - exact).abs() + 1e-4 * exact.abs()
+    assert fast_peak + M * V * 4 <= plain_peak, (fast_peak, plain_peak)
