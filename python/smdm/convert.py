@@ -857,8 +857,9 @@ def run(args) -> int:
         elif args.direction == "to-hf":
             out = export_hf(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
             arm = json.loads((out / "config.json").read_text())["model_type"] == "llama"
-            how = ("AutoModelForCausalLM.from_pretrained(DIR)" if arm else
-                   "AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)")
+            how = ("AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR)" if arm else
+                   "AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True) and "
+                   "AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)")  # the tokenizer reads config.json
             print(f"{out}: {HF_ARM if arm else HF_MDM} (load with transformers' {how})")
         else:
             print(export_litgpt(args.ckpt, args.out, dtype=args.dtype, layout=args.layout))
