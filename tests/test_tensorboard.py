@@ -167,6 +167,42 @@ def test_events_are_on_disk_while_the_run_goes_on(dataset, tmp_path):
     assert [s for s, _ in scalars["train/loss"]][:2] == [1, 2]
 
 
+def test_the_writer_is_flushed_at_each_validation_and_before_each_checkpoint(dataset, tmp_path, monkeypatch):
+    """What is on disk at the moment it must be, read while the writer is still open (deterministic, unlike a
+    kill): right after a validation's metrics line, its events; when a checkpoint is written, every step's events
+    up to it. On a local disk tensorboard's writer thread appends each event to the file at once, so this holds
+    without the flush calls too (removing them is not caught here); they matter where its file system buffers
+    (remote storage, flush_secs = 120 s)."""
+    from smdm import train as train_mod
+
+    out = tmp_path / "run"
+    logdir = out / "tensorboard"
+    on_disk = {}  # what the event files hold at each moment: {(moment, step): {tag: steps}}
+
+    def snapshot(moment, step):
+        on_disk[moment, step] = {tag: [s for s, _ in v] for tag, v in read_scalars(logdir).items()}
+
+    real_log, real_save = train_mod.Trainer.log, train_mod.ckpt.save
+
+    def log(self, entry):
+        real_log(self, entry)
+        if entry.get("event") == "val":
+            snapshot("val", entry["step"])
+
+    def save(run_dir, step, **kw):
+        snapshot("save", step)
+        return real_save(run_dir, step, **kw)
+
+    monkeypatch.setattr(train_mod.Trainer, "log", log)
+    monkeypatch.setattr(train_mod.ckpt, "save", save)
+    train(cfg_for(dataset, out, max_steps=7, val_every=4, save_every=3, tensorboard=True))
+    assert sorted(on_disk) == [("save", 3), ("save", 6), ("save", 7), ("val", 0), ("val", 4), ("val", 7)]
+    assert on_disk["val", 0]["val/val_loss"] == [0]
+    assert on_disk["val", 4]["val/val_loss"] == [0, 4] and on_disk["val", 4]["train/loss"] == [1, 2, 3, 4]
+    assert on_disk["save", 3]["train/loss"] == [1, 2, 3]
+    assert on_disk["save", 6]["train/loss"] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_killed_run_resumes_without_doubling_back(dataset, tmp_path):
     """The events of every step a checkpoint holds are on disk (the writer is flushed before the checkpoint is
     written); the resume from it hides what the killed run logged after it, whatever step the kill came at."""
