@@ -94,7 +94,7 @@ PLAN = {
     "sampler": (35, 120, 30, 90),
     "attention": (35, 120, 30, 60),
     "generate": (60, 150, 45, 40),
-    "train": (75, 100, 30, 0),
+    "train": (80, 105, 30, 0),
     "sampler_compiled": (80, 200, 60, 0),
 }
 ORDER = ["build", "tests", "sampler", "attention", "generate", "train", "sampler_compiled"]
@@ -686,10 +686,19 @@ TRAIN_DOCS = 4  # documents per window of the document-masked measurements (boun
 
 
 def child_train(part: Part, ctx: dict) -> None:
-    """The unmasked steps, then the same steps on document-masked windows (what `smdm train` trains on):
+    """The unmasked steps, the same with the plain head + CE (smdm.linear_ce's baseline), then the same steps on
+    document-masked windows (what `smdm train` trains on):
     SDPA with the dense (B, 1, L, L) mask (its efficient backend) vs FlexAttention's block mask (compiled at
     the first warm-up step; flex last: its compile is the longest item and a late kill costs only it)."""
     part.item("steps", _bench_train, ctx, min_left=20)
+    # the baseline of smdm.linear_ce: the loss's head + CE through all masked rows' logits at once
+    part.item("steps, plain CE", _bench_train, ctx, plain_ce=True, min_left=20)
+    chunked, plain = part.data.get("steps"), part.data.get("steps, plain CE")
+    if all(isinstance(x, dict) and "tokens_per_s" in x for x in (chunked, plain)):
+        plain["chunked_ce_speedup"] = round(chunked["tokens_per_s"] / plain["tokens_per_s"], 3)
+        if chunked["peak_memory_GiB"] is not None and plain["peak_memory_GiB"] is not None:
+            plain["chunked_ce_saves_GiB"] = round(plain["peak_memory_GiB"] - chunked["peak_memory_GiB"], 1)
+        part.save()
     for impl in ("sdpa", "flex"):
         part.item(f"doc-masked {impl}", _bench_train, ctx, docs=TRAIN_DOCS, attention=impl,
                   min_left=45 if impl == "flex" else 20)
@@ -697,7 +706,7 @@ def child_train(part: Part, ctx: dict) -> None:
     if isinstance(sdpa, dict) and isinstance(flex, dict) and "tokens_per_s" in sdpa and "tokens_per_s" in flex:
         flex["speedup_vs_sdpa_masked"] = round(flex["tokens_per_s"] / sdpa["tokens_per_s"], 3)
         part.save()
-    for name in ("steps", "doc-masked sdpa", "doc-masked flex"):
+    for name in ("steps", "steps, plain CE", "doc-masked sdpa", "doc-masked flex"):
         r = part.data.get(name)
         if isinstance(r, dict) and "tokens_per_s" in r:
             log(f"train {name}: {r['tokens_per_s']} tok/s, MFU {r['mfu']}")
@@ -720,11 +729,26 @@ def _train_net(cfg):
     return _TRAIN_NET["net"], _TRAIN_NET["opt"], 0.0
 
 
-def _bench_train(ctx: dict, docs: int = 0, attention: str = "auto") -> dict:
+def _bench_train(ctx: dict, docs: int = 0, attention: str = "auto", plain_ce: bool = False) -> dict:
+    """`_train_steps`; plain_ce: with the losses' head + CE through all rows' logits at once
+    (`linear_cross_entropy_reference`) instead of the chunked `smdm.linear_ce` the trainer runs."""
+    from smdm import diffusion
+    from smdm.linear_ce import linear_cross_entropy_reference
+
+    chunked = diffusion._linear_ce
+    if plain_ce:
+        diffusion._linear_ce = linear_cross_entropy_reference
+    try:
+        return {**_train_steps(ctx, docs, attention), "loss_head_ce": "plain" if plain_ce else "smdm.linear_ce"}
+    finally:
+        diffusion._linear_ce = chunked
+
+
+def _train_steps(ctx: dict, docs: int, attention: str) -> dict:
     """Training steps of the MDM objective as `smdm train` runs them (forward process on the CPU, output head
-    and CE at masked rows only, bf16 autocast over fp32 master weights, fused AdamW, grad clipping); with
-    `docs`, packed windows of that many documents (segment ids, fresh boundaries each step) and
-    model.attention = `attention`. The smoke run's flex item runs the forward pass only: FlexAttention has no
+    and CE at masked rows only, in chunks by smdm.linear_ce, bf16 autocast over fp32 master weights, fused
+    AdamW, grad clipping); with `docs`, packed windows of that many documents (segment ids, fresh boundaries
+    each step) and model.attention = `attention`. The smoke run's flex item runs the forward pass only: FlexAttention has no
     CPU backward."""
     from smdm import diffusion
     from smdm import model as M
@@ -1226,6 +1250,10 @@ def print_table(r: dict) -> None:
             print(f"  {k:32s} {v['tokens_per_s']:9.0f} " + " ".join(f"{_fmt(x, f):>{w}s}" for x, f, w in cols))
         else:
             print(f"training {k}: {_short(v)}")
+    plain = tr.get("steps, plain CE") if isinstance(tr, dict) else None
+    if isinstance(plain, dict) and "chunked_ce_speedup" in plain:
+        print(f"  loss head + CE chunked (smdm.linear_ce) over plain: tokens/s x{plain['chunked_ce_speedup']}, "
+              f"peak memory {_fmt(plain.get('chunked_ce_saves_GiB'))} GiB less")
     if r.get("stopped"):
         print(f"(stopped early by {r['stopped']})")
     if r.get("smoke"):
