@@ -748,8 +748,8 @@ def _train_steps(ctx: dict, docs: int, attention: str) -> dict:
     """Training steps of the MDM objective as `smdm train` runs them (forward process on the CPU, output head
     and CE at masked rows only, in chunks by smdm.linear_ce, bf16 autocast over fp32 master weights, fused
     AdamW, grad clipping); with `docs`, packed windows of that many documents (segment ids, fresh boundaries
-    each step) and model.attention = `attention`. The smoke run's flex item runs the forward pass only: FlexAttention has no
-    CPU backward."""
+    each step) and model.attention = `attention`. The smoke run's flex item runs the forward pass only:
+    FlexAttention has no CPU backward."""
     from smdm import diffusion
     from smdm import model as M
 
