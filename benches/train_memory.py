@@ -1,6 +1,7 @@
 # python benches/train_memory.py [--config 170M] [--seq-len 2048] [--batch 1] [--mask-rate 0.5] [--json OUT]
 # python benches/train_memory.py --activation-checkpointing [--repeats 3] [--steps 2]
 # python benches/train_memory.py --chunked-ce [--repeats 3] [--steps 2]
+# python benches/train_memory.py --validation [--repeats 3] [--steps 2]
 """Peak CPU memory of one MDM training step (forward, backward, AdamW step) with the output head computed
 only at the masked rows (`smdm.diffusion.mdm_loss`, what the trainer runs) against the plain full-logits loss
 (head and cross-entropy over all B·L rows, weights 0 at unmasked tokens). Both compute the same loss value
@@ -20,7 +21,9 @@ thread, CPU time barely moves when other processes load the machine). Both must 
 --chunked-ce compares the training losses' output head + cross-entropy computed through all rows' logits at once
 (`linear_cross_entropy_reference`, forced by SMDM_KERNELS=reference) with `smdm.linear_ce` (chunks of rows,
 gradients in the forward pass; what the trainer runs), for the MDM (masked rows) and the ARM twin (every row):
-the same peak measure and step times, rounds of the four subprocesses alternating; the losses must agree to 1e-5."""
+the same peak measure and step times, rounds of the four subprocesses alternating; the losses must agree to 1e-5.
+--validation does the same for the trainer's validation ELBO (`elbo_nll` under no_grad, 2 samples per window):
+`cross_entropy_rows` against the per-row CE through all masked rows' logits."""
 
 from __future__ import annotations
 
@@ -40,13 +43,13 @@ def maxrss_mib() -> float:
 
 VARIANTS = {  # name -> (objective, head at masked rows only, activation checkpointing)
     "full_logits": ("mdm", False, False), "masked_rows": ("mdm", True, False), "masked_rows_ac": ("mdm", True, True),
-    "ar": ("ar", True, False)}
+    "ar": ("ar", True, False), "val": ("val", True, False)}  # val: the trainer's validation ELBO (no backward)
 
 
 def one_variant(variant: str, config: str, seq_len: int, batch: int, mask_rate: float, steps: int = 1) -> dict:
     import torch
     import torch.nn.functional as F
-    from smdm.diffusion import ar_loss, mdm_loss
+    from smdm.diffusion import ar_loss, elbo_nll, mdm_loss
     from smdm.model import build_model, config_by_name
 
     torch.manual_seed(0)
@@ -70,6 +73,8 @@ def one_variant(variant: str, config: str, seq_len: int, batch: int, mask_rate: 
         x0 = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
         mask = torch.rand(B, L, generator=g) < mask_rate
         weight = mask.float() / mask_rate
+        if objective == "val":  # 2 samples of each window in one forward pass, as validation batches them
+            return float(elbo_nll(model, x0, n_samples=2, max_rows=2 * B, seed=1).nll.mean())
         loss = loss_fn(x0, mask, weight)
         loss.backward()
         opt.step()
@@ -179,6 +184,24 @@ def chunked_ce_rows(a) -> list[dict]:
     return rows
 
 
+def validation_rows(a) -> list[dict]:
+    """The trainer's validation ELBO (`elbo_nll`, no_grad): the head + CE per row through all masked rows'
+    logits at once (plain) against `smdm.linear_ce.cross_entropy_rows` (chunked), alternating subprocesses."""
+    rows = [run_child(a, "val", a.steps, plain_ce=plain) for _ in range(a.repeats) for plain in (True, False)]
+    print(f"validation ELBO (2 samples x {a.batch} windows of {a.seq_len} in one forward pass), {a.config}, vocab "
+          f"32000, CPU ({rows[0]['threads']} threads); peak RSS (ru_maxrss) in MiB")
+    out = {}
+    for ce in ("plain", "chunked"):
+        rs = [r for r in rows if r["ce"] == ce]
+        out[ce] = (max(r["step_peak_mib"] for r in rs), statistics.median(t for r in rs for t in r["step_seconds"]),
+                   rs[0]["loss"])
+        print(f"{ce:<9}step peak {out[ce][0]:>7.0f}  wall s (median) {out[ce][1]:.2f}  ELBO {out[ce][2]:.5f}")
+    (p0, w0, l0), (p1, w1, l1) = out["plain"], out["chunked"]
+    assert abs(l0 - l1) <= 1e-5 * abs(l0), (l0, l1)
+    print(f"chunked/plain: step peak {p1 / p0:.2f} (saves {p0 - p1:.0f} MiB), wall {w1 / w0:.2f}x")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="170M")
@@ -189,6 +212,8 @@ def main(argv=None) -> int:
                     help="compare the trainer's step without / with activation checkpointing (memory and time)")
     ap.add_argument("--chunked-ce", action="store_true",
                     help="compare the losses' head + CE through all rows' logits with smdm.linear_ce (MDM and ARM)")
+    ap.add_argument("--validation", action="store_true",
+                    help="compare the validation ELBO's per-row CE through all rows' logits with the chunked one")
     ap.add_argument("--repeats", type=int, default=3, help="alternating subprocess pairs (with --activation-...)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per subprocess (with --activation-...)")
     ap.add_argument("--json", default=None)
@@ -197,7 +222,9 @@ def main(argv=None) -> int:
     if a.variant:
         print(json.dumps(one_variant(a.variant, a.config, a.seq_len, a.batch, a.mask_rate, a.steps)))
         return 0
-    if a.chunked_ce:
+    if a.validation:
+        rows = validation_rows(a)
+    elif a.chunked_ce:
         rows = chunked_ce_rows(a)
     else:
         rows = checkpointing_rows(a) if a.activation_checkpointing else head_rows(a)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from smdm import linear_ce
-from smdm.linear_ce import linear_cross_entropy, linear_cross_entropy_reference
+from smdm.linear_ce import cross_entropy_rows, linear_cross_entropy, linear_cross_entropy_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -136,6 +136,25 @@ def test_smdm_kernels_reference_forces_the_plain_form(monkeypatch):
     with LogitRows(1000) as mode:
         linear_cross_entropy(h, W, y, w, chunk_rows=50)
     assert mode.most == 400
+
+
+def test_cross_entropy_rows_is_the_plain_per_row_ce_chunk_by_chunk():
+    """Evaluation's per-row CE: each chunk is the plain computation (a GEMM's rows may round differently for
+    another row count, hence the float32 tolerance), and under no_grad one chunk's logits at a time."""
+    import torch.nn.functional as F
+
+    h, W, y, _ = (t.detach() if isinstance(t, torch.Tensor) else t for t in inputs(M=400, d=8, V=1000,
+                                                                                 dtype=torch.float32, seed=7))
+    plain = F.cross_entropy(F.linear(h, W), y, reduction="none")
+    with torch.no_grad(), LogitRows(1000) as mode:
+        rows = cross_entropy_rows(h, W, y, chunk_rows=64)
+    assert mode.most == 64 and rows.shape == (400,)
+    torch.testing.assert_close(rows, plain, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the matmul in bf16, CE in float32, as model.head
+        auto = cross_entropy_rows(h, W, y, chunk_rows=64)
+        ref = F.cross_entropy(F.linear(h, W).float(), y, reduction="none")
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, ref, rtol=1e-6, atol=1e-6)
 
 
 # ---- the training losses on it ----

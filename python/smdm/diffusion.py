@@ -398,9 +398,9 @@ from dataclasses import dataclass as _dataclass  # noqa: E402
 
 import numpy as _np  # noqa: E402
 import torch as _torch  # noqa: E402
-import torch.nn.functional as _F  # noqa: E402
 
 from smdm import rng as _rng  # noqa: E402
+from smdm.linear_ce import cross_entropy_rows as _ce_rows  # noqa: E402
 from smdm.linear_ce import linear_cross_entropy as _linear_ce  # noqa: E402
 
 
@@ -412,8 +412,7 @@ def ce_dtype(logits):
 def _masked_ce(model, noisy, x0, mask, *, segment_ids=None, positions=None):
     """Cross-entropy (at least float32) at the masked rows only, in row-major order of `mask`: (M,)."""
     h = model.hidden(noisy, segment_ids=segment_ids, positions=positions)  # (B, L, d)
-    logits = model.head(h[mask])  # (M, V): the head runs on masked rows only
-    return _F.cross_entropy(ce_dtype(logits), x0[mask], reduction="none")  # (M,)
+    return _ce_rows(h[mask], model.head.weight, x0[mask])  # (M,): the head on masked rows only, in chunks
 
 
 def mdm_loss(model, noisy, x0, mask, weight, *, segment_ids=None, positions=None):

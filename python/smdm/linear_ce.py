@@ -109,3 +109,22 @@ def linear_cross_entropy(h, weight, targets, row_weights, *, chunk_rows: int | N
     dtype = _matmul_dtype(h, weight)
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, targets, row_weights, chunk_rows, dtype)
+
+
+def cross_entropy_rows(h, weight, targets, *, chunk_rows: int | None = None):
+    """Per-row CE(h_i W^T, y_i), (M,) in at least float32, for evaluation: `chunk_rows` rows at a time (default as
+    `linear_cross_entropy`), each chunk exactly `F.cross_entropy(F.linear(h, W) upcast, y, reduction="none")` (so
+    under autocast the matmul runs in its dtype, as `model.head` does). Under no_grad it never holds more than one
+    chunk's logits (with grad, autograd would keep every chunk's: use `linear_cross_entropy` for training)."""
+    if chunk_rows is None:
+        chunk_rows = max(1, LOGITS_BYTES // (4 * weight.shape[0]))
+
+    def ce(hc, yc):
+        logits = F.linear(hc, weight)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), yc, reduction="none")
+
+    M = h.shape[0]
+    if M <= chunk_rows or os.environ.get("SMDM_KERNELS", "").strip().lower() == "reference":
+        return ce(h, targets)
+    return torch.cat([ce(h[s:s + chunk_rows], targets[s:s + chunk_rows]) for s in range(0, M, chunk_rows)])
+

@@ -32,11 +32,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from smdm.data import EpochCursor, feistel_permute
-from smdm.diffusion import ce_dtype
-from smdm.linear_ce import linear_cross_entropy
+from smdm.linear_ce import cross_entropy_rows, linear_cross_entropy
 
 FORMATS = ("plain", "gsm8k")
 DEFAULT_FIELDS = {"plain": ("prompt", "response"), "gsm8k": ("question", "answer")}
@@ -275,7 +273,7 @@ def ar_sft_nll(model, tokens: torch.Tensor, prompt_lens, lengths) -> tuple[torch
     B, L = tokens.shape
     tgt = ar_targets(tokens, prompt_lens, lengths)  # (B, L-1)
     h = model.hidden(tokens[:, :-1])  # (B, L-1, d)
-    ce = F.cross_entropy(ce_dtype(model.head(h[tgt])), tokens[:, 1:][tgt], reduction="none")  # (M,)
+    ce = cross_entropy_rows(h[tgt], model.head.weight, tokens[:, 1:][tgt])  # (M,)
     row = torch.arange(B, device=tokens.device)[:, None].expand(B, L - 1)[tgt]  # (M,) the row of each target
     sums = torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(0, row, ce)  # (B,)
     return sums, tgt.sum(1)
