@@ -83,6 +83,18 @@ class LogitRows(TorchDispatchMode):
         return out
 
 
+class MatmulCount(TorchDispatchMode):
+    """How many matrix products run while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+        return func(*args, **(kwargs or {}))
+
+
 def test_never_makes_all_rows_logits():
     M, d, V, chunk = 400, 8, 1000, 50
     h, W, y, w = inputs(M=M, d=d, V=V, dtype=torch.float32)
@@ -112,9 +124,12 @@ def test_without_rows_or_without_grad():
     loss.backward()
     assert h.grad.shape == (0, 16) and W.grad.abs().max() == 0 and torch.isfinite(W.grad).all()
     h, W, y, w = inputs(seed=4)
-    with torch.no_grad():
+    with torch.no_grad(), MatmulCount() as mode:  # no gradients prepared: one matmul per chunk, the logits
         loss = linear_cross_entropy(h, W, y, w, chunk_rows=4)
-    assert not loss.requires_grad
+    assert not loss.requires_grad and mode.n == 10
+    with MatmulCount() as mode:  # with grad mode also those of h's and W's gradients
+        linear_cross_entropy(h, W, y, w, chunk_rows=4)
+    assert mode.n == 30
     torch.testing.assert_close(loss, linear_cross_entropy_reference(h, W, y, w).detach(), rtol=1e-12, atol=0)
 
 

@@ -46,10 +46,11 @@ def _matmul_dtype(h, weight):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, row_weights, chunk_rows: int, dtype: torch.dtype):
+    def forward(ctx, h, weight, targets, row_weights, chunk_rows: int, dtype: torch.dtype, grad_mode: bool):
         M = h.shape[0]
         acc = torch.promote_types(dtype, torch.float32)  # softmax, loss and the sum of W's gradient
-        need_h, need_w, _, need_rw = ctx.needs_input_grad[:4]
+        # needs_input_grad says True under no_grad too: without grad mode there is no backward to prepare
+        need_h, need_w, _, need_rw = (grad_mode and n for n in ctx.needs_input_grad[:4])
         w_mm = weight.to(dtype)
         rw = row_weights.to(acc)
         grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
@@ -86,7 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
         gw = None if grad_w is None else (grad_w * grad_out).to(w_dtype)
         grw = None if ce_all is None else (ce_all * grad_out).to(rw_dtype)
-        return gh, gw, None, grw, None, None
+        return gh, gw, None, grw, None, None, None
 
 
 def linear_cross_entropy(h, weight, targets, row_weights, *, chunk_rows: int | None = None):
@@ -108,7 +109,7 @@ def linear_cross_entropy(h, weight, targets, row_weights, *, chunk_rows: int | N
         return linear_cross_entropy_reference(h, weight, targets, row_weights)
     dtype = _matmul_dtype(h, weight)
     with torch.autocast(h.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, targets, row_weights, chunk_rows, dtype)
+        return _LinearCrossEntropy.apply(h, weight, targets, row_weights, chunk_rows, dtype, torch.is_grad_enabled())
 
 
 def cross_entropy_rows(h, weight, targets, *, chunk_rows: int | None = None):
