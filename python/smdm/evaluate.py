@@ -713,10 +713,10 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
                  seed: int = 0, batch_size: int = 8, doc_mask: bool = True, split: str = "val") -> dict:
     """NLL per token of tokens 1..L of each window of L + 1 tokens given token 0 (module docstring)."""
     import torch
-    import torch.nn.functional as F
 
     from smdm.data import PackedDataset
-    from smdm.diffusion import ce_dtype, elbo_nll
+    from smdm.diffusion import elbo_nll
+    from smdm.linear_ce import cross_entropy_rows
 
     conf = model.config
     if seq_len + 1 > conf.max_seq_len + (1 if conf.causal else 0):
@@ -739,8 +739,10 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
             x = torch.cat([b["input_ids"] for b in got]).to(device)  # (B, L+1)
             seg = torch.cat([b["segment_ids"] for b in got]).to(device) if doc_mask else None
             if conf.causal:
-                logits = model(x[:, :-1], segment_ids=None if seg is None else seg[:, :-1])  # (B, L, V)
-                nll += float(F.cross_entropy(ce_dtype(logits).transpose(1, 2), x[:, 1:], reduction="sum"))
+                h = model.hidden(x[:, :-1], segment_ids=None if seg is None else seg[:, :-1])  # (B, L, d)
+                # per-row CE in chunks of rows: never every position's logits at once (B·L·V floats)
+                ce = cross_entropy_rows(h.reshape(-1, h.shape[-1]), model.head.weight, x[:, 1:].reshape(-1))
+                nll += float(ce.double().sum())
             else:  # row ids = window ids: the estimate of a window does not depend on the batching
                 rows = torch.cat([b["index"] for b in got]).numpy()
                 est = elbo_nll(model, x, prompt_lens=[1] * len(x), segment_ids=seg, n_samples=n_samples,
