@@ -428,6 +428,27 @@ def test_data_dir_without_manifest(tmp_path, capsys):
     assert "missing" in err
 
 
+def test_corrupt_or_too_small_data_is_a_clear_error(dataset, tmp_path, capsys):
+    import shutil
+
+    base = ["--config", "tiny", "--max-steps", "2", "--batch-size", "4", "--seq-len", "32", "--out"]
+    bad = tmp_path / "bad"
+    shutil.copytree(dataset, bad)
+    shard = bad / "train" / "shard_00000.smdm"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    err = cli_error(capsys, [*base, str(tmp_path / "r1"), "--data", str(bad)])
+    assert "training split" in err and str(shard) in err and "checksum" in err
+    # a val split too small for one validation batch (`smdm prepare` of a few documents): named, with the ways out
+    small = make_dataset(tmp_path / "small", n_docs=(300, 1))
+    err = cli_error(capsys, [*base, str(tmp_path / "r2"), "--data", str(small)])
+    assert "validation split" in err and "cannot fill one batch" in err and "--val-every 0" in err
+    from smdm.cli import main
+
+    assert main(["train", *base, str(tmp_path / "r3"), "--data", str(small), "--val-every", "0"]) == 0
+
+
 def test_vocab_mismatch(dataset, tmp_path, capsys):
     err = cli_error(capsys, ["--config", "tiny", "--data", str(dataset), "--out", str(tmp_path / "r"),
                              "--vocab-size", "100"])

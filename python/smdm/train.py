@@ -568,14 +568,31 @@ class Trainer:
                 print(f"data: {self.manifest.num_tokens:,} tokens: shard headers and sizes checked at start, token "
                       f"ids per batch (--verify-data full checks every byte; `smdm data verify` once does it too)",
                       flush=True)
-            self.dataset = PackedDataset(self.train_dir, cfg.seq_len, self.micro, extra_token=self.kind == "ar",
-                                         seed=cfg.seed, rank=d.rank, world_size=d.world, verify=self.verify_full)
+            from smdm.errors import SmdmFormatError
+
+            # A corrupt shard (SmdmFormatError / SmdmIOError) or too little data for one batch is the user's
+            # input error: a TrainError naming the directory, not a traceback.
+            try:
+                self.dataset = PackedDataset(self.train_dir, cfg.seq_len, self.micro, extra_token=self.kind == "ar",
+                                             seed=cfg.seed, rank=d.rank, world_size=d.world,
+                                             verify=self.verify_full)
+            except (ValueError, OSError) as e:
+                raise TrainError(f"--data {cfg.data or DEMO_DATA}: training split: {e}") from None
             if self.val_dir is not None:
                 # Every rank reads the same global validation batches and evaluates its own rows of them, so the
                 # validation set (and the ELBO's draws, keyed by window id) is the same for any world size.
-                self.val_dataset = PackedDataset(self.val_dir, cfg.seq_len, self.micro * d.world,
-                                                 extra_token=self.kind == "ar", seed=cfg.seed, shuffle=False,
-                                                 verify=self.verify_full)
+                try:
+                    self.val_dataset = PackedDataset(self.val_dir, cfg.seq_len, self.micro * d.world,
+                                                     extra_token=self.kind == "ar", seed=cfg.seed, shuffle=False,
+                                                     verify=self.verify_full)
+                except (ValueError, OSError) as e:
+                    if isinstance(e, (SmdmFormatError, OSError)):  # a corrupt or unreadable val shard
+                        raise TrainError(f"--data {cfg.data or DEMO_DATA}: validation split: {e}") from None
+                    if cfg.val_every != 0:  # too small for one batch: fatal only when the run validates
+                        raise TrainError(
+                            f"--data {cfg.data or DEMO_DATA}: validation split: {e} (validation needs one batch "
+                            f"of windows: `smdm prepare` with a larger --val-fraction, a smaller --batch-size / "
+                            f"--seq-len, or --val-every 0 to train without validation)") from None
         if state is not None:
             self.dataset.load_state_dict(state["data"])
         self.deadline: Optional[TimeBudget] = None  # set when the time budget decides the steps
