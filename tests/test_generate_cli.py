@@ -200,6 +200,19 @@ def test_missing_checkpoint_is_an_error_not_a_traceback(capsys, tmp_path):
     assert rc == 2 and "incomplete" in err
 
 
+def test_bad_device_is_an_error_not_a_traceback(capsys, ckpts, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt", "the", "--device", "cuda")
+    assert rc == 2 and "device 'cuda': CUDA is not available" in err and "Traceback" not in err
+    rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--ids", "1 _", "--device", "gpu")
+    assert rc == 2 and "device 'gpu'" in err
+    with pytest.raises(ValueError, match="device 'cuda:0': CUDA is not available"):
+        checkpoint.load(ckpts["ar"], device="cuda:0")
+    assert next(checkpoint.load(ckpts["ar"], device="auto")[0].parameters()).device.type == "cpu"
+
+
 def test_malformed_or_oversized_holes_and_ids_without_holes(capsys, ckpts, tmp_path):
     tok = _tokenizer(tmp_path / "t.json")
     for text in ("the <|mask: 3|> mat", "the <|mask:3> mat <|mask|>", "the <|mask:|> cat <|mask|>",

@@ -239,6 +239,14 @@ def load(path, device=None, *, check: bool = True):
     (`tokenizers.Tokenizer`) when the checkpoint has one. `check` verifies the sha256 of every file."""
     from smdm.model import ModelConfig, Transformer
 
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:  # a bad --device is the user's error: a ValueError naming it, not torch's or safetensors' traceback
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {str(device)!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available here (use cpu)")
     step_dir = resolve(path)
     if check:
         verify(step_dir)
@@ -247,8 +255,6 @@ def load(path, device=None, *, check: bool = True):
         config = ModelConfig(**cfg["model"])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{step_dir / 'config.json'}: bad model config ({e})") from None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device("meta"):
         model = Transformer(config)
     state = load_weights(step_dir, device)
