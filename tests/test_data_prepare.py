@@ -354,6 +354,26 @@ def test_cli_prepare_verify_inspect(tmp_path, tiny_jsonl, capsys):
     assert "hash" in capsys.readouterr().err
 
 
+def test_cli_prepare_notes_an_empty_val_split_and_inspect_survives_a_closed_pipe(tmp_path, tiny_jsonl, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "noval"
+    assert smdm_main(["prepare", str(tiny_jsonl), "--out", str(out), "--vocab-size", "280",
+                      "--val-fraction", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"{out}/val is empty" in err and "--val-every 0" in err
+    # `smdm data inspect DIR | head -1`: no BrokenPipeError traceback when the reader has left (unbuffered, so
+    # the first print inside the command meets the closed pipe)
+    code = "import sys; from smdm.cli import main; sys.exit(main())"
+    p = subprocess.Popen([sys.executable, "-u", "-c", code, "data", "inspect", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    err = p.stderr.read()
+    p.stderr.close()
+    assert p.wait() == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_inspect_with_an_unreadable_tokenizer_fails_naming_it(tmp_path, prepared, capsys):
     """`smdm data inspect` decodes a sample with the dataset's tokenizer.json: a corrupt one used to escape
     as the `tokenizers` package's bare Exception (a traceback) instead of an error naming the file."""

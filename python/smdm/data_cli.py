@@ -482,6 +482,11 @@ def _cmd_prepare(args) -> int:
             f"{args.out}/{s}: {r['num_tokens']:,} tokens, {r['num_docs']:,} documents, {r['shards']} shards"
         )
     print(f"vocab_size {summary['vocab_size']}, eos_id {summary['eos_id']}, {summary['seconds']} s")
+    if summary["val"]["num_docs"] == 0:
+        docs = summary["train"]["num_docs"]
+        print(f"note: {args.out}/val is empty (--val-fraction {args.val_fraction} of {docs:,} documents): "
+              f"`smdm train --data {args.out}` validates on it, so raise --val-fraction, or train with "
+              f"--val-every 0", file=sys.stderr)
     return 0
 
 
@@ -542,7 +547,9 @@ def _cmd_inspect(args) -> int:
 
 def register(parser, name: str) -> None:
     if name == "prepare":
-        parser.description = __doc__.split("\n\n")[0]
+        parser.description = ("text -> tokenizer -> shards: `.txt` / `.jsonl` / `.parquet` files (or dirs of "
+                              "them; no INPUT: the built-in stdlib corpus) into OUT/train, OUT/val and "
+                              "OUT/tokenizer.json")
         parser.add_argument("inputs", nargs="*", metavar="INPUT", help=".txt/.jsonl/.parquet files or dirs")
         parser.add_argument("--out", required=True, help="output directory")
         g = parser.add_mutually_exclusive_group()
