@@ -725,6 +725,32 @@ def test_time_budget_is_a_deadline_when_steps_get_slower(dataset, tmp_path, monk
     assert state["schedule"]["max_steps"] == t.max_steps
 
 
+def test_time_budget_grows_the_plan_when_steps_are_faster(dataset, tmp_path):
+    """The timed step can run slower than the real ones (a cold machine: the demo's 60 s budget ended after 36 s).
+    In the first half of the run the plan grows to fill the budget, and the cosine still ends at the new last step.
+    Here the timing says 50 ms, a real step takes a few: the run goes well past its first plan."""
+    from smdm.train import Trainer
+
+    budget = 4.0
+    orig = Trainer._time_one_step
+    Trainer._time_one_step = lambda self: 0.05
+    try:
+        t0 = time.perf_counter()
+        t = train(cfg_for(dataset, tmp_path / "run", max_steps=None, time_budget=budget, val_every=10))
+        took = time.perf_counter() - t0
+    finally:
+        Trainer._time_one_step = orig
+    planned = t.deadline.planned
+    rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert t.max_steps > 1.5 * planned, (planned, t.max_steps)
+    assert [r["step"] for r in rows] == list(range(1, t.max_steps + 1)) and t.step == t.max_steps
+    assert took < budget + 20, took
+    assert rows[-1]["lr"] <= 0.2 * t.peak_lr, (rows[-1]["lr"], t.peak_lr)  # the cosine ran to (near) its end
+    assert t.warmup < planned  # the warmup of the first plan was kept, not stretched
+    state = ckpt.load_train_state(ckpt.latest(tmp_path / "run"))
+    assert state["schedule"]["max_steps"] == t.max_steps
+
+
 def test_resume_at_or_past_the_end_says_nothing_was_trained(dataset, tmp_path, capsys):
     """--resume of a run already at --max-steps / --stop-after (or past it) trains nothing and says so, exit 0,
     checkpoint and metrics untouched (before: exit 0 in silence)."""

@@ -378,8 +378,10 @@ class TimeBudget:
     """--time-budget as a deadline, not only a step count. The step count planned from one timed step before the
     run is re-planned after every step from the median of the recent steps (and the last validation's time), so a
     machine that gets loaded (or faster) after the timing moves the end of the run instead of overshooting the
-    budget. The plan never grows past the first one; it shrinks by more than 1% of its steps (or to stop at once)
-    and grows by more than 5%, so the noise of the step times does not move it back and forth."""
+    budget. It shrinks by more than 1% of its steps (or to stop at once) at any time; it grows by more than 5%
+    (the timed step ran slower than the real ones: a cold machine, the first passes' allocations) only in the first
+    half of the run, while the cosine's learning rate is still near its peak, so a late re-plan never sends a nearly
+    annealed learning rate back up. The margins keep the noise of the step times from moving it back and forth."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -401,8 +403,10 @@ class TimeBudget:
             return max_steps
         st, vt = self.step_time(), self.val_time if val_every else 0.0
         fits = math.floor((self.left() - vt) / (st + vt / max(val_every, 1)))  # the last step validates too
-        new = min(self.planned, step + max(0, fits))
-        if new <= step or new < max_steps - max(1, 0.01 * max_steps) or new > max_steps + max(1, 0.05 * max_steps):
+        new = step + max(0, fits)
+        if new <= step or new < max_steps - max(1, 0.01 * max_steps):
+            return new
+        if new > max_steps + max(1, 0.05 * max_steps) and 2 * step <= max_steps:
             return new
         return max_steps
 
@@ -743,7 +747,7 @@ class Trainer:
             self.deadline.planned = steps
             if self.dist.rank == 0:
                 print(f"--time-budget {budget:g} s: {steps} steps (re-planned as the run goes if its steps turn out "
-                      f"slower)", flush=True)
+                      f"slower or faster)", flush=True)
         if steps < 1:
             raise TrainError(f"the run has {steps} steps (--max-steps / --flops too small)")
         return steps
@@ -1135,8 +1139,8 @@ class Trainer:
         the new plan allows ends at once). Returns the new stop step."""
         old = self.max_steps
         self.max_steps = new_max
-        if self.cfg.warmup is None:
-            self.warmup = max(warmup_steps(self.cfg, new_max), min(self.warmup, self.step))
+        if self.cfg.warmup is None and new_max < old:  # a re-plan never lengthens the warmup: its rise is not redone
+            self.warmup = min(self.warmup, max(warmup_steps(self.cfg, new_max), min(self.warmup, self.step)))
         stop_at = self._stop_step()
         bar.total = stop_at
         said = self.deadline.said
@@ -1191,7 +1195,10 @@ class Trainer:
             if self.tensorboard_dir is not None and d.rank == 0:
                 self._open_tensorboard()
             if self.step == 0 and self.val_every:
+                t_val = time.perf_counter()
                 last_val = self.validate()
+                if self.deadline is not None:
+                    self.deadline.val_time = time.perf_counter() - t_val
                 if last_val:
                     self.log(last_val)
             while self.step < stop_at:
