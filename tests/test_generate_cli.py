@@ -80,6 +80,21 @@ def test_generate_ids_and_arm(capsys, ckpts):
     assert rc == 0 and len(res["tokens"][0]) == 6 and res["forward_passes"] == 6
 
 
+def test_arm_names_the_mdm_only_options_it_does_not_use(capsys, ckpts):
+    """The ARM twin decodes left to right: --steps / --sampler / --block-length given for it were silently unused.
+    A note names them (the tokens are the ones without them); with no such option there is no note."""
+    base = ["generate", "--ckpt", str(ckpts["ar"]), "--prompt-ids", "1 2", "--gen-length", "4", "--json"]
+    rc, plain, err = run(capsys, *base)
+    assert rc == 0 and "note" not in err, err
+    rc, out, err = run(capsys, *base, "--steps", "2", "--sampler", "ancestral", "--block-length", "2")
+    assert rc == 0, err
+    assert "--steps 2, --sampler ancestral, --block-length 2 apply to the MDM only" in err, err
+    assert json.loads(out)["tokens"] == json.loads(plain)["tokens"]
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt-ids", "1 2", "--gen-length", "4",
+                     "--steps", "2", "--sampler", "ancestral", "--json")
+    assert rc == 0 and "note" not in err, err
+
+
 def test_generate_dual_cache_is_the_library_call(capsys, ckpts):
     """--cache dual: the tokens of smdm.generate(cache="dual"); the ARM twin refuses it by name."""
     import smdm

@@ -250,6 +250,8 @@ def main(args, name: str = "generate") -> int:
                 rows = [parse_ids(t, mask_id) for t in args.ids]
                 if any(mask_id not in r for r in rows):
                     raise ValueError("--ids has no masked position: mark the positions to fill with '_'")
+        if cfg.causal:
+            _note_mdm_only(args)
         n = args.num_samples  # rows: input 0's samples, then input 1's, ...
         rows = [r for r in rows for _ in range(n)]
         opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
@@ -283,6 +285,18 @@ def main(args, name: str = "generate") -> int:
         print(f"[{out.generated_tokens} tokens, {out.forward_passes} forward passes, {seconds:.2f} s]",
               file=sys.stderr)
     return 0
+
+
+def _note_mdm_only(args) -> None:
+    """The ARM twin decodes left to right, one token per forward pass: the MDM sampler's options given for it are
+    unused. A note on stderr says which (not an error: one command line can run an MDM and its ARM twin)."""
+    unused = [f"--{k.replace('_', '-')} {v}" for k, v, default in [
+        ("steps", args.steps, None), ("sampler", args.sampler, "low_confidence"),
+        ("block_length", args.block_length, None), ("threshold", args.threshold, None),
+        ("confidence", args.confidence, "prob"), ("schedule", args.schedule, None)] if v != default]
+    if unused:
+        print(f"smdm generate: note: the checkpoint is an autoregressive model (left to right, one token per "
+              f"forward pass): {', '.join(unused)} apply to the MDM only and are unused", file=sys.stderr)
 
 
 def _drawer(tokenizer, mask_id):
