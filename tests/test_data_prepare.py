@@ -124,6 +124,12 @@ def test_litpkds_output_is_byte_exact_to_lit_gpt(tmp_path, tiny_jsonl, prepared,
         assert (ref / n).read_bytes() == (out / "train" / n).read_bytes(), n
     ds = D.PackedDataset(out, 64, 2, epochs=1)
     assert ds.manifest.format == "litpkds" and len(list(ds)) == len(ds)
+    # the counts: documents are the documents (not the padding's EOS tokens); the padding is said apart
+    m = D.load_manifest(out / "train")
+    real = sum(d.size for d in docs)
+    assert m.num_docs == len(docs) == sum(s.num_docs for s in m.shards)
+    assert [s.padding for s in m.shards] == [0] * (len(m.shards) - 1) + [m.num_tokens - real]
+    assert m.shards[-1].padding > 0
 
 
 def test_jsonl_errors_name_file_and_line(tmp_path, prepared):

@@ -458,6 +458,7 @@ class ShardEntry:
     num_docs: int  # documents (LITPKDS: EOS tokens)
     bytes: int  # file size
     crc32: int  # CRC-32 of the whole file
+    padding: int = 0  # LITPKDS written by `smdm prepare`: EOS tokens filling the last chunk (in num_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -552,6 +553,7 @@ def load_manifest(dataset_dir: PathLike) -> Manifest:
                 num_docs=field(s, "num_docs", int, where),
                 bytes=field(s, "bytes", int, where),
                 crc32=field(s, "crc32", int, where),
+                padding=field(s, "padding", int, where) if "padding" in s else 0,
             )
         )
     total = sum(s.num_tokens for s in shards)

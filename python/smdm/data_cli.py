@@ -120,14 +120,16 @@ class _Sink:
             entry.update(bytes=info["file_bytes"], crc32=info["file_crc32"])
         else:
             name = f"{self.root.name}_{k:010d}.bin"  # lit-gpt's `{prefix}_{counter:010d}.bin`
-            if stream.size < self.shard_tokens:  # lit-gpt pads the last chunk with its separator token
-                stream = np.concatenate(
-                    [stream, np.full(self.shard_tokens - stream.size, self.eos, stream.dtype)]
-                )
+            docs = int((stream == self.eos).sum())  # the documents' EOS tokens, not the padding's
+            pad = self.shard_tokens - stream.size
+            if pad:  # lit-gpt pads the last chunk with its separator token
+                stream = np.concatenate([stream, np.full(pad, self.eos, stream.dtype)])
             code = litpkds_dtype_code(self.vocab)
             crc = write_litpkds(self.root / name, stream, code)
             size = (self.root / name).stat().st_size
-            entry = dict(file=name, num_tokens=int(stream.size), num_docs=int((stream == self.eos).sum()))
+            entry = dict(file=name, num_tokens=int(stream.size), num_docs=docs)
+            if pad:  # counted in num_tokens (the reader reads them, as lit-gpt's does), said apart
+                entry["padding"] = pad
             entry.update(bytes=size, crc32=crc)
         self.shards.append(entry)
 
@@ -274,7 +276,8 @@ def prepare(
             sink.finish()
             m = sink.manifest(tok_hash)
             write_manifest(tmp / s, m)  # last file of the split
-            summary[s] = dict(num_tokens=m["num_tokens"], num_docs=m["num_docs"], shards=len(m["shards"]))
+            summary[s] = dict(num_tokens=m["num_tokens"], num_docs=m["num_docs"], shards=len(m["shards"]),
+                              padding=sum(e.get("padding", 0) for e in m["shards"]))
         _publish(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -470,6 +473,10 @@ def _datasets(path: Path) -> list[Path]:
     return found
 
 
+def _padding(n: int) -> str:
+    return f" ({n:,} of them EOS padding the last LITPKDS chunk, as lit-gpt pads)" if n else ""
+
+
 def _cmd_prepare(args) -> int:
     try:
         summary = _run_prepare(args)
@@ -479,7 +486,8 @@ def _cmd_prepare(args) -> int:
     for s in SPLITS:
         r = summary[s]
         print(
-            f"{args.out}/{s}: {r['num_tokens']:,} tokens, {r['num_docs']:,} documents, {r['shards']} shards"
+            f"{args.out}/{s}: {r['num_tokens']:,} tokens{_padding(r['padding'])}, {r['num_docs']:,} documents, "
+            f"{r['shards']} shards"
         )
     print(f"vocab_size {summary['vocab_size']}, eos_id {summary['eos_id']}, {summary['seconds']} s")
     if summary["val"]["num_docs"] == 0:
@@ -528,10 +536,12 @@ def _cmd_inspect(args) -> int:
                 f"  format {m.format}, dtype {m.dtype}, vocab_size {m.vocab_size}, eos_id {m.eos_id}, "
                 f"bos_id {m.bos_id}"
             )
-            print(f"  {m.num_tokens:,} tokens, {m.num_docs:,} documents, {len(m.shards)} shards")
+            pad = sum(s.padding for s in m.shards)
+            print(f"  {m.num_tokens:,} tokens{_padding(pad)}, {m.num_docs:,} documents, {len(m.shards)} shards")
             for s in m.shards[: args.max_shards]:
                 print(
-                    f"    {s.path.name}: {s.num_tokens:,} tokens, {s.num_docs:,} docs, crc32 {s.crc32:#010x}"
+                    f"    {s.path.name}: {s.num_tokens:,} tokens{f' ({s.padding:,} padding)' if s.padding else ''}, "
+                    f"{s.num_docs:,} docs, crc32 {s.crc32:#010x}"
                 )
             if len(m.shards) > args.max_shards:
                 print(f"    ... {len(m.shards) - args.max_shards} more")
