@@ -759,7 +759,7 @@ def test_resume_at_or_past_the_end_says_nothing_was_trained(dataset, tmp_path, c
     out = tmp_path / "run"
     train(cfg_for(dataset, out, max_steps=4))
     manifest, rows = (out / "step-4" / "manifest.json").read_bytes(), metrics(out)
-    base = cli_args(cfg_for(dataset, out, max_steps=None)) + ["--resume"]
+    base = cli_args(cfg_for(dataset, out, max_steps=None)) + ["--resume", "--samples", "1"]
     for extra, end in [([], "the end of its 4-step schedule"), (["--max-steps", "4"], "--max-steps 4"),
                        (["--max-steps", "2"], "--max-steps 2"), (["--max-steps", "9", "--stop-after", "3"],
                                                                  "--stop-after 3")]:
@@ -767,6 +767,7 @@ def test_resume_at_or_past_the_end_says_nothing_was_trained(dataset, tmp_path, c
         assert main(["train", *base, *extra]) == 0
         said = capsys.readouterr().out
         assert f"{out} is already at step 4 >= {end}: nothing trained" in said, said
+        assert "samples" not in said, said  # nothing trained: no samples of the unchanged model either
     assert [p.name for _, p in ckpt.step_dirs(out)] == ["step-4"]
     assert (out / "step-4" / "manifest.json").read_bytes() == manifest and metrics(out) == rows
 

@@ -615,7 +615,8 @@ class Trainer:
             self.tensorboard_dir = self.out / "tensorboard" if cfg.tensorboard is True else Path(cfg.tensorboard)
         self.tb_writer = None  # rank 0's SummaryWriter while fit() runs
         self._stop = False
-        self.stopped = False  # fit() ended on SIGTERM (the CLI then exits without samples)
+        self.stopped = False
+        self.nothing_trained = False  # a --resume already at its end: fit() trains nothing (and no samples print)  # fit() ended on SIGTERM (the CLI then exits without samples)
         self.mask_id = self.model_config.mask_id
         self.inject = {int(s) for s in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if s.strip()}
         log_dir = os.environ.get(LOG_WINDOWS_ENV)
@@ -1176,6 +1177,7 @@ class Trainer:
                     end, more = f"the end of its {self.max_steps}-step schedule", "--max-steps"
                 print(f"smdm train: {self.out} is already at step {self.step} >= {end}: nothing trained, the "
                       f"checkpoint is unchanged (give {more} to train further)", flush=True)
+            self.nothing_trained = True
             return {"step": self.step, "val": None}
         old = signal.signal(signal.SIGTERM, self._on_sigterm)
         if d.rank == 0:
@@ -1456,7 +1458,7 @@ def run(args) -> int:
             if twin != out and (twin / "metrics.jsonl").is_file():
                 runs = sorted([out, twin])
             print(f"plot: {plot_runs(runs, out / 'loss.png')}")
-        if cfg.samples and not trainer.stopped:
+        if cfg.samples and not trainer.stopped and not trainer.nothing_trained:
             model, tok = ckpt.load(out, device=trainer.dist.device)
             if trainer.sft:
                 print_sft_samples(model, tok, trainer.val_examples or trainer.train_examples, cfg.samples,
