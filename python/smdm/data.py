@@ -825,7 +825,9 @@ class _PackedDatasetImpl(EpochCursor):
         if self._len == 0:
             raise ValueError(
                 f"{self.root}: {self.num_windows} windows of {self.window} tokens cannot fill one batch of "
-                f"{self.batch_size} on each of {self.world_size} ranks ({m.num_tokens} tokens)"
+                f"{self.batch_size} on each of {self.world_size} ranks ({m.num_tokens} tokens"
+                + (f"; windows never cross shard files, the largest holds {max(s.num_tokens for s in m.shards)}"
+                   if len(m.shards) > 1 and self.window <= m.num_tokens else "") + ")"
             )
         self._epoch, self._batch = 0, 0
         self._maps: Optional[collections.OrderedDict] = None  # shard index -> (tokens, starts), see _shard
