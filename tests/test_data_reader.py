@@ -298,7 +298,7 @@ def test_bad_manifest_json_and_small_dataset(tmp_path, ds_dir):
     assert "never cross" not in str(e.value)  # more than all the tokens: the count says it
     largest = max(s.num_tokens for s in D.load_manifest(root).shards)
     with pytest.raises(ValueError, match=f"windows never cross shard files, the largest holds {largest}"):
-        D.PackedDataset(root, 64, 1)  # fewer tokens than all of them, more than any one shard
+        D.PackedDataset(root, largest + 1, 1)  # fewer tokens than all of them, more than any one shard
     (root / "manifest.json").write_text("{oops")
     with pytest.raises(SmdmFormatError, match="manifest.json: not valid JSON"):
         D.load_manifest(root)
