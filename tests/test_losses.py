@@ -124,6 +124,27 @@ def test_ar_loss_matches_reference():
     torch.testing.assert_close(loss.double(), ref / 24, rtol=1e-6, atol=1e-9)
 
 
+def test_ar_loss_with_documents_is_each_document_alone():
+    """Packed windows with segment ids: each prediction sees its own document only, so the loss equals running
+    every document's inputs alone (RoPE is relative: its own positions from 0 give the same scores). A window of
+    L + 1 tokens predicts tokens 1..L from inputs 0..L-1 and the inputs' segment ids decide what each sees: the
+    EOS closing a document (its last input) predicts the next document's first token from its own document."""
+    model = tiny(causal=True)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 11, (2, 13), generator=g)
+    seg = torch.tensor([[0] * 4 + [1] * 5 + [2] * 4, [0] * 7 + [1] * 6])  # (2, L + 1)
+    loss = ar_loss(model, tokens, segment_ids=seg)
+    ref = 0.0
+    for b in range(2):
+        inputs, targets, s = tokens[b, :-1], tokens[b, 1:], seg[b, :-1]
+        for d in s.unique():
+            idx = (s == d).nonzero()[:, 0]
+            logp = torch.log_softmax(model(inputs[idx][None])[0].double(), -1)  # the document alone
+            ref = ref - logp.gather(-1, targets[idx][:, None]).sum()
+    torch.testing.assert_close(loss.double(), ref / 24, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(loss, ar_loss(model, tokens))  # the documents matter here
+
+
 def _exact_nll(model, tokens, prompt_len):
     """-log p(target | prompt) of the continuous-time reverse process: every target token is revealed at its
     own time, in a uniformly random order, so p = mean over orders of the product of the conditionals."""
