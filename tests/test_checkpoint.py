@@ -48,6 +48,20 @@ def test_save_load_roundtrip(tmp_path, model):
     assert not list((tmp_path / "run").glob(".tmp-*"))
 
 
+def test_non_finite_weights_are_refused_by_name(tmp_path, model):
+    """A checkpoint whose weights hold NaN / inf (a diverged run, a bad conversion) sampled garbage in silence
+    (greedy: the NaN token everywhere). smdm.load refuses it naming the tensors; check=False loads it as it is."""
+    with torch.no_grad():
+        model.blocks[1].attn.proj.weight[0, 0] = float("nan")
+        model.head.weight[2, 1] = float("inf")
+    save_step(tmp_path / "run", 1, model)
+    with pytest.raises(ckpt.CheckpointError, match=r"2 weight tensor\(s\) hold NaN or inf") as e:
+        smdm.load(tmp_path / "run", device="cpu")
+    assert "blocks.1.attn.proj.weight" in str(e.value) and "head.weight" in str(e.value)
+    m2, _ = smdm.load(tmp_path / "run", device="cpu", check=False)
+    assert torch.isnan(m2.blocks[1].attn.proj.weight[0, 0])
+
+
 def test_keep_last_n_in_numeric_order(tmp_path, model):
     run = tmp_path / "run"
     for s in (9, 10, 100, 11):

@@ -236,7 +236,8 @@ def load_train_state(step_dir) -> dict:
 def load(path, device=None, *, check: bool = True):
     """`smdm.load(DIR)` -> (model, tokenizer or None): a step dir or a run dir (its latest complete step), the
     model in eval mode on `device` (default: CUDA when available, else CPU), the tokenizer from tokenizer.json
-    (`tokenizers.Tokenizer`) when the checkpoint has one. `check` verifies the sha256 of every file."""
+    (`tokenizers.Tokenizer`) when the checkpoint has one. `check` verifies the sha256 of every file and that
+    every weight is finite (a NaN / inf weight makes every sample garbage; check=False loads it to inspect)."""
     from smdm.model import ModelConfig, Transformer
 
     if device is None or device == "auto":
@@ -262,6 +263,12 @@ def load(path, device=None, *, check: bool = True):
     if missing:
         raise CheckpointError(f"{step_dir}: weights do not match the config "
                               f"(differing keys: {sorted(missing)[:5]})")
+    if check:
+        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointError(f"{step_dir}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                                  f"{', ...' if len(bad) > 3 else ''}): the model cannot produce meaningful "
+                                  f"output (a diverged or damaged run; smdm.load(..., check=False) loads it anyway)")
     model.load_state_dict(state, assign=True)
     model.eval()
     tokenizer = None
