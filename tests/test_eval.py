@@ -488,6 +488,20 @@ def test_mc_accuracy_on_known_model(mc_setup):
         assert res["acc_stderr"] == pytest.approx(math.sqrt(0.5 * 0.5 / 3))
 
 
+def test_mc_acc_bytes_divides_by_utf8_bytes(mc_setup):
+    """acc_bytes normalises by the choice's UTF-8 bytes, acc_norm by its characters: they part on non-ASCII text.
+    " " + 12 x "日" is one (unknown-word) token of NLL 3.40 in 13 characters and 37 bytes; " cat" is 0.40 in 4
+    of each. Per character " cat" wins (0.101 < 0.262), per byte the long choice does (0.092 < 0.101)."""
+    _, tok, ckpts, _, _ = mc_setup
+    model, _ = checkpoint.load(ckpts["arm"], device="cpu")
+    items = [evaluate.McItem(context="the", choices=[" " + "日" * 12, " cat"], label=0, line=1)]
+    res = evaluate.evaluate_mc(model, tok, items, eos_id=0)
+    r = res["records"][0]
+    assert r["n_chars"] == [13, 4] and r["n_bytes"] == [37, 4] and r["n_tokens"] == [1, 1]
+    assert (r["pred_norm"], r["pred_byte"]) == (1, 0), r
+    assert (res["acc_norm"], res["acc_bytes"]) == (0.0, 1.0)
+
+
 def test_mc_cli_two_models_json(mc_setup, capsys):
     root, _, ckpts, data, _ = mc_setup
     out = root / "res.json"
