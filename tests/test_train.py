@@ -142,11 +142,17 @@ def test_loss_goes_down_and_ar_twin_trains(dataset, tmp_path):
 
 
 def test_gradient_accumulation_matches_the_full_batch(dataset, tmp_path):
-    # Masks are keyed by global sample index: 1x8 and 2x4 see identical masks and data (only sums differ).
-    train(cfg_for(dataset, tmp_path / "a", max_steps=3, batch_size=8))
-    train(cfg_for(dataset, tmp_path / "b", max_steps=3, batch_size=8, grad_accum=2))
-    a, b = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
-    np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=1e-4)
+    """Masks are keyed by global sample index: 1x8 and 2x4 see identical masks and data (only sums differ), so the
+    losses and the gradient norms (the gradient is the mean over micro-batches, not their sum) agree, for both
+    objectives. `tokens` counts the tokens trained on: B·L for the MDM, the B·L predictions of the ARM's
+    windows of L + 1."""
+    for kind in ("mdm", "ar"):
+        train(cfg_for(dataset, tmp_path / f"{kind}-a", objective=kind, max_steps=3, batch_size=8))
+        train(cfg_for(dataset, tmp_path / f"{kind}-b", objective=kind, max_steps=3, batch_size=8, grad_accum=2))
+        a, b = [[r for r in metrics(tmp_path / f"{kind}-{x}") if "loss" in r] for x in "ab"]
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose([r[key] for r in a], [r[key] for r in b], rtol=1e-4, err_msg=(kind, key))
+        assert [r["tokens"] for r in a] == [r["tokens"] for r in b] == [s * 8 * 32 for s in (1, 2, 3)], kind
 
 
 def test_activation_checkpointing_trains_the_same_steps(dataset, tmp_path):
