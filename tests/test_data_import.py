@@ -96,6 +96,10 @@ def test_import_then_windows_equal_the_file_tokens(tmp_path, vocab, code):
             seen += 1
     assert seen == len(ds) * 4 and len(ds) == ds.num_windows // 4
     assert len(ds._maps) == 2
+    ds._maps = None  # least recently used first out: a file used again stays open, the older one goes
+    for i in (0, 1, 0, 2):
+        ds._shard(i)
+    assert list(ds._maps) == [0, 2]
 
 
 def test_split_layout_feeds_smdm_train(tmp_path, capsys):
