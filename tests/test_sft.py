@@ -157,6 +157,8 @@ def test_rows_are_prompt_response_eos_padded_with_eos(files, tokenizer, tmp_path
         assert b["input_ids"][j].tolist() == want
         assert int(b["prompt_lens"][j]) == len(p) and int(b["lengths"][j]) == len(p) + len(r) + 1
     assert b["input_ids"].dtype == torch.int64 and b["index"].tolist() == [0, 1, 0]
+    exact = load(files, tokenizer, tmp_path / "t.jsonl", seq_len=ex.longest[0])  # the longest fits exactly
+    assert len(exact) == 3 and exact.dropped == 0
     with pytest.raises(sft.SftDataError, match=rf"none of its 3 examples fits --seq-len 2 .*longest has "
                                                rf"{ex.longest[0]} tokens, line 2"):
         load(files, tokenizer, tmp_path / "t.jsonl", seq_len=2)

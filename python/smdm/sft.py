@@ -131,7 +131,6 @@ class SftExamples:
     read: int  # examples in the file
     dropped: int  # examples longer than seq_len
     longest: tuple  # (tokens, line) of the longest example in the file
-    response_tokens: int  # response + EOS tokens over the kept examples
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -167,11 +166,11 @@ def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int
         raise SftDataError(f"EOS id {eos_id} is outside the model's vocabulary [0, {vocab_size})")
     pf, rf = fields_for(fmt, prompt_field, response_field)
     toks, offsets, plens, lines = [], [0], [], []
-    read = dropped = response_tokens = 0
+    read = dropped = 0
     longest = (0, 0)
 
     def flush(chunk):
-        nonlocal read, dropped, longest, response_tokens
+        nonlocal read, dropped, longest
         enc_p = tokenizer.encode_batch([c[1] for c in chunk], add_special_tokens=False)
         enc_r = tokenizer.encode_batch([c[2] for c in chunk], add_special_tokens=False)
         for (no, _, _), ep, er in zip(chunk, enc_p, enc_r):
@@ -191,7 +190,6 @@ def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int
             offsets.append(offsets[-1] + n)
             plens.append(len(p))
             lines.append(no)
-            response_tokens += len(r) + 1
 
     chunk = []
     for item in read_pairs(path, fmt, prompt_field, response_field):
@@ -206,8 +204,7 @@ def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int
                            f"EOS; the longest has {longest[0]} tokens, line {longest[1]}): raise --seq-len")
     return SftExamples(path=path, seq_len=seq_len, eos_id=eos_id, tokens=np.concatenate(toks),
                        offsets=np.asarray(offsets, dtype=np.int64), prompt_lens=np.asarray(plens, dtype=np.int64),
-                       lines=np.asarray(lines, dtype=np.int64), read=read, dropped=dropped, longest=longest,
-                       response_tokens=response_tokens)
+                       lines=np.asarray(lines, dtype=np.int64), read=read, dropped=dropped, longest=longest)
 
 
 class SftDataset(EpochCursor, torch.utils.data.IterableDataset):
