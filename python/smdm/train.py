@@ -615,8 +615,8 @@ class Trainer:
             self.tensorboard_dir = self.out / "tensorboard" if cfg.tensorboard is True else Path(cfg.tensorboard)
         self.tb_writer = None  # rank 0's SummaryWriter while fit() runs
         self._stop = False
-        self.stopped = False
-        self.nothing_trained = False  # a --resume already at its end: fit() trains nothing (and no samples print)  # fit() ended on SIGTERM (the CLI then exits without samples)
+        self.stopped = False  # fit() ended on SIGTERM (the CLI then exits without samples)
+        self.nothing_trained = False  # a --resume already at its end: fit() trains nothing (no samples either)
         self.mask_id = self.model_config.mask_id
         self.inject = {int(s) for s in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if s.strip()}
         log_dir = os.environ.get(LOG_WINDOWS_ENV)
