@@ -186,6 +186,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.n < 1:
         raise SystemExit(f"smdm bench frontier: error: --n must be >= 1, got {args.n}")
+    if args.json and not Path(args.json).parent.is_dir():  # said now, not after every variant has run
+        raise SystemExit(f"smdm bench frontier: error: --json {args.json}: no directory {Path(args.json).parent}")
     if args.arm is None and args.judge is None:
         raise SystemExit("smdm bench frontier: error: give --arm (the ARM twin, also the default judge) or "
                          "--judge (an autoregressive checkpoint that scores the samples)")
