@@ -373,6 +373,11 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") 
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if layout not in LAYOUTS:
         raise ConvertError(f"--layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConvertError(f"--out {out}: the lit-gpt export is a .safetensors file")
+    if out.is_dir():
+        raise ConvertError(f"--out {out}: is a directory (the lit-gpt export is one .safetensors file)")
     step_dir = ckpt.resolve(ckpt_path)
     ckpt.verify(step_dir)
     conf = ckpt.read_config(step_dir)
@@ -380,9 +385,6 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") 
     state = to_litgpt(ckpt.load_weights(step_dir), cfg, layout)
     if DTYPES[dtype] is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ConvertError(f"--out {out}: the lit-gpt export is a .safetensors file")
     _save_safetensors_atomic(state, out, {"format": "lit-gpt", "layout": layout, "source": str(step_dir),
                                           "smdm_model": json.dumps(cfg.to_dict())})
     return out
