@@ -259,6 +259,11 @@ def test_round_trip_keeps_the_config_of_any_size(tmp_path):
         other = tmp_path / f"other{causal}"
         assert cli(["convert", "from-litgpt", str(lit), "--out", str(other), "--max-seq-len", "64"]) == 0
         assert ckpt.read_config(ckpt.resolve(other))["model"]["max_seq_len"] == 64
+        for bad in ("0", "-5"):  # not silently the recorded context (0), not a ModelConfig traceback (-5)
+            with pytest.raises(ConvertError, match=f"--max-seq-len must be >= 1, got {bad}"):
+                from smdm.convert import import_litgpt
+
+                import_litgpt(lit, tmp_path / f"bad{causal}{bad}", max_seq_len=int(bad))
 
 
 def test_mlp_shape_errors_name_the_tensor_of_the_file(tmp_path):

@@ -327,6 +327,8 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise ConvertError(f"--tokenizer {tokenizer}: no such file")
+    if max_seq_len is not None and max_seq_len < 1:  # 0 would fall back to the default, -5 a traceback
+        raise ConvertError(f"--max-seq-len must be >= 1, got {max_seq_len}")
     if ckpt.step_dirs(out):
         raise ConvertError(f"{out} already holds checkpoints; choose an empty --out")
     state = read_state_dict(path)
