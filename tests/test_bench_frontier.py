@@ -128,6 +128,8 @@ def test_same_seed_same_samples(ckpts, prepared):
     (["--arm", "AR", "--judge", "OTHER"], "--judge {OTHER}: its tokenizer differs"),
     (["--arm", "AR", "--data", "/nonexistent"], "--data /nonexistent"),
     (["--arm", "/nonexistent"], "--arm /nonexistent"),
+    (["--arm", "AR", "--n", "0"], "--n must be >= 1, got 0"),  # not "no document of 72+ tokens"
+    (["--arm", "AR", "--json", "/nonexistent/f.json"], "--json /nonexistent/f.json: no directory"),
 ])
 def test_errors_name_the_flag(ckpts, flags, msg, capsys):
     from smdm import cli
@@ -137,3 +139,14 @@ def test_errors_name_the_flag(ckpts, flags, msg, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "frontier", "--mdm", str(ckpts["mdm"]), "--device", "cpu", *flags])
     assert msg.format(**names) in str(e.value)
+
+
+def test_bad_dtype_is_a_usage_error(ckpts, capsys):
+    """--dtype names a torch dtype: a wrong one is argparse's error listing the choices, not an AttributeError
+    from torch after the checkpoint loaded."""
+    from smdm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "frontier", "--mdm", str(ckpts["mdm"]), "--arm", str(ckpts["ar"]), "--device", "cpu",
+                  "--dtype", "foo"])
+    assert e.value.code == 2 and "invalid choice: 'foo'" in capsys.readouterr().err

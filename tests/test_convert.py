@@ -224,6 +224,18 @@ def test_bad_inputs_name_the_file_and_tensor(tmp_path, capsys):
     assert "already holds checkpoints" in capsys.readouterr().err
 
 
+def test_to_litgpt_out_that_is_a_directory_is_an_error(tmp_path, capsys):
+    """--out d.safetensors that is a directory: a clear error before the weights are read, no traceback and no
+    temporary file left."""
+    cfg = config_by_name("tiny", vocab_size=23)
+    ckpt.save(tmp_path / "run", 1, model_state=build_model(cfg, seed=0).state_dict(),
+              config={"model": cfg.to_dict(), "objective": "mdm"}, train_state={"step": 1})
+    (tmp_path / "d.safetensors").mkdir()
+    assert cli(["convert", "to-litgpt", str(tmp_path / "run"), "--out", str(tmp_path / "d.safetensors")]) == 2
+    assert "d.safetensors: is a directory" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
 def test_round_trip_keeps_the_config_of_any_size(tmp_path):
     """to-litgpt records the smdm config in the file's metadata, so from-litgpt restores what the shapes do not
     hold: the context (not 2048), the heads of a spelled-out size that no name matches (no --n-head needed),
@@ -247,6 +259,11 @@ def test_round_trip_keeps_the_config_of_any_size(tmp_path):
         other = tmp_path / f"other{causal}"
         assert cli(["convert", "from-litgpt", str(lit), "--out", str(other), "--max-seq-len", "64"]) == 0
         assert ckpt.read_config(ckpt.resolve(other))["model"]["max_seq_len"] == 64
+        for bad in ("0", "-5"):  # not silently the recorded context (0), not a ModelConfig traceback (-5)
+            with pytest.raises(ConvertError, match=f"--max-seq-len must be >= 1, got {bad}"):
+                from smdm.convert import import_litgpt
+
+                import_litgpt(lit, tmp_path / f"bad{causal}{bad}", max_seq_len=int(bad))
 
 
 def test_mlp_shape_errors_name_the_tensor_of_the_file(tmp_path):

@@ -566,6 +566,22 @@ def test_cli_errors(mc_setup, tmp_path, capsys):
 
 
 
+def test_json_path_errors_are_clear_and_come_before_the_evaluation(mc_setup, tmp_path, capsys, monkeypatch):
+    """--json in a missing directory is said before any model runs; a --json that cannot be written (a directory)
+    is an error naming it, not a traceback after the evaluation."""
+    _, _, ckpts, data, _ = mc_setup
+    ran = []
+    monkeypatch.setattr(evaluate, "_run_one", lambda args, ckpt: ran.append(ckpt))
+    rc = evaluate.main(["mc", "--ckpt", str(ckpts["arm"]), "--data", str(data), "--device", "cpu",
+                        "--json", str(tmp_path / "missing" / "res.json")])
+    assert rc == 2 and "--json" in capsys.readouterr().err and ran == []
+    monkeypatch.undo()
+    rc = evaluate.main(["mc", "--ckpt", str(ckpts["arm"]), "--data", str(data), "--device", "cpu",
+                        "--json", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--json: {tmp_path}" in err, err
+
+
 def test_mc_context_longer_than_the_model_names_the_line(mc_setup, tmp_path, capsys):
     """A question that does not fit the model's context is an error naming its line and choice (not the index
     of a flattened (context, choice) pair, which the user cannot map back to the file)."""

@@ -327,6 +327,8 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise ConvertError(f"--tokenizer {tokenizer}: no such file")
+    if max_seq_len is not None and max_seq_len < 1:  # 0 would fall back to the default, -5 a traceback
+        raise ConvertError(f"--max-seq-len must be >= 1, got {max_seq_len}")
     if ckpt.step_dirs(out):
         raise ConvertError(f"{out} already holds checkpoints; choose an empty --out")
     state = read_state_dict(path)
@@ -373,6 +375,11 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") 
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if layout not in LAYOUTS:
         raise ConvertError(f"--layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConvertError(f"--out {out}: the lit-gpt export is a .safetensors file")
+    if out.is_dir():
+        raise ConvertError(f"--out {out}: is a directory (the lit-gpt export is one .safetensors file)")
     step_dir = ckpt.resolve(ckpt_path)
     ckpt.verify(step_dir)
     conf = ckpt.read_config(step_dir)
@@ -380,9 +387,6 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") 
     state = to_litgpt(ckpt.load_weights(step_dir), cfg, layout)
     if DTYPES[dtype] is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ConvertError(f"--out {out}: the lit-gpt export is a .safetensors file")
     _save_safetensors_atomic(state, out, {"format": "lit-gpt", "layout": layout, "source": str(step_dir),
                                           "smdm_model": json.dumps(cfg.to_dict())})
     return out

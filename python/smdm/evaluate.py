@@ -844,6 +844,8 @@ def _check_args(args) -> None:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.task == "ppl" and args.seq_len is not None and args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.json is not None and not Path(args.json).parent.is_dir():  # said now, not after the evaluation
+        raise ValueError(f"--json {args.json}: no directory {Path(args.json).parent}")
 
 
 def _pm(value: float, stderr: Optional[float]) -> str:
@@ -883,7 +885,11 @@ def run(args) -> int:
         from smdm.data import write_atomic
 
         doc = {"task": args.task, "data": str(args.data), "results": results}
-        write_atomic(args.json, (json.dumps(doc, indent=1) + "\n").encode())
+        try:
+            write_atomic(args.json, (json.dumps(doc, indent=1) + "\n").encode())
+        except OSError as e:  # SmdmIOError naming the file
+            print(f"smdm eval {args.task}: error: --json: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -184,6 +184,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.n < 1:
+        raise SystemExit(f"smdm bench frontier: error: --n must be >= 1, got {args.n}")
+    if args.json and not Path(args.json).parent.is_dir():  # said now, not after every variant has run
+        raise SystemExit(f"smdm bench frontier: error: --json {args.json}: no directory {Path(args.json).parent}")
     if args.arm is None and args.judge is None:
         raise SystemExit("smdm bench frontier: error: give --arm (the ARM twin, also the default judge) or "
                          "--judge (an autoregressive checkpoint that scores the samples)")
@@ -277,7 +281,7 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--show", type=int, default=2, help="decoded samples printed per variant")
     parser.add_argument("--json", metavar="FILE", help="write one JSON record per variant (samples included)")
