@@ -449,3 +449,52 @@ def test_litgpt_qkv_layout_is_read():
         from_litgpt(mixed, infer_config(mixed, source="w.pt", n_head=4), source="w.pt")
     with pytest.raises(ConvertError, match="layout must be one of"):
         to_litgpt(state, cfg, "hf")
+
+
+def test_the_noise_schedule_survives_both_round_trips(tmp_path, capsys):
+    """A cosine-trained MDM exported with to-litgpt / to-hf and imported back keeps train.schedule (generate's
+    default): before, the import dropped it and generation fell back to linear. --schedule sets it for files
+    that record none (or overrides); an ARM has none to set; a bad name is an error naming the option."""
+    from smdm.generate_cli import resolve_schedule
+
+    cfg = config_by_name("tiny", vocab_size=23)
+    state = {k: v.clone() for k, v in build_model(cfg, seed=3).state_dict().items()}
+    ckpt.save(tmp_path / "run", 5, model_state=state, config={"model": cfg.to_dict(), "objective": "mdm",
+                                                              "train": {"schedule": "cosine"}},
+              train_state={"step": 5})
+    args = SimpleNamespace(schedule=None)
+    lit, hf = tmp_path / "lit.safetensors", tmp_path / "hf"
+    assert cli(["convert", "to-litgpt", str(tmp_path / "run"), "--out", str(lit)]) == 0
+    assert cli(["convert", "to-hf", str(tmp_path / "run"), "--out", str(hf)]) == 0
+    for direction, src in (("from-litgpt", lit), ("from-hf", hf)):
+        back = tmp_path / f"back-{direction}"
+        assert cli(["convert", direction, str(src), "--out", str(back)]) == 0
+        assert "noise schedule cosine" in capsys.readouterr().out
+        assert resolve_schedule(args, ckpt.read_config(ckpt.resolve(back))) == "cosine"
+        other = tmp_path / f"other-{direction}"
+        assert cli(["convert", direction, str(src), "--out", str(other), "--schedule", "polynomial:2"]) == 0
+        assert resolve_schedule(args, ckpt.read_config(ckpt.resolve(other))) == "polynomial:2.0"
+        assert cli(["convert", direction, str(src), "--out", str(tmp_path / "bad"), "--schedule", "cubic"]) == 2
+        assert "--schedule" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    bare = tmp_path / "bare.safetensors"  # SMDM's own files record none: linear, or --schedule
+    save_file(load_file(str(lit)), str(bare))
+    assert cli(["convert", "from-litgpt", str(bare), "--out", str(tmp_path / "bare")]) == 0
+    assert "train" not in ckpt.read_config(ckpt.resolve(tmp_path / "bare"))
+    assert resolve_schedule(args, ckpt.read_config(ckpt.resolve(tmp_path / "bare"))) == "linear"
+    arm = config_by_name("tiny", vocab_size=23, causal=True)
+    ckpt.save(tmp_path / "arm", 1, model_state=build_model(arm).state_dict(),
+              config={"model": arm.to_dict(), "objective": "ar"}, train_state={"step": 1})
+    assert cli(["convert", "to-litgpt", str(tmp_path / "arm"), "--out", str(tmp_path / "arm.safetensors")]) == 0
+    assert cli(["convert", "from-litgpt", str(tmp_path / "arm.safetensors"), "--out", str(tmp_path / "arm2"),
+                "--schedule", "cosine"]) == 2
+    assert "autoregressive model (no noise schedule)" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_an_error_not_a_traceback(tmp_path, capsys):
+    cfg = config_by_name("tiny", vocab_size=23)
+    ckpt.save(tmp_path / "run", 1, model_state=build_model(cfg).state_dict(),
+              config={"model": cfg.to_dict(), "objective": "mdm"}, train_state={"step": 1})
+    (tmp_path / "file").write_text("x")
+    assert cli(["convert", "to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "smdm convert: error: " in err and "Traceback" not in err, err

@@ -111,21 +111,50 @@ def read_state_dict(path) -> dict:
     return state
 
 
-def read_exported_config(path) -> Optional[dict]:
-    """The smdm ModelConfig dict that `export_litgpt` stores in a .safetensors file's metadata (None for other
-    files): lets a round trip restore what the shapes do not hold (heads, context, RoPE base, norm eps)."""
-    path = Path(path)
+def _safetensors_metadata(path: Path) -> dict:
+    """The string metadata of a .safetensors file ({} for other files or one that cannot be read)."""
     if path.suffix != ".safetensors":
-        return None
+        return {}
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def read_exported_config(path) -> Optional[dict]:
+    """The smdm ModelConfig dict that `export_litgpt` stores in a .safetensors file's metadata (None for other
+    files): lets a round trip restore what the shapes do not hold (heads, context, RoPE base, norm eps)."""
+    meta = _safetensors_metadata(Path(path))
+    try:
         conf = json.loads(meta["smdm_model"]) if "smdm_model" in meta else None
-    except (OSError, ValueError, KeyError):
+    except ValueError:
         return None
     return conf if isinstance(conf, dict) else None
+
+
+def trained_schedule(conf: dict) -> Optional[str]:
+    """The noise schedule a checkpoint's config.json says the MDM was trained with (`train.schedule`), or None."""
+    train = conf.get("train")
+    name = train.get("schedule") if isinstance(train, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _schedule_conf(schedule: Optional[str], cfg: ModelConfig, what: str) -> dict:
+    """{"train": {"schedule": NAME}} for an imported MDM's config.json (where `smdm generate` and `smdm eval` take
+    their default schedule), {} when there is none; the name is checked and made canonical."""
+    if schedule is None:
+        return {}
+    from smdm.diffusion import parse_schedule
+
+    if cfg.causal:
+        raise ConvertError(f"{what}schedule {schedule!r}: the weights are an autoregressive model (no noise schedule)")
+    try:
+        return {"train": {"schedule": parse_schedule(schedule).name}}
+    except ValueError as e:
+        raise ConvertError(f"{what}schedule: {e}") from None
 
 
 def _save_safetensors_atomic(state: dict, path: Path, metadata: dict) -> None:
@@ -315,11 +344,12 @@ def to_litgpt(state: dict, config: ModelConfig, layout: str = "smdm") -> dict:
 
 
 def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_head: Optional[int] = None,
-                  max_seq_len: Optional[int] = None, dtype: str = "keep") -> Path:
+                  max_seq_len: Optional[int] = None, dtype: str = "keep", schedule: Optional[str] = None) -> Path:
     """Write an smdm checkpoint `OUT/step-0/` from a lit-gpt weights file; returns the step dir. A file written
     by `export_litgpt` carries its smdm config: unless `config` / `n_head` / `max_seq_len` say otherwise, the
     heads, context, RoPE base and norm eps come from it (where its shapes agree), so a round trip is exact;
-    else max_seq_len defaults to 2048."""
+    else max_seq_len defaults to 2048. `schedule`: the MDM's training noise schedule (default: the one the file
+    records; none for other files, which `smdm generate` reads as linear, SMDM's)."""
     from smdm import checkpoint as ckpt
 
     path = Path(path)
@@ -350,6 +380,7 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
     kind = "ar" if cfg.causal else "mdm"
     conf = {"model": cfg.to_dict(), "objective": kind, "config_name": config,
             "converted_from": {"path": str(path.resolve()), "format": "lit-gpt"}}
+    conf.update(_schedule_conf(schedule or _safetensors_metadata(path).get("smdm_schedule"), cfg, "--"))
     return ckpt.save(out, 0, model_state=weights, config=conf,
                      train_state={"step": 0, "converted_from": str(path.resolve())}, tokenizer_path=tokenizer)
 
@@ -385,10 +416,12 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") 
     conf = ckpt.read_config(step_dir)
     cfg = ModelConfig(**conf["model"])
     state = to_litgpt(ckpt.load_weights(step_dir), cfg, layout)
+    meta = {"format": "lit-gpt", "layout": layout, "source": str(step_dir), "smdm_model": json.dumps(cfg.to_dict())}
+    if trained_schedule(conf) is not None:  # restored by from-litgpt: generate's default schedule
+        meta["smdm_schedule"] = trained_schedule(conf)
     if DTYPES[dtype] is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    _save_safetensors_atomic(state, out, {"format": "lit-gpt", "layout": layout, "source": str(step_dir),
-                                          "smdm_model": json.dumps(cfg.to_dict())})
+    _save_safetensors_atomic(state, out, meta)
     return out
 
 
@@ -740,8 +773,9 @@ def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, l
     out = Path(out)
     _check_out_dir(out, overwrite, step_dir)
     ckpt.verify(step_dir)
+    ck_conf = ckpt.read_config(step_dir)
     try:
-        cfg = ModelConfig(**ckpt.read_config(step_dir)["model"])
+        cfg = ModelConfig(**ck_conf["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ConvertError(f"{step_dir / 'config.json'}: bad model config ({e})") from None
     state = to_hf(ckpt.load_weights(step_dir), cfg)
@@ -752,6 +786,8 @@ def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, l
     if tok_conf is None:
         log(f"note: {step_dir} has no tokenizer.json: {out} has no tokenizer")
     conf = hf_config(cfg, state["lm_head.weight"].dtype, eos_id=eos, bos_id=bos)
+    if not cfg.causal and trained_schedule(ck_conf) is not None:  # restored by from-hf
+        conf["smdm_schedule"] = trained_schedule(ck_conf)
     code = Path(__file__).resolve().parent / "hf"
 
     def fill(tmp: Path) -> None:
@@ -769,10 +805,11 @@ def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, l
     return out
 
 
-def import_hf(model_dir, out, *, mdm: bool = False, dtype: str = "keep") -> Path:
+def import_hf(model_dir, out, *, mdm: bool = False, dtype: str = "keep", schedule: Optional[str] = None) -> Path:
     """Write an smdm checkpoint `OUT/step-0/` from a transformers directory (an `export_hf` output, or a plain
     LlamaForCausalLM: the ARM twin, or with `mdm` an MDM when its embedding has the extra mask row); its
-    tokenizer.json is copied along. Returns the step dir."""
+    tokenizer.json is copied along. Returns the step dir. `schedule`: the MDM's training noise schedule (default:
+    config.json's `smdm_schedule`, which `export_hf` writes; else none, read as linear)."""
     from smdm import checkpoint as ckpt
 
     model_dir = Path(model_dir)
@@ -802,9 +839,15 @@ def import_hf(model_dir, out, *, mdm: bool = False, dtype: str = "keep") -> Path
         _check_tokenizer(tokenizer, cfg, what="")
     conf_out = {"model": cfg.to_dict(), "objective": "ar" if cfg.causal else "mdm",
                 "converted_from": {"path": str(model_dir.resolve()), "format": "hugging-face"}}
+    recorded = conf.get("smdm_schedule") if isinstance(conf.get("smdm_schedule"), str) else None
+    conf_out.update(_schedule_conf(schedule or recorded, cfg, "--" if schedule else f"{path}: smdm_"))
     return ckpt.save(out, 0, model_state=weights, config=conf_out,
                      train_state={"step": 0, "converted_from": str(model_dir.resolve())},
                      tokenizer_path=tokenizer if tokenizer.is_file() else None)
+
+
+SCHEDULE_HELP = ("the MDM's training noise schedule, linear | cosine | polynomial:P, saved as the default of `smdm "
+                 "generate` (default: the one an `smdm convert to-*` export records; else none, read as linear)")
 
 
 def register(parser: argparse.ArgumentParser, name: str = "convert") -> None:
@@ -818,6 +861,7 @@ def register(parser: argparse.ArgumentParser, name: str = "convert") -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context (default: the one an `smdm convert to-litgpt` file records, else 2048)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
+    p.add_argument("--schedule", default=None, help=SCHEDULE_HELP)
     p = sub.add_parser("to-litgpt", help="an smdm checkpoint -> one lit-gpt-layout .safetensors file")
     p.add_argument("ckpt", help="run dir or step dir")
     p.add_argument("--out", required=True, help="FILE.safetensors")
@@ -840,6 +884,7 @@ def register(parser: argparse.ArgumentParser, name: str = "convert") -> None:
     p.add_argument("--mdm", action="store_true", help="a plain Llama dir holds an MDM: its embedding has one more "
                    "row than the head's outputs, the mask token (id vocab_size)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
+    p.add_argument("--schedule", default=None, help=SCHEDULE_HELP)
     parser.set_defaults(func=run)
 
 
@@ -850,14 +895,18 @@ def run(args) -> int:
         if args.direction in ("from-litgpt", "from-hf"):
             if args.direction == "from-litgpt":
                 step = import_litgpt(args.weights, args.out, tokenizer=args.tokenizer, config=args.config,
-                                     n_head=args.n_head, max_seq_len=args.max_seq_len, dtype=args.dtype)
+                                     n_head=args.n_head, max_seq_len=args.max_seq_len, dtype=args.dtype,
+                                     schedule=args.schedule)
             else:
-                step = import_hf(args.model_dir, args.out, mdm=args.mdm, dtype=args.dtype)
-            cfg = ModelConfig(**ckpt.read_config(step)["model"])
+                step = import_hf(args.model_dir, args.out, mdm=args.mdm, dtype=args.dtype, schedule=args.schedule)
+            conf = ckpt.read_config(step)
+            cfg = ModelConfig(**conf["model"])
             kind = "autoregressive" if cfg.causal else "MDM"
+            sched = trained_schedule(conf)
             print(f"{step}: {kind}, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), width "
                   f"{cfg.d_model}, ffn {cfg.d_ff}, vocab {cfg.vocab_size}, "
-                  f"{cfg.non_embedding_params() / 1e6:.1f}M non-embedding parameters")
+                  f"{cfg.non_embedding_params() / 1e6:.1f}M non-embedding parameters"
+                  + (f", noise schedule {sched}" if sched else ""))
         elif args.direction == "to-hf":
             out = export_hf(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
             arm = json.loads((out / "config.json").read_text())["model_type"] == "llama"
@@ -869,5 +918,8 @@ def run(args) -> int:
             print(export_litgpt(args.ckpt, args.out, dtype=args.dtype, layout=args.layout))
     except (ConvertError, ckpt.CheckpointError) as e:
         print(f"smdm convert: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output side (an unwritable --out, a full disk): the path and the reason
+        print(f"smdm convert: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
