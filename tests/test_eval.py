@@ -517,7 +517,16 @@ def test_mc_cli_two_models_json(mc_setup, capsys):
     assert not list(root.glob(".res.json.tmp*"))  # written atomically (temporary name renamed)
     rc = evaluate.main(["mc", "--ckpt", str(ckpts["mdm"]), "--data", str(data), "--limit", "2", "--method",
                         "chain", "--cfg", "0.5", "--device", "cpu"])
-    assert rc == 0 and "[chain cfg=0.5] n=2" in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert rc == 0 and "[chain cfg=0.5] n=2" in cap.out and "note" not in cap.err
+    # the ARM twin does not use them: a note names them (before: silence), the MDM's run is the same
+    rc = evaluate.main(["mc", "--ckpt", str(ckpts["mdm"]), "--ckpt", str(ckpts["arm"]), "--data", str(data),
+                        "--limit", "2", "--method", "chain", "--cfg", "0.5", "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "[chain cfg=0.5] n=2" in cap.out
+    assert f"{ckpts['arm']} is an autoregressive model" in cap.err and "--method chain, --cfg 0.5 apply to the " \
+        "MDM only" in cap.err, cap.err
+    assert cap.err.count("note") == 1
 
 
 def test_registered_in_smdm_cli(mc_setup, monkeypatch, capsys):
