@@ -150,3 +150,20 @@ def test_bad_dtype_is_a_usage_error(ckpts, capsys):
         cli.main(["bench", "frontier", "--mdm", str(ckpts["mdm"]), "--arm", str(ckpts["ar"]), "--device", "cpu",
                   "--dtype", "foo"])
     assert e.value.code == 2 and "invalid choice: 'foo'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--steps", "0"], "S=0: steps must be an int >= 1"),
+    (["--samplers", "foo"], "unknown sampler 'foo'"),
+    (["--block-length", "3"], "block_length=3 must divide gen_length=8"),
+])
+def test_bad_variants_fail_before_the_arm_baseline_runs(ckpts, flags, msg, capsys):
+    """Every MDM variant's options are checked before the first variant (the ARM baseline) runs: before, a bad
+    --steps / --samplers / --block-length failed only after the ARM had been timed (minutes on a real run)."""
+    from smdm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "frontier", "--mdm", str(ckpts["mdm"]), "--arm", str(ckpts["ar"]), "--device", "cpu",
+                  "--n", "2", "--gen-length", "8", *flags])
+    assert msg in str(e.value), str(e.value)
+    assert "arm kv-cache:" not in capsys.readouterr().err  # no variant ran

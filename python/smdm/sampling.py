@@ -509,14 +509,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
             raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
         return _generate_arm(model, prompts, gen_length, seeds, dict(temperature=temperature, top_k=top_k,
                              top_p=top_p, batch_invariant=batch_invariant), eos_id, cache, callback)
-    _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence)
-    if block_length is not None:
-        if gen_length % block_length:
-            raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
-        n_blocks = gen_length // block_length
-        if sampler != "threshold" and steps % n_blocks:
-            raise ValueError(f"steps={steps} must be a multiple of the number of blocks "
-                             f"(gen_length / block_length = {n_blocks})")
+    check_mdm_options(gen_length, steps, sampler=sampler, block_length=block_length, threshold=threshold,
+                      cfg_scale=cfg_scale, confidence=confidence)
     mask_id = cfg.mask_id
     rows = []
     for i, p in enumerate(prompts):
@@ -638,6 +632,23 @@ def _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence):
         raise ValueError(f"cfg_scale must be finite and >= 0 (0 = no guidance), got {cfg_scale}")
     if confidence not in CONFIDENCES:
         raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
+
+
+def check_mdm_options(gen_length: int, steps: int, *, sampler: str = "low_confidence",
+                      block_length: Optional[int] = None, threshold: Optional[float] = None,
+                      cfg_scale: float = 0.0, confidence: str = "prob", cache: str = "none") -> None:
+    """The checks `generate` makes of an MDM's sampler options, without a model: a benchmark checks every variant
+    before the first one runs. Raises ValueError naming the option."""
+    _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence)
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if block_length is not None:
+        if gen_length % block_length:
+            raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
+        n_blocks = gen_length // block_length
+        if sampler != "threshold" and steps % n_blocks:
+            raise ValueError(f"steps={steps} must be a multiple of the number of blocks "
+                             f"(gen_length / block_length = {n_blocks})")
 
 
 def _check_ids(cfg, ids, what):

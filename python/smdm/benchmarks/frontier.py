@@ -107,6 +107,8 @@ def run(mdm, arm, judge, prompts, references, *, gen_length: int, steps, sampler
     text): speed, forward passes, judge perplexity and entropy, tokens/s over the ARM's."""
     import torch
 
+    from smdm.sampling import check_mdm_options
+
     device = next(mdm.parameters()).device
     seeds = [seed + i for i in range(len(prompts))]
     common = dict(gen_length=gen_length, temperature=temperature, seeds=seeds, batch_size=batch_size,
@@ -116,6 +118,11 @@ def run(mdm, arm, judge, prompts, references, *, gen_length: int, steps, sampler
         plan.append(("arm kv-cache", arm, dict(cache="prefix", batch_invariant=False)))
     plan += [(name, mdm, dict(kw, cfg_scale=cfg_scale))
              for name, kw in variants(steps, samplers, block_length, caches, threshold).items()]
+    for name, _, kw in plan[1 if arm is not None else 0:]:  # every variant's options, before anything runs
+        try:
+            check_mdm_options(gen_length, **kw)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     records = []
     with torch.no_grad():
         for name, model, kw in plan:
