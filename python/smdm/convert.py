@@ -95,8 +95,10 @@ def read_state_dict(path) -> dict:
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad pickle / zip
-            raise ConvertError(f"{path}: not a torch state dict that loads with weights_only=True "
-                               f"({type(e).__name__}: {e})") from None
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if why.startswith("Weights only load failed"):  # torch's paragraph on unsafe loading: not the point
+                why = "torch.load(weights_only=True) cannot read it as tensors"
+            raise ConvertError(f"{path}: not a torch state dict of tensors ({type(e).__name__}: {why})") from None
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -545,7 +545,8 @@ def _cmd_inspect(args) -> int:
                 )
             if len(m.shards) > args.max_shards:
                 print(f"    ... {len(m.shards) - args.max_shards} more")
-            print(f"  tokenizer {m.tokenizer_path} ({m.tokenizer_hash})")
+            print(f"  tokenizer {m.tokenizer_path} ({m.tokenizer_hash})" if m.tokenizer_path is not None else
+                  "  tokenizer: none recorded (no decoded sample; `smdm data import --tokenizer` records one)")
             sample = decode_sample(m, args.sample_tokens)
             if sample is not None:
                 print(f"  sample ({args.sample_tokens} tokens): {sample!r}")
