@@ -129,7 +129,6 @@ def test_same_seed_same_samples(ckpts, prepared):
     (["--arm", "AR", "--data", "/nonexistent"], "--data /nonexistent"),
     (["--arm", "/nonexistent"], "--arm /nonexistent"),
     (["--arm", "AR", "--n", "0"], "--n must be >= 1, got 0"),  # not "no document of 72+ tokens"
-    (["--arm", "AR", "--json", "/nonexistent/f.json"], "--json /nonexistent/f.json: no directory"),
 ])
 def test_errors_name_the_flag(ckpts, flags, msg, capsys):
     from smdm import cli

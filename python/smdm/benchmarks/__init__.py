@@ -42,6 +42,39 @@ def register(parser: argparse.ArgumentParser, name: str = "bench") -> None:
         p.set_defaults(func=_run)
 
 
+def json_out(value: str) -> str:
+    """argparse type of a `--json FILE`: its directory must exist, said when the command line is read (not as a
+    traceback after a benchmark that may have run for minutes)."""
+    from pathlib import Path
+
+    parent = Path(value).parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: no directory {parent}")
+    return value
+
+
+def positive_int(value: str) -> int:
+    """argparse type of a count or size: an int >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def positive_float(value: str) -> float:
+    """argparse type of a duration or size in (0, inf)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return x
+
+
 def write_records(records: list, path: str) -> None:
     """Write a benchmark's records (one per variant) as a JSON list with one record per line (compact even
     when records carry long token lists), atomically (`smdm.data.write_atomic`)."""

@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from smdm.benchmarks import environment, write_records
+from smdm.benchmarks import environment, json_out, write_records
 
 
 def sample_entropy(tokens) -> float:
@@ -193,8 +193,6 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.n < 1:
         raise SystemExit(f"smdm bench frontier: error: --n must be >= 1, got {args.n}")
-    if args.json and not Path(args.json).parent.is_dir():  # said now, not after every variant has run
-        raise SystemExit(f"smdm bench frontier: error: --json {args.json}: no directory {Path(args.json).parent}")
     if args.arm is None and args.judge is None:
         raise SystemExit("smdm bench frontier: error: give --arm (the ARM twin, also the default judge) or "
                          "--judge (an autoregressive checkpoint that scores the samples)")
@@ -291,7 +289,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--show", type=int, default=2, help="decoded samples printed per variant")
-    parser.add_argument("--json", metavar="FILE", help="write one JSON record per variant (samples included)")
+    parser.add_argument("--json", metavar="FILE", type=json_out,
+                        help="write one JSON record per variant (samples included)")
     parser.set_defaults(func=main)
     return parser
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from smdm import rng
-from smdm.benchmarks import write_records
+from smdm.benchmarks import json_out, positive_float, positive_int, write_records
 from smdm.diffusion import crop_length, forward_process, forward_process_reference
 from smdm.rng import Stream
 
@@ -204,10 +204,10 @@ def main(args: argparse.Namespace) -> int:
 def register(parser: argparse.ArgumentParser, name: str | None = None) -> argparse.ArgumentParser:
     """Add the `mask` benchmark's options to `parser` and set `func`."""
     parser.description = __doc__.split("\n")[0]
-    parser.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32], help="batch sizes (rows)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row")
-    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timing round")
-    parser.add_argument("--json", metavar="FILE", help="write one JSON record per (variant, batch)")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[8, 16, 32], help="batch sizes (rows)")
+    parser.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per row")
+    parser.add_argument("--min-time", type=positive_float, default=0.2, help="seconds per timing round")
+    parser.add_argument("--json", metavar="FILE", type=json_out, help="write one JSON record per (variant, batch)")
     parser.set_defaults(func=main)
     return parser
 

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from smdm.benchmarks import write_records
+from smdm.benchmarks import json_out, positive_int, write_records
 
 BASELINES = ("numpy copy (same bytes)", "python loop (lit-gpt builder)", "numpy vectorized")
 
@@ -192,11 +192,11 @@ def main(args: argparse.Namespace) -> int:
 def register(parser: argparse.ArgumentParser, name: str | None = None) -> argparse.ArgumentParser:
     """Add the `pack` benchmark's options to `parser` and set `func`."""
     parser.description = __doc__.split("\n")[0]
-    parser.add_argument("--tokens", type=int, default=16_000_000, help="document tokens to pack")
-    parser.add_argument("--mean-doc", type=int, default=512, help="mean document length (exponential)")
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (best is kept)")
-    parser.add_argument("--json", metavar="FILE", help="write one JSON record per variant")
+    parser.add_argument("--tokens", type=positive_int, default=16_000_000, help="document tokens to pack")
+    parser.add_argument("--mean-doc", type=positive_int, default=512, help="mean document length (exponential)")
+    parser.add_argument("--vocab-size", type=positive_int, default=32000)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per variant (best is kept)")
+    parser.add_argument("--json", metavar="FILE", type=json_out, help="write one JSON record per variant")
     parser.set_defaults(func=main)
     return parser
 

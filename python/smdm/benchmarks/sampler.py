@@ -21,7 +21,7 @@ import platform
 import sys
 import time
 
-from smdm.benchmarks import write_records
+from smdm.benchmarks import json_out, positive_int, write_records
 
 
 def _variants(gen_length: int, steps_div: int) -> dict:
@@ -259,21 +259,21 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--config", default="tiny", help="model config name (tiny, demo, 170M, 1028M, ...)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    parser.add_argument("--gen-lengths", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--gen-lengths", type=positive_int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--steps-div", type=int, default=4, help="MDM steps = gen length / this (default 4)")
-    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--steps-div", type=positive_int, default=4, help="MDM steps = gen length / this (default 4)")
+    parser.add_argument("--vocab-size", type=positive_int, default=32000)
     parser.add_argument("--only", nargs="+", default=None, help="run only variants whose name contains one "
                         "of these (the ARM baseline is always run)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (best is kept)")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="timed runs per variant (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", metavar="FILE", help="write one JSON record per (variant, gen, batch)")
+    parser.add_argument("--json", metavar="FILE", type=json_out, help="write one JSON record per (variant, gen, batch)")
     q = parser.add_argument_group("block-cache quality (instead of throughput)")
     q.add_argument("--quality-ckpt", metavar="DIR", help="trained MDM checkpoint: compare cache none/prefix/dual")
     q.add_argument("--quality-data", metavar="DIR", help="dataset whose val documents give the prompts")
-    q.add_argument("--quality-n", type=int, default=32, help="prompts (default 32)")
-    q.add_argument("--quality-block", type=int, default=8, help="block length (default 8)")
+    q.add_argument("--quality-n", type=positive_int, default=32, help="prompts (default 32)")
+    q.add_argument("--quality-block", type=positive_int, default=8, help="block length (default 8)")
     q.add_argument("--quality-temperature", type=float, default=0.0)
     parser.set_defaults(func=main)
     return parser

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from smdm.benchmarks import write_records
+from smdm.benchmarks import json_out, positive_float, positive_int, write_records
 
 BASELINE = "python tokenizers + numpy"
 ONE_DOC = "rust (one document)"
@@ -185,12 +185,12 @@ def main(args: argparse.Namespace) -> int:
 def register(parser: argparse.ArgumentParser, name: str | None = None) -> argparse.ArgumentParser:
     """Add the `tokenize` benchmark's options to `parser` and set `func`."""
     parser.description = __doc__.split("\n")[0]
-    parser.add_argument("--mb", type=float, default=8.0, help="MB of the built-in corpus to tokenize")
+    parser.add_argument("--mb", type=positive_float, default=8.0, help="MB of the built-in corpus to tokenize")
     parser.add_argument("--tokenizer", help="a tokenizer.json (default: train a BPE on the first MB)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained tokenizer")
-    parser.add_argument("--threads", type=int, help="rayon threads for both sides (default: all cores)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (best is kept)")
-    parser.add_argument("--json", metavar="FILE", help="write one JSON record per variant")
+    parser.add_argument("--vocab-size", type=positive_int, default=8192, help="vocabulary of the trained tokenizer")
+    parser.add_argument("--threads", type=positive_int, help="rayon threads for both sides (default: all cores)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per variant (best is kept)")
+    parser.add_argument("--json", metavar="FILE", type=json_out, help="write one JSON record per variant")
     parser.set_defaults(func=main)
     return parser
 
