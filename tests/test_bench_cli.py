@@ -1,5 +1,5 @@
 # python -m pytest -q tests/test_bench_cli.py
-"""`smdm bench pack|mask|tokenize|sampler|frontier` command lines: a bad count, size or --json directory is argparse's
+"""`smdm bench` command lines: a bad count, size or --json directory is argparse's
 error naming the option, when the command line is read (before: `--tokens -5` ran, and a --json in a missing
 directory was a traceback after the benchmark had run); a small real run writes its JSON records."""
 
@@ -24,6 +24,8 @@ from smdm.cli import main
     (["sampler", "--gen-lengths", "0"], "argument --gen-lengths: must be >= 1, got 0"),
     (["sampler", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json: no directory"),
     (["frontier", "--mdm", "M", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json"),
+    (["reversal", "--quick", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json"),
+    (["scaling", "--quick", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json"),
 ])
 def test_bad_options_are_usage_errors_naming_the_option(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:

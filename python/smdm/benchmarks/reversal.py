@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smdm.benchmarks import environment, write_records
+from smdm.benchmarks import environment, json_out, write_records
 
 EOS = "<|endoftext|>"
 TEMPLATE = "is"
@@ -365,6 +365,6 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--seeds", type=int, nargs="+", default=[0], help="one full run (facts, models, probes) per seed")
     a("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     a("--out", default=None, help="keep facts, tokenizer and both checkpoints here (default: a temp dir)")
-    a("--json", default=None, help="write the settings and results here")
+    a("--json", default=None, type=json_out, help="write the settings and results here")
     parser.set_defaults(func=run)
     return parser

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smdm.benchmarks import environment, write_records
+from smdm.benchmarks import environment, json_out, write_records
 
 OBJECTIVES = ("mdm", "ar")
 DEFAULTS = dict(sizes=["L1-H2-D32-F128", "L2-H2-D48-F192", "L2-H2-D64-F256", "L3-H3-D96-F384"],
@@ -244,6 +244,6 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out", default="runs/scaling", help="the runs (checkpoints, result.json each); the same command again "
                                             "reuses the finished ones (default runs/scaling)")
-    a("--json", default=None, help="write the settings, every run and the fits here")
+    a("--json", default=None, type=json_out, help="write the settings, every run and the fits here")
     parser.set_defaults(func=run)
     return parser
