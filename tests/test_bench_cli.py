@@ -15,19 +15,21 @@ from smdm.cli import main
     (["pack", "--tokens", "0"], "argument --tokens: must be >= 1, got 0"),
     (["pack", "--tokens", "-5"], "argument --tokens: must be >= 1, got -5"),
     (["pack", "--repeats", "x"], "argument --repeats: not an integer: 'x'"),
-    (["pack", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json: no directory /nonexistent"),
+    (["pack", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json: no directory {missing}"),
     (["mask", "--batch", "8", "0"], "argument --batch: must be >= 1, got 0"),
     (["mask", "--min-time", "0"], "argument --min-time: must be > 0, got 0"),
     (["mask", "--min-time", "nan"], "argument --min-time: must be > 0, got nan"),
     (["tokenize", "--mb", "-1"], "argument --mb: must be > 0, got -1"),
-    (["tokenize", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json: no directory"),
+    (["tokenize", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json: no directory"),
     (["sampler", "--gen-lengths", "0"], "argument --gen-lengths: must be >= 1, got 0"),
-    (["sampler", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json: no directory"),
-    (["frontier", "--mdm", "M", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json"),
-    (["reversal", "--quick", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json"),
-    (["scaling", "--quick", "--json", "/nonexistent/x.json"], "argument --json: /nonexistent/x.json"),
+    (["sampler", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json: no directory"),
+    (["frontier", "--mdm", "M", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json"),
+    (["reversal", "--quick", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json"),
+    (["scaling", "--quick", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json"),
 ])
-def test_bad_options_are_usage_errors_naming_the_option(argv, msg, capsys):
+def test_bad_options_are_usage_errors_naming_the_option(argv, msg, capsys, tmp_path):
+    missing = str(tmp_path / "missing")  # a directory that does not exist
+    argv, msg = [a.format(missing=missing) for a in argv], msg.format(missing=missing)
     with pytest.raises(SystemExit) as e:
         main(["bench", *argv])
     assert e.value.code == 2
