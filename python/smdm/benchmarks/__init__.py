@@ -53,26 +53,25 @@ def json_out(value: str) -> str:
     return value
 
 
+def _positive(value: str, kind: type):
+    """`value` as an int >= 1 or a finite float > 0 (`kind`), else argparse's error saying which."""
+    try:
+        x = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {value!r}") from None
+    if not (x >= 1 if kind is int else 0 < x < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be {'>= 1' if kind is int else '> 0'}, got {value}")
+    return x
+
+
 def positive_int(value: str) -> int:
     """argparse type of a count or size: an int >= 1."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+    return _positive(value, int)
 
 
 def positive_float(value: str) -> float:
     """argparse type of a duration or size in (0, inf)."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return x
+    return _positive(value, float)
 
 
 def write_records(records: list, path: str) -> None:
