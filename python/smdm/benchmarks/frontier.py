@@ -100,14 +100,28 @@ def variants(steps, samplers, block_length=None, caches=("none",), threshold: fl
     return out
 
 
+def check_variants(gen_length: int, steps, samplers, block_length=None, caches=("none",), threshold: float = 0.9,
+                   cfg_scale: float = 0.0) -> dict:
+    """`variants` with cfg_scale, every one checked as `generate` would check it (ValueError naming the variant), so
+    a bad option fails before the first variant (the ARM baseline) runs."""
+    from smdm.sampling import check_mdm_options
+
+    out = {name: dict(kw, cfg_scale=cfg_scale)
+           for name, kw in variants(steps, samplers, block_length, caches, threshold).items()}
+    for name, kw in out.items():
+        try:
+            check_mdm_options(gen_length, **kw)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return out
+
+
 def run(mdm, arm, judge, prompts, references, *, gen_length: int, steps, samplers, temperature: float,
         block_length=None, caches=("none",), threshold: float = 0.9, cfg_scale: float = 0.0,
         batch_size: int = 8, seed: int = 0, judge_batch_size: int = 16) -> list:
     """One record per variant (ARM twin first when given, then each MDM sampler x steps, then the reference
     text): speed, forward passes, judge perplexity and entropy, tokens/s over the ARM's."""
     import torch
-
-    from smdm.sampling import check_mdm_options
 
     device = next(mdm.parameters()).device
     seeds = [seed + i for i in range(len(prompts))]
@@ -116,13 +130,8 @@ def run(mdm, arm, judge, prompts, references, *, gen_length: int, steps, sampler
     plan = []
     if arm is not None:
         plan.append(("arm kv-cache", arm, dict(cache="prefix", batch_invariant=False)))
-    plan += [(name, mdm, dict(kw, cfg_scale=cfg_scale))
-             for name, kw in variants(steps, samplers, block_length, caches, threshold).items()]
-    for name, _, kw in plan[1 if arm is not None else 0:]:  # every variant's options, before anything runs
-        try:
-            check_mdm_options(gen_length, **kw)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    mdm_variants = check_variants(gen_length, steps, samplers, block_length, caches, threshold, cfg_scale)
+    plan += [(name, mdm, kw) for name, kw in mdm_variants.items()]
     records = []
     with torch.no_grad():
         for name, model, kw in plan:
@@ -196,6 +205,12 @@ def main(args: argparse.Namespace) -> int:
     if args.arm is None and args.judge is None:
         raise SystemExit("smdm bench frontier: error: give --arm (the ARM twin, also the default judge) or "
                          "--judge (an autoregressive checkpoint that scores the samples)")
+    steps = sorted({max(1, args.gen_length // d) for d in (8, 4, 2, 1)}) if args.steps is None else args.steps
+    try:  # before any checkpoint loads or any variant runs
+        check_variants(args.gen_length, steps, args.samplers, args.block_length, args.cache, args.threshold,
+                       args.cfg_scale)
+    except ValueError as e:
+        raise SystemExit(f"smdm bench frontier: error: {e}") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mdm, tok, digest, mdm_step = _load("--mdm", args.mdm, device, args.dtype)
     if mdm.config.causal:
@@ -216,7 +231,6 @@ def main(args: argparse.Namespace) -> int:
         loaded[flag] = m
     data = args.data or _default_data(mdm_step)
     prompts, refs = _validation(data, args)
-    steps = sorted({max(1, args.gen_length // d) for d in (8, 4, 2, 1)}) if args.steps is None else args.steps
     print(f"speed-quality frontier: MDM {args.mdm}, ARM {args.arm}, judge {args.judge or args.arm}; "
           f"{len(prompts)} validation prompts of {args.prompt_length} tokens from {data}, {args.gen_length} "
           f"new tokens each, temperature {args.temperature}, batch {args.batch_size}; device {device}, "
