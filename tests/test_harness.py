@@ -429,6 +429,10 @@ def test_cli_errors(twins, offline, capsys):
     rc = evaluate.main(["harness", "--ckpt", str(twins["ar"]), "--tasks", "t", "--include-path",
                         str(twins["root"] / "nope")])
     assert rc == 2 and "--include-path" in capsys.readouterr().err
+    # a --json in a missing directory: said when the command line is read, not after every model has run
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(base + ["--tasks", "tiny_mc", "--json", str(twins["root"] / "nope" / "r.json")])
+    assert e.value.code == 2 and "argument --json" in capsys.readouterr().err
 
 
 def test_registered_class_and_model_argument_errors(twins, offline):

@@ -383,6 +383,7 @@ def cut_at_stop(text: str, until) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `smdm eval harness` (no lm_eval import)."""
+    from smdm.benchmarks import json_out
     p.add_argument("--ckpt", action="append", required=True,
                    help="checkpoint (step dir or run dir); repeat to run several models on the same tasks")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
@@ -405,7 +406,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="for requests that ask to sample (do_sample)")
     p.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's bootstrap for the standard "
                    "errors of non-mean metrics (0: skip them)")
-    p.add_argument("--json", default=None, metavar="OUT", help="write lm-eval's results per model to OUT")
+    p.add_argument("--json", default=None, metavar="OUT", type=json_out,
+                   help="write lm-eval's results per model to OUT (its directory must exist)")
 
 
 def model_args(args, ckpt) -> dict:
