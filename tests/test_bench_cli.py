@@ -1,0 +1,16 @@
+# python -m pytest tests/test_bench_cli.py -q
+"""`smdm bench pack|mask|tokenize|sampler` through the CLI at tiny sizes: what they leave behind and how they
+answer bad input (an error naming the option, not a traceback)."""
+
+from __future__ import annotations
+
+import tempfile
+
+from smdm.cli import main
+
+
+def test_bench_tokenize_removes_the_tokenizer_it_trained(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where tempfile puts its files
+    assert main(["bench", "tokenize", "--mb", "0.01", "--vocab-size", "300", "--repeats", "1"]) == 0
+    assert "rust:" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
