@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 
+import pytest
 from smdm.cli import main
 
 
@@ -14,3 +15,11 @@ def test_bench_tokenize_removes_the_tokenizer_it_trained(tmp_path, monkeypatch, 
     assert main(["bench", "tokenize", "--mb", "0.01", "--vocab-size", "300", "--repeats", "1"]) == 0
     assert "rust:" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_tokenize_a_missing_or_bad_tokenizer_is_an_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"x" 1}')
+    for path, msg in ((tmp_path / "none.json", "none.json: No such file"), (bad, "bad.json: tokenizer error")):
+        with pytest.raises(SystemExit, match=f"smdm bench tokenize: error: --tokenizer .*{msg}"):
+            main(["bench", "tokenize", "--mb", "0.01", "--tokenizer", str(path), "--repeats", "1"])

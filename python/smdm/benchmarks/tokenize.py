@@ -102,7 +102,10 @@ def run(mb: float = 8.0, tokenizer: str | None = None, vocab_size: int = 8192, r
             rust = _core.Tokenizer.from_file(path)
             py = tokenizers.Tokenizer.from_file(path)
     else:
-        rust = _core.Tokenizer.from_file(tokenizer)
+        try:
+            rust = _core.Tokenizer.from_file(tokenizer)
+        except (OSError, ValueError) as e:  # SmdmIOError / SmdmFormatError, naming the file
+            raise SystemExit(f"smdm bench tokenize: error: --tokenizer {e}") from None
         py = tokenizers.Tokenizer.from_file(tokenizer)
     eos, vocab = rust.eos_id, rust.vocab_size
     variants = {
