@@ -23,3 +23,23 @@ def test_bench_tokenize_a_missing_or_bad_tokenizer_is_an_error(tmp_path):
     for path, msg in ((tmp_path / "none.json", "none.json: No such file"), (bad, "bad.json: tokenizer error")):
         with pytest.raises(SystemExit, match=f"smdm bench tokenize: error: --tokenizer .*{msg}"):
             main(["bench", "tokenize", "--mb", "0.01", "--tokenizer", str(path), "--repeats", "1"])
+
+
+def test_bench_sampler_quality_mode_checks_its_inputs_before_generating(tmp_path, prepared):
+    """--quality-ckpt without --quality-data, a missing checkpoint and an ARM were a TypeError, a CheckpointError
+    and (after generating with every cache) a ValueError from elbo_nll: errors naming the option now."""
+    from smdm import checkpoint
+    from smdm.model import build_model, config_by_name
+
+    model = build_model(config_by_name("tiny", vocab_size=300, causal=True, max_seq_len=64), seed=0)
+    arm = checkpoint.save(tmp_path / "ar", 1, model_state=model.state_dict(),
+                          config={"model": model.config.to_dict(), "objective": "ar"}, train_state={"step": 1},
+                          tokenizer_path=prepared / "tokenizer.json")
+    base = ["bench", "sampler", "--gen-lengths", "8", "--quality-n", "1", "--prompt-length", "4"]
+    for extra, msg in ((["--quality-ckpt", str(arm)], "--quality-ckpt needs --quality-data"),
+                       (["--quality-ckpt", str(tmp_path / "none"), "--quality-data", str(prepared)],
+                        "--quality-ckpt .*none: checkpoint path .* does not exist"),
+                       (["--quality-ckpt", str(arm), "--quality-data", str(prepared)],
+                        "--quality-ckpt .* is an autoregressive checkpoint")):
+        with pytest.raises(SystemExit, match=f"smdm bench sampler: error: {msg}"):
+            main(base + extra)

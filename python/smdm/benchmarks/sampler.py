@@ -201,7 +201,16 @@ def _table(records) -> str:
 def quality_main(args) -> int:
     import smdm
 
-    model, _ = smdm.load(args.quality_ckpt, device=args.device)
+    if args.quality_data is None:
+        raise SystemExit("smdm bench sampler: error: --quality-ckpt needs --quality-data (the dataset whose val "
+                         "documents give the prompts)")
+    try:
+        model, _ = smdm.load(args.quality_ckpt, device=args.device)
+    except (OSError, ValueError) as e:  # CheckpointError (a ValueError) names the path and what is wrong
+        raise SystemExit(f"smdm bench sampler: error: --quality-ckpt {args.quality_ckpt}: {e}") from None
+    if model.config.causal:
+        raise SystemExit(f"smdm bench sampler: error: --quality-ckpt {args.quality_ckpt} is an autoregressive "
+                         f"checkpoint; the block caches are the MDM's")
     G = args.gen_lengths[0]
     prompts, refs = validation_prompts(args.quality_data, args.quality_n, args.prompt_length, G)
     S = max(1, G // args.steps_div)
