@@ -43,3 +43,14 @@ def test_bench_sampler_quality_mode_checks_its_inputs_before_generating(tmp_path
                         "--quality-ckpt .* is an autoregressive checkpoint")):
         with pytest.raises(SystemExit, match=f"smdm bench sampler: error: {msg}"):
             main(base + extra)
+
+
+def test_bench_sampler_threads_applies_to_the_quality_mode(monkeypatch):
+    import torch
+    from smdm.benchmarks import sampler
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(sampler, "quality_main", lambda args: 0)
+    assert main(["bench", "sampler", "--quality-ckpt", "CKPT", "--quality-data", "DATA", "--threads", "1"]) == 0
+    assert threads == [1]

@@ -234,6 +234,10 @@ def quality_main(args) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads:  # the quality mode's generations and ELBOs too
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.quality_ckpt:
         return quality_main(args)
     if args.device == "cuda":
@@ -242,10 +246,6 @@ def main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("smdm bench sampler: error: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     records = run(args.config, args.device, args.gen_lengths, args.batch_sizes,
                   prompt_length=args.prompt_length, steps_div=args.steps_div, vocab_size=args.vocab_size,
                   dtype=args.dtype, only=args.only, repeats=args.repeats)
