@@ -1320,7 +1320,14 @@ def plot_runs(runs: list, png) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    png = Path(png)
+    if not png.suffix:  # what matplotlib writes for a name without one: the path printed is the file written
+        png = png.with_suffix(".png")
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    kinds = fig.canvas.get_supported_filetypes()
+    if png.suffix[1:].lower() not in kinds:
+        plt.close(fig)
+        raise TrainError(f"{png}: matplotlib cannot write {png.suffix!r} files (it writes {', '.join(kinds)})")
     for run in runs:
         rows = read_metrics(run)
         name = Path(run).name
@@ -1337,7 +1344,6 @@ def plot_runs(runs: list, png) -> Path:
     ax.set_ylabel("nats / token (MDM: ELBO bound, ARM: exact NLL)")
     ax.legend()
     ax.grid(alpha=0.3)
-    png = Path(png)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
