@@ -426,6 +426,16 @@ def test_compare_prints_the_file_it_writes(tmp_path, capsys):
     assert not (tmp_path / "cmp.xyz").exists()
 
 
+def test_compare_names_a_metrics_line_that_is_not_json(tmp_path, capsys):
+    from smdm.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "loss": 5.0}) + '\n{"step": 2, "tok')
+    assert main(["train", "--compare", str(run), "--out", str(tmp_path / "cmp.png")]) == 2
+    assert f"{run / 'metrics.jsonl'}: line 2 is not JSON" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bad input: clear errors, and --resume never silently starts fresh
 

@@ -1310,7 +1310,15 @@ def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise TrainError(f"{path}: no metrics (is {run_dir} a training run?)")
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:  # e.g. a line cut off by a crash (--resume drops it)
+            raise TrainError(f"{path}: line {i} is not JSON ({e.msg} at column {e.colno})") from None
+    return rows
 
 
 def plot_runs(runs: list, png) -> Path:
