@@ -448,6 +448,8 @@ def test_cli_errors(twins, offline, capsys):
     rc = evaluate.main(["harness", "--ckpt", str(twins["ar"]), "--tasks", "t", "--include-path",
                         str(twins["root"] / "nope")])
     assert rc == 2 and "--include-path" in capsys.readouterr().err
+    rc = evaluate.main(base + ["--tasks", "tiny_mc", "--json", str(twins["root"] / "nope" / "out.json")])
+    assert rc == 2 and f"--json {twins['root'] / 'nope' / 'out.json'}: no such directory" in capsys.readouterr().err
 
 
 def test_registered_class_and_model_argument_errors(twins, offline):

@@ -444,6 +444,8 @@ def run_cli(args) -> int:
         for path in args.include_path or []:
             if not Path(path).is_dir():
                 raise ValueError(f"--include-path {path}: no such directory")
+        if args.json and not Path(args.json).parent.is_dir():  # found out before the evaluation, not after it
+            raise ValueError(f"--json {args.json}: no such directory {Path(args.json).parent}")
         manager = task_manager(tasks, args.include_path)
         missing = [t for t in tasks if t not in manager.all_tasks]
         if missing:
