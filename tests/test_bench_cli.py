@@ -54,3 +54,9 @@ def test_bench_sampler_threads_applies_to_the_quality_mode(monkeypatch):
     monkeypatch.setattr(sampler, "quality_main", lambda args: 0)
     assert main(["bench", "sampler", "--quality-ckpt", "CKPT", "--quality-data", "DATA", "--threads", "1"]) == 0
     assert threads == [1]
+
+
+def test_bench_pack_sizes_must_be_positive():
+    for flag in ("--tokens", "--mean-doc", "--repeats"):
+        with pytest.raises(SystemExit, match=f"smdm bench pack: error: {flag} must be >= 1, got 0"):
+            main(["bench", "pack", "--tokens", "1000", "--repeats", "1", flag, "0"])

@@ -171,6 +171,9 @@ def table(records) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    for flag, v in (("--tokens", args.tokens), ("--mean-doc", args.mean_doc), ("--repeats", args.repeats)):
+        if v < 1:  # --mean-doc 0 divided by zero; --repeats 0 timed nothing and printed 0 Mtok/s, nan ratios
+            raise SystemExit(f"smdm bench pack: error: {flag} must be >= 1, got {v}")
     records = run(args.tokens, args.mean_doc, args.vocab_size, args.repeats)
     r0 = records[0]
     env = r0["environment"]
