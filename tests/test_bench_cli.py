@@ -1,11 +1,13 @@
 # python -m pytest -q tests/test_bench_cli.py
-"""`smdm bench` command lines: a bad count, size or --json directory is argparse's
-error naming the option, when the command line is read (before: `--tokens -5` ran, and a --json in a missing
-directory was a traceback after the benchmark had run); a small real run writes its JSON records."""
+"""`smdm bench` command lines: a bad count, size or --json directory is argparse's error naming the option,
+when the command line is read (before: `--tokens -5` ran, and a --json in a missing directory was a traceback
+after the benchmark had run); small real runs write their JSON records and leave nothing behind; bad input
+files are errors naming the option, not tracebacks."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 from smdm.cli import main
@@ -15,6 +17,8 @@ from smdm.cli import main
     (["pack", "--tokens", "0"], "argument --tokens: must be >= 1, got 0"),
     (["pack", "--tokens", "-5"], "argument --tokens: must be >= 1, got -5"),
     (["pack", "--repeats", "x"], "argument --repeats: not an integer: 'x'"),
+    (["pack", "--mean-doc", "0"], "argument --mean-doc: must be >= 1, got 0"),  # was a ZeroDivisionError
+    (["pack", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),  # printed 0 Mtok/s and nan ratios
     (["pack", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json: no directory {missing}"),
     (["mask", "--batch", "8", "0"], "argument --batch: must be >= 1, got 0"),
     (["mask", "--min-time", "0"], "argument --min-time: must be > 0, got 0"),
@@ -45,3 +49,49 @@ def test_small_pack_and_mask_runs_write_their_records(tmp_path, capsys):
     out = tmp_path / "mask.json"
     assert main(["bench", "mask", "--batch", "2", "--seq-len", "64", "--min-time", "0.01", "--json", str(out)]) == 0
     assert len(json.loads(out.read_text())) >= 2
+
+
+def test_bench_tokenize_removes_the_tokenizer_it_trained(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where tempfile puts its files
+    assert main(["bench", "tokenize", "--mb", "0.01", "--vocab-size", "300", "--repeats", "1"]) == 0
+    assert "rust:" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_tokenize_a_missing_or_bad_tokenizer_is_an_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"x" 1}')
+    for path, msg in ((tmp_path / "none.json", "none.json: No such file"), (bad, "bad.json: tokenizer error")):
+        with pytest.raises(SystemExit, match=f"smdm bench tokenize: error: --tokenizer .*{msg}"):
+            main(["bench", "tokenize", "--mb", "0.01", "--tokenizer", str(path), "--repeats", "1"])
+
+
+def test_bench_sampler_quality_mode_checks_its_inputs_before_generating(tmp_path, prepared):
+    """--quality-ckpt without --quality-data, a missing checkpoint and an ARM were a TypeError, a CheckpointError
+    and (after generating with every cache) a ValueError from elbo_nll: errors naming the option now."""
+    from smdm import checkpoint
+    from smdm.model import build_model, config_by_name
+
+    model = build_model(config_by_name("tiny", vocab_size=300, causal=True, max_seq_len=64), seed=0)
+    arm = checkpoint.save(tmp_path / "ar", 1, model_state=model.state_dict(),
+                          config={"model": model.config.to_dict(), "objective": "ar"}, train_state={"step": 1},
+                          tokenizer_path=prepared / "tokenizer.json")
+    base = ["bench", "sampler", "--gen-lengths", "8", "--quality-n", "1", "--prompt-length", "4"]
+    for extra, msg in ((["--quality-ckpt", str(arm)], "--quality-ckpt needs --quality-data"),
+                       (["--quality-ckpt", str(tmp_path / "none"), "--quality-data", str(prepared)],
+                        "--quality-ckpt .*none: checkpoint path .* does not exist"),
+                       (["--quality-ckpt", str(arm), "--quality-data", str(prepared)],
+                        "--quality-ckpt .* is an autoregressive checkpoint")):
+        with pytest.raises(SystemExit, match=f"smdm bench sampler: error: {msg}"):
+            main(base + extra)
+
+
+def test_bench_sampler_threads_applies_to_the_quality_mode(monkeypatch):
+    import torch
+    from smdm.benchmarks import sampler
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(sampler, "quality_main", lambda args: 0)
+    assert main(["bench", "sampler", "--quality-ckpt", "CKPT", "--quality-data", "DATA", "--threads", "1"]) == 0
+    assert threads == [1]

@@ -87,3 +87,18 @@ def test_sweep_end_to_end_and_resumed_from_its_cache(prepared, tmp_path, capsys)
     assert main(common + ["--sizes", "L1-H2-D16-F32", "--objectives", "ar", "--val-windows", "3"]) == 0
     text = capsys.readouterr().out
     assert "cached" not in text and "mdm" not in text.split("IsoFLOP minima")[1]  # one objective, one fit
+
+
+def test_a_missing_dataset_or_an_unknown_size_is_an_error_not_a_cached_skip(prepared, tmp_path):
+    """A trainer error is recorded (and reused) as a skipped run, meant for a budget below one step: a missing
+    --data or a misspelt size must stop the sweep before any run, or a later call with the data in place
+    would keep reporting the cached "no such directory"."""
+    from smdm.cli import main
+
+    out = tmp_path / "sweep"
+    common = ["bench", "scaling", "--quick", "--flops", "3e7", "--threads", "1", "--out", str(out)]
+    with pytest.raises(SystemExit, match="--data .*nodata: no such directory"):
+        main(common + ["--data", str(tmp_path / "nodata"), "--sizes", "L1-H2-D16-F32"])
+    with pytest.raises(SystemExit, match="--sizes nosuch: unknown model config"):
+        main(common + ["--data", str(prepared), "--sizes", "L1-H2-D16-F32", "nosuch"])
+    assert not list(out.rglob("result.json"))

@@ -417,6 +417,25 @@ def test_lm_eval_own_cli(twins, runs, tmp_path):
     assert [[float(r[0][0]) for r in s["resps"]] for s in got] == [[ll for ll, _ in d] for d in mine]
 
 
+def test_lm_eval_cli_defaults_to_the_cpu_without_cuda(monkeypatch):
+    """lm-eval's own default device is cuda:0, which the adapter cannot tell from one asked for: without CUDA
+    `smdm lm-eval --model smdm ...` as the README writes it (no --device) must run on the CPU, not fail."""
+    _lm_eval()
+    import lm_eval.__main__
+    import torch
+
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(sys.argv[1:]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = ["--model", "smdm", "--model_args", "ckpt=x", "--tasks", "t"]
+    for argv, want in [(run, run + ["--device", "cpu"]), (run + ["--device", "cuda:1"], run + ["--device", "cuda:1"]),
+                       (run + ["--device=meta"], run + ["--device=meta"]), (["ls", "tasks"], ["ls", "tasks"])]:
+        assert harness.lm_eval_main(argv) == 0
+        assert seen.pop() == want
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # with CUDA: lm-eval's default stands
+    assert harness.lm_eval_main(run) == 0 and seen.pop() == run
+
+
 def test_cli_errors(twins, offline, capsys):
     _lm_eval()
     base = ["harness", "--ckpt", str(twins["mdm"]), "--device", "cpu", "--include-path", str(twins["tasks"])]

@@ -408,6 +408,34 @@ def test_plot_and_compare(dataset, tmp_path):
     assert (tmp_path / "cmp.png").stat().st_size > 1000
 
 
+def test_compare_prints_the_file_it_writes(tmp_path, capsys):
+    """An --out without a suffix was written as OUT.png by matplotlib while OUT was printed; an unknown suffix
+    was matplotlib's traceback."""
+    pytest.importorskip("matplotlib")
+    from smdm.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "loss": 5.0}) + "\n" + json.dumps(
+        {"event": "val", "step": 1, "tokens": 8, "val_loss": 5.5, "val_stderr": 0.1, "val_kind": "elbo"}) + "\n")
+    assert main(["train", "--compare", str(run), "--out", str(tmp_path / "cmp")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    assert main(["train", "--compare", str(run), "--out", str(tmp_path / "cmp.xyz")]) == 2
+    assert "cmp.xyz: matplotlib cannot write '.xyz' files (it writes " in capsys.readouterr().err
+    assert not (tmp_path / "cmp.xyz").exists()
+
+
+def test_compare_names_a_metrics_line_that_is_not_json(tmp_path, capsys):
+    from smdm.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "loss": 5.0}) + '\n{"step": 2, "tok')
+    assert main(["train", "--compare", str(run), "--out", str(tmp_path / "cmp.png")]) == 2
+    assert f"{run / 'metrics.jsonl'}: line 2 is not JSON" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bad input: clear errors, and --resume never silently starts fresh
 

@@ -497,6 +497,12 @@ def lm_eval_main(argv: list) -> int:
     except ImportError as e:
         print(f"smdm lm-eval: error: {e}", file=sys.stderr)
         return 2
+    import torch
+
+    runs = not argv or argv[0] not in ("ls", "validate")
+    given = any(a == "--device" or a.startswith("--device=") for a in argv)
+    if runs and not given and not torch.cuda.is_available():  # lm-eval's default device is cuda:0
+        argv = [*argv, "--device", "cpu"]
     saved = sys.argv
     sys.argv = ["smdm lm-eval", *argv]  # lm-eval parses sys.argv (and inserts `run` where no subcommand is)
     try:

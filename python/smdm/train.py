@@ -1310,7 +1310,15 @@ def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise TrainError(f"{path}: no metrics (is {run_dir} a training run?)")
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:  # e.g. a line cut off by a crash (--resume drops it)
+            raise TrainError(f"{path}: line {i} is not JSON ({e.msg} at column {e.colno})") from None
+    return rows
 
 
 def plot_runs(runs: list, png) -> Path:
@@ -1320,7 +1328,14 @@ def plot_runs(runs: list, png) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    png = Path(png)
+    if not png.suffix:  # what matplotlib writes for a name without one: the path printed is the file written
+        png = png.with_suffix(".png")
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    kinds = fig.canvas.get_supported_filetypes()
+    if png.suffix[1:].lower() not in kinds:
+        plt.close(fig)
+        raise TrainError(f"{png}: matplotlib cannot write {png.suffix!r} files (it writes {', '.join(kinds)})")
     for run in runs:
         rows = read_metrics(run)
         name = Path(run).name
@@ -1337,7 +1352,6 @@ def plot_runs(runs: list, png) -> Path:
     ax.set_ylabel("nats / token (MDM: ELBO bound, ARM: exact NLL)")
     ax.legend()
     ax.grid(alpha=0.3)
-    png = Path(png)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

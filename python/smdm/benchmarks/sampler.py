@@ -201,7 +201,16 @@ def _table(records) -> str:
 def quality_main(args) -> int:
     import smdm
 
-    model, _ = smdm.load(args.quality_ckpt, device=args.device)
+    if args.quality_data is None:
+        raise SystemExit("smdm bench sampler: error: --quality-ckpt needs --quality-data (the dataset whose val "
+                         "documents give the prompts)")
+    try:
+        model, _ = smdm.load(args.quality_ckpt, device=args.device)
+    except (OSError, ValueError) as e:  # CheckpointError (a ValueError) names the path and what is wrong
+        raise SystemExit(f"smdm bench sampler: error: --quality-ckpt {args.quality_ckpt}: {e}") from None
+    if model.config.causal:
+        raise SystemExit(f"smdm bench sampler: error: --quality-ckpt {args.quality_ckpt} is an autoregressive "
+                         f"checkpoint; the block caches are the MDM's")
     G = args.gen_lengths[0]
     prompts, refs = validation_prompts(args.quality_data, args.quality_n, args.prompt_length, G)
     S = max(1, G // args.steps_div)
@@ -225,6 +234,10 @@ def quality_main(args) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads:  # the quality mode's generations and ELBOs too
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.quality_ckpt:
         return quality_main(args)
     if args.device == "cuda":
@@ -233,10 +246,6 @@ def main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("smdm bench sampler: error: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     records = run(args.config, args.device, args.gen_lengths, args.batch_sizes,
                   prompt_length=args.prompt_length, steps_div=args.steps_div, vocab_size=args.vocab_size,
                   dtype=args.dtype, only=args.only, repeats=args.repeats)

@@ -193,6 +193,8 @@ def print_table(results: list, fits: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from smdm.model import config_by_name
+
     preset = QUICK if args.quick else DEFAULTS
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -201,6 +203,15 @@ def run(args: argparse.Namespace) -> int:
         from smdm.train import builtin_data
 
         args.data = builtin_data()
+    # checked before the sweep: run_one records a trainer error as a skipped run (a budget below one step) and
+    # reuses it later, so a missing dataset or a misspelt size would be cached as "skipped" for good
+    if not Path(args.data).is_dir():
+        raise SystemExit(f"smdm bench scaling: error: --data {args.data}: no such directory")
+    for size in args.sizes:
+        try:
+            config_by_name(size)
+        except ValueError as e:
+            raise SystemExit(f"smdm bench scaling: error: --sizes {size}: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.out)

@@ -95,11 +95,18 @@ def run(mb: float = 8.0, tokenizer: str | None = None, vocab_size: int = 8192, r
     texts = corpus_texts(mb)
     if tokenizer is None:  # train one on the first MB (not timed)
         tok = _core.Tokenizer.train_bpe(corpus_texts(1.0), vocab_size)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            f.write(tok.to_json())
-        tokenizer = f.name
-    rust = _core.Tokenizer.from_file(tokenizer)
-    py = tokenizers.Tokenizer.from_file(tokenizer)
+        with tempfile.TemporaryDirectory(prefix="smdm-bench-tokenize-") as tmp:  # removed once both have read it
+            path = os.path.join(tmp, "tokenizer.json")
+            with open(path, "w") as f:
+                f.write(tok.to_json())
+            rust = _core.Tokenizer.from_file(path)
+            py = tokenizers.Tokenizer.from_file(path)
+    else:
+        try:
+            rust = _core.Tokenizer.from_file(tokenizer)
+        except (OSError, ValueError) as e:  # SmdmIOError / SmdmFormatError, naming the file
+            raise SystemExit(f"smdm bench tokenize: error: --tokenizer {e}") from None
+        py = tokenizers.Tokenizer.from_file(tokenizer)
     eos, vocab = rust.eos_id, rust.vocab_size
     variants = {
         "rust": lambda: rust.encode_pack(texts),
