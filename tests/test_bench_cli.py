@@ -29,6 +29,9 @@ from smdm.cli import main
     (["sampler", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json: no directory"),
     (["frontier", "--mdm", "M", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json"),
     (["reversal", "--quick", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json"),
+    (["reversal", "--quick", "--both-frac", "2"], "argument --both-frac: must be a fraction in [0, 1], got 2"),
+    (["reversal", "--quick", "--facts", "0"], "argument --facts: must be >= 1, got 0"),
+    (["sampler", "--dtype", "float64x"], "argument --dtype: invalid choice: 'float64x'"),
     (["scaling", "--quick", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json"),
 ])
 def test_bad_options_are_usage_errors_naming_the_option(argv, msg, capsys, tmp_path):
@@ -95,3 +98,23 @@ def test_bench_sampler_threads_applies_to_the_quality_mode(monkeypatch):
     monkeypatch.setattr(sampler, "quality_main", lambda args: 0)
     assert main(["bench", "sampler", "--quality-ckpt", "CKPT", "--quality-data", "DATA", "--threads", "1"]) == 0
     assert threads == [1]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["sampler", "--config", "nosuch"], "smdm bench sampler: error: --config: unknown model config 'nosuch'"),
+    (["sampler", "--device", "foo"], "smdm bench sampler: error: --device: "),
+])
+def test_sampler_config_and_device_are_checked_before_a_model_is_built(argv, msg, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--config", "nosuch"], "smdm bench reversal: error: unknown model config 'nosuch'"),
+    (["--facts", "1000", "--name-pool", "3", "--name-len", "1"], "1000 facts need more distinct names"),
+])
+def test_reversal_settings_are_checked_before_any_training(argv, msg, tmp_path):
+    with pytest.raises(SystemExit, match=msg):
+        main(["bench", "reversal", "--quick", "--out", str(tmp_path / "r"), *argv])
+    assert not (tmp_path / "r").exists()  # nothing trained, nothing written

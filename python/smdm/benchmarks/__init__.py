@@ -74,6 +74,17 @@ def positive_float(value: str) -> float:
     return _positive(value, float)
 
 
+def fraction(value: str) -> float:
+    """argparse type of a fraction in [0, 1]."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {value}")
+    return x
+
+
 def write_records(records: list, path: str) -> None:
     """Write a benchmark's records (one per variant) as a JSON list with one record per line (compact even
     when records carry long token lists), atomically (`smdm.data.write_atomic`)."""

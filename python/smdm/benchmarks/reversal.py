@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smdm.benchmarks import environment, json_out, write_records
+from smdm.benchmarks import environment, fraction, json_out, positive_int, write_records
 
 EOS = "<|endoftext|>"
 TEMPLATE = "is"
@@ -324,6 +324,14 @@ def run(args: argparse.Namespace) -> int:
     for k, v in dict(facts=200, steps=5000, config="tiny", batch_size=32).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    from smdm.model import config_by_name
+
+    try:  # said before any run starts (a bad size was a TrainError traceback, too many facts a ValueError one)
+        config_by_name(args.config)
+        make_facts(args.facts, 0, name_len=args.name_len, desc_len=args.desc_len, name_pool=args.name_pool,
+                   desc_pool=args.desc_pool)
+    except ValueError as e:
+        raise SystemExit(f"smdm bench reversal: error: {e}") from None
     args.threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -352,18 +360,18 @@ def run(args: argparse.Namespace) -> int:
 def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a = parser.add_argument
     a("--quick", action="store_true", help=f"a ~30 s smoke run ({QUICK})")
-    a("--facts", type=int, default=None, help="number of facts N (default 200; --quick 24)")
-    a("--name-len", type=int, default=2, help="words per NAME")
-    a("--desc-len", type=int, default=3, help="words per DESC")
-    a("--name-pool", type=int, default=24, help="distinct name words")
-    a("--desc-pool", type=int, default=24, help="distinct description words")
-    a("--both-frac", type=float, default=0.0, help="fraction of facts also trained reversed (control)")
+    a("--facts", type=positive_int, default=None, help="number of facts N (default 200; --quick 24)")
+    a("--name-len", type=positive_int, default=2, help="words per NAME")
+    a("--desc-len", type=positive_int, default=3, help="words per DESC")
+    a("--name-pool", type=positive_int, default=24, help="distinct name words")
+    a("--desc-pool", type=positive_int, default=24, help="distinct description words")
+    a("--both-frac", type=fraction, default=0.0, help="fraction of facts also trained reversed (control)")
     a("--config", default=None, help="model size for both models (default tiny)")
-    a("--steps", type=int, default=None, help="optimizer steps for each model (default 5000; --quick 600)")
-    a("--batch-size", type=int, default=None, help="rows per step (default 32; --quick 16)")
+    a("--steps", type=positive_int, default=None, help="optimizer steps for each model (default 5000; --quick 600)")
+    a("--batch-size", type=positive_int, default=None, help="rows per step (default 32; --quick 16)")
     a("--lr", type=float, default=2e-3, help="peak learning rate (both models)")
     a("--seeds", type=int, nargs="+", default=[0], help="one full run (facts, models, probes) per seed")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    a("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)")
     a("--out", default=None, help="keep facts, tokenizer and both checkpoints here (default: a temp dir)")
     a("--json", default=None, type=json_out, help="write the settings and results here")
     parser.set_defaults(func=run)

@@ -240,9 +240,18 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.quality_ckpt:
         return quality_main(args)
-    if args.device == "cuda":
-        import torch
+    import torch
 
+    from smdm.model import config_by_name
+
+    for flag, check in (("--config", lambda: config_by_name(args.config)),
+                        ("--device", lambda: torch.device(args.device))):
+        try:  # said now, not as a traceback from building the model
+            check()
+        except (ValueError, RuntimeError) as e:
+            print(f"smdm bench sampler: error: {flag}: {e}", file=sys.stderr)
+            return 2
+    if torch.device(args.device).type == "cuda":
         if not torch.cuda.is_available():
             print("smdm bench sampler: error: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
@@ -267,16 +276,16 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.description = __doc__.split("\n")[0]
     parser.add_argument("--config", default="tiny", help="model config name (tiny, demo, 170M, 1028M, ...)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--gen-lengths", type=positive_int, nargs="+", default=[256, 1024])
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--prompt-length", type=positive_int, default=32)
     parser.add_argument("--steps-div", type=positive_int, default=4, help="MDM steps = gen length / this (default 4)")
     parser.add_argument("--vocab-size", type=positive_int, default=32000)
     parser.add_argument("--only", nargs="+", default=None, help="run only variants whose name contains one "
                         "of these (the ARM baseline is always run)")
     parser.add_argument("--repeats", type=positive_int, default=1, help="timed runs per variant (best is kept)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", type=json_out, help="write one JSON record per (variant, gen, batch)")
     q = parser.add_argument_group("block-cache quality (instead of throughput)")
     q.add_argument("--quality-ckpt", metavar="DIR", help="trained MDM checkpoint: compare cache none/prefix/dual")
