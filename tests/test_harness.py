@@ -417,7 +417,7 @@ def test_lm_eval_own_cli(twins, runs, tmp_path):
     assert [[float(r[0][0]) for r in s["resps"]] for s in got] == [[ll for ll, _ in d] for d in mine]
 
 
-def test_lm_eval_cli_defaults_to_the_cpu_without_cuda(monkeypatch):
+def test_lm_eval_cli_defaults_to_the_cpu_without_cuda(monkeypatch, twins):
     """lm-eval's own default device is cuda:0, which the adapter cannot tell from one asked for: without CUDA
     `smdm lm-eval --model smdm ...` as the README writes it (no --device) must run on the CPU, not fail."""
     _lm_eval()
@@ -427,7 +427,7 @@ def test_lm_eval_cli_defaults_to_the_cpu_without_cuda(monkeypatch):
     seen = []
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(sys.argv[1:]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    run = ["--model", "smdm", "--model_args", "ckpt=x", "--tasks", "t"]
+    run = ["--model", "smdm", "--model_args", f"ckpt={twins['ar']}", "--tasks", "t"]
     for argv, want in [(run, run + ["--device", "cpu"]), (run + ["--device", "cuda:1"], run + ["--device", "cuda:1"]),
                        (run + ["--device=meta"], run + ["--device=meta"]), (["ls", "tasks"], ["ls", "tasks"])]:
         assert harness.lm_eval_main(argv) == 0
@@ -486,3 +486,34 @@ def test_registered_class_and_model_argument_errors(twins, offline):
     ctx, cont = evaluate.encode_pair(lm.tokenizer, long, " meows")
     assert len(ctx) + len(cont) > CTX
     assert ll == -evaluate.score(lm.model, [(ctx[-(CTX - len(cont)):], cont)], n_samples=2).nll[0]
+
+
+def test_arm_model_args_name_the_unused_mdm_options(twins, capsys):
+    """An ARM twin in `smdm eval harness` leaves the MDM-only options out of its model arguments; a note names
+    them (before: dropped in silence). An MDM's run has no note. --limit must be > 0 (was lm-eval's islice
+    error for -1)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    harness.add_arguments(p)
+    args = p.parse_args(["--ckpt", "x", "--tasks", "t", "--cfg", "1", "--method", "chain"])
+    kw = harness.model_args(args, twins["ar"])
+    assert "cfg" not in kw and "method" not in kw
+    err = capsys.readouterr().err
+    assert "is an autoregressive model: --method chain, --cfg 1.0 apply to the MDM only" in err, err
+    kw = harness.model_args(args, twins["mdm"])
+    assert kw["cfg"] == 1.0 and kw["method"] == "chain" and "note" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        p.parse_args(["--ckpt", "x", "--tasks", "t", "--limit", "-1"])
+    assert "argument --limit: must be > 0" in capsys.readouterr().err
+
+
+def test_lm_eval_cli_names_a_missing_checkpoint(twins, capsys):
+    """`smdm lm-eval --model_args ckpt=MISSING`: one error line naming it, exit 2 (was a CheckpointError traceback
+    from inside lm-eval, exit 1), in both spellings of the option."""
+    _lm_eval()
+    missing = twins["root"] / "none"
+    for argv in (["--model_args", f"mc_samples=4,ckpt={missing}"], [f"--model_args=ckpt={missing}"]):
+        assert harness.lm_eval_main(["--model", "smdm", *argv, "--tasks", "t"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("smdm lm-eval: error: --model_args ckpt: ") and str(missing) in err, err

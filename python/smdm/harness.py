@@ -383,13 +383,14 @@ def cut_at_stop(text: str, until) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `smdm eval harness` (no lm_eval import)."""
-    from smdm.benchmarks import json_out
+    from smdm.benchmarks import json_out, positive_float
     p.add_argument("--ckpt", action="append", required=True,
                    help="checkpoint (step dir or run dir); repeat to run several models on the same tasks")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
     p.add_argument("--include-path", action="append", default=None, metavar="DIR",
                    help="folder of task YAMLs (repeatable)")
-    p.add_argument("--limit", type=float, default=None, help="first N documents per task (< 1: a fraction)")
+    p.add_argument("--limit", type=positive_float, default=None,
+                   help="first N documents per task (< 1: a fraction)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=None, help="rows (or prompts) per forward pass (16)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -410,6 +411,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write lm-eval's results per model to OUT (its directory must exist)")
 
 
+# the `smdm eval harness` options an ARM checkpoint does not use, with their defaults
+MDM_ONLY = (("method", None), ("n_samples", 128), ("cfg", 0.0), ("greedy", "auto"), ("steps", None),
+            ("sampler", "low_confidence"), ("block_length", None))
+
+
 def model_args(args, ckpt) -> dict:
     """The model arguments of `SmdmLM` from the CLI options. As in `smdm eval mc`, the MDM-only options (method,
     cfg, greedy=decode) apply to the MDMs of a run and are left out for an ARM twin."""
@@ -417,6 +423,11 @@ def model_args(args, ckpt) -> dict:
 
     causal = bool(checkpoint.read_config(checkpoint.resolve(ckpt))["model"].get("causal"))
     mdm_only = {} if causal else {"method": args.method, "cfg": args.cfg, "greedy": args.greedy}
+    unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in MDM_ONLY
+              if getattr(args, k) != default] if causal else []
+    if unused:  # said, not dropped in silence (as `smdm generate` and `smdm eval mc` say it)
+        print(f"smdm eval harness: note: {ckpt} is an autoregressive model: {', '.join(unused)} apply to the MDM "
+              f"only and are unused for it", file=sys.stderr)
     return {"ckpt": str(ckpt), "device": args.device, "batch_size": args.batch_size,
             "mc_samples": args.n_samples, "seed": args.seed, "steps": args.steps, "block_length": args.block_length,
             "sampler": args.sampler, "temperature": args.temperature, "max_gen_toks": args.max_gen_toks,
@@ -499,6 +510,18 @@ def lm_eval_main(argv: list) -> int:
         return 2
     import torch
 
+    from smdm import checkpoint
+
+    for i, a in enumerate(argv):  # the checkpoint of --model_args ckpt=DIR: said here, not as lm-eval's traceback
+        value = a.split("=", 1)[1] if a.startswith("--model_args=") else (
+            argv[i + 1] if a == "--model_args" and i + 1 < len(argv) else None)
+        for part in (value or "").split(","):
+            if part.strip().startswith("ckpt="):
+                try:
+                    checkpoint.resolve(part.strip()[len("ckpt="):])
+                except (checkpoint.CheckpointError, OSError) as e:
+                    print(f"smdm lm-eval: error: --model_args ckpt: {e}", file=sys.stderr)
+                    return 2
     runs = not argv or argv[0] not in ("ls", "validate")
     given = any(a == "--device" or a.startswith("--device=") for a in argv)
     if runs and not given and not torch.cuda.is_available():  # lm-eval's default device is cuda:0
