@@ -569,7 +569,8 @@ def register(parser: argparse.ArgumentParser, name: str = "kernels") -> None:
     p = sub.add_parser("build", help="build the kernels for the visible GPU into the cache")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_cmd_build)
-    p = sub.add_parser("sass", help="disassemble the kernels and count tensor-core (HMMA) instructions")
+    p = sub.add_parser("sass", help="disassemble the kernels and count tensor-core (HMMA) instructions (no GPU "
+                       "needed; needs nvcc and cuobjdump: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
     p.add_argument("--arch", default="sm_90a")
     p.set_defaults(func=_cmd_sass)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
