@@ -427,13 +427,32 @@ def test_lm_eval_cli_defaults_to_the_cpu_without_cuda(monkeypatch, twins):
     seen = []
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(sys.argv[1:]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    run = ["--model", "smdm", "--model_args", f"ckpt={twins['ar']}", "--tasks", "t"]
+    run = ["--model", "smdm", "--model_args", f"ckpt={twins['ar']}", "--tasks", "t", "--batch_size", "4"]
     for argv, want in [(run, run + ["--device", "cpu"]), (run + ["--device", "cuda:1"], run + ["--device", "cuda:1"]),
                        (run + ["--device=meta"], run + ["--device=meta"]), (["ls", "tasks"], ["ls", "tasks"])]:
         assert harness.lm_eval_main(argv) == 0
         assert seen.pop() == want
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # with CUDA: lm-eval's default stands
     assert harness.lm_eval_main(run) == 0 and seen.pop() == run
+
+
+def test_lm_eval_cli_batch_size_defaults_to_the_adapters(monkeypatch, twins):
+    """lm-eval's --batch_size defaults to 1 and reaches the adapter as asked for: without one (on the command line
+    or in --model_args) `smdm lm-eval` passes the adapter's documented default, 16 rows."""
+    _lm_eval()
+    import lm_eval.__main__
+    import torch
+
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(sys.argv[1:]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    run = ["--model", "smdm", "--model_args", f"ckpt={twins['ar']}", "--tasks", "t"]
+    for argv, want in [(run, run + ["--batch_size", "16"]), (run + ["--batch_size", "2"], run + ["--batch_size", "2"]),
+                       (["--model", "smdm", "--model_args", f"ckpt={twins['ar']},batch_size=3", "--tasks", "t"],
+                        ["--model", "smdm", "--model_args", f"ckpt={twins['ar']},batch_size=3", "--tasks", "t"]),
+                       (["ls", "tasks"], ["ls", "tasks"])]:
+        assert harness.lm_eval_main(argv) == 0
+        assert seen.pop() == want
 
 
 def test_cli_errors(twins, offline, capsys):

@@ -501,7 +501,8 @@ def lm_eval_main(argv: list) -> int:
     """`smdm lm-eval ARGS`: lm-eval's own command line (`lm-eval ARGS`: run / ls / validate, every option:
     --output_path, --log_samples, --num_fewshot, --gen_kwargs, ...) with the model "smdm" registered, which
     lm-eval >= 0.4 cannot find by itself (it has no plugin discovery). lm-eval's `--batch_size` and `--device`
-    reach the adapter as its model arguments. Returns lm-eval's exit status."""
+    reach the adapter as its model arguments; where they are not given, the CPU when there is no CUDA and the
+    adapter's 16 rows (lm-eval's defaults are cuda:0 and 1). Returns lm-eval's exit status."""
     try:
         register()  # imports lm_eval (ImportError naming the extra to install)
         from lm_eval.__main__ import cli_evaluate
@@ -523,9 +524,14 @@ def lm_eval_main(argv: list) -> int:
                     print(f"smdm lm-eval: error: --model_args ckpt: {e}", file=sys.stderr)
                     return 2
     runs = not argv or argv[0] not in ("ls", "validate")
-    given = any(a == "--device" or a.startswith("--device=") for a in argv)
-    if runs and not given and not torch.cuda.is_available():  # lm-eval's default device is cuda:0
+
+    def given(flag: str) -> bool:
+        return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+    if runs and not given("--device") and not torch.cuda.is_available():  # lm-eval's default device is cuda:0
         argv = [*argv, "--device", "cpu"]
+    if runs and not given("--batch_size") and not any("batch_size=" in a for a in argv):
+        argv = [*argv, "--batch_size", "16"]  # lm-eval's default 1 would override the adapter's 16 rows
     saved = sys.argv
     sys.argv = ["smdm lm-eval", *argv]  # lm-eval parses sys.argv (and inserts `run` where no subcommand is)
     try:
