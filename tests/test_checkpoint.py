@@ -134,8 +134,10 @@ def test_stale_temp_dirs_of_dead_saves_are_removed(tmp_path, model):
     (stale / "model.safetensors").write_bytes(b"\0" * 1000)
     live = run / f".tmp-step-2-{os.getppid()}"  # a save in progress in another (live) process
     live.mkdir()
+    ours = run / f".tmp-step-2-{os.getpid()}"  # an earlier save of this process that failed before its rename
+    ours.mkdir()
     save_step(run, 3, model)
-    assert not stale.exists()
+    assert not stale.exists() and not ours.exists()
     assert live.is_dir()
     assert [p.name for _, p in ckpt.step_dirs(run)] == ["step-1", "step-3"]
 

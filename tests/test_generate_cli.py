@@ -237,9 +237,22 @@ def test_malformed_or_oversized_holes_and_ids_without_holes(capsys, ckpts, tmp_p
     with pytest.raises(ValueError, match="context of 64"):
         encode_with_holes(tok, "the <|mask:99999999999999|>", 99, max_len=64)  # never builds the list
     assert encode_with_holes(tok, "the <|mask:63|>", 99, max_len=64) == [1] + [99] * 63
+    with pytest.raises(ValueError, match=r"the hole '<\|mask:64\|>' makes the text longer than the model's context"):
+        encode_with_holes(tok, "the <|mask:64|>", 99, max_len=64)  # one past the context: the hole's own error
     rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--text", "the <|mask: 2|> mat <|mask|>")
     assert rc == 2 and "malformed hole" in err
     rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--text", "the <|mask:1000000000000|>")
     assert rc == 2 and "context" in err
     rc, out, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--ids", "1 2 _", "--ids", "1 2 3")
     assert rc == 2 and "no masked position" in err and not out
+
+
+def test_threshold_sampler_with_blocks_takes_any_step_count(capsys, ckpts):
+    """--sampler threshold is adaptive: --steps need not be a multiple of the number of blocks (the other
+    samplers split their steps evenly over the blocks and refuse such a count)."""
+    base = ["generate", "--ckpt", str(ckpts["mdm"]), "--prompt-ids", "1 2", "--gen-length", "8", "--block-length",
+            "4", "--steps", "3", "--json", "--no-eos"]
+    rc, out, err = run(capsys, *base, "--sampler", "threshold", "--threshold", "0.9")
+    assert rc == 0 and len(json.loads(out)["tokens"][0]) == 8, err
+    rc, _, err = run(capsys, *base)
+    assert rc == 2 and "multiple of the number of blocks" in err
