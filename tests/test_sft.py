@@ -363,6 +363,11 @@ def test_init_from_takes_model_objective_and_tokenizer_and_mismatches_are_errors
     assert "--sft and --data exclude each other" in err("--init-from", str(base), "--data", str(tmp_path))
     assert "exceeds the context" in err("--init-from", str(base), "--seq-len", "100000")
     assert "--init-from: " in err("--init-from", str(tmp_path / "missing"))
+    w = ckpt.load_weights(ckpt.latest(base))  # a diverged base: named at once, not 20 skipped steps later
+    w["head.weight"][0, 0] = float("nan")
+    ckpt.save(tmp_path / "nan", 2, model_state=w, config=ckpt.read_config(ckpt.latest(base)), train_state={"step": 2},
+              tokenizer_path=ckpt.latest(base) / "tokenizer.json")
+    assert "1 weight tensor(s) hold NaN or inf (head.weight)" in err("--init-from", str(tmp_path / "nan"))
     assert main(["train", "--sft", str(files["train"]), "--init-from", str(base), "--out", str(base),
                  "--overwrite", "--max-steps", "1", "--seq-len", str(SEQ_LEN)]) == 2
     assert "whose checkpoints a fresh run deletes" in capsys.readouterr().err

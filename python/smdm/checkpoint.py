@@ -233,6 +233,16 @@ def load_train_state(step_dir) -> dict:
     return torch.load(p, weights_only=True, map_location="cpu")
 
 
+def check_finite(state: dict, step_dir, hint: str = "") -> None:
+    """CheckpointError naming the weight tensors of `state` that hold NaN or inf (a diverged or damaged run: no
+    meaningful output, and training from it skips every step)."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{step_dir}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): a diverged or damaged run" +
+                              (f"; {hint}" if hint else ""))
+
+
 def load(path, device=None, *, check: bool = True):
     """`smdm.load(DIR)` -> (model, tokenizer or None): a step dir or a run dir (its latest complete step), the
     model in eval mode on `device` (default: CUDA when available, else CPU), the tokenizer from tokenizer.json
@@ -264,11 +274,7 @@ def load(path, device=None, *, check: bool = True):
         raise CheckpointError(f"{step_dir}: weights do not match the config "
                               f"(differing keys: {sorted(missing)[:5]})")
     if check:
-        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise CheckpointError(f"{step_dir}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
-                                  f"{', ...' if len(bad) > 3 else ''}): the model cannot produce meaningful "
-                                  f"output (a diverged or damaged run; smdm.load(..., check=False) loads it anyway)")
+        check_finite(state, step_dir, "smdm.load(..., check=False) loads it anyway")
     model.load_state_dict(state, assign=True)
     model.eval()
     tokenizer = None

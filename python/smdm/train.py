@@ -523,7 +523,12 @@ class Trainer:
         if resume_dir is not None:
             state = self._load_resume(resume_dir)
         elif init is not None:
-            self.model.load_state_dict(ckpt.load_weights(init[0]))
+            weights = ckpt.load_weights(init[0])
+            try:  # NaN / inf weights would make every step non-finite (20 skipped steps, then an error)
+                ckpt.check_finite(weights, init[0])
+            except ckpt.CheckpointError as e:
+                raise TrainError(f"--init-from: {e}") from None
+            self.model.load_state_dict(weights)
             if d.rank == 0:
                 print(f"initialised from {init[0]} ({init[1].get('objective', self.kind).upper()} "
                       f"{cfg.config}, step {init[1].get('step')})", flush=True)
