@@ -52,7 +52,7 @@ def snapshot(root):
 
 
 @pytest.mark.parametrize("vocab, code", [(32000, 8), (70000, 4)])  # lit-gpt's dtype="auto": uint16 / int32
-def test_import_then_windows_equal_the_file_tokens(tmp_path, vocab, code):
+def test_import_then_windows_equal_the_file_tokens(tmp_path, vocab, code, capsys):
     root = tmp_path / "slim"
     root.mkdir()
     # several builders (processes) as in TinyLlama's prepare script: train_slimpajama_{process}_{counter}
@@ -100,6 +100,9 @@ def test_import_then_windows_equal_the_file_tokens(tmp_path, vocab, code):
     for i in (0, 1, 0, 2):
         ds._shard(i)
     assert list(ds._maps) == [0, 2]
+    capsys.readouterr()  # an import without --tokenizer: inspect says so (it printed "tokenizer None (None)")
+    assert smdm_main(["data", "inspect", str(root)]) == 0
+    assert "tokenizer: none recorded" in capsys.readouterr().out
 
 
 def test_split_layout_feeds_smdm_train(tmp_path, capsys):
