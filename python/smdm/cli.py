@@ -20,6 +20,46 @@ import importlib
 import os
 import sys
 
+# argparse types shared by the subcommands: bad values are argparse's error naming the option, when the command line
+# is read (not a traceback after a run that may have taken minutes)
+
+
+def json_out(value: str) -> str:
+    """A `--json FILE` to write later: its directory must exist."""
+    from pathlib import Path
+
+    parent = Path(value).parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: no directory {parent}")
+    return value
+
+
+def _number(value: str, kind: type, ok, rule: str):
+    """`value` as `kind` (int or float) for which `ok` holds, else argparse's error saying the `rule`."""
+    try:
+        x = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {value!r}") from None
+    if not ok(x):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+    return x
+
+
+def positive_int(value: str) -> int:
+    """A count or size: an int >= 1."""
+    return _number(value, int, lambda x: x >= 1, ">= 1")
+
+
+def positive_float(value: str) -> float:
+    """A duration or size in (0, inf)."""
+    return _number(value, float, lambda x: 0 < x < float("inf"), "> 0")
+
+
+def fraction(value: str) -> float:
+    """A fraction in [0, 1]."""
+    return _number(value, float, lambda x: 0 <= x <= 1, "a fraction in [0, 1]")
+
+
 # name -> (module, help). The module defines `register(parser)` (adds its arguments / sub-subcommands and
 # sets `func`) so each command's options stay next to its implementation.
 COMMANDS = {

@@ -844,8 +844,13 @@ def _check_args(args) -> None:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.task == "ppl" and args.seq_len is not None and args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
-    if args.json is not None and not Path(args.json).parent.is_dir():  # said now, not after the evaluation
-        raise ValueError(f"--json {args.json}: no directory {Path(args.json).parent}")
+    if args.json is not None:  # said now, not after the evaluation
+        from smdm.cli import json_out
+
+        try:
+            json_out(args.json)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--json {e}") from None
 
 
 def _pm(value: float, stderr: Optional[float]) -> str:

@@ -383,7 +383,8 @@ def cut_at_stop(text: str, until) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `smdm eval harness` (no lm_eval import)."""
-    from smdm.benchmarks import json_out, positive_float
+    from smdm.cli import json_out, positive_float
+
     p.add_argument("--ckpt", action="append", required=True,
                    help="checkpoint (step dir or run dir); repeat to run several models on the same tasks")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")

@@ -42,49 +42,6 @@ def register(parser: argparse.ArgumentParser, name: str = "bench") -> None:
         p.set_defaults(func=_run)
 
 
-def json_out(value: str) -> str:
-    """argparse type of a `--json FILE`: its directory must exist, said when the command line is read (not as a
-    traceback after a benchmark that may have run for minutes)."""
-    from pathlib import Path
-
-    parent = Path(value).parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{value}: no directory {parent}")
-    return value
-
-
-def _positive(value: str, kind: type):
-    """`value` as an int >= 1 or a finite float > 0 (`kind`), else argparse's error saying which."""
-    try:
-        x = kind(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {value!r}") from None
-    if not (x >= 1 if kind is int else 0 < x < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be {'>= 1' if kind is int else '> 0'}, got {value}")
-    return x
-
-
-def positive_int(value: str) -> int:
-    """argparse type of a count or size: an int >= 1."""
-    return _positive(value, int)
-
-
-def positive_float(value: str) -> float:
-    """argparse type of a duration or size in (0, inf)."""
-    return _positive(value, float)
-
-
-def fraction(value: str) -> float:
-    """argparse type of a fraction in [0, 1]."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {value}")
-    return x
-
-
 def write_records(records: list, path: str) -> None:
     """Write a benchmark's records (one per variant) as a JSON list with one record per line (compact even
     when records carry long token lists), atomically (`smdm.data.write_atomic`)."""

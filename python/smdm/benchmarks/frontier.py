@@ -31,7 +31,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from smdm.benchmarks import environment, json_out, write_records
+from smdm.benchmarks import environment, write_records
+from smdm.cli import json_out
 
 
 def sample_entropy(tokens) -> float:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from smdm import rng
-from smdm.benchmarks import json_out, positive_float, positive_int, write_records
+from smdm.benchmarks import write_records
+from smdm.cli import json_out, positive_float, positive_int
 from smdm.diffusion import crop_length, forward_process, forward_process_reference
 from smdm.rng import Stream
 

@@ -29,7 +29,8 @@ import time
 
 import numpy as np
 
-from smdm.benchmarks import json_out, positive_int, write_records
+from smdm.benchmarks import write_records
+from smdm.cli import json_out, positive_int
 
 BASELINES = ("numpy copy (same bytes)", "python loop (lit-gpt builder)", "numpy vectorized")
 

@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smdm.benchmarks import environment, fraction, json_out, positive_int, write_records
+from smdm.benchmarks import environment, write_records
+from smdm.cli import fraction, json_out, positive_int
 
 EOS = "<|endoftext|>"
 TEMPLATE = "is"

@@ -21,7 +21,8 @@ import platform
 import sys
 import time
 
-from smdm.benchmarks import json_out, positive_int, write_records
+from smdm.benchmarks import write_records
+from smdm.cli import json_out, positive_int
 
 
 def _variants(gen_length: int, steps_div: int) -> dict:

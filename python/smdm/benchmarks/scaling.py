@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smdm.benchmarks import environment, json_out, write_records
+from smdm.benchmarks import environment, write_records
+from smdm.cli import json_out
 
 OBJECTIVES = ("mdm", "ar")
 DEFAULTS = dict(sizes=["L1-H2-D32-F128", "L2-H2-D48-F192", "L2-H2-D64-F256", "L3-H3-D96-F384"],

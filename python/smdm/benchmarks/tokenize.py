@@ -30,7 +30,8 @@ import time
 
 import numpy as np
 
-from smdm.benchmarks import json_out, positive_float, positive_int, write_records
+from smdm.benchmarks import write_records
+from smdm.cli import json_out, positive_float, positive_int
 
 BASELINE = "python tokenizers + numpy"
 ONE_DOC = "rust (one document)"
