@@ -419,8 +419,9 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") 
     cfg = ModelConfig(**conf["model"])
     state = to_litgpt(ckpt.load_weights(step_dir), cfg, layout)
     meta = {"format": "lit-gpt", "layout": layout, "source": str(step_dir), "smdm_model": json.dumps(cfg.to_dict())}
-    if trained_schedule(conf) is not None:  # restored by from-litgpt: generate's default schedule
-        meta["smdm_schedule"] = trained_schedule(conf)
+    schedule = trained_schedule(conf)
+    if schedule is not None:  # restored by from-litgpt: generate's default schedule
+        meta["smdm_schedule"] = schedule
     if DTYPES[dtype] is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     _save_safetensors_atomic(state, out, meta)
@@ -788,8 +789,9 @@ def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, l
     if tok_conf is None:
         log(f"note: {step_dir} has no tokenizer.json: {out} has no tokenizer")
     conf = hf_config(cfg, state["lm_head.weight"].dtype, eos_id=eos, bos_id=bos)
-    if not cfg.causal and trained_schedule(ck_conf) is not None:  # restored by from-hf
-        conf["smdm_schedule"] = trained_schedule(ck_conf)
+    schedule = trained_schedule(ck_conf)
+    if not cfg.causal and schedule is not None:  # restored by from-hf
+        conf["smdm_schedule"] = schedule
     code = Path(__file__).resolve().parent / "hf"
 
     def fill(tmp: Path) -> None:

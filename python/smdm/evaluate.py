@@ -912,23 +912,16 @@ MDM_ONLY = {"mc": (("n_samples", 128), ("method", None), ("cfg", 0.0)),
             "ppl": (("n_samples", 128),)}
 
 
-def _note_mdm_only(args, ckpt) -> None:
-    """A note on stderr naming the MDM-only options given for this ARM checkpoint: unused for it (not an error:
-    one command evaluates an MDM and its ARM twin on the same items)."""
-    unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in MDM_ONLY.get(args.task, ())
-              if getattr(args, k) != default]
-    if unused:
-        print(f"smdm eval {args.task}: note: {ckpt} is an autoregressive model (exact likelihood, left-to-right "
-              f"decoding): {', '.join(unused)} apply to the MDM only and are unused for it", file=sys.stderr)
-
-
 def _run_one(args, ckpt) -> dict:
     import smdm
 
     model, tokenizer = smdm.load(ckpt, device=args.device)
     kind = "ARM" if model.config.causal else "MDM"
     if model.config.causal:
-        _note_mdm_only(args, ckpt)
+        from smdm.generate_cli import note_mdm_only
+
+        note_mdm_only(args, MDM_ONLY.get(args.task, ()), f"smdm eval {args.task}",
+                      f"{ckpt} is an autoregressive model (exact likelihood, left-to-right decoding)")
     bs = args.batch_size
     if args.task == "ppl":
         seq_len = args.seq_len or min(512, model.config.max_seq_len - 1)

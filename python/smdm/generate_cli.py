@@ -251,7 +251,8 @@ def main(args, name: str = "generate") -> int:
                 if any(mask_id not in r for r in rows):
                     raise ValueError("--ids has no masked position: mark the positions to fill with '_'")
         if cfg.causal:
-            _note_mdm_only(args)
+            note_mdm_only(args, MDM_ONLY, "smdm generate", "the checkpoint is an autoregressive model (left to "
+                          "right, one token per forward pass)")
         n = args.num_samples  # rows: input 0's samples, then input 1's, ...
         rows = [r for r in rows for _ in range(n)]
         opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
@@ -287,16 +288,19 @@ def main(args, name: str = "generate") -> int:
     return 0
 
 
-def _note_mdm_only(args) -> None:
-    """The ARM twin decodes left to right, one token per forward pass: the MDM sampler's options given for it are
-    unused. A note on stderr says which (not an error: one command line can run an MDM and its ARM twin)."""
-    unused = [f"--{k.replace('_', '-')} {v}" for k, v, default in [
-        ("steps", args.steps, None), ("sampler", args.sampler, "low_confidence"),
-        ("block_length", args.block_length, None), ("threshold", args.threshold, None),
-        ("confidence", args.confidence, "prob"), ("schedule", args.schedule, None)] if v != default]
+def note_mdm_only(args, defaults, command: str, what: str) -> None:
+    """For an ARM checkpoint: a note on stderr naming the options of `defaults` ((name, default) pairs) that
+    `args` gives other values, which apply to the MDM only (not an error: one command can run an MDM and its
+    ARM twin alike). `what` says which checkpoint and why."""
+    unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in defaults if getattr(args, k) != default]
     if unused:
-        print(f"smdm generate: note: the checkpoint is an autoregressive model (left to right, one token per "
-              f"forward pass): {', '.join(unused)} apply to the MDM only and are unused", file=sys.stderr)
+        print(f"{command}: note: {what}: {', '.join(unused)} apply to the MDM only and are unused for it",
+              file=sys.stderr)
+
+
+# the `smdm generate` options the ARM twin does not use, with their defaults
+MDM_ONLY = (("steps", None), ("sampler", "low_confidence"), ("block_length", None), ("threshold", None),
+            ("confidence", "prob"), ("schedule", None))
 
 
 def _drawer(tokenizer, mask_id):

@@ -424,11 +424,10 @@ def model_args(args, ckpt) -> dict:
 
     causal = bool(checkpoint.read_config(checkpoint.resolve(ckpt))["model"].get("causal"))
     mdm_only = {} if causal else {"method": args.method, "cfg": args.cfg, "greedy": args.greedy}
-    unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in MDM_ONLY
-              if getattr(args, k) != default] if causal else []
-    if unused:  # said, not dropped in silence (as `smdm generate` and `smdm eval mc` say it)
-        print(f"smdm eval harness: note: {ckpt} is an autoregressive model: {', '.join(unused)} apply to the MDM "
-              f"only and are unused for it", file=sys.stderr)
+    if causal:  # said, not dropped in silence (as `smdm generate` and `smdm eval mc` say it)
+        from smdm.generate_cli import note_mdm_only
+
+        note_mdm_only(args, MDM_ONLY, "smdm eval harness", f"{ckpt} is an autoregressive model")
     return {"ckpt": str(ckpt), "device": args.device, "batch_size": args.batch_size,
             "mc_samples": args.n_samples, "seed": args.seed, "steps": args.steps, "block_length": args.block_length,
             "sampler": args.sampler, "temperature": args.temperature, "max_gen_toks": args.max_gen_toks,
