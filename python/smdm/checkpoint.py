@@ -233,6 +233,13 @@ def load_train_state(step_dir) -> dict:
     return torch.load(p, weights_only=True, map_location="cpu")
 
 
+def trained_schedule(conf: dict):
+    """The noise schedule a checkpoint's config.json says the MDM was trained with (`train.schedule`, as written;
+    callers parse it), or None."""
+    train = conf.get("train")
+    return train.get("schedule") if isinstance(train, dict) else None
+
+
 def check_finite(state: dict, step_dir, hint: str = "") -> None:
     """CheckpointError naming the weight tensors of `state` that hold NaN or inf (a diverged or damaged run: no
     meaningful output, and training from it skips every step)."""

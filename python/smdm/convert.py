@@ -138,9 +138,10 @@ def read_exported_config(path) -> Optional[dict]:
 
 
 def trained_schedule(conf: dict) -> Optional[str]:
-    """The noise schedule a checkpoint's config.json says the MDM was trained with (`train.schedule`), or None."""
-    train = conf.get("train")
-    name = train.get("schedule") if isinstance(train, dict) else None
+    """`checkpoint.trained_schedule` when it is a name (what an export can record), else None."""
+    from smdm.checkpoint import trained_schedule as recorded
+
+    name = recorded(conf)
     return name if isinstance(name, str) else None
 
 

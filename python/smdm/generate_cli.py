@@ -124,12 +124,12 @@ def resolve_schedule(args, conf: dict) -> str:
     """The sampling schedule: --schedule, else the checkpoint config's train.schedule (the schedule the model
     was trained with), else "linear". Returns the canonical name; a bad name in the config is a ValueError
     that says where it came from."""
+    from smdm.checkpoint import trained_schedule
     from smdm.diffusion import parse_schedule
 
     if args.schedule is not None:
         return parse_schedule(args.schedule).name
-    train = conf.get("train")
-    name = train.get("schedule") if isinstance(train, dict) else None
+    name = trained_schedule(conf)
     if name is None:
         return "linear"
     try:

@@ -276,7 +276,7 @@ def _schedule(cfg: TrainConfig, init) -> str:
 
     name, where = cfg.schedule, "--schedule"
     if name is None and init is not None:
-        name = (init[1].get("train") or {}).get("schedule")
+        name = ckpt.trained_schedule(init[1])
         where = f"--init-from {init[0] / 'config.json'}: train.schedule"
     try:
         return diffusion.parse_schedule(name or "linear").name
