@@ -15,7 +15,7 @@ from smdm import SmdmFormatError, SmdmIOError
 from smdm import data as D
 from smdm.cli import main as smdm_main
 from smdm.corpus import input_bytes, split_of
-from smdm.data_cli import prepare
+from smdm.data_cli import import_litpkds, prepare
 
 QUIET = dict(progress=False, log=lambda msg: None)
 
@@ -130,6 +130,15 @@ def test_litpkds_output_is_byte_exact_to_lit_gpt(tmp_path, tiny_jsonl, prepared,
     assert m.num_docs == len(docs) == sum(s.num_docs for s in m.shards)
     assert [s.padding for s in m.shards] == [0] * (len(m.shards) - 1) + [m.num_tokens - real]
     assert m.shards[-1].padding > 0
+    # `smdm data import` of these chunks (no manifest) counts the same documents and padding
+    imp = tmp_path / "imported"
+    imp.mkdir()
+    for n in names:
+        (imp / n).write_bytes((out / "train" / n).read_bytes())
+    import_litpkds(imp, vocab_size=m.vocab_size, eos_id=0, **QUIET)
+    mi = D.load_manifest(imp)
+    assert mi.num_docs == m.num_docs and mi.num_tokens == m.num_tokens
+    assert [(s.num_docs, s.padding) for s in mi.shards] == [(s.num_docs, s.padding) for s in m.shards]
 
 
 def test_jsonl_errors_name_file_and_line(tmp_path, prepared):
@@ -308,7 +317,7 @@ import sys
 import smdm, smdm.data, smdm.data_cli, smdm.corpus, smdm.cli
 assert "pyarrow" not in sys.modules, "pyarrow imported by import smdm"
 sys.modules["pyarrow"] = None  # as if not installed
-from smdm.data_cli import prepare
+from smdm.data_cli import import_litpkds, prepare
 try:
     prepare([{str(tmp_path / "a.parquet")!r}], {str(tmp_path / "out")!r}, vocab_size=280, progress=False)
 except smdm.SmdmFormatError as e:

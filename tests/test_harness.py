@@ -172,7 +172,7 @@ def test_missing_lm_eval_says_how_to_install(tmp_path):
                 "sys.exit(smdm.harness.main(['--ckpt', 'x', '--tasks', 't']))")
     assert r.returncode == 2
     assert "ERR the lm-evaluation-harness adapter needs lm-eval (`pip install 'smdm[eval]'`)" in r.stdout
-    assert "smdm eval harness: error:" in r.stderr and "pip install 'smdm[eval]'" in r.stderr
+    assert "python -m smdm.harness: error:" in r.stderr and "pip install 'smdm[eval]'" in r.stderr
     r = _python("import sys; sys.modules['lm_eval'] = None\nfrom smdm import cli\n"
                 "sys.exit(cli.main(['lm-eval', '--model', 'smdm', '--tasks', 't']))")
     assert r.returncode == 2, r.stderr

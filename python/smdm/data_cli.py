@@ -329,8 +329,9 @@ as `ids + [EOS]` (its tokenizer adds EOS, not BOS), back to back, splitting a do
 files when it does not fit, and fills the unused tail of a builder's last chunk with its sep token (BOS,
 id 1 for the Llama tokenizer). smdm starts a document after each --eos-id token and at the start of each
 file: a document split across two files is two segments, and a padding tail after the last EOS is a
-segment of its own. Windows never cross files (as in lit-gpt). SMDM itself trained without document
-masking: `smdm train --no-doc-mask` does the same.
+segment of its own. A run of EOS tokens ending a file (`smdm prepare --format litpkds` pads its last chunk
+with EOS) counts as one document's end plus padding. Windows never cross files (as in lit-gpt). SMDM
+itself trained without document masking: `smdm train --no-doc-mask` does the same.
 
 Layout: without --split the manifest is DIR/manifest.json (DIR becomes a dataset directory). TinyLlama
 writes train_* and validation_* chunks side by side; import each into its split (DIR/S/manifest.json,
@@ -438,6 +439,7 @@ def import_litpkds(
         files=len(shards),
         num_tokens=info["num_tokens"],
         num_docs=info["num_docs"],
+        padding=sum(e.get("padding", 0) for e in shards),
         dtype=info["dtype"],
     )
 
@@ -458,7 +460,7 @@ def _cmd_import(args) -> int:
         print(f"smdm data import: error: {e}", file=sys.stderr)
         return 1
     print(
-        f"{r['manifest']}: {r['files']} files, {r['num_tokens']:,} tokens ({r['dtype']}), "
+        f"{r['manifest']}: {r['files']} files, {r['num_tokens']:,} tokens ({r['dtype']}){_padding(r['padding'])}, "
         f"{r['num_docs']:,} documents"
     )
     return 0

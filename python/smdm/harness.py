@@ -446,7 +446,7 @@ def task_manager(tasks: list, include_path=None):
     return TaskManager(include_path=include_path)
 
 
-def run_cli(args) -> int:
+def run_cli(args, prog: str = "smdm eval harness") -> int:
     """`smdm eval harness`: lm_eval.simple_evaluate per checkpoint, lm-eval's table printed, JSON optional."""
     try:
         lm_eval = _import_lm_eval()
@@ -470,7 +470,7 @@ def run_cli(args) -> int:
                                           random_seed=args.seed)
             results.append((ckpt, res))
     except (ImportError, ValueError, TypeError, KeyError, OSError) as e:
-        print(f"smdm eval harness: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     doc = {"task": "harness", "tasks": tasks, "results": []}
     for ckpt, res in results:
@@ -492,9 +492,9 @@ def run_cli(args) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     """`python -m smdm.harness ...` (the same as `smdm eval harness ...`)."""
-    parser = argparse.ArgumentParser(prog="smdm eval harness", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m smdm.harness", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run_cli(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    return run_cli(parser.parse_args(sys.argv[1:] if argv is None else argv), parser.prog)
 
 
 def lm_eval_main(argv: list) -> int:
