@@ -166,3 +166,16 @@ def test_bad_variants_fail_before_the_arm_baseline_runs(ckpts, flags, msg, capsy
                   "--n", "2", "--gen-length", "8", *flags])
     assert msg in str(e.value), str(e.value)
     assert "arm kv-cache:" not in capsys.readouterr().err  # no variant ran
+
+
+def test_validation_prompts_read_litpkds_data(tmp_path, prepared, tiny_jsonl):
+    """The prompts and reference text of `bench frontier` / `bench sampler --quality-data` from a LITPKDS
+    dataset (lit-gpt's format, `smdm data import`) are those of the same text in smdm shards."""
+    from smdm.benchmarks.sampler import validation_prompts
+    from smdm.data_cli import prepare
+
+    lit = tmp_path / "lit"
+    prepare([str(tiny_jsonl)], lit, tokenizer=str(prepared / "tokenizer.json"), fmt="litpkds", val_fraction=0.1,
+            shard_tokens=100_000, progress=False, log=lambda msg: None)
+    prompts, refs = validation_prompts(str(lit), 3, 8, 8)
+    assert (prompts, refs) == validation_prompts(str(prepared), 3, 8, 8) and len(prompts) == 3

@@ -222,6 +222,29 @@ def test_litpkds_dataset_segments_follow_eos(tmp_path):
         )
 
 
+
+@pytest.mark.parametrize("fmt", ["smdm", "litpkds"])
+def test_documents_of_a_split_in_either_format(tmp_path, fmt):
+    """`D.documents`: each document's tokens and its EOS, in shard order; LITPKDS cuts after each EOS and at each
+    file's start (a chunk that ends mid-document leaves its rest to the next file as a document of its own)."""
+    lengths = [[5, 9, 3, 30], [12, 4]]
+    streams = make_dataset(tmp_path / "d", lengths, fmt=fmt)
+    docs = list(D.documents(tmp_path / "d", "train"))
+    want = [stream[a:a + n + 1] for (stream, starts), ls in zip(streams, lengths) for a, n in zip(starts, ls)]
+    assert [d.tolist() for d in docs] == [w.tolist() for w in want] and all(d.dtype == np.int64 for d in docs)
+    if fmt == "litpkds":  # a file cut inside a document: its two pieces, the first without an EOS
+        stream = streams[0][0]
+        (tmp_path / "cut").mkdir()
+        D.write_litpkds(tmp_path / "cut" / "a.bin", stream[:7], 8)
+        D.write_litpkds(tmp_path / "cut" / "b.bin", stream[7:], 8)
+        from smdm.data_cli import import_litpkds
+
+        import_litpkds(tmp_path / "cut", vocab_size=VOCAB, eos_id=EOS, progress=False, log=lambda m: None)
+        cut = [d.tolist() for d in D.documents(tmp_path / "cut", "train")]
+        assert cut == [stream[:6].tolist(), stream[6:7].tolist(), stream[7:16].tolist()] + [
+            d.tolist() for d in want[2:4]]
+
+
 # ---- bad datasets ----
 
 

@@ -946,6 +946,26 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def documents(path: PathLike, split: str = "val") -> Iterator[np.ndarray]:
+    """The documents of a dataset split, in shard order, each an int64 array of its tokens and its EOS.
+
+    smdm shards: the shard's document table. LITPKDS (lit-gpt's chunks, `smdm data import`): a document
+    starts after each EOS and at each file's start, as the reader cuts its segments, so a document split
+    across two files is two documents and each EOS of a padding run is a document of one token. Every
+    shard is checked as it is read (checksum, ids < vocab_size)."""
+    m = load_manifest(resolve_dataset(path, split))
+    for s in m.shards:
+        if m.format == "smdm":
+            _, toks, starts = read_shard(s.path)
+        else:
+            toks = litpkds_tokens(s.path, m.vocab_size)
+            starts = np.concatenate([[0], np.flatnonzero(toks[:-1] == m.eos_id) + 1])
+        edges = [int(a) for a in starts] + [int(toks.size)]
+        for a, b in zip(edges, edges[1:]):
+            if b > a:
+                yield np.asarray(toks[a:b], dtype=np.int64)
+
+
 def decode_sample(manifest: Manifest, n_tokens: int = 64) -> Optional[str]:
     """Decode the first tokens of the first shard with the dataset's tokenizer (None if unavailable)."""
     if not manifest.shards or manifest.tokenizer_path is None or not manifest.tokenizer_path.is_file():

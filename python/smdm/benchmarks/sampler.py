@@ -169,21 +169,18 @@ def cache_quality(model, prompts, references, gen_length: int, steps: int, block
 
 
 def validation_prompts(data_dir: str, n: int, prompt_length: int, gen_length: int):
-    """The first n validation documents long enough: (prompts, true continuations)."""
-    from smdm.data import load_manifest, read_shard, resolve_dataset
+    """The first n validation documents long enough: (prompts, true continuations). Either shard format."""
+    from smdm.data import documents
 
-    ds = resolve_dataset(data_dir, "val")
     prompts, refs = [], []
-    for shard in load_manifest(ds).shards:
-        _, tokens, starts = read_shard(shard.path)
-        bounds = list(map(int, starts)) + [len(tokens)]
-        for a, b in zip(bounds, bounds[1:]):
-            if b - a >= prompt_length + gen_length and len(prompts) < n:
-                doc = tokens[a:b].astype("int64").tolist()
-                prompts.append(doc[:prompt_length])
-                refs.append(doc[prompt_length:prompt_length + gen_length])
+    for doc in documents(data_dir, "val"):
+        if len(prompts) == n:
+            break
+        if doc.size >= prompt_length + gen_length:
+            prompts.append(doc[:prompt_length].tolist())
+            refs.append(doc[prompt_length:prompt_length + gen_length].tolist())
     if not prompts:
-        raise ValueError(f"{ds}: no document of {prompt_length + gen_length}+ tokens")
+        raise ValueError(f"{data_dir}: no validation document of {prompt_length + gen_length}+ tokens")
     return prompts, refs
 
 
