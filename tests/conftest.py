@@ -66,3 +66,27 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory, prepared):
+    """A random MDM and ARM twin (and an ARM with another tokenizer) saved with the prepared data's tokenizer."""
+    from smdm import checkpoint
+    from smdm.model import build_model, config_by_name
+    from tokenizers import Tokenizer
+
+    root = tmp_path_factory.mktemp("frontier")
+    V = Tokenizer.from_file(str(prepared / "tokenizer.json")).get_vocab_size() + 1  # + the mask id
+    out = {}
+    for kind, causal, seed in (("mdm", False, 0), ("ar", True, 1)):
+        model = build_model(config_by_name("tiny", vocab_size=V, causal=causal, max_seq_len=64), seed=seed)
+        out[kind] = checkpoint.save(root / kind, 1, model_state=model.state_dict(),
+                                    config={"model": model.config.to_dict(), "objective": kind},
+                                    train_state={"step": 1}, tokenizer_path=prepared / "tokenizer.json")
+    other = root / "other-tokenizer.json"
+    other.write_text((prepared / "tokenizer.json").read_text().replace('"[UNK]"', '"[OOV]"', 1) + " ")
+    model = build_model(config_by_name("tiny", vocab_size=V, causal=True, max_seq_len=64), seed=2)
+    out["other"] = checkpoint.save(root / "other", 1, model_state=model.state_dict(),
+                                   config={"model": model.config.to_dict(), "objective": "ar"},
+                                   train_state={"step": 1}, tokenizer_path=other)
+    return out

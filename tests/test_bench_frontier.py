@@ -44,28 +44,6 @@ def test_quality_is_the_judges_exact_nll_per_generated_token():
     assert q["entropy"] == pytest.approx(sum(frontier.sample_entropy(c) for c in conts) / 3)
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, prepared):
-    """A random MDM and ARM twin (and an ARM with another tokenizer) saved with the prepared data's tokenizer."""
-    from tokenizers import Tokenizer
-
-    root = tmp_path_factory.mktemp("frontier")
-    V = Tokenizer.from_file(str(prepared / "tokenizer.json")).get_vocab_size() + 1  # + the mask id
-    out = {}
-    for kind, causal, seed in (("mdm", False, 0), ("ar", True, 1)):
-        model = build_model(config_by_name("tiny", vocab_size=V, causal=causal, max_seq_len=64), seed=seed)
-        out[kind] = checkpoint.save(root / kind, 1, model_state=model.state_dict(),
-                                    config={"model": model.config.to_dict(), "objective": kind},
-                                    train_state={"step": 1}, tokenizer_path=prepared / "tokenizer.json")
-    other = root / "other-tokenizer.json"
-    other.write_text((prepared / "tokenizer.json").read_text().replace('"[UNK]"', '"[OOV]"', 1) + " ")
-    model = build_model(config_by_name("tiny", vocab_size=V, causal=True, max_seq_len=64), seed=2)
-    out["other"] = checkpoint.save(root / "other", 1, model_state=model.state_dict(),
-                                   config={"model": model.config.to_dict(), "objective": "ar"},
-                                   train_state={"step": 1}, tokenizer_path=other)
-    return out
-
-
 def test_command_measures_every_variant_and_the_reference_text(tmp_path, ckpts, prepared):
     out = tmp_path / "frontier.json"
     cmd = [sys.executable, "-m", "smdm.cli", "bench", "frontier", "--mdm", str(ckpts["mdm"]),

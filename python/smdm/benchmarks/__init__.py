@@ -1,4 +1,5 @@
-"""`smdm bench pack|mask|tokenize|sampler|frontier|reversal|scaling`: benchmarks that print a table and write JSON.
+"""`smdm bench pack|mask|tokenize|sampler|frontier|reversal|scaling|cfg`: benchmarks that print a table and
+write JSON.
 
 Each benchmark lives in `smdm.benchmarks.<name>` and exposes `register(parser)` (adds its options, sets
 `func`). The module is imported only when its benchmark runs, so `smdm bench --help` stays fast and a
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "frontier": "speed vs quality of MDM sampling and the ARM twin on trained checkpoints (judge perplexity)",
     "reversal": "the reversal curse: MDM vs its ARM twin on facts trained in one direction (CPU, minutes)",
     "scaling": "IsoFLOP sweep: MDM vs ARM validation loss over model sizes and compute budgets, power-law fits",
+    "cfg": "unsupervised classifier-free guidance: MDM (and ARM twin) multiple-choice accuracy per weight",
 }
 
 

@@ -174,7 +174,7 @@ def _tokenizer_digest(step_dir: Path) -> str | None:
     return files.get("tokenizer.json", {}).get("sha256")
 
 
-def _load(flag: str, path: str, device, dtype):
+def _load(flag: str, path: str, device, dtype, prog: str = "smdm bench frontier"):
     """(model, tokenizer, tokenizer digest, step dir) of a checkpoint, errors naming the flag."""
     import torch
 
@@ -184,8 +184,22 @@ def _load(flag: str, path: str, device, dtype):
         step = resolve(path)
         model, tok = load(step, device=device)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"smdm bench frontier: error: {flag} {path}: {e}") from None
+        raise SystemExit(f"{prog}: error: {flag} {path}: {e}") from None
     return model.to(getattr(torch, dtype)), tok, _tokenizer_digest(step), step
+
+
+def load_twin(flag: str, path: str, mdm, digest, device, dtype, prog: str = "smdm bench frontier"):
+    """An autoregressive checkpoint that reads the MDM's token ids (same vocabulary and tokenizer.json), or a
+    SystemExit naming the flag."""
+    m, _, d, _ = _load(flag, path, device, dtype, prog)
+    if not m.config.causal:
+        raise SystemExit(f"{prog}: error: {flag} {path} is an MDM; it must be autoregressive")
+    if m.config.vocab_size != mdm.config.vocab_size or d != digest:
+        raise SystemExit(f"{prog}: error: {flag} {path}: its tokenizer differs from --mdm's "
+                         f"(vocab {m.config.vocab_size} vs {mdm.config.vocab_size}, tokenizer.json sha256 "
+                         f"{(d or 'none')[:12]} vs {(digest or 'none')[:12]}); the twin must read the same "
+                         f"token ids")
+    return m
 
 
 def _default_data(step_dir: Path) -> str:
@@ -221,15 +235,7 @@ def main(args: argparse.Namespace) -> int:
         if path is None:
             loaded[flag] = None
             continue
-        m, _, d, _ = _load(flag, path, device, args.dtype)
-        if not m.config.causal:
-            raise SystemExit(f"smdm bench frontier: error: {flag} {path} is an MDM; it must be autoregressive")
-        if m.config.vocab_size != mdm.config.vocab_size or d != digest:
-            raise SystemExit(f"smdm bench frontier: error: {flag} {path}: its tokenizer differs from --mdm's "
-                             f"(vocab {m.config.vocab_size} vs {mdm.config.vocab_size}, tokenizer.json sha256 "
-                             f"{(d or 'none')[:12]} vs {(digest or 'none')[:12]}); the judge must read the same "
-                             f"token ids")
-        loaded[flag] = m
+        loaded[flag] = load_twin(flag, path, mdm, digest, device, args.dtype)
     data = args.data or _default_data(mdm_step)
     prompts, refs = _validation(data, args)
     print(f"speed-quality frontier: MDM {args.mdm}, ARM {args.arm}, judge {args.judge or args.arm}; "

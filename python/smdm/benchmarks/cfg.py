@@ -1,0 +1,263 @@
+# smdm bench cfg --mdm runs/demo-mdm --arm runs/demo-ar --n 200 --cfg 0 0.5 1 2 4 --json cfg.json
+"""`smdm bench cfg`: does unsupervised classifier-free guidance help the MDM choose, and would the same contrast
+help its ARM twin? Multiple choice on held-out text, every guidance weight in one process.
+
+The paper (Nie et al., 2024, Eq. 7) guides the MDM with its own unconditional prediction, no extra training: the
+logits u + (w + 1)(c - u), c given the prompt, u with every prompt position masked; it reports higher zero-shot
+accuracy with it. Here each item is a validation document cut at a random point: `--context` tokens, then the
+`--choice` tokens that really follow (the answer) among `--distractors` spans of the same length taken at random
+from other validation documents, in a random order. A model picks the choice with the lowest score (-log p of
+the choice given the context; the MDM's by its Monte Carlo ELBO, `smdm.evaluate.score`, with guidance w).
+
+Fairness: guidance is a contrast with an unconditional model, and an ARM has one too. With `--arm`, the ARM
+twin is scored exactly (w = 0) and with the same contrast per token, u + (w + 1)(c - u) where u are its logits
+after a lone EOS instead of the context (classifier-free guidance for language models, Sanchez et al., 2023),
+so a gain that any model gets from discounting generic text is not credited to diffusion. Every row reports
+accuracy with its standard error and the paired difference to the same model at w = 0 (the same items: the
+standard error of the per-item differences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from smdm.benchmarks import environment, write_records
+from smdm.cli import json_out, positive_int
+
+
+@dataclass
+class Items:
+    """N multiple-choice items over token ids: contexts (N lists), choices (N lists of K+1 lists of equal
+    length), labels (N,) the index of the true continuation, where (N, 2) document index and cut offset."""
+
+    contexts: list
+    choices: list
+    labels: np.ndarray
+    where: np.ndarray
+
+
+def make_items(docs: list, n: int, context: int, choice: int, distractors: int, seed: int = 0) -> Items:
+    """Up to `n` items from `docs` (token-id arrays), one per document long enough (context + choice tokens),
+    the documents drawn at random; each item's distractors are `choice`-token spans at random offsets of other
+    such documents, none equal to the answer. Deterministic in `seed`."""
+    if distractors < 1:
+        raise ValueError(f"--distractors must be >= 1, got {distractors}")
+    need = context + choice
+    pool = [i for i, d in enumerate(docs) if len(d) >= need]
+    if len(pool) < distractors + 1:
+        raise ValueError(f"{len(pool)} validation documents have {need}+ tokens; the items need at least "
+                         f"{distractors + 1} (--distractors {distractors} + 1) of them")
+    g = np.random.default_rng(seed)
+    picked = g.permutation(pool)[:n]
+    contexts, choices, labels, where = [], [], [], []
+    for i in picked:
+        d = docs[i]
+        cut = int(g.integers(0, len(d) - need + 1))
+        answer = d[cut + context:cut + need].tolist()
+        others, tries = [], 0
+        while len(others) < distractors:
+            tries += 1
+            if tries > 1000 * distractors:  # e.g. documents that repeat one token: no distinct spans to find
+                raise ValueError(f"found only {len(others)} distinct {choice}-token spans unlike the answer of "
+                                 f"document {i} (at {cut + context}) in other documents; --distractors "
+                                 f"{distractors} needs more varied text")
+            j = int(g.choice(pool))
+            if j == i:
+                continue
+            a = int(g.integers(0, len(docs[j]) - choice + 1))
+            span = docs[j][a:a + choice].tolist()
+            if span != answer and span not in others:
+                others.append(span)
+        label = int(g.integers(0, distractors + 1))
+        contexts.append(d[cut:cut + context].tolist())
+        choices.append(others[:label] + [answer] + others[label:])
+        labels.append(label)
+        where.append((int(i), cut))
+    return Items(contexts, choices, np.array(labels), np.array(where, dtype=np.int64).reshape(-1, 2))
+
+
+def load_items(data, n: int, context: int, choice: int, distractors: int, seed: int = 0) -> Items:
+    """`make_items` over the validation documents of the dataset `data` (either shard format), drawn from its
+    first max(8n, distractors + 1) documents long enough, so a large split is not read whole."""
+    from smdm.data import documents
+
+    docs = []
+    for d in documents(data, "val"):
+        if len(d) >= context + choice:
+            docs.append(d)
+            if len(docs) >= max(8 * n, distractors + 1):
+                break
+    return make_items(docs, n, context, choice, distractors, seed)
+
+
+def pairs_of(items: Items) -> list:
+    """The (context, choice) pairs, item after item."""
+    return [(c, ch) for c, chs in zip(items.contexts, items.choices) for ch in chs]
+
+
+def arm_guided_nll(arm, pairs: list, weights, uncond_prefix: list, *, batch_size: int = 32) -> dict:
+    """{w: (P,) float64} -log of each continuation under the ARM's guided per-token distribution
+    log_softmax(u + (w + 1)(c - u)) (`smdm.sampling.guided_logits`, the MDM's formula), c its logits after the
+    context, u after `uncond_prefix` alone; w = 0 is the exact -log p (no unconditional rows are run when
+    every weight is 0). One forward pass per batch of pairs serves every weight; batch-invariant logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from smdm.sampling import guided_logits, logits_at
+
+    weights = [float(w) for w in weights]
+    guide = any(w > 0 for w in weights)
+    out = {w: np.zeros(len(pairs)) for w in weights}
+    with torch.no_grad():
+        for a in range(0, len(pairs), batch_size):
+            chunk = pairs[a:a + batch_size]
+            seqs = [torch.tensor(ctx + cont) for ctx, cont in chunk]
+            # the logits at position p predict token p + 1: a continuation after a prefix of length m is
+            # predicted at m - 1 ... m + len - 2
+            rows = [torch.full((len(cont),), j) for j, (_, cont) in enumerate(chunk)]
+            pos = [torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1) for ctx, cont in chunk]
+            if guide:
+                seqs += [torch.tensor(uncond_prefix + cont) for _, cont in chunk]
+                rows += [torch.full((len(cont),), len(chunk) + j) for j, (_, cont) in enumerate(chunk)]
+                m = len(uncond_prefix)
+                pos += [torch.arange(m - 1, m + len(cont) - 1) for _, cont in chunk]
+            logits = logits_at(arm, seqs, torch.cat(rows), torch.cat(pos))
+            n = sum(len(cont) for _, cont in chunk)
+            target = torch.tensor([t for _, cont in chunk for t in cont], device=logits.device)
+            owner = torch.cat(rows[:len(chunk)]).to(logits.device)
+            for w in weights:
+                g = guided_logits(logits[:n], logits[n:] if guide else None, w)
+                nll = -F.log_softmax(g, -1).gather(1, target[:, None])[:, 0].double()
+                out[w][a:a + len(chunk)] = torch.zeros(len(chunk), dtype=torch.float64, device=nll.device) \
+                    .index_add_(0, owner, nll).cpu().numpy()
+    return out
+
+
+def accuracy(nll: np.ndarray, items: Items) -> np.ndarray:
+    """(N,) 1.0 where the lowest score of an item's choices is its answer (the first index on ties)."""
+    k = len(items.choices[0])
+    return (nll.reshape(-1, k).argmin(1) == items.labels).astype(np.float64)
+
+
+def _se(x: np.ndarray) -> float:
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def records_for(model: str, scores: dict, items: Items, **extra) -> list:
+    """One record per weight: accuracy, its standard error, and the paired difference to w = 0 (if scored)."""
+    hits = {w: accuracy(nll, items) for w, nll in scores.items()}
+    recs = []
+    for w, h in hits.items():
+        r = {"model": model, "cfg": w, "acc": float(h.mean()), "acc_stderr": _se(h), "n": len(h), **extra}
+        if 0.0 in hits and w != 0.0:
+            d = h - hits[0.0]
+            r.update(delta_vs_w0=float(d.mean()), delta_stderr=_se(d))
+        r["nll"] = scores[w].tolist()
+        recs.append(r)
+    return recs
+
+
+def table(records: list, chance: float) -> str:
+    head = f"{'model':<6} {'cfg w':>6} {'acc':>7} {'+-se':>6} {'vs w=0':>8} {'+-se':>6}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        d = f"{r['delta_vs_w0']:+8.3f} {r['delta_stderr']:6.3f}" if "delta_vs_w0" in r else f"{'-':>8} {'':>6}"
+        lines.append(f"{r['model']:<6} {r['cfg']:>6g} {r['acc']:>7.3f} {r['acc_stderr']:>6.3f} {d}")
+    lines.append(f"(chance {chance:.3f})")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from smdm.benchmarks.frontier import _default_data, _load, load_twin
+    from smdm.evaluate import eos_id_of, score
+
+    prog = "smdm bench cfg"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if any(not math.isfinite(w) or w < 0 for w in args.cfg):
+        raise SystemExit(f"{prog}: error: --cfg weights must be finite and >= 0, got {args.cfg}")
+    weights = sorted({float(w) for w in args.cfg} | {0.0})
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mdm, tok, digest, step = _load("--mdm", args.mdm, device, "float32", prog)
+    if mdm.config.causal:
+        raise SystemExit(f"{prog}: error: --mdm {args.mdm} is an autoregressive checkpoint")
+    arm = None if args.arm is None else load_twin("--arm", args.arm, mdm, digest, device, "float32", prog)
+    eos = eos_id_of(tok) if tok is not None else None
+    if arm is not None and eos is None:
+        raise SystemExit(f"{prog}: error: --mdm {args.mdm}: no tokenizer with an EOS token, which the ARM's "
+                         f"unconditional context needs")
+    data = args.data or _default_data(step)
+    longest = args.context + args.choice
+    try:
+        items = load_items(data, args.n, args.context, args.choice, args.distractors, args.seed)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{prog}: error: --data {data}: {e}") from None
+    for model, what in ((mdm, "--mdm"), (arm, "--arm")):
+        if model is not None and longest + 1 > model.config.max_seq_len:
+            raise SystemExit(f"{prog}: error: --context + --choice = {longest} tokens do not fit {what}'s context "
+                             f"of {model.config.max_seq_len}")
+    n = len(items.labels)
+    if n < args.n:
+        print(f"note: {data} gave {n} items (asked for {args.n}): not enough validation documents of "
+              f"{longest}+ tokens", file=sys.stderr)
+    pairs = pairs_of(items)
+    print(f"unsupervised CFG: MDM {args.mdm}" + (f", ARM twin {args.arm}" if arm is not None else "")
+          + f"; {n} items from {data} (val): {args.context}-token context, the true {args.choice} tokens among "
+          f"{args.distractors + 1} choices; MDM ELBO with {args.n_samples} samples; device {device}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    with torch.no_grad():
+        mdm_scores = {w: score(mdm, pairs, n_samples=args.n_samples, seed=args.seed, cfg=w,
+                               batch_size=args.batch_size).nll for w in weights}
+    common = dict(context=args.context, choice=args.choice, choices=args.distractors + 1, seed=args.seed)
+    records = records_for("mdm", mdm_scores, items, n_samples=args.n_samples, **common)
+    if arm is not None:
+        arm_scores = arm_guided_nll(arm, pairs, weights, [eos], batch_size=args.batch_size)
+        records += records_for("arm", arm_scores, items, **common)
+    print(table(records, 1 / (args.distractors + 1)))
+    print("acc: the true continuation scored best (+- its standard error); vs w=0: the paired difference to the "
+          "same model without guidance on the same items. MDM: ELBO with guided logits, the unconditional row "
+          "masks the context; ARM: exact at w=0, else the same contrast per token against its logits after a "
+          "lone EOS")
+    if args.json:
+        env = environment(device=str(device), mdm=args.mdm, arm=args.arm, data=str(data))
+        write_records([{**r, "labels": items.labels.tolist(), "where": items.where.tolist(), "environment": env}
+                       for r in records], args.json)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser, name: str | None = None) -> argparse.ArgumentParser:
+    """Add the `cfg` benchmark's options to `parser` and set `func`."""
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--mdm", required=True, metavar="DIR", help="the MDM checkpoint (run or step dir)")
+    parser.add_argument("--arm", metavar="DIR", help="its ARM twin (same tokenizer): scored exactly and with the "
+                        "same contrast")
+    parser.add_argument("--data", metavar="DIR", help="dataset whose val documents give the items (default: the "
+                        "MDM's training data, else the built-in corpus)")
+    parser.add_argument("--cfg", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0],
+                        help="guidance weights w (0 is always included; default 0 0.5 1 2 4)")
+    parser.add_argument("--n", type=positive_int, default=200, help="items (default 200)")
+    parser.add_argument("--context", type=positive_int, default=48, help="context tokens (default 48)")
+    parser.add_argument("--choice", type=positive_int, default=16, help="tokens per choice (default 16)")
+    parser.add_argument("--distractors", type=positive_int, default=3, help="wrong choices per item (default 3)")
+    parser.add_argument("--n-samples", type=positive_int, default=32,
+                        help="the MDM's Monte Carlo ELBO samples per choice (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="model rows per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="items and the ELBO's noise")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", metavar="FILE", type=json_out, help="write one JSON record per (model, w)")
+    parser.set_defaults(func=main)
+    return parser
+
+
+if __name__ == "__main__":  # python -m smdm.benchmarks.cfg
+    p = register(argparse.ArgumentParser(prog="smdm bench cfg"))
+    a = p.parse_args()
+    sys.exit(a.func(a))
