@@ -116,6 +116,14 @@ def test_command_scores_every_weight_for_both_models(tmp_path, ckpts, prepared):
         assert f"{r['acc']:.3f}" in p.stdout
     assert recs[1]["nll"] != recs[0]["nll"] and recs[3]["nll"] != recs[2]["nll"]
     assert "chance 0.333" in p.stdout and math.isfinite(recs[1]["delta_stderr"])
+    # --method chain: the exact chain-rule score with guidance, MDM records only without --arm
+    p = _bench("--mdm", str(ckpts["mdm"]), "--data", str(prepared), "--n", "5", "--context", "8", "--choice", "4",
+               "--distractors", "2", "--cfg", "1.5", "--method", "chain", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    recs = json.loads(out.read_text())
+    assert [(r["model"], r["cfg"], r["method"]) for r in recs] == [("mdm", 0.0, "chain"), ("mdm", 1.5, "chain")]
+    for r in recs:
+        np.testing.assert_allclose(r["nll"], score(mdm, pairs, method="chain", cfg=r["cfg"]).nll, rtol=1e-6)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -7,7 +7,8 @@ logits u + (w + 1)(c - u), c given the prompt, u with every prompt position mask
 accuracy with it. Here each item is a validation document cut at a random point: `--context` tokens, then the
 `--choice` tokens that really follow (the answer) among `--distractors` spans of the same length taken at random
 from other validation documents, in a random order. A model picks the choice with the lowest score (-log p of
-the choice given the context; the MDM's by its Monte Carlo ELBO, `smdm.evaluate.score`, with guidance w).
+the choice given the context, `smdm.evaluate.score`; the MDM's by its Monte Carlo ELBO or, `--method chain`,
+exactly by the chain rule; with guidance w).
 
 Fairness: guidance is a contrast with an unconditional model, and an ARM has one too. With `--arm`, the ARM
 twin is scored exactly (w = 0) and with the same contrast per token, u + (w + 1)(c - u) where u are its logits
@@ -210,13 +211,15 @@ def main(args: argparse.Namespace) -> int:
     pairs = pairs_of(items)
     print(f"unsupervised CFG: MDM {args.mdm}" + (f", ARM twin {args.arm}" if arm is not None else "")
           + f"; {n} items from {data} (val): {args.context}-token context, the true {args.choice} tokens among "
-          f"{args.distractors + 1} choices; MDM ELBO with {args.n_samples} samples; device {device}, "
+          f"{args.distractors + 1} choices; MDM "
+          + (f"ELBO with {args.n_samples} samples" if args.method == "elbo" else "chain rule, left to right")
+          + f"; device {device}, "
           f"{torch.get_num_threads()} threads", flush=True)
     with torch.no_grad():
-        mdm_scores = {w: score(mdm, pairs, n_samples=args.n_samples, seed=args.seed, cfg=w,
+        mdm_scores = {w: score(mdm, pairs, method=args.method, n_samples=args.n_samples, seed=args.seed, cfg=w,
                                batch_size=args.batch_size).nll for w in weights}
     common = dict(context=args.context, choice=args.choice, choices=args.distractors + 1, seed=args.seed)
-    records = records_for("mdm", mdm_scores, items, n_samples=args.n_samples, **common)
+    records = records_for("mdm", mdm_scores, items, method=args.method, n_samples=args.n_samples, **common)
     if arm is not None:
         arm_scores = arm_guided_nll(arm, pairs, weights, [eos], batch_size=args.batch_size)
         records += records_for("arm", arm_scores, items, **common)
@@ -246,6 +249,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--context", type=positive_int, default=48, help="context tokens (default 48)")
     parser.add_argument("--choice", type=positive_int, default=16, help="tokens per choice (default 16)")
     parser.add_argument("--distractors", type=positive_int, default=3, help="wrong choices per item (default 3)")
+    parser.add_argument("--method", choices=("elbo", "chain"), default="elbo", help="the MDM's score: Monte Carlo "
+                        "ELBO (default) or the exact chain rule left to right (one forward pass per token)")
     parser.add_argument("--n-samples", type=positive_int, default=32,
                         help="the MDM's Monte Carlo ELBO samples per choice (default 32)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="model rows per forward pass")
