@@ -196,14 +196,14 @@ def main(args: argparse.Namespace) -> int:
                          f"unconditional context needs")
     data = args.data or _default_data(step)
     longest = args.context + args.choice
+    for model, what in ((mdm, "--mdm"), (arm, "--arm")):
+        if model is not None and longest > model.config.max_seq_len:
+            raise SystemExit(f"{prog}: error: --context + --choice = {longest} tokens do not fit {what}'s context "
+                             f"of {model.config.max_seq_len}")
     try:
         items = load_items(data, args.n, args.context, args.choice, args.distractors, args.seed)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{prog}: error: --data {data}: {e}") from None
-    for model, what in ((mdm, "--mdm"), (arm, "--arm")):
-        if model is not None and longest + 1 > model.config.max_seq_len:
-            raise SystemExit(f"{prog}: error: --context + --choice = {longest} tokens do not fit {what}'s context "
-                             f"of {model.config.max_seq_len}")
     n = len(items.labels)
     if n < args.n:
         print(f"note: {data} gave {n} items (asked for {args.n}): not enough validation documents of "
