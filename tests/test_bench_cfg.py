@@ -46,6 +46,18 @@ def test_items_are_cut_documents_with_foreign_distractors():
     with pytest.raises(ValueError, match="3 validation documents have 10\\+ tokens; the items need at least 4"):
         C.make_items(short, 6, 6, 4, 3)
     assert len(C.make_items(short, 6, 6, 4, 2).labels) == 3  # fewer items than asked: one per document
+    # fewer documents than items: several non-overlapping windows per document, spread evenly
+    g = np.random.default_rng(3)
+    long = [g.integers(0, 40, 60) for _ in range(5)]
+    items = C.make_items(long, 12, 6, 4, 2)
+    assert len(items.labels) == 12
+    for i in range(5):
+        cuts = sorted(int(c) for k, c in items.where if k == i)
+        assert 1 <= len(cuts) <= 3 and all(b - a >= 10 for a, b in zip(cuts, cuts[1:]))
+        for k in np.flatnonzero(items.where[:, 0] == i):
+            c = int(items.where[k, 1])
+            assert items.contexts[k] == long[i][c:c + 6].tolist()
+            assert items.choices[k][items.labels[k]] == long[i][c + 6:c + 10].tolist()
     with pytest.raises(ValueError, match="found only 0 distinct 4-token spans unlike the answer"):
         C.make_items([np.full(12, 7)] * 5, 2, 6, 4, 2)  # every span is the answer: an error, not a hang
 

@@ -15,7 +15,9 @@ twin is scored exactly (w = 0) and with the same contrast per token, u + (w + 1)
 after a lone EOS instead of the context (classifier-free guidance for language models, Sanchez et al., 2023),
 so a gain that any model gets from discounting generic text is not credited to diffusion. Every row reports
 accuracy with its standard error and the paired difference to the same model at w = 0 (the same items: the
-standard error of the per-item differences).
+standard error of the per-item differences). When the split has fewer long documents than items, a document
+gives several non-overlapping windows; items of one document are not independent, so the standard errors are
+then a little optimistic.
 """
 
 from __future__ import annotations
@@ -42,9 +44,26 @@ class Items:
     where: np.ndarray
 
 
+def _cuts(g, d_len: int, need: int, n: int, tries: int = 32) -> list:
+    """Up to n start offsets of non-overlapping `need`-token windows in a document of d_len tokens, each
+    drawn uniformly and kept when it overlaps no earlier one (`tries` draws per window)."""
+    cuts = []
+    for _ in range(n):
+        for _ in range(tries):
+            c = int(g.integers(0, d_len - need + 1))
+            if all(c + need <= a or a + need <= c for a in cuts):
+                cuts.append(c)
+                break
+        else:
+            break
+    return cuts
+
+
 def make_items(docs: list, n: int, context: int, choice: int, distractors: int, seed: int = 0) -> Items:
-    """Up to `n` items from `docs` (token-id arrays), one per document long enough (context + choice tokens),
-    the documents drawn at random; each item's distractors are `choice`-token spans at random offsets of other
+    """Up to `n` items from `docs` (token-id arrays): windows of context + choice tokens at random offsets of
+    the documents long enough, spread evenly: n / (such documents), rounded up, non-overlapping windows per
+    document at most (one per document when there are enough; a document too short for more gives fewer), in
+    a random order of documents. Each item's distractors are `choice`-token spans at random offsets of other
     such documents, none equal to the answer. Deterministic in `seed`."""
     if distractors < 1:
         raise ValueError(f"--distractors must be >= 1, got {distractors}")
@@ -54,11 +73,12 @@ def make_items(docs: list, n: int, context: int, choice: int, distractors: int, 
         raise ValueError(f"{len(pool)} validation documents have {need}+ tokens; the items need at least "
                          f"{distractors + 1} (--distractors {distractors} + 1) of them")
     g = np.random.default_rng(seed)
-    picked = g.permutation(pool)[:n]
-    contexts, choices, labels, where = [], [], [], []
-    for i in picked:
+    per_doc = -(-n // len(pool))
+    windows = [(int(i), c) for i in g.permutation(pool) for c in _cuts(g, len(docs[i]), need, per_doc)]
+    windows = [windows[k] for k in np.sort(g.permutation(len(windows))[:n])] if len(windows) > n else windows
+    contexts, choices, labels = [], [], []
+    for i, cut in windows:
         d = docs[i]
-        cut = int(g.integers(0, len(d) - need + 1))
         answer = d[cut + context:cut + need].tolist()
         others, tries = [], 0
         while len(others) < distractors:
@@ -78,8 +98,7 @@ def make_items(docs: list, n: int, context: int, choice: int, distractors: int, 
         contexts.append(d[cut:cut + context].tolist())
         choices.append(others[:label] + [answer] + others[label:])
         labels.append(label)
-        where.append((int(i), cut))
-    return Items(contexts, choices, np.array(labels), np.array(where, dtype=np.int64).reshape(-1, 2))
+    return Items(contexts, choices, np.array(labels), np.array(windows, dtype=np.int64).reshape(-1, 2))
 
 
 def load_items(data, n: int, context: int, choice: int, distractors: int, seed: int = 0) -> Items:
