@@ -7,7 +7,7 @@ when used, so `smdm --help` stays fast.
     smdm generate|infill ...  guided generation                     (smdm.generate_cli)
     smdm eval mc|gsm8k|ppl|harness  likelihood benchmarks and lm-eval tasks, MDM vs ARM (smdm.evaluate)
     smdm lm-eval ...          lm-eval's own CLI with the model "smdm" registered (smdm.harness)
-    smdm bench pack|mask|tokenize|sampler|frontier|reversal|scaling  (smdm.benchmarks.*)
+    smdm bench pack|mask|tokenize|sampler|frontier|reversal|scaling|cfg  (smdm.benchmarks.*)
     smdm kernels check        compile the CUDA sources              (smdm.kernels)
     smdm convert from-litgpt|to-litgpt|from-hf|to-hf  SMDM / TinyLlama / Hugging Face weights in and out
                                                         (smdm.convert)

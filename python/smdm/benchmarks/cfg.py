@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
     n = len(items.labels)
     if n < args.n:
         print(f"note: {data} gave {n} items (asked for {args.n}): not enough validation documents of "
-              f"{longest}+ tokens", file=sys.stderr)
+              f"{longest}+ tokens for more non-overlapping windows", file=sys.stderr)
     pairs = pairs_of(items)
     print(f"unsupervised CFG: MDM {args.mdm}" + (f", ARM twin {args.arm}" if arm is not None else "")
           + f"; {n} items from {data} (val): {args.context}-token context, the true {args.choice} tokens among "
