@@ -389,6 +389,28 @@ def test_cli_prepare_notes_an_empty_val_split_and_inspect_survives_a_closed_pipe
     assert p.wait() == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+def test_cli_prepare_notes_a_litpkds_split_that_is_mostly_padding(tmp_path, tiny_jsonl, prepared, capsys):
+    """A corpus smaller than one LITPKDS chunk (lit-gpt's 2049 x 1024 tokens by default) comes out as that much
+    EOS padding, which the reader serves like text: prepare (and train, from the manifest) say so."""
+    from smdm.data_cli import padding_note
+
+    tok = str(prepared / "tokenizer.json")
+    out = tmp_path / "big-chunk"
+    assert smdm_main(["prepare", str(tiny_jsonl), "--out", str(out), "--tokenizer", tok, "--format", "litpkds"]) == 0
+    err = capsys.readouterr().err
+    m = D.load_manifest(out / "train")
+    pad = sum(s.padding for s in m.shards)
+    assert m.num_tokens == 2049 * 1024 and pad > m.num_tokens / 2
+    assert f"of {out}/train ({pad:,} of {m.num_tokens:,} tokens) is EOS padding" in err
+    assert f"{out}/val (" in err and "--shard-tokens" in err
+    out = tmp_path / "small-chunk"
+    assert smdm_main(["prepare", str(tiny_jsonl), "--out", str(out), "--tokenizer", tok, "--format", "litpkds",
+                      "--shard-tokens", "600"]) == 0
+    assert f"of {out}/train (" not in capsys.readouterr().err  # (its small val split is still mostly padding)
+    assert padding_note("d", 100, 50) is None and "51%" in padding_note("d", 100, 51)
+    assert padding_note("d", 0, 0) is None
+
+
 def test_inspect_with_an_unreadable_tokenizer_fails_naming_it(tmp_path, prepared, capsys):
     """`smdm data inspect` decodes a sample with the dataset's tokenizer.json: a corrupt one used to escape
     as the `tokenizers` package's bare Exception (a traceback) instead of an error naming the file."""

@@ -483,6 +483,20 @@ def test_corrupt_or_too_small_data_is_a_clear_error(dataset, tmp_path, capsys):
     assert main(["train", *base, str(tmp_path / "r3"), "--data", str(small), "--val-every", "0"]) == 0
 
 
+def test_training_on_a_litpkds_split_that_is_mostly_padding_says_so(tmp_path, tiny_jsonl, prepared, capsys):
+    """The manifest's per-shard padding (a corpus smaller than one lit-gpt chunk) is named before training."""
+    from smdm.cli import main
+    from smdm.data_cli import prepare
+
+    lit = tmp_path / "lit"
+    prepare([str(tiny_jsonl)], lit, tokenizer=str(prepared / "tokenizer.json"), fmt="litpkds", progress=False,
+            log=lambda msg: None)
+    assert main(["train", "--config", "tiny", "--max-steps", "1", "--batch-size", "2", "--seq-len", "32",
+                 "--data", str(lit), "--val-every", "0", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert f"of {lit / 'train'} (" in err and "is EOS padding of its last LITPKDS chunk" in err
+
+
 def test_vocab_mismatch(dataset, tmp_path, capsys):
     err = cli_error(capsys, ["--config", "tiny", "--data", str(dataset), "--out", str(tmp_path / "r"),
                              "--vocab-size", "100"])

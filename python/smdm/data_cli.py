@@ -475,6 +475,16 @@ def _datasets(path: Path) -> list[Path]:
     return found
 
 
+def padding_note(where: str, num_tokens: int, padding: int) -> Optional[str]:
+    """A note when more than half of a LITPKDS split is the EOS padding of its last chunk (a corpus smaller
+    than one chunk: lit-gpt's 2049 x 1024 tokens by default), which the reader serves as text, else None."""
+    if num_tokens <= 0 or 2 * padding <= num_tokens:
+        return None
+    return (f"note: {padding / num_tokens:.0%} of {where} ({padding:,} of {num_tokens:,} tokens) is EOS padding of "
+            f"its last LITPKDS chunk, which the reader serves like text: prepare it with a smaller "
+            f"--shard-tokens (a multiple of the window length + 1, e.g. 2049 x k for --seq-len 2048)")
+
+
 def _padding(n: int) -> str:
     return f" ({n:,} of them EOS padding the last LITPKDS chunk, as lit-gpt pads)" if n else ""
 
@@ -492,6 +502,10 @@ def _cmd_prepare(args) -> int:
             f"{r['shards']} shards"
         )
     print(f"vocab_size {summary['vocab_size']}, eos_id {summary['eos_id']}, {summary['seconds']} s")
+    for s in SPLITS:
+        note = padding_note(f"{args.out}/{s}", summary[s]["num_tokens"], summary[s]["padding"])
+        if note:
+            print(note, file=sys.stderr)
     if summary["val"]["num_docs"] == 0:
         docs = summary["train"]["num_docs"]
         print(f"note: {args.out}/val is empty (--val-fraction {args.val_fraction} of {docs:,} documents): "

@@ -573,6 +573,13 @@ class Trainer:
                 raise TrainError(f"--verify-data must be one of {VERIFY_DATA}, got {cfg.verify_data!r}")
             self.verify_full = cfg.verify_data == "full" or (cfg.verify_data == "auto"
                                                              and self.manifest.num_tokens <= FULL_VERIFY_TOKENS)
+            if d.rank == 0:
+                from smdm.data_cli import padding_note
+
+                note = padding_note(str(self.train_dir), self.manifest.num_tokens,
+                                    sum(s.padding for s in self.manifest.shards))
+                if note:
+                    print(note, file=sys.stderr, flush=True)
             if not self.verify_full and d.rank == 0:
                 print(f"data: {self.manifest.num_tokens:,} tokens: shard headers and sizes checked at start, token "
                       f"ids per batch (--verify-data full checks every byte; `smdm data verify` once does it too)",
