@@ -92,9 +92,9 @@ def test_accuracy_and_paired_differences():
     recs = C.records_for("mdm", {0.0: w0, 1.0: w1}, items)
     assert [r["acc"] for r in recs] == [0.75, 0.5]
     assert recs[0]["acc_stderr"] == pytest.approx(np.std([1, 1, 0, 1], ddof=1) / 2)
-    assert "delta_vs_w0" not in recs[0]
-    assert recs[1]["delta_vs_w0"] == pytest.approx(-0.25)
-    assert recs[1]["delta_stderr"] == pytest.approx(np.std([-1, 0, 1, -1], ddof=1) / 2)
+    assert "acc_delta_vs_w0" not in recs[0] and "acc_norm" not in recs[0]
+    assert recs[1]["acc_delta_vs_w0"] == pytest.approx(-0.25)
+    assert recs[1]["acc_delta_stderr"] == pytest.approx(np.std([-1, 0, 1, -1], ddof=1) / 2)
     text = C.table(recs, 1 / 3)
     assert "0.750" in text and "-0.250" in text and "chance 0.333" in text
 
@@ -124,10 +124,10 @@ def test_command_scores_every_weight_for_both_models(tmp_path, ckpts, prepared):
         np.testing.assert_allclose(r["nll"], want[r["model"], r["cfg"]], rtol=1e-6)
         hits = C.accuracy(np.array(r["nll"]), items)
         assert r["acc"] == pytest.approx(hits.mean()) and r["n"] == 5
-        assert (r["cfg"] == 0.0) == ("delta_vs_w0" not in r)
+        assert (r["cfg"] == 0.0) == ("acc_delta_vs_w0" not in r)
         assert f"{r['acc']:.3f}" in p.stdout
     assert recs[1]["nll"] != recs[0]["nll"] and recs[3]["nll"] != recs[2]["nll"]
-    assert "chance 0.333" in p.stdout and math.isfinite(recs[1]["delta_stderr"])
+    assert "chance 0.333" in p.stdout and math.isfinite(recs[1]["acc_delta_stderr"])
     # --method chain: the exact chain-rule score with guidance, MDM records only without --arm
     p = _bench("--mdm", str(ckpts["mdm"]), "--data", str(prepared), "--n", "5", "--context", "8", "--choice", "4",
                "--distractors", "2", "--cfg", "1.5", "--method", "chain", "--json", str(out))
@@ -136,6 +136,49 @@ def test_command_scores_every_weight_for_both_models(tmp_path, ckpts, prepared):
     assert [(r["model"], r["cfg"], r["method"]) for r in recs] == [("mdm", 0.0, "chain"), ("mdm", 1.5, "chain")]
     for r in recs:
         np.testing.assert_allclose(r["nll"], score(mdm, pairs, method="chain", cfg=r["cfg"]).nll, rtol=1e-6)
+
+
+def test_mc_file_scores_equal_smdm_eval_mc(tmp_path, ckpts, prepared, tiny_texts):
+    """`--mc FILE`: questions with 2 to 4 choices in `smdm eval mc`'s format; the MDM's acc and acc_norm at each
+    weight and the ARM's at w = 0 are those of `smdm.evaluate.evaluate_mc` (the oracle), an empty context
+    stands for EOS, and --n takes the first N questions."""
+    from smdm.evaluate import evaluate_mc, read_mc
+
+    words = " ".join(tiny_texts).split()
+    g = np.random.default_rng(0)
+    rows = []
+    for q in range(9):
+        k = 2 + q % 3
+        ctx = "" if q == 4 else " ".join(words[int(g.integers(0, len(words) - 6)):][:6]) + " "
+        choices = [" ".join(words[a:a + int(g.integers(1, 4))]) for a in g.integers(0, len(words) - 4, k)]
+        rows.append({"context": ctx, "choices": choices, "label": int(g.integers(0, k))})
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cfg.json"
+    p = _bench("--mdm", str(ckpts["mdm"]), "--arm", str(ckpts["ar"]), "--mc", str(mc), "--n", "8", "--cfg", "1.5",
+               "--n-samples", "3", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    recs = json.loads(out.read_text())
+    assert [(r["model"], r["cfg"]) for r in recs] == [("mdm", 0.0), ("mdm", 1.5), ("arm", 0.0), ("arm", 1.5)]
+    assert recs[0]["n"] == 8 and recs[0]["labels"] == [r["label"] for r in rows[:8]]
+    mdm, tok = checkpoint.load(ckpts["mdm"], device="cpu")
+    arm, _ = checkpoint.load(ckpts["ar"], device="cpu")
+    items = read_mc(mc, limit=8)
+    for r in recs[:3]:
+        model = arm if r["model"] == "arm" else mdm
+        kw = {} if r["model"] == "arm" else {"n_samples": 3, "cfg": r["cfg"]}
+        want = evaluate_mc(model, tok, items, eos_id=eos_id_of(tok), **kw)
+        assert (r["acc"], r["acc_norm"]) == (want["acc"], want["acc_norm"]), r["model"]
+        np.testing.assert_allclose(r["nll"], [x for rec in want["records"] for x in rec["nll"]], rtol=1e-6)
+    assert recs[3]["nll"] != recs[2]["nll"] and "acc_norm_delta_vs_w0" in recs[3]
+    chance = np.mean([1 / len(r["choices"]) for r in rows[:8]])
+    assert f"chance {chance:.3f}" in p.stdout and "acc_norm" in p.stdout
+    p = _bench("--mdm", str(ckpts["mdm"]), "--mc", str(mc), "--data", str(prepared))
+    assert p.returncode == 1 and "give --mc FILE or --data DIR, not both" in p.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": "a", "choices": ["b"], "label": 0}) + "\n")
+    p = _bench("--mdm", str(ckpts["mdm"]), "--mc", str(bad))
+    assert p.returncode != 0 and f"{bad}:1: field 'choices'" in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("args, words", [

@@ -8,7 +8,8 @@ accuracy with it. Here each item is a validation document cut at a random point:
 `--choice` tokens that really follow (the answer) among `--distractors` spans of the same length taken at random
 from other validation documents, in a random order. A model picks the choice with the lowest score (-log p of
 the choice given the context, `smdm.evaluate.score`; the MDM's by its Monte Carlo ELBO or, `--method chain`,
-exactly by the chain rule; with guidance w).
+exactly by the chain rule; with guidance w). `--mc FILE` takes the questions of a multiple-choice JSONL file
+instead (`smdm eval mc`'s format, tokenization and scores; choices of any number and length, so acc_norm too).
 
 Fairness: guidance is a contrast with an unconditional model, and an ARM has one too. With `--arm`, the ARM
 twin is scored exactly (w = 0) and with the same contrast per token, u + (w + 1)(c - u) where u are its logits
@@ -26,6 +27,7 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -33,15 +35,18 @@ from smdm.benchmarks import environment, write_records
 from smdm.cli import json_out, positive_int
 
 
-@dataclass
+@dataclass(eq=False)
 class Items:
-    """N multiple-choice items over token ids: contexts (N lists), choices (N lists of K+1 lists of equal
-    length), labels (N,) the index of the true continuation, where (N, 2) document index and cut offset."""
+    """N multiple-choice items over token ids: contexts (N lists), choices (N lists of token-id lists; items
+    may differ in their number of choices), labels (N,) the index of the right choice, where: held-out items
+    (N, 2) document index and cut offset, `--mc` items (N, 1) line numbers; chars (N lists, `--mc` only) the
+    characters of each choice, for lm-eval's acc_norm."""
 
     contexts: list
     choices: list
     labels: np.ndarray
     where: np.ndarray
+    chars: Optional[list] = None
 
 
 def _cuts(g, d_len: int, need: int, n: int, tries: int = 32) -> list:
@@ -158,10 +163,37 @@ def arm_guided_nll(arm, pairs: list, weights, uncond_prefix: list, *, batch_size
     return out
 
 
-def accuracy(nll: np.ndarray, items: Items) -> np.ndarray:
-    """(N,) 1.0 where the lowest score of an item's choices is its answer (the first index on ties)."""
-    k = len(items.choices[0])
-    return (nll.reshape(-1, k).argmin(1) == items.labels).astype(np.float64)
+def mc_items(path, tokenizer, eos_id: Optional[int], limit: Optional[int] = None) -> Items:
+    """The items of a multiple-choice JSONL file (`smdm eval mc`'s format and tokenization: `read_mc`,
+    `encode_pair`; an empty context stands for EOS, as in `evaluate_mc`)."""
+    from smdm.evaluate import encode_pair, read_mc
+
+    contexts, choices, labels, lines, chars = [], [], [], [], []
+    for it in read_mc(path, limit):
+        enc = [encode_pair(tokenizer, it.context, c) for c in it.choices]
+        ctx = enc[0][0] or ([eos_id] if eos_id is not None else [])
+        if not ctx:
+            raise ValueError(f"{path}:{it.line}: empty context and no EOS id to stand for it")
+        for j, (_, cont) in enumerate(enc):
+            if not cont:
+                raise ValueError(f"{path}:{it.line}: choice {j} encodes to no tokens")
+        contexts.append(ctx)
+        choices.append([cont for _, cont in enc])
+        labels.append(it.label)
+        lines.append(it.line)
+        chars.append([len(c) for c in it.choices])
+    return Items(contexts, choices, np.array(labels), np.array(lines, dtype=np.int64).reshape(-1, 1), chars)
+
+
+def accuracy(nll: np.ndarray, items: Items, norm: bool = False) -> np.ndarray:
+    """(N,) 1.0 where the lowest score of an item's choices is its answer (the first index on ties); `norm`:
+    the score per character of the choice (lm-eval's acc_norm, `--mc` items)."""
+    hits, a = np.zeros(len(items.labels)), 0
+    for q, chs in enumerate(items.choices):
+        s = nll[a:a + len(chs)] / (np.array(items.chars[q], dtype=np.float64) if norm else 1.0)
+        hits[q] = float(int(np.argmin(s)) == int(items.labels[q]))
+        a += len(chs)
+    return hits
 
 
 def _se(x: np.ndarray) -> float:
@@ -169,25 +201,35 @@ def _se(x: np.ndarray) -> float:
 
 
 def records_for(model: str, scores: dict, items: Items, **extra) -> list:
-    """One record per weight: accuracy, its standard error, and the paired difference to w = 0 (if scored)."""
-    hits = {w: accuracy(nll, items) for w, nll in scores.items()}
+    """One record per weight: accuracy (and acc_norm for `--mc` items), its standard error, and the paired
+    difference to w = 0 (if scored)."""
+    metrics = ("acc", "acc_norm") if items.chars is not None else ("acc",)
+    hits = {(w, m): accuracy(nll, items, norm=m == "acc_norm") for w, nll in scores.items() for m in metrics}
     recs = []
-    for w, h in hits.items():
-        r = {"model": model, "cfg": w, "acc": float(h.mean()), "acc_stderr": _se(h), "n": len(h), **extra}
-        if 0.0 in hits and w != 0.0:
-            d = h - hits[0.0]
-            r.update(delta_vs_w0=float(d.mean()), delta_stderr=_se(d))
+    for w in scores:
+        r = {"model": model, "cfg": w, "n": len(items.labels), **extra}
+        for m in metrics:
+            h = hits[w, m]
+            r.update({m: float(h.mean()), f"{m}_stderr": _se(h)})
+            if (0.0, m) in hits and w != 0.0:
+                d = h - hits[0.0, m]
+                r.update({f"{m}_delta_vs_w0": float(d.mean()), f"{m}_delta_stderr": _se(d)})
         r["nll"] = scores[w].tolist()
         recs.append(r)
     return recs
 
 
 def table(records: list, chance: float) -> str:
-    head = f"{'model':<6} {'cfg w':>6} {'acc':>7} {'+-se':>6} {'vs w=0':>8} {'+-se':>6}"
+    metrics = [m for m in ("acc", "acc_norm") if m in records[0]]
+    head = f"{'model':<6} {'cfg w':>6}" + "".join(f" {m:>8} {'+-se':>6} {'vs w=0':>8} {'+-se':>6}" for m in metrics)
     lines = [head, "-" * len(head)]
     for r in records:
-        d = f"{r['delta_vs_w0']:+8.3f} {r['delta_stderr']:6.3f}" if "delta_vs_w0" in r else f"{'-':>8} {'':>6}"
-        lines.append(f"{r['model']:<6} {r['cfg']:>6g} {r['acc']:>7.3f} {r['acc_stderr']:>6.3f} {d}")
+        row = f"{r['model']:<6} {r['cfg']:>6g}"
+        for m in metrics:
+            d = (f"{r[m + '_delta_vs_w0']:+8.3f} {r[m + '_delta_stderr']:6.3f}" if m + "_delta_vs_w0" in r
+                 else f"{'-':>8} {'':>6}")
+            row += f" {r[m]:>8.3f} {r[m + '_stderr']:>6.3f} {d}"
+        lines.append(row)
     lines.append(f"(chance {chance:.3f})")
     return "\n".join(lines)
 
@@ -213,42 +255,65 @@ def main(args: argparse.Namespace) -> int:
     if arm is not None and eos is None:
         raise SystemExit(f"{prog}: error: --mdm {args.mdm}: no tokenizer with an EOS token, which the ARM's "
                          f"unconditional context needs")
-    data = args.data or _default_data(step)
-    longest = args.context + args.choice
-    for model, what in ((mdm, "--mdm"), (arm, "--arm")):
-        if model is not None and longest > model.config.max_seq_len:
-            raise SystemExit(f"{prog}: error: --context + --choice = {longest} tokens do not fit {what}'s context "
-                             f"of {model.config.max_seq_len}")
-    try:
-        items = load_items(data, args.n, args.context, args.choice, args.distractors, args.seed)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{prog}: error: --data {data}: {e}") from None
-    n = len(items.labels)
-    if n < args.n:
-        print(f"note: {data} gave {n} items (asked for {args.n}): not enough validation documents of "
-              f"{longest}+ tokens for more non-overlapping windows", file=sys.stderr)
+    models = [(m, what) for m, what in ((mdm, "--mdm"), (arm, "--arm")) if m is not None]
+    if args.mc is not None:
+        if args.data is not None:
+            raise SystemExit(f"{prog}: error: give --mc FILE or --data DIR, not both")
+        if tok is None:
+            raise SystemExit(f"{prog}: error: --mdm {args.mdm} has no tokenizer.json to encode --mc {args.mc}")
+        try:
+            items = mc_items(args.mc, tok, eos, args.n)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{prog}: error: --mc {e}" if str(args.mc) in str(e) else
+                             f"{prog}: error: --mc {args.mc}: {e}") from None
+        for q, (ctx, chs) in enumerate(zip(items.contexts, items.choices)):
+            for j, c in enumerate(chs):
+                for m, what in models:
+                    if len(ctx) + len(c) > m.config.max_seq_len:
+                        raise SystemExit(f"{prog}: error: --mc {args.mc}:{int(items.where[q, 0])}: context + "
+                                         f"choice {j} = {len(ctx) + len(c)} tokens do not fit {what}'s context "
+                                         f"of {m.config.max_seq_len}")
+        what_items = f"{len(items.labels)} questions from {args.mc}"
+        common = dict(mc=str(args.mc))
+    else:
+        data = args.data or _default_data(step)
+        longest = args.context + args.choice
+        for m, what in models:
+            if longest > m.config.max_seq_len:
+                raise SystemExit(f"{prog}: error: --context + --choice = {longest} tokens do not fit {what}'s "
+                                 f"context of {m.config.max_seq_len}")
+        n = 200 if args.n is None else args.n
+        try:
+            items = load_items(data, n, args.context, args.choice, args.distractors, args.seed)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{prog}: error: --data {data}: {e}") from None
+        if len(items.labels) < n:
+            print(f"note: {data} gave {len(items.labels)} items (asked for {n}): not enough validation documents "
+                  f"of {longest}+ tokens for more non-overlapping windows", file=sys.stderr)
+        what_items = (f"{len(items.labels)} items from {data} (val): {args.context}-token context, the true "
+                      f"{args.choice} tokens among {args.distractors + 1} choices")
+        common = dict(data=str(data), context=args.context, choice=args.choice, choices=args.distractors + 1,
+                      seed=args.seed)
     pairs = pairs_of(items)
     print(f"unsupervised CFG: MDM {args.mdm}" + (f", ARM twin {args.arm}" if arm is not None else "")
-          + f"; {n} items from {data} (val): {args.context}-token context, the true {args.choice} tokens among "
-          f"{args.distractors + 1} choices; MDM "
+          + f"; {what_items}; MDM "
           + (f"ELBO with {args.n_samples} samples" if args.method == "elbo" else "chain rule, left to right")
-          + f"; device {device}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          + f"; device {device}, {torch.get_num_threads()} threads", flush=True)
     with torch.no_grad():
         mdm_scores = {w: score(mdm, pairs, method=args.method, n_samples=args.n_samples, seed=args.seed, cfg=w,
                                batch_size=args.batch_size).nll for w in weights}
-    common = dict(context=args.context, choice=args.choice, choices=args.distractors + 1, seed=args.seed)
     records = records_for("mdm", mdm_scores, items, method=args.method, n_samples=args.n_samples, **common)
     if arm is not None:
         arm_scores = arm_guided_nll(arm, pairs, weights, [eos], batch_size=args.batch_size)
         records += records_for("arm", arm_scores, items, **common)
-    print(table(records, 1 / (args.distractors + 1)))
-    print("acc: the true continuation scored best (+- its standard error); vs w=0: the paired difference to the "
+    print(table(records, float(np.mean([1 / len(chs) for chs in items.choices]))))
+    print("acc: the right choice scored best (+- its standard error; acc_norm: per character); vs w=0: the "
+          "paired difference to the "
           "same model without guidance on the same items. MDM: ELBO with guided logits, the unconditional row "
           "masks the context; ARM: exact at w=0, else the same contrast per token against its logits after a "
           "lone EOS")
     if args.json:
-        env = environment(device=str(device), mdm=args.mdm, arm=args.arm, data=str(data))
+        env = environment(device=str(device), mdm=args.mdm, arm=args.arm)
         write_records([{**r, "labels": items.labels.tolist(), "where": items.where.tolist(), "environment": env}
                        for r in records], args.json)
     return 0
@@ -262,9 +327,12 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
                         "same contrast")
     parser.add_argument("--data", metavar="DIR", help="dataset whose val documents give the items (default: the "
                         "MDM's training data, else the built-in corpus)")
+    parser.add_argument("--mc", metavar="FILE", help="instead: a multiple-choice JSONL file, `smdm eval mc`'s "
+                        "format ({\"context\", \"choices\", \"label\"}; e.g. a benchmark): acc and acc_norm")
     parser.add_argument("--cfg", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0],
                         help="guidance weights w (0 is always included; default 0 0.5 1 2 4)")
-    parser.add_argument("--n", type=positive_int, default=200, help="items (default 200)")
+    parser.add_argument("--n", type=positive_int, default=None, help="items (default 200; --mc: the first N "
+                        "questions, default all)")
     parser.add_argument("--context", type=positive_int, default=48, help="context tokens (default 48)")
     parser.add_argument("--choice", type=positive_int, default=16, help="tokens per choice (default 16)")
     parser.add_argument("--distractors", type=positive_int, default=3, help="wrong choices per item (default 3)")
