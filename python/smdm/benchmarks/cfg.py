@@ -151,15 +151,16 @@ def arm_guided_nll(arm, pairs: list, weights, uncond_prefix: list, *, batch_size
                 rows += [torch.full((len(cont),), len(chunk) + j) for j, (_, cont) in enumerate(chunk)]
                 m = len(uncond_prefix)
                 pos += [torch.arange(m - 1, m + len(cont) - 1) for _, cont in chunk]
+            # (n or 2n, V): the conditional rows' positions, then the unconditional rows'
             logits = logits_at(arm, seqs, torch.cat(rows), torch.cat(pos))
             n = sum(len(cont) for _, cont in chunk)
-            target = torch.tensor([t for _, cont in chunk for t in cont], device=logits.device)
-            owner = torch.cat(rows[:len(chunk)]).to(logits.device)
+            target = torch.tensor([t for _, cont in chunk for t in cont], device=logits.device)  # (n,)
+            owner = torch.cat(rows[:len(chunk)]).to(logits.device)  # (n,) pair of each position
             for w in weights:
-                g = guided_logits(logits[:n], logits[n:] if guide else None, w)
-                nll = -F.log_softmax(g, -1).gather(1, target[:, None])[:, 0].double()
-                out[w][a:a + len(chunk)] = torch.zeros(len(chunk), dtype=torch.float64, device=nll.device) \
-                    .index_add_(0, owner, nll).cpu().numpy()
+                g = guided_logits(logits[:n], logits[n:] if guide else None, w)  # (n, V) float32
+                nll = -F.log_softmax(g, -1).gather(1, target[:, None])[:, 0].double()  # (n,)
+                per_pair = torch.zeros(len(chunk), dtype=torch.float64, device=nll.device).index_add_(0, owner, nll)
+                out[w][a:a + len(chunk)] = per_pair.cpu().numpy()
     return out
 
 
