@@ -37,29 +37,55 @@ def test_items_are_cut_documents_with_foreign_distractors():
         assert len(d) >= 7 and ctx == d[cut:cut + 4] and chs[label] == d[cut + 4:cut + 7]
         assert len(chs) == 3 and all(len(c) == 3 for c in chs)
         for j, c in enumerate(chs):
-            if j != label:  # a span of another document, never the answer
+            if j != label:  # a span of another document past its first 4 tokens (as the answer), never the answer
                 assert c != chs[label]
-                assert any(k != i and any(docs[k][a:a + 3].tolist() == c for a in range(len(docs[k]) - 2))
+                assert any(k != i and any(docs[k][a:a + 3].tolist() == c for a in range(4, len(docs[k]) - 2))
                            for k in range(len(docs)))
     assert set(C.make_items(docs, 12, 4, 3, 2, seed=2).labels.tolist()) == {0, 1, 2}
-    short = [np.arange(10)] * 3 + [np.arange(9)]
+    short = [np.arange(10) + 10 * k for k in range(3)] + [np.arange(9)]
     with pytest.raises(ValueError, match="3 validation documents have 10\\+ tokens; the items need at least 4"):
         C.make_items(short, 6, 6, 4, 3)
     assert len(C.make_items(short, 6, 6, 4, 2).labels) == 3  # fewer items than asked: one per document
-    # fewer documents than items: several non-overlapping windows per document, spread evenly
+    # fewer documents than items: several non-overlapping windows per document, spread evenly (2 or 3 each)
     g = np.random.default_rng(3)
     long = [g.integers(0, 40, 60) for _ in range(5)]
     items = C.make_items(long, 12, 6, 4, 2)
-    assert len(items.labels) == 12
+    assert len(items.labels) == 12 and np.array_equal(items.groups, items.where[:, 0])
     for i in range(5):
         cuts = sorted(int(c) for k, c in items.where if k == i)
-        assert 1 <= len(cuts) <= 3 and all(b - a >= 10 for a, b in zip(cuts, cuts[1:]))
+        assert 2 <= len(cuts) <= 3 and all(b - a >= 10 for a, b in zip(cuts, cuts[1:]))
         for k in np.flatnonzero(items.where[:, 0] == i):
             c = int(items.where[k, 1])
             assert items.contexts[k] == long[i][c:c + 6].tolist()
             assert items.choices[k][items.labels[k]] == long[i][c + 6:c + 10].tolist()
     with pytest.raises(ValueError, match="found only 0 distinct 4-token spans unlike the answer"):
         C.make_items([np.full(12, 7)] * 5, 2, 6, 4, 2)  # every span is the answer: an error, not a hang
+
+
+def test_same_document_distractors_come_from_outside_the_window():
+    g = np.random.default_rng(5)
+    docs = [g.integers(0, 50, int(n)) for n in (40, 80, 25, 120)]  # 25 < 6 + 4 + 6 + 3 * 4: too short here
+    items = C.make_items(docs, 8, 6, 4, 3, seed=2, source="same")
+    assert len(items.labels) == 8 and set(items.groups.tolist()) <= {0, 1, 3}
+    for chs, label, (i, cut) in zip(items.choices, items.labels, items.where):
+        for j, c in enumerate(chs):
+            if j != label:
+                spans = [a for a in range(6, len(docs[i]) - 3) if docs[i][a:a + 4].tolist() == c
+                         and (a + 4 <= cut or a >= cut + 10)]
+                assert spans and c != chs[label]
+    with pytest.raises(ValueError, match="0 validation documents have 28\\+ tokens; the items need at least one"):
+        C.make_items([np.arange(27)], 1, 6, 4, 3, source="same")
+    with pytest.raises(ValueError, match="--distractors-from must be one of"):
+        C.make_items(docs, 1, 6, 4, 3, source="mine")
+
+
+def test_stderr_is_clustered_by_document():
+    x = np.array([1, 1, 0, 0, 1, 0.0])
+    assert C.stderr(x) == pytest.approx(x.std(ddof=1) / math.sqrt(6))
+    assert C.stderr(x, np.arange(6)) == pytest.approx(C.stderr(x))
+    groups = np.array([7, 7, 3, 3, 9, 9])  # residual sums per group: 1, -1, 0 (mean 0.5)
+    assert C.stderr(x, groups) == pytest.approx(math.sqrt(3 / 2 * 2) / 6)
+    assert math.isnan(C.stderr(x, np.zeros(6))) and math.isnan(C.stderr(x[:1]))
 
 
 def test_arm_guided_nll_is_the_contrast_of_two_plain_forward_passes():
@@ -71,7 +97,12 @@ def test_arm_guided_nll_is_the_contrast_of_two_plain_forward_passes():
              for n, k in ((3, 4), (7, 2), (1, 5), (5, 4), (2, 1))]
     out = C.arm_guided_nll(arm, pairs, [0.0, 1.5], [39], batch_size=2)
     exact = score(arm, pairs, batch_size=3).nll
-    np.testing.assert_allclose(out[0.0], exact, rtol=1e-5)
+    np.testing.assert_allclose(out[0.0], exact, rtol=1e-12)  # w = 0 is the exact score, guided weights or not
+    np.testing.assert_allclose(C.arm_guided_nll(arm, pairs, [0.0], [39])[0.0], exact, rtol=1e-12)
+    with pytest.raises(ValueError, match="pair 1: the context and the continuation need a token each, got 0 and 2"):
+        C.arm_guided_nll(arm, [pairs[0], ([], [1, 2])], [0.0], [39])
+    with pytest.raises(ValueError, match="uncond_prefix is empty"):
+        C.arm_guided_nll(arm, pairs, [1.0], [])
     with torch.no_grad():
         for (ctx, cont), got in zip(pairs, out[1.5]):
             c = arm(torch.tensor([ctx + cont]))[0, len(ctx) - 1:-1].double()

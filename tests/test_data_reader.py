@@ -243,6 +243,12 @@ def test_documents_of_a_split_in_either_format(tmp_path, fmt):
         cut = [d.tolist() for d in D.documents(tmp_path / "cut", "train")]
         assert cut == [stream[:6].tolist(), stream[6:7].tolist(), stream[7:16].tolist()] + [
             d.tolist() for d in want[2:4]]
+        # lit-gpt's builder fills a chunk's end with its sep token after the last document: no document
+        pad = tmp_path / "pad"
+        pad.mkdir()
+        D.write_litpkds(pad / "a.bin", np.concatenate([stream[:16], np.full(20, 7, stream.dtype)]), 8)
+        import_litpkds(pad, vocab_size=VOCAB, eos_id=EOS, progress=False, log=lambda m: None)
+        assert [d.tolist() for d in D.documents(pad, "train")] == [stream[:6].tolist(), stream[6:16].tolist()]
 
 
 # ---- bad datasets ----

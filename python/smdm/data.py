@@ -455,10 +455,10 @@ def pack_documents(docs, eos_id: int, vocab_size: int, lengths=None):
 class ShardEntry:
     path: Path  # absolute path of the shard file
     num_tokens: int  # tokens in the file (LITPKDS: chunk_size, padding included)
-    num_docs: int  # documents (LITPKDS: EOS tokens)
+    num_docs: int  # documents (LITPKDS: EOS tokens, less the padding's)
     bytes: int  # file size
     crc32: int  # CRC-32 of the whole file
-    padding: int = 0  # LITPKDS written by `smdm prepare`: EOS tokens filling the last chunk (in num_tokens)
+    padding: int = 0  # LITPKDS of `smdm prepare` / `data import`: EOS tokens filling a chunk's end (in num_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -951,19 +951,25 @@ def documents(path: PathLike, split: str = "val") -> Iterator[np.ndarray]:
 
     smdm shards: the shard's document table. LITPKDS (lit-gpt's chunks, `smdm data import`): a document
     starts after each EOS and at each file's start, as the reader cuts its segments, so a document split
-    across two files is two documents and each EOS of a padding run is a document of one token. Every
-    shard is checked as it is read (checksum, ids < vocab_size)."""
+    across two files is two documents and each EOS of a padding run is a document of one token. The padding
+    lit-gpt's builder leaves after a chunk's last EOS (its sep token, BOS for the Llama tokenizer, repeated)
+    is no document: a file's last segment that is one token repeated and has no EOS is left out. Every shard
+    is checked against the manifest as it is read (`check_shard`: size, checksum, ids < vocab_size)."""
     m = load_manifest(resolve_dataset(path, split))
     for s in m.shards:
+        toks = check_shard(m, s, full=True)  # the LITPKDS tokens; None for an smdm shard
         if m.format == "smdm":
             _, toks, starts = read_shard(s.path)
         else:
-            toks = litpkds_tokens(s.path, m.vocab_size)
             starts = np.concatenate([[0], np.flatnonzero(toks[:-1] == m.eos_id) + 1])
         edges = [int(a) for a in starts] + [int(toks.size)]
-        for a, b in zip(edges, edges[1:]):
+        for k, (a, b) in enumerate(zip(edges, edges[1:])):
+            tail = toks[a:b]
+            if m.format != "smdm" and k == len(edges) - 2 and b - a > 1 and tail[-1] != m.eos_id \
+                    and bool((tail == tail[0]).all()):
+                continue  # lit-gpt's sep padding after the chunk's last document
             if b > a:
-                yield np.asarray(toks[a:b], dtype=np.int64)
+                yield np.asarray(tail, dtype=np.int64)
 
 
 def decode_sample(manifest: Manifest, n_tokens: int = 64) -> Optional[str]:

@@ -18,7 +18,14 @@ so a gain that any model gets from discounting generic text is not credited to d
 accuracy with its standard error and the paired difference to the same model at w = 0 (the same items: the
 standard error of the per-item differences). When the split has fewer long documents than items, a document
 gives several non-overlapping windows; items of one document are not independent, so the standard errors are
-then a little optimistic.
+clustered by document.
+
+What the held-out items can show: with `--distractors-from other` (the default) the distractors are draws of
+the text's unconditional distribution and the answer a draw given the context, so the best rule ranks choices by
+p(x | context) / p(x), the large-w limit of the contrast: accuracy rising with w is expected of any model with a
+good unconditional distribution, the ARM as much as the MDM. `--distractors-from same` takes them from the
+item's own document instead (on topic, likely without the context too); `--mc` runs a real benchmark, where
+the paper's claim is made.
 """
 
 from __future__ import annotations
@@ -40,13 +47,15 @@ class Items:
     """N multiple-choice items over token ids: contexts (N lists), choices (N lists of token-id lists; items
     may differ in their number of choices), labels (N,) the index of the right choice, where: held-out items
     (N, 2) document index and cut offset, `--mc` items (N, 1) line numbers; chars (N lists, `--mc` only) the
-    characters of each choice, for lm-eval's acc_norm."""
+    characters of each choice, for lm-eval's acc_norm; groups (N,) the document of each held-out item: items of
+    one document are not independent, so standard errors are clustered by it (None: every item alone)."""
 
     contexts: list
     choices: list
     labels: np.ndarray
     where: np.ndarray
     chars: Optional[list] = None
+    groups: Optional[np.ndarray] = None
 
 
 def _cuts(g, d_len: int, need: int, n: int, tries: int = 32) -> list:
@@ -64,23 +73,36 @@ def _cuts(g, d_len: int, need: int, n: int, tries: int = 32) -> list:
     return cuts
 
 
-def make_items(docs: list, n: int, context: int, choice: int, distractors: int, seed: int = 0) -> Items:
+SOURCES = ("other", "same")  # where the distractors come from: other documents, or the item's own document
+
+
+def make_items(docs: list, n: int, context: int, choice: int, distractors: int, seed: int = 0,
+               source: str = "other") -> Items:
     """Up to `n` items from `docs` (token-id arrays): windows of context + choice tokens at random offsets of
-    the documents long enough, spread evenly: n / (such documents), rounded up, non-overlapping windows per
-    document at most (one per document when there are enough; a document too short for more gives fewer), in
-    a random order of documents. Each item's distractors are `choice`-token spans at random offsets of other
-    such documents, none equal to the answer. Deterministic in `seed`."""
+    the documents long enough, spread evenly: the documents in a random order, each giving its first window,
+    then each its second, ..., up to ceil(n / documents) non-overlapping windows per document (one per
+    document when there are enough). Each item's distractors are `choice`-token spans, none equal to the answer
+    or to each other, at random offsets >= `context` (like the answer: no choice is a document's first tokens,
+    which an ARM's unconditional logits after EOS would single out), from other documents (`source` "other":
+    draws from the text's unconditional distribution, so guidance's contrast is the best rule by construction)
+    or from the item's own document outside its window ("same": on topic, so the context must decide).
+    Deterministic in `seed`."""
     if distractors < 1:
         raise ValueError(f"--distractors must be >= 1, got {distractors}")
+    if source not in SOURCES:
+        raise ValueError(f"--distractors-from must be one of {SOURCES}, got {source!r}")
     need = context + choice
-    pool = [i for i, d in enumerate(docs) if len(d) >= need]
-    if len(pool) < distractors + 1:
-        raise ValueError(f"{len(pool)} validation documents have {need}+ tokens; the items need at least "
-                         f"{distractors + 1} (--distractors {distractors} + 1) of them")
+    # "same": room for the window and `distractors` spans beside it, at offsets >= context
+    longest = need if source == "other" else need + context + distractors * choice
+    pool = [i for i, d in enumerate(docs) if len(d) >= longest]
+    if len(pool) < (distractors + 1 if source == "other" else 1):
+        raise ValueError(f"{len(pool)} validation documents have {longest}+ tokens; the items need at least "
+                         + (f"{distractors + 1} (--distractors {distractors} + 1) of them" if source == "other"
+                            else "one"))
     g = np.random.default_rng(seed)
     per_doc = -(-n // len(pool))
-    windows = [(int(i), c) for i in g.permutation(pool) for c in _cuts(g, len(docs[i]), need, per_doc)]
-    windows = [windows[k] for k in np.sort(g.permutation(len(windows))[:n])] if len(windows) > n else windows
+    cuts = [(int(i), _cuts(g, len(docs[i]), need, per_doc)) for i in g.permutation(pool)]
+    windows = [(i, c[r]) for r in range(per_doc) for i, c in cuts if r < len(c)][:n]
     contexts, choices, labels = [], [], []
     for i, cut in windows:
         d = docs[i]
@@ -89,13 +111,16 @@ def make_items(docs: list, n: int, context: int, choice: int, distractors: int, 
         while len(others) < distractors:
             tries += 1
             if tries > 1000 * distractors:  # e.g. documents that repeat one token: no distinct spans to find
+                where = "other documents" if source == "other" else "the rest of its document"
                 raise ValueError(f"found only {len(others)} distinct {choice}-token spans unlike the answer of "
-                                 f"document {i} (at {cut + context}) in other documents; --distractors "
-                                 f"{distractors} needs more varied text")
-            j = int(g.choice(pool))
-            if j == i:
+                                 f"document {i} (at {cut + context}) in {where}; --distractors {distractors} "
+                                 f"needs more varied text")
+            j = int(g.choice(pool)) if source == "other" else i
+            if source == "other" and j == i:
                 continue
-            a = int(g.integers(0, len(docs[j]) - choice + 1))
+            a = int(g.integers(context, len(docs[j]) - choice + 1))
+            if source == "same" and a + choice > cut and a < cut + need:  # not inside the item's own window
+                continue
             span = docs[j][a:a + choice].tolist()
             if span != answer and span not in others:
                 others.append(span)
@@ -103,10 +128,12 @@ def make_items(docs: list, n: int, context: int, choice: int, distractors: int, 
         contexts.append(d[cut:cut + context].tolist())
         choices.append(others[:label] + [answer] + others[label:])
         labels.append(label)
-    return Items(contexts, choices, np.array(labels), np.array(windows, dtype=np.int64).reshape(-1, 2))
+    where = np.array(windows, dtype=np.int64).reshape(-1, 2)
+    return Items(contexts, choices, np.array(labels), where, groups=where[:, 0].copy())
 
 
-def load_items(data, n: int, context: int, choice: int, distractors: int, seed: int = 0) -> Items:
+def load_items(data, n: int, context: int, choice: int, distractors: int, seed: int = 0,
+               source: str = "other") -> Items:
     """`make_items` over the validation documents of the dataset `data` (either shard format), drawn from its
     first max(8n, distractors + 1) documents long enough, so a large split is not read whole."""
     from smdm.data import documents
@@ -117,7 +144,7 @@ def load_items(data, n: int, context: int, choice: int, distractors: int, seed: 
             docs.append(d)
             if len(docs) >= max(8 * n, distractors + 1):
                 break
-    return make_items(docs, n, context, choice, distractors, seed)
+    return make_items(docs, n, context, choice, distractors, seed, source)
 
 
 def pairs_of(items: Items) -> list:
@@ -128,8 +155,9 @@ def pairs_of(items: Items) -> list:
 def arm_guided_nll(arm, pairs: list, weights, uncond_prefix: list, *, batch_size: int = 32) -> dict:
     """{w: (P,) float64} -log of each continuation under the ARM's guided per-token distribution
     log_softmax(u + (w + 1)(c - u)) (`smdm.sampling.guided_logits`, the MDM's formula), c its logits after the
-    context, u after `uncond_prefix` alone; w = 0 is the exact -log p (no unconditional rows are run when
-    every weight is 0). One forward pass per batch of pairs serves every weight; batch-invariant logits."""
+    context, u after `uncond_prefix` alone; w = 0 is the exact -log p, the same bits as `evaluate.score`
+    (unconditional rows run only for w > 0). One forward pass per batch (`batch_size` model rows, a guided
+    pair counting two) serves every weight; batch-invariant logits."""
     import torch
     import torch.nn.functional as F
 
@@ -137,10 +165,17 @@ def arm_guided_nll(arm, pairs: list, weights, uncond_prefix: list, *, batch_size
 
     weights = [float(w) for w in weights]
     guide = any(w > 0 for w in weights)
+    if guide and not uncond_prefix:
+        raise ValueError("uncond_prefix is empty: the unconditional logits need a token to follow (EOS)")
+    for k, (ctx, cont) in enumerate(pairs):
+        if not ctx or not cont:
+            raise ValueError(f"pair {k}: the context and the continuation need a token each, got "
+                             f"{len(ctx)} and {len(cont)}")
     out = {w: np.zeros(len(pairs)) for w in weights}
+    per_pass = max(1, batch_size // (2 if guide else 1))  # model rows per forward pass, as `evaluate.score`
     with torch.no_grad():
-        for a in range(0, len(pairs), batch_size):
-            chunk = pairs[a:a + batch_size]
+        for a in range(0, len(pairs), per_pass):
+            chunk = pairs[a:a + per_pass]
             seqs = [torch.tensor(ctx + cont) for ctx, cont in chunk]
             # the logits at position p predict token p + 1: a continuation after a prefix of length m is
             # predicted at m - 1 ... m + len - 2
@@ -157,7 +192,7 @@ def arm_guided_nll(arm, pairs: list, weights, uncond_prefix: list, *, batch_size
             target = torch.tensor([t for _, cont in chunk for t in cont], device=logits.device)  # (n,)
             owner = torch.cat(rows[:len(chunk)]).to(logits.device)  # (n,) pair of each position
             for w in weights:
-                g = guided_logits(logits[:n], logits[n:] if guide else None, w)  # (n, V) float32
+                g = guided_logits(logits[:n], logits[n:] if w > 0 else None, w)  # (n, V) float32; w 0: exact
                 nll = -F.log_softmax(g, -1).gather(1, target[:, None])[:, 0].double()  # (n,)
                 per_pair = torch.zeros(len(chunk), dtype=torch.float64, device=nll.device).index_add_(0, owner, nll)
                 out[w][a:a + len(chunk)] = per_pair.cpu().numpy()
@@ -197,13 +232,24 @@ def accuracy(nll: np.ndarray, items: Items, norm: bool = False) -> np.ndarray:
     return hits
 
 
-def _se(x: np.ndarray) -> float:
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+def stderr(x: np.ndarray, groups: Optional[np.ndarray] = None) -> float:
+    """Standard error of the mean of x; with `groups`, cluster-robust (the items of a group share their
+    errors): sqrt(G / (G - 1) * sum_g (sum_{i in g} (x_i - mean))^2) / n over G groups, which is the plain
+    std(ddof=1) / sqrt(n) when every item is its own group. NaN with fewer than 2 items or groups."""
+    x = np.asarray(x, dtype=np.float64)
+    if groups is None:
+        groups = np.arange(len(x))
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(g.max()) + 1 if len(x) else 0
+    if len(x) < 2 or n_groups < 2:
+        return float("nan")
+    sums = np.bincount(g, weights=x - x.mean(), minlength=n_groups)
+    return float(math.sqrt(n_groups / (n_groups - 1) * float((sums ** 2).sum())) / len(x))
 
 
 def records_for(model: str, scores: dict, items: Items, **extra) -> list:
     """One record per weight: accuracy (and acc_norm for `--mc` items), its standard error, and the paired
-    difference to w = 0 (if scored)."""
+    difference to w = 0 (if scored); standard errors clustered by `items.groups`."""
     metrics = ("acc", "acc_norm") if items.chars is not None else ("acc",)
     hits = {(w, m): accuracy(nll, items, norm=m == "acc_norm") for w, nll in scores.items() for m in metrics}
     recs = []
@@ -211,10 +257,10 @@ def records_for(model: str, scores: dict, items: Items, **extra) -> list:
         r = {"model": model, "cfg": w, "n": len(items.labels), **extra}
         for m in metrics:
             h = hits[w, m]
-            r.update({m: float(h.mean()), f"{m}_stderr": _se(h)})
+            r.update({m: float(h.mean()), f"{m}_stderr": stderr(h, items.groups)})
             if (0.0, m) in hits and w != 0.0:
                 d = h - hits[0.0, m]
-                r.update({f"{m}_delta_vs_w0": float(d.mean()), f"{m}_delta_stderr": _se(d)})
+                r.update({f"{m}_delta_vs_w0": float(d.mean()), f"{m}_delta_stderr": stderr(d, items.groups)})
         r["nll"] = scores[w].tolist()
         recs.append(r)
     return recs
@@ -275,7 +321,7 @@ def main(args: argparse.Namespace) -> int:
                                          f"choice {j} = {len(ctx) + len(c)} tokens do not fit {what}'s context "
                                          f"of {m.config.max_seq_len}")
         what_items = f"{len(items.labels)} questions from {args.mc}"
-        common = dict(mc=str(args.mc))
+        common = dict(mc=str(args.mc), seed=args.seed)
     else:
         data = args.data or _default_data(step)
         longest = args.context + args.choice
@@ -285,15 +331,19 @@ def main(args: argparse.Namespace) -> int:
                                  f"context of {m.config.max_seq_len}")
         n = 200 if args.n is None else args.n
         try:
-            items = load_items(data, n, args.context, args.choice, args.distractors, args.seed)
+            items = load_items(data, n, args.context, args.choice, args.distractors, args.seed,
+                               args.distractors_from)
         except (OSError, ValueError) as e:
             raise SystemExit(f"{prog}: error: --data {data}: {e}") from None
         if len(items.labels) < n:
             print(f"note: {data} gave {len(items.labels)} items (asked for {n}): not enough validation documents "
                   f"of {longest}+ tokens for more non-overlapping windows", file=sys.stderr)
-        what_items = (f"{len(items.labels)} items from {data} (val): {args.context}-token context, the true "
-                      f"{args.choice} tokens among {args.distractors + 1} choices")
+        source = "other documents" if args.distractors_from == "other" else "the same document"
+        what_items = (f"{len(items.labels)} items from {len(np.unique(items.groups))} documents of {data} (val): "
+                      f"{args.context}-token context, the true {args.choice} tokens among {args.distractors + 1} "
+                      f"choices, the others from {source}")
         common = dict(data=str(data), context=args.context, choice=args.choice, choices=args.distractors + 1,
+                      distractors_from=args.distractors_from, documents=int(len(np.unique(items.groups))),
                       seed=args.seed)
     pairs = pairs_of(items)
     print(f"unsupervised CFG: MDM {args.mdm}" + (f", ARM twin {args.arm}" if arm is not None else "")
@@ -337,11 +387,15 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--context", type=positive_int, default=48, help="context tokens (default 48)")
     parser.add_argument("--choice", type=positive_int, default=16, help="tokens per choice (default 16)")
     parser.add_argument("--distractors", type=positive_int, default=3, help="wrong choices per item (default 3)")
+    parser.add_argument("--distractors-from", choices=SOURCES, default="other", help="held-out items: the wrong "
+                        "choices are spans of other documents (default; guidance's contrast is the best rule by "
+                        "construction) or of the item's own document (on topic)")
     parser.add_argument("--method", choices=("elbo", "chain"), default="elbo", help="the MDM's score: Monte Carlo "
                         "ELBO (default) or the exact chain rule left to right (one forward pass per token)")
     parser.add_argument("--n-samples", type=positive_int, default=32,
                         help="the MDM's Monte Carlo ELBO samples per choice (default 32)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="model rows per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="model rows per forward pass (a "
+                        "guided pair counts two)")
     parser.add_argument("--seed", type=int, default=0, help="items and the ELBO's noise")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")

@@ -197,7 +197,7 @@ def load_twin(flag: str, path: str, mdm, digest, device, dtype, prog: str = "smd
     if m.config.vocab_size != mdm.config.vocab_size or d != digest:
         raise SystemExit(f"{prog}: error: {flag} {path}: its tokenizer differs from --mdm's "
                          f"(vocab {m.config.vocab_size} vs {mdm.config.vocab_size}, tokenizer.json sha256 "
-                         f"{(d or 'none')[:12]} vs {(digest or 'none')[:12]}); the twin must read the same "
+                         f"{(d or 'none')[:12]} vs {(digest or 'none')[:12]}); it must read the MDM's "
                          f"token ids")
     return m
 
