@@ -44,6 +44,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -1146,6 +1147,7 @@ def run_suite(args) -> int:
         s.save()
         for key in LOG_NAMES:  # the device tool brings back files of at most 16 MiB
             _cap_file(s.out / LOG_NAMES[key])
+        shutil.rmtree(s.parts, ignore_errors=True)  # the children's part files, merged into the results by now
     print_table(s.results)
     print(f"full results: {s.out / 'gpu_suite.json'} (logs: {', '.join(LOG_NAMES.values())})", flush=True)
     return 0

@@ -23,9 +23,12 @@ SUITE = ROOT / "benches" / "gpu_suite.py"
 
 
 def _run(tmp_path, *args, timeout=300):
+    scratch = tmp_path.parent / f"{tmp_path.name}-tmpdir"  # the suite's TMPDIR (beside --out, which it lists)
+    scratch.mkdir(exist_ok=True)
     p = subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path), *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, env={**os.environ, "TMPDIR": str(scratch)})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not list(scratch.glob("smdm-gpu-suite-*"))  # the children's part files are removed at the end
     return p, json.loads((tmp_path / "gpu_suite.json").read_text())
 
 
