@@ -568,19 +568,28 @@ def mean_stderr(x) -> Optional[float]:
     return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
 
 
+def encode_mc_item(tokenizer, it: McItem, eos_id: Optional[int]) -> tuple:
+    """(context ids, [choice ids, ...]) of a question, split as `encode_pair` splits them (the context's ids do
+    not depend on the choice). An empty context is EOS (as lm-eval does), the same for both models."""
+    enc = [encode_pair(tokenizer, it.context, c) for c in it.choices]
+    ctx = enc[0][0]
+    if not ctx:
+        if eos_id is None:
+            raise ValueError(f"line {it.line}: empty context and no EOS id to stand for it")
+        ctx = [eos_id]
+    for j, (_, cont) in enumerate(enc):
+        if not cont:
+            raise ValueError(f"line {it.line}: choice {j} encodes to no tokens")
+    return ctx, [cont for _, cont in enc]
+
+
 def evaluate_mc(model, tokenizer, items: Sequence[McItem], *, eos_id: Optional[int] = None, **score_kw) -> dict:
     """Accuracy of `model` on multiple-choice items (acc, acc_norm, acc_bytes, acc_token with standard errors)
     and one record per item. `score_kw` go to `score` (method, n_samples, seed, cfg, batch_size)."""
     pairs, index, lengths = [], [], []
     for q, it in enumerate(items):
-        for j, choice in enumerate(it.choices):
-            ctx, cont = encode_pair(tokenizer, it.context, choice)
-            if not ctx:  # empty context: condition on EOS (as lm-eval does), the same for both models
-                if eos_id is None:
-                    raise ValueError(f"line {it.line}: empty context and no EOS id to stand for it")
-                ctx = [eos_id]
-            if not cont:
-                raise ValueError(f"line {it.line}: choice {j} encodes to no tokens")
+        ctx, conts = encode_mc_item(tokenizer, it, eos_id)
+        for j, (choice, cont) in enumerate(zip(it.choices, conts)):
             # checked here so that the error names the line and choice (score() only knows its pair index)
             _check_tokens(model.config, f"line {it.line}: context + choice {j}", ctx + cont,
                           "ar" if model.config.causal else "elbo")

@@ -202,19 +202,16 @@ def arm_guided_nll(arm, pairs: list, weights, uncond_prefix: list, *, batch_size
 def mc_items(path, tokenizer, eos_id: Optional[int], limit: Optional[int] = None) -> Items:
     """The items of a multiple-choice JSONL file (`smdm eval mc`'s format and tokenization: `read_mc`,
     `encode_pair`; an empty context stands for EOS, as in `evaluate_mc`)."""
-    from smdm.evaluate import encode_pair, read_mc
+    from smdm.evaluate import encode_mc_item, read_mc
 
     contexts, choices, labels, lines, chars = [], [], [], [], []
     for it in read_mc(path, limit):
-        enc = [encode_pair(tokenizer, it.context, c) for c in it.choices]
-        ctx = enc[0][0] or ([eos_id] if eos_id is not None else [])
-        if not ctx:
-            raise ValueError(f"{path}:{it.line}: empty context and no EOS id to stand for it")
-        for j, (_, cont) in enumerate(enc):
-            if not cont:
-                raise ValueError(f"{path}:{it.line}: choice {j} encodes to no tokens")
+        try:
+            ctx, conts = encode_mc_item(tokenizer, it, eos_id)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         contexts.append(ctx)
-        choices.append([cont for _, cont in enc])
+        choices.append(conts)
         labels.append(it.label)
         lines.append(it.line)
         chars.append([len(c) for c in it.choices])
@@ -359,8 +356,8 @@ def main(args: argparse.Namespace) -> int:
         records += records_for("arm", arm_scores, items, **common)
     print(table(records, float(np.mean([1 / len(chs) for chs in items.choices]))))
     print("acc: the right choice scored best (+- its standard error; acc_norm: per character); vs w=0: the "
-          "paired difference to the "
-          "same model without guidance on the same items. MDM: ELBO with guided logits, the unconditional row "
+          "paired difference to the same model without guidance on the same items. MDM: ELBO with guided "
+          "logits, the unconditional row "
           "masks the context; ARM: exact at w=0, else the same contrast per token against its logits after a "
           "lone EOS")
     if args.json:
