@@ -24,7 +24,8 @@ pytestmark = pytest.mark.dist
 
 
 def run(args, out, windows, nproc=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SMDM_LOG_WINDOWS": str(windows)}
+    # TMPDIR: torchrun leaves its log directory (torchelastic_*) in the temporary directory after every launch
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SMDM_LOG_WINDOWS": str(windows), "TMPDIR": str(out.parent)}
     windows.mkdir(parents=True)
     launcher = [sys.executable, "-m", "smdm.cli"]
     if nproc:
@@ -128,8 +129,8 @@ def test_torchrun_activation_checkpointing_under_ddp_and_fsdp2(tmp_path):
     (tmp_path / "ac.py").write_text(_AC_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(tmp_path / "ac.py"), json.dumps(base), str(tmp_path)]
-    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=240)
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},
+                       capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
     losses = {}
     for name in ("ddp", "ddp-ac", "fsdp-ac"):

@@ -458,7 +458,7 @@ def test_torchrun_two_ranks_train_the_global_batch(files, tmp_path):
             "--val-every", "0", "--save-every", "0", "--threads", "1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "smdm.cli",
            "train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SMDM_LOG_WINDOWS": str(windows)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SMDM_LOG_WINDOWS": str(windows), "TMPDIR": str(tmp_path)}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
 
