@@ -195,6 +195,18 @@ def test_existing_manifest_needs_force_and_is_replaced_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".bin")) == ["manifest.json"]
 
 
+def test_only_the_last_file_ends_in_padding(tmp_path):
+    """Empty documents (a lone EOS each) at the end of a middle file are documents; the same run ending the
+    split's last file is one document's end plus padding (how `smdm prepare --format litpkds` fills it)."""
+    chunks = [[5, 6, EOS, EOS, EOS], [7, EOS, 8, 9, 10], [11, EOS, EOS, EOS, EOS]]
+    for k, c in enumerate(chunks):
+        D.write_litpkds(tmp_path / f"train_{k:010d}.bin", np.array(c, np.uint16), 8)
+    import_litpkds(tmp_path, vocab_size=300, eos_id=EOS, **QUIET)
+    m = D.load_manifest(tmp_path)
+    assert [(s.num_docs, s.padding) for s in m.shards] == [(3, 0), (1, 0), (1, 3)]
+    assert m.num_docs == 5 and m.num_tokens == 15
+
+
 def test_usage_errors(tmp_path):
     lit_gpt_chunks(tmp_path, "train", 4, 100, 300, 8)
     with pytest.raises(SmdmIOError, match="no such directory"):

@@ -714,18 +714,21 @@ def find_litpkds_files(src_dir: PathLike, prefix: str = "") -> list[Path]:
     return [src / n for n in sorted(names, key=natural_key)]
 
 
-def litpkds_shard_entry(path: PathLike, vocab_size: int, eos_id: int) -> tuple[dict, str]:
+def litpkds_shard_entry(path: PathLike, vocab_size: int, eos_id: int, last: bool = True) -> tuple[dict, str]:
     """(manifest shard entry, numpy dtype name) of one LITPKDS file, fully checked with the reader's own
     checks: magic, version, integer dtype code, exact length for chunk_size, every id < vocab_size.
-    `num_docs` counts the EOS tokens (documents end there), except that a run of EOS tokens ending the file
-    is one document's end and then padding (`smdm prepare --format litpkds` fills its last chunk with EOS):
-    the entry says the run's rest apart as `padding`, as prepare's own manifest does."""
+    `num_docs` counts the EOS tokens (documents end there), except that in the split's `last` file a run of
+    EOS tokens ending it is one document's end and then padding (`smdm prepare --format litpkds` fills its
+    last chunk with EOS): the entry says the run's rest apart as `padding`, as prepare's own manifest does.
+    In any other file every EOS ends a document (an empty document is a lone EOS)."""
     path = Path(path)
     code, chunk, _ = _litpkds_header(path)
     toks = litpkds_tokens(path, vocab_size)
     ends = int(np.count_nonzero(toks == eos_id))
-    not_eos = np.flatnonzero(toks[::-1] != eos_id)
-    pad = max(0, (int(not_eos[0]) if not_eos.size else toks.size) - 1)  # the trailing EOS run, less one
+    pad = 0
+    if last:
+        not_eos = np.flatnonzero(toks[::-1] != eos_id)
+        pad = max(0, (int(not_eos[0]) if not_eos.size else toks.size) - 1)  # the trailing EOS run, less one
     entry = dict(file=path.name, num_tokens=chunk, num_docs=ends - pad)
     if pad:
         entry["padding"] = pad

@@ -329,8 +329,8 @@ as `ids + [EOS]` (its tokenizer adds EOS, not BOS), back to back, splitting a do
 files when it does not fit, and fills the unused tail of a builder's last chunk with its sep token (BOS,
 id 1 for the Llama tokenizer). smdm starts a document after each --eos-id token and at the start of each
 file: a document split across two files is two segments, and a padding tail after the last EOS is a
-segment of its own. A run of EOS tokens ending a file (`smdm prepare --format litpkds` pads its last chunk
-with EOS) counts as one document's end plus padding. Windows never cross files (as in lit-gpt). SMDM
+segment of its own. A run of EOS tokens ending the last file (`smdm prepare --format litpkds` pads its last
+chunk with EOS) counts as one document's end plus padding; elsewhere each EOS ends a document. Windows never cross files (as in lit-gpt). SMDM
 itself trained without document masking: `smdm train --no-doc-mask` does the same.
 
 Layout: without --split the manifest is DIR/manifest.json (DIR becomes a dataset directory). TinyLlama
@@ -396,7 +396,7 @@ def import_litpkds(
     checked: list[tuple[dict, str]] = []
     pool = ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1, 8)))
     try:
-        results = pool.map(lambda f: litpkds_shard_entry(f, vocab_size, eos_id), files)
+        results = pool.map(lambda f: litpkds_shard_entry(f, vocab_size, eos_id, last=f == files[-1]), files)
         for f, (entry, dtype) in zip(files, results):
             if checked and dtype != checked[0][1]:
                 raise SmdmFormatError(
