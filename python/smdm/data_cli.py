@@ -330,8 +330,9 @@ files when it does not fit, and fills the unused tail of a builder's last chunk 
 id 1 for the Llama tokenizer). smdm starts a document after each --eos-id token and at the start of each
 file: a document split across two files is two segments, and a padding tail after the last EOS is a
 segment of its own. A run of EOS tokens ending the last file (`smdm prepare --format litpkds` pads its last
-chunk with EOS) counts as one document's end plus padding; elsewhere each EOS ends a document. Windows never cross files (as in lit-gpt). SMDM
-itself trained without document masking: `smdm train --no-doc-mask` does the same.
+chunk with EOS) counts as one document's end plus padding; elsewhere each EOS ends a document. Windows
+never cross files (as in lit-gpt). SMDM itself trained without document masking: `smdm train --no-doc-mask`
+does the same.
 
 Layout: without --split the manifest is DIR/manifest.json (DIR becomes a dataset directory). TinyLlama
 writes train_* and validation_* chunks side by side; import each into its split (DIR/S/manifest.json,
