@@ -209,6 +209,43 @@ def test_out_dot_fills_the_working_directory_and_bad_outputs_are_named(tmp_path,
     assert "a.txt" in capsys.readouterr().err
 
 
+def test_force_replaces_only_what_prepare_wrote(tmp_path, monkeypatch):
+    """--force swaps the whole --out for the new output, so it must refuse a directory that holds anything
+    else (it used to delete the user's inputs and files there, e.g. `--out . --force` in a project)."""
+    a = tmp_path / "a.txt"
+    a.write_text("hello world, hello again " * 20)
+    out = tmp_path / "out"
+    prepare([str(a)], out, vocab_size=270, **QUIET)
+    first = (out / "tokenizer.json").read_bytes()
+    prepare([str(a)], out, vocab_size=280, force=True, **QUIET)  # a previous output: replaced
+    assert (out / "tokenizer.json").read_bytes() != first and D.verify_dataset(out / "val").num_tokens >= 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]  # nothing left beside it
+
+    (out / "notes.md").write_text("mine")  # a file of the user's: refused, nothing touched
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(SmdmIOError, match=r"out: --force replaces only .* also holds notes\.md"):
+        prepare([str(a)], out, vocab_size=270, force=True, **QUIET)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    (out / "notes.md").unlink()
+    inner = out / "val" / "more.txt"  # an input inside --out
+    inner.write_text("more text " * 30)
+    with pytest.raises(SmdmIOError, match=r"more\.txt: an input inside --out"):
+        prepare([str(a), str(out)], out, vocab_size=270, force=True, **QUIET)
+    assert inner.is_file() and (out / "tokenizer.json").is_file()
+    with pytest.raises(SmdmIOError, match="a.txt: exists and is not a directory"):
+        prepare([str(a)], a, vocab_size=270, force=True, **QUIET)
+
+    # an existing empty --out holds the temporary directory (its parent need not be writable)
+    from smdm import data_cli
+
+    seen, publish = [], data_cli._publish
+    monkeypatch.setattr(data_cli, "_publish", lambda tmp, o: (seen.append(tmp), publish(tmp, o)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare([str(a)], empty, vocab_size=270, **QUIET)
+    assert seen[0].parent == empty and sorted(p.name for p in empty.iterdir()) == ["tokenizer.json", "train", "val"]
+
+
 def test_log_names_the_vocabulary_actually_trained(tmp_path):
     """BPE training stops when the sample has no more pairs to merge: the log said "300 ids" for the ~260 trained."""
     (tmp_path / "a.txt").write_text("ab ab ab")

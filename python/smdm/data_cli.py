@@ -214,16 +214,18 @@ def prepare(
     shard_tokens = int(shard_tokens or DEFAULT_SHARD_TOKENS[fmt])
     if shard_tokens < 1:
         raise ValueError("--shard-tokens must be positive")
-    corpus.expand_inputs(inputs)  # fail early on missing or unsupported inputs
+    files = corpus.expand_inputs(inputs)  # fail early on missing or unsupported inputs
     out = Path(os.path.abspath(out))  # `--out .` / `x/..`: a real name, so the temporary dir can sit beside it
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise SmdmIOError(f"{out}: exists and is not empty (use --force to replace it)")
+    _check_out(out, force, [f for f, _ in files])
     t0 = time.perf_counter()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SmdmIOError(f"{out.parent}: cannot create the output's parent directory: {e.strerror or e}") from e
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    # An existing empty --out (often `.`) is filled from a temporary directory inside it, so its parent need
+    # not be writable; otherwise the temporary directory sits beside --out and is renamed onto it.
+    inside = out.is_dir() and not any(out.iterdir())
+    tmp = out / f".partial-{os.getpid()}" if inside else out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for s in SPLITS:
@@ -289,13 +291,40 @@ def prepare(
     return summary
 
 
+_OUTPUTS = ("tokenizer.json", *SPLITS)  # what `smdm prepare` writes into --out
+
+
+def _check_out(out: Path, force: bool, inputs: Sequence[Path]) -> None:
+    """Refuse an --out that prepare must not replace: a non-empty one without --force, and with --force one
+    that holds anything but a previous prepare's output (tokenizer.json, train/, val/, a killed run's
+    .partial-* directory) or any input file: --force swaps the whole directory for the new output."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SmdmIOError(f"{out}: exists and is not a directory")
+    names = sorted(e.name for e in out.iterdir())
+    if not names:
+        return
+    if not force:
+        raise SmdmIOError(f"{out}: exists and is not empty (use --force to replace it)")
+    foreign = [n for n in names if n not in _OUTPUTS and not n.startswith(".partial-")]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise SmdmIOError(f"{out}: --force replaces only a directory that `smdm prepare` wrote "
+                          f"({', '.join(_OUTPUTS)}), but it also holds {shown}; choose another --out")
+    real = out.resolve()
+    for f in inputs:
+        if real in f.resolve().parents:
+            raise SmdmIOError(f"{f}: an input inside --out {out}, which --force would replace")
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Move the finished output directory `tmp` to `out`. An existing empty `out` (often the working
-    directory: `--out .`, which cannot be renamed) is filled in place: the tokenizer first, then each split
-    directory whole, its manifest inside. A non-empty `out` (--force) is swapped for `tmp` (put back if the
-    swap fails); no `out` is a plain rename."""
-    if out.is_dir() and not any(out.iterdir()):
-        for name in ("tokenizer.json", *SPLITS):
+    directory: `--out .`, which cannot be renamed) holds `tmp` and is filled from it in place: the
+    tokenizer first, then each split directory whole, its manifest inside. A non-empty `out` (--force, after
+    `_check_out`) is swapped for `tmp` (put back if the swap fails); no `out` is a plain rename."""
+    if tmp.parent == out:
+        for name in _OUTPUTS:
             os.replace(tmp / name, out / name)
         tmp.rmdir()
     elif out.exists():
