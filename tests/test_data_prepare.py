@@ -10,7 +10,6 @@ import struct
 
 import numpy as np
 import pytest
-import tokenizers
 from smdm import SmdmFormatError, SmdmIOError
 from smdm import data as D
 from smdm.cli import main as smdm_main
@@ -30,7 +29,7 @@ def _all_tokens(ds_dir):
 def test_prepared_layout_and_contents(prepared, tiny_jsonl, tiny_texts):
     assert sorted(p.name for p in prepared.iterdir()) == ["tokenizer.json", "train", "val"]
     assert smdm_main(["data", "verify", str(prepared)]) == 0
-    py = tokenizers.Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    py = D.load_tokenizer(str(prepared / "tokenizer.json"), as_data=True)
     eos = py.token_to_id("<|endoftext|>")
     for split in ("train", "val"):
         texts = [t for i, t in enumerate(tiny_texts) if split_of(f"{tiny_jsonl.name}:{i + 1}", 0.1) == split]
@@ -112,7 +111,7 @@ def test_litpkds_output_is_byte_exact_to_lit_gpt(tmp_path, tiny_jsonl, prepared,
         **QUIET,
     )
     assert smdm_main(["data", "verify", str(out)]) == 0
-    py = tokenizers.Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    py = D.load_tokenizer(str(prepared / "tokenizer.json"), as_data=True)
     texts = [t for i, t in enumerate(tiny_texts) if split_of(f"{tiny_jsonl.name}:{i + 1}", 0.1) == "train"]
     docs = [np.array(e.ids + [0], np.uint16) for e in py.encode_batch(texts, add_special_tokens=False)]
     ref = tmp_path / "ref"
@@ -246,6 +245,23 @@ def test_force_replaces_only_what_prepare_wrote(tmp_path, monkeypatch):
     assert seen[0].parent == empty and sorted(p.name for p in empty.iterdir()) == ["tokenizer.json", "train", "val"]
 
 
+@pytest.mark.parametrize("fmt", ["smdm", "litpkds"])
+def test_eos_text_inside_a_document_is_text(tmp_path, fmt):
+    """`<|endoftext|>` written in a document (web pages quote it) is encoded as text, not as the EOS that
+    ends a document: it used to split the document in LITPKDS (the manifest said 50 documents, its shards
+    100, `documents()` more) while smdm's document table kept it whole."""
+    texts = [f"doc {i} quotes <|endoftext|> in the middle, then goes on" for i in range(50)]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "o"
+    prepare([str(src)], out, vocab_size=300, val_fraction=0.0, fmt=fmt, shard_tokens=4096, **QUIET)
+    m = D.load_manifest(out / "train")
+    docs = list(D.documents(out, "train"))
+    assert m.num_docs == sum(s.num_docs for s in m.shards) == len(docs) == 50
+    tok = D.load_tokenizer(out / "tokenizer.json", as_data=True)
+    assert sorted(d[:-1].tolist() for d in docs) == sorted(tok.encode(t, add_special_tokens=False).ids for t in texts)
+
+
 def test_log_names_the_vocabulary_actually_trained(tmp_path):
     """BPE training stops when the sample has no more pairs to merge: the log said "300 ids" for the ~260 trained."""
     (tmp_path / "a.txt").write_text("ab ab ab")
@@ -290,7 +306,7 @@ def test_parquet_gives_the_same_tokens_as_jsonl(tmp_path, prepared, tiny_texts):
     assert a["train"]["num_docs"] == b["train"]["num_docs"] == len(tiny_texts) + 6
     got, want = _all_tokens(tmp_path / "from_pq" / "train"), _all_tokens(tmp_path / "from_jsonl" / "train")
     assert got.size > 10_000 and np.array_equal(got, want)
-    py = tokenizers.Tokenizer.from_file(tok)
+    py = D.load_tokenizer(tok, as_data=True)
     eos = D.load_manifest(tmp_path / "from_pq" / "train").eos_id
     ref = [e.ids + [eos] for e in py.encode_batch(tiny_texts + tiny_texts[:3] * 2, add_special_tokens=False)]
     assert np.array_equal(got, np.concatenate([np.array(r) for r in ref]))
@@ -474,7 +490,7 @@ def test_builtin_corpus(tmp_path):
     s = prepare([], tmp_path / "std", **QUIET)
     assert s["vocab_size"] == 8192 and s["train"]["num_tokens"] > 1_000_000 and s["val"]["num_docs"] > 0
     assert smdm_main(["data", "verify", str(tmp_path / "std")]) == 0
-    py = tokenizers.Tokenizer.from_file(str(tmp_path / "std" / "tokenizer.json"))
+    py = D.load_tokenizer(str(tmp_path / "std" / "tokenizer.json"), as_data=True)
     val = _all_tokens(tmp_path / "std" / "val")
     text = py.decode(val[:2000].tolist(), skip_special_tokens=False)
     assert "<|endoftext|>" in text or len(text) > 1000

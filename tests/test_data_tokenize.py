@@ -21,7 +21,7 @@ def trained(tmp_path_factory, tiny_texts):
     tok = _core.Tokenizer.train_bpe(tiny_texts, 320)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     path.write_text(tok.to_json())
-    return _core.Tokenizer.from_file(str(path)), tokenizers.Tokenizer.from_file(str(path)), path
+    return _core.Tokenizer.from_file(str(path)), D.load_tokenizer(str(path), as_data=True), path
 
 
 TRICKY = [
@@ -129,11 +129,39 @@ def test_foreign_tokenizer_json_with_eos_name(tmp_path):
     path.write_text(json.dumps(spec))
     rust = _core.Tokenizer.from_file(str(path))
     assert (rust.eos_id, rust.bos_id, rust.vocab_size) == (2, 1, 5)
-    py = tokenizers.Tokenizer.from_file(str(path))
+    py = D.load_tokenizer(str(path), as_data=True)
     texts = ["hello world", "world hello </s> x"]
     assert rust.encode(texts) == _py_ids(py, texts)
     with pytest.raises(SmdmFormatError, match="not in the vocabulary"):
         _core.Tokenizer.from_file(str(path), "<|endoftext|>")
+
+
+def test_documents_are_text_whatever_the_tokenizer_json_says(trained, tmp_path):
+    """prepare's encoder (and `load_tokenizer(as_data=True)`) ignores a tokenizer.json's truncation and
+    padding, which used to cut or pad only the documents that take the crate's path (those containing an added
+    token's text), and encodes special tokens written in a text as text: `<|endoftext|>` in a document is not
+    its end. The oracle is the `tokenizers` package itself, with those settings off by hand."""
+    rust, _, path = trained
+    spec = json.loads(path.read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": 5, "pad_type_id": 0, "pad_token": "x"}
+    odd = tmp_path / "tokenizer.json"
+    odd.write_text(json.dumps(spec))
+    oracle = tokenizers.Tokenizer.from_file(str(path))
+    oracle.encode_special_tokens = True
+    texts = ["hello world, hello again and again and again " * 3, "a doc <|endoftext|> that goes on " * 3, "hi"]
+    want = _py_ids(oracle, texts)
+    assert max(map(len, want)) > 32 and min(map(len, want)) < 8
+    assert rust.eos_id not in sum(want, [])  # the EOS text in the second document is text
+    assert _core.Tokenizer.from_file(str(odd)).encode(texts) == want
+    assert _py_ids(D.load_tokenizer(odd, as_data=True), texts) == want
+    plain = D.load_tokenizer(odd)  # smdm.load's tokenizer: no truncation or padding, special tokens matched
+    assert plain.encode(texts[0], add_special_tokens=False).ids == want[0]
+    assert rust.eos_id in plain.encode(texts[1], add_special_tokens=False).ids
+    with pytest.raises(SmdmFormatError, match="tokenizer.json: not a readable tokenizer.json"):
+        odd.write_text("{")
+        D.load_tokenizer(odd)
 
 
 def test_bad_tokenizer_files(tmp_path):
@@ -229,7 +257,7 @@ def test_two_tokenizers_do_not_share_cached_pieces(tmp_path, tiny_texts):
         p.write_text(_core.Tokenizer.train_bpe(tiny_texts, v).to_json())
         paths.append(p)
     rust = [_core.Tokenizer.from_file(str(p)) for p in paths]
-    py = [tokenizers.Tokenizer.from_file(str(p)) for p in paths]
+    py = [D.load_tokenizer(str(p), as_data=True) for p in paths]
     texts = tiny_texts[:20]
     for _ in range(2):
         for r, p in zip(rust, py):

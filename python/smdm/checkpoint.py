@@ -287,7 +287,7 @@ def load(path, device=None, *, check: bool = True):
     tokenizer = None
     tok = step_dir / "tokenizer.json"
     if tok.is_file():
-        from tokenizers import Tokenizer
+        from smdm.data import load_tokenizer
 
-        tokenizer = Tokenizer.from_file(str(tok))
+        tokenizer = load_tokenizer(tok)  # truncation and padding off
     return model, tokenizer

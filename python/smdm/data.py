@@ -476,6 +476,25 @@ class Manifest:
     tokenizer_hash: Optional[str]  # "sha256:<hex>" of the tokenizer.json bytes
 
 
+def load_tokenizer(path: PathLike, *, as_data: bool = False):
+    """A Python `tokenizers.Tokenizer` from a tokenizer.json, with its truncation and padding off: those are
+    settings for batches of model inputs, and they would silently cut or pad smdm's prompts and documents.
+    `as_data=True` also encodes special tokens written in a text as the text they are (`</s>` in a web page
+    is not an EOS), as `smdm prepare` does: then `encode(text, add_special_tokens=False).ids` equals the ids
+    prepare stores. A file that does not parse is an `SmdmFormatError` naming it."""
+    from tokenizers import Tokenizer
+
+    try:  # the `tokenizers` package raises a bare Exception for a file that does not parse
+        tok = Tokenizer.from_file(os.fspath(path))
+    except Exception as e:  # noqa: BLE001
+        raise SmdmFormatError(f"{path}: not a readable tokenizer.json: {e}") from e
+    tok.no_truncation()
+    tok.no_padding()
+    if as_data:
+        tok.encode_special_tokens = True
+    return tok
+
+
 def sha256_file(path: PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -954,7 +973,8 @@ def documents(path: PathLike, split: str = "val") -> Iterator[np.ndarray]:
 
     smdm shards: the shard's document table. LITPKDS (lit-gpt's chunks, `smdm data import`): a document
     starts after each EOS and at each file's start, as the reader cuts its segments, so a document split
-    across two files is two documents and each EOS of a padding run is a document of one token. The padding
+    across two files is two documents. The EOS padding the manifest records (`padding`: `smdm prepare
+    --format litpkds` and `smdm data import` say it apart) is no document, and neither is the padding
     lit-gpt's builder leaves after a chunk's last EOS (its sep token, BOS for the Llama tokenizer, repeated)
     is no document: a file's last segment that is one token repeated and has no EOS is left out. Every shard
     is checked against the manifest as it is read (`check_shard`: size, checksum, ids < vocab_size)."""
@@ -964,6 +984,7 @@ def documents(path: PathLike, split: str = "val") -> Iterator[np.ndarray]:
         if m.format == "smdm":
             _, toks, starts = read_shard(s.path, verify=False)  # check_shard has verified it
         else:
+            toks = toks[: toks.size - s.padding]  # the EOS padding the manifest records: no documents
             starts = np.concatenate([[0], np.flatnonzero(toks[:-1] == m.eos_id) + 1])
         edges = [int(a) for a in starts] + [int(toks.size)]
         for k, (a, b) in enumerate(zip(edges, edges[1:])):
@@ -979,15 +1000,10 @@ def decode_sample(manifest: Manifest, n_tokens: int = 64) -> Optional[str]:
     """Decode the first tokens of the first shard with the dataset's tokenizer (None if unavailable)."""
     if not manifest.shards or manifest.tokenizer_path is None or not manifest.tokenizer_path.is_file():
         return None
-    from tokenizers import Tokenizer
-
     s = manifest.shards[0]
     if manifest.format == "smdm":
         toks = read_shard(s.path, verify=False)[1][:n_tokens]
     else:
         toks = read_litpkds(s.path)[2][:n_tokens]
-    try:  # the `tokenizers` package raises a bare Exception for a file that does not parse
-        tok = Tokenizer.from_file(os.fspath(manifest.tokenizer_path))
-    except Exception as e:  # noqa: BLE001
-        raise SmdmFormatError(f"{manifest.tokenizer_path}: not a readable tokenizer.json: {e}") from e
+    tok = load_tokenizer(manifest.tokenizer_path)
     return tok.decode([int(t) for t in toks], skip_special_tokens=False)

@@ -636,10 +636,9 @@ class Trainer:
 
     def _load_sft(self, init) -> int:
         """Tokenizer (the --init-from checkpoint's or --tokenizer) and the SFT files; returns the vocab size."""
-        from tokenizers import Tokenizer
-
         from smdm import sft
-        from smdm.data import sha256_file
+        from smdm.data import load_tokenizer, sha256_file
+        from smdm.errors import SmdmFormatError
 
         cfg = self.cfg
         tok_path = None
@@ -658,9 +657,9 @@ class Trainer:
             raise TrainError(f"--sft needs a tokenizer: --init-from a checkpoint that has one, or --tokenizer "
                              f"tokenizer.json{where}")
         try:
-            tok = Tokenizer.from_file(str(tok_path))
-        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
-            raise TrainError(f"{tok_path}: not a tokenizer.json ({e})") from None
+            tok = load_tokenizer(tok_path)  # truncation and padding off: they would cut or pad the examples
+        except SmdmFormatError as e:
+            raise TrainError(str(e)) from None
         eos = sft.find_eos(tok)
         if eos is None:
             from smdm.generate_cli import EOS_NAMES

@@ -4,8 +4,10 @@
 //!   (GPT-2 style: byte-level pre-tokenizer without prefix space, all 256 bytes in the alphabet, so no
 //!   unknown tokens) with `<|endoftext|>` as special token 0.
 //! - `Tok::encode_pack` encodes documents in parallel without the tokenizer's own special tokens
-//!   (`add_special_tokens = false`), and packs them as `ids + [EOS]` (see `pack.rs`). Ids equal Python
-//!   `tokenizers`' `encode(text, add_special_tokens=False).ids`.
+//!   (`add_special_tokens = false`), and packs them as `ids + [EOS]` (see `pack.rs`). Special tokens
+//!   written in a document are encoded as the text they are (`encode_special_tokens`), and the
+//!   tokenizer.json's truncation and padding are off. Ids equal Python `tokenizers`'
+//!   `encode(text, add_special_tokens=False).ids` with `encode_special_tokens = True`, no truncation, no padding.
 //! - EOS/BOS are found among the tokenizer's special added tokens by their usual names.
 //!
 //! Fast path (`FastByteLevel`): for the common GPT-2-style tokenizer (no normalizer, a `ByteLevel`
@@ -334,7 +336,16 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 impl Tok {
-    fn wrap(inner: Tokenizer, path: &Path, eos: Option<&str>) -> Result<Tok> {
+    fn wrap(mut inner: Tokenizer, path: &Path, eos: Option<&str>) -> Result<Tok> {
+        // Documents are text. A tokenizer.json's truncation and padding (settings for batches of model
+        // inputs) would cut or pad the documents that take the crate's path and not the others, and a
+        // special token written in the text (`</s>`, `<|endoftext|>` in web pages) would become that token:
+        // an EOS inside a document. The only special token in the output is the EOS smdm appends.
+        inner
+            .with_truncation(None)
+            .map_err(|e| tok_err(path, format!("cannot turn truncation off: {e}")))?;
+        inner.with_padding(None);
+        inner.set_encode_special_tokens(true);
         let vocab_size = inner.get_vocab_size(true) as u32;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eos_id = match eos {

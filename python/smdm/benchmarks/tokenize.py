@@ -92,6 +92,7 @@ def run(mb: float = 8.0, tokenizer: str | None = None, vocab_size: int = 8192, r
     import tokenizers
 
     from smdm import __version__, _core
+    from smdm.data import load_tokenizer
 
     texts = corpus_texts(mb)
     if tokenizer is None:  # train one on the first MB (not timed)
@@ -101,13 +102,13 @@ def run(mb: float = 8.0, tokenizer: str | None = None, vocab_size: int = 8192, r
             with open(path, "w") as f:
                 f.write(tok.to_json())
             rust = _core.Tokenizer.from_file(path)
-            py = tokenizers.Tokenizer.from_file(path)
+            py = load_tokenizer(path, as_data=True)  # encodes as prepare does
     else:
         try:
             rust = _core.Tokenizer.from_file(tokenizer)
         except (OSError, ValueError) as e:  # SmdmIOError / SmdmFormatError, naming the file
             raise SystemExit(f"smdm bench tokenize: error: --tokenizer {e}") from None
-        py = tokenizers.Tokenizer.from_file(tokenizer)
+        py = load_tokenizer(tokenizer, as_data=True)
     eos, vocab = rust.eos_id, rust.vocab_size
     variants = {
         "rust": lambda: rust.encode_pack(texts),
