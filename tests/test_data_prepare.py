@@ -6,6 +6,7 @@ deterministic output, clear errors for bad input, and no half-written output dir
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -151,6 +152,11 @@ def test_jsonl_errors_name_file_and_line(tmp_path, prepared):
     p.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(SmdmFormatError, match=r"bad.jsonl:2: not valid JSON"):
         prepare([str(p)], tmp_path / "out", vocab_size=280, **QUIET)
+    # JSON that Python's json module refuses other than by JSONDecodeError: named too, no raw traceback
+    for line in ('{"text": "ok", "n": ' + "7" * 5000 + "}", '{"text": "ok", "n": ' + "[" * 200_000 + "]" * 200_000 + "}"):
+        p.write_text('{"text": "ok"}\n' + line + "\n")
+        with pytest.raises(SmdmFormatError, match=r"bad.jsonl:2: JSON that Python cannot read"):
+            prepare([str(p)], tmp_path / "out", vocab_size=280, **QUIET)
     # valid JSON, but a lone surrogate escape is no text a tokenizer can take (a pair is fine)
     p.write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 half"}\n')
     for kw in (dict(vocab_size=280), dict(tokenizer=str(prepared / "tokenizer.json"))):
@@ -158,6 +164,18 @@ def test_jsonl_errors_name_file_and_line(tmp_path, prepared):
             prepare([str(p)], tmp_path / "out", **kw, **QUIET)
     assert not (tmp_path / "out").exists()
     assert [x.name for x in tmp_path.iterdir()] == ["bad.jsonl"]  # no partial output left behind
+
+
+def test_a_file_name_that_is_not_utf8(tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 (Python gives it lone surrogates) is an input like
+    any other (it used to fail in the train/val split with "surrogates not allowed", naming no file)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.txt").write_text("hello world, hello again " * 20)
+    with open(os.path.join(os.fsencode(src), b"caf\xe9.txt"), "w") as f:
+        f.write("more text here " * 20)
+    s = prepare([str(src)], tmp_path / "o", vocab_size=270, val_fraction=0.5, **QUIET)
+    assert s["train"]["num_docs"] + s["val"]["num_docs"] == 2
 
 
 def test_bad_inputs(tmp_path, prepared):

@@ -270,6 +270,7 @@ def _edit_manifest(root, fn):
         ),
         (lambda m: m.update(vocab_size=700), SmdmFormatError, "vocab_size"),
         (lambda m: m.update(eos_id=3), SmdmFormatError, "eos_id"),
+        (lambda m: m.update(vocab_size=2**32), SmdmFormatError, "inconsistent ids: vocab_size 4294967296"),
         (lambda m: m["shards"][0].update(crc32=12345), SmdmFormatError, "CRC"),
         (lambda m: m["shards"][2].update(file="gone.smdm"), SmdmIOError, "gone.smdm"),
         (lambda m: m["shards"][2].update(file="../x.smdm"), SmdmFormatError, "plain file name"),

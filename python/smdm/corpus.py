@@ -30,7 +30,8 @@ class Doc(NamedTuple):
 
 def split_of(key: str, val_fraction: float) -> str:
     """'val' for a stable ~val_fraction of keys (blake2b of the key), else 'train'."""
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    # surrogateescape: a file name that is not UTF-8 reaches Python with lone surrogates (the same bytes back)
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
     return "val" if h / 2.0**64 < val_fraction else "train"
 
 
@@ -118,6 +119,8 @@ def file_docs(path: Path, key: str, text_field: str = "text") -> Iterator[Doc]:
             obj = json.loads(_decode(path, line, start))
         except json.JSONDecodeError as e:
             raise SmdmFormatError(f"{path}:{lineno}: not valid JSON (byte offset {start}): {e.msg}") from e
+        except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, arrays nested too deep
+            raise SmdmFormatError(f"{path}:{lineno}: JSON that Python cannot read (byte offset {start}): {e}") from e
         if not isinstance(obj, dict) or text_field not in obj:
             raise SmdmFormatError(f"{path}:{lineno}: no {text_field!r} field (byte offset {start})")
         text = obj[text_field]

@@ -546,7 +546,7 @@ def load_manifest(dataset_dir: PathLike) -> Manifest:
     for key in ("tokenizer", "tokenizer_hash"):
         if raw.get(key) is not None:
             field(raw, key, str)
-    if vocab == 0 or eos >= vocab or (bos is not None and bos >= vocab):
+    if vocab == 0 or vocab >= 2**32 or eos >= vocab or (bos is not None and bos >= vocab):
         raise SmdmFormatError(f"{path}: inconsistent ids: vocab_size {vocab}, eos_id {eos}, bos_id {bos}")
     # Where the shard files are, relative to this manifest: "." (default) or ".." (`smdm data import
     # --split S` puts S/manifest.json next to lit-gpt chunk files it must not move).
