@@ -153,7 +153,8 @@ def test_jsonl_errors_name_file_and_line(tmp_path, prepared):
     with pytest.raises(SmdmFormatError, match=r"bad.jsonl:2: not valid JSON"):
         prepare([str(p)], tmp_path / "out", vocab_size=280, **QUIET)
     # JSON that Python's json module refuses other than by JSONDecodeError: named too, no raw traceback
-    for line in ('{"text": "ok", "n": ' + "7" * 5000 + "}", '{"text": "ok", "n": ' + "[" * 200_000 + "]" * 200_000 + "}"):
+    for n in ("7" * 5000, "[" * 200_000 + "]" * 200_000):
+        line = '{"text": "ok", "n": ' + n + "}"
         p.write_text('{"text": "ok"}\n' + line + "\n")
         with pytest.raises(SmdmFormatError, match=r"bad.jsonl:2: JSON that Python cannot read"):
             prepare([str(p)], tmp_path / "out", vocab_size=280, **QUIET)
