@@ -341,8 +341,14 @@ def test_init_from_takes_model_objective_and_tokenizer_and_mismatches_are_errors
     assert t.peak_lr == 3e-3 and t.warmup == 1
     w = ckpt.load_weights(ckpt.latest(base))
     assert all(torch.equal(v, w[k]) for k, v in t.model.state_dict().items())  # the checkpoint's weights
+    # the base run goes on and its keep-last-N prunes the --init-from step: the fine-tune's checkpoints
+    # still hold the tokenizer (they copied it from that step at every save and silently lost it)
+    tok = (ckpt.latest(base) / "tokenizer.json").read_bytes()
+    (ckpt.latest(base) / "tokenizer.json").unlink()
     t.fit()
     t.dist.close()
+    assert (ckpt.latest(t.out) / "tokenizer.json").read_bytes() == tok
+    (ckpt.latest(base) / "tokenizer.json").write_bytes(tok)
     conf = ckpt.read_config(ckpt.latest(t.out))
     assert conf["init_from"] == str(ckpt.latest(base)) and conf["objective"] == "ar"
     assert conf["sft"]["train"] == str(files["train"]) and conf["sft"]["format"] == "plain"

@@ -92,15 +92,23 @@ def resolve(path) -> Path:
 
 
 def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: dict,
-         tokenizer_path=None, keep: int = 2) -> Path:
+         tokenizer_path=None, tokenizer: Optional[bytes] = None, keep: int = 2) -> Path:
     """Write OUT/step-N atomically (see the module docstring); prune to the last `keep` (>= 2) steps.
 
     model_state: name -> tensor (full weights); config: the config.json dict; train_state: plain containers of
-    tensors / numbers / strings (what `torch.load(weights_only=True)` accepts)."""
+    tensors / numbers / strings (what `torch.load(weights_only=True)` accepts); the step's tokenizer.json is
+    copied from `tokenizer_path` (which must exist) or written from the bytes `tokenizer`."""
     from safetensors.torch import save_file
 
     if keep < 2:
         raise ValueError(f"keep must be >= 2 (a crash while saving must leave a complete one), got {keep}")
+    if tokenizer_path is not None and tokenizer is not None:
+        raise ValueError("give tokenizer_path or tokenizer, not both")
+    if tokenizer_path is not None:
+        try:
+            tokenizer = Path(tokenizer_path).read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{tokenizer_path}: cannot read the tokenizer to save: {e.strerror or e}") from e
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{step}"
@@ -112,8 +120,8 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
     (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=1, sort_keys=True))
     torch.save(train_state, tmp / "state.pt")
-    if tokenizer_path is not None and Path(tokenizer_path).is_file():
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    if tokenizer is not None:
+        (tmp / "tokenizer.json").write_bytes(tokenizer)
     files = {}
     for p in sorted(tmp.iterdir()):
         _fsync_file(p)

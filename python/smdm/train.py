@@ -492,6 +492,10 @@ class Trainer:
                                  f"{self.train_dir / 'manifest.json'})")
             self.tokenizer_path = self.manifest.tokenizer_path
         self.data_id = self._data_identity()
+        # Every checkpoint gets these bytes: the file may be gone by the next save (SFT from a running pretraining
+        # job whose keep-last-N prunes the --init-from step, a moved data directory).
+        tok = self.tokenizer_path
+        self.tokenizer_bytes = Path(tok).read_bytes() if tok is not None and Path(tok).is_file() else None
         if init is not None:
             mc = init[2]
             if mc.vocab_size != vocab:
@@ -901,9 +905,8 @@ class Trainer:
                 conf["init_from"] = str(self.init_dir)
             if self.sft:
                 conf["sft"] = self.sft_record
-            tok = self.tokenizer_path
             path = ckpt.save(self.out, self.step, model_state=weights, config=conf, train_state=train_state,
-                             tokenizer_path=tok, keep=self.cfg.keep)
+                             tokenizer=self.tokenizer_bytes, keep=self.cfg.keep)
             self.log({"event": "checkpoint", "step": self.step, "path": str(path)})
         self.dist.barrier()
 
