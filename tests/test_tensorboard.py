@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from smdm import checkpoint as ckpt
-from smdm.train import train
+from smdm.train import TrainError, train
 from test_train import CLI, cfg_for, cli_args, cli_error, make_dataset, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
@@ -235,7 +235,7 @@ def test_the_writer_is_closed_when_fit_raises(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("SMDM_INJECT_NONFINITE", ",".join(str(i) for i in range(20)))
     out = tmp_path / "run"
     assert not writer_threads()
-    with pytest.raises(RuntimeError, match="20 steps in a row"):
+    with pytest.raises(TrainError, match="the run diverged: 20 steps in a row"):
         train(cfg_for(dataset, out, max_steps=30, tensorboard=True))
     assert not writer_threads()
     scalars, _ = read_events(out / "tensorboard")

@@ -554,6 +554,32 @@ def test_a_fresh_run_never_mixes_with_old_checkpoints(dataset, tmp_path):
     assert [p.name for _, p in ckpt.step_dirs(out)] == ["step-2"]
 
 
+def test_out_must_be_a_run_directory(dataset, tmp_path, monkeypatch):
+    """--out RUN/step-N used to nest a new run inside that checkpoint (RUN's keep-last-N later deleted it with
+    the step); a file as --out, or below one, ended in a raw FileExistsError / NotADirectoryError after the data
+    set-up. Each is now an error before anything is written."""
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=2))
+    step = ckpt.latest(out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for kw in ({}, {"resume": True}):
+        with pytest.raises(TrainError, match=rf"--out {step} is a checkpoint of the run {out}.*--resume"):
+            train(cfg_for(dataset, step, max_steps=4, **kw))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for o in (f, f / "sub" / "run"):
+        with pytest.raises(TrainError, match=rf"{f} is a file, not a directory"):
+            train(cfg_for(dataset, o, max_steps=1))
+
+
+def test_plot_without_matplotlib_fails_before_training(dataset, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with pytest.raises(TrainError, match=r"--plot needs matplotlib .*smdm\[plot\]"):
+        train(cfg_for(dataset, tmp_path / "run", max_steps=1, plot=True))
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_batch_split_and_keep(dataset, tmp_path):
     with pytest.raises(TrainError, match="not divisible"):
         train(cfg_for(dataset, tmp_path / "r", batch_size=6, grad_accum=4))

@@ -344,6 +344,14 @@ def summary_writer_class():
     return SummaryWriter
 
 
+def require_matplotlib(what: str = "--plot") -> None:
+    """matplotlib is optional (the `plot` extra): checked before a run starts, not after it has trained."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise TrainError(f"{what} needs matplotlib ({e}): pip install 'smdm[plot]'") from None
+
+
 def check_sft_args(cfg: TrainConfig) -> None:
     """Options that only make sense with --sft, and --sft's own ranges (before any file is read)."""
     from smdm.sft import FORMATS
@@ -411,6 +419,20 @@ class TimeBudget:
         return max_steps
 
 
+def _check_out_dir(out: Path) -> None:
+    """--out must be a run directory (or one that can be created), not a file, nor one of a run's checkpoints:
+    a run written into RUN/step-N nests its checkpoints there, and RUN's keep-last-N later deletes them."""
+    if (out / ckpt.MANIFEST).is_file():
+        raise TrainError(f"--out {out} is a checkpoint of the run {out.parent}, not a run directory: "
+                         f"`--out {out.parent} --resume` continues that run from its latest checkpoint, "
+                         f"`--init-from {out}` starts a new run (another --out) from this one")
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise TrainError(f"--out {out}: {p} is a file, not a directory")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         init = load_init(cfg.init_from) if cfg.init_from is not None else None
@@ -421,6 +443,8 @@ class Trainer:
         check_args(cfg)
         # on every rank (they fail alike) before anything is read, built or deleted; rank 0 writes (fit)
         self._summary_writer = summary_writer_class() if cfg.tensorboard else None
+        if cfg.plot:
+            require_matplotlib()
         self.cfg = cfg
         self.kind = cfg.objective
         self.sft = cfg.sft is not None
@@ -428,6 +452,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out or f"runs/{'sft' if self.sft else 'demo'}-{cfg.objective}")
+        _check_out_dir(self.out)
         self.dist = Dist(cfg.device)
         d = self.dist
         if cfg.attention == "flex" and d.device.type != "cuda":
@@ -1224,9 +1249,10 @@ class Trainer:
                 rec["tokens_per_s"] = rec.pop("step_tokens") / dt
                 self.log(rec)
                 skipped_in_row = skipped_in_row + 1 if rec["skipped"] else 0
-                if skipped_in_row >= 20:
-                    raise RuntimeError(f"20 steps in a row had a non-finite loss or gradient "
-                                       f"(step {self.step})")
+                if skipped_in_row >= 20:  # the weights are untouched since the last finite step
+                    raise TrainError(f"the run diverged: 20 steps in a row had a non-finite loss or gradient "
+                                     f"(step {self.step}); none reached the weights. Try a lower --lr or a "
+                                     f"longer --warmup, or check the data")
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 val=f"{last_val['val_loss']:.3f}" if last_val else "-", refresh=False)
@@ -1468,6 +1494,7 @@ def train(cfg: TrainConfig) -> Trainer:
 def run(args) -> int:
     try:
         if args.compare:
+            require_matplotlib("--compare")
             png = Path(args.out or "runs/compare.png")
             png.parent.mkdir(parents=True, exist_ok=True)
             print(plot_runs(args.compare, png))
