@@ -90,6 +90,11 @@ def test_torchrun_fsdp2_matches_ddp_and_resumes(tmp_path):
     fsdp, _ = run(args + ["--fsdp", "--stop-after", "3"], tmp_path / "fsdp", tmp_path / "w2", nproc=2)
     fsdp2, _ = run(args + ["--fsdp", "--resume"], tmp_path / "fsdp", tmp_path / "w3", nproc=2)
     np.testing.assert_allclose([r["loss"] for r in fsdp2], [r["loss"] for r in ddp], rtol=1e-4)
+    # a DDP checkpoint (optimizer state keyed by position) resumed under FSDP2 (keyed by name): it used to
+    # end in KeyError 'state.0.step' on every rank
+    run(args + ["--stop-after", "3"], tmp_path / "mixed", tmp_path / "w4", nproc=2)
+    mixed, _ = run(args + ["--fsdp", "--resume"], tmp_path / "mixed", tmp_path / "w5", nproc=2)
+    np.testing.assert_allclose([r["loss"] for r in mixed], [r["loss"] for r in ddp], rtol=1e-4)
 
 
 # Three runs in one torchrun launch (one process-group start-up instead of three: the cheap way to cover the

@@ -907,10 +907,25 @@ class Trainer:
         if self.cfg.fsdp and self.dist.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.objective, self.optimizer, sd,
+            set_optimizer_state_dict(self.objective, self.optimizer, self._name_keyed(sd),
                                      options=StateDictOptions(full_state_dict=True))
         else:
             self.optimizer.load_state_dict(sd)
+
+    def _name_keyed(self, sd: dict) -> dict:
+        """An optimizer state keyed by position (`optimizer.state_dict()`: what single-process and DDP runs
+        save) keyed by parameter name instead, as `set_optimizer_state_dict` wants it: a DDP run resumed with
+        --fsdp. Positions count the parameters of the param groups in order, which this run built alike."""
+        groups = sd.get("param_groups") or []
+        if not all(isinstance(i, int) for g in groups for i in g["params"]):
+            return sd  # already keyed by name (an FSDP run's checkpoint)
+        names = {id(p): n for n, p in self.objective.named_parameters()}
+        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        if sorted(i for g in groups for i in g["params"]) != list(range(len(order))):
+            raise TrainError(f"the checkpoint's optimizer state has {sum(len(g['params']) for g in groups)} "
+                             f"parameters, this model {len(order)}")
+        return {"state": {order[i]: v for i, v in sd["state"].items()},
+                "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
 
     def save(self):
         weights = self._full_model_state()
