@@ -573,6 +573,17 @@ def test_out_must_be_a_run_directory(dataset, tmp_path, monkeypatch):
             train(cfg_for(dataset, o, max_steps=1))
 
 
+def test_val_every_without_a_validation_split_is_an_error(dataset, tmp_path, capsys):
+    """--data pointing at a split (or data without val/) used to disable validation silently, --val-every
+    or not: asked for, it is an error; by default a note says the run has no validation."""
+    split = Path(dataset) / "train"
+    with pytest.raises(TrainError, match=r"--val-every 2: --data .*train has no validation split"):
+        train(cfg_for(split, tmp_path / "a", max_steps=2, val_every=2))
+    train(cfg_for(split, tmp_path / "b", max_steps=2, val_every=None))
+    assert "has no validation split: training without validation" in capsys.readouterr().err
+    assert not any(r.get("event") == "val" for r in metrics(tmp_path / "b"))
+
+
 def test_plot_without_matplotlib_fails_before_training(dataset, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     with pytest.raises(TrainError, match=r"--plot needs matplotlib .*smdm\[plot\]"):

@@ -638,6 +638,13 @@ class Trainer:
                             f"--data {cfg.data or DEMO_DATA}: validation split: {e} (validation needs one batch "
                             f"of windows: `smdm prepare` with a larger --val-fraction, a smaller --batch-size / "
                             f"--seq-len, or --val-every 0 to train without validation)") from None
+        if self.val_dir is None:
+            what = "--sft without --sft-val" if self.sft else f"--data {cfg.data or DEMO_DATA} has no validation split"
+            if cfg.val_every:  # asked for, and impossible: an error, not a run that silently never validates
+                raise TrainError(f"--val-every {cfg.val_every}: {what} (a val/ dataset beside train/); "
+                                 f"`smdm prepare --val-fraction F` makes one, --val-every 0 trains without")
+            if cfg.val_every is None and d.rank == 0:
+                print(f"note: {what}: training without validation", file=sys.stderr, flush=True)
         if state is not None:
             self.dataset.load_state_dict(state["data"])
         self.deadline: Optional[TimeBudget] = None  # set when the time budget decides the steps
