@@ -531,6 +531,12 @@ def test_incompatible_resume_needs_force(dataset, tmp_path):
         train(cfg_for(dataset, out, max_steps=4, objective="ar", resume=True))
     train(cfg_for(dataset, out, max_steps=4, seed=1, resume=True, force_resume=True))
     assert step_losses(out)[-1][0] == 4
+    # options that would be silently ignored
+    with pytest.raises(TrainError, match="--force-resume only relaxes --resume's checks"):
+        train(cfg_for(dataset, out, max_steps=6, force_resume=True))
+    with pytest.raises(TrainError, match="--resume continues .* --overwrite starts it over"):
+        train(cfg_for(dataset, out, max_steps=6, resume=True, overwrite=True))
+    assert step_losses(out)[-1][0] == 4
 
 
 def test_corrupt_checkpoint_is_named(dataset, tmp_path, capsys):
@@ -582,6 +588,21 @@ def test_val_every_without_a_validation_split_is_an_error(dataset, tmp_path, cap
     train(cfg_for(split, tmp_path / "b", max_steps=2, val_every=None))
     assert "has no validation split: training without validation" in capsys.readouterr().err
     assert not any(r.get("event") == "val" for r in metrics(tmp_path / "b"))
+
+
+def test_an_epoch_shorter_than_one_step_is_named(dataset, tmp_path):
+    """It said "1 epochs of 0 steps: 0 steps", then "--max-steps / --flops too small"."""
+    n = data.PackedDataset(Path(dataset) / "train", 32, 1).num_windows
+    with pytest.raises(TrainError, match=r"an epoch of the training data is less than one optimizer step.*"
+                                         r"--grad-accum 2"):
+        train(cfg_for(dataset, tmp_path / "r", max_steps=None, epochs=1, batch_size=2 * n, grad_accum=2))
+
+
+def test_a_warmup_as_long_as_the_run_is_noted(dataset, tmp_path, capsys):
+    train(cfg_for(dataset, tmp_path / "r", max_steps=3, warmup=3))
+    assert "the warmup (3 steps) is as long as the run (3): the learning rate never reaches" in capsys.readouterr().err
+    train(cfg_for(dataset, tmp_path / "s", max_steps=3, warmup=2))
+    assert "warmup" not in capsys.readouterr().err
 
 
 def test_plot_without_matplotlib_fails_before_training(dataset, tmp_path, monkeypatch):

@@ -295,6 +295,10 @@ def check_args(cfg: TrainConfig) -> None:
     def finite_positive(x) -> bool:
         return math.isfinite(x) and x > 0
 
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --out, --overwrite starts it over: give one of them")
+    if cfg.force_resume and not cfg.resume:
+        raise TrainError("--force-resume only relaxes --resume's checks: give --resume too")
     need(cfg.attention in TRAIN_ATTENTION, f"--attention must be one of {', '.join(TRAIN_ATTENTION)}",
          repr(cfg.attention))
     need(cfg.batch_size >= 1, "--batch-size must be >= 1", cfg.batch_size)
@@ -657,6 +661,9 @@ class Trainer:
             if cfg.warmup is None:
                 self.warmup = int(saved["warmup"])
         self.val_every = default_val_every(cfg, self.max_steps)
+        if self.warmup >= self.max_steps and self.max_steps > 1 and d.rank == 0:
+            print(f"note: the warmup ({self.warmup} steps) is as long as the run ({self.max_steps}): the learning "
+                  f"rate never reaches its peak {self.peak_lr:g}", file=sys.stderr, flush=True)
         self.metrics_path = self.out / "metrics.jsonl"
         self.tensorboard_dir = None
         if cfg.tensorboard:
@@ -762,6 +769,10 @@ class Trainer:
             epochs = cfg.epochs if cfg.epochs is not None else SFT_EPOCHS
             per_epoch = len(self.dataset) // cfg.grad_accum  # the SFT reader's epoch is whole steps
             steps = math.ceil(epochs * per_epoch)
+            if per_epoch < 1:
+                raise TrainError(f"an epoch of the training data is less than one optimizer step: "
+                                 f"{len(self.dataset)} batches of {self.micro} per rank, --grad-accum "
+                                 f"{cfg.grad_accum} (a smaller --batch-size or --seq-len, or more data)")
             if self.dist.rank == 0:
                 print(f"{epochs:g} epochs of {per_epoch} steps: {steps} steps", flush=True)
         elif cfg.flops is not None:
@@ -1189,7 +1200,9 @@ class Trainer:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue
-        self.metrics_path.write_text("".join(x + "\n" for x in kept))
+        from smdm.data import write_atomic
+
+        write_atomic(self.metrics_path, "".join(x + "\n" for x in kept).encode())  # a kill keeps the old file
 
     def _stop_step(self) -> int:
         """The step fit() stops after: the schedule's end, or --stop-after when it comes first."""
