@@ -692,6 +692,46 @@ def test_gsm8k_cli_runs(prepared, tmp_path, capsys):
     assert rc == 2 and "holds 1 examples" in capsys.readouterr().err
 
 
+def test_gsm8k_cli_samples_with_the_checkpoints_schedule_and_takes_threshold(prepared, tmp_path, capsys):
+    """`smdm eval gsm8k` sampled with the linear schedule whatever the checkpoint was trained with, while
+    `smdm generate` takes the checkpoint's (the same prompt gave different text), and `--sampler threshold`
+    could not run (no --threshold option)."""
+    import smdm
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(prepared / "tokenizer.json")).get_vocab_size()
+    (tmp_path / "tokenizer.json").write_bytes((prepared / "tokenizer.json").read_bytes())
+    m = _model(False, vocab=vocab, ctx=256)
+    ck = checkpoint.save(tmp_path / "mdm", 1, model_state=m.state_dict(), train_state={"step": 1},
+                         config={"model": m.config.to_dict(), "objective": "mdm", "train": {"schedule": "cosine"}},
+                         tokenizer_path=tmp_path / "tokenizer.json")
+    rows = [{"question": f"def f{i}(x): return x", "answer": f"x\n#### {i}"} for i in range(3)]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, tok = smdm.load(ck)
+    items = evaluate.read_gsm8k(data)
+
+    def cli(*extra):
+        out = tmp_path / "g.json"
+        rc = evaluate.main(["gsm8k", "--ckpt", str(ck), "--data", str(data), "--gen-length", "8", "--steps", "4",
+                            "--device", "cpu", "--json", str(out), *extra])
+        assert rc == 0, capsys.readouterr().err
+        return json.loads(out.read_text())["results"][0]
+
+    for extra, kw in (((), dict(schedule="cosine")), (("--schedule", "linear"), dict(schedule="linear")),
+                      (("--sampler", "threshold", "--threshold", "0.3"), dict(schedule="cosine", sampler="threshold",
+                                                                          threshold=0.3))):
+        res = cli(*extra)
+        want = evaluate.evaluate_gsm8k(model, tok, items, gen_length=8, steps=4, eos_id=evaluate.eos_id_of(tok), **kw)
+        assert res["schedule"] == kw["schedule"] and res["threshold"] == kw.get("threshold")
+        assert [r["generation"] for r in res["records"]] == [r["generation"] for r in want["records"]]
+    for extra, msg in ((("--sampler", "threshold"), "--threshold is required by --sampler threshold"),
+                       (("--schedule", "nope"), "--schedule: "),
+                       (("--sampler", "nope"), "--sampler must be one of")):
+        assert evaluate.main(["gsm8k", "--ckpt", str(ck), "--data", str(data), *extra]) == 2
+        assert msg in capsys.readouterr().err
+
+
 def test_gsm8k_prompt_longer_than_the_model_names_the_line(mc_setup):
     """A prompt that does not fit the context with the generation is an error naming its line, not the index
     of the prompt inside its generation batch (here 0 of the second batch)."""

@@ -675,9 +675,11 @@ def cut_generation(text: str) -> str:
 def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Sequence[Gsm8kItem] = (),
                    gen_length: int = 256, steps: Optional[int] = None, sampler: str = "low_confidence",
                    block_length: Optional[int] = None, cfg: float = 0.0, batch_size: int = 8, seed: int = 0,
-                   eos_id: Optional[int] = None, progress: Optional[Callable] = None) -> dict:
+                   eos_id: Optional[int] = None, progress: Optional[Callable] = None,
+                   threshold: Optional[float] = None, schedule: str = "linear") -> dict:
     """Generation accuracy: greedy generation (`smdm.sampling.generate`; the ARM twin decodes left to right
-    with its KV cache, the sampler options apply to the MDM only), answer extraction, exact match."""
+    with its KV cache, the sampler options apply to the MDM only), answer extraction, exact match. `schedule`
+    is the MDM sampler's (`smdm eval gsm8k` passes the checkpoint's training schedule, as `smdm generate`)."""
     from smdm import sampling
 
     causal = model.config.causal
@@ -692,7 +694,8 @@ def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Seque
                              f"{model.config.max_seq_len}")
     kw = dict(gen_length=gen_length, eos_id=eos_id, seed=seed, temperature=0.0)
     if not causal:
-        kw.update(steps=steps or gen_length, sampler=sampler, block_length=block_length, cfg_scale=cfg)
+        kw.update(steps=steps or gen_length, sampler=sampler, block_length=block_length, cfg_scale=cfg,
+                  threshold=threshold, schedule=schedule)
     records, generated, forwards = [], 0, 0
     t0 = time.perf_counter()
     for a in range(0, len(items), batch_size):
@@ -709,7 +712,8 @@ def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Seque
     hits = [float(r["correct"]) for r in records]
     return {"task": "gsm8k", "n": len(items), "few_shot": len(shots), "gen_length": gen_length,
             "steps": None if causal else (steps or gen_length), "sampler": None if causal else sampler,
-            "cfg": cfg, "acc": float(np.mean(hits)), "acc_stderr": mean_stderr(hits),
+            "threshold": None if causal else threshold, "schedule": None if causal else schedule, "cfg": cfg,
+            "acc": float(np.mean(hits)), "acc_stderr": mean_stderr(hits),
             "generated_tokens": generated, "forward_passes": forwards,
             "seconds": round(time.perf_counter() - t0, 3), "records": records}
 
@@ -802,7 +806,10 @@ def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=None, help="MDM sampler steps (default: gen length)")
     p.add_argument("--sampler", default="low_confidence", help="MDM sampler (smdm.sampling.SAMPLERS)")
+    p.add_argument("--threshold", type=float, default=None, help="confidence threshold of --sampler threshold")
     p.add_argument("--block-length", type=int, default=None, help="MDM semi-autoregressive block length")
+    p.add_argument("--schedule", default=None, help="MDM sampler schedule: linear | cosine | polynomial:P "
+                   "(default: the checkpoint's training schedule, else linear; as `smdm generate`)")
     p.add_argument("--cfg", type=float, default=0.0, help="unsupervised CFG weight w (MDM; 0 = off)")
 
     p = sub.add_parser("ppl", help="NLL per token on a shard directory, the same windows for every model")
@@ -851,6 +858,24 @@ def _check_args(args) -> None:
             raise ValueError(f"--gen-length must be >= 1, got {args.gen_length}")
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        from smdm.sampling import SAMPLERS, check_mdm_options
+
+        if args.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+        if (args.sampler == "threshold") != (args.threshold is not None):
+            raise ValueError("--threshold is required by --sampler threshold and used by no other sampler")
+        try:
+            check_mdm_options(args.gen_length, args.steps or args.gen_length, sampler=args.sampler,
+                              block_length=args.block_length, threshold=args.threshold, cfg_scale=cfg)
+        except ValueError as e:
+            raise ValueError(f"the MDM sampler options: {e}") from None
+        if args.schedule is not None:
+            from smdm.diffusion import parse_schedule
+
+            try:
+                parse_schedule(args.schedule)
+            except ValueError as e:
+                raise ValueError(f"--schedule: {e}") from None
     if args.task == "ppl" and args.seq_len is not None and args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.json is not None:  # said now, not after the evaluation
@@ -917,7 +942,8 @@ def _progress(ckpt) -> Optional[Callable]:
 
 # the options an ARM checkpoint does not use (its likelihood is exact, it decodes left to right), with defaults
 MDM_ONLY = {"mc": (("n_samples", 128), ("method", None), ("cfg", 0.0)),
-            "gsm8k": (("steps", None), ("sampler", "low_confidence"), ("block_length", None), ("cfg", 0.0)),
+            "gsm8k": (("steps", None), ("sampler", "low_confidence"), ("block_length", None), ("cfg", 0.0),
+                      ("threshold", None), ("schedule", None)),
             "ppl": (("n_samples", 128),)}
 
 
@@ -953,10 +979,17 @@ def _run_one(args, ckpt) -> dict:
                 shots = read_gsm8k(train, args.few_shot)
                 if len(shots) < args.few_shot:
                     raise ValueError(f"{train} holds {len(shots)} examples, --few-shot {args.few_shot}")
+            mdm = {}
+            if not model.config.causal:
+                from smdm import checkpoint
+                from smdm.generate_cli import resolve_schedule
+
+                schedule = resolve_schedule(args, checkpoint.read_config(checkpoint.resolve(ckpt)))
+                mdm = dict(steps=args.steps, sampler=args.sampler, block_length=args.block_length, cfg=args.cfg,
+                           threshold=args.threshold, schedule=schedule)
             res = evaluate_gsm8k(model, tokenizer, items, shots=shots, gen_length=args.gen_length,
-                                 steps=args.steps, sampler=args.sampler, block_length=args.block_length,
-                                 cfg=0.0 if model.config.causal else args.cfg, batch_size=bs or 8,
-                                 seed=args.seed, eos_id=eos_id_of(tokenizer), progress=_progress(ckpt))
+                                 batch_size=bs or 8, seed=args.seed, eos_id=eos_id_of(tokenizer),
+                                 progress=_progress(ckpt), **mdm)
     res["model"] = kind
     res["ckpt"] = str(ckpt)
     return res
