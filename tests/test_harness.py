@@ -337,6 +337,31 @@ def test_generate_until_options_and_errors(twins, offline):
         ar.generate_until(_instances([("the", {"max_gen_toks": CTX})], "generate_until"))
 
 
+def test_generate_until_takes_the_checkpoints_schedule_and_threshold(twins, offline, tmp_path):
+    """The MDM generated with the linear schedule whatever it was trained with (`smdm generate` takes the
+    checkpoint's), and sampler=threshold could not run (no threshold argument)."""
+    _lm_eval()
+    cls = harness.register()
+    model, tok = checkpoint.load(twins["mdm"], device="cpu")
+    ck = checkpoint.save(tmp_path / "cos", 1, model_state=model.state_dict(), train_state={},
+                         config={"model": model.config.to_dict(), "objective": "mdm", "train": {"schedule": "cosine"}},
+                         tokenizer_path=twins["root"] / "data" / "tokenizer.json")
+    req = _instances([("the dog", {"until": []})], "generate_until")
+    for kw, want in (({}, dict(schedule="cosine")), ({"schedule": "linear"}, dict(schedule="linear")),
+                     ({"sampler": "threshold", "threshold": "0.2"},
+                      dict(schedule="cosine", sampler="threshold", threshold=0.2))):
+        lm = cls(ckpt=str(ck), device="cpu", max_gen_toks=8, steps=4, **kw)
+        assert lm.schedule == want["schedule"]
+        (text,) = lm.generate_until(req)
+        assert text == tok.decode(sampling.generate(model, [tok.encode("the dog").ids], gen_length=8, steps=4,
+                                                    eos_id=0, **want).tokens[0])
+    for kw, msg in (({"sampler": "threshold"}, "sampler=threshold needs it"),
+                    ({"threshold": 0.5}, "the other samplers take none"),
+                    ({"schedule": "nope"}, "schedule='nope'")):
+        with pytest.raises(ValueError, match=msg):
+            cls(ckpt=str(ck), device="cpu", **kw)
+
+
 # ---- loglikelihood_rolling --------------------------------------------------------------------------------------
 
 def test_rolling_loglikelihood(twins, runs):

@@ -28,9 +28,10 @@ Model arguments (`model_args="k=v,..."`, or keyword arguments):
     seed            Monte Carlo and sampler seed (default 0)
     greedy          how is_greedy is decided: auto (default) | decode | off (below)
     rolling_context clean tokens before each window of loglikelihood_rolling after the first (default 1)
-    steps, block_length, sampler, temperature, max_gen_toks
+    steps, block_length, sampler, threshold, schedule, temperature, max_gen_toks
                     generation (smdm.generate; the MDM's sampler options; max_gen_toks is the length when a
-                    request gives none, default 256; steps default = the generation length)
+                    request gives none, default 256; steps default = the generation length; threshold is
+                    sampler=threshold's; schedule default = the checkpoint's training schedule, else linear)
 
 loglikelihood(requests) -> [(log p(continuation | context), is_greedy)]:
     The pair is tokenized by `smdm.evaluate.encode_pair` (lm-eval's split) with an empty context standing for
@@ -171,12 +172,13 @@ class _Adapter:
 
     def __init__(self, ckpt=None, device=None, batch_size=None, max_batch_size=None, method=None,
                  mc_samples=128, cfg=0.0, seed=0, greedy="auto", rolling_context=1, steps=None,
-                 block_length=None, sampler="low_confidence", temperature=0.0, max_gen_toks=256, **unknown):
+                 block_length=None, sampler="low_confidence", temperature=0.0, max_gen_toks=256, threshold=None,
+                 schedule=None, **unknown):
         super().__init__()  # lm_eval's LM: rank 0 of 1, no cache hook
         if unknown:
             raise TypeError(f"unknown smdm model argument(s): {', '.join(sorted(unknown))} (known: ckpt, device, "
                             "batch_size, method, mc_samples, cfg, seed, greedy, rolling_context, steps, "
-                            "block_length, sampler, temperature, max_gen_toks)")
+                            "block_length, sampler, threshold, schedule, temperature, max_gen_toks)")
         if ckpt is None:
             raise ValueError("smdm model argument ckpt is required (model_args='ckpt=DIR,...')")
         import smdm
@@ -220,6 +222,19 @@ class _Adapter:
         if sampler not in SAMPLERS:
             raise ValueError(f"smdm model argument sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
         self.sampler = sampler
+        self.threshold = None if threshold in (None, "", "none") else _float("threshold", threshold, -math.inf)
+        if (sampler == "threshold") != (self.threshold is not None):
+            raise ValueError(f"smdm model argument threshold={threshold!r}: sampler=threshold needs it, the "
+                             f"other samplers take none (sampler={sampler})")
+        from smdm import checkpoint
+        from smdm.diffusion import parse_schedule
+
+        if schedule in (None, "", "none"):  # as `smdm generate`: the schedule the model was trained with
+            schedule = checkpoint.trained_schedule(checkpoint.read_config(checkpoint.resolve(ckpt))) or "linear"
+        try:
+            self.schedule = parse_schedule(schedule).name
+        except ValueError as e:
+            raise ValueError(f"smdm model argument schedule={schedule!r}: {e}") from None
         self.temperature = _float("temperature", temperature)
         self.max_gen_toks = _int("max_gen_toks", max_gen_toks, 1)
         self._device = self.model.head.weight.device
@@ -360,7 +375,7 @@ class _Adapter:
                       seed=self.seed)
             if not self.causal:
                 kw.update(steps=self.steps or n, sampler=self.sampler, block_length=self.block_length,
-                          cfg_scale=self.cfg)
+                          cfg_scale=self.cfg, threshold=self.threshold, schedule=self.schedule)
             for a in range(0, len(idx), self.batch_size):
                 chunk = idx[a:a + self.batch_size]
                 out = generate(self.model, [prompts[i] for i in chunk], **kw)
@@ -404,7 +419,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation length when a task gives none")
     p.add_argument("--steps", type=int, default=None, help="MDM sampler steps (default: the generation length)")
     p.add_argument("--sampler", default="low_confidence", help="MDM sampler (smdm.sampling.SAMPLERS)")
+    p.add_argument("--threshold", type=float, default=None, help="confidence threshold of --sampler threshold")
     p.add_argument("--block-length", type=int, default=None, help="MDM semi-autoregressive block length")
+    p.add_argument("--schedule", default=None, help="MDM sampler schedule: linear | cosine | polynomial:P "
+                   "(default: the checkpoint's training schedule, else linear)")
     p.add_argument("--temperature", type=float, default=0.0, help="for requests that ask to sample (do_sample)")
     p.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's bootstrap for the standard "
                    "errors of non-mean metrics (0: skip them)")
@@ -414,7 +432,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # the `smdm eval harness` options an ARM checkpoint does not use, with their defaults
 MDM_ONLY = (("method", None), ("n_samples", 128), ("cfg", 0.0), ("greedy", "auto"), ("steps", None),
-            ("sampler", "low_confidence"), ("block_length", None))
+            ("sampler", "low_confidence"), ("block_length", None), ("threshold", None), ("schedule", None))
 
 
 def model_args(args, ckpt) -> dict:
@@ -423,7 +441,8 @@ def model_args(args, ckpt) -> dict:
     from smdm import checkpoint
 
     causal = bool(checkpoint.read_config(checkpoint.resolve(ckpt))["model"].get("causal"))
-    mdm_only = {} if causal else {"method": args.method, "cfg": args.cfg, "greedy": args.greedy}
+    mdm_only = {} if causal else {"method": args.method, "cfg": args.cfg, "greedy": args.greedy,
+                                  "threshold": args.threshold, "schedule": args.schedule}
     if causal:  # said, not dropped in silence (as `smdm generate` and `smdm eval mc` say it)
         from smdm.generate_cli import note_mdm_only
 
