@@ -144,6 +144,11 @@ def test_infill_hole_syntax(capsys, ckpts, tmp_path):
     assert filled[:2] == [1, 2] and filled[-1] == 5 and len(filled) == 6 and max(filled) < len(WORDS)
     rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["ar"]), "--ids", "1 _ 2")
     assert rc == 2 and "autoregressive" in err
+    big = str(2**80)  # said like generate --prompt-ids says it (it was "Overflow when unpacking long long")
+    rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--ids", f"1 2 _ _ {big}")
+    assert rc == 2 and f"holds token id {big} outside" in err
+    rc, out, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--ids", "1 2 _ _ 3", "--top-k", big, "--json")
+    assert rc == 0, err
 
 
 # ---- --schedule, and the checkpoint's training schedule as the default ----

@@ -624,6 +624,24 @@ def test_infill_keeps_given_tokens(mdm):
     # rows as numpy arrays (a list of them, or one 2-D array) are a batch, as lists are
     assert infill(mdm, [np.array(x) for x in ids]).tokens == out.tokens
     assert infill(mdm, np.array([ids[0], ids[0]])).tokens == [out.tokens[0]] * 2
+    # one sequence as a 1-D tensor or array, as one list is (a 1-D tensor raised TypeError: iteration over a
+    # 0-d tensor); any value stands at an explicit mask position, but one past int64 is named, not an overflow
+    assert infill(mdm, torch.tensor(ids[0])).tokens == infill(mdm, np.array(ids[0])).tokens == [out.tokens[0]]
+    assert infill(mdm, [1, 2, 3, -1, -1, -1, -1, 8, 9], mask_positions=[3, 4, 5, 6]).tokens == [out.tokens[0]]
+    with pytest.raises(ValueError, match=f"sequence 0 holds token id {2**70} outside"):
+        infill(mdm, [1, 2**70, V])
+
+
+def test_a_top_k_of_the_vocabulary_or_more_keeps_every_id(mdm, arm):
+    """top_k >= the logits' width filters nothing on every path; one past a C long reached the Rust sampler
+    as an OverflowError traceback (and SMDM_KERNELS=reference returned tokens)."""
+    kw = dict(gen_length=6, temperature=1.0, seed=3)
+    for model, extra in ((mdm, dict(steps=3)), (arm, {})):
+        want = generate(model, [[1, 2]], **kw, **extra).tokens
+        for k in (V, V + 1, 2**63, 2**80):
+            assert generate(model, [[1, 2]], top_k=k, **kw, **extra).tokens == want, k
+    assert infill(mdm, [1, V, V, 4], top_k=2**63, temperature=1.0).tokens == infill(mdm, [1, V, V, 4],
+                                                                                    temperature=1.0).tokens
 
 
 def test_prefix_cache_runs_the_block_not_the_prefix(mdm):

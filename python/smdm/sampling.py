@@ -242,7 +242,8 @@ def choose_tokens_cpu(logits: torch.Tensor, *, seeds, positions, step, temperatu
                               for x in (seeds, positions, step))
     lf = logits.detach().to(torch.float32).contiguous().numpy()
     tok, conf = _core.choose_tokens(lf, seeds, step, positions, float(temperature), confidence,
-                                    top_k=int(top_k or 0), top_p=1.0 if top_p is None else float(top_p))
+                                    top_k=min(int(top_k or 0), lf.shape[1]),  # k >= V keeps every id
+                                    top_p=1.0 if top_p is None else float(top_p))
     return torch.from_numpy(tok), torch.from_numpy(conf)
 
 
@@ -490,7 +491,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     if not prompts:
         raise ValueError("prompts is empty: pass a list of token-id lists")
     seeds = _seeds(seed, len(prompts))
-    _check_common(cfg, temperature, top_k, top_p, cache, eos_id)
+    top_k = _check_common(cfg, temperature, top_k, top_p, cache, eos_id)
     if not isinstance(gen_length, int) or gen_length < 1:
         raise ValueError(f"gen_length must be an int >= 1, got {gen_length!r}")
     for i, p in enumerate(prompts):
@@ -546,7 +547,9 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
     schedule = parse_schedule(schedule)
     if cfg.causal:
         raise ValueError("infill needs the MDM (model.config.causal is True: the ARM twin cannot infill)")
-    single = len(ids) > 0 and not isinstance(ids[0], (list, tuple, torch.Tensor, np.ndarray))
+    first = ids[0] if len(ids) > 0 else None  # a 1-D tensor's items are 0-d tensors: one sequence
+    single = first is not None and not (isinstance(first, (list, tuple))
+                                        or isinstance(first, (torch.Tensor, np.ndarray)) and first.ndim >= 1)
     ids = [list(map(int, ids))] if single else [list(map(int, x)) for x in ids]
     if mask_positions is not None and single:
         mask_positions = [mask_positions]
@@ -554,7 +557,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
         raise ValueError("ids is empty")
     seeds = _seeds(seed, len(ids))
     cache = "none" if cache is None else cache
-    _check_common(cfg, temperature, top_k, top_p, cache, eos_id)
+    top_k = _check_common(cfg, temperature, top_k, top_p, cache, eos_id)
     _check_mdm(sampler, 1 if steps is None else steps, block_length, threshold, cfg_scale, confidence)
     if mask_positions is not None and len(mask_positions) != len(ids):
         raise ValueError(f"mask_positions has {len(mask_positions)} entries for {len(ids)} sequences")
@@ -562,6 +565,10 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
     for i, x in enumerate(ids):
         if len(x) > cfg.max_seq_len:
             raise ValueError(f"sequence {i} has {len(x)} tokens > the model's context of {cfg.max_seq_len}")
+        big = [t for t in x if not -2**63 <= t < 2**63]  # any value may stand at a mask position, not these
+        if big:
+            raise ValueError(f"sequence {i} holds token id {big[0]} outside [0, {cfg.vocab_size}) (the mask id "
+                             f"{cfg.vocab_size} marks positions to generate)")
         seq = torch.tensor(x, dtype=torch.int64)
         if mask_positions is None:
             masked = torch.nonzero(seq == cfg.mask_id)[:, 0]
@@ -604,7 +611,9 @@ def _seeds(seed, n: int) -> list:
     return seeds
 
 
-def _check_common(cfg, temperature, top_k, top_p, cache, eos_id):
+def _check_common(cfg, temperature, top_k, top_p, cache, eos_id) -> Optional[int]:
+    """Checks the options `generate` and `infill` share; returns top_k as the samplers take it: at most
+    vocab_size + 1 (any k at least a logits row's width keeps every id, and a huge int fits no C long)."""
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -615,6 +624,7 @@ def _check_common(cfg, temperature, top_k, top_p, cache, eos_id):
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if eos_id is not None and not (0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id={eos_id} is not a token id of the model (vocab_size {cfg.vocab_size})")
+    return None if top_k is None else min(int(top_k), cfg.vocab_size + 1)
 
 
 def _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence):
