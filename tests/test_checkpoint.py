@@ -87,6 +87,17 @@ def test_a_step_without_manifest_does_not_count(tmp_path, model):
         smdm.load(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("manifest", [[], {"format": "smdm-checkpoint", "version": 1},
+                                      {"format": "smdm-checkpoint", "version": 1, "files": {"config.json": {}}},
+                                      {"format": "smdm-checkpoint", "version": 1, "files": ["config.json"]}])
+def test_a_manifest_of_the_wrong_shape_is_a_checkpoint_error(tmp_path, model, manifest):
+    """It escaped as KeyError 'files' / AttributeError / KeyError 'bytes'."""
+    d = save_step(tmp_path / "run", 1, model)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="manifest.json: "):
+        smdm.load(tmp_path / "run")
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_corruption_is_detected_and_named(tmp_path, model, damage):
     d = save_step(tmp_path / "run", 1, model)

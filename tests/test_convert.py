@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import smdm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from smdm import checkpoint as ckpt
 from smdm.cli import main as cli
@@ -483,9 +484,14 @@ def test_the_noise_schedule_survives_both_round_trips(tmp_path, capsys):
     assert "train" not in ckpt.read_config(ckpt.resolve(tmp_path / "bare"))
     assert resolve_schedule(args, ckpt.read_config(ckpt.resolve(tmp_path / "bare"))) == "linear"
     arm = config_by_name("tiny", vocab_size=23, causal=True)
-    ckpt.save(tmp_path / "arm", 1, model_state=build_model(arm).state_dict(),
-              config={"model": arm.to_dict(), "objective": "ar"}, train_state={"step": 1})
+    ckpt.save(tmp_path / "arm", 1, model_state=build_model(arm).state_dict(),  # as `smdm train` writes an ARM run
+              config={"model": arm.to_dict(), "objective": "ar", "train": {"schedule": "linear"}},
+              train_state={"step": 1})
     assert cli(["convert", "to-litgpt", str(tmp_path / "arm"), "--out", str(tmp_path / "arm.safetensors")]) == 0
+    # the ARM's recorded "linear" is no schedule: not exported, and the file comes back in (it was refused)
+    assert "smdm_schedule" not in safe_open(str(tmp_path / "arm.safetensors"), "pt").metadata()
+    assert cli(["convert", "from-litgpt", str(tmp_path / "arm.safetensors"), "--out", str(tmp_path / "arm1")]) == 0
+    capsys.readouterr()
     assert cli(["convert", "from-litgpt", str(tmp_path / "arm.safetensors"), "--out", str(tmp_path / "arm2"),
                 "--schedule", "cosine"]) == 2
     assert "autoregressive model (no noise schedule)" in capsys.readouterr().err
@@ -499,3 +505,46 @@ def test_an_unwritable_out_is_an_error_not_a_traceback(tmp_path, capsys):
     assert cli(["convert", "to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "sub")]) == 2
     err = capsys.readouterr().err
     assert "smdm convert: error: " in err and "Traceback" not in err, err
+
+
+def test_to_litgpt_never_replaces_a_file_unasked_nor_the_checkpoint(tmp_path, capsys):
+    """to-litgpt wrote over any --out, the checkpoint's own model.safetensors included (which destroyed it)."""
+    cfg = config_by_name("tiny", vocab_size=23)
+    step = ckpt.save(tmp_path / "run", 1, model_state=build_model(cfg).state_dict(),
+                     config={"model": cfg.to_dict(), "objective": "mdm"}, train_state={"step": 1})
+    out = tmp_path / "w.safetensors"
+    out.write_bytes(b"mine")
+    assert cli(["convert", "to-litgpt", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert "exists (pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    assert cli(["convert", "to-litgpt", str(tmp_path / "run"), "--out", str(out), "--overwrite"]) == 0
+    assert set(load_file(str(out))) >= {"transformer.wte.weight", "lm_head.weight"}
+    inside = step / "model.safetensors"
+    assert cli(["convert", "to-litgpt", str(tmp_path / "run"), "--out", str(inside), "--overwrite"]) == 2
+    assert "inside the checkpoint being converted" in capsys.readouterr().err
+    ckpt.verify(step)
+
+
+def test_a_failed_write_is_an_error_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not OSError: it escaped as a traceback, and
+    ckpt.save left its .tmp-step-* directory behind."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    cfg = config_by_name("tiny", vocab_size=23)
+    ckpt.save(tmp_path / "run", 1, model_state=build_model(cfg).state_dict(),
+              config={"model": cfg.to_dict(), "objective": "mdm"}, train_state={"step": 1})
+    lit = tmp_path / "lit.safetensors"
+    assert cli(["convert", "to-litgpt", str(tmp_path / "run"), "--out", str(lit)]) == 0
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    for args in (["from-litgpt", str(lit), "--out", str(tmp_path / "back")],
+                 ["to-litgpt", str(tmp_path / "run"), "--out", str(tmp_path / "w2.safetensors")],
+                 ["to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]):
+        assert cli(["convert", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and "Traceback" not in err, err
+    assert not list(tmp_path.rglob(".tmp*")) and not list(tmp_path.glob(".*tmp*"))
+    assert not (tmp_path / "back").exists() or not list((tmp_path / "back").iterdir())

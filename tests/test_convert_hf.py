@@ -225,6 +225,19 @@ def test_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer_path):
             conf = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
             assert conf.mask_token_id == V and conf.vocab_size == V + 1
             assert hf_tok("x =" + HF_MASK_TOKEN * 2)["input_ids"][-2:] == [V, V]
+            # saved back by transformers (save_pretrained, push_to_hub): the tokenizer now holds the mask token,
+            # V + 1 tokens; from-hf and to-hf again take it (from-hf said "V + 1 tokens, but ... V outputs")
+            model = transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True)
+            again = tmp_path / "again"
+            model.save_pretrained(again)
+            hf_tok.save_pretrained(again)
+            assert json.loads((again / "tokenizer.json").read_text())["added_tokens"][-1]["content"] == HF_MASK_TOKEN
+            back = import_hf(again, tmp_path / "back")
+            assert torch.equal(ckpt.load_weights(back)["head.weight"],
+                               ckpt.load_weights(ckpt.resolve(tmp_path / f"run{causal}"))["head.weight"])
+            export_hf(tmp_path / "back", tmp_path / "hf-again")
+            assert json.loads((tmp_path / "hf-again" / "tokenizer_config.json").read_text())["mask_token"] == \
+                HF_MASK_TOKEN
     # a tokenizer with fewer tokens than the model's vocabulary cannot hold the mask at id V: none is named
     notes = []
     save_run(tmp_path / "wide", config(V + 5, causal=False), tokenizer_path)

@@ -116,20 +116,24 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
-    (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=1, sort_keys=True))
-    torch.save(train_state, tmp / "state.pt")
-    if tokenizer is not None:
-        (tmp / "tokenizer.json").write_bytes(tokenizer)
-    files = {}
-    for p in sorted(tmp.iterdir()):
-        _fsync_file(p)
-        files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-    manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))  # last: marks it complete
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
+    try:
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
+        (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=1, sort_keys=True))
+        torch.save(train_state, tmp / "state.pt")
+        if tokenizer is not None:
+            (tmp / "tokenizer.json").write_bytes(tokenizer)
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            _fsync_file(p)
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))  # last: marks it complete
+        _fsync_file(tmp / MANIFEST)
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk, an interrupt: no half-written temporary left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step (e.g. after an interrupted deletion): replace it
         discard(final)
     os.replace(tmp, final)
@@ -207,9 +211,15 @@ def verify(step_dir) -> dict:
         raise CheckpointError(f"{step_dir}: no {MANIFEST} (incomplete checkpoint)") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{step_dir / MANIFEST}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{step_dir / MANIFEST}: not an {FORMAT} v{VERSION} manifest")
-    for name, info in manifest["files"].items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+            for i in files.values()):
+        raise CheckpointError(f"{step_dir / MANIFEST}: field 'files' must map each file name to its bytes and "
+                              f"sha256 (a damaged manifest)")
+    for name, info in files.items():
         p = step_dir / name
         if not p.is_file():
             raise CheckpointError(f"{p}: listed in the manifest but missing")

@@ -172,6 +172,10 @@ def _save_safetensors_atomic(state: dict, path: Path, metadata: dict) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 — a full disk is safetensors' own error type, not OSError
+        if isinstance(e, ConvertError):
+            raise
+        raise ConvertError(f"{path}: cannot write: {e}") from e
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -383,26 +387,34 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
     kind = "ar" if cfg.causal else "mdm"
     conf = {"model": cfg.to_dict(), "objective": kind, "config_name": config,
             "converted_from": {"path": str(path.resolve()), "format": "lit-gpt"}}
-    conf.update(_schedule_conf(schedule or _safetensors_metadata(path).get("smdm_schedule"), cfg, "--"))
-    return ckpt.save(out, 0, model_state=weights, config=conf,
-                     train_state={"step": 0, "converted_from": str(path.resolve())}, tokenizer_path=tokenizer)
+    recorded = None if cfg.causal else _safetensors_metadata(path).get("smdm_schedule")  # older exports of ARMs
+    conf.update(_schedule_conf(schedule or recorded, cfg, "--" if schedule else f"{path}: smdm_"))
+    return _save_checkpoint(ckpt, out, weights, conf, {"step": 0, "converted_from": str(path.resolve())}, tokenizer)
 
 
 def _check_tokenizer(tokenizer, cfg: ModelConfig, what: str = "--tokenizer ") -> None:
     from tokenizers import Tokenizer
 
     try:
-        n = Tokenizer.from_file(str(tokenizer)).get_vocab_size(with_added_tokens=True)
+        tok = Tokenizer.from_file(str(tokenizer))
     except Exception as e:  # tokenizers raises its own exception type for a bad file
         raise ConvertError(f"{what}{tokenizer}: not a tokenizer.json ({e})") from None
-    if n > cfg.vocab_size:
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > cfg.vocab_size and not _mask_token_appended(tok, n, cfg):
         raise ConvertError(f"{what}{tokenizer}: {n} tokens, but the model has only {cfg.vocab_size} "
                            f"outputs (a different tokenizer?)")
 
 
-def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") -> Path:
+def _mask_token_appended(tok, n: int, cfg: ModelConfig) -> bool:
+    """An MDM's tokenizer with one token more than the model's outputs, the mask token at the mask id: what
+    transformers saves back (`save_pretrained`) after `AutoTokenizer` of a `to-hf` directory added it."""
+    return not cfg.causal and n == cfg.vocab_size + 1 and tok.id_to_token(cfg.mask_id) == HF_MASK_TOKEN
+
+
+def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm", overwrite: bool = False) -> Path:
     """Write an smdm checkpoint's weights as one lit-gpt-layout .safetensors file: for SMDM's own code by default,
-    or for litgpt's GPT (`layout`, see `LAYOUTS`)."""
+    or for litgpt's GPT (`layout`, see `LAYOUTS`). An existing file is replaced only with `overwrite`, and never
+    one inside the checkpoint."""
     from smdm import checkpoint as ckpt
 
     if dtype not in DTYPES:
@@ -414,15 +426,19 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm") 
         raise ConvertError(f"--out {out}: the lit-gpt export is a .safetensors file")
     if out.is_dir():
         raise ConvertError(f"--out {out}: is a directory (the lit-gpt export is one .safetensors file)")
+    if out.exists() and not overwrite:
+        raise ConvertError(f"--out {out}: exists (pass --overwrite to replace it)")
     step_dir = ckpt.resolve(ckpt_path)
+    if step_dir.resolve() in out.resolve().parents:
+        raise ConvertError(f"--out {out}: inside the checkpoint being converted ({step_dir})")
     ckpt.verify(step_dir)
     conf = ckpt.read_config(step_dir)
     cfg = ModelConfig(**conf["model"])
     state = to_litgpt(ckpt.load_weights(step_dir), cfg, layout)
     meta = {"format": "lit-gpt", "layout": layout, "source": str(step_dir), "smdm_model": json.dumps(cfg.to_dict())}
     schedule = trained_schedule(conf)
-    if schedule is not None:  # restored by from-litgpt: generate's default schedule
-        meta["smdm_schedule"] = schedule
+    if schedule is not None and not cfg.causal:  # restored by from-litgpt: generate's default schedule (the
+        meta["smdm_schedule"] = schedule       # trainer records "linear" for ARM runs too: no meaning there)
     if DTYPES[dtype] is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     _save_safetensors_atomic(state, out, meta)
@@ -664,7 +680,7 @@ def _hf_tokenizer_config(path: Path, cfg: ModelConfig, log) -> tuple:
     except Exception as e:  # tokenizers raises its own exception type for a bad file
         raise ConvertError(f"{path}: not a tokenizer.json ({e})") from None
     n = tok.get_vocab_size(with_added_tokens=True)
-    if n > cfg.vocab_size:
+    if n > cfg.vocab_size and not _mask_token_appended(tok, n, cfg):
         raise ConvertError(f"{path}: {n} tokens, but the model has only {cfg.vocab_size} outputs")
     try:
         from smdm._core import Tokenizer as DataTokenizer
@@ -682,7 +698,7 @@ def _hf_tokenizer_config(path: Path, cfg: ModelConfig, log) -> tuple:
         log(f"note: {path} has no EOS token by the usual names: tokenizer_config.json names none")
     if not cfg.causal:
         taken = tok.token_to_id(HF_MASK_TOKEN)
-        if n == cfg.vocab_size and taken is None:
+        if n == cfg.vocab_size and taken is None or _mask_token_appended(tok, n, cfg):
             conf["mask_token"] = HF_MASK_TOKEN
         else:
             why = (f"{HF_MASK_TOKEN} is already token {taken}" if taken is not None else
@@ -749,9 +765,11 @@ def _write_dir_atomic(out: Path, fill) -> None:
             moved = True
         os.replace(tmp, out)
         moved = False  # the new dir is in place: the old one can go
-    except BaseException:
+    except BaseException as e:
         if moved:  # the new one did not take its place: put the old one back
             os.replace(old, out)
+        if isinstance(e, Exception) and not isinstance(e, (ConvertError, OSError)):  # SafetensorError (a full disk)
+            raise ConvertError(f"--out {out}: cannot write: {e}") from e
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -846,9 +864,19 @@ def import_hf(model_dir, out, *, mdm: bool = False, dtype: str = "keep", schedul
                 "converted_from": {"path": str(model_dir.resolve()), "format": "hugging-face"}}
     recorded = conf.get("smdm_schedule") if isinstance(conf.get("smdm_schedule"), str) else None
     conf_out.update(_schedule_conf(schedule or recorded, cfg, "--" if schedule else f"{path}: smdm_"))
-    return ckpt.save(out, 0, model_state=weights, config=conf_out,
-                     train_state={"step": 0, "converted_from": str(model_dir.resolve())},
-                     tokenizer_path=tokenizer if tokenizer.is_file() else None)
+    return _save_checkpoint(ckpt, out, weights, conf_out, {"step": 0, "converted_from": str(model_dir.resolve())},
+                            tokenizer if tokenizer.is_file() else None)
+
+
+def _save_checkpoint(ckpt, out, weights: dict, conf: dict, train_state: dict, tokenizer) -> Path:
+    """`ckpt.save` of an imported model at step 0; a write that fails (a full disk: safetensors raises its own
+    error type, not OSError) is a ConvertError naming --out."""
+    try:
+        return ckpt.save(out, 0, model_state=weights, config=conf, train_state=train_state, tokenizer_path=tokenizer)
+    except ckpt.CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 — SafetensorError, OSError, torch.save's RuntimeError
+        raise ConvertError(f"--out {out}: cannot write the checkpoint: {e}") from e
 
 
 SCHEDULE_HELP = ("the MDM's training noise schedule, linear | cosine | polynomial:P, saved as the default of `smdm "
@@ -869,7 +897,8 @@ def register(parser: argparse.ArgumentParser, name: str = "convert") -> None:
     p.add_argument("--schedule", default=None, help=SCHEDULE_HELP)
     p = sub.add_parser("to-litgpt", help="an smdm checkpoint -> one lit-gpt-layout .safetensors file")
     p.add_argument("ckpt", help="run dir or step dir")
-    p.add_argument("--out", required=True, help="FILE.safetensors")
+    p.add_argument("--out", required=True, help="FILE.safetensors (must not exist, or --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
     p.add_argument("--layout", choices=list(LAYOUTS), default="smdm",
                    help="smdm: SMDM's / TinyLlama's code (fused QKV grouped per key/value head, xformers SwiGLU "
@@ -920,7 +949,7 @@ def run(args) -> int:
                    "AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)")  # the tokenizer reads config.json
             print(f"{out}: {HF_ARM if arm else HF_MDM} (load with transformers' {how})")
         else:
-            print(export_litgpt(args.ckpt, args.out, dtype=args.dtype, layout=args.layout))
+            print(export_litgpt(args.ckpt, args.out, dtype=args.dtype, layout=args.layout, overwrite=args.overwrite))
     except (ConvertError, ckpt.CheckpointError) as e:
         print(f"smdm convert: error: {e}", file=sys.stderr)
         return 2
