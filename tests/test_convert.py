@@ -341,17 +341,20 @@ def litgpt(request):
             del sys.modules[name]
 
 
-def litgpt_model(lit, *, n_query_groups: int, mdm: bool, seed: int = 0):
+def litgpt_model(lit, *, n_query_groups: int, mdm: bool, seed: int = 0, **extra):
     """litgpt's own GPT in TinyLlama's own litgpt config ("tiny-llama-1.1b": RMSNorm eps 1e-5, LLaMAMLP, RoPE
     over the full head dim, no biases, sequential residual), shrunk to 3 layers of width 48, 4 query heads,
     ffn 80, vocab 37; random weights, the norm gains too (so that swapped norms show), float64.
     The MDM is SMDM's TransEncoder: this GPT with one more `transformer.wte` row, the mask token."""
     vocab, d = 37, 48
     config = lit.Config.from_name("tiny-llama-1.1b", n_layer=3, n_embd=d, n_head=4, n_query_groups=n_query_groups,
-                                  intermediate_size=80, vocab_size=vocab, padded_vocab_size=vocab, block_size=64)
-    assert (config.norm_class_name, config.norm_eps, config.mlp_class_name, config.rotary_percentage, config.bias,
-            config.parallel_residual, config.head_size) == ("RMSNorm", 1e-5, "LLaMAMLP", 1.0, False, False, 12)
+                                  intermediate_size=80, vocab_size=vocab, padded_vocab_size=vocab, block_size=64,
+                                  **extra)
+    assert extra or (config.norm_class_name, config.norm_eps, config.mlp_class_name, config.rotary_percentage,
+                     config.bias, config.parallel_residual, config.head_size) == \
+        ("RMSNorm", 1e-5, "LLaMAMLP", 1.0, False, False, 12)
     model = lit.GPT(config)
+    model.lit_config = config
     if mdm:
         model.transformer.wte = torch.nn.Embedding(vocab + 1, d)
     g = torch.Generator().manual_seed(seed)
@@ -423,6 +426,37 @@ def test_real_litgpt_gpt_and_smdm_compute_the_same_function(tmp_path, litgpt, md
         for k, v in back.state_dict().items():
             assert torch.equal(v, state[k]), (layout, k)
         assert torch.equal(litgpt_logits(back, idx, causal=not mdm), ref), layout
+
+
+def test_litgpt_model_config_next_to_the_weights_is_read(tmp_path, litgpt, capsys):
+    """A litgpt checkpoint dir (lit_model.pth + the model_config.yaml litgpt's save_config writes: its Config as
+    a dict) with a RoPE base and norm eps other than TinyLlama's (Llama 3's 500000, 1e-6): from-litgpt used
+    10000 and 1e-5 whatever the file said (logits off by 4% of their range, silently). Architectures smdm's
+    block cannot compute are refused by field."""
+    import dataclasses
+
+    import yaml
+
+    model = litgpt_model(litgpt, n_query_groups=2, mdm=False, rope_base=500000, norm_eps=1e-6)
+    src = tmp_path / "ckpt" / "lit_model.pth"
+    src.parent.mkdir()
+    torch.save(model.state_dict(), src)
+    (src.parent / "model_config.yaml").write_text(yaml.dump(dataclasses.asdict(model.lit_config)))
+    assert cli(["convert", "from-litgpt", str(src), "--out", str(tmp_path / "run")]) == 0  # heads from the file
+    ours, _ = smdm.load(tmp_path / "run", device="cpu")
+    c = ours.config
+    assert (c.rope_base, c.norm_eps, c.n_head, c.kv_heads, c.max_seq_len) == (500000.0, 1e-6, 4, 2, 64)
+    idx = torch.randint(0, 37, (2, 23), generator=torch.Generator().manual_seed(1))
+    ref = litgpt_logits(model, idx, causal=True)
+    with torch.no_grad():
+        err = (ours.double()(idx) - ref).abs().max().item()
+    assert err < 2e-6 * ref.abs().max().item(), err
+    for key, value in (("parallel_residual", True), ("rotary_percentage", 0.25), ("norm_class_name", "LayerNorm")):
+        conf = {**dataclasses.asdict(model.lit_config), key: value}
+        (src.parent / "model_config.yaml").write_text(yaml.dump(conf))
+        assert cli(["convert", "from-litgpt", str(src), "--out", str(tmp_path / f"bad-{key}")]) == 2
+        assert f"model_config.yaml: {key} is {value!r}" in capsys.readouterr().err
+        assert not (tmp_path / f"bad-{key}").exists()
 
 
 def test_litgpt_qkv_layout_is_read():

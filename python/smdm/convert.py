@@ -137,6 +137,52 @@ def read_exported_config(path) -> Optional[dict]:
     return conf if isinstance(conf, dict) else None
 
 
+# litgpt Config fields smdm's model cannot compute unless they hold these values (litgpt's defaults): refused
+_LITGPT_FIXED = {"norm_class_name": "RMSNorm", "mlp_class_name": "LLaMAMLP", "bias": False, "lm_head_bias": False,
+                 "parallel_residual": False, "shared_attention_norm": False, "rotary_percentage": 1.0,
+                 "rope_condense_ratio": 1, "rope_adjustments": None, "scale_embeddings": False,
+                 "post_attention_norm": False, "post_mlp_norm": False, "sliding_window_size": None,
+                 "n_expert": 0, "attention_logit_softcapping": None, "final_logit_softcapping": None,
+                 "attention_scores_scalar": None}
+
+
+def read_litgpt_config(path) -> Optional[tuple[Path, dict]]:
+    """(file, dict) of the litgpt config saved beside a weights file: `model_config.yaml` (litgpt's
+    `save_config`: its Config as a dict) or `lit_config.json` (lit-gpt before the rename); None without one.
+    Its architecture fields must be ones smdm computes (`_LITGPT_FIXED`, and head_size = n_embd / n_head)."""
+    path = Path(path)
+    for name in ("model_config.yaml", "lit_config.json"):
+        f = path.parent / name
+        if f.is_file():
+            break
+    else:
+        return None
+    try:
+        if f.suffix == ".json":
+            conf = json.loads(f.read_text())
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise ConvertError(f"{f}: reading litgpt's model config needs PyYAML (pip install pyyaml)") from None
+            conf = yaml.safe_load(f.read_text())
+    except ConvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a YAML or JSON syntax error, an unreadable file
+        raise ConvertError(f"{f}: not a readable litgpt config ({e})") from None
+    if not isinstance(conf, dict):
+        raise ConvertError(f"{f}: not a litgpt config (a mapping of Config fields)")
+    for key, want in _LITGPT_FIXED.items():
+        got = conf.get(key, want)
+        if got != want and not (isinstance(want, float) and isinstance(got, (int, float)) and float(got) == want):
+            raise ConvertError(f"{f}: {key} is {got!r}; smdm's Llama block computes only {key}={want!r}")
+    n_embd, n_head, head = conf.get("n_embd"), conf.get("n_head"), conf.get("head_size")
+    if head is not None and n_embd and n_head and head * n_head != n_embd:
+        raise ConvertError(f"{f}: head_size {head} x n_head {n_head} != n_embd {n_embd}; smdm's heads split the "
+                           f"width")
+    return f, conf
+
+
 def trained_schedule(conf: dict) -> Optional[str]:
     """`checkpoint.trained_schedule` when it is a name (what an export can record), else None."""
     from smdm.checkpoint import trained_schedule as recorded
@@ -354,9 +400,12 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
                   max_seq_len: Optional[int] = None, dtype: str = "keep", schedule: Optional[str] = None) -> Path:
     """Write an smdm checkpoint `OUT/step-0/` from a lit-gpt weights file; returns the step dir. A file written
     by `export_litgpt` carries its smdm config: unless `config` / `n_head` / `max_seq_len` say otherwise, the
-    heads, context, RoPE base and norm eps come from it (where its shapes agree), so a round trip is exact;
-    else max_seq_len defaults to 2048. `schedule`: the MDM's training noise schedule (default: the one the file
-    records; none for other files, which `smdm generate` reads as linear, SMDM's)."""
+    heads, context, RoPE base and norm eps come from it (where its shapes agree), so a round trip is exact.
+    Next to a litgpt checkpoint's weights, its `model_config.yaml` (or lit-gpt's `lit_config.json`) gives them
+    (n_head, n_query_groups, block_size, rope_base, norm_eps; an architecture smdm cannot compute is refused);
+    else RoPE base 10000, eps 1e-5 (SMDM's, TinyLlama's) and max_seq_len 2048. `schedule`: the MDM's training
+    noise schedule (default: the one the file records; none for other files, which `smdm generate` reads as
+    linear, SMDM's)."""
     from smdm import checkpoint as ckpt
 
     path = Path(path)
@@ -370,11 +419,21 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
         raise ConvertError(f"{out} already holds checkpoints; choose an empty --out")
     state = read_state_dict(path)
     saved = read_exported_config(path)
+    lit = read_litgpt_config(path) if saved is None else None  # litgpt's checkpoint dir: model_config.yaml
+    if lit is not None:  # in smdm's names, for the same rules as an export's record
+        f, c = lit
+        saved = {"n_head": c.get("n_head"), "max_seq_len": c.get("block_size"), "rope_base": c.get("rope_base", 10000),
+                 "norm_eps": c.get("norm_eps", 1e-5), "n_kv_head": c.get("n_query_groups"), "from": f}
     if saved is not None and config is None and n_head is None:
         n_head = saved.get("n_head")
     cfg = infer_config(state, source=str(path), config=config, n_head=n_head,
                        max_seq_len=max_seq_len or (saved or {}).get("max_seq_len") or 2048)
-    if saved is not None:
+    if lit is not None:
+        if saved["n_kv_head"] not in (None, cfg.kv_heads) or saved["n_head"] not in (None, cfg.n_head):
+            raise ConvertError(f"{lit[0]}: n_head {saved['n_head']}, n_query_groups {saved['n_kv_head']}, but the "
+                               f"weights read as {cfg.n_head} heads in {cfg.kv_heads} groups (--n-head / --config?)")
+        cfg = dataclasses.replace(cfg, rope_base=float(saved["rope_base"]), norm_eps=float(saved["norm_eps"]))
+    elif saved is not None:
         fields = ("n_layer", "n_head", "d_model", "d_ff", "vocab_size", "causal")
         if all(saved.get(f) == getattr(cfg, f) for f in fields) and saved.get("n_kv_head") in (None, cfg.kv_heads):
             cfg = dataclasses.replace(cfg, rope_base=float(saved.get("rope_base", cfg.rope_base)),
