@@ -25,6 +25,26 @@ BENCHMARKS = {
 }
 
 
+def set_threads(n) -> None:
+    """--threads N: torch's intra-op threads and the Rust core's (rayon reads RAYON_NUM_THREADS when its pool
+    starts, at the first parallel call: call this before any). Without it, a "1 thread" run still chose its
+    sampler's tokens on every core."""
+    if not n:
+        return
+    import torch
+
+    os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
+def thread_counts() -> dict:
+    """What a benchmark ran with: torch's threads and the Rust core's (rayon: RAYON_NUM_THREADS, else every CPU)."""
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(),
+            "rust_threads": int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count() or 1)}
+
+
 def _run(args: argparse.Namespace) -> int:
     """Import the chosen benchmark, parse its own options from the rest of the command line, run it."""
     module = importlib.import_module(f"smdm.benchmarks.{args.bench}")

@@ -285,8 +285,9 @@ def main(args: argparse.Namespace) -> int:
     from smdm.evaluate import eos_id_of, score
 
     prog = "smdm bench cfg"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from smdm.benchmarks import set_threads
+
+    set_threads(args.threads)  # torch's and the Rust sampler's
     if any(not math.isfinite(w) or w < 0 for w in args.cfg):
         raise SystemExit(f"{prog}: error: --cfg weights must be finite and >= 0, got {args.cfg}")
     weights = sorted({float(w) for w in args.cfg} | {0.0})
@@ -395,7 +396,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
                         "guided pair counts two)")
     parser.add_argument("--seed", type=int, default=0, help="items and the ELBO's noise")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads of torch and of the Rust core (default: all)")
     parser.add_argument("--json", metavar="FILE", type=json_out, help="write one JSON record per (model, w)")
     parser.set_defaults(func=main)
     return parser

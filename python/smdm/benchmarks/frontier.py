@@ -213,8 +213,9 @@ def _default_data(step_dir: Path) -> str:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from smdm.benchmarks import set_threads
+
+    set_threads(args.threads)  # torch's and the Rust sampler's
     if args.n < 1:
         raise SystemExit(f"smdm bench frontier: error: --n must be >= 1, got {args.n}")
     if args.arm is None and args.judge is None:
@@ -308,7 +309,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch and of the Rust core (default: all)")
     parser.add_argument("--show", type=int, default=2, help="decoded samples printed per variant")
     parser.add_argument("--json", metavar="FILE", type=json_out,
                         help="write one JSON record per variant (samples included)")

@@ -51,12 +51,13 @@ def _environment(device) -> dict:
     import torch
 
     from smdm import __version__
+    from smdm.benchmarks import thread_counts
 
     env = {
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        **thread_counts(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -232,10 +233,9 @@ def quality_main(args) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.threads:  # the quality mode's generations and ELBOs too
-        import torch
+    from smdm.benchmarks import set_threads
 
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # torch's and the Rust token choice's; the quality mode's generations and ELBOs too
     if args.quality_ckpt:
         return quality_main(args)
     import torch
@@ -260,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"sampler throughput, config {env['config']} ({env['dtype']}, vocab {env['vocab_size']}, random "
           f"weights), prompt {env['prompt_length']} tokens; device {env['device']}"
           f"{' ' + env['gpu'] if 'gpu' in env else ''}; {env['processor']}, {env['cpu_count']} CPUs, "
-          f"torch {env['torch']} ({env['torch_threads']} threads), smdm {env['smdm']}")
+          f"torch {env['torch']} ({env['torch_threads']} threads, Rust {env['rust_threads']}), smdm {env['smdm']}")
     print(_table(records))
     print("tok/s counts generated tokens only; fwd = model calls; x ARM = tokens/s over the ARM twin with KV "
           "cache in the same run")
@@ -283,7 +283,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--only", nargs="+", default=None, help="run only variants whose name contains one "
                         "of these (the ARM baseline is always run)")
     parser.add_argument("--repeats", type=positive_int, default=1, help="timed runs per variant (best is kept)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads of torch and of the Rust core (default: all)")
     parser.add_argument("--json", metavar="FILE", type=json_out, help="write one JSON record per (variant, gen, batch)")
     q = parser.add_argument_group("block-cache quality (instead of throughput)")
     q.add_argument("--quality-ckpt", metavar="DIR", help="trained MDM checkpoint: compare cache none/prefix/dual")
