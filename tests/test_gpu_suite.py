@@ -106,6 +106,29 @@ def test_gpu_suite_isolates_failures(tmp_path):
     assert out.rstrip().splitlines()[-2].startswith("(smoke run on CPU")
 
 
+def test_gpu_suite_after_a_failed_build_measures_what_it_labels(tmp_path):
+    """After a failed kernel build the later children run with SMDM_KERNELS=reference. generate used to set
+    "auto" again for five of its six runs (each fresh child retried the nvcc build), train compared the
+    chunked head + CE with itself while labelling it smdm.linear_ce, and without the ceilings section the
+    sampler divided by an assumed H100 copy rate."""
+    p, r = _run(tmp_path, "--only", "build,sampler,generate,train", "--fail", "build:raise")
+    assert "error" in r["build"] and r["kernels_unavailable"].startswith("later sections ran with")
+    assert r["sections"]["sampler"]["status"] == "skipped"  # it needs the kernels
+    gen = r["generate"]
+    assert gen["kernels_forced_reference"] is True
+    runs = [k for k, v in gen.items() if isinstance(v, dict) and "tokens_per_s" in v]
+    assert len(runs) == 5 and all(k.endswith("SMDM_KERNELS=reference") for k in runs), runs
+    assert all(gen[k]["over_arm"] > 0 for k in runs[1:])
+    train = r["train"]
+    assert train["steps"]["loss_head_ce"] == "plain" and "not compared" in train["chunked_ce"]
+    assert train["steps"]["forward_process"].startswith("numpy reference") and "steps, plain CE" not in train
+    # no measured copy rate in this run: no fraction of it
+    p, r = _run(tmp_path / "s", "--only", "sampler")
+    assert r["sampler"]["copy_GBps_denominator"] is None
+    assert all(v["fraction_of_copy_bw"] is None for v in r["sampler"].values() if isinstance(v, dict))
+    assert "no copy rate was measured in this run" in p.stdout
+
+
 def test_gpu_suite_hang_and_deadline(tmp_path):
     """A hung child is killed at its time limit (what it recorded before stays), sections that no longer fit
     before --deadline are skipped, and the table is still printed. The deadline counts from the suite's start
