@@ -48,6 +48,27 @@ def test_power_law_and_compute_gap_recover_known_laws():
     assert [g["ratio"] for g in fits["gap"]] == pytest.approx([16.0] * 3, rel=1e-5)
 
 
+def test_training_flops_count_the_head_at_its_rows_and_the_attention():
+    """--flops spends 6 N per token (N non-embedding, the paper's C = 6 N D); the real work adds the output head
+    at the rows it runs on (ARM: every row, MDM: the masked ones, half under the linear schedule) and the
+    attention over the window: 6 d V rows + 12 n_layer L d per token."""
+    cfg = config_by_name("L2-H2-D48-F192", vocab_size=8192)
+    run = {"size": "L2-H2-D48-F192", "objective": "ar", "seq_len": 128, "train_tokens": 1000}
+    f = scaling.training_flops(run, 8192)
+    assert f["nominal"] == 6 * cfg.non_embedding_params() * 1000
+    assert f["head"] == 6 * 48 * 8192 * 1000 and f["attention"] == 12 * 2 * 128 * 48 * 1000
+    assert f["total"] == f["nominal"] + f["head"] + f["attention"]
+    m = scaling.training_flops({**run, "objective": "mdm", "schedule": None}, 8192)
+    assert scaling.masked_fraction() == pytest.approx(0.5 * (1 - 1e-3) + 1e-3, abs=1e-9)
+    assert m["head"] == pytest.approx(f["head"] * scaling.masked_fraction())
+    assert scaling.masked_fraction("cosine") == pytest.approx(1 - 2 / np.pi, abs=1e-3)  # alpha = cos(pi t / 2)
+
+
+def test_pareto_front_keeps_each_cheapest_improvement():
+    pts = [(3.0, 5.0), (1.0, 7.0), (2.0, 7.5), (4.0, 5.0), (5.0, 4.0)]
+    assert scaling.pareto_front(pts) == [(1.0, 7.0), (3.0, 5.0), (5.0, 4.0)]
+
+
 def test_spelled_out_sizes():
     c = config_by_name("L3-H4-D96-F200", vocab_size=50)
     assert (c.n_layer, c.n_head, c.d_model, c.d_ff, c.max_seq_len) == (3, 4, 96, 200, 512)
@@ -78,6 +99,14 @@ def test_sweep_end_to_end_and_resumed_from_its_cache(prepared, tmp_path, capsys)
         assert (r["val_stderr"] > 0) == (r["objective"] == "mdm")  # the ARM's score is exact
     assert set(rec["fits"]["minima"]) == {"mdm", "ar"} and len(rec["fits"]["gap"]) == 2
     assert "IsoFLOP minima" in first and "compute gap" in first
+    # on total FLOPs too: the vocabulary is the data's, each objective has a front, the gap is per ARM front point
+    total = rec["fits"]["total"]
+    assert total["vocab_size"] == 300 and set(total["fronts"]) == {"mdm", "ar"}
+    assert len(total["gap"]) == len(total["fronts"]["ar"]) and "On total training FLOPs" in first
+    # --refit: the same fits from the JSON alone, no training
+    assert main(["bench", "scaling", "--refit", str(js), "--json", str(tmp_path / "re.json")]) == 0
+    assert "cached" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "re.json").read_text())[0]["fits"] == rec["fits"]
     # the same command again: every run comes from its result.json, the fits are the same
     assert main(argv) == 0
     again = capsys.readouterr().out

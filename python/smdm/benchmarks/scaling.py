@@ -14,6 +14,10 @@ The fits, per objective:
   power law         L*(C) = A C^(-alpha), least squares in log-log space over the budgets
   compute gap       the MDM's compute to reach the ARM's L*(C): (A_mdm / L*_arm(C))^(1 / alpha_mdm), divided
                     by C, at each budget (the paper's "MDMs need more compute for the same loss")
+  on total FLOPs    C counts 6 N (N non-embedding), the paper's convention; at small sizes the output head is
+                    most of the real work, more so for smaller models and for the ARM (every row) than the MDM
+                    (masked rows). `fits.total` therefore also compares the objectives on total training FLOPs
+                    (6N + head + attention, per run): Pareto fronts, power laws through them, the compute gap.
 Fewer than three sizes give no parabola (the best size is used); fewer than two budgets give no power law.
 
 Every finished run writes OUT/runs/<objective>-<size>-C<budget>/result.json (atomically; OUT defaults to
@@ -140,6 +144,66 @@ def compute_to_reach(law: dict, loss: float) -> float:
     return float((law["A"] / loss) ** (1.0 / law["alpha"]))
 
 
+def masked_fraction(schedule=None, eps: float = 1e-3) -> float:
+    """The expected fraction of positions an MDM training step masks: 1 - E_t[alpha(p(t))], p = (1 - eps) t + eps,
+    t uniform (the trainer's forward process), by the midpoint rule."""
+    from smdm import diffusion
+
+    t = (np.arange(4096) + 0.5) / 4096
+    return float(1.0 - np.mean(diffusion.alpha((1 - eps) * t + eps, schedule or "linear")))
+
+
+def training_flops(run: dict, vocab_size: int) -> dict:
+    """A finished run's training FLOPs, per token times its training tokens, forward + backward (3x forward):
+      nominal    6 N, N the non-embedding parameters: what `--flops` spends (the paper's C = 6 N D)
+      head       6 d V at the rows the output head runs on: every row (ARM); the masked rows (MDM: its
+                 schedule's expected masked fraction)
+      attention  12 n_layer L d: the scores and the weighted values over the L-token window (dense)
+    `total` is their sum. At the CPU default sizes the head alone is 2-16x the nominal count, so equal --flops
+    is not equal compute: `fit_total` compares the objectives on this total instead."""
+    from smdm.model import config_by_name
+
+    cfg = config_by_name(run["size"], vocab_size=vocab_size)
+    rows = 1.0 if run["objective"] == "ar" else masked_fraction(run.get("schedule"))
+    per_token = {"nominal": 6.0 * cfg.non_embedding_params(), "head": 6.0 * cfg.d_model * vocab_size * rows,
+                 "attention": 12.0 * cfg.n_layer * run["seq_len"] * cfg.d_model}
+    out = {k: v * run["train_tokens"] for k, v in per_token.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def pareto_front(points: list) -> list:
+    """The (compute, loss) points no cheaper point beats: sorted by compute, each with a loss below all before."""
+    front, best = [], float("inf")
+    for c, loss in sorted(points):
+        if loss < best:
+            front.append((c, loss))
+            best = loss
+    return front
+
+
+def fit_total(results: list, vocab_size: int) -> dict:
+    """The objectives compared on their total training FLOPs (`training_flops`): per objective, the Pareto
+    front of all runs (the lowest loss reached for at most that compute) and a power law through it; the
+    MDM's compute to reach each ARM front point's loss, over the ARM's compute there (extrapolated outside
+    the MDM's range)."""
+    out: dict = {"vocab_size": vocab_size, "fronts": {}, "laws": {}, "gap": []}
+    for obj in OBJECTIVES:
+        rows = [r for r in results if r["objective"] == obj and "val_nll" in r]
+        if not rows:
+            continue
+        front = pareto_front([(training_flops(r, vocab_size)["total"], r["val_nll"]) for r in rows])
+        out["fronts"][obj] = [{"flops_total": c, "loss": loss} for c, loss in front]
+        out["laws"][obj] = power_law([c for c, _ in front], [loss for _, loss in front])
+    law = out["laws"].get("mdm")
+    if law is not None and law["alpha"] > 0:
+        for p in out["fronts"].get("ar", []):
+            need = compute_to_reach(law, p["loss"])
+            out["gap"].append({"flops_total": p["flops_total"], "arm_loss": p["loss"], "mdm_flops_for_it": need,
+                               "ratio": need / p["flops_total"]})
+    return out
+
+
 def fit(results: list) -> dict:
     """IsoFLOP minima per (objective, budget), a power law per objective, the MDM's compute gap."""
     out: dict = {"minima": {}, "laws": {}, "gap": []}
@@ -189,11 +253,52 @@ def print_table(results: list, fits: dict) -> None:
     for g in fits["gap"]:
         print(f"  compute gap at C={g['flops']:.3g}: the MDM reaches the ARM's {g['arm_loss']:.4f} at "
               f"C={g['mdm_flops_for_it']:.3g} ({g['ratio']:.1f}x)")
+    total = fits.get("total")
+    if total:
+        print("\nOn total training FLOPs (6N + the output head at the rows it runs on + attention; --flops counts "
+              "6N only)")
+        for r in sorted(results, key=lambda r: (r["objective"], r["flops"], r.get("non_embedding_params", 0))):
+            if "val_nll" in r:
+                f = training_flops(r, total["vocab_size"])
+                print(f"  {r['objective']:3s} {r['size']:16s} C={r['flops']:.3g}: total {f['total']:.3g} "
+                      f"({f['total'] / f['nominal']:.1f}x nominal; head {f['head'] / f['total']:.0%})")
+        for obj, front in total["fronts"].items():
+            pts = ", ".join(f"{p['flops_total']:.3g}: {p['loss']:.3f}" for p in front)
+            law = total["laws"].get(obj)
+            fitted = f"; L = {law['A']:.4g} C^-{law['alpha']:.4f}" if law else ""
+            print(f"  {obj:3s} front (total FLOPs: loss) {pts}{fitted}")
+        for g in total["gap"]:
+            print(f"  compute gap at {g['flops_total']:.3g} total FLOPs: the MDM reaches the ARM's "
+                  f"{g['arm_loss']:.4f} at {g['mdm_flops_for_it']:.3g} ({g['ratio']:.1f}x)")
+
+
+def refit(args: argparse.Namespace) -> int:
+    """--refit FILE: the fits and the table again from a scaling JSON's runs (no training), e.g. one written
+    before `fits.total` existed; the vocabulary from --vocab-size, else the record's, else the data's."""
+    try:
+        (record,) = json.loads(Path(args.refit).read_text())
+        results = record["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"smdm bench scaling: error: --refit {args.refit}: not a scaling JSON ({e})") from None
+    vocab = args.vocab_size or record.get("fits", {}).get("total", {}).get("vocab_size")
+    if vocab is None:
+        from smdm import data as D
+
+        try:
+            vocab = D.load_manifest(D.resolve_dataset(record["settings"]["data"], "train")).vocab_size
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"smdm bench scaling: error: --refit: give --vocab-size (the runs' data: {e})") from None
+    fits = fit(results)
+    fits["total"] = fit_total(results, vocab)
+    print_table(results, fits)
+    if args.json:
+        write_records([{**record, "fits": fits, "refit_of": str(args.refit)}], args.json)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    if args.refit:
+        return refit(args)
     from smdm.model import config_by_name
 
     preset = QUICK if args.quick else DEFAULTS
@@ -213,8 +318,9 @@ def run(args: argparse.Namespace) -> int:
             config_by_name(size)
         except ValueError as e:
             raise SystemExit(f"smdm bench scaling: error: --sizes {size}: {e}") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from smdm.benchmarks import set_threads
+
+    set_threads(args.threads)
     root = Path(args.out)
     t0 = time.perf_counter()
     results = []
@@ -224,6 +330,9 @@ def run(args: argparse.Namespace) -> int:
                 results.append(run_one(args, obj, size, C, root))
     wall = time.perf_counter() - t0
     fits = fit(results)
+    from smdm import data as D
+
+    fits["total"] = fit_total(results, D.load_manifest(D.resolve_dataset(args.data, "train")).vocab_size)
     print_table(results, fits)
     print(f"\n{len(args.sizes)} sizes × {len(args.flops)} budgets × {len(args.objectives)} objectives, data "
           f"{args.data}, batch {args.batch_size} × {args.seq_len}, seed {args.seed}, wall {wall:.0f} s; runs in "
@@ -252,10 +361,12 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--val-windows", type=int, default=None, help="validation windows scored per run (default 64)")
     a("--val-samples", type=int, default=None, help="ELBO Monte Carlo samples per window (MDM; default 16)")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a("--threads", type=int, default=None, help="CPU threads of torch and of the Rust core (default: all)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out", default="runs/scaling", help="the runs (checkpoints, result.json each); the same command again "
                                             "reuses the finished ones (default runs/scaling)")
     a("--json", default=None, type=json_out, help="write the settings, every run and the fits here")
+    a("--refit", default=None, metavar="FILE", help="no training: the fits and table of a scaling JSON's runs again")
+    a("--vocab-size", type=int, default=None, help="--refit: the runs' vocabulary (default: the data's)")
     parser.set_defaults(func=run)
     return parser
