@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from smdm import checkpoint
@@ -42,6 +43,23 @@ def test_quality_is_the_judges_exact_nll_per_generated_token():
     se = torch.tensor(per_sample).std().item() / math.sqrt(3)
     assert q["judge_nats_se"] == pytest.approx(se, rel=1e-4)
     assert q["entropy"] == pytest.approx(sum(frontier.sample_entropy(c) for c in conts) / 3)
+    assert q["judge_nats_per_sample"] == pytest.approx(per_sample, rel=1e-5)
+
+
+def test_cached_variants_get_a_paired_difference_to_their_uncached_twin():
+    """Quality differences of the block caches are judged on the same prompts: the SE of the per-prompt
+    differences, not either side's own SE (the README called cache effects "within the standard error" on the
+    unpaired ones, which the prompts' spread dominates)."""
+    base = dict(sampler="low_confidence", steps=4, block_length=2, threshold=None, cfg_scale=0.0)
+    recs = [{"variant": "arm kv-cache", "cache": "prefix", "judge_nats_per_sample": [1.0, 2.0, 3.0]},
+            {"variant": "a", **base, "cache": "none", "judge_nats_per_sample": [5.0, 9.0, 1.0]},
+            {"variant": "b", **base, "cache": "dual", "judge_nats_per_sample": [5.5, 9.0, 1.25]},
+            {"variant": "c", **{**base, "steps": 8}, "cache": "prefix", "judge_nats_per_sample": [0.0, 0.0, 0.0]}]
+    frontier.add_cache_deltas(recs)
+    d = [0.5, 0.0, 0.25]
+    assert recs[2]["judge_nats_delta_vs_no_cache"] == pytest.approx(sum(d) / 3)
+    assert recs[2]["judge_nats_delta_se"] == pytest.approx(float(np.std(d, ddof=1)) / math.sqrt(3))
+    assert all("judge_nats_delta_vs_no_cache" not in r for r in (recs[0], recs[1], recs[3]))  # no twin: none
 
 
 def test_command_measures_every_variant_and_the_reference_text(tmp_path, ckpts, prepared):
@@ -157,3 +175,18 @@ def test_validation_prompts_read_litpkds_data(tmp_path, prepared, tiny_jsonl):
             shard_tokens=100_000, progress=False, log=lambda msg: None)
     prompts, refs = validation_prompts(str(lit), 3, 8, 8)
     assert (prompts, refs) == validation_prompts(str(prepared), 3, 8, 8) and len(prompts) == 3
+
+
+def test_cache_quality_reports_the_paired_elbo_difference():
+    from smdm.benchmarks.sampler import cache_quality
+
+    model = build_model(config_by_name("tiny", vocab_size=50, max_seq_len=64), seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50, (4,), generator=g).tolist() for _ in range(3)]
+    with torch.no_grad():
+        rows = cache_quality(model, prompts, None, 8, 4, 4, n_samples=4, seed=[0, 1, 2])
+    assert [r["cache"] for r in rows] == ["none", "prefix", "dual"]
+    assert rows[0]["elbo_delta_vs_no_cache"] == 0 and rows[0]["elbo_delta_se"] == 0
+    for r in rows[1:]:  # unweighted means over prompts on both sides: the mean difference is their difference
+        assert r["elbo_delta_vs_no_cache"] == pytest.approx(r["elbo_nats_per_token"] - rows[0]["elbo_nats_per_token"])
+        assert r["elbo_delta_se"] >= 0

@@ -56,7 +56,31 @@ def quality(judge, prompts, continuations, *, batch_size: int = 16) -> dict:
     se = float(per_token.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     nats = float(s.nll.sum() / max(1, s.n_tokens.sum()))  # token-weighted: all samples are gen_length long
     return {"judge_nats_per_token": nats, "judge_nats_se": se, "gen_ppl": math.exp(nats),
-            "entropy": float(ent.mean()), "entropy_min": float(ent.min())}
+            "entropy": float(ent.mean()), "entropy_min": float(ent.min()),
+            "judge_nats_per_sample": [float(x) for x in per_token]}
+
+
+def paired_delta(a, b) -> tuple:
+    """Mean and standard error of the per-sample differences a - b (the same prompts: a paired comparison,
+    whose SE is far below either side's own when the two mostly agree)."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se
+
+
+def add_cache_deltas(records: list) -> None:
+    """Each cached MDM variant's judge NLL minus that of the same variant without a cache, paired by prompt."""
+    def key(r):
+        return tuple((k, r.get(k)) for k in ("sampler", "steps", "block_length", "threshold", "cfg_scale"))
+
+    plain = {key(r): r for r in records if r.get("cache") == "none" and "sampler" in r}
+    for r in records:
+        base = plain.get(key(r)) if r.get("cache") not in (None, "none") and "sampler" in r else None
+        if base is not None:
+            d, se = paired_delta(r["judge_nats_per_sample"], base["judge_nats_per_sample"])
+            r["judge_nats_delta_vs_no_cache"], r["judge_nats_delta_se"] = d, se
 
 
 def timed_generate(model, prompts, *, seeds, batch_size: int, device, **kw) -> dict:
@@ -148,6 +172,7 @@ def run(mdm, arm, judge, prompts, references, *, gen_length: int, steps, sampler
     base = records[0]["tokens_per_s"] if arm is not None else None
     for r in records:
         r["ratio_vs_arm"] = r["tokens_per_s"] / base if base and "tokens_per_s" in r else None
+    add_cache_deltas(records)
     return records
 
 
@@ -162,6 +187,10 @@ def table(records) -> str:
         fwd = r.get("forward_passes", "-")
         lines.append(f"{r['variant']:<{w}} {tps:>8} {ratio:>6} {fwd:>6} {r['gen_ppl']:>8.2f} "
                      f"{r['judge_nats_per_token']:>8.3f} {r['judge_nats_se']:>5.3f} {r['entropy']:>7.2f}")
+    for r in records:
+        if "judge_nats_delta_vs_no_cache" in r:
+            lines.append(f"{r['variant']}: nats/tok minus the same variant without a cache, paired by prompt: "
+                         f"{r['judge_nats_delta_vs_no_cache']:+.4f} ± {r['judge_nats_delta_se']:.4f}")
     return "\n".join(lines)
 
 

@@ -136,6 +136,7 @@ def cache_quality(model, prompts, references, gen_length: int, steps: int, block
     continuations, or None) get the same ELBO as a yardstick."""
     import torch
 
+    from smdm.benchmarks.frontier import paired_delta
     from smdm.diffusion import elbo_nll
     from smdm.sampling import generate
 
@@ -143,9 +144,9 @@ def cache_quality(model, prompts, references, gen_length: int, steps: int, block
         toks = torch.tensor([p + c for p, c in zip(prompts, conts)])
         e = elbo_nll(model, toks, prompt_lens=[len(p) for p in prompts], n_samples=n_samples)
         per_tok = e.nll / e.n_tokens
-        return float(per_tok.mean()), float(per_tok.std() / max(1, len(prompts)) ** 0.5)
+        return float(per_tok.mean()), float(per_tok.std() / max(1, len(prompts)) ** 0.5), per_tok.tolist()
 
-    rows, base = [], None
+    rows, base, base_nll = [], None, None
     for cache in ("none", "prefix", "dual"):
         t0 = time.perf_counter()
         out = generate(model, prompts, gen_length=gen_length, steps=steps, block_length=block_length,
@@ -154,14 +155,19 @@ def cache_quality(model, prompts, references, gen_length: int, steps: int, block
         gen = [s[len(p):] for s, p in zip(out.sequences, prompts)]
         base = gen if base is None else base
         same = sum(a == b for x, y in zip(gen, base) for a, b in zip(x, y)) / sum(len(x) for x in gen)
-        mean, se = nll(gen)
+        mean, se, per = nll(gen)
+        base_nll = per if base_nll is None else base_nll
         ref = None if references is None else sum(
             a == b for x, y in zip(gen, references) for a, b in zip(x, y)) / sum(len(x) for x in gen)
+        # the same prompts, the same ELBO draws (seeded by row): paired, so the SE of the difference is not
+        # the two sides' own SEs, which the prompts' spread dominates
+        delta, delta_se = paired_delta(per, base_nll)
         rows.append({"cache": cache, "agreement_with_no_cache": same, "agreement_with_reference": ref,
-                     "elbo_nats_per_token": mean,
-                     "elbo_se": se, "forward_passes": out.forward_passes, "seconds": sec, "outputs": gen})
+                     "elbo_nats_per_token": mean, "elbo_se": se, "elbo_delta_vs_no_cache": delta,
+                     "elbo_delta_se": delta_se, "forward_passes": out.forward_passes, "seconds": sec,
+                     "outputs": gen})
     if references is not None:
-        mean, se = nll(references)
+        mean, se, _ = nll(references)
         rows.append({"cache": "reference text", "agreement_with_no_cache": sum(
             a == b for x, y in zip(references, base) for a, b in zip(x, y)) / sum(len(x) for x in references),
             "agreement_with_reference": 1.0, "elbo_nats_per_token": mean, "elbo_se": se,
@@ -220,13 +226,16 @@ def quality_main(args) -> int:
     print(f"block-cache quality: {args.quality_ckpt}, {len(prompts)} validation prompts of "
           f"{args.prompt_length} tokens, gen {G}, blocks of {block}, {max(S, G // block)} steps, "
           f"T={args.quality_temperature}; ELBO = the model's Monte Carlo -log p(text | prompt), 64 samples")
-    print(f"{'output':<16} {'=nocache':>8} {'=ref':>6} {'ELBO nats/tok':>14} {'+-':>6} {'fwd':>6} {'s':>7}")
+    print(f"{'output':<16} {'=nocache':>8} {'=ref':>6} {'ELBO nats/tok':>14} {'+-':>6} {'- nocache':>10} "
+          f"{'+-':>7} {'fwd':>6} {'s':>7}")
     for r in rows:
         fwd = "-" if r["forward_passes"] is None else r["forward_passes"]
         sec = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
+        delta = (f"{r['elbo_delta_vs_no_cache']:>+10.4f} {r['elbo_delta_se']:>7.4f}"
+                 if "elbo_delta_vs_no_cache" in r else f"{'-':>10} {'-':>7}")
         print(f"{r['cache']:<16} {r['agreement_with_no_cache']:>8.3f} {r['agreement_with_reference']:>6.3f} "
-              f"{r['elbo_nats_per_token']:>14.3f} "
-              f"{r['elbo_se']:>6.3f} {fwd:>6} {sec:>7}")
+              f"{r['elbo_nats_per_token']:>14.3f} {r['elbo_se']:>6.3f} {delta} {fwd:>6} {sec:>7}")
+    print("- nocache: the difference to the uncached output's ELBO, paired by prompt (+- its standard error)")
     if args.json:
         write_records(rows, args.json)
     return 0
