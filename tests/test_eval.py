@@ -620,9 +620,30 @@ def test_mc_context_longer_than_the_model_names_the_line(mc_setup, tmp_path, cap
     ("The numbers 3, 4 and 5", "5"),
     ("no number here", None),
     ("####", None),
+    ("#### -0", "0"),
+    ("1e3 is not how GSM8K writes 1000", "1000"),
+    # a weak model repeating a digit token: past Python's 4300-digit int limit (it aborted the whole eval)
+    ("The answer is " + "12" * 2600, "12" * 2600),
+    ("#### " + "7" * 5000, "7" * 5000),
 ])
 def test_extract_answer(text, want):
     assert evaluate.extract_answer(text) == want
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are legal unescaped inside JSON strings; `str.splitlines` cut a line there, so
+    `smdm eval` refused files the SFT reader took (GSM8K written with ensure_ascii=False has a U+2028)."""
+    rows = [{"question": "a\u2028b\u2029c\x85d\x0ce?", "answer": "x\n#### 3"}, {"question": "q", "answer": "#### 4"}]
+    p = tmp_path / "g.jsonl"
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    items = evaluate.read_gsm8k(p)
+    assert [(it.line, it.question, it.gold) for it in items] == [(1, rows[0]["question"], "3"), (2, "q", "4")]
+    from smdm import sft
+
+    assert [no for no, _, _ in sft.read_pairs(p, "gsm8k")] == [1, 2]  # both readers: one definition
+    p.write_bytes(p.read_bytes() + b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(evaluate.EvalDataError, match=r"g\.jsonl:3: not UTF-8 text"):
+        evaluate.read_gsm8k(p)
 
 
 @pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason="GSM8K data not present")

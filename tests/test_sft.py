@@ -113,6 +113,18 @@ def test_bad_jsonl_names_file_line_and_field(tmp_path, lines, match):
         list(sft.read_pairs(path))
 
 
+@pytest.mark.parametrize("bad_line", [2, 14, 45])
+def test_a_bad_utf8_byte_is_named_at_its_line(tmp_path, bad_line):
+    """Text-mode readline decodes 8 KB at a time: a bad byte on line 45 was reported at line 42, on line 2 at 1."""
+    good = json.dumps({"prompt": "What is two plus two? " * 8, "response": "four " * 40}).encode()
+    lines = [good] * 60
+    lines[bad_line - 1] = good.replace(b"two plus", b"two\xe9plus", 1)
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(sft.SftDataError, match=re.escape(f"{path}:{bad_line}: not UTF-8 text")):
+        list(sft.read_pairs(path))
+
+
 def test_bad_files_through_the_trainer(files, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"q": "a", "response": "b"}'])
     with pytest.raises(TrainError, match=r"bad\.jsonl:1: missing field 'prompt'"):
@@ -486,3 +498,19 @@ def test_torchrun_two_ranks_train_the_global_batch(files, tmp_path):
 
     model, tok = smdm.load(out)
     assert tok is not None and model.config.vocab_size == t.model_config.vocab_size
+
+
+def test_arm_validation_divides_by_the_tokens_it_scores(files, tmp_path):
+    """With an empty prompt the ARM has no prediction for the first response token (no BOS): validation
+    divided its NLL by a count that included that token, so the ARM's per-token figure came out low."""
+    rows = [{"prompt": "", "response": r["response"]} for r in reverse_pairs(6, 2)]
+    val = write_jsonl(tmp_path / "v.jsonl", rows)
+    t = train(sft_cfg(files, tmp_path / "r", objective="ar", sft_val=str(val), max_steps=1, val_every=1,
+                      val_batches=1, batch_size=8))
+    v = [r for r in metrics(t.out) if r.get("event") == "val"][-1]
+    ex = t.val_examples
+    batch = ex.rows(np.arange(len(ex)))
+    with torch.no_grad():
+        nll, scored = sft.ar_sft_nll(t.model.eval(), batch["input_ids"], batch["prompt_lens"], batch["lengths"])
+    assert v["val_tokens"] == int(scored.sum()) == int((batch["lengths"] - 1).sum())
+    assert v["val_loss"] == pytest.approx(float(nll.sum()) / int(scored.sum()), rel=1e-5)

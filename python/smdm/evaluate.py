@@ -458,25 +458,41 @@ def _log_probs(model, batch: list, cfg: float, batch_invariant: bool) -> tuple:
 # Reading evaluation files
 
 
-def _read_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; errors name the file and the line."""
+def jsonl_objects(path, error=None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file, read as bytes and cut at "\n" only:
+    U+2028, U+2029 and U+0085 are legal inside JSON strings, and `str.splitlines` cut lines there. Each line
+    is decoded on its own, so an error names its very line (and byte offset); `error` is the exception class
+    (default EvalDataError; `smdm.sft` passes its SftDataError)."""
+    error = error or EvalDataError
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        f = open(path, "rb")
     except FileNotFoundError:
-        raise EvalDataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise EvalDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise EvalDataError(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
-        yield no, obj
+        raise error(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a JSONL file") from None
+    offset = 0
+    with f:
+        for no, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{no}: not UTF-8 text ({e.reason} at byte {start + e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, arrays nested too deep
+                raise error(f"{path}:{no}: JSON that Python cannot read ({e})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
+            yield no, obj
+
+
+_read_jsonl = jsonl_objects
 
 
 def _field(path, no, obj, name, kind, what):
@@ -640,9 +656,12 @@ def normalize_number(s: str) -> Optional[str]:
         return None
     if not d.is_finite():
         return None
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
+    if d == 0:
+        return "0"  # also -0
+    # exact digits: no int() (a generation that repeats a digit token can hold a number past Python's 4300-digit
+    # limit) and no normalize() (it rounds to the context's 28 digits)
+    t = format(d, "f")
+    return t.rstrip("0").rstrip(".") if "." in t else t
 
 
 def reference_answer(answer: str) -> Optional[str]:

@@ -63,44 +63,23 @@ def gsm8k_pair(question: str, answer: str) -> tuple[str, str]:
 def read_pairs(path, fmt: str = "plain", prompt_field: Optional[str] = None,
                response_field: Optional[str] = None) -> Iterator[tuple[int, str, str]]:
     """(line number, prompt, response) for every non-blank line of a JSONL file (the module docstring)."""
+    from smdm.evaluate import jsonl_objects
+
     path = Path(path)
     pf, rf = fields_for(fmt, prompt_field, response_field)
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise SftDataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SftDataError(f"{path}: is a directory, not a JSONL file") from None
     n = 0
-    with f:
-        no = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                raise SftDataError(f"{path}:{no + 1}: not UTF-8 text ({e.reason})") from None
-            if not line:
-                break
-            no += 1
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SftDataError(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise SftDataError(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
-            text = []
-            for name, role in ((pf, "prompt"), (rf, "response")):
-                if name not in obj:
-                    raise SftDataError(f"{path}:{no}: missing field {name!r} (the {role}; fields here: "
-                                       f"{', '.join(map(repr, list(obj)[:8])) or 'none'})")
-                if not isinstance(obj[name], str):
-                    raise SftDataError(f"{path}:{no}: field {name!r} must be a string, got "
-                                       f"{json.dumps(obj[name])[:60]}")
-                text.append(obj[name])
-            n += 1
-            yield (no, *gsm8k_pair(*text)) if fmt == "gsm8k" else (no, text[0], text[1])
+    for no, obj in jsonl_objects(path, SftDataError):  # each line decoded alone: errors name their very line
+        text = []
+        for name, role in ((pf, "prompt"), (rf, "response")):
+            if name not in obj:
+                raise SftDataError(f"{path}:{no}: missing field {name!r} (the {role}; fields here: "
+                                   f"{', '.join(map(repr, list(obj)[:8])) or 'none'})")
+            if not isinstance(obj[name], str):
+                raise SftDataError(f"{path}:{no}: field {name!r} must be a string, got "
+                                   f"{json.dumps(obj[name])[:60]}")
+            text.append(obj[name])
+        n += 1
+        yield (no, *gsm8k_pair(*text)) if fmt == "gsm8k" else (no, text[0], text[1])
     if n == 0:
         raise SftDataError(f"{path}: no examples (empty file)")
 

@@ -1154,8 +1154,10 @@ class Trainer:
         """NLL per response token (response + first EOS) on the first val_batches global batches of --sft-val,
         in file order: the ARM's exact -log p, the MDM's Monte Carlo ELBO (prompt clean, every position after it
         masked, EOS padding included, as trained; draws keyed by example id, so the same for any world size)
-        with its standard error. Both are divided by the same token count, so they compare directly (the MDM's
-        is an upper bound that also pays for the padding)."""
+        with its standard error. Both are divided by the response tokens (+ first EOS) they score, the same count
+        and so directly comparable, except that with an empty prompt the ARM cannot score the first token (no
+        BOS): its count is then one less per example (the MDM's is an upper bound that also pays for the
+        padding)."""
         ex = self.val_examples
         if ex is None:
             return None
@@ -1178,10 +1180,12 @@ class Trainer:
                                      seed=cfg.seed + 1, row_ids=batch["index"].numpy(),
                                      max_rows=max(64, ids.shape[0]), schedule=cfg.schedule)
                     nll, var = nll.double().cpu() * valid, (se.double().cpu() ** 2) * valid
-                else:
-                    nll, _ = net("ar_sft_nll", tokens=ids, prompt_lens=pl.to(d.device),
-                                 lengths=batch["lengths"].to(d.device))
+                else:  # divided by the targets it scores: with an empty prompt the first token has no
+                    # prediction (no BOS), and counting it anyway biased the per-token NLL low
+                    nll, scored = net("ar_sft_nll", tokens=ids, prompt_lens=pl.to(d.device),
+                                      lengths=batch["lengths"].to(d.device))
                     nll, var = nll.double().cpu() * valid, torch.zeros(len(idx), dtype=torch.float64)
+                    n = scored.double().cpu() * valid
             sums += torch.stack([nll.sum(), n.sum(), var.sum()])
         return self._val_event(sums)
 
