@@ -1596,6 +1596,23 @@ def test_gpu_attention_rows_without_keys_are_zero():
 
 
 @gpu
+def test_gpu_attention_with_grad_takes_the_reference_or_refuses():
+    """The kernel has no backward: with q/k/v requiring grad, "auto" takes the differentiable reference (it
+    used to run the kernel, and backward() failed with "no autograd formula"), backend="cuda" refuses."""
+    _cuda()
+    q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = K.attention(q, q, q, backend="auto")
+    out.float().sum().backward()
+    ref = q.detach().clone().requires_grad_()
+    K.attention_reference(ref, ref, ref, scale=1 / 8).float().sum().backward()
+    assert torch.equal(q.grad, ref.grad)
+    with pytest.raises(ValueError, match="forward only"):
+        K.attention(q, q, q, backend="cuda")
+    with torch.no_grad():
+        K.attention(q, q, q, backend="cuda")  # no grad wanted: the kernel
+
+
+@gpu
 def test_gpu_auto_backend_and_compile():
     _cuda()
     q = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)

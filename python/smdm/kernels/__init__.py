@@ -508,7 +508,12 @@ def attention(
             if t.device != q.device:
                 raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    which = _resolve_backend(backend, q.is_cuda, _attention_unsupported(q, k, v))
+    why = _attention_unsupported(q, k, v)
+    if why is None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # the kernel is forward only (no autograd formula): "auto" takes the differentiable reference, and an
+        # explicit backend="cuda" is refused by _resolve_backend with this reason, not at backward()
+        why = "the kernel is forward only and q/k/v require grad (run it under torch.no_grad(), or train with sdpa)"
+    which = _resolve_backend(backend, q.is_cuda, why)
     if which == "reference":
         return attention_reference(
             q, k, v, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, scale=scale
