@@ -60,6 +60,34 @@ fn copy_max<I: Id, T: Item>(src: &[I], dst: &mut [MaybeUninit<T>]) -> u32 {
     max
 }
 
+/// One run of whole documents: each copied (converted) and followed by EOS; returns the largest id.
+#[inline(always)]
+fn pack_run<I: Id, T: Item>(src: &[I], lens: &[u64], dst: &mut [MaybeUninit<T>], eos: u32) -> u32 {
+    let (mut i, mut o) = (0usize, 0usize);
+    let mut max = 0u32;
+    for &l in lens {
+        let l = l as usize;
+        max = max.max(copy_max(&src[i..i + l], &mut dst[o..o + l]));
+        dst[o + l].write(T::from_id(eos));
+        i += l;
+        o += l + 1;
+    }
+    max
+}
+
+/// `pack_run` compiled for AVX2, chosen at run time: the baseline x86-64 target (SSE2) has no unsigned
+/// 32-bit max or narrowing pack, so its loop runs at about a third of the memory's speed.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_run_avx2<I: Id, T: Item>(
+    src: &[I],
+    lens: &[u64],
+    dst: &mut [MaybeUninit<T>],
+    eos: u32,
+) -> u32 {
+    pack_run(src, lens, dst, eos)
+}
+
 /// Document starts in the packed stream (each document + 1 EOS), and the stream length.
 /// Errors if the lengths do not add up to `n_tokens`.
 pub fn doc_starts(lengths: &[u64], n_tokens: usize) -> Result<(Vec<u64>, usize)> {
@@ -127,19 +155,20 @@ pub fn pack_into<I: Id, T: Item>(
         dst = orest;
         d0 = d1;
     }
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
     let bad = jobs
         .into_par_iter()
         .map(|(src, lens, dst)| {
-            let (mut i, mut o) = (0usize, 0usize);
-            let mut max = 0u32;
-            for &l in lens {
-                let l = l as usize;
-                max = max.max(copy_max(&src[i..i + l], &mut dst[o..o + l]));
-                dst[o + l].write(T::from_id(eos));
-                i += l;
-                o += l + 1;
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 (detected above).
+                return unsafe { pack_run_avx2(src, lens, dst, eos) } >= vocab_size;
             }
-            max >= vocab_size
+            let _ = avx2;
+            pack_run(src, lens, dst, eos) >= vocab_size
         })
         .reduce(|| false, |a, b| a || b);
     if bad {
@@ -215,6 +244,55 @@ mod tests {
         }
         assert_eq!(s, want);
         assert_eq!(st.len(), lengths.len());
+    }
+
+    /// The portable loop and its AVX2 build write the same elements and find the same maximum, for every
+    /// input/output type pair and lengths around the 16-lane blocks (each tested path, whatever the CPU).
+    #[test]
+    fn portable_and_avx2_runs_agree() {
+        fn check<I: Id + Copy, T: Item + Copy + PartialEq + std::fmt::Debug>(conv: fn(u32) -> I) {
+            let lens: Vec<u64> = vec![0, 1, 15, 16, 17, 31, 33, 100, 3];
+            let total: u64 = lens.iter().sum();
+            let src: Vec<I> = (0..total as u32)
+                .map(|i| conv((i * 7919) % 60000))
+                .collect();
+            let n = total as usize + lens.len();
+            let run = |avx2: bool| {
+                let mut out: Vec<MaybeUninit<T>> = (0..n).map(|_| MaybeUninit::uninit()).collect();
+                let max = if avx2 {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        if !std::arch::is_x86_feature_detected!("avx2") {
+                            return None;
+                        }
+                        // SAFETY: the CPU supports AVX2 (checked just above).
+                        unsafe { pack_run_avx2(&src, &lens, &mut out, 5) }
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    return None;
+                } else {
+                    pack_run(&src, &lens, &mut out, 5)
+                };
+                // SAFETY: pack_run writes every element of `out`.
+                let v: Vec<T> = out
+                    .into_iter()
+                    .map(|x| unsafe { x.assume_init() })
+                    .collect();
+                Some((v, max))
+            };
+            let plain = run(false).unwrap();
+            assert_eq!(
+                plain.1,
+                (0..total as u32).map(|i| (i * 7919) % 60000).max().unwrap()
+            );
+            if let Some(fast) = run(true) {
+                assert_eq!(fast, plain);
+            }
+        }
+        check::<u32, u16>(|x| x);
+        check::<u32, u32>(|x| x);
+        check::<u16, u16>(|x| x as u16);
+        check::<u16, u32>(|x| x as u16);
     }
 
     #[test]
