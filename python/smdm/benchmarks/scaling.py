@@ -195,13 +195,20 @@ def fit_total(results: list, vocab_size: int) -> dict:
         front = pareto_front([(training_flops(r, vocab_size)["total"], r["val_nll"]) for r in rows])
         out["fronts"][obj] = [{"flops_total": c, "loss": loss} for c, loss in front]
         out["laws"][obj] = power_law([c for c, _ in front], [loss for _, loss in front])
-    law = out["laws"].get("mdm")
-    if law is not None and law["alpha"] > 0:
-        for p in out["fronts"].get("ar", []):
-            need = compute_to_reach(law, p["loss"])
-            out["gap"].append({"flops_total": p["flops_total"], "arm_loss": p["loss"], "mdm_flops_for_it": need,
-                               "ratio": need / p["flops_total"]})
+    out["gap"] = compute_gaps(out["laws"].get("mdm"), out["fronts"].get("ar", []), "flops_total")
     return out
+
+
+def compute_gaps(mdm_law, arm_points: list, key: str) -> list:
+    """At each ARM point (its compute under `key`, its loss): the compute at which the MDM's power law reaches
+    that loss, and its ratio to the ARM's compute; none without an MDM law that decreases."""
+    if mdm_law is None or mdm_law["alpha"] <= 0:
+        return []
+    gaps = []
+    for p in arm_points:
+        need = compute_to_reach(mdm_law, p["loss"])
+        gaps.append({key: p[key], "arm_loss": p["loss"], "mdm_flops_for_it": need, "ratio": need / p[key]})
+    return gaps
 
 
 def fit(results: list) -> dict:
@@ -218,12 +225,7 @@ def fit(results: list) -> dict:
             minima.append({"flops": C, "sizes": len(at), **m})
         out["minima"][obj] = minima
         out["laws"][obj] = power_law([m["flops"] for m in minima], [m["loss"] for m in minima])
-    mdm_law = out["laws"].get("mdm")
-    if mdm_law is not None and mdm_law["alpha"] > 0:
-        for m in out["minima"].get("ar", []):
-            need = compute_to_reach(mdm_law, m["loss"])
-            out["gap"].append({"flops": m["flops"], "arm_loss": m["loss"], "mdm_flops_for_it": need,
-                               "ratio": need / m["flops"]})
+    out["gap"] = compute_gaps(out["laws"].get("mdm"), out["minima"].get("ar", []), "flops")
     return out
 
 
