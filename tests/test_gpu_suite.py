@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -228,8 +229,11 @@ def test_gpu_suite_nvrtc_fallback_uses_the_build_switch(monkeypatch, tmp_path):
     args = types.SimpleNamespace(out=str(tmp_path / "out"), deadline=500.0, only=None, skip_tests=False,
                                  skip_model=False, fail=None)
     s = gs.Suite(args)
-    s.env_extra["SMDM_KERNEL_BUILD"] = "nvrtc"
-    s.tests()
+    try:
+        s.env_extra["SMDM_KERNEL_BUILD"] = "nvrtc"
+        s.tests()
+    finally:  # run_suite removes it; this test drives a Suite by hand
+        shutil.rmtree(s.parts, ignore_errors=True)
     (cmd, env), = spawned
     assert env["SMDM_KERNEL_BUILD"] == "nvrtc"
     assert ["-p", "gpu_suite"] not in [cmd[i:i + 2] for i in range(len(cmd))], cmd
