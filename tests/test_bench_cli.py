@@ -118,3 +118,28 @@ def test_reversal_settings_are_checked_before_any_training(argv, msg, tmp_path):
     with pytest.raises(SystemExit, match=msg):
         main(["bench", "reversal", "--quick", "--out", str(tmp_path / "r"), *argv])
     assert not (tmp_path / "r").exists()  # nothing trained, nothing written
+
+
+def test_cli_interrupts_unwritable_outputs_and_bare_groups_end_in_one_line(monkeypatch, capsys):
+    """Ctrl-C printed a traceback (exit 1); an output that could not be written (`--out /proc/x`, a bench's
+    --json) a traceback after the work; `smdm data` / `smdm bench` alone printed help and exited 0."""
+    from smdm import data_cli
+    from smdm.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_cli, "_run_prepare", interrupted)
+    assert main(["prepare", "--out", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "smdm prepare: interrupted"
+
+    def unwritable(args):
+        raise PermissionError(13, "Permission denied", "/sys/x.json")
+
+    monkeypatch.setattr(data_cli, "_run_prepare", unwritable)
+    assert main(["prepare", "--out", "x"]) == 1
+    assert capsys.readouterr().err.strip() == "smdm prepare: error: /sys/x.json: Permission denied"
+    for group in ("data", "bench"):
+        assert main([group]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and f"usage: smdm {group}" in cap.err

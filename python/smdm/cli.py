@@ -25,12 +25,17 @@ import sys
 
 
 def json_out(value: str) -> str:
-    """A `--json FILE` to write later: its directory must exist."""
+    """A `--json FILE` to write later: its directory must exist and be writable (said before the work, not
+    after a benchmark's minutes), and the file must not be a directory."""
     from pathlib import Path
 
     parent = Path(value).parent
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{value}: no directory {parent}")
+    if Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{value}: the directory {parent} is not writable")
     return value
 
 
@@ -94,19 +99,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # the main job: `smdm` alone is `smdm train` with its defaults
         argv = ["train"]
-    if argv[0] == PASSTHROUGH:  # every argument after it is lm-eval's (its options clash with argparse here)
-        from smdm.harness import lm_eval_main
-
-        return lm_eval_main(argv[1:])
-    parser = _parser(argv)
-    args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.parse_args([args.command, "--help"])
-        return 2
+    command = "lm-eval" if argv[0] == PASSTHROUGH else argv[0]
     try:
+        if argv[0] == PASSTHROUGH:  # every argument after it is lm-eval's (its options clash with argparse here)
+            from smdm.harness import lm_eval_main
+
+            return lm_eval_main(argv[1:])
+        parser = _parser(argv)
+        args = parser.parse_args(argv)
+        if not hasattr(args, "func"):  # `smdm data`, `smdm bench` alone: their usage, as a usage error
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices[args.command].print_help(sys.stderr)
+            return 2
         return int(args.func(args) or 0)
     except BrokenPipeError:  # `smdm data inspect DIR | head`: the reader left; no traceback (Python's docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT (outputs are written atomically)
+        print(f"smdm {command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # an output that cannot be written (a read-only place, a full disk): one line, no traceback
+        what = (f"{e.filename}: {e.strerror}" if e.filename else e.strerror) if e.strerror else str(e)
+        print(f"smdm {command}: error: {what}", file=sys.stderr)
         return 1
 
 

@@ -19,8 +19,8 @@
   a document only position differences matter, so a reset would change nothing but rounding.
 - A step whose loss or gradient norm is not finite is skipped: the gradients are dropped before the optimizer
   sees them, so neither the weights nor the optimizer state nor a checkpoint ever holds a non-finite value.
-- SIGTERM finishes the current step, saves a checkpoint and exits 0. Resume restores weights, optimizer,
-  schedule, RNG and the data position in O(1); on CPU it is bit-exact.
+- SIGTERM (and a first Ctrl-C) finishes the current step, saves a checkpoint and exits 0. Resume restores
+  weights, optimizer, schedule, RNG and the data position in O(1); on CPU it is bit-exact.
 - Distributed: the same command under `torchrun` (DDP; FSDP2 `fully_shard` with `--fsdp`).
 - `--init-from CKPT` starts from a checkpoint's weights, model config, objective and tokenizer (a fresh
   optimizer, schedule and data position; `--resume` is the way to continue a run).
@@ -1192,6 +1192,12 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
         self._stop = True
+        self._stop_signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once (no save)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.dist.rank == 0:
+                print("\nCtrl-C: finishing the step, then saving (Ctrl-C again to stop without saving)",
+                      file=sys.stderr, flush=True)
 
     def _rewind_metrics(self):
         """On resume, drop metric lines logged after the checkpoint (a crash may have left some)."""
@@ -1258,6 +1264,8 @@ class Trainer:
             self.nothing_trained = True
             return {"step": self.step, "val": None}
         old = signal.signal(signal.SIGTERM, self._on_sigterm)
+        old_int = signal.signal(signal.SIGINT, self._on_sigterm)  # Ctrl-C: as SIGTERM (it lost the steps since
+        self._stop_signal = "SIGTERM"  # the last save), a second one interrupts
         if d.rank == 0:
             n = self.model_config.non_embedding_params()
             what = f"{self.kind.upper()} {cfg.config}" + (" SFT" if self.sft else "")
@@ -1319,11 +1327,12 @@ class Trainer:
                 if stop:
                     self.stopped = True
                     if d.rank == 0:
-                        print(f"\nSIGTERM: saved step {self.step}, exiting", flush=True)
+                        print(f"\n{self._stop_signal}: saved step {self.step}, exiting", flush=True)
                     break
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGINT, old_int)
             if self.tb_writer is not None:
                 self.tb_writer.close()
                 self.tb_writer = None
