@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from smdm.benchmarks import scaling
 from smdm.model import config_by_name, parse_size
 
@@ -130,4 +131,10 @@ def test_a_missing_dataset_or_an_unknown_size_is_an_error_not_a_cached_skip(prep
         main(common + ["--data", str(tmp_path / "nodata"), "--sizes", "L1-H2-D16-F32"])
     with pytest.raises(SystemExit, match="--sizes nosuch: unknown model config"):
         main(common + ["--data", str(prepared), "--sizes", "L1-H2-D16-F32", "nosuch"])
+    # any other trainer error (here: no CUDA) stops the sweep; it was cached as "skipped" and the sweep exited 0
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"mdm L1-H2-D16-F32 C=3e\+07: --device cuda"):
+            main(common + ["--data", str(prepared), "--sizes", "L1-H2-D16-F32", "--device", "cuda"])
+    with pytest.raises(SystemExit, match="the validation split has .* tokens, fewer than one window"):
+        main(common + ["--data", str(prepared), "--sizes", "L1-H2-D16-F32", "--seq-len", "100000"])
     assert not list(out.rglob("result.json"))

@@ -75,6 +75,10 @@ class TrainError(ValueError):
     """Bad input to the trainer (the message says what is wrong and where)."""
 
 
+class TooFewSteps(TrainError):
+    """The step count came out below one (--flops / --max-steps too small for this model and batch)."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # schedule
 
@@ -808,7 +812,7 @@ class Trainer:
                 print(f"--time-budget {budget:g} s: {steps} steps (re-planned as the run goes if its steps turn out "
                       f"slower or faster)", flush=True)
         if steps < 1:
-            raise TrainError(f"the run has {steps} steps (--max-steps / --flops too small)")
+            raise TooFewSteps(f"the run has {steps} steps (--max-steps / --flops too small)")
         return steps
 
     def _time_one_step(self) -> float:

@@ -56,7 +56,7 @@ def run_one(args, objective: str, size: str, flops: float, root: Path) -> dict:
     from smdm import checkpoint
     from smdm.config import TrainConfig
     from smdm.evaluate import evaluate_ppl
-    from smdm.train import TrainError, train
+    from smdm.train import TooFewSteps, train
 
     out = root / "runs" / f"{objective}-{size}-C{flops:.3g}"
     settings = {"objective": objective, "size": size, "flops": flops, "data": str(args.data),
@@ -74,7 +74,7 @@ def run_one(args, objective: str, size: str, flops: float, root: Path) -> dict:
     t0 = time.perf_counter()
     try:
         trainer = train(cfg)
-    except TrainError as e:  # a budget below one step of this size
+    except TooFewSteps as e:  # a budget below one step of this size: recorded; any other error stops the sweep
         result = {**settings, "skipped": str(e)}
         _write_result(out / "result.json", result)
         print(f"   {objective:3s} {size:16s} C={flops:.3g}: skipped ({e})", flush=True)
@@ -311,8 +311,8 @@ def run(args: argparse.Namespace) -> int:
         from smdm.train import builtin_data
 
         args.data = builtin_data()
-    # checked before the sweep: run_one records a trainer error as a skipped run (a budget below one step) and
-    # reuses it later, so a missing dataset or a misspelt size would be cached as "skipped" for good
+    # checked before the sweep: run_one records a budget below one step as a skipped run and reuses it later;
+    # a missing dataset, a misspelt size or an empty val split must fail now, not after the first training
     if not Path(args.data).is_dir():
         raise SystemExit(f"smdm bench scaling: error: --data {args.data}: no such directory")
     for size in args.sizes:
@@ -320,7 +320,17 @@ def run(args: argparse.Namespace) -> int:
             config_by_name(size)
         except ValueError as e:
             raise SystemExit(f"smdm bench scaling: error: --sizes {size}: {e}") from None
+    from smdm import data as D
+
+    try:  # every run is scored on the val split: one that cannot fill a window would fail after training
+        val = D.load_manifest(D.resolve_dataset(args.data, "val"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"smdm bench scaling: error: --data {args.data}: no validation split ({e})") from None
+    if val.num_tokens < args.seq_len + 1:
+        raise SystemExit(f"smdm bench scaling: error: --data {args.data}: the validation split has "
+                         f"{val.num_tokens} tokens, fewer than one window of --seq-len {args.seq_len} + 1")
     from smdm.benchmarks import set_threads
+    from smdm.train import TrainError
 
     set_threads(args.threads)
     root = Path(args.out)
@@ -329,11 +339,12 @@ def run(args: argparse.Namespace) -> int:
     for C in args.flops:
         for size in args.sizes:
             for obj in args.objectives:
-                results.append(run_one(args, obj, size, C, root))
+                try:  # only a budget below one step is a (cached) skip: anything else stops the sweep
+                    results.append(run_one(args, obj, size, C, root))
+                except TrainError as e:
+                    raise SystemExit(f"smdm bench scaling: error: {obj} {size} C={C:.3g}: {e}") from None
     wall = time.perf_counter() - t0
     fits = fit(results)
-    from smdm import data as D
-
     fits["total"] = fit_total(results, D.load_manifest(D.resolve_dataset(args.data, "train")).vocab_size)
     print_table(results, fits)
     print(f"\n{len(args.sizes)} sizes × {len(args.flops)} budgets × {len(args.objectives)} objectives, data "
