@@ -19,6 +19,7 @@ from smdm.cli import main
     (["pack", "--repeats", "x"], "argument --repeats: not an integer: 'x'"),
     (["pack", "--mean-doc", "0"], "argument --mean-doc: must be >= 1, got 0"),  # was a ZeroDivisionError
     (["pack", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),  # printed 0 Mtok/s and nan ratios
+    (["pack", "--vocab-size", "1"], "argument --vocab-size: needs 2 <= ids < 2**32"),  # was numpy's "low >= high"
     (["pack", "--json", "{missing}/x.json"], "argument --json: {missing}/x.json: no directory {missing}"),
     (["mask", "--batch", "8", "0"], "argument --batch: must be >= 1, got 0"),
     (["mask", "--min-time", "0"], "argument --min-time: must be > 0, got 0"),
@@ -49,6 +50,10 @@ def test_small_pack_and_mask_runs_write_their_records(tmp_path, capsys):
     assert main(["bench", "pack", "--tokens", "20000", "--mean-doc", "64", "--repeats", "1", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert {r["variant"] for r in records} >= {"rust", "numpy copy (same bytes)"}
+    # past 65536 ids the stream is uint32, the copy baseline too (it drew uint16 ids: "high is out of bounds")
+    assert main(["bench", "pack", "--tokens", "2000", "--vocab-size", "100000", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    assert {r["vocab_size"] for r in json.loads(out.read_text())} == {100000}
     out = tmp_path / "mask.json"
     assert main(["bench", "mask", "--batch", "2", "--seq-len", "64", "--min-time", "0.01", "--json", str(out)]) == 0
     assert len(json.loads(out.read_text())) >= 2

@@ -424,6 +424,12 @@ def test_cli_prepare_verify_inspect(tmp_path, tiny_jsonl, capsys):
     assert smdm_main(["data", "inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "uint16" in text and "vocab_size 280" in text and "sample" in text and "def f" in text
+    # 0 shows none; a negative count is a usage error (-5 printed all but the last 5 tokens as the "sample")
+    assert smdm_main(["data", "inspect", str(out), "--sample-tokens", "0", "--max-shards", "0"]) == 0
+    assert "sample" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        smdm_main(["data", "inspect", str(out), "--sample-tokens", "-5"])
+    assert e.value.code == 2 and "--sample-tokens: must be >= 0, got -5" in capsys.readouterr().err
     assert smdm_main(["prepare", "--out", str(out), str(tmp_path / "nope.txt")]) == 1
     assert "nope.txt" in capsys.readouterr().err
     # corrupt one shard: verify fails naming it

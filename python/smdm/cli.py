@@ -55,6 +55,11 @@ def positive_int(value: str) -> int:
     return _number(value, int, lambda x: x >= 1, ">= 1")
 
 
+def nonnegative_int(value: str) -> int:
+    """A count that may be zero: an int >= 0."""
+    return _number(value, int, lambda x: x >= 0, ">= 0")
+
+
 def positive_float(value: str) -> float:
     """A duration or size in (0, inf)."""
     return _number(value, float, lambda x: 0 < x < float("inf"), "> 0")

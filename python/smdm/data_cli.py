@@ -593,7 +593,7 @@ def _cmd_inspect(args) -> int:
                 print(f"    ... {len(m.shards) - args.max_shards} more")
             print(f"  tokenizer {m.tokenizer_path} ({m.tokenizer_hash})" if m.tokenizer_path is not None else
                   "  tokenizer: none recorded (no decoded sample; `smdm data import --tokenizer` records one)")
-            sample = decode_sample(m, args.sample_tokens)
+            sample = decode_sample(m, args.sample_tokens) if args.sample_tokens else None
             if sample is not None:
                 print(f"  sample ({args.sample_tokens} tokens): {sample!r}")
     except (SmdmFormatError, SmdmIOError) as e:
@@ -603,6 +603,8 @@ def _cmd_inspect(args) -> int:
 
 
 def register(parser, name: str) -> None:
+    from smdm.cli import nonnegative_int
+
     if name == "prepare":
         parser.description = ("text -> tokenizer -> shards: `.txt` / `.jsonl` / `.parquet` files (or dirs of "
                               "them; no INPUT: the built-in stdlib corpus) into OUT/train, OUT/val and "
@@ -633,8 +635,9 @@ def register(parser, name: str) -> None:
     v.set_defaults(func=_cmd_verify)
     i = sub.add_parser("inspect", help="counts, dtype, tokenizer and a decoded sample")
     i.add_argument("dir", help="a prepared directory or a dataset directory")
-    i.add_argument("--sample-tokens", type=int, default=64)
-    i.add_argument("--max-shards", type=int, default=10)
+    i.add_argument("--sample-tokens", type=nonnegative_int, default=64,
+                   help="tokens of the decoded sample (0: none)")
+    i.add_argument("--max-shards", type=nonnegative_int, default=10, help="shards listed (0: none)")
     i.set_defaults(func=_cmd_inspect)
     imp = sub.add_parser(
         "import",
