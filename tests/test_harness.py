@@ -435,6 +435,8 @@ def test_lm_eval_own_cli(twins, runs, tmp_path):
     results = list(out.rglob("results_*.json"))
     samples = list(out.rglob("samples_tiny_mc_*.jsonl"))
     assert len(results) == 1 and len(samples) == 1, sorted(out.rglob("*"))
+    # lm-eval names the folder after pretrained=, which smdm adds from ckpt= (else one random name for all models)
+    assert results[0].parent.name.endswith(twins["ar"].name), results[0]
     mine = _resps(runs["ar"], "tiny_mc")[:3]
     acc = np.mean([int(np.argmax([ll for ll, _ in d])) == it["label"] for d, it in zip(mine, MC_ITEMS)])
     assert json.loads(results[0].read_text())["results"]["tiny_mc"]["acc,none"] == acc
@@ -452,7 +454,8 @@ def test_lm_eval_cli_defaults_to_the_cpu_without_cuda(monkeypatch, twins):
     seen = []
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(sys.argv[1:]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    run = ["--model", "smdm", "--model_args", f"ckpt={twins['ar']}", "--tasks", "t", "--batch_size", "4"]
+    ma = f"ckpt={twins['ar']},pretrained={twins['ar']}"  # with pretrained= given, smdm adds none
+    run = ["--model", "smdm", "--model_args", ma, "--tasks", "t", "--batch_size", "4"]
     for argv, want in [(run, run + ["--device", "cpu"]), (run + ["--device", "cuda:1"], run + ["--device", "cuda:1"]),
                        (run + ["--device=meta"], run + ["--device=meta"]), (["ls", "tasks"], ["ls", "tasks"])]:
         assert harness.lm_eval_main(argv) == 0
@@ -471,10 +474,11 @@ def test_lm_eval_cli_batch_size_defaults_to_the_adapters(monkeypatch, twins):
     seen = []
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(sys.argv[1:]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    run = ["--model", "smdm", "--model_args", f"ckpt={twins['ar']}", "--tasks", "t"]
+    ma = f"ckpt={twins['ar']},pretrained={twins['ar']}"  # with pretrained= given, smdm adds none
+    run = ["--model", "smdm", "--model_args", ma, "--tasks", "t"]
     for argv, want in [(run, run + ["--batch_size", "16"]), (run + ["--batch_size", "2"], run + ["--batch_size", "2"]),
-                       (["--model", "smdm", "--model_args", f"ckpt={twins['ar']},batch_size=3", "--tasks", "t"],
-                        ["--model", "smdm", "--model_args", f"ckpt={twins['ar']},batch_size=3", "--tasks", "t"]),
+                       (["--model", "smdm", "--model_args", f"{ma},batch_size=3", "--tasks", "t"],
+                        ["--model", "smdm", "--model_args", f"{ma},batch_size=3", "--tasks", "t"]),
                        (["ls", "tasks"], ["ls", "tasks"])]:
         assert harness.lm_eval_main(argv) == 0
         assert seen.pop() == want
@@ -561,3 +565,30 @@ def test_lm_eval_cli_names_a_missing_checkpoint(twins, capsys):
         assert harness.lm_eval_main(["--model", "smdm", *argv, "--tasks", "t"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("smdm lm-eval: error: --model_args ckpt: ") and str(missing) in err, err
+
+
+def test_lm_eval_main_names_the_output_folder_and_says_adapter_errors_in_one_line(twins, monkeypatch, capsys):
+    """A bad model argument ended `smdm lm-eval` in ~30 lines of traceback (exit 1); `smdm eval harness`
+    says the same in one line, exit 2."""
+    _lm_eval()
+    import lm_eval.__main__
+
+    seen = []
+
+    def cli_evaluate():
+        seen.append(list(sys.argv))
+        harness.register()(ckpt=str(twins["mdm"]), device="cpu", bogus=1)
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", cli_evaluate)
+    rc = harness.lm_eval_main(["--model", "smdm", "--model_args", f"ckpt={twins['mdm']},bogus=1", "--tasks", "x"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == ("smdm lm-eval: error: unknown smdm model argument(s): bogus (known: "
+                                               "ckpt, device, batch_size, method, mc_samples, cfg, seed, greedy, "
+                                               "rolling_context, steps, block_length, sampler, threshold, schedule, "
+                                               "temperature, max_gen_toks, pretrained)")
+    i = seen[0].index("--model_args")
+    assert seen[0][i + 1] == f"ckpt={twins['mdm']},bogus=1,pretrained={twins['mdm']}"
+    cls = harness.register()
+    assert cls(pretrained=str(twins["mdm"]), device="cpu").ckpt == str(twins["mdm"])
+    with pytest.raises(harness.ModelArgumentError, match="differ"):
+        cls(ckpt=str(twins["mdm"]), pretrained=str(twins["ar"]), device="cpu")

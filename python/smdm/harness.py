@@ -125,13 +125,17 @@ def __getattr__(name):  # `smdm.harness.SmdmLM`: registers on first use (keeps t
 # Option parsing (lm-eval hands model_args over as strings, ints, floats, bools or None)
 
 
+class ModelArgumentError(ValueError):
+    """A bad smdm model argument (`model_args="k=v,..."`): `smdm lm-eval` says it in one line, exit 2."""
+
+
 def _int(name, v, lo, none_ok=False):
     if v is None and none_ok:
         return None
     if isinstance(v, str) and v.strip().lstrip("-").isdigit():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"smdm model argument {name}={v!r}: expected an integer >= {lo}"
+        raise ModelArgumentError(f"smdm model argument {name}={v!r}: expected an integer >= {lo}"
                          + (" (or none)" if none_ok else ""))
     return v
 
@@ -142,7 +146,7 @@ def _float(name, v, lo=0.0):
     except (TypeError, ValueError):
         x = float("nan")
     if isinstance(v, bool) or not (math.isfinite(x) and x >= lo):
-        raise ValueError(f"smdm model argument {name}={v!r}: expected a finite number >= {lo:g}")
+        raise ModelArgumentError(f"smdm model argument {name}={v!r}: expected a finite number >= {lo:g}")
     return x
 
 
@@ -173,14 +177,20 @@ class _Adapter:
     def __init__(self, ckpt=None, device=None, batch_size=None, max_batch_size=None, method=None,
                  mc_samples=128, cfg=0.0, seed=0, greedy="auto", rolling_context=1, steps=None,
                  block_length=None, sampler="low_confidence", temperature=0.0, max_gen_toks=256, threshold=None,
-                 schedule=None, **unknown):
+                 schedule=None, pretrained=None, **unknown):
         super().__init__()  # lm_eval's LM: rank 0 of 1, no cache hook
+        if pretrained is not None:  # lm-eval's usual name: it names --output_path's folder after it
+            if ckpt is not None and str(ckpt) != str(pretrained):
+                raise ModelArgumentError(f"smdm model arguments ckpt={ckpt} and pretrained={pretrained} differ "
+                                         f"(pretrained is another name for ckpt)")
+            ckpt = pretrained
         if unknown:
-            raise TypeError(f"unknown smdm model argument(s): {', '.join(sorted(unknown))} (known: ckpt, device, "
-                            "batch_size, method, mc_samples, cfg, seed, greedy, rolling_context, steps, "
-                            "block_length, sampler, threshold, schedule, temperature, max_gen_toks)")
+            raise ModelArgumentError(
+                f"unknown smdm model argument(s): {', '.join(sorted(unknown))} (known: ckpt, device, batch_size, "
+                "method, mc_samples, cfg, seed, greedy, rolling_context, steps, block_length, sampler, threshold, "
+                "schedule, temperature, max_gen_toks, pretrained)")
         if ckpt is None:
-            raise ValueError("smdm model argument ckpt is required (model_args='ckpt=DIR,...')")
+            raise ModelArgumentError("smdm model argument ckpt is required (model_args='ckpt=DIR,...')")
         import smdm
         from smdm.evaluate import eos_id_of
         from smdm.sampling import SAMPLERS
@@ -193,38 +203,38 @@ class _Adapter:
         conf = self.model.config
         self.causal = bool(conf.causal)
         if self.tokenizer is None:
-            raise ValueError(f"smdm model argument ckpt={ckpt}: the checkpoint has no tokenizer.json (lm-eval "
+            raise ModelArgumentError(f"smdm model argument ckpt={ckpt}: the checkpoint has no tokenizer.json (lm-eval "
                              "requests are text)")
         self.ckpt = str(ckpt)
         self.eos_id = eos_id_of(self.tokenizer)
         if method in (None, "", "none"):
             method = "ar" if self.causal else "elbo"
         if method not in (("ar",) if self.causal else ("elbo", "chain")):
-            raise ValueError(f"smdm model argument method={method!r}: " + (
+            raise ModelArgumentError(f"smdm model argument method={method!r}: " + (
                 "the ARM twin is scored exactly (method ar)" if self.causal else "the MDM takes elbo or chain"))
         self.method = method
         self.mc_samples = _int("mc_samples", mc_samples, 2)
         self.cfg = _float("cfg", cfg)
         if self.cfg and self.causal:
-            raise ValueError(f"smdm model argument cfg={cfg}: CFG applies to the MDM only ({ckpt} is an ARM)")
+            raise ModelArgumentError(f"smdm model argument cfg={cfg}: CFG applies to the MDM only ({ckpt} is an ARM)")
         self.seed = _int("seed", seed, 0)
         if greedy not in GREEDY:
-            raise ValueError(f"smdm model argument greedy={greedy!r}: expected one of {', '.join(GREEDY)}")
+            raise ModelArgumentError(f"smdm model argument greedy={greedy!r}: expected one of {', '.join(GREEDY)}")
         if greedy == "decode" and self.causal:
-            raise ValueError("smdm model argument greedy=decode: the ARM's is_greedy is exact (use auto)")
+            raise ModelArgumentError("smdm model argument greedy=decode: the ARM's is_greedy is exact (use auto)")
         self.greedy = greedy
         self.rolling_context = _int("rolling_context", rolling_context, 1)
         if self.rolling_context > self.max_length - (2 if not self.causal else 1):
-            raise ValueError(f"smdm model argument rolling_context={rolling_context}: leaves no token to predict "
-                             f"in a window of the model's context ({self.max_length})")
+            raise ModelArgumentError(f"smdm model argument rolling_context={rolling_context}: leaves no token to "
+                                     f"predict in a window of the model's context ({self.max_length})")
         self.steps = _int("steps", steps, 1, none_ok=True)
         self.block_length = _int("block_length", block_length, 1, none_ok=True)
         if sampler not in SAMPLERS:
-            raise ValueError(f"smdm model argument sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
+            raise ModelArgumentError(f"smdm model argument sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
         self.sampler = sampler
         self.threshold = None if threshold in (None, "", "none") else _float("threshold", threshold, -math.inf)
         if (sampler == "threshold") != (self.threshold is not None):
-            raise ValueError(f"smdm model argument threshold={threshold!r}: sampler=threshold needs it, the "
+            raise ModelArgumentError(f"smdm model argument threshold={threshold!r}: sampler=threshold needs it, the "
                              f"other samplers take none (sampler={sampler})")
         from smdm import checkpoint
         from smdm.diffusion import parse_schedule
@@ -234,7 +244,7 @@ class _Adapter:
         try:
             self.schedule = parse_schedule(schedule).name
         except ValueError as e:
-            raise ValueError(f"smdm model argument schedule={schedule!r}: {e}") from None
+            raise ModelArgumentError(f"smdm model argument schedule={schedule!r}: {e}") from None
         self.temperature = _float("temperature", temperature)
         self.max_gen_toks = _int("max_gen_toks", max_gen_toks, 1)
         self._device = self.model.head.weight.device
@@ -532,16 +542,26 @@ def lm_eval_main(argv: list) -> int:
 
     from smdm import checkpoint
 
+    argv = list(argv)
     for i, a in enumerate(argv):  # the checkpoint of --model_args ckpt=DIR: said here, not as lm-eval's traceback
         value = a.split("=", 1)[1] if a.startswith("--model_args=") else (
             argv[i + 1] if a == "--model_args" and i + 1 < len(argv) else None)
-        for part in (value or "").split(","):
-            if part.strip().startswith("ckpt="):
+        parts = [p.strip() for p in (value or "").split(",")]
+        for part in parts:
+            if part.startswith(("ckpt=", "pretrained=")):
                 try:
-                    checkpoint.resolve(part.strip()[len("ckpt="):])
+                    checkpoint.resolve(part.split("=", 1)[1])
                 except (checkpoint.CheckpointError, OSError) as e:
-                    print(f"smdm lm-eval: error: --model_args ckpt: {e}", file=sys.stderr)
+                    print(f"smdm lm-eval: error: --model_args {part.split('=')[0]}: {e}", file=sys.stderr)
                     return 2
+        ckpt = next((p.split("=", 1)[1] for p in parts if p.startswith("ckpt=")), None)
+        if ckpt is not None and not any(p.startswith("pretrained=") for p in parts):
+            # lm-eval names --output_path's folder after pretrained= (else one random name for every model)
+            value = f"{value},pretrained={ckpt}"
+            if a.startswith("--model_args="):
+                argv[i] = f"--model_args={value}"
+            else:
+                argv[i + 1] = value
     runs = not argv or argv[0] not in ("ls", "validate")
 
     def given(flag: str) -> bool:
@@ -557,6 +577,9 @@ def lm_eval_main(argv: list) -> int:
         cli_evaluate()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except ModelArgumentError as e:  # the adapter refused a model argument: one line, as `smdm eval harness`
+        print(f"smdm lm-eval: error: {e}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     return 0
