@@ -180,6 +180,8 @@ def test_a_file_name_that_is_not_utf8(tmp_path):
 
 
 def test_bad_inputs(tmp_path, prepared):
+    with pytest.raises(ValueError, match="--shard-tokens must be positive"):  # 0 silently meant the default
+        prepare([str(prepared / "tokenizer.json")], tmp_path / "o0", vocab_size=280, shard_tokens=0, **QUIET)
     empty = tmp_path / "empty.jsonl"
     empty.write_text('\n{"text": ""}\n')
     with pytest.raises(SmdmFormatError, match="no documents|no text"):

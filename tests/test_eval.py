@@ -711,6 +711,9 @@ def test_gsm8k_cli_runs(prepared, tmp_path, capsys):
     rc = evaluate.main(["gsm8k", "--ckpt", str(mdm_ck), "--data", str(tmp_path / "test.jsonl"), "--few-shot",
                         "5", "--device", "cpu"])
     assert rc == 2 and "holds 1 examples" in capsys.readouterr().err
+    (tmp_path / "train.jsonl").unlink()  # the default worked examples missing: the message names --train
+    rc = evaluate.main(["gsm8k", "--ckpt", str(mdm_ck), "--data", str(tmp_path / "test.jsonl"), "--few-shot", "1"])
+    assert rc == 2 and "train.jsonl (beside --data): no such file; give --train FILE" in capsys.readouterr().err
 
 
 def test_gsm8k_cli_samples_with_the_checkpoints_schedule_and_takes_threshold(prepared, tmp_path, capsys):

@@ -692,6 +692,8 @@ def test_schedule_names_defaults_and_the_arm(dataset, tmp_path):
         train(cfg_for(dataset, tmp_path / "a", schedule="cosin"))
     with pytest.raises(TrainError, match="noise schedules are for the MDM"):
         train(cfg_for(dataset, tmp_path / "b", objective="ar", schedule="linear"))
+    with pytest.raises(TrainError, match="--stratified: it stratifies the MDM's masking times"):  # was ignored
+        train(cfg_for(dataset, tmp_path / "b", objective="ar", stratified=True))
     assert resolve_model_choice(TrainConfig(schedule="polynomial:3"), None).schedule == "polynomial:3.0"
     assert resolve_model_choice(TrainConfig(), None).schedule == "linear"
     # fine-tuning (--init-from) keeps the checkpoint's schedule unless --schedule says otherwise

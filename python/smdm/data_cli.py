@@ -211,7 +211,7 @@ def prepare(
         raise ValueError(f"--vocab-size must be a positive number of ids below 2**32, got {vocab_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    shard_tokens = int(shard_tokens or DEFAULT_SHARD_TOKENS[fmt])
+    shard_tokens = int(DEFAULT_SHARD_TOKENS[fmt] if shard_tokens is None else shard_tokens)  # 0 is an error
     if shard_tokens < 1:
         raise ValueError("--shard-tokens must be positive")
     files = corpus.expand_inputs(inputs)  # fail early on missing or unsupported inputs

@@ -995,6 +995,9 @@ def _run_one(args, ckpt) -> dict:
             shots = []
             if args.few_shot:
                 train = Path(args.train) if args.train else Path(args.data).with_name("train.jsonl")
+                if not train.is_file():
+                    raise ValueError(f"--few-shot {args.few_shot} takes its worked examples from {train}"
+                                     f"{' (beside --data)' if not args.train else ''}: no such file; give --train FILE")
                 shots = read_gsm8k(train, args.few_shot)
                 if len(shots) < args.few_shot:
                     raise ValueError(f"{train} holds {len(shots)} examples, --few-shot {args.few_shot}")

@@ -270,6 +270,8 @@ def resolve_model_choice(cfg: TrainConfig, init) -> TrainConfig:
     if objective == "ar" and cfg.schedule is not None:
         raise TrainError(f"--schedule {cfg.schedule}: noise schedules are for the MDM; the autoregressive twin "
                          f"has none")
+    if objective == "ar" and cfg.stratified:
+        raise TrainError("--stratified: it stratifies the MDM's masking times t; the autoregressive twin has none")
     return replace(cfg, objective=objective or "mdm", config=config or "demo", schedule=_schedule(cfg, init))
 
 
