@@ -36,6 +36,8 @@ def test_save_load_roundtrip(tmp_path, model):
     assert d.name == "step-7" and sorted(p.name for p in d.iterdir()) == [
         "config.json", "manifest.json", "model.safetensors", "state.pt", "tokenizer.json"]
     assert json.loads((d / "config.json").read_text())["step"] == 7
+    # the weights as readable as the files beside them (safetensors itself writes 0600)
+    assert (d / "model.safetensors").stat().st_mode & 0o777 == (d / "config.json").stat().st_mode & 0o777
     m2, tokenizer = smdm.load(tmp_path / "run", device="cpu")
     assert tokenizer is not None and tokenizer.token_to_id("a") == 0
     assert not m2.training and m2.config == model.config

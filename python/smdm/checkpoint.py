@@ -98,7 +98,7 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
     model_state: name -> tensor (full weights); config: the config.json dict; train_state: plain containers of
     tensors / numbers / strings (what `torch.load(weights_only=True)` accepts); the step's tokenizer.json is
     copied from `tokenizer_path` (which must exist) or written from the bytes `tokenizer`."""
-    from safetensors.torch import save_file
+    from smdm.data import save_safetensors
 
     if keep < 2:
         raise ValueError(f"keep must be >= 2 (a crash while saving must leave a complete one), got {keep}")
@@ -118,7 +118,7 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
     tmp.mkdir()
     try:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
+        save_safetensors(weights, tmp / "model.safetensors", metadata={"format": FORMAT, "step": str(step)})
         (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=1, sort_keys=True))
         torch.save(train_state, tmp / "state.pt")
         if tokenizer is not None:

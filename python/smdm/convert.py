@@ -207,14 +207,12 @@ def _schedule_conf(schedule: Optional[str], cfg: ModelConfig, what: str) -> dict
 
 
 def _save_safetensors_atomic(state: dict, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    from smdm.data import fsync_dir
+    from smdm.data import fsync_dir, save_safetensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -843,9 +841,8 @@ def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, l
     replaced only with `overwrite`. `log(msg)` gets notes (default: stderr)."""
     import shutil
 
-    from safetensors.torch import save_file
-
     from smdm import checkpoint as ckpt
+    from smdm.data import save_safetensors
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if dtype not in DTYPES:
@@ -873,7 +870,7 @@ def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, l
     code = Path(__file__).resolve().parent / "hf"
 
     def fill(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+        save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})  # transformers 4 refuses metadata without "format"
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         if tok_conf is not None:

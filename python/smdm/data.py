@@ -105,6 +105,17 @@ def file_crc32(path: PathLike) -> int:
     return crc
 
 
+def save_safetensors(tensors: dict, path: PathLike, metadata: Optional[dict] = None) -> None:
+    """`safetensors.torch.save_file`, then the file's mode as the umask gives any new file (0644 under the usual
+    022): safetensors writes 0600, so a shared checkpoint or export was unreadable to everyone but its writer."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.fspath(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_atomic(path: PathLike, data: bytes) -> None:
     """Write to a temporary name in the same directory, fsync, rename, fsync the directory (so the rename
     itself survives a crash). Readers see the old file or the new one, never a partial one."""
