@@ -609,7 +609,9 @@ def register(parser, name: str) -> None:
         parser.description = ("text -> tokenizer -> shards: `.txt` / `.jsonl` / `.parquet` files (or dirs of "
                               "them; no INPUT: the built-in stdlib corpus) into OUT/train, OUT/val and "
                               "OUT/tokenizer.json")
-        parser.add_argument("inputs", nargs="*", metavar="INPUT", help=".txt/.jsonl/.parquet files or dirs")
+        parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                            help=".txt/.jsonl/.parquet files or dirs: a .txt file is one document, a .jsonl line "
+                                 "or a parquet row one each (the train/val split is by document)")
         parser.add_argument("--out", required=True, help="output directory")
         g = parser.add_mutually_exclusive_group()
         g.add_argument("--tokenizer", help="an existing tokenizer.json")
