@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from smdm.errors import SmdmIOError
+
 MANIFEST = "manifest.json"
 FORMAT = "smdm-checkpoint"
 VERSION = 1
@@ -120,7 +122,10 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
         weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
         save_safetensors(weights, tmp / "model.safetensors", metadata={"format": FORMAT, "step": str(step)})
         (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=1, sort_keys=True))
-        torch.save(train_state, tmp / "state.pt")
+        try:
+            torch.save(train_state, tmp / "state.pt")
+        except RuntimeError as e:  # torch's writer fails with RuntimeError (a full disk): an OSError naming it
+            raise SmdmIOError(f"{tmp / 'state.pt'}: cannot write: {e}") from e
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_bytes(tokenizer)
         files = {}

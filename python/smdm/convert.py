@@ -216,10 +216,6 @@ def _save_safetensors_atomic(state: dict, path: Path, metadata: dict) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception as e:  # noqa: BLE001 — a full disk is safetensors' own error type, not OSError
-        if isinstance(e, ConvertError):
-            raise
-        raise ConvertError(f"{path}: cannot write: {e}") from e
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -446,7 +442,8 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
             "converted_from": {"path": str(path.resolve()), "format": "lit-gpt"}}
     recorded = None if cfg.causal else _safetensors_metadata(path).get("smdm_schedule")  # older exports of ARMs
     conf.update(_schedule_conf(schedule or recorded, cfg, "--" if schedule else f"{path}: smdm_"))
-    return _save_checkpoint(ckpt, out, weights, conf, {"step": 0, "converted_from": str(path.resolve())}, tokenizer)
+    return ckpt.save(out, 0, model_state=weights, config=conf,
+                     train_state={"step": 0, "converted_from": str(path.resolve())}, tokenizer_path=tokenizer)
 
 
 def _check_tokenizer(tokenizer, cfg: ModelConfig, what: str = "--tokenizer ") -> None:
@@ -822,11 +819,9 @@ def _write_dir_atomic(out: Path, fill) -> None:
             moved = True
         os.replace(tmp, out)
         moved = False  # the new dir is in place: the old one can go
-    except BaseException as e:
+    except BaseException:
         if moved:  # the new one did not take its place: put the old one back
             os.replace(old, out)
-        if isinstance(e, Exception) and not isinstance(e, (ConvertError, OSError)):  # SafetensorError (a full disk)
-            raise ConvertError(f"--out {out}: cannot write: {e}") from e
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -920,19 +915,9 @@ def import_hf(model_dir, out, *, mdm: bool = False, dtype: str = "keep", schedul
                 "converted_from": {"path": str(model_dir.resolve()), "format": "hugging-face"}}
     recorded = conf.get("smdm_schedule") if isinstance(conf.get("smdm_schedule"), str) else None
     conf_out.update(_schedule_conf(schedule or recorded, cfg, "--" if schedule else f"{path}: smdm_"))
-    return _save_checkpoint(ckpt, out, weights, conf_out, {"step": 0, "converted_from": str(model_dir.resolve())},
-                            tokenizer if tokenizer.is_file() else None)
-
-
-def _save_checkpoint(ckpt, out, weights: dict, conf: dict, train_state: dict, tokenizer) -> Path:
-    """`ckpt.save` of an imported model at step 0; a write that fails (a full disk: safetensors raises its own
-    error type, not OSError) is a ConvertError naming --out."""
-    try:
-        return ckpt.save(out, 0, model_state=weights, config=conf, train_state=train_state, tokenizer_path=tokenizer)
-    except ckpt.CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 — SafetensorError, OSError, torch.save's RuntimeError
-        raise ConvertError(f"--out {out}: cannot write the checkpoint: {e}") from e
+    return ckpt.save(out, 0, model_state=weights, config=conf_out,
+                     train_state={"step": 0, "converted_from": str(model_dir.resolve())},
+                     tokenizer_path=tokenizer if tokenizer.is_file() else None)
 
 
 SCHEDULE_HELP = ("the MDM's training noise schedule, linear | cosine | polynomial:P, saved as the default of `smdm "
@@ -1010,6 +995,7 @@ def run(args) -> int:
         print(f"smdm convert: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the output side (an unwritable --out, a full disk): the path and the reason
-        print(f"smdm convert: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        what = f"{e.filename or args.out}: {e.strerror}" if e.strerror else str(e)  # SmdmIOError names its path
+        print(f"smdm convert: error: {what}", file=sys.stderr)
         return 2
     return 0

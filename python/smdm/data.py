@@ -107,10 +107,15 @@ def file_crc32(path: PathLike) -> int:
 
 def save_safetensors(tensors: dict, path: PathLike, metadata: Optional[dict] = None) -> None:
     """`safetensors.torch.save_file`, then the file's mode as the umask gives any new file (0644 under the usual
-    022): safetensors writes 0600, so a shared checkpoint or export was unreadable to everyone but its writer."""
+    022): safetensors writes 0600, so a shared checkpoint or export was unreadable to everyone but its writer.
+    A failed write (safetensors' own error type, not OSError) is an `SmdmIOError` naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    try:
+        save_file(tensors, os.fspath(path), metadata=metadata)
+    except SafetensorError as e:  # its own type for a full disk or an unwritable file: an OSError naming the path
+        raise SmdmIOError(f"{path}: cannot write: {e}") from e
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
