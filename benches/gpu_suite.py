@@ -102,6 +102,12 @@ ORDER = ["build", "tests", "sampler", "attention", "generate", "train", "sampler
 NEEDS_KERNELS = ("tests", "sampler", "attention", "sampler_compiled")
 
 
+def forced_reference() -> bool:
+    """SMDM_KERNELS=reference, which the parent sets for every child after a failed kernel build: generate runs
+    the references, smdm.linear_ce its plain form, the forward process its numpy definition."""
+    return os.environ.get("SMDM_KERNELS", "").strip().lower() == "reference"
+
+
 def pick(gpu, smoke):
     """A size for the GPU run, or the tiny one of the CPU smoke run."""
     return smoke if SMOKE else gpu
@@ -639,8 +645,7 @@ def child_generate(part: Part, ctx: dict) -> None:
          dict(steps=gen // 4, block_length=block, cache="dual"), "auto"),
         ("mdm steps=gen", mdm, dict(steps=gen, block_length=gen), "auto"),
     ]
-    forced = os.environ.get("SMDM_KERNELS", "").strip().lower() == "reference"  # the parent's: the build failed
-    if forced:  # every run takes the references (no child retries the build); the labels say so
+    if forced_reference():  # every run takes the references (no child retries the build); the labels say so
         part.data["kernels_forced_reference"] = True
         runs = [(lb if "SMDM_KERNELS" in lb else f"{lb} SMDM_KERNELS=reference", net, kw, "reference")
                 for lb, net, kw, _ in runs if not (lb.endswith("SMDM_KERNELS=reference"))]
@@ -698,7 +703,7 @@ def child_train(part: Part, ctx: dict) -> None:
     SDPA with the dense (B, 1, L, L) mask (its efficient backend) vs FlexAttention's block mask (compiled at
     the first warm-up step; flex last: its compile is the longest item and a late kill costs only it)."""
     part.item("steps", _bench_train, ctx, min_left=20)
-    if os.environ.get("SMDM_KERNELS", "").strip().lower() == "reference":  # smdm.linear_ce runs its plain form
+    if forced_reference():  # smdm.linear_ce runs its plain form
         part.data["chunked_ce"] = "not compared: SMDM_KERNELS=reference (the kernel build failed)"
         part.save()
     else:  # the baseline of smdm.linear_ce: the loss's head + CE through all masked rows' logits at once
@@ -749,9 +754,8 @@ def _bench_train(ctx: dict, docs: int = 0, attention: str = "auto", plain_ce: bo
     if plain_ce:
         diffusion._linear_ce = linear_cross_entropy_reference
     try:
-        forced = os.environ.get("SMDM_KERNELS", "").strip().lower() == "reference"  # linear_ce's plain form
-        return {**_train_steps(ctx, docs, attention), "loss_head_ce": "plain" if plain_ce or forced else
-                "smdm.linear_ce"}
+        return {**_train_steps(ctx, docs, attention),
+                "loss_head_ce": "plain" if plain_ce or forced_reference() else "smdm.linear_ce"}
     finally:
         diffusion._linear_ce = chunked
 
@@ -776,7 +780,7 @@ def _train_steps(ctx: dict, docs: int, attention: str) -> dict:
     fp = diffusion.forward_process
     try:
         from smdm import _core  # noqa: F401
-        fp_name = "rust" if not diffusion._use_reference() else "numpy reference (SMDM_KERNELS=reference)"
+        fp_name = "numpy reference (SMDM_KERNELS=reference)" if forced_reference() else "rust"
     except ImportError:  # not carried / not loadable here: the numpy definition (same values, slower; untimed)
         fp_name = "numpy reference (smdm._core unavailable)"
 

@@ -991,8 +991,8 @@ def documents(path: PathLike, split: str = "val") -> Iterator[np.ndarray]:
     starts after each EOS and at each file's start, as the reader cuts its segments, so a document split
     across two files is two documents. The EOS padding the manifest records (`padding`: `smdm prepare
     --format litpkds` and `smdm data import` say it apart) is no document, and neither is the padding
-    lit-gpt's builder leaves after a chunk's last EOS (its sep token, BOS for the Llama tokenizer, repeated)
-    is no document: a file's last segment that is one token repeated and has no EOS is left out. Every shard
+    lit-gpt's builder leaves after a chunk's last EOS (its sep token, BOS for the Llama tokenizer, repeated):
+    a file's last segment that is one token repeated and has no EOS is left out. Every shard
     is checked against the manifest as it is read (`check_shard`: size, checksum, ids < vocab_size)."""
     m = load_manifest(resolve_dataset(path, split))
     for s in m.shards:

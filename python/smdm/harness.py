@@ -136,7 +136,7 @@ def _int(name, v, lo, none_ok=False):
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ModelArgumentError(f"smdm model argument {name}={v!r}: expected an integer >= {lo}"
-                         + (" (or none)" if none_ok else ""))
+                                 + (" (or none)" if none_ok else ""))
     return v
 
 
@@ -203,8 +203,8 @@ class _Adapter:
         conf = self.model.config
         self.causal = bool(conf.causal)
         if self.tokenizer is None:
-            raise ModelArgumentError(f"smdm model argument ckpt={ckpt}: the checkpoint has no tokenizer.json (lm-eval "
-                             "requests are text)")
+            raise ModelArgumentError(f"smdm model argument ckpt={ckpt}: the checkpoint has no tokenizer.json "
+                                     "(lm-eval requests are text)")
         self.ckpt = str(ckpt)
         self.eos_id = eos_id_of(self.tokenizer)
         if method in (None, "", "none"):
@@ -234,15 +234,17 @@ class _Adapter:
         self.sampler = sampler
         self.threshold = None if threshold in (None, "", "none") else _float("threshold", threshold, -math.inf)
         if (sampler == "threshold") != (self.threshold is not None):
-            raise ModelArgumentError(f"smdm model argument threshold={threshold!r}: sampler=threshold needs it, the "
-                             f"other samplers take none (sampler={sampler})")
-        from smdm import checkpoint
-        from smdm.diffusion import parse_schedule
+            raise ModelArgumentError(f"smdm model argument threshold={threshold!r}: sampler=threshold needs it, "
+                                     f"the other samplers take none (sampler={sampler})")
+        from types import SimpleNamespace
 
-        if schedule in (None, "", "none"):  # as `smdm generate`: the schedule the model was trained with
-            schedule = checkpoint.trained_schedule(checkpoint.read_config(checkpoint.resolve(ckpt))) or "linear"
-        try:
-            self.schedule = parse_schedule(schedule).name
+        from smdm import checkpoint
+        from smdm.generate_cli import resolve_schedule
+
+        given = None if schedule in (None, "", "none") else schedule
+        try:  # as `smdm generate`: given, else the schedule the model was trained with, else linear
+            self.schedule = resolve_schedule(SimpleNamespace(schedule=given),
+                                             checkpoint.read_config(checkpoint.resolve(ckpt)))
         except ValueError as e:
             raise ModelArgumentError(f"smdm model argument schedule={schedule!r}: {e}") from None
         self.temperature = _float("temperature", temperature)

@@ -76,7 +76,8 @@ fn pack_run<I: Id, T: Item>(src: &[I], lens: &[u64], dst: &mut [MaybeUninit<T>],
 }
 
 /// `pack_run` compiled for AVX2, chosen at run time: the baseline x86-64 target (SSE2) has no unsigned
-/// 32-bit max or narrowing pack, so its loop runs at about a third of the memory's speed.
+/// 32-bit max or narrowing pack (16M uint32 ids into uint16 on the 2-core dev machine: 2.66 ms with the
+/// SSE2 loop, 1.68 ms with this one; a numpy copy of the output bytes took 1.1-1.4 ms).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn pack_run_avx2<I: Id, T: Item>(

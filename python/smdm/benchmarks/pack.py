@@ -120,13 +120,11 @@ def _vocab(value: str) -> int:
 
 def run(n_tokens: int = 16_000_000, mean_doc: int = 512, vocab_size: int = 32000, repeats: int = 5) -> list:
     from smdm import _core
-    from smdm.data import pack_documents_numpy
+    from smdm.data import pack_documents_numpy, shard_dtype
 
     eos = 0
     flat, lengths = make_documents(n_tokens, mean_doc, vocab_size)
     out_len = flat.size + lengths.size
-    from smdm.data import shard_dtype
-
     # the copy baseline: random bytes of the packed stream's size and dtype (uint32 past 65536 ids)
     src = np.random.default_rng(1).integers(0, vocab_size, out_len, dtype=shard_dtype(vocab_size))
     flat16 = flat.astype(np.uint16) if vocab_size <= 65536 else flat
@@ -205,7 +203,7 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.description = __doc__.split("\n")[0]
     parser.add_argument("--tokens", type=positive_int, default=16_000_000, help="document tokens to pack")
     parser.add_argument("--mean-doc", type=positive_int, default=512, help="mean document length (exponential)")
-    parser.add_argument("--vocab-size", type=lambda v: _vocab(v), default=32000,
+    parser.add_argument("--vocab-size", type=_vocab, default=32000,
                         help="ids (EOS is 0, so at least 2; past 65536 the stream is uint32)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per variant (best is kept)")
     parser.add_argument("--json", metavar="FILE", type=json_out, help="write one JSON record per variant")

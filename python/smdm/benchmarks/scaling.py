@@ -159,8 +159,8 @@ def training_flops(run: dict, vocab_size: int) -> dict:
       head       6 d V at the rows the output head runs on: every row (ARM); the masked rows (MDM: its
                  schedule's expected masked fraction)
       attention  12 n_layer L d: the scores and the weighted values over the L-token window (dense)
-    `total` is their sum. At the CPU default sizes the head alone is 2-16x the nominal count, so equal --flops
-    is not equal compute: `fit_total` compares the objectives on this total instead."""
+    `total` is their sum. In the CPU default sweep the head alone is 0.9-16x the nominal count and the total
+    2.1-17.4x it, so equal --flops is not equal compute: `fit_total` compares the objectives on this total."""
     from smdm.model import config_by_name
 
     cfg = config_by_name(run["size"], vocab_size=vocab_size)
