@@ -261,3 +261,171 @@ def test_threshold_sampler_with_blocks_takes_any_step_count(capsys, ckpts):
     assert rc == 0 and len(json.loads(out)["tokens"][0]) == 8, err
     rc, _, err = run(capsys, *base)
     assert rc == 2 and "multiple of the number of blocks" in err
+
+
+# ---- a file of inputs: --input FILE --output OUT (smdm.generate_file) ----
+
+
+def _write_jsonl(path, objs, blank_after=None):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, o in enumerate(objs):
+            f.write(json.dumps(o) + "\n")
+            if i == blank_after:
+                f.write("\n")
+    return str(path)
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+PROMPTS = [{"id": "a", "prompt": "the cat sat"}, {"id": "b", "prompt": [1, 7, 8, 9, 2]}, {"id": "c", "prompt": "a"},
+           {"id": "d", "prompt": "the dog ran on the mat"}, {"id": "e", "prompt": "the cat sat"}]
+SAMPLE = ["--gen-length", "8", "--steps", "8", "--temperature", "1", "--no-eos"]
+
+
+def test_input_file_rows_equal_one_generate_call_each(capsys, ckpts, tmp_path):
+    """Every record is the tokens of smdm.generate on its prompt alone with seed + sample, in input order with
+    the input object and its line kept; --batch-size (rows are batched shortest first) changes nothing."""
+    import smdm
+
+    inp = _write_jsonl(tmp_path / "p.jsonl", PROMPTS, blank_after=1)
+    outs = {}
+    for bs in ("1", "3"):
+        out = tmp_path / f"out{bs}.jsonl"
+        rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--input", inp, "--output", str(out),
+                         "--num-samples", "2", "--seed", "3", "--batch-size", bs, *SAMPLE)
+        assert rc == 0, err
+        assert f"wrote 10 rows to {out}" in err and not (tmp_path / f"out{bs}.jsonl.part").exists()
+        outs[bs] = out.read_bytes()
+    assert outs["1"] == outs["3"]
+    recs = _records(tmp_path / "out3.jsonl")
+    model, tok = smdm.load(ckpts["mdm"], device="cpu")
+    assert [(r["index"], r["sample"], r["seed"], r["input"]["id"]) for r in recs] == [
+        (i, j, 3 + j, o["id"]) for i, o in enumerate(PROMPTS) for j in range(2)]
+    assert [r["line"] for r in recs[::2]] == [1, 2, 4, 5, 6]  # the blank line 3 is skipped
+    for r in recs:
+        p = r["input"]["prompt"]
+        ids = tok.encode(p, add_special_tokens=False).ids if isinstance(p, str) else p
+        want = smdm.generate(model, [ids], gen_length=8, steps=8, temperature=1.0, seed=r["seed"])
+        assert r["tokens"] == want.tokens[0] and r["text"] == render(want.tokens[0], tok, model.config.mask_id)
+    assert recs[0]["tokens"] != recs[1]["tokens"]  # two samples of one prompt differ at temperature 1
+    assert recs[0]["tokens"] == recs[8]["tokens"]  # the same prompt and seed on another line: the same draw
+
+
+def test_input_file_for_infill_and_the_arm(capsys, ckpts, tmp_path):
+    import smdm
+
+    inp = _write_jsonl(tmp_path / "h.jsonl", [{"text": "the <|mask:3|> mat"}, {"text": [1, None, None, 5]}])
+    rc, _, err = run(capsys, "infill", "--ckpt", str(ckpts["mdm"]), "--input", inp, "--output",
+                     str(tmp_path / "f.jsonl"), "--temperature", "1", "--no-eos")
+    assert rc == 0, err
+    model, _ = smdm.load(ckpts["mdm"], device="cpu")
+    m = model.config.mask_id
+    got = [r["tokens"] for r in _records(tmp_path / "f.jsonl")]
+    assert got == [smdm.infill(model, [ids], temperature=1.0).tokens[0] for ids in ([1, m, m, m, 5], [1, m, m, 5])]
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["ar"]), "--input", _write_jsonl(
+        tmp_path / "p.jsonl", PROMPTS), "--output", str(tmp_path / "ar.jsonl"), "--gen-length", "4", "--no-eos")
+    assert rc == 0, err
+    arm, tok = smdm.load(ckpts["ar"], device="cpu")
+    first = _records(tmp_path / "ar.jsonl")[0]
+    assert first["tokens"] == smdm.generate(arm, [tok.encode("the cat sat").ids], gen_length=4).tokens[0]
+
+
+def test_interrupted_run_resumes_to_the_same_file(capsys, ckpts, tmp_path, monkeypatch):
+    """Ctrl-C after two batches leaves them in OUT.part (exit 130, no OUT); --resume runs only the rest, drops
+    a last line cut short by a crash, and writes the file an uninterrupted run writes."""
+    from smdm import sampling
+
+    inp = _write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    common = ["generate", "--ckpt", str(ckpts["mdm"]), "--input", inp, "--batch-size", "2", *SAMPLE]
+    rc, _, err = run(capsys, *common, "--output", str(tmp_path / "whole.jsonl"))
+    assert rc == 0, err
+    real, calls = sampling.generate, []
+
+    def interrupted(model, prompts, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(sampling, "generate", interrupted)
+    out, part = tmp_path / "out.jsonl", tmp_path / "out.jsonl.part"
+    rc, _, err = run(capsys, *common, "--output", str(out))
+    assert rc == 130 and "4 of 5 rows are in" in err and "--resume" in err
+    assert not out.exists() and len(part.read_text().splitlines()) == 1 + 4
+    rc, _, err = run(capsys, *common, "--output", str(out))
+    assert rc == 2 and "add --resume" in err
+    with open(part, "a") as f:
+        f.write('{"index": 4, "sam')  # a crash in the middle of a write
+    calls.clear()
+    rc, _, err = run(capsys, *common, "--output", str(out), "--resume")
+    assert rc == 0, err
+    assert calls == [1] and "resuming: 4 of 5 rows" in err and not part.exists()
+    assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    rc, _, err = run(capsys, *common, "--output", str(out))
+    assert rc == 2 and "exists: add --overwrite" in err
+    monkeypatch.undo()
+    assert run(capsys, *common, "--output", str(out), "--overwrite")[0] == 0
+
+
+def test_resume_refuses_a_part_of_other_settings_or_input(capsys, ckpts, tmp_path, monkeypatch):
+    from smdm import sampling
+
+    inp = _write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    out = str(tmp_path / "out.jsonl")
+    common = ["generate", "--ckpt", str(ckpts["mdm"]), "--batch-size", "2", "--output", out, *SAMPLE]
+
+    def stop(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "generate", stop)
+    assert run(capsys, *common, "--input", inp)[0] == 130
+    monkeypatch.undo()
+    rc, _, err = run(capsys, *common, "--input", inp, "--resume", "--seed", "7")
+    assert rc == 2 and "other settings (seed: 0 there, 7 now)" in err
+    _write_jsonl(tmp_path / "p.jsonl", PROMPTS[:3])
+    rc, _, err = run(capsys, *common, "--input", inp, "--resume")
+    assert rc == 2 and "input_sha256" in err
+    (tmp_path / "out.jsonl.part").write_text("garbage\n")
+    rc, _, err = run(capsys, *common, "--input", inp, "--resume")
+    assert rc == 2 and "not a `smdm generate --output` part file" in err
+
+
+@pytest.mark.parametrize("line,msg", [
+    ({"text": "x"}, "p.jsonl:2: missing field 'prompt' (choose the field with --field)"),
+    ({"prompt": 5}, "p.jsonl:2: field 'prompt' must be a string or a list of token ids, got int"),
+    ({"prompt": [1, 99]}, "p.jsonl:2: field 'prompt' holds 99: token ids are ints in [0, 11)"),
+    ({"prompt": [1, None]}, "p.jsonl:2: field 'prompt' holds None"),
+    ({"prompt": "the " * 60}, "p.jsonl:2: field 'prompt' has 60 tokens: with --gen-length 8 that is 68 >"),
+])
+def test_bad_input_lines_are_named(capsys, ckpts, tmp_path, line, msg):
+    inp = _write_jsonl(tmp_path / "p.jsonl", [PROMPTS[0], line])
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--input", inp, "--output",
+                     str(tmp_path / "o.jsonl"), *SAMPLE)
+    assert rc == 2 and msg in err, err
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.part").exists()
+
+
+def test_input_file_errors(capsys, ckpts, tmp_path):
+    m = str(ckpts["mdm"])
+    inp = _write_jsonl(tmp_path / "h.jsonl", [{"text": [1, 2]}])
+    rc, _, err = run(capsys, "infill", "--ckpt", m, "--input", inp, "--output", str(tmp_path / "o"))
+    assert rc == 2 and "h.jsonl:1: field 'text' has no masked position: mark the positions to fill with null" in err
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "the"}\n{"prompt": \n')
+    rc, _, err = run(capsys, "generate", "--ckpt", m, "--input", str(tmp_path / "bad.jsonl"), "--output",
+                     str(tmp_path / "o"))
+    assert rc == 2 and "bad.jsonl:2: not valid JSON" in err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    rc, _, err = run(capsys, "generate", "--ckpt", m, "--input", str(tmp_path / "empty.jsonl"), "--output",
+                     str(tmp_path / "o"))
+    assert rc == 2 and "no JSON objects" in err
+    for argv, msg in ((["--input", inp], "--input needs --output"),
+                      (["--prompt", "x", "--output", str(tmp_path / "o")], "--output go with --input FILE"),
+                      (["--prompt", "x", "--resume", "--batch-size", "4"], "--batch-size, --resume go with"),
+                      (["--input", inp, "--output", str(tmp_path / "o"), "--json"], "--json does not go with --input")):
+        rc, _, err = run(capsys, "generate", "--ckpt", m, *argv)
+        assert rc == 2 and msg in err, (argv, err)
+    with pytest.raises(SystemExit):  # argparse's error, before the checkpoint loads
+        cli.main(["generate", "--ckpt", m, "--input", inp, "--output", str(tmp_path / "nodir" / "o")])
+    assert "argument --output" in capsys.readouterr().err

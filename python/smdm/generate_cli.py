@@ -25,6 +25,8 @@ import re
 import sys
 import time
 
+from smdm.cli import json_out, positive_int
+
 HOLE = re.compile(r"<\|mask(?::(\d+))?\|>")
 MALFORMED = re.compile(r"<\|\s*mask", re.IGNORECASE)  # what is left of a hole tag that HOLE did not match
 MASK_GLYPH = "·"
@@ -40,12 +42,14 @@ def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
         src = parser.add_mutually_exclusive_group(required=True)
         src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
         src.add_argument("--prompt-ids", action="append", help="prompt token ids, e.g. '1 2 3' (repeatable)")
+        src.add_argument("--input", metavar="FILE", help="JSONL of prompts (field --field): needs --output")
         parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default 128)")
         parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: gen length)")
     else:
         src = parser.add_mutually_exclusive_group(required=True)
         src.add_argument("--text", action="append", help="text with <|mask:N|> holes (repeat for a batch)")
         src.add_argument("--ids", action="append", help="token ids with '_' for masked positions")
+        src.add_argument("--input", metavar="FILE", help="JSONL of texts with holes (field --field): needs --output")
         parser.add_argument("--steps", type=int, default=None, help="steps (default: one per hole token)")
     parser.add_argument("--sampler", default="low_confidence", help="ancestral | low_confidence | threshold")
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length")
@@ -72,6 +76,16 @@ def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--show-steps", action="store_true", help="draw the denoising step by step")
     parser.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, stats)")
+    batch = parser.add_argument_group("a file of inputs (--input; smdm.generate_file)")
+    batch.add_argument("--output", metavar="OUT", type=json_out,
+                       help="JSONL written atomically when done: one record per input and sample, input order")
+    batch.add_argument("--field", default=None,
+                       help="the input objects' field: text, or a list of token ids (default "
+                            f"{'prompt' if name == 'generate' else 'text'})")
+    batch.add_argument("--batch-size", type=positive_int, default=16,
+                       help="rows per sampler call (default 16; does not change the tokens)")
+    batch.add_argument("--resume", action="store_true", help="continue the unfinished run kept in OUT.part")
+    batch.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.set_defaults(func=lambda args: main(args, name))
 
 
@@ -79,6 +93,17 @@ def check_args(args, name: str) -> None:
     """Errors that need no checkpoint (raised as ValueError with a message for the user)."""
     from smdm.sampling import CACHES, CONFIDENCES, SAMPLERS
 
+    if args.input is None:
+        given = [f"--{k.replace('_', '-')}" for k, default in BATCH_ONLY if getattr(args, k) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} go with --input FILE")
+    else:
+        if args.output is None:
+            raise ValueError("--input needs --output OUT (the JSONL the records go to)")
+        for flag in ("show_steps", "json"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} does not go with --input (the records go to --output)")
+        args.field = args.field or ("prompt" if name == "generate" else "text")
     if name == "generate" and args.gen_length < 1:
         raise ValueError(f"--gen-length must be >= 1, got {args.gen_length}")
     if args.steps is not None and args.steps < 1:
@@ -232,6 +257,19 @@ def main(args, name: str = "generate") -> int:
     mask_id = cfg.mask_id
     try:
         schedule = resolve_schedule(args, checkpoint.read_config(step_dir))
+        if name == "infill" and cfg.causal:
+            raise ValueError("this checkpoint is an autoregressive model: it cannot infill")
+        if cfg.causal:
+            note_mdm_only(args, MDM_ONLY, "smdm generate", "the checkpoint is an autoregressive model (left to "
+                          "right, one token per forward pass)")
+        opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    cfg_scale=args.cfg_scale, confidence=args.confidence,
+                    eos_id=_eos_id(args, tokenizer), cache=args.cache, schedule=schedule)
+        if args.input is not None:
+            from smdm import generate_file
+
+            return generate_file.run(args, name, model, tokenizer, step_dir, schedule, opts)
         if name == "generate":
             if args.prompt is not None:
                 if tokenizer is None:
@@ -239,27 +277,17 @@ def main(args, name: str = "generate") -> int:
                 rows = [tokenizer.encode(p, add_special_tokens=False).ids for p in args.prompt]
             else:
                 rows = [parse_ids(p) for p in args.prompt_ids]
+        elif args.text is not None:
+            if tokenizer is None:
+                raise ValueError(f"{args.ckpt} has no tokenizer.json: give --ids")
+            rows = [encode_with_holes(tokenizer, t, mask_id, max_len=cfg.max_seq_len) for t in args.text]
         else:
-            if cfg.causal:
-                raise ValueError("this checkpoint is an autoregressive model: it cannot infill")
-            if args.text is not None:
-                if tokenizer is None:
-                    raise ValueError(f"{args.ckpt} has no tokenizer.json: give --ids")
-                rows = [encode_with_holes(tokenizer, t, mask_id, max_len=cfg.max_seq_len) for t in args.text]
-            else:
-                rows = [parse_ids(t, mask_id) for t in args.ids]
-                if any(mask_id not in r for r in rows):
-                    raise ValueError("--ids has no masked position: mark the positions to fill with '_'")
-        if cfg.causal:
-            note_mdm_only(args, MDM_ONLY, "smdm generate", "the checkpoint is an autoregressive model (left to "
-                          "right, one token per forward pass)")
+            rows = [parse_ids(t, mask_id) for t in args.ids]
+            if any(mask_id not in r for r in rows):
+                raise ValueError("--ids has no masked position: mark the positions to fill with '_'")
         n = args.num_samples  # rows: input 0's samples, then input 1's, ...
         rows = [r for r in rows for _ in range(n)]
-        opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    cfg_scale=args.cfg_scale, seed=[args.seed + j % n for j in range(len(rows))],
-                    confidence=args.confidence,
-                    eos_id=_eos_id(args, tokenizer), cache=args.cache, schedule=schedule)
+        opts["seed"] = [args.seed + j % n for j in range(len(rows))]
         callback = _drawer(tokenizer, mask_id if mask_id is not None else -1) if args.show_steps else None
         t0 = time.perf_counter()
         if name == "generate":
@@ -297,6 +325,9 @@ def note_mdm_only(args, defaults, command: str, what: str) -> None:
         print(f"{command}: note: {what}: {', '.join(unused)} apply to the MDM only and are unused for it",
               file=sys.stderr)
 
+
+# the options of a file of inputs (--input), with their defaults
+BATCH_ONLY = (("output", None), ("field", None), ("batch_size", 16), ("resume", False), ("overwrite", False))
 
 # the `smdm generate` options the ARM twin does not use, with their defaults
 MDM_ONLY = (("steps", None), ("sampler", "low_confidence"), ("block_length", None), ("threshold", None),
