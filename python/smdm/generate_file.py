@@ -15,8 +15,8 @@ Output: one JSON object per (input, sample), in input order: `index` (0-based am
 cut before EOS; infill: the filled sequence), `text` (null without a tokenizer) and `input` (the input
 object as read, for joining). OUT is written once, atomically, when every row is done.
 
-Rows are batched by length (shortest first; equal lengths in input order), which makes the prefix K/V cache
-and the padding cheap. A row's tokens do not depend on its batch (the sampler's batch invariance,
+Rows are batched by length (shortest first; equal lengths in input order): a batch pads its rows to its
+longest, and the prefix K/V cache runs rows of one length together. A row's tokens do not depend on its batch (the sampler's batch invariance,
 smdm.sampling), so neither the order nor `--batch-size` changes OUT on the CPU (on CUDA, GEMM kernels chosen
 per shape can change the last bits of the logits).
 
