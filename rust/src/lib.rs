@@ -4,6 +4,7 @@ pub mod error;
 pub mod litpkds;
 pub mod mask;
 pub mod pack;
+pub mod pool;
 pub mod rng;
 pub mod sampler;
 pub mod shard;

@@ -326,7 +326,9 @@ fn validate(
             ));
         }
     }
-    if cfg.sample_offset.checked_add(batch as u64).is_none() {
+    // One past the last sample index, in u128: sample indices go up to u64::MAX inclusive.
+    let end = cfg.sample_offset as u128 + batch as u128;
+    if end > u64::MAX as u128 + 1 {
         return bad("forward_process: sample_offset + batch overflows u64".into());
     }
     let gb = match cfg.global_batch {
@@ -337,9 +339,10 @@ fn validate(
                  global batch size)"
                 .into(),
         ),
-        None => cfg.sample_offset + batch as u64,
+        // Used only by stratified t (not this case): the reference's sample_offset + batch, capped.
+        None => end.min(u64::MAX as u128) as u64,
     };
-    if gb == 0 || cfg.sample_offset + batch as u64 > gb {
+    if cfg.global_batch.is_some() && (gb == 0 || end > gb as u128) {
         return bad(format!(
             "forward_process: global_batch {gb} must be >= 1 and cover sample_offset {} + batch {batch}",
             cfg.sample_offset
@@ -514,12 +517,14 @@ pub fn forward_process_into<T: TokenId>(
         return Ok(len);
     }
     if n >= PAR_MIN_TOKENS && batch > 1 {
-        noisy
-            .par_chunks_mut(len)
-            .zip(mask.par_chunks_mut(len))
-            .zip(weight.par_chunks_mut(len))
-            .enumerate()
-            .for_each(|(i, ((nz, m), w))| row(i, nz, m, w));
+        crate::pool::install(|| {
+            noisy
+                .par_chunks_mut(len)
+                .zip(mask.par_chunks_mut(len))
+                .zip(weight.par_chunks_mut(len))
+                .enumerate()
+                .for_each(|(i, ((nz, m), w))| row(i, nz, m, w))
+        });
     } else {
         for (i, ((nz, m), w)) in noisy
             .chunks_mut(len)
@@ -618,6 +623,25 @@ mod tests {
             let t = mask_threshold(p) as u64;
             assert!(uniform((t - 1) << 11) < p && uniform(t << 11) >= p);
         }
+    }
+
+    /// Sample indices go up to u64::MAX inclusive: the last batch that fits is accepted (as by the numpy
+    /// reference), one past it is an error; global_batch must cover the batch.
+    #[test]
+    fn sample_offset_up_to_the_last_index() {
+        let x = tokens(2, 4);
+        let at = |offset: u64, gb: Option<u64>| {
+            let c = ForwardConfig {
+                sample_offset: offset,
+                global_batch: gb,
+                ..cfg(0)
+            };
+            forward_process(&c, &x, 2, 4, None)
+        };
+        assert!(at(u64::MAX - 1, None).is_ok());
+        assert!(at(u64::MAX, None).is_err());
+        assert!(at(u64::MAX - 1, Some(u64::MAX)).is_err());
+        assert!(at(3, Some(5)).is_ok() && at(4, Some(5)).is_err() && at(0, Some(0)).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! Work is split into contiguous runs of documents of about equal token count, copied in parallel (rayon).
 use std::mem::MaybeUninit;
 
+use crate::pool;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -100,8 +101,9 @@ pub fn doc_starts(lengths: &[u64], n_tokens: usize) -> Result<(Vec<u64>, usize)>
         total = total
             .checked_add(l)
             .ok_or_else(|| Error::Invalid("document lengths overflow".into()))?;
-        pos = pos
-            .checked_add(l + 1)
+        pos = l
+            .checked_add(1)
+            .and_then(|l1| pos.checked_add(l1))
             .ok_or_else(|| Error::Invalid("document lengths overflow".into()))?;
     }
     if total != n_tokens as u64 {
@@ -136,7 +138,7 @@ pub fn pack_into<I: Id, T: Item>(
         )));
     }
     // Runs of whole documents of ~`target` tokens: enough pieces to balance threads, big enough to stream.
-    let target = (tokens.len() / (rayon::current_num_threads() * 8)).max(1 << 16);
+    let target = (tokens.len() / (pool::threads() * 8)).max(1 << 16);
     // (input ids, document lengths, output slots) of each run
     type Job<'a, I, T> = (&'a [I], &'a [u64], &'a mut [MaybeUninit<T>]);
     let mut jobs: Vec<Job<I, T>> = Vec::new();
@@ -160,18 +162,19 @@ pub fn pack_into<I: Id, T: Item>(
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
-    let bad = jobs
-        .into_par_iter()
-        .map(|(src, lens, dst)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU supports AVX2 (detected above).
-                return unsafe { pack_run_avx2(src, lens, dst, eos) } >= vocab_size;
-            }
-            let _ = avx2;
-            pack_run(src, lens, dst, eos) >= vocab_size
-        })
-        .reduce(|| false, |a, b| a || b);
+    let bad = pool::install(|| {
+        jobs.into_par_iter()
+            .map(|(src, lens, dst)| {
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU supports AVX2 (detected above).
+                    return unsafe { pack_run_avx2(src, lens, dst, eos) } >= vocab_size;
+                }
+                let _ = avx2;
+                pack_run(src, lens, dst, eos) >= vocab_size
+            })
+            .reduce(|| false, |a, b| a || b)
+    });
     if bad {
         // Rare path: find the first offender (and its document) for the message.
         let i = tokens
@@ -228,6 +231,14 @@ mod tests {
         let (s, st) = pack::<u32, u16>(&[5u32, 6, 7, 8], &[2, 0, 2], 0, 10).unwrap();
         assert_eq!(s, vec![5, 6, 0, 0, 7, 8, 0]);
         assert_eq!(st, vec![0, 3, 4]);
+    }
+
+    /// A length of u64::MAX is an error, not an overflow panic (debug builds check `l + 1`).
+    #[test]
+    fn doc_starts_refuses_overflowing_lengths() {
+        assert!(doc_starts(&[u64::MAX], 0).is_err());
+        assert!(doc_starts(&[u64::MAX - 1, 0], 0).is_err());
+        assert!(doc_starts(&[1, 2], 3).unwrap() == (vec![0, 2], 5));
     }
 
     #[test]

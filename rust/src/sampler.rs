@@ -382,11 +382,13 @@ pub fn choose_rows(
         (*tok, *c) = choose_row(&logits[n * vocab..(n + 1) * vocab], k, choice);
     };
     if logits.len() >= PAR_MIN_LOGITS {
-        tokens
-            .par_iter_mut()
-            .zip(confs.par_iter_mut())
-            .enumerate()
-            .for_each(one);
+        crate::pool::install(|| {
+            tokens
+                .par_iter_mut()
+                .zip(confs.par_iter_mut())
+                .enumerate()
+                .for_each(one)
+        });
     } else {
         tokens
             .iter_mut()

@@ -34,6 +34,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::pool;
 use rayon::prelude::*;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::ModelWrapper;
@@ -393,6 +394,10 @@ impl Tok {
     /// Word counting uses the fast splitter (same pieces as the crate's pre-tokenizer, see the module
     /// docs); `train_bpe_reference` is the crate's own `Tokenizer::train` and gives the same JSON.
     pub fn train_bpe(texts: &[&str], vocab_size: u32) -> Result<Tok> {
+        pool::install(|| Self::train_bpe_here(texts, vocab_size))
+    }
+
+    fn train_bpe_here(texts: &[&str], vocab_size: u32) -> Result<Tok> {
         let here = Path::new("<trained tokenizer>");
         let mut trainer = bpe_trainer(vocab_size)?;
         let split = FastByteLevel::plain()
@@ -420,6 +425,10 @@ impl Tok {
 
     /// `train_bpe` through the crate's `Tokenizer::train` (its fancy-regex pre-tokenizer): the reference.
     pub fn train_bpe_reference(texts: &[&str], vocab_size: u32) -> Result<Tok> {
+        pool::install(|| Self::train_bpe_reference_here(texts, vocab_size))
+    }
+
+    fn train_bpe_reference_here(texts: &[&str], vocab_size: u32) -> Result<Tok> {
         let here = Path::new("<trained tokenizer>");
         let mut trainer = bpe_trainer(vocab_size)?;
         let mut tk = byte_level_builder(BPE::default())?;
@@ -439,6 +448,10 @@ impl Tok {
 
     /// Ids of each document (no special tokens added), in parallel.
     pub fn encode_docs(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        pool::install(|| self.encode_docs_here(texts))
+    }
+
+    fn encode_docs_here(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         let (doc_of, ids) = self.encode_tasks(texts, SEGMENT_BYTES)?;
         let mut docs: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
         for (d, v) in doc_of.into_iter().zip(ids) {
@@ -517,6 +530,10 @@ impl Tok {
 
     /// The crate's own encoding (the reference for the fast path).
     pub fn encode_docs_reference(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        pool::install(|| self.encode_docs_reference_here(texts))
+    }
+
+    fn encode_docs_reference_here(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         texts
             .par_iter()
             .map(|t| {
@@ -530,6 +547,13 @@ impl Tok {
 
     /// Encode and pack: stream = doc0 + [EOS] + doc1 + [EOS] + ..., and the document starts.
     pub fn encode_pack<T: pack::Item + Default>(
+        &self,
+        texts: &[&str],
+    ) -> Result<(Vec<T>, Vec<u64>)> {
+        pool::install(|| self.encode_pack_here(texts))
+    }
+
+    fn encode_pack_here<T: pack::Item + Default>(
         &self,
         texts: &[&str],
     ) -> Result<(Vec<T>, Vec<u64>)> {
