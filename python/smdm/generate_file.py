@@ -16,9 +16,9 @@ cut before EOS; infill: the filled sequence), `text` (null without a tokenizer) 
 object as read, for joining). OUT is written once, atomically, when every row is done.
 
 Rows are batched by length (shortest first; equal lengths in input order): a batch pads its rows to its
-longest, and the prefix K/V cache runs rows of one length together. A row's tokens do not depend on its batch (the sampler's batch invariance,
-smdm.sampling), so neither the order nor `--batch-size` changes OUT on the CPU (on CUDA, GEMM kernels chosen
-per shape can change the last bits of the logits).
+longest, and the prefix K/V cache runs rows of one length together. A row's tokens do not depend on its
+batch (the sampler's batch invariance, smdm.sampling), so neither the order nor `--batch-size` changes OUT
+on the CPU (on CUDA, GEMM kernels chosen per shape can change the last bits of the logits).
 
 Resume: finished batches are appended to `OUT.part` and fsynced; its first line records the settings, the
 checkpoint and a digest of the input, and `--resume` refuses a `.part` written with other ones (it would
