@@ -44,6 +44,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
@@ -91,7 +92,7 @@ MAX_LOG_BYTES = 15 << 20  # the device tool brings back files of at most 16 MiB
 PLAN = {
     #                   estimate  cap  min_start  reserve
     "build": (60, 300, 20, 0),
-    "tests": (140, 200, 45, 120),
+    "tests": (140, 260, 45, 120),
     "sampler": (35, 120, 30, 90),
     "attention": (35, 120, 30, 60),
     "generate": (60, 150, 45, 40),
@@ -148,23 +149,35 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+HOST_SLACK_CYCLES = 2_000_000  # ~1 ms of GPU clock: a spin queued before each timed call (see cuda_time)
+
+
 def cuda_time(fn, setup=None, reps: int = 10, warmup: int = 3) -> dict:
     """Median / min milliseconds of fn(*setup()) with CUDA events (wall clock in smoke mode); `setup()`
-    (untimed, synchronized before the start event) draws fresh inputs each repetition."""
+    (untimed, synchronized before the start event) draws fresh inputs each repetition.
+
+    After the synchronize the GPU would be idle, so the start event would fire at once and the host's work
+    before the first kernel (Python checks, op dispatch, allocations, attribute calls: tens of microseconds)
+    would count as GPU time, a large share of a sub-millisecond kernel. A ~1 ms spin kernel queued first keeps
+    the GPU busy while the host enqueues; the events then time the GPU work alone. `host_ms` is the host's
+    enqueue time per call (median), reported beside it."""
     if SMOKE:
         reps, warmup = min(reps, 2), min(warmup, 1)
     for _ in range(warmup):
         args = setup() if setup else ()
         fn(*args)
     sync()
-    times = []
+    times, host = [], []
     for _ in range(reps):
         args = setup() if setup else ()
         sync()
         if DEV == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(HOST_SLACK_CYCLES)
             a.record()
+            t = time.perf_counter()
             fn(*args)
+            host.append((time.perf_counter() - t) * 1e3)
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b))
@@ -172,8 +185,11 @@ def cuda_time(fn, setup=None, reps: int = 10, warmup: int = 3) -> dict:
             t = time.perf_counter()
             fn(*args)
             times.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps, "warmup": warmup,
-            "times_ms": [round(x, 4) for x in times]}
+    out = {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps, "warmup": warmup,
+           "times_ms": [round(x, 4) for x in times]}
+    if host:
+        out["host_ms"] = round(statistics.median(host), 4)  # ~1 ms or more: the spin no longer hid it
+    return out
 
 
 def _cuda_fatal(e: BaseException) -> bool:
@@ -298,6 +314,18 @@ def section_env() -> dict:
     for mod in ("pytest", "pytest_timeout", "pytest_benchmark", "cupy", "triton"):
         spec = importlib.util.find_spec(mod)
         info[mod] = spec.origin if spec else None
+    # what the nvcc/pybind11 build and Triton (inductor, compiled FlexAttention) need: without them those
+    # fail with messages far from the cause
+    import sysconfig
+
+    py_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    info["python_h"] = str(py_h) if py_h.is_file() else f"missing ({py_h})"
+    for cc in ("gcc", "g++"):
+        try:
+            v = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=15).stdout
+            info[cc] = v.splitlines()[0] if v else "no output"
+        except Exception as e:
+            info[cc] = f"unavailable: {type(e).__name__}"
     if DEV != "cuda":
         info["gpu"] = "none (CPU smoke run: numbers are meaningless)"
         return info
@@ -523,7 +551,7 @@ def child_attention(part: Part, ctx: dict) -> None:
         r = part.data.get(name)
         if isinstance(r, dict) and "kernel_TFLOPs" in r:
             log(f"attention {name}: {r['kernel_TFLOPs']} TFLOP/s, flash x{r.get('ratio_vs_flash')}, "
-                f"cudnn x{r.get('ratio_vs_cudnn')}, err/sdpa {r.get('err_ratio_vs_sdpa_math')}")
+                f"cudnn x{r.get('ratio_vs_cudnn')}, err/bf16 {r.get('err_ratio_vs_plain_bf16')} (<= 2)")
 
 
 def _bench_attention(B, H, Lq, Lk, D, docs) -> dict:
@@ -586,20 +614,23 @@ def _bench_attention(B, H, Lq, Lk, D, docs) -> dict:
 def _attention_error(res, K, q, k, v, qs, ks):
     ref = K.attention_reference(q, k, v, q_segment_ids=qs, k_segment_ids=ks, out_dtype=torch.float32)
     out = K.attention(q, k, v, q_segment_ids=qs, k_segment_ids=ks, backend=KERNEL).float()
+    from smdm.kernels._reference import attention_plain
+
     res["finite"] = bool(torch.isfinite(out).all())
-    res["max_abs_err_vs_fp32"] = float((out - ref).abs().max())
-    # the flash-attention test criterion: the kernel's error vs fp32 at most 2x plain PyTorch's in bf16
+    err = res["max_abs_err_vs_fp32"] = float((out - ref).abs().max())
+    # the tests' criterion (flash-attention's): the kernel's error vs fp32 at most 2x plain PyTorch's in bf16
+    plain = attention_plain(q, k, v, q_segment_ids=qs, k_segment_ids=ks).float()
+    res["max_abs_err_plain_bf16"] = float((plain - ref).abs().max())
+    res["err_ratio_vs_plain_bf16"] = round(err / max(res["max_abs_err_plain_bf16"], 1e-12), 2)  # target <= 2
+    # SDPA's math backend, for reference: it computes bf16 inputs in float32 and rounds once, so a ratio near
+    # 1 against it is as good as a kernel can get
     mask = None if qs is None else qs[:, None, :, None] == ks[:, None, None, :]
-    res["max_abs_err_sdpa_math_bf16"] = float((_sdpa_math(q, k, v, mask).float() - ref).abs().max())
-    res["err_ratio_vs_sdpa_math"] = round(res["max_abs_err_vs_fp32"] / max(res["max_abs_err_sdpa_math_bf16"], 1e-12), 2)
-
-
-def _sdpa_math(q, k, v, mask):
-    """Plain PyTorch attention in the inputs' precision (SDPA's math backend): the error yardstick."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        math = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()
+    res["max_abs_err_sdpa_math"] = float((math - ref).abs().max())
+    res["err_ratio_vs_sdpa_math"] = round(err / max(res["max_abs_err_sdpa_math"], 1e-12), 2)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1065,7 +1096,7 @@ class Suite:
             return self.skip("tests", "pytest not importable (pip install --target .gpu_pkgs pytest pytest-timeout)")
         log(f"--- tests (pytest -m gpu, limit {limit:.0f} s)")
         junit = self.out / "pytest-junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs",
+        cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs",
                f"--junitxml={junit}", "-W", "ignore::pytest.PytestConfigWarning"]
         if find("pytest_timeout"):  # a hung kernel: stack dump and exit instead of eating the section
             cmd += ["-o", "timeout=120", "-o", "timeout_method=thread"]
@@ -1073,7 +1104,10 @@ class Suite:
         # a test; CI keeps them errors); this also drops the ini's filter naming pytest_benchmark's class, which
         # is a config error where pytest-benchmark is not installed
         cmd += ["-o", "filterwarnings=default\nignore::DeprecationWarning\nignore::pytest.PytestConfigWarning"]
-        cmd += ["tests/test_kernels.py", "tests/test_model.py", "tests/test_linear_ce.py"]
+        # test_model.py last: its FlexAttention test compiles three models on a cold cache (estimated 60-150 s,
+        # its own 300 s limit); a timeout there (pytest-timeout's thread method ends the whole run) or the
+        # section's limit then costs only that test, and -v leaves every finished test's outcome in the log
+        cmd += ["tests/test_kernels.py", "tests/test_linear_ce.py", "tests/test_model.py"]
         rc, timed_out, secs = _spawn(cmd, self.out / LOG_NAMES["tests"], env, limit, "tests")
         text = (self.out / LOG_NAMES["tests"]).read_text(errors="replace")
         text = text[text.rfind("##### tests"):]
@@ -1081,11 +1115,18 @@ class Suite:
         r = {"command": " ".join(cmd), "returncode": rc, "timed_out": timed_out,
              "summary": lines[-1] if lines else "(no output)",
              "failed": [ln[:300] for ln in lines if ln.startswith(("FAILED", "ERROR"))][:40]}
-        r.update(_junit_counts(junit))
+        r.update(_junit_counts(junit) or _verbose_counts(text))
         self.results["tests"] = r
         ok = rc == 0 and not timed_out
         self.status("tests", "ok" if ok else ("killed" if timed_out else "failed"), secs)
         log(f"tests: {r['summary']}" + ("" if ok else "\n" + _log_tail(self.out / LOG_NAMES["tests"], 30)))
+
+
+def _verbose_counts(text: str) -> dict:
+    """Outcome counts from pytest -v lines ("path::test PASSED [ 3%]"), for a run killed before its JUnit file."""
+    out = {k: len(re.findall(rf"::\S+ {k}\b", text)) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    return {"from_log": True, "passed": out["PASSED"], "failures": out["FAILED"], "errors": out["ERROR"],
+            "skipped": out["SKIPPED"]}
 
 
 def _junit_counts(path: Path) -> dict:
@@ -1239,13 +1280,13 @@ def print_table(r: dict) -> None:
             print(f"  rows only vs torch.compile: {_short(s)}")
     if "attention" in r:
         print(f"{'attention bf16 (target x flash >= 1, x cudnn >= 0.9)':44s} {'ms':>8s} {'TFLOP/s':>7s} "
-              f"{'x flash':>7s} {'x cudnn':>8s} {'err/sdpa':>8s}")
+              f"{'x flash':>7s} {'x cudnn':>8s} {'err/bf16':>8s}")
     for name, s in _items(r.get("attention")):
         if isinstance(s, dict) and "kernel" in s:
             xf = _fmt(s["ratio_vs_flash"]) if "ratio_vs_flash" in s else (
                 _fmt(s.get("ratio_vs_sdpa_efficient_masked")) + "e")  # flash takes no mask: see the note below
             print(f"  {name:42s} {s['kernel']['median_ms']:8.3f} {_fmt(s.get('kernel_TFLOPs'), '7.1f')} "
-                  f"{xf:>7s} {_fmt(s.get('ratio_vs_cudnn')):>8s} {_fmt(s.get('err_ratio_vs_sdpa_math')):>8s}")
+                  f"{xf:>7s} {_fmt(s.get('ratio_vs_cudnn')):>8s} {_fmt(s.get('err_ratio_vs_plain_bf16')):>8s}")
         else:
             print(f"  {name:42s} {_short(s)}")
     if any(isinstance(s, dict) and "ratio_vs_sdpa_efficient_masked" in s and "ratio_vs_flash" not in s

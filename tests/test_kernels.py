@@ -1502,13 +1502,9 @@ def _segments(B, L, ndocs, g):
 
 def _low_precision_attention(q, k, v, qs, ks, scale):
     """Plain PyTorch at the inputs' precision (the baseline error of the 2x rule)."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if qs is not None:
-        s = s.masked_fill(qs[:, None, :, None] != ks[:, None, None, :], float("-inf"))
-    p = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
-    return p @ v
+    from smdm.kernels._reference import attention_plain
+
+    return attention_plain(q, k, v, q_segment_ids=qs, k_segment_ids=ks, scale=scale)
 
 
 @gpu

@@ -542,6 +542,7 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(300)  # three FlexAttention compiles (forward + backward) on a cold cache: not a hang
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flex_attention_on_gpu():
     """The compiled FlexAttention on CUDA in bf16 (autocast over float32 weights, as `smdm train` runs), forward

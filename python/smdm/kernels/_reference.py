@@ -308,3 +308,17 @@ def attention_reference(
     else:
         p = torch.softmax(s, dim=-1)
     return torch.matmul(p, vf).to(out_dtype or q.dtype)
+
+
+def attention_plain(q, k, v, *, q_segment_ids=None, k_segment_ids=None, scale: float | None = None):
+    """Plain PyTorch attention at the inputs' precision: both matrix products in q's dtype (bf16/fp16), the
+    softmax in float32 rounded back to q's dtype. The yardstick of the kernels' accuracy rule (flash-attention's):
+    the kernel's error against `attention_reference` is at most 2x this function's. (SDPA's math backend is no
+    such yardstick: since torch 2.5 it computes bf16/fp16 inputs in float32.)"""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, Hq, Lq, Lk)
+    if q_segment_ids is not None:
+        s = s.masked_fill(q_segment_ids[:, None, :, None] != k_segment_ids[:, None, None, :], float("-inf"))
+    p = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)  # rows that see no key: 0
+    return p @ v
