@@ -927,7 +927,7 @@ def _spawn(cmd: list, log_path: Path, env: dict, timeout: float, header: str) ->
         f.flush()
         t = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             process_group=0)
+                             start_new_session=True)  # its own process group (process_group= is Python >= 3.11)
         _CHILD = p
         try:
             rc, timed_out = p.wait(timeout=max(1.0, timeout)), False

@@ -161,6 +161,11 @@ def test_activation_checkpointing_recomputes_blocks_only_with_grad():
     assert all(torch.equal(a, b) for a, b in zip(cache_a.k, cache_b.k))
 
 
+# aot_eager's gradients equal eager's bit for bit from torch 2.9 on (checked with 2.11 and 2.15); torch 2.8 differs
+# by ~4e-7 of a gradient's largest value, with the same loss
+EXACT_AOT_EAGER = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 9)
+
+
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning")
 def test_blocks_trace_whole_under_torch_compile():
     """Each block, activation checkpointing included, is captured by dynamo as one graph (fullgraph=True: a
@@ -176,7 +181,10 @@ def test_blocks_trace_whole_under_torch_compile():
             loss0, g0 = _loss_and_grads(causal, False)
             loss1, g1 = _loss_and_grads(causal, True, compile_backend="aot_eager")
             assert torch.equal(loss0, loss1)
-            assert all(torch.equal(g0[n], g1[n]) for n in g0)
+            if EXACT_AOT_EAGER:
+                assert all(torch.equal(g0[n], g1[n]) for n in g0)
+            else:  # torch < 2.9 (Python 3.9's last): its recompute runs some float32 sums in another order
+                assert all(((g0[n] - g1[n]).abs().max() <= 1e-6 * g0[n].abs().max()).item() for n in g0)
     finally:
         torch._dynamo.reset()
     assert counters["stats"]["unique_graphs"] - graphs == 2  # one per objective, shared by the blocks
