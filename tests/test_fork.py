@@ -8,9 +8,12 @@ parallel work on a pool of the current process (rust/src/pool.rs). The check run
 below takes its parallel path."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 SCRIPT = textwrap.dedent(r"""
     import hashlib, os, sys, time
@@ -64,3 +67,21 @@ def test_parallel_calls_in_a_forked_child_finish_with_the_parents_results():
     res = subprocess.run([sys.executable, "-c", SCRIPT, "60"], capture_output=True, text=True, timeout=180, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "same 0", res.stdout + res.stderr
+
+
+@pytest.mark.skipif(not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("prlimit")
+                         and shutil.which("setpriv")), reason="needs root, prlimit and setpriv")
+def test_no_thread_to_start_is_an_oserror_not_a_panic():
+    """Under a process limit that forbids any new thread (prlimit --nproc=1 as an unprivileged user), a parallel
+    call raises OSError naming the cause; rayon's global pool would panic (PanicException) there."""
+    script = ("import numpy as np, smdm._core as c\n"
+              "try:\n"
+              "    c.forward_process(np.zeros((64, 1024), np.int64), seed=0, step=0, mask_id=9)\n"
+              "    print('ran')\n"
+              "except BaseException as e:\n"
+              "    print(type(e).__name__, e)\n")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("RAYON_NUM_THREADS", None)
+    res = subprocess.run(["prlimit", "--nproc=1", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd="/")
+    assert res.stdout.startswith("OSError cannot start the Rust core's worker threads"), res.stdout + res.stderr

@@ -20,6 +20,11 @@ pub enum Error {
     /// Tokenizer load/encode/train failures.
     #[error("{path}: tokenizer error: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
+    /// The worker threads of the parallel sections could not be started (a process or thread limit).
+    #[error(
+        "cannot start the Rust core's worker threads: {0} (RAYON_NUM_THREADS=1 still needs one)"
+    )]
+    Threads(String),
 }
 
 impl Error {

@@ -524,7 +524,7 @@ pub fn forward_process_into<T: TokenId>(
                 .zip(weight.par_chunks_mut(len))
                 .enumerate()
                 .for_each(|(i, ((nz, m), w))| row(i, nz, m, w))
-        });
+        })?;
     } else {
         for (i, ((nz, m), w)) in noisy
             .chunks_mut(len)

@@ -138,7 +138,7 @@ pub fn pack_into<I: Id, T: Item>(
         )));
     }
     // Runs of whole documents of ~`target` tokens: enough pieces to balance threads, big enough to stream.
-    let target = (tokens.len() / (pool::threads() * 8)).max(1 << 16);
+    let target = (tokens.len() / (pool::threads()? * 8)).max(1 << 16);
     // (input ids, document lengths, output slots) of each run
     type Job<'a, I, T> = (&'a [I], &'a [u64], &'a mut [MaybeUninit<T>]);
     let mut jobs: Vec<Job<I, T>> = Vec::new();
@@ -174,7 +174,7 @@ pub fn pack_into<I: Id, T: Item>(
                 pack_run(src, lens, dst, eos) >= vocab_size
             })
             .reduce(|| false, |a, b| a || b)
-    });
+    })?;
     if bad {
         // Rare path: find the first offender (and its document) for the message.
         let i = tokens

@@ -9,47 +9,50 @@
 //!
 //! rayon work started inside `install` (the `tokenizers` crate's own parallel loops included) runs on this
 //! pool. Thread count: `RAYON_NUM_THREADS` when the pool is built, else every CPU (rayon's rule).
+use crate::error::{Error, Result};
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::sync::{Arc, Mutex};
 
 static POOL: Mutex<Option<(u32, Arc<ThreadPool>)>> = Mutex::new(None);
 
-/// This process's pool; None only when no thread can be started at all. The lock is never held while
-/// threads start, so a fork from another thread cannot catch it held for long.
-fn pool() -> Option<Arc<ThreadPool>> {
+/// This process's pool. The lock is never held while threads start, so a fork from another thread cannot
+/// catch it held for long.
+fn pool() -> Result<Arc<ThreadPool>> {
     let pid = std::process::id();
     {
         // A panic elsewhere cannot leave the Option half-written: take the value regardless of poisoning.
         let mut slot = POOL.lock().unwrap_or_else(|e| e.into_inner());
         match slot.as_ref() {
-            Some((p, pool)) if *p == pid => return Some(pool.clone()),
+            Some((p, pool)) if *p == pid => return Ok(pool.clone()),
             Some(_) => std::mem::forget(slot.take()), // the parent's, in a forked child
             None => {}
         }
     }
-    let fresh = Arc::new(ThreadPoolBuilder::new().build().ok()?);
+    let fresh = Arc::new(
+        ThreadPoolBuilder::new()
+            .build()
+            .map_err(|e| Error::Threads(e.to_string()))?,
+    );
     let mut slot = POOL.lock().unwrap_or_else(|e| e.into_inner());
     match slot.as_ref() {
-        Some((p, pool)) if *p == pid => Some(pool.clone()), // another thread was first: use its pool
+        Some((p, pool)) if *p == pid => Ok(pool.clone()), // another thread was first: use its pool
         _ => {
             *slot = Some((pid, fresh.clone()));
-            Some(fresh)
+            Ok(fresh)
         }
     }
 }
 
-/// Run `f` on this process's pool (see the module docs). If no pool can be built, `f` runs on the
-/// calling thread.
-pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    match pool() {
-        Some(pool) => pool.install(f),
-        None => f(),
-    }
+/// Run `f` on this process's pool (see the module docs). A pool that cannot be built (no thread can be
+/// started) is `Error::Threads`, never a panic: rayon's global pool, the only other place `f`'s parallel
+/// work could go, would fail the same way and panic.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> Result<R> {
+    Ok(pool()?.install(f))
 }
 
 /// The pool's thread count (what `rayon::current_num_threads` says inside `install`).
-pub fn threads() -> usize {
-    pool().map_or(1, |p| p.current_num_threads())
+pub fn threads() -> Result<usize> {
+    Ok(pool()?.current_num_threads())
 }
 
 #[cfg(test)]
@@ -59,11 +62,14 @@ mod tests {
 
     #[test]
     fn install_runs_parallel_work_on_one_pool() {
-        let a = install(|| rayon::current_thread_index().is_some());
+        let a = install(|| rayon::current_thread_index().is_some()).unwrap();
         assert!(a, "install runs f on a worker of the pool");
-        let sum: u64 = install(|| (0..100_000u64).into_par_iter().sum());
+        let sum: u64 = install(|| (0..100_000u64).into_par_iter().sum()).unwrap();
         assert_eq!(sum, 100_000 * 99_999 / 2);
-        assert_eq!(threads(), install(rayon::current_num_threads));
+        assert_eq!(
+            threads().unwrap(),
+            install(rayon::current_num_threads).unwrap()
+        );
         let p1 = pool().unwrap();
         let p2 = pool().unwrap();
         assert!(Arc::ptr_eq(&p1, &p2), "one pool per process");

@@ -360,7 +360,8 @@ fn choose_row_impl(row: &[f32], key: u64, t: f32, conf: Confidence) -> (i64, f32
 }
 
 /// Every row of `logits` (rows x vocab, row-major): tokens[n], confs[n] for row n with the Gumbel key of
-/// (seeds[n], steps[n], positions[n]). Slices must hold rows * vocab logits and rows entries each.
+/// (seeds[n], steps[n], positions[n]). Slices must hold rows * vocab logits and rows entries each. Errs
+/// only when the worker threads cannot start.
 #[allow(clippy::too_many_arguments)]
 pub fn choose_rows(
     logits: &[f32],
@@ -371,7 +372,7 @@ pub fn choose_rows(
     choice: &Choice,
     tokens: &mut [i64],
     confs: &mut [f32],
-) {
+) -> crate::error::Result<()> {
     let rows = tokens.len();
     assert!(
         vocab > 0 && logits.len() == rows * vocab,
@@ -388,7 +389,7 @@ pub fn choose_rows(
                 .zip(confs.par_iter_mut())
                 .enumerate()
                 .for_each(one)
-        });
+        })?;
     } else {
         tokens
             .iter_mut()
@@ -396,6 +397,7 @@ pub fn choose_rows(
             .enumerate()
             .for_each(one);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -525,7 +527,8 @@ mod tests {
         let (mut tok, mut conf) = (vec![0i64; rows], vec![0f32; rows]);
         choose_rows(
             &logits, vocab, &seeds, &steps, &pos, &choice, &mut tok, &mut conf,
-        );
+        )
+        .unwrap();
         for n in 0..rows {
             let k = gumbel_key(seeds[n] as u64, 3, pos[n] as u64);
             let (t1, c1) = choose_row(&logits[n * vocab..(n + 1) * vocab], k, &choice);

@@ -394,7 +394,7 @@ impl Tok {
     /// Word counting uses the fast splitter (same pieces as the crate's pre-tokenizer, see the module
     /// docs); `train_bpe_reference` is the crate's own `Tokenizer::train` and gives the same JSON.
     pub fn train_bpe(texts: &[&str], vocab_size: u32) -> Result<Tok> {
-        pool::install(|| Self::train_bpe_here(texts, vocab_size))
+        pool::install(|| Self::train_bpe_here(texts, vocab_size))?
     }
 
     fn train_bpe_here(texts: &[&str], vocab_size: u32) -> Result<Tok> {
@@ -425,7 +425,7 @@ impl Tok {
 
     /// `train_bpe` through the crate's `Tokenizer::train` (its fancy-regex pre-tokenizer): the reference.
     pub fn train_bpe_reference(texts: &[&str], vocab_size: u32) -> Result<Tok> {
-        pool::install(|| Self::train_bpe_reference_here(texts, vocab_size))
+        pool::install(|| Self::train_bpe_reference_here(texts, vocab_size))?
     }
 
     fn train_bpe_reference_here(texts: &[&str], vocab_size: u32) -> Result<Tok> {
@@ -448,7 +448,7 @@ impl Tok {
 
     /// Ids of each document (no special tokens added), in parallel.
     pub fn encode_docs(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        pool::install(|| self.encode_docs_here(texts))
+        pool::install(|| self.encode_docs_here(texts))?
     }
 
     fn encode_docs_here(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
@@ -530,7 +530,7 @@ impl Tok {
 
     /// The crate's own encoding (the reference for the fast path).
     pub fn encode_docs_reference(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        pool::install(|| self.encode_docs_reference_here(texts))
+        pool::install(|| self.encode_docs_reference_here(texts))?
     }
 
     fn encode_docs_reference_here(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
@@ -550,7 +550,7 @@ impl Tok {
         &self,
         texts: &[&str],
     ) -> Result<(Vec<T>, Vec<u64>)> {
-        pool::install(|| self.encode_pack_here(texts))
+        pool::install(|| self.encode_pack_here(texts))?
     }
 
     fn encode_pack_here<T: pack::Item + Default>(

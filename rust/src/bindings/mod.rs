@@ -27,6 +27,7 @@ impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         match &e {
             Error::Io { .. } => SmdmIOError::new_err(e.to_string()),
+            Error::Threads(_) => PyOSError::new_err(e.to_string()),
             Error::Invalid(_) => PyValueError::new_err(e.to_string()),
             Error::Format { .. } | Error::Tokenizer { .. } => {
                 SmdmFormatError::new_err(e.to_string())

@@ -82,7 +82,7 @@ fn choose_tokens<'py>(
             top_k: top_k.max(0) as usize,
             top_p,
         };
-        py.detach(|| choose_rows(l, vocab, s, st, p, &choice, tk, cf));
+        py.detach(|| choose_rows(l, vocab, s, st, p, &choice, tk, cf))?;
     }
     (tokens, confs).into_py_any(py)
 }
