@@ -2,6 +2,7 @@
 """`smdm generate` / `smdm infill`: option validation, the hole syntax, and runs on a saved checkpoint."""
 
 import json
+import os
 
 import pytest
 from smdm import checkpoint, cli
@@ -387,9 +388,64 @@ def test_resume_refuses_a_part_of_other_settings_or_input(capsys, ckpts, tmp_pat
     _write_jsonl(tmp_path / "p.jsonl", PROMPTS[:3])
     rc, _, err = run(capsys, *common, "--input", inp, "--resume")
     assert rc == 2 and "input_sha256" in err
-    (tmp_path / "out.jsonl.part").write_text("garbage\n")
-    rc, _, err = run(capsys, *common, "--input", inp, "--resume")
-    assert rc == 2 and "not a `smdm generate --output` part file" in err
+    _write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    rc, _, err = run(capsys, *common, "--input", inp, "--resume", "--steps", "8", "--cache", "none")
+    assert rc == 0, err  # the defaults spelled out are the same settings
+    # a file of the same name that is not ours (a browser's unfinished download) is never touched
+    foreign = b"some downloaded bytes\nmore bytes without a newline"
+    (tmp_path / "out.jsonl.part").write_bytes(foreign)
+    for extra in ((), ("--resume",)):
+        rc, _, err = run(capsys, *common, "--input", inp, "--overwrite", *extra)
+        assert rc == 2 and "is not the part file of an `smdm generate --output` run" in err, err
+        assert (tmp_path / "out.jsonl.part").read_bytes() == foreign
+
+
+def test_input_read_once_from_a_pipe_and_never_overwritten(capsys, ckpts, tmp_path, monkeypatch):
+    """A FIFO (`--input <(...)`) is read once: its digest is of the bytes parsed, so a resume fed other lines is
+    refused; --output naming the input (or its part file naming it) is refused before anything is written."""
+    import threading
+
+    from smdm import sampling
+
+    fifo = tmp_path / "fifo"
+
+    def feed(objs):
+        os.mkfifo(fifo)
+        t = threading.Thread(target=lambda: fifo.write_text("".join(json.dumps(o) + "\n" for o in objs)))
+        t.start()
+        return t
+
+    out = str(tmp_path / "out.jsonl")
+    common = ["generate", "--ckpt", str(ckpts["mdm"]), "--batch-size", "2", "--output", out, *SAMPLE]
+    real = sampling.generate
+    calls = []
+
+    def once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sampling, "generate", once)
+    t = feed(PROMPTS)
+    assert run(capsys, *common, "--input", str(fifo))[0] == 130
+    t.join()
+    monkeypatch.undo()
+    fifo.unlink()
+    t = feed([{"prompt": "a dog"}] * 5)
+    rc, _, err = run(capsys, *common, "--input", str(fifo), "--resume")
+    t.join()
+    assert rc == 2 and "input_sha256" in err, err
+    inp = _write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    before = (tmp_path / "p.jsonl").read_bytes()
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--input", inp, "--output", inp,
+                     "--overwrite", *SAMPLE)
+    assert rc == 2 and "would overwrite the input" in err, err
+    part_named = _write_jsonl(tmp_path / "q.jsonl.part", PROMPTS)
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--input", part_named, "--output",
+                     str(tmp_path / "q.jsonl"), "--resume", *SAMPLE)
+    assert rc == 2 and "would overwrite the input" in err, err
+    assert (tmp_path / "p.jsonl").read_bytes() == before
 
 
 @pytest.mark.parametrize("line,msg", [
@@ -398,6 +454,8 @@ def test_resume_refuses_a_part_of_other_settings_or_input(capsys, ckpts, tmp_pat
     ({"prompt": [1, 99]}, "p.jsonl:2: field 'prompt' holds 99: token ids are ints in [0, 11)"),
     ({"prompt": [1, None]}, "p.jsonl:2: field 'prompt' holds None"),
     ({"prompt": "the " * 60}, "p.jsonl:2: field 'prompt' has 60 tokens: with --gen-length 8 that is 68 >"),
+    ({"prompt": "the\ud800"}, "p.jsonl:2: a string holds '\\ud800', which is not Unicode text"),
+    ({"prompt": [1], "note": "\udc80"}, "p.jsonl:2: a string holds '\\udc80'"),
 ])
 def test_bad_input_lines_are_named(capsys, ckpts, tmp_path, line, msg):
     inp = _write_jsonl(tmp_path / "p.jsonl", [PROMPTS[0], line])
@@ -409,6 +467,13 @@ def test_bad_input_lines_are_named(capsys, ckpts, tmp_path, line, msg):
 
 def test_input_file_errors(capsys, ckpts, tmp_path):
     m = str(ckpts["mdm"])
+    long_tail = _write_jsonl(tmp_path / "t.jsonl", [{"text": "the <|mask:2|> mat"},
+                                                    {"text": "the <|mask:2|> " + "cat " * 70}])
+    rc, _, err = run(capsys, "infill", "--ckpt", m, "--input", long_tail, "--output", str(tmp_path / "o"))
+    assert rc == 2 and "t.jsonl:2: field 'text' has 73 tokens > the model's context of 64" in err, err
+    empty = _write_jsonl(tmp_path / "e.jsonl", [{"prompt": "the"}, {"prompt": ""}])
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["ar"]), "--input", empty, "--output", str(tmp_path / "o"))
+    assert rc == 2 and "e.jsonl:2: field 'prompt' is empty: the autoregressive model needs" in err, err
     inp = _write_jsonl(tmp_path / "h.jsonl", [{"text": [1, 2]}])
     rc, _, err = run(capsys, "infill", "--ckpt", m, "--input", inp, "--output", str(tmp_path / "o"))
     assert rc == 2 and "h.jsonl:1: field 'text' has no masked position: mark the positions to fill with null" in err

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -458,15 +459,16 @@ def _log_probs(model, batch: list, cfg: float, batch_invariant: bool) -> tuple:
 # Reading evaluation files
 
 
-def jsonl_objects(path, error=None) -> Iterator[tuple[int, dict]]:
+def jsonl_objects(path, error=None, data: bytes | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line of a JSONL file, read as bytes and cut at "\n" only:
     U+2028, U+2029 and U+0085 are legal inside JSON strings, and `str.splitlines` cut lines there. Each line
     is decoded on its own, so an error names its very line (and byte offset); `error` is the exception class
-    (default EvalDataError; `smdm.sft` passes its SftDataError)."""
+    (default EvalDataError; `smdm.sft` passes its SftDataError). `data`: the file's bytes, already read (a
+    pipe can be read once), with `path` naming them in messages."""
     error = error or EvalDataError
     path = Path(path)
     try:
-        f = open(path, "rb")
+        f = open(path, "rb") if data is None else io.BytesIO(data)
     except FileNotFoundError:
         raise error(f"{path}: no such file") from None
     except IsADirectoryError:

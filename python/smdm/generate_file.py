@@ -20,9 +20,13 @@ longest, and the prefix K/V cache runs rows of one length together. A row's toke
 batch (the sampler's batch invariance, smdm.sampling), so neither the order nor `--batch-size` changes OUT
 on the CPU (on CUDA, GEMM kernels chosen per shape can change the last bits of the logits).
 
-Resume: finished batches are appended to `OUT.part` and fsynced; its first line records the settings, the
-checkpoint and a digest of the input, and `--resume` refuses a `.part` written with other ones (it would
-mix two runs). A line cut short by a crash is dropped and its batch runs again.
+Resume: finished batches are appended to `OUT.part` and fsynced; its first line records the settings
+(defaults resolved), the checkpoint and a digest of the input, and `--resume` refuses a `.part` written with
+other ones (it would mix two runs). A line cut short by a crash is dropped and its batch runs again. A file
+named `OUT.part` that does not start with that header is never touched.
+
+The input is read once (a pipe, `--input <(...)`, works; the digest is of the bytes parsed), and an OUT or
+OUT.part that is the input is refused.
 """
 
 from __future__ import annotations
@@ -50,16 +54,21 @@ class Item:
     ids: list  # token ids (infill: the mask id at the holes)
 
 
-def read_items(path, field: str, name: str, tokenizer, cfg) -> list:
-    """The input file's objects as Items: `field` tokenized (string) or taken as ids (list), each checked
-    against the model (ids in range, a hole for infill, prompt + generation within the context is checked
-    by the caller, which knows gen_length)."""
+def read_items(path, data: bytes, field: str, name: str, tokenizer, cfg) -> list:
+    """The input file's objects (`data`: its bytes, read once) as Items: `field` tokenized (string) or taken
+    as ids (list), each checked against the model (ids in range, a hole and the context for infill, a token
+    for the ARM; prompt + generation within the context is checked by the caller, which knows gen_length)."""
     from smdm.evaluate import jsonl_objects
     from smdm.generate_cli import encode_with_holes
 
     items = []
-    for no, obj in jsonl_objects(path, error=GenerateInputError):
+    for no, obj in jsonl_objects(path, error=GenerateInputError, data=data):
         where = f"{path}:{no}: field {field!r}"
+        try:  # records are written as UTF-8: a lone surrogate ("\ud800") anywhere could not be
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GenerateInputError(f"{path}:{no}: a string holds {e.object[e.start:e.end]!r}, which is not "
+                                     f"Unicode text (a lone surrogate escape)") from None
         if field not in obj:
             raise GenerateInputError(f"{path}:{no}: missing field {field!r} (choose the field with --field)")
         value = obj[field]
@@ -75,6 +84,10 @@ def read_items(path, field: str, name: str, tokenizer, cfg) -> list:
                 ids = _ids(value, cfg, name)
             else:
                 raise ValueError(f"must be a string or a list of token ids, got {type(value).__name__}")
+            if name == "infill" and len(ids) > cfg.max_seq_len:
+                raise ValueError(f"has {len(ids)} tokens > the model's context of {cfg.max_seq_len}")
+            if cfg.causal and not ids:
+                raise ValueError("is empty: the autoregressive model needs at least one prompt token")
         except ValueError as e:
             raise GenerateInputError(f"{where} {e}") from None
         items.append(Item(len(items), no, obj, ids))
@@ -93,30 +106,21 @@ def _ids(value: list, cfg, name: str) -> list:
         else:
             hole = "; null marks a masked position" if name == "infill" else ""
             raise ValueError(f"holds {t!r}: token ids are ints in [0, {cfg.vocab_size}){hole}")
-    if name == "infill":
-        if cfg.mask_id not in ids:
-            raise ValueError("has no masked position: mark the positions to fill with null")
-        if len(ids) > cfg.max_seq_len:
-            raise ValueError(f"has {len(ids)} tokens > the model's context of {cfg.max_seq_len}")
+    if name == "infill" and cfg.mask_id not in ids:
+        raise ValueError("has no masked position: mark the positions to fill with null")
     return ids
 
 
-def settings(args, name: str, schedule: str, eos_id, step_dir, input_digest: str) -> dict:
-    """Everything that decides a row's tokens: a resumed run must have the same (batch size excepted)."""
-    keys = ["steps", "sampler", "block_length", "threshold", "temperature", "top_k", "top_p", "cfg_scale",
-            "confidence", "cache", "seed", "num_samples", "field"] + (["gen_length"] if name == "generate" else [])
+def settings(args, name: str, cfg, schedule: str, eos_id, step_dir, input_digest: str) -> dict:
+    """Everything that decides a row's tokens, with defaults resolved (`--steps` equal to the generation
+    length is its default): a resumed run must have the same (batch size excepted)."""
+    keys = ["sampler", "block_length", "threshold", "temperature", "top_k", "top_p", "cfg_scale",
+            "confidence", "seed", "num_samples", "field"] + (["gen_length"] if name == "generate" else [])
     out = {k: getattr(args, k) for k in keys}
     out.update(command=name, schedule=schedule, eos_id=eos_id, ckpt=str(Path(step_dir).resolve()),
-               input_sha256=input_digest)
+               input_sha256=input_digest, cache=args.cache or ("prefix" if cfg.causal else "none"),
+               steps=(args.steps or args.gen_length) if name == "generate" else args.steps)
     return out
-
-
-def file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def part_path(out: Path) -> Path:
@@ -128,25 +132,20 @@ def read_part(part: Path, want: dict) -> dict:
     (GenerateInputError naming the ones that differ); a last line without its newline (a crash mid-write)
     is dropped and the file cut back to the last whole line."""
     raw = part.read_bytes()
-    whole = raw[:raw.rfind(b"\n") + 1]
-    if len(whole) < len(raw):
-        with open(part, "r+b") as f:
-            f.truncate(len(whole))
-    lines = whole.split(b"\n")[:-1]
-    try:
-        header = json.loads(lines[0]) if lines else None
-    except ValueError:
-        header = None
-    if not isinstance(header, dict) or header.get("format") != PART_FORMAT:
-        raise GenerateInputError(f"{part}: not a `smdm generate --output` part file (delete it to start over)")
-    have = header.get("settings", {})
+    if _part_header(raw) is None:
+        raise GenerateInputError(_FOREIGN.format(part=part))
+    have = _part_header(raw).get("settings", {})
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if diff:
         shown = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff)
         raise GenerateInputError(f"{part} was written by a run with other settings ({shown}): rerun with "
                                  f"those, or delete it to start over")
+    whole = raw[:raw.rfind(b"\n") + 1]  # a last line without its newline: cut short by a crash
+    if len(whole) < len(raw):
+        with open(part, "r+b") as f:
+            f.truncate(len(whole))
     done = {}
-    for no, line in enumerate(lines[1:], 2):
+    for no, line in enumerate(whole.split(b"\n")[1:-1], 2):
         try:
             rec = json.loads(line)
             done[(rec["index"], rec["sample"])] = rec
@@ -154,6 +153,19 @@ def read_part(part: Path, want: dict) -> dict:
             raise GenerateInputError(f"{part}:{no}: not a record of this run (delete the file to start "
                                      f"over)") from None
     return done
+
+
+_FOREIGN = ("{part} exists and is not the part file of an `smdm generate --output` run; it was left as it is: "
+            "move it away, or choose another --output")
+
+
+def _part_header(raw: bytes):
+    """The header of a part file's bytes, None when they do not start with one."""
+    try:
+        header = json.loads(raw[:raw.find(b"\n")]) if b"\n" in raw else None
+    except ValueError:
+        return None
+    return header if isinstance(header, dict) and header.get("format") == PART_FORMAT else None
 
 
 def _append(f, lines: list) -> None:
@@ -172,7 +184,17 @@ def run(args, name: str, model, tokenizer, step_dir, schedule: str, opts: dict) 
 
     cfg = model.config
     out_path, part = Path(args.output), part_path(Path(args.output))
-    items = read_items(args.input, args.field, name, tokenizer, cfg)
+    for p in (out_path, part):
+        if os.path.realpath(p) == os.path.realpath(args.input):
+            raise GenerateInputError(f"--output {args.output} would overwrite the input {args.input} ({p})")
+    try:
+        with open(args.input, "rb") as f:
+            data = f.read()  # once: a pipe has no second read, and the digest must be of the bytes parsed
+    except FileNotFoundError:
+        raise GenerateInputError(f"{args.input}: no such file") from None
+    except IsADirectoryError:
+        raise GenerateInputError(f"{args.input}: is a directory, not a JSONL file") from None
+    items = read_items(args.input, data, args.field, name, tokenizer, cfg)
     if name == "generate":
         for it in items:
             if len(it.ids) + args.gen_length > cfg.max_seq_len:
@@ -180,12 +202,14 @@ def run(args, name: str, model, tokenizer, step_dir, schedule: str, opts: dict) 
                     f"{args.input}:{it.line}: field {args.field!r} has {len(it.ids)} tokens: with --gen-length "
                     f"{args.gen_length} that is {len(it.ids) + args.gen_length} > the model's context of "
                     f"{cfg.max_seq_len}")
-    want = settings(args, name, schedule, opts["eos_id"], step_dir, file_digest(args.input))
+    want = settings(args, name, cfg, schedule, opts["eos_id"], step_dir, hashlib.sha256(data).hexdigest())
     done = {}
     if part.exists():
         if not args.resume:
+            with open(part, "rb") as f:
+                ours = _part_header(f.read(1 << 16)) is not None
             raise GenerateInputError(f"{part} holds an unfinished run: add --resume to continue it, or delete "
-                                     f"it to start over")
+                                     f"it to start over" if ours else _FOREIGN.format(part=part))
         done = read_part(part, want)
     if out_path.exists() and not args.overwrite:
         raise GenerateInputError(f"{out_path} exists: add --overwrite to replace it")
