@@ -118,6 +118,29 @@ def test_same_seed_same_samples(ckpts, prepared):
     assert runs[0][1]["samples"] != runs[0][0]["samples"]  # the MDM and the ARM sample differently
 
 
+def test_cache_refresh_variants(ckpts, prepared):
+    """--cache dual:N is generate(cache="dual", cache_refresh=N), named as such, paired with the uncached twin;
+    dual:1 rebuilds the kept K/V every pass, so its samples are the uncached ones (two layers: the plain dual
+    cache is stale there)."""
+    import argparse
+
+    mdm, _ = checkpoint.load(ckpts["mdm"], device="cpu")
+    from smdm.benchmarks.sampler import validation_prompts
+
+    prompts, refs = validation_prompts(str(prepared), 3, 8, 8)
+    caches = [frontier.cache_spec(c) for c in ("none", "dual:1", "dual:2")]
+    recs = frontier.run(mdm, None, mdm, prompts, refs, gen_length=8, steps=[8], samplers=["low_confidence"],
+                        block_length=4, caches=caches, temperature=1.0)
+    assert [r["variant"] for r in recs[:3]] == ["mdm low_confidence S=8 blocks 4",
+                                                "mdm low_confidence S=8 blocks 4 dual-cache refresh 1",
+                                                "mdm low_confidence S=8 blocks 4 dual-cache refresh 2"]
+    assert recs[1]["samples"] == recs[0]["samples"] and recs[2]["cache_refresh"] == 2
+    assert recs[1]["judge_nats_delta_vs_no_cache"] == 0
+    for bad in ("dual:0", "none:2", "dual:x", "all"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            frontier.cache_spec(bad)
+
+
 @pytest.mark.parametrize("flags,msg", [
     ([], "give --arm"),
     (["--arm", "MDM"], "--arm {MDM} is an MDM"),

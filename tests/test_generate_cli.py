@@ -111,6 +111,26 @@ def test_generate_dual_cache_is_the_library_call(capsys, ckpts):
     assert rc != 0 and "MDM only" in err
 
 
+def test_cache_refresh_is_the_library_call(capsys, ckpts):
+    """--cache-refresh N: the tokens of smdm.generate(cache_refresh=N); it needs a block cache; an ARM notes it
+    as unused (its KV cache is exact)."""
+    import smdm
+
+    argv = ["--prompt-ids", "1 2 3", "--gen-length", "8", "--steps", "8", "--block-length", "4", "--cache", "dual",
+            "--temperature", "1", "--json", "--no-eos"]
+    rc, out, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), *argv, "--cache-refresh", "2")
+    assert rc == 0, err
+    model, _ = smdm.load(ckpts["mdm"], device="cpu")
+    want = smdm.generate(model, [[1, 2, 3]], gen_length=8, steps=8, block_length=4, cache="dual", cache_refresh=2,
+                         temperature=1.0)
+    assert json.loads(out)["tokens"] == want.tokens
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt-ids", "1", "--cache-refresh", "2")
+    assert rc == 2 and "--cache-refresh needs --cache prefix or --cache dual" in err
+    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["ar"]), "--prompt-ids", "1", "--gen-length", "4",
+                     "--cache", "prefix", "--cache-refresh", "2")
+    assert rc == 0 and "--cache-refresh 2 apply to the MDM only" in err, err
+
+
 def test_num_samples_draw_each_input_with_seeds_seed_plus_j(capsys, ckpts):
     """--num-samples N: N rows per input with seeds seed..seed+N-1, so one prompt's samples differ at
     temperature 1 (one seed for all rows would give same-length prompts identical noise), and sample j equals

@@ -707,6 +707,54 @@ def test_dual_cache_runs_the_block_alone(mdm, monkeypatch):
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_refresh_rebuilds_the_kept_kv_every_n_passes(monkeypatch, cache):
+    """cache_refresh=N: in each block the forwards at block steps 0, N, 2N, ... run the whole sequence and
+    rebuild the kept K/V, the others run the block's chunk. N=1 runs every pass in full, so a two-layer model
+    (where the kept K/V are stale otherwise) gets the uncached logits and tokens, with CFG, for generate and
+    for infill with text after the holes."""
+    model = build_model(ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, vocab_size=V)).eval()
+    calls = []
+    real = model.hidden
+
+    def spy(x, **kw):
+        calls.append(kw.get("cache_pos", 0) == 0 and kw.get("kv_cache") is not None)
+        return real(x, **kw)
+
+    monkeypatch.setattr(model, "hidden", spy)
+    prompts, seeds = [[5, 9, 2], list(range(20, 31))], [3, 4]
+    kw = dict(gen_length=16, steps=16, block_length=8, temperature=1.0, seed=seeds, cfg_scale=1.0)
+    for n, full in ((2, [True, False] * 8), (3, ([True, False, False] * 3)[:8] * 2), (8, ([True] + [False] * 7) * 2)):
+        calls.clear()
+        generate(model, [prompts[0]], cache=cache, cache_refresh=n, **kw | dict(seed=3))
+        assert calls == full, (n, calls)
+    runs = {}
+    for c, refresh in (("none", None), (cache, 1), (cache, None)):
+        seen = _record_logits(monkeypatch)
+        gen = generate(model, prompts, cache=c, cache_refresh=refresh, **kw)
+        filled = infill(model, [[1, 2, V, V, V, 7, V, V, 9, 9, 4]], cache=c, cache_refresh=refresh, block_length=2,
+                        temperature=1.0, seed=5)
+        runs[c, refresh] = (gen.tokens, filled.tokens, dict(seen))
+        monkeypatch.undo()
+        monkeypatch.setattr(model, "hidden", spy)
+    (t0, f0, s0), (t1, f1, s1), (_, _, s2) = runs["none", None], runs[cache, 1], runs[cache, None]
+    assert s0.keys() == s1.keys() and all(torch.allclose(s0[k], s1[k], atol=1e-5, rtol=1e-5) for k in s0)
+    assert (t1, f1) == (t0, f0)
+    assert any(not torch.allclose(s0[k], s2[k], atol=1e-3) for k in s0 if k in s2)  # stale without refresh
+
+
+def test_cache_refresh_is_checked(mdm, arm):
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="cache_refresh must be an int >= 1"):
+            generate(mdm, [[1]], gen_length=4, block_length=2, cache="dual", cache_refresh=bad)
+    with pytest.raises(ValueError, match="block caches"):
+        generate(mdm, [[1]], gen_length=4, cache_refresh=2)
+    with pytest.raises(ValueError, match="block caches"):
+        generate(arm, [[1]], gen_length=4, cache_refresh=2)
+    with pytest.raises(ValueError, match="block caches"):
+        infill(mdm, [1, V, 2], cache_refresh=1)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_block_caches_through_the_fused_attention_path(mdm, cache):
     """The kept K/V reach the fused kernel's interface (segment ids; its PyTorch reference on the CPU) as they
     reach SDPA: same tokens, with CFG and ragged prompts."""

@@ -66,6 +66,9 @@ def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
                         help="none | prefix | dual (MDM, approximate: prefix keeps the K/V of the prompt and "
                              "finished blocks, dual also those after the current block; ARM: prefix = its KV "
                              "cache). Default: none for the MDM, the KV cache for the ARM")
+    parser.add_argument("--cache-refresh", type=positive_int, default=None, metavar="N",
+                        help="with --cache prefix|dual: rebuild the kept K/V every N forward passes in a block "
+                             "(default: once per block; 1 = every pass, the uncached result)")
     parser.add_argument("--seed", type=int, default=0,
                         help="sample j of every input uses seed + j (the noise is keyed by seed and position, so "
                              "inputs of one length given the same seed share it)")
@@ -136,6 +139,8 @@ def check_args(args, name: str) -> None:
         raise ValueError(f"--confidence must be one of {', '.join(CONFIDENCES)}, got {args.confidence!r}")
     if args.cache is not None and args.cache not in CACHES:
         raise ValueError(f"--cache must be one of {', '.join(CACHES)}, got {args.cache!r}")
+    if args.cache_refresh is not None and args.cache in (None, "none"):
+        raise ValueError("--cache-refresh needs --cache prefix or --cache dual (the MDM's block caches)")
     if args.schedule is not None:
         from smdm.diffusion import parse_schedule
 
@@ -265,7 +270,8 @@ def main(args, name: str = "generate") -> int:
         opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     cfg_scale=args.cfg_scale, confidence=args.confidence,
-                    eos_id=_eos_id(args, tokenizer), cache=args.cache, schedule=schedule)
+                    eos_id=_eos_id(args, tokenizer), cache=args.cache, schedule=schedule,
+                    cache_refresh=None if cfg.causal else args.cache_refresh)
         if args.input is not None:
             from smdm import generate_file
 
@@ -331,7 +337,7 @@ BATCH_ONLY = (("output", None), ("field", None), ("batch_size", 16), ("resume", 
 
 # the `smdm generate` options the ARM twin does not use, with their defaults
 MDM_ONLY = (("steps", None), ("sampler", "low_confidence"), ("block_length", None), ("threshold", None),
-            ("confidence", "prob"), ("schedule", None))
+            ("confidence", "prob"), ("schedule", None), ("cache_refresh", None))
 
 
 def _drawer(tokenizer, mask_id):

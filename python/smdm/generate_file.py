@@ -114,8 +114,8 @@ def _ids(value: list, cfg, name: str) -> list:
 def settings(args, name: str, cfg, schedule: str, eos_id, step_dir, input_digest: str) -> dict:
     """Everything that decides a row's tokens, with defaults resolved (`--steps` equal to the generation
     length is its default): a resumed run must have the same (batch size excepted)."""
-    keys = ["sampler", "block_length", "threshold", "temperature", "top_k", "top_p", "cfg_scale",
-            "confidence", "seed", "num_samples", "field"] + (["gen_length"] if name == "generate" else [])
+    keys = ["sampler", "block_length", "threshold", "temperature", "top_k", "top_p", "cfg_scale", "confidence",
+            "seed", "num_samples", "field", "cache_refresh"] + (["gen_length"] if name == "generate" else [])
     out = {k: getattr(args, k) for k in keys}
     out.update(command=name, schedule=schedule, eos_id=eos_id, ckpt=str(Path(step_dir).resolve()),
                input_sha256=input_digest, cache=args.cache or ("prefix" if cfg.causal else "none"),

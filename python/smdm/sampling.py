@@ -326,6 +326,7 @@ class _Row:
     state: Optional[tuple] = None  # (masks left, block) when the logits were computed
     stash: dict = field(default_factory=dict)  # block K/V caches per CFG branch: {branch: (block, k, v)}
     stale: bool = False  # an EOS fill changed positions after the current block (the dual cache's kept suffix)
+    since_full: int = 0  # block-cache forwards since the kept K/V were rebuilt (cache_refresh)
     forwards: int = 0
     steps: int = 0
     done: bool = False
@@ -464,13 +465,15 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
              top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
              confidence: str = "prob", eos_id: Optional[int] = None, cache: Optional[str] = None,
              batch_invariant: bool = True, callback: Optional[Callable] = None,
-             schedule: Union[str, Schedule] = "linear") -> GenerationOutput:
+             schedule: Union[str, Schedule] = "linear", cache_refresh: Optional[int] = None) -> GenerationOutput:
     """Generate `gen_length` tokens after each prompt (token-id lists of any lengths).
 
     MDM (model.config.causal False): `sampler` in SAMPLERS, `steps` sampler steps (split evenly over blocks of
     `block_length`), `threshold` for sampler="threshold", `cfg_scale` w of Eq. 7, `confidence` prob | margin |
     entropy, `cache` "none" | "prefix" (K/V of the prompt and finished blocks reused) | "dual" (also the K/V
-    after the current block: each step runs the block alone); both caches are approximate.
+    after the current block: each step runs the block alone); both caches are approximate. `cache_refresh` N
+    (prefix / dual): rebuild the kept K/V every N forward passes inside a block, not only at its first
+    (None: Fast-dLLM's once per block; 1: every pass, the uncached logits at the uncached cost).
     ARM twin (causal True): left-to-right decoding with the same token choice; `cache="prefix"` is the static
     KV cache (exact, the default for the ARM; the MDM's default is "none"); `steps`, `sampler`, `block_length`,
     `threshold`, `cfg_scale`, `confidence` do not apply.
@@ -491,7 +494,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     if not prompts:
         raise ValueError("prompts is empty: pass a list of token-id lists")
     seeds = _seeds(seed, len(prompts))
-    top_k = _check_common(cfg, temperature, top_k, top_p, cache, eos_id)
+    top_k = _check_common(cfg, temperature, top_k, top_p, cache, eos_id, cache_refresh)
     if not isinstance(gen_length, int) or gen_length < 1:
         raise ValueError(f"gen_length must be an int >= 1, got {gen_length!r}")
     for i, p in enumerate(prompts):
@@ -522,7 +525,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
                                               temperature=temperature, top_k=top_k, top_p=top_p,
                                               cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
                                               cache=cache, batch_invariant=batch_invariant,
-                                              schedule=schedule), callback)
+                                              schedule=schedule, cache_refresh=cache_refresh), callback)
     tokens = [_cut(r.seq[len(p):].tolist(), eos_id) for r, p in zip(rows, prompts)]
     return _output(rows, out, tokens, eos_id, [len(p) for p in prompts])
 
@@ -533,7 +536,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
            top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
            confidence: str = "prob", eos_id: Optional[int] = None, cache: Optional[str] = None,
            batch_invariant: bool = True, callback: Optional[Callable] = None,
-           schedule: Union[str, Schedule] = "linear") -> GenerationOutput:
+           schedule: Union[str, Schedule] = "linear", cache_refresh: Optional[int] = None) -> GenerationOutput:
     """Fill any set of masked positions of each sequence (MDM only); everything else is kept as given.
 
     ids: a list of token-id lists (or one list). mask_positions: per sequence the positions to generate (or
@@ -557,7 +560,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
         raise ValueError("ids is empty")
     seeds = _seeds(seed, len(ids))
     cache = "none" if cache is None else cache
-    top_k = _check_common(cfg, temperature, top_k, top_p, cache, eos_id)
+    top_k = _check_common(cfg, temperature, top_k, top_p, cache, eos_id, cache_refresh)
     _check_mdm(sampler, 1 if steps is None else steps, block_length, threshold, cfg_scale, confidence)
     if mask_positions is not None and len(mask_positions) != len(ids):
         raise ValueError(f"mask_positions has {len(mask_positions)} entries for {len(ids)} sequences")
@@ -591,7 +594,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
                                               temperature=temperature, top_k=top_k, top_p=top_p,
                                               cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
                                               cache=cache, batch_invariant=batch_invariant,
-                                              schedule=schedule), callback)
+                                              schedule=schedule, cache_refresh=cache_refresh), callback)
     tokens = [r.seq.tolist() for r in rows]
     return GenerationOutput(tokens=tokens, sequences=tokens, forward_passes=out,
                             row_forward_passes=[r.forwards for r in rows], steps=[r.steps for r in rows],
@@ -611,7 +614,7 @@ def _seeds(seed, n: int) -> list:
     return seeds
 
 
-def _check_common(cfg, temperature, top_k, top_p, cache, eos_id) -> Optional[int]:
+def _check_common(cfg, temperature, top_k, top_p, cache, eos_id, cache_refresh=None) -> Optional[int]:
     """Checks the options `generate` and `infill` share; returns top_k as the samplers take it: at most
     vocab_size + 1 (any k at least a logits row's width keeps every id, and a huge int fits no C long)."""
     if not (temperature >= 0 and math.isfinite(temperature)):
@@ -622,9 +625,18 @@ def _check_common(cfg, temperature, top_k, top_p, cache, eos_id) -> Optional[int
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    _check_refresh(cache_refresh, cache, cfg.causal)
     if eos_id is not None and not (0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id={eos_id} is not a token id of the model (vocab_size {cfg.vocab_size})")
     return None if top_k is None else min(int(top_k), cfg.vocab_size + 1)
+
+
+def _check_refresh(cache_refresh, cache, causal: bool) -> None:
+    if cache_refresh is not None:
+        if not isinstance(cache_refresh, int) or isinstance(cache_refresh, bool) or cache_refresh < 1:
+            raise ValueError(f"cache_refresh must be an int >= 1 (or None), got {cache_refresh!r}")
+        if causal or cache == "none":
+            raise ValueError("cache_refresh applies to the MDM's block caches (cache='prefix' or 'dual') only")
 
 
 def _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence):
@@ -646,12 +658,14 @@ def _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence):
 
 def check_mdm_options(gen_length: int, steps: int, *, sampler: str = "low_confidence",
                       block_length: Optional[int] = None, threshold: Optional[float] = None,
-                      cfg_scale: float = 0.0, confidence: str = "prob", cache: str = "none") -> None:
+                      cfg_scale: float = 0.0, confidence: str = "prob", cache: str = "none",
+                      cache_refresh: Optional[int] = None) -> None:
     """The checks `generate` makes of an MDM's sampler options, without a model: a benchmark checks every variant
     before the first one runs. Raises ValueError naming the option."""
     _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence)
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    _check_refresh(cache_refresh, cache, False)
     if block_length is not None:
         if gen_length % block_length:
             raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
@@ -914,17 +928,20 @@ def _forward_block_cache(model, rows: list, opts: dict) -> int:
     span alone, attending to the kept prefix and suffix. The kept K/V sit in the cache as [prefix | suffix |
     block]: keys carry their RoPE positions and no mask orders them, so the slot order does not matter. When
     the EOS rule fills positions after the block with EOS, the row's next step runs in full again (the kept
-    suffix saw masks there).
+    suffix saw masks there). opts["cache_refresh"] N: every N-th forward of a row inside a block also runs in
+    full and rebuilds the kept K/V (positions committed since then are seen by the prefix/suffix again).
     Rows are grouped by (length, block span, full/partial) so that no row is padded for another."""
     cfg_on = opts["cfg_scale"] > 0
     dual = opts["cache"] == "dual"
+    refresh = opts.get("cache_refresh")
     mask_id = model.config.mask_id
     groups: dict = {}
     for r in rows:
         block = r.blocks[r.b]
         start = int(block[0])  # every position before the current block is committed
         end = int(block[-1]) + 1 if dual else len(r.seq)  # the query chunk is [start, end)
-        full = any(r.stash.get(k, (None,))[0] != r.b for k in range(2 if cfg_on else 1)) or (dual and r.stale)
+        full = (any(r.stash.get(k, (None,))[0] != r.b for k in range(2 if cfg_on else 1)) or (dual and r.stale)
+                or (refresh is not None and r.since_full >= refresh - 1))
         groups.setdefault((len(r.seq), start, end, full), []).append(r)
     calls = 0
     max_pos = model.config.max_seq_len - 1
@@ -936,7 +953,7 @@ def _forward_block_cache(model, rows: list, opts: dict) -> int:
             x, valid, pos = _padded([u[2] for u in units], Lp, max_pos)
             h = model.hidden(x, key_valid=valid, positions=pos, kv_cache=cache, cache_pos=0)  # (G, Lp, d)
             for r in grp:
-                r.stale = False
+                r.stale, r.since_full = False, 0
             keep = torch.cat([torch.arange(start), torch.arange(end, L)]).to(x.device)  # prefix, suffix (dual)
             for g, (r, k, _) in enumerate(units):  # indexing copies: the stash owns its K/V
                 r.stash[k] = (r.b, [t[g:g + 1, :, keep] for t in cache.k], [t[g:g + 1, :, keep] for t in cache.v])
@@ -953,6 +970,8 @@ def _forward_block_cache(model, rows: list, opts: dict) -> int:
             h = model.hidden(x, key_valid=valid, positions=(pos + start).clamp(max=max_pos), kv_cache=cache,
                              cache_pos=kept)  # (G, Lq, d)
             offset = start
+            for r in grp:
+                r.since_full += 1
         nb = 2 if cfg_on else 1
         picked = torch.cat([h[g, r.cand - offset] for g, (r, _, _) in enumerate(units)])
         logits = _head(model, picked, opts)

@@ -110,18 +110,30 @@ def timed_generate(model, prompts, *, seeds, batch_size: int, device, **kw) -> d
             "tokens_per_s": gen_tokens / sec}
 
 
+def cache_spec(text: str) -> tuple:
+    """`--cache` value: "none" | "prefix" | "dual", optionally ":N" (the kept K/V rebuilt every N forward
+    passes in a block: `generate(cache_refresh=N)`) -> (cache, refresh or None)."""
+    cache, _, n = text.partition(":")
+    if cache not in ("none", "prefix", "dual") or (n and not n.isdigit()) or (n and cache == "none"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected none, prefix, dual, prefix:N or dual:N")
+    if n and int(n) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the refresh interval N must be >= 1")
+    return cache, int(n) if n else None
+
+
 def variants(steps, samplers, block_length=None, caches=("none",), threshold: float = 0.9) -> dict:
     """name -> generate() keyword arguments of each MDM variant (the ARM baseline is added by `run`): every
-    sampler x step count x cache ("none" | "prefix" | "dual")."""
+    sampler x step count x cache ("none" | "prefix" | "dual", or a (cache, refresh) pair of `cache_spec`)."""
     out = {}
     for sampler in samplers:
         for S in steps:
-            for cache in caches:
+            for spec in caches:
+                cache, refresh = (spec, None) if isinstance(spec, str) else spec
                 name = f"mdm {sampler}" + (f" {threshold}" if sampler == "threshold" else "") + f" S={S}"
                 name += (f" blocks {block_length}" if block_length else "") + (
-                    f" {cache}-cache" if cache != "none" else "")
+                    f" {cache}-cache" if cache != "none" else "") + (f" refresh {refresh}" if refresh else "")
                 out[name] = dict(sampler=sampler, steps=S, block_length=block_length, cache=cache,
-                                 threshold=threshold if sampler == "threshold" else None)
+                                 threshold=threshold if sampler == "threshold" else None, cache_refresh=refresh)
     return out
 
 
@@ -329,9 +341,10 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the threshold "
                         "sampler (default 0.9)")
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks (MDM)")
-    parser.add_argument("--cache", nargs="+", default=["none"], choices=("none", "prefix", "dual"),
+    parser.add_argument("--cache", nargs="+", default=[("none", None)], type=cache_spec,
                         help="MDM K/V caches, each a variant: none prefix dual (the last two approximate; they "
-                        "need --block-length to gain much; default none)")
+                        "need --block-length to gain much; default none); prefix:N / dual:N rebuild the kept "
+                        "K/V every N forward passes in a block")
     parser.add_argument("--temperature", type=float, default=1.0, help="every variant (default 1: sampling)")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight of the MDM")
     parser.add_argument("--batch-size", type=int, default=8)
