@@ -250,7 +250,7 @@ def main(args, name: str = "generate") -> int:
         print(f"smdm {name}: error: {e}", file=sys.stderr)
         return 2
     import smdm
-    from smdm import checkpoint, sampling
+    from smdm import checkpoint
 
     try:  # a missing or incomplete checkpoint is the user's error, not a traceback
         step_dir = checkpoint.resolve(args.ckpt)
@@ -296,11 +296,7 @@ def main(args, name: str = "generate") -> int:
         opts["seed"] = [args.seed + j % n for j in range(len(rows))]
         callback = _drawer(tokenizer, mask_id if mask_id is not None else -1) if args.show_steps else None
         t0 = time.perf_counter()
-        if name == "generate":
-            out = sampling.generate(model, rows, gen_length=args.gen_length,
-                                    steps=args.steps or args.gen_length, callback=callback, **opts)
-        else:
-            out = sampling.infill(model, rows, steps=args.steps, callback=callback, **opts)
+        out = run_sampler(name, model, rows, args, callback=callback, **opts)
         seconds = time.perf_counter() - t0
     except ValueError as e:
         print(f"smdm {name}: error: {e}", file=sys.stderr)
@@ -320,6 +316,16 @@ def main(args, name: str = "generate") -> int:
         print(f"[{out.generated_tokens} tokens, {out.forward_passes} forward passes, {seconds:.2f} s]",
               file=sys.stderr)
     return 0
+
+
+def run_sampler(name: str, model, rows, args, **opts):
+    """smdm.generate (gen_length and steps from `args`; steps default to the generation length) or
+    smdm.infill (steps from `args`, default one per hole token) on token-id rows."""
+    from smdm import sampling
+
+    if name == "generate":
+        return sampling.generate(model, rows, gen_length=args.gen_length, steps=args.steps or args.gen_length, **opts)
+    return sampling.infill(model, rows, steps=args.steps, **opts)
 
 
 def note_mdm_only(args, defaults, command: str, what: str) -> None:

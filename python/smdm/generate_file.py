@@ -177,10 +177,9 @@ def _append(f, lines: list) -> None:
 def run(args, name: str, model, tokenizer, step_dir, schedule: str, opts: dict) -> int:
     """Generate for every row of args.input into args.output (module docstring). `opts` are the sampler
     options of `smdm generate` (seed excluded: it is per row here)."""
-    from smdm import sampling
     from smdm.data import write_atomic
     from smdm.errors import SmdmIOError
-    from smdm.generate_cli import render
+    from smdm.generate_cli import render, run_sampler
 
     cfg = model.config
     out_path, part = Path(args.output), part_path(Path(args.output))
@@ -230,11 +229,7 @@ def run(args, name: str, model, tokenizer, step_dir, schedule: str, opts: dict) 
                 rows = [it.ids for it, _ in batch]
                 seeds = [args.seed + j for _, j in batch]
                 t0 = time.perf_counter()
-                if name == "generate":
-                    res = sampling.generate(model, rows, gen_length=args.gen_length,
-                                            steps=args.steps or args.gen_length, seed=seeds, **opts)
-                else:
-                    res = sampling.infill(model, rows, steps=args.steps, seed=seeds, **opts)
+                res = run_sampler(name, model, rows, args, seed=seeds, **opts)
                 dt = time.perf_counter() - t0
                 gen_all, fwd_all = gen_all + res.generated_tokens, fwd_all + res.forward_passes
                 recs = []
