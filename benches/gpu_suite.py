@@ -674,6 +674,8 @@ def child_generate(part: Part, ctx: dict) -> None:
          dict(steps=gen // 4, block_length=block, cache="prefix"), "auto"),
         (f"mdm blocks {block} dual-cache steps=gen/4", mdm,
          dict(steps=gen // 4, block_length=block, cache="dual"), "auto"),
+        (f"mdm blocks {block} dual-cache refresh 4 steps=gen/4", mdm,  # the CPU's speed-quality pick
+         dict(steps=gen // 4, block_length=block, cache="dual", cache_refresh=4), "auto"),
         ("mdm steps=gen", mdm, dict(steps=gen, block_length=gen), "auto"),
     ]
     if forced_reference():  # every run takes the references (no child retries the build); the labels say so
