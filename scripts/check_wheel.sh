@@ -22,6 +22,9 @@ assert smdm.__file__.startswith(__import__("sys").prefix), smdm.__file__
 from pathlib import Path
 for name in ("configuration_smdm.py", "modeling_smdm.py"):  # what `smdm convert to-hf` copies next to an MDM
     assert (Path(smdm.__file__).parent / "hf" / name).is_file(), name
+# PEP 561: type checkers read the package's annotations and the extension's stubs only with the marker
+for name in ("py.typed", "_core.pyi"):
+    assert (Path(smdm.__file__).parent / name).is_file(), name
 print("wheel OK:", smdm.__file__)
 PY
 )
