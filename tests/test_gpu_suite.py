@@ -120,7 +120,7 @@ def test_gpu_suite_after_a_failed_build_measures_what_it_labels(tmp_path):
     gen = r["generate"]
     assert gen["kernels_forced_reference"] is True
     runs = [k for k, v in gen.items() if isinstance(v, dict) and "tokens_per_s" in v]
-    assert len(runs) == 5 and all(k.endswith("SMDM_KERNELS=reference") for k in runs), runs
+    assert len(runs) == 6 and all(k.endswith("SMDM_KERNELS=reference") for k in runs), runs
     assert all(gen[k]["over_arm"] > 0 for k in runs[1:])
     train = r["train"]
     assert train["steps"]["loss_head_ce"] == "plain" and "not compared" in train["chunked_ce"]
