@@ -136,9 +136,11 @@ def test_cache_refresh_variants(ckpts, prepared):
                                                 "mdm low_confidence S=8 blocks 4 dual-cache refresh 2"]
     assert recs[1]["samples"] == recs[0]["samples"] and recs[2]["cache_refresh"] == 2
     assert recs[1]["judge_nats_delta_vs_no_cache"] == 0
-    for bad in ("dual:0", "none:2", "dual:x", "all"):
+    for bad in ("dual:0", "none:2", "dual:x", "all", "dual:", "none:"):
         with pytest.raises(argparse.ArgumentTypeError):
             frontier.cache_spec(bad)
+    with pytest.raises(ValueError, match="dual-cache refresh 4: given twice"):
+        frontier.variants([8], ["low_confidence"], 4, [frontier.cache_spec(c) for c in ("dual:4", "dual:04")])
 
 
 @pytest.mark.parametrize("flags,msg", [

@@ -126,9 +126,10 @@ def test_cache_refresh_is_the_library_call(capsys, ckpts):
     assert json.loads(out)["tokens"] == want.tokens
     rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["mdm"]), "--prompt-ids", "1", "--cache-refresh", "2")
     assert rc == 2 and "--cache-refresh needs --cache prefix or --cache dual" in err
-    rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["ar"]), "--prompt-ids", "1", "--gen-length", "4",
-                     "--cache", "prefix", "--cache-refresh", "2")
-    assert rc == 0 and "--cache-refresh 2 apply to the MDM only" in err, err
+    for extra in ((), ("--cache", "prefix")):
+        rc, _, err = run(capsys, "generate", "--ckpt", str(ckpts["ar"]), "--prompt-ids", "1", "--gen-length", "4",
+                         "--cache-refresh", "2", *extra)
+        assert rc == 0 and "--cache-refresh 2 apply to the MDM only" in err, err
 
 
 def test_num_samples_draw_each_input_with_seeds_seed_plus_j(capsys, ckpts):

@@ -752,6 +752,8 @@ def test_cache_refresh_is_checked(mdm, arm):
         generate(arm, [[1]], gen_length=4, cache_refresh=2)
     with pytest.raises(ValueError, match="block caches"):
         infill(mdm, [1, V, 2], cache_refresh=1)
+    out = generate(mdm, [[1]], gen_length=4, block_length=2, cache="dual", cache_refresh=np.int64(2))  # as seeds
+    assert out.tokens == generate(mdm, [[1]], gen_length=4, block_length=2, cache="dual", cache_refresh=2).tokens
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

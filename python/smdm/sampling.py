@@ -473,7 +473,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     entropy, `cache` "none" | "prefix" (K/V of the prompt and finished blocks reused) | "dual" (also the K/V
     after the current block: each step runs the block alone); both caches are approximate. `cache_refresh` N
     (prefix / dual): rebuild the kept K/V every N forward passes inside a block, not only at its first
-    (None: Fast-dLLM's once per block; 1: every pass, the uncached logits at the uncached cost).
+    (None: Fast-dLLM's once per block; 1: every pass, the uncached logits).
     ARM twin (causal True): left-to-right decoding with the same token choice; `cache="prefix"` is the static
     KV cache (exact, the default for the ARM; the MDM's default is "none"); `steps`, `sampler`, `block_length`,
     `threshold`, `cfg_scale`, `confidence` do not apply.
@@ -633,7 +633,7 @@ def _check_common(cfg, temperature, top_k, top_p, cache, eos_id, cache_refresh=N
 
 def _check_refresh(cache_refresh, cache, causal: bool) -> None:
     if cache_refresh is not None:
-        if not isinstance(cache_refresh, int) or isinstance(cache_refresh, bool) or cache_refresh < 1:
+        if not isinstance(cache_refresh, numbers.Integral) or isinstance(cache_refresh, bool) or cache_refresh < 1:
             raise ValueError(f"cache_refresh must be an int >= 1 (or None), got {cache_refresh!r}")
         if causal or cache == "none":
             raise ValueError("cache_refresh applies to the MDM's block caches (cache='prefix' or 'dual') only")

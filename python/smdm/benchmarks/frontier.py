@@ -113,8 +113,8 @@ def timed_generate(model, prompts, *, seeds, batch_size: int, device, **kw) -> d
 def cache_spec(text: str) -> tuple:
     """`--cache` value: "none" | "prefix" | "dual", optionally ":N" (the kept K/V rebuilt every N forward
     passes in a block: `generate(cache_refresh=N)`) -> (cache, refresh or None)."""
-    cache, _, n = text.partition(":")
-    if cache not in ("none", "prefix", "dual") or (n and not n.isdigit()) or (n and cache == "none"):
+    cache, sep, n = text.partition(":")
+    if cache not in ("none", "prefix", "dual") or (sep and (not n.isdigit() or cache == "none")):
         raise argparse.ArgumentTypeError(f"{text!r}: expected none, prefix, dual, prefix:N or dual:N")
     if n and int(n) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: the refresh interval N must be >= 1")
@@ -132,6 +132,8 @@ def variants(steps, samplers, block_length=None, caches=("none",), threshold: fl
                 name = f"mdm {sampler}" + (f" {threshold}" if sampler == "threshold" else "") + f" S={S}"
                 name += (f" blocks {block_length}" if block_length else "") + (
                     f" {cache}-cache" if cache != "none" else "") + (f" refresh {refresh}" if refresh else "")
+                if name in out:  # "dual:4 dual:04", "8 8": one would silently replace the other
+                    raise ValueError(f"{name}: given twice")
                 out[name] = dict(sampler=sampler, steps=S, block_length=block_length, cache=cache,
                                  threshold=threshold if sampler == "threshold" else None, cache_refresh=refresh)
     return out
