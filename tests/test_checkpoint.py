@@ -183,3 +183,40 @@ def test_incomplete_step_dirs_outdated_by_keep_newer_steps_are_pruned(tmp_path, 
     assert newer.is_dir()
     assert [p.name for _, p in ckpt.step_dirs(run)] == ["step-3", "step-4"]
     assert sorted(p.name for p in run.iterdir()) == ["step-3", "step-4", "step-9"]
+
+
+def test_load_keeps_the_trained_schedule_for_the_samplers(tmp_path, model):
+    """smdm.load sets model.train_schedule from config.json's train.schedule; smdm.generate then samples with
+    it by default, as `smdm generate` does (the API used to default to linear)."""
+    conf = {"model": model.config.to_dict(), "objective": "mdm", "train": {"schedule": "cosine"}}
+    d = ckpt.save(tmp_path / "run", 1, model_state=model.state_dict(), config=conf, train_state={"step": 1})
+    m, _ = smdm.load(d, device="cpu")
+    assert m.train_schedule == "cosine"
+    kw = dict(gen_length=16, steps=8, sampler="ancestral", temperature=1.0, seed=3)
+    cosine = smdm.generate(m, [[1, 2]], schedule="cosine", **kw)
+    assert smdm.generate(m, [[1, 2]], **kw).tokens == cosine.tokens
+    linear = smdm.generate(m, [[1, 2]], schedule="linear", **kw)
+    assert linear.tokens != cosine.tokens  # the two schedules reveal differently here: the default is seen
+    m.train_schedule = None  # no recorded schedule: linear
+    assert smdm.generate(m, [[1, 2]], **kw).tokens == linear.tokens
+
+
+@pytest.mark.parametrize("device,msg", [("mps", "smdm runs on cpu or cuda"), ("meta", "smdm runs on cpu or cuda"),
+                                        ("cpu:1", "there is one CPU device"), ("gpu", "device 'gpu'")])
+def test_load_names_a_device_it_cannot_use(tmp_path, model, device, msg):
+    d = save_step(tmp_path / "run", 1, model)
+    with pytest.raises(ValueError, match=msg):
+        smdm.load(d, device=device)
+
+
+def test_submodules_are_attributes_of_the_package():
+    """`smdm.evaluate.score(...)` after a bare `import smdm` (the README's spelling), in a fresh interpreter,
+    and `dir(smdm)` lists the API; `import smdm` alone still does not import torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, smdm; assert 'torch' not in sys.modules; "
+            "assert {'load', 'generate', 'infill', 'evaluate'} <= set(dir(smdm)); "
+            "print(smdm.evaluate.score.__name__, smdm.diffusion.elbo_nll.__name__, smdm.data.PackedDataset.__name__)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ["score", "elbo_nll", "PackedDataset"], p.stderr

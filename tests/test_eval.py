@@ -860,3 +860,21 @@ def test_trained_twins_answer_a_context_dependent_task(tmp_path, capsys):
     rc = evaluate.main(["mc", "--ckpt", str(tmp_path / "mdm"), "--data", str(tmp_path / "mc.jsonl"),
                         "--method", "chain", "--device", "cpu", "--json", str(out)])
     assert rc == 0 and json.loads(out.read_text())["results"][0]["acc"] == 1.0
+
+
+def test_score_names_bad_inputs():
+    """Text instead of ids, floats, and a float n_samples are ValueErrors naming the pair, item or option
+    (they were int()'s "invalid literal" or a TypeError from deep inside)."""
+    from smdm.evaluate import score, score_positions
+    from smdm.model import ModelConfig, build_model
+
+    mdm = build_model(ModelConfig(n_layer=1, n_head=2, d_model=16, d_ff=32, vocab_size=20)).eval()
+    for pairs, msg in (([([1], [2]), ("def ", [3])], r"pair 1's context is text \('def '\)"),
+                       ([([1], [2.5])], r"pair 0's continuation holds 2\.5")):
+        with pytest.raises(ValueError, match=msg):
+            score(mdm, pairs, n_samples=4)
+    with pytest.raises(ValueError, match=r"item 0's positions holds 1\.0"):
+        score_positions(mdm, [([1, 2, 3], [1.0])], n_samples=4)
+    with pytest.raises(ValueError, match=r"n_samples must be an int, got 8\.0"):
+        score(mdm, [([1], [2])], n_samples=8.0)
+    assert score(mdm, [(np.array([1]), torch.tensor([2]))], n_samples=np.int64(4)).nll.shape == (1,)

@@ -314,3 +314,27 @@ def test_losses_of_a_float64_model_are_float64():
         per[k] = -(logp.gather(-1, tokens[..., None])[..., 0] * masks[k]).sum(1) / t[k]
     est = elbo_nll(model, tokens, n_samples=n, seed=7)
     torch.testing.assert_close(est.nll, per.mean(0), rtol=1e-13, atol=0)
+
+
+def test_losses_refuse_the_other_kind_of_model():
+    """ar_loss on the bidirectional MDM would see its targets (a silently meaningless number); the MDM losses
+    on the ARM twin failed with an IndexError deep in the embedding (no mask row)."""
+    mdm, arm = tiny(), tiny(causal=True)
+    x = torch.randint(0, 11, (2, 9))
+    with pytest.raises(ValueError, match="ar_loss is for the autoregressive twin"):
+        ar_loss(mdm, x)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    w = torch.ones(2, 9, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mdm_loss is for the MDM"):
+        mdm_loss(arm, x, x, mask, w)
+    with pytest.raises(ValueError, match="sft_loss is for the MDM"):
+        sft_loss(arm, x, x, mask, w, torch.tensor([2, 3]))
+
+
+def test_forward_process_takes_0d_integer_tensors():
+    x = torch.randint(0, 11, (2, 9))
+    a = diffusion.forward_process(x, seed=torch.tensor(3), step=torch.tensor(1), mask_id=torch.tensor(11))
+    b = diffusion.forward_process(x, seed=3, step=1, mask_id=11)
+    assert torch.equal(a.noisy_ids, b.noisy_ids) and torch.equal(a.weight, b.weight)
+    with pytest.raises(ValueError, match=r"mask_id must be an integer, got 11\.0"):
+        diffusion.forward_process(x, seed=3, step=1, mask_id=11.0)

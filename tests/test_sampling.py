@@ -1015,3 +1015,44 @@ def test_infill_default_steps_are_one_per_position_in_every_block():
                  callback=lambda step, seqs: trace.append(int((seqs[0] == V).sum())))
     left = [G] + trace
     assert out.steps == [G] and [a - b for a, b in zip(left, left[1:])] == [1] * G
+
+
+def test_inputs_in_the_forms_users_pass_them(mdm, arm):
+    """Token ids as lists, numpy arrays, tensors or a tokenizers.Encoding; numpy integers for the counts
+    (sweeps over np.arange); text, floats, bools and seed=None are errors naming the prompt or option."""
+
+    class Encoding:  # what tokenizers' encode returns: ids in .ids
+        ids = [1, 2, 3]
+
+    kw = dict(gen_length=8, steps=8, temperature=1.0, seed=4)
+    want = generate(mdm, [[1, 2, 3]], **kw).tokens
+    for p in (np.array([1, 2, 3], dtype=np.int32), torch.tensor([1, 2, 3]), Encoding(), (1, 2, np.int64(3))):
+        assert generate(mdm, [p], **kw).tokens == want, p
+    assert generate(mdm, [[1, 2, 3]], gen_length=np.int64(8), steps=np.int64(8), temperature=1.0,
+                    seed=4).tokens == want
+    assert generate(mdm, [[1, 2, 3]], gen_length=8, steps=np.int32(4), block_length=np.int64(4), top_k=np.int64(5),
+                    temperature=1.0).tokens == generate(mdm, [[1, 2, 3]], gen_length=8, steps=4, block_length=4,
+                                                        top_k=5, temperature=1.0).tokens
+    for bad, msg in ((["def "], r"prompt 0 is text \('def '\): pass token ids"),
+                     ([[1, 2], [1.7, 2.2]], r"prompt 1 holds 1\.7: token ids are ints"),
+                     ([[True, 2]], "prompt 0 holds True"),
+                     ([np.array([1.0, 2.0])], "prompt 0 must be a 1-D integer array")):
+        with pytest.raises(ValueError, match=msg):
+            generate(mdm, bad, gen_length=4, steps=4)
+    with pytest.raises(ValueError, match="seed must be an int or a list of ints"):
+        generate(mdm, [[1]], gen_length=4, steps=4, seed=None)
+    with pytest.raises(ValueError, match="gen_length must be an int >= 1, got 4.0"):
+        generate(arm, [[1]], gen_length=4.0)
+    m = mdm.config.mask_id
+    with pytest.raises(ValueError, match="one list of positions per sequence"):
+        infill(mdm, [[1, m, 2], [1, m, 3]], mask_positions=[1, 1])
+    with pytest.raises(ValueError, match="sequence 1 is text"):
+        infill(mdm, [[1, m, 2], "a b"])
+
+
+def test_arm_callback_counts_steps_across_prompt_lengths(arm):
+    """The ARM decodes each prompt length in turn; the callback's step still counts up once over the whole
+    call (it restarted at 1 for each length), as the MDM's does."""
+    steps = []
+    generate(arm, [[1, 2], [1, 2, 3], [4, 5]], gen_length=3, callback=lambda s, seqs: steps.append(s))
+    assert steps == list(range(1, 7))

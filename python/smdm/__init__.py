@@ -10,7 +10,11 @@ from smdm.errors import SmdmFormatError, SmdmIOError
 
 __version__ = "0.1.0"
 
-__all__ = ["SmdmFormatError", "SmdmIOError", "__version__"]
+__all__ = ["SmdmFormatError", "SmdmIOError", "__version__", "generate", "infill", "load"]
+
+# submodules reachable as attributes (`smdm.evaluate.score(...)` after a plain `import smdm`), imported on first use
+_SUBMODULES = ("checkpoint", "config", "convert", "corpus", "data", "diffusion", "evaluate", "kernels", "linear_ce",
+               "model", "rng", "sampling", "sft", "train")
 
 
 def __getattr__(name):  # lazy exports: keep `import smdm` cheap (no torch import here)
@@ -22,4 +26,12 @@ def __getattr__(name):  # lazy exports: keep `import smdm` cheap (no torch impor
         from smdm import sampling
 
         return getattr(sampling, name)
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"smdm.{name}")
     raise AttributeError(f"module 'smdm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

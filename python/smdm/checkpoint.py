@@ -286,8 +286,14 @@ def load(path, device=None, *, check: bool = True):
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device {str(device)!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: smdm runs on cpu or cuda")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"device {str(device)!r}: there is one CPU device (use cpu)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: CUDA is not available here (use cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     step_dir = resolve(path)
     if check:
         verify(step_dir)
@@ -307,6 +313,7 @@ def load(path, device=None, *, check: bool = True):
         check_finite(state, step_dir, "smdm.load(..., check=False) loads it anyway")
     model.load_state_dict(state, assign=True)
     model.eval()
+    model.train_schedule = trained_schedule(cfg)  # the samplers' default schedule (None: linear)
     tokenizer = None
     tok = step_dir / "tokenizer.json"
     if tok.is_file():

@@ -826,6 +826,9 @@ class _PackedDatasetImpl(EpochCursor):
     +1 at each document start inside the window), `index` int64 (B,) window ids, and the batch's
     position `epoch`, `batch` (ints) so a trainer using DataLoader workers can checkpoint
     `PackedDataset.state_after(batch)` without asking the workers.
+
+    It yields whole batches: wrap it as `DataLoader(ds, batch_size=None, num_workers=W)` (the default
+    batch_size=1 would stack them into (1, B, L)).
     """
 
     def __init__(

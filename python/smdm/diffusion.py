@@ -227,7 +227,9 @@ def _check_args(tokens: np.ndarray, *, seed, step, sample_offset, global_batch, 
     if not 0 <= p_uncond <= 1:
         bad(f"p_uncond must be in [0, 1], got {p_uncond}")
     max_id = np.iinfo(tokens.dtype).max
-    if not isinstance(mask_id, (int, np.integer)) or not 0 <= int(mask_id) <= max_id:
+    if not isinstance(mask_id, (int, np.integer)):
+        bad(f"mask_id must be an integer, got {mask_id!r}")
+    if not 0 <= int(mask_id) <= max_id:
         bad(f"mask_id {mask_id} does not fit the token dtype {tokens.dtype} (max {max_id})")
     if p_uncond > 0 and prompt_lens is None:
         bad("p_uncond > 0 needs prompt_lens (the prompt to drop)")
@@ -366,8 +368,13 @@ def forward_process(tokens, *, seed: int, step: int, sample_offset: int = 0, glo
         if isinstance(prompt_lens, torch.Tensor):
             prompt_lens = prompt_lens.detach().cpu().numpy()
         pl = np.ascontiguousarray(prompt_lens, dtype=np.int64)
-    kw = dict(seed=seed, step=step, sample_offset=sample_offset, global_batch=global_batch, mask_id=mask_id,
-              eps=eps, stratified=stratified, prompt_lens=pl, crop_prob=crop_prob, p_uncond=p_uncond)
+    def scalar(v):  # a 0-d integer tensor (a model's config value moved to a tensor) as the int it holds
+        integer = isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point() and v.dtype != torch.bool
+        return int(v) if integer else v
+
+    kw = dict(seed=scalar(seed), step=scalar(step), sample_offset=scalar(sample_offset),
+              global_batch=scalar(global_batch), mask_id=scalar(mask_id), eps=eps, stratified=stratified,
+              prompt_lens=pl, crop_prob=crop_prob, p_uncond=p_uncond)
     try:
         name = parse_schedule(schedule).name  # canonical: the Rust core parses the same number
     except ValueError as e:
@@ -415,6 +422,12 @@ def _masked_ce(model, noisy, x0, mask, *, segment_ids=None, positions=None):
     return _ce_rows(h[mask], model.head.weight, x0[mask])  # (M,): the head on masked rows only, in chunks
 
 
+def _require_mdm(model, what: str) -> None:
+    if model.config.causal or model.config.mask_id is None:
+        raise ValueError(f"{what} is for the MDM (a bidirectional model with a mask token); the ARM twin "
+                         f"trains with ar_loss")
+
+
 def mdm_loss(model, noisy, x0, mask, weight, *, segment_ids=None, positions=None):
     """MDM pretraining loss (paper Eq. 3): sum over masked tokens of w(t)·CE(x0), divided by B·L (all
     tokens, masked or not). The schedule lives entirely in `weight`: w = 1/p for the linear schedule, the
@@ -423,6 +436,7 @@ def mdm_loss(model, noisy, x0, mask, weight, *, segment_ids=None, positions=None
 
     noisy, x0: (B, L) int64; mask: (B, L) bool; weight: (B, L) float = w(t') at masked tokens (from
     `forward_process`). A batch without a masked token gives an exact, finite zero (with a graph)."""
+    _require_mdm(model, "mdm_loss")
     h = model.hidden(noisy, segment_ids=segment_ids, positions=positions)  # (B, L, d)
     rows = weight[mask].to(_torch.float64) / mask.numel()  # (M,)
     return _linear_ce(h[mask], model.head.weight, x0[mask], rows)
@@ -435,6 +449,7 @@ def sft_loss(model, noisy, x0, mask, weight, prompt_lens, *, positions=None):
 
     prompt_lens: (B,) int. For standard CFG training `noisy` comes from `forward_process(...,
     prompt_lens=..., p_uncond=...)`, which replaces dropped prompts by masks: inputs only, never targets."""
+    _require_mdm(model, "sft_loss")
     B, L = x0.shape
     h = model.hidden(noisy, positions=positions)  # (B, L, d)
     answer_len = (L - _torch.as_tensor(prompt_lens, device=x0.device)).clamp(min=1)  # (B,)
@@ -447,6 +462,9 @@ def ar_loss(model, tokens, *, segment_ids=None):
     """Next-token cross-entropy of the autoregressive twin over windows of L + 1 tokens: (B, L+1) -> mean
     over the B·L predictions. With `segment_ids` attention stays inside each document (the first token of a
     document is predicted from the EOS that closes the previous one, which sees only its own document)."""
+    if not model.config.causal:
+        raise ValueError("ar_loss is for the autoregressive twin (config.causal): a bidirectional model sees the "
+                         "very tokens it would predict")
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     seg = None if segment_ids is None else segment_ids[:, :-1]
     h = model.hidden(inputs, segment_ids=seg)  # (B, L, d)
@@ -490,8 +508,11 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
     shared u (so t in (0, 1]); NLL ≈ mean_k w(t_k) sum_masked CE (linear: sum_masked CE / t_k, computed as
     that division; other schedules multiply by the float64 w(t_k) of `Schedule.weight`). The continuous-time
     ELBO does not depend on the schedule (substitute p = 1 - alpha_t: w dt = dp/p); the variance does.
-    The draws are keyed by (seed, sample, row id) only, so the estimate does not depend on the batch layout
-    (`row_ids` default arange(B)). Rows are evaluated `max_rows` (sample, sequence) pairs per forward pass."""
+    The draws are keyed by (seed, sample, row id) only. The default row ids, arange(B), are the rows' places
+    in the batch, so a sequence's estimate changes when it moves; give ids that travel with the sequence (e.g.
+    `smdm.evaluate.context_row_id` of its tokens, as `smdm.evaluate` does) and the estimate does not depend on
+    the batch layout. Rows are evaluated `max_rows` (sample, sequence) pairs per forward pass, which never
+    changes the estimate."""
     if n_samples < 2:
         raise ValueError(f"elbo_nll needs n_samples >= 2 for a standard error, got {n_samples}")
     mask_id = model.config.mask_id

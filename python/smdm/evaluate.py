@@ -67,6 +67,7 @@ import io
 import itertools
 import json
 import math
+import numbers
 import re
 import sys
 import time
@@ -161,13 +162,15 @@ def _check_tokens(conf, what: str, ids: list, method: str) -> None:
 
 
 def _check_pairs(conf, pairs, method) -> list:
+    from smdm.sampling import token_ids
+
     out = []
     for i, pair in enumerate(pairs):
         try:
             ctx, cont = pair
         except (TypeError, ValueError):
             raise ValueError(f"pair {i} is not a (context, continuation) pair of token-id lists") from None
-        ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
+        ctx, cont = token_ids(ctx, f"pair {i}'s context"), token_ids(cont, f"pair {i}'s continuation")
         if not cont:
             raise ValueError(f"pair {i}: the continuation is empty (nothing to score)")
         if method == "ar" and not ctx:
@@ -179,13 +182,15 @@ def _check_pairs(conf, pairs, method) -> list:
 
 
 def _check_items(conf, items, method) -> list:
+    from smdm.sampling import token_ids
+
     out = []
     for i, it in enumerate(items):
         try:
             ids, pos = it
-            ids, pos = [int(t) for t in ids], [int(p) for p in pos]
         except (TypeError, ValueError):
             raise ValueError(f"item {i} is not an (ids, positions) pair of integer lists") from None
+        ids, pos = token_ids(ids, f"item {i}'s ids"), token_ids(pos, f"item {i}'s positions")
         if not pos:
             raise ValueError(f"item {i}: no positions (nothing to score)")
         bad = [p for p in pos if not 0 <= p < len(ids)]
@@ -215,10 +220,12 @@ def _check_options(conf, method, cfg, n_samples, batch_size) -> str:
         raise ValueError(f"cfg must be finite and >= 0 (0 = no guidance), got {cfg}")
     if cfg and conf.causal:
         raise ValueError("cfg applies to the MDM only (the ARM twin has no mask token)")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral):
+        raise ValueError(f"n_samples must be an int, got {n_samples!r}")
     if method == "elbo" and n_samples < 2:
         raise ValueError(f"n_samples must be >= 2 for a standard error, got {n_samples}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     return method
 
 

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -465,7 +466,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
              top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
              confidence: str = "prob", eos_id: Optional[int] = None, cache: Optional[str] = None,
              batch_invariant: bool = True, callback: Optional[Callable] = None,
-             schedule: Union[str, Schedule] = "linear", cache_refresh: Optional[int] = None) -> GenerationOutput:
+             schedule: Union[str, Schedule, None] = None, cache_refresh: Optional[int] = None) -> GenerationOutput:
     """Generate `gen_length` tokens after each prompt (token-id lists of any lengths).
 
     MDM (model.config.causal False): `sampler` in SAMPLERS, `steps` sampler steps (split evenly over blocks of
@@ -480,23 +481,23 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `batch_invariant`: arrange
     the forward passes so a row's floats never depend on the other rows (module docstring; False is a little
     faster). `callback(step, seqs)` sees the rows (mask id where still masked) after each step.
-    `schedule`: the noise schedule of the reverse steps ("linear" | "cosine" | "polynomial:P"; use the one the
-    model was trained with): sets how many positions `ancestral` and `low_confidence` (without blocks) reveal
-    per step; the block quota and `threshold` do not use it, nor does the ARM twin."""
+    `schedule`: the noise schedule of the reverse steps ("linear" | "cosine" | "polynomial:P"; default: the one
+    the model was trained with, `model.train_schedule` as `smdm.load` sets it, else linear): sets how many
+    positions `ancestral` and `low_confidence` (without blocks) reveal per step; the block quota and
+    `threshold` do not use it, nor does the ARM twin."""
     cfg = model.config
-    schedule = parse_schedule(schedule)
+    schedule = _schedule(model, schedule)
     if cache is None:  # the ARM's KV cache is exact, the MDM's prefix cache an approximation
         cache = "prefix" if cfg.causal else "none"
     if len(prompts) and (isinstance(prompts[0], (int, np.integer))
                          or isinstance(prompts[0], torch.Tensor) and prompts[0].dim() == 0):  # a 1-D tensor
         raise ValueError("prompts must be a list of token-id lists (one prompt: [ids])")
-    prompts = [list(map(int, p)) for p in prompts]
+    prompts = [token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
     if not prompts:
         raise ValueError("prompts is empty: pass a list of token-id lists")
     seeds = _seeds(seed, len(prompts))
     top_k = _check_common(cfg, temperature, top_k, top_p, cache, eos_id, cache_refresh)
-    if not isinstance(gen_length, int) or gen_length < 1:
-        raise ValueError(f"gen_length must be an int >= 1, got {gen_length!r}")
+    gen_length = _count(gen_length, "gen_length")
     for i, p in enumerate(prompts):
         _check_ids(cfg, p, f"prompt {i}")
         if len(p) + gen_length > cfg.max_seq_len:
@@ -513,6 +514,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
             raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
         return _generate_arm(model, prompts, gen_length, seeds, dict(temperature=temperature, top_k=top_k,
                              top_p=top_p, batch_invariant=batch_invariant), eos_id, cache, callback)
+    steps, block_length = _count(steps, "steps"), _count(block_length, "block_length", none_ok=True)
     check_mdm_options(gen_length, steps, sampler=sampler, block_length=block_length, threshold=threshold,
                       cfg_scale=cfg_scale, confidence=confidence)
     mask_id = cfg.mask_id
@@ -536,7 +538,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
            top_p: Optional[float] = None, cfg_scale: float = 0.0, seed: Union[int, Sequence[int]] = 0,
            confidence: str = "prob", eos_id: Optional[int] = None, cache: Optional[str] = None,
            batch_invariant: bool = True, callback: Optional[Callable] = None,
-           schedule: Union[str, Schedule] = "linear", cache_refresh: Optional[int] = None) -> GenerationOutput:
+           schedule: Union[str, Schedule, None] = None, cache_refresh: Optional[int] = None) -> GenerationOutput:
     """Fill any set of masked positions of each sequence (MDM only); everything else is kept as given.
 
     ids: a list of token-id lists (or one list). mask_positions: per sequence the positions to generate (or
@@ -547,15 +549,20 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
     sequences; CFG masks every given position for the unconditional row. Other options (`schedule` too) as
     in `generate`."""
     cfg = model.config
-    schedule = parse_schedule(schedule)
+    schedule = _schedule(model, schedule)
     if cfg.causal:
         raise ValueError("infill needs the MDM (model.config.causal is True: the ARM twin cannot infill)")
     first = ids[0] if len(ids) > 0 else None  # a 1-D tensor's items are 0-d tensors: one sequence
-    single = first is not None and not (isinstance(first, (list, tuple))
+    single = first is not None and not (isinstance(first, (list, tuple, str)) or hasattr(first, "ids")
                                         or isinstance(first, (torch.Tensor, np.ndarray)) and first.ndim >= 1)
-    ids = [list(map(int, ids))] if single else [list(map(int, x)) for x in ids]
+    ids = [token_ids(ids, "ids")] if single else [token_ids(x, f"sequence {i}") for i, x in enumerate(ids)]
     if mask_positions is not None and single:
         mask_positions = [mask_positions]
+    elif mask_positions is not None and any(isinstance(m, numbers.Integral) for m in mask_positions):
+        raise ValueError(f"mask_positions holds a position where a list is expected: give one list of positions "
+                         f"per sequence ({len(ids)} sequences)")
+    steps = None if steps is None else _count(steps, "steps")
+    block_length = _count(block_length, "block_length", none_ok=True)
     if not ids:
         raise ValueError("ids is empty")
     seeds = _seeds(seed, len(ids))
@@ -605,10 +612,60 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
 # Validation helpers
 
 
+def _schedule(model, schedule) -> Schedule:
+    """`schedule`, else the one the model was trained with (`smdm.load` sets `model.train_schedule` from the
+    checkpoint's config, as `smdm generate` reads it), else linear."""
+    if schedule is None:
+        schedule = getattr(model, "train_schedule", None) or "linear"
+    return parse_schedule(schedule)
+
+
+def token_ids(seq, what: str) -> list:
+    """One sequence of token ids as a list of Python ints: a list or tuple of ints (numpy and 0-d tensor ints
+    too), a 1-D integer numpy array or tensor, or a `tokenizers.Encoding` (its .ids). Text, floats and bools
+    are ValueErrors naming `what` (int() would read '7' from text and truncate 1.7 silently)."""
+    if isinstance(seq, str):
+        raise ValueError(f"{what} is text ({seq[:30]!r}): pass token ids, e.g. tokenizer.encode(text).ids")
+    if hasattr(seq, "ids") and not isinstance(seq, (torch.Tensor, np.ndarray)):  # a tokenizers.Encoding
+        seq = seq.ids
+    if isinstance(seq, (torch.Tensor, np.ndarray)):
+        integer = (seq.dtype not in (torch.bool,) and not seq.is_floating_point() and not seq.is_complex()
+                   if isinstance(seq, torch.Tensor) else seq.dtype.kind in "iu")
+        if seq.ndim != 1 or not integer:
+            raise ValueError(f"{what} must be a 1-D integer array of token ids, got {seq.dtype} of shape "
+                             f"{tuple(seq.shape)}")
+        return seq.tolist()
+    try:
+        items = list(seq)
+    except TypeError:
+        raise ValueError(f"{what} is not a sequence of token ids: {seq!r}") from None
+    out = []
+    for x in items:
+        try:
+            if isinstance(x, bool):
+                raise TypeError
+            out.append(operator.index(x))
+        except TypeError:
+            raise ValueError(f"{what} holds {x!r}: token ids are ints") from None
+    return out
+
+
+def _count(x, what: str, none_ok: bool = False):
+    """An int >= 1 option (numpy integers too) as a Python int; None where allowed."""
+    if x is None and none_ok:
+        return None
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+        raise ValueError(f"{what} must be an int >= 1{' (or None)' if none_ok else ''}, got {x!r}")
+    return int(x)
+
+
 def _seeds(seed, n: int) -> list:
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):  # numpy integers too
         return [int(seed)] * n
-    seeds = [int(s) for s in seed]
+    try:
+        seeds = [operator.index(s) for s in seed]
+    except TypeError:
+        raise ValueError(f"seed must be an int or a list of ints, one per prompt; got {seed!r}") from None
     if len(seeds) != n:
         raise ValueError(f"seed is a list of {len(seeds)} for {n} prompts (pass an int or one per prompt)")
     return seeds
@@ -619,8 +676,7 @@ def _check_common(cfg, temperature, top_k, top_p, cache, eos_id, cache_refresh=N
     vocab_size + 1 (any k at least a logits row's width keeps every id, and a huge int fits no C long)."""
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 (or None), got {top_k!r}")
+    top_k = _count(top_k, "top_k", none_ok=True)
     if top_p is not None and not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if cache not in CACHES:
@@ -633,8 +689,7 @@ def _check_common(cfg, temperature, top_k, top_p, cache, eos_id, cache_refresh=N
 
 def _check_refresh(cache_refresh, cache, causal: bool) -> None:
     if cache_refresh is not None:
-        if not isinstance(cache_refresh, numbers.Integral) or isinstance(cache_refresh, bool) or cache_refresh < 1:
-            raise ValueError(f"cache_refresh must be an int >= 1 (or None), got {cache_refresh!r}")
+        _count(cache_refresh, "cache_refresh", none_ok=True)
         if causal or cache == "none":
             raise ValueError("cache_refresh applies to the MDM's block caches (cache='prefix' or 'dual') only")
 
@@ -642,10 +697,8 @@ def _check_refresh(cache_refresh, cache, causal: bool) -> None:
 def _check_mdm(sampler, steps, block_length, threshold, cfg_scale, confidence):
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if block_length is not None and (not isinstance(block_length, int) or block_length < 1):
-        raise ValueError(f"block_length must be an int >= 1 (or None), got {block_length!r}")
+    _count(steps, "steps")
+    _count(block_length, "block_length", none_ok=True)
     if (sampler == "threshold") != (threshold is not None):
         raise ValueError("threshold is required by sampler='threshold' and used by no other sampler")
     if threshold is not None and not math.isfinite(threshold):
@@ -1022,6 +1075,7 @@ def _generate_arm(model, prompts, gen_length, seeds, opts, eos_id, cache, callba
     model.eval()
     try:
         with torch.no_grad():
+            calls = 0  # callback steps
             for plen, live in groups.items():  # live: indices (into prompts) of the rows still decoding
                 # KV cache slots: the live rows, then fillers (copies of the first) up to the row multiple
                 fill = _round_up(len(live), R) - len(live) if cache == "prefix" else 0
@@ -1045,8 +1099,9 @@ def _generate_arm(model, prompts, gen_length, seeds, opts, eos_id, cache, callba
                             keep.append(n)
                         else:  # EOS: fill the rest and stop spending compute on this row
                             out[i].extend([eos_id] * (gen_length - j - 1))
-                    if callback is not None:
-                        callback(j + 1, [torch.tensor(o) for o in out])
+                    if callback is not None:  # one count over every group: rows of each prompt length in turn
+                        calls += 1
+                        callback(calls, [torch.tensor(o) for o in out])
                     if j == gen_length - 1 or not keep:
                         break
                     fill = _round_up(len(keep), R) - len(keep) if kv is not None else 0
