@@ -188,6 +188,8 @@ def _check_items(conf, items, method) -> list:
     for i, it in enumerate(items):
         try:
             ids, pos = it
+            if not all(hasattr(x, "__iter__") for x in (ids, pos)):
+                raise TypeError
         except (TypeError, ValueError):
             raise ValueError(f"item {i} is not an (ids, positions) pair of integer lists") from None
         ids, pos = token_ids(ids, f"item {i}'s ids"), token_ids(pos, f"item {i}'s positions")
