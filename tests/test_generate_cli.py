@@ -515,3 +515,24 @@ def test_input_file_errors(capsys, ckpts, tmp_path):
     with pytest.raises(SystemExit):  # argparse's error, before the checkpoint loads
         cli.main(["generate", "--ckpt", m, "--input", inp, "--output", str(tmp_path / "nodir" / "o")])
     assert "argument --output" in capsys.readouterr().err
+
+
+def test_input_from_stdin(ckpts, tmp_path):
+    """--input - reads the JSONL from standard input (a real process): the records of the same file, errors
+    named by <stdin>:line."""
+    import subprocess
+    import sys
+
+    inp = _write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    base = [sys.executable, "-m", "smdm.cli", "generate", "--ckpt", str(ckpts["mdm"]), *SAMPLE]
+    file_run = subprocess.run(base + ["--input", inp, "--output", str(tmp_path / "a.jsonl")], capture_output=True,
+                              text=True, timeout=300)
+    assert file_run.returncode == 0, file_run.stderr
+    with open(inp, "rb") as f:
+        p = subprocess.run(base + ["--input", "-", "--output", str(tmp_path / "b.jsonl")], stdin=f,
+                           capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    p = subprocess.run(base + ["--input", "-", "--output", str(tmp_path / "c.jsonl")], input='{"prompt": 5}\n',
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "<stdin>:1: field 'prompt' must be a string" in p.stderr, p.stderr

@@ -42,14 +42,15 @@ def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
         src = parser.add_mutually_exclusive_group(required=True)
         src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
         src.add_argument("--prompt-ids", action="append", help="prompt token ids, e.g. '1 2 3' (repeatable)")
-        src.add_argument("--input", metavar="FILE", help="JSONL of prompts (field --field): needs --output")
+        src.add_argument("--input", metavar="FILE", help="JSONL of prompts (field --field; - = stdin): needs --output")
         parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default 128)")
         parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: gen length)")
     else:
         src = parser.add_mutually_exclusive_group(required=True)
         src.add_argument("--text", action="append", help="text with <|mask:N|> holes (repeat for a batch)")
         src.add_argument("--ids", action="append", help="token ids with '_' for masked positions")
-        src.add_argument("--input", metavar="FILE", help="JSONL of texts with holes (field --field): needs --output")
+        src.add_argument("--input", metavar="FILE",
+                         help="JSONL of texts with holes (field --field; - = stdin): needs --output")
         parser.add_argument("--steps", type=int, default=None, help="steps (default: one per hole token)")
     parser.add_argument("--sampler", default="low_confidence", help="ancestral | low_confidence | threshold")
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length")

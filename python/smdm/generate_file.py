@@ -25,8 +25,8 @@ Resume: finished batches are appended to `OUT.part` and fsynced; its first line 
 other ones (it would mix two runs). A line cut short by a crash is dropped and its batch runs again. A file
 named `OUT.part` that does not start with that header is never touched.
 
-The input is read once (a pipe, `--input <(...)`, works; the digest is of the bytes parsed), and an OUT or
-OUT.part that is the input is refused.
+The input is read once (`--input -` reads standard input, and a pipe such as `--input <(...)` works; the
+digest is of the bytes parsed), and an OUT or OUT.part that is the input is refused.
 """
 
 from __future__ import annotations
@@ -183,22 +183,27 @@ def run(args, name: str, model, tokenizer, step_dir, schedule: str, opts: dict) 
 
     cfg = model.config
     out_path, part = Path(args.output), part_path(Path(args.output))
+    stdin = args.input == "-"
+    source = "<stdin>" if stdin else args.input  # how messages name the input
     for p in (out_path, part):
-        if os.path.realpath(p) == os.path.realpath(args.input):
+        if not stdin and os.path.realpath(p) == os.path.realpath(args.input):
             raise GenerateInputError(f"--output {args.output} would overwrite the input {args.input} ({p})")
-    try:
-        with open(args.input, "rb") as f:
-            data = f.read()  # once: a pipe has no second read, and the digest must be of the bytes parsed
+    try:  # once: a pipe has no second read, and the digest must be of the bytes parsed
+        if stdin:
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.input, "rb") as f:
+                data = f.read()
     except FileNotFoundError:
         raise GenerateInputError(f"{args.input}: no such file") from None
     except IsADirectoryError:
         raise GenerateInputError(f"{args.input}: is a directory, not a JSONL file") from None
-    items = read_items(args.input, data, args.field, name, tokenizer, cfg)
+    items = read_items(source, data, args.field, name, tokenizer, cfg)
     if name == "generate":
         for it in items:
             if len(it.ids) + args.gen_length > cfg.max_seq_len:
                 raise GenerateInputError(
-                    f"{args.input}:{it.line}: field {args.field!r} has {len(it.ids)} tokens: with --gen-length "
+                    f"{source}:{it.line}: field {args.field!r} has {len(it.ids)} tokens: with --gen-length "
                     f"{args.gen_length} that is {len(it.ids) + args.gen_length} > the model's context of "
                     f"{cfg.max_seq_len}")
     want = settings(args, name, cfg, schedule, opts["eos_id"], step_dir, hashlib.sha256(data).hexdigest())
