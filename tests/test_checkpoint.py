@@ -201,6 +201,15 @@ def test_load_keeps_the_trained_schedule_for_the_samplers(tmp_path, model):
     assert smdm.generate(m, [[1, 2]], **kw).tokens == linear.tokens
 
 
+def test_load_on_cpu_0_and_a_bad_recorded_schedule_named(tmp_path, model):
+    d = save_step(tmp_path / "run", 1, model)
+    m, _ = smdm.load(d, device="cpu:0")  # safetensors itself refuses "cpu:0"
+    m.train_schedule = "loglinear"  # what a hand-edited config.json could say
+    with pytest.raises(ValueError, match="the checkpoint's config.json train.schedule: unknown schedule"):
+        smdm.generate(m, [[1]], gen_length=4, steps=4)
+    assert smdm.generate(m, [[1]], gen_length=4, steps=4, schedule="linear").tokens
+
+
 @pytest.mark.parametrize("device,msg", [("mps", "smdm runs on cpu or cuda"), ("meta", "smdm runs on cpu or cuda"),
                                         ("cpu:1", "there is one CPU device"), ("gpu", "device 'gpu'")])
 def test_load_names_a_device_it_cannot_use(tmp_path, model, device, msg):

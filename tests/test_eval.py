@@ -878,3 +878,4 @@ def test_score_names_bad_inputs():
     with pytest.raises(ValueError, match=r"n_samples must be an int, got 8\.0"):
         score(mdm, [([1], [2])], n_samples=8.0)
     assert score(mdm, [(np.array([1]), torch.tensor([2]))], n_samples=np.int64(4)).nll.shape == (1,)
+    assert score(mdm, [([1], [2])], method="chain", n_samples=None).nll.shape == (1,)  # n_samples: elbo only

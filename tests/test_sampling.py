@@ -1026,8 +1026,11 @@ def test_inputs_in_the_forms_users_pass_them(mdm, arm):
 
     kw = dict(gen_length=8, steps=8, temperature=1.0, seed=4)
     want = generate(mdm, [[1, 2, 3]], **kw).tokens
-    for p in (np.array([1, 2, 3], dtype=np.int32), torch.tensor([1, 2, 3]), Encoding(), (1, 2, np.int64(3))):
+    for p in (np.array([1, 2, 3], dtype=np.int32), torch.tensor([1, 2, 3]), Encoding(), (1, 2, np.int64(3)),
+              np.array([1, 2, 3], dtype=object), range(1, 4)):
         assert generate(mdm, [p], **kw).tokens == want, p
+    empty = generate(mdm, [[]], **kw).tokens
+    assert generate(mdm, [torch.tensor([])], **kw).tokens == generate(mdm, [np.array([])], **kw).tokens == empty
     assert generate(mdm, [[1, 2, 3]], gen_length=np.int64(8), steps=np.int64(8), temperature=1.0,
                     seed=4).tokens == want
     assert generate(mdm, [[1, 2, 3]], gen_length=8, steps=np.int32(4), block_length=np.int64(4), top_k=np.int64(5),
@@ -1036,11 +1039,15 @@ def test_inputs_in_the_forms_users_pass_them(mdm, arm):
     for bad, msg in ((["def "], r"prompt 0 is text \('def '\): pass token ids"),
                      ([[1, 2], [1.7, 2.2]], r"prompt 1 holds 1\.7: token ids are ints"),
                      ([[True, 2]], "prompt 0 holds True"),
-                     ([np.array([1.0, 2.0])], "prompt 0 must be a 1-D integer array")):
+                     ([np.array([1.0, 2.0])], "prompt 0 must be a 1-D integer array"),
+                     ([b"\x01\x02"], "prompt 0 is text"), ([{1, 2}], "prompt 0 is a set, which has no order"),
+                     ("hello", "prompts must be a list of token-id lists"),
+                     (Encoding(), "prompts must be a list of token-id lists")):
         with pytest.raises(ValueError, match=msg):
             generate(mdm, bad, gen_length=4, steps=4)
-    with pytest.raises(ValueError, match="seed must be an int or a list of ints"):
-        generate(mdm, [[1]], gen_length=4, steps=4, seed=None)
+    for seed in (None, [True]):
+        with pytest.raises(ValueError, match="seed must be an int or a list of ints"):
+            generate(mdm, [[1]], gen_length=4, steps=4, seed=seed)
     with pytest.raises(ValueError, match="gen_length must be an int >= 1, got 4.0"):
         generate(arm, [[1]], gen_length=4.0)
     m = mdm.config.mask_id
@@ -1048,6 +1055,17 @@ def test_inputs_in_the_forms_users_pass_them(mdm, arm):
         infill(mdm, [[1, m, 2], [1, m, 3]], mask_positions=[1, 1])
     with pytest.raises(ValueError, match="sequence 1 is text"):
         infill(mdm, [[1, m, 2], "a b"])
+    with pytest.raises(ValueError, match="one list of positions per sequence"):
+        infill(mdm, [[1, 2, 3], [4, 5, 6]], mask_positions=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"mask_positions\[0\] holds 1\.7"):
+        infill(mdm, [1, 2, 3], mask_positions=[1.7])
+
+    class Holes:  # one tokenizers.Encoding: one sequence
+        ids = [1, m, m, 2]
+
+    one = infill(mdm, [1, m, m, 2], temperature=1.0).tokens
+    assert infill(mdm, Holes(), temperature=1.0).tokens == one
+    assert infill(mdm, [range(1, 4)], mask_positions=[[1]]).tokens[0][::2] == [1, 3]
 
 
 def test_arm_callback_counts_steps_across_prompt_lengths(arm):

@@ -304,7 +304,7 @@ def load(path, device=None, *, check: bool = True):
         raise CheckpointError(f"{step_dir / 'config.json'}: bad model config ({e})") from None
     with torch.device("meta"):
         model = Transformer(config)
-    state = load_weights(step_dir, device)
+    state = load_weights(step_dir, str(dev) if dev.type == "cuda" else "cpu")  # safetensors refuses "cpu:0"
     missing = set(model.state_dict()) ^ set(state)
     if missing:
         raise CheckpointError(f"{step_dir}: weights do not match the config "

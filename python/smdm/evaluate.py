@@ -222,7 +222,7 @@ def _check_options(conf, method, cfg, n_samples, batch_size) -> str:
         raise ValueError(f"cfg must be finite and >= 0 (0 = no guidance), got {cfg}")
     if cfg and conf.causal:
         raise ValueError("cfg applies to the MDM only (the ARM twin has no mask token)")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral):
+    if method == "elbo" and (isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral)):
         raise ValueError(f"n_samples must be an int, got {n_samples!r}")
     if method == "elbo" and n_samples < 2:
         raise ValueError(f"n_samples must be >= 2 for a standard error, got {n_samples}")
@@ -706,10 +706,10 @@ def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Seque
                    gen_length: int = 256, steps: Optional[int] = None, sampler: str = "low_confidence",
                    block_length: Optional[int] = None, cfg: float = 0.0, batch_size: int = 8, seed: int = 0,
                    eos_id: Optional[int] = None, progress: Optional[Callable] = None,
-                   threshold: Optional[float] = None, schedule: str = "linear") -> dict:
+                   threshold: Optional[float] = None, schedule: Optional[str] = None) -> dict:
     """Generation accuracy: greedy generation (`smdm.sampling.generate`; the ARM twin decodes left to right
     with its KV cache, the sampler options apply to the MDM only), answer extraction, exact match. `schedule`
-    is the MDM sampler's (`smdm eval gsm8k` passes the checkpoint's training schedule, as `smdm generate`)."""
+    is the MDM sampler's (default, as `smdm.generate`'s: the checkpoint's training schedule, else linear)."""
     from smdm import sampling
 
     causal = model.config.causal

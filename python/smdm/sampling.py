@@ -489,6 +489,8 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     schedule = _schedule(model, schedule)
     if cache is None:  # the ARM's KV cache is exact, the MDM's prefix cache an approximation
         cache = "prefix" if cfg.causal else "none"
+    if isinstance(prompts, (str, bytes)) or hasattr(prompts, "ids") and not isinstance(prompts, torch.Tensor):
+        raise ValueError("prompts must be a list of token-id lists: one prompt is [tokenizer.encode(text).ids]")
     if len(prompts) and (isinstance(prompts[0], (int, np.integer))
                          or isinstance(prompts[0], torch.Tensor) and prompts[0].dim() == 0):  # a 1-D tensor
         raise ValueError("prompts must be a list of token-id lists (one prompt: [ids])")
@@ -552,15 +554,20 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
     schedule = _schedule(model, schedule)
     if cfg.causal:
         raise ValueError("infill needs the MDM (model.config.causal is True: the ARM twin cannot infill)")
-    first = ids[0] if len(ids) > 0 else None  # a 1-D tensor's items are 0-d tensors: one sequence
-    single = first is not None and not (isinstance(first, (list, tuple, str)) or hasattr(first, "ids")
-                                        or isinstance(first, (torch.Tensor, np.ndarray)) and first.ndim >= 1)
+    if isinstance(ids, (str, bytes)):
+        raise ValueError("ids is text: pass token ids (the mask id at the positions to fill)")
+    if hasattr(ids, "ids") and not isinstance(ids, (torch.Tensor, np.ndarray)):  # one tokenizers.Encoding
+        ids = ids.ids
+    first = ids[0] if len(ids) > 0 else None
+    single = first is not None and _scalar(first)  # a flat list, or a 1-D array whose items are 0-d
     ids = [token_ids(ids, "ids")] if single else [token_ids(x, f"sequence {i}") for i, x in enumerate(ids)]
     if mask_positions is not None and single:
         mask_positions = [mask_positions]
-    elif mask_positions is not None and any(isinstance(m, numbers.Integral) for m in mask_positions):
+    elif mask_positions is not None and any(_scalar(m) for m in mask_positions):
         raise ValueError(f"mask_positions holds a position where a list is expected: give one list of positions "
                          f"per sequence ({len(ids)} sequences)")
+    if mask_positions is not None:
+        mask_positions = [token_ids(m, f"mask_positions[{i}]") for i, m in enumerate(mask_positions)]
     steps = None if steps is None else _count(steps, "steps")
     block_length = _count(block_length, "block_length", none_ok=True)
     if not ids:
@@ -615,22 +622,32 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
 def _schedule(model, schedule) -> Schedule:
     """`schedule`, else the one the model was trained with (`smdm.load` sets `model.train_schedule` from the
     checkpoint's config, as `smdm generate` reads it), else linear."""
-    if schedule is None:
-        schedule = getattr(model, "train_schedule", None) or "linear"
-    return parse_schedule(schedule)
+    if schedule is None and getattr(model, "train_schedule", None):
+        try:
+            return parse_schedule(model.train_schedule)
+        except ValueError as e:
+            raise ValueError(f"the checkpoint's config.json train.schedule: {e} (pass schedule=...)") from None
+    return parse_schedule("linear" if schedule is None else schedule)
 
 
 def token_ids(seq, what: str) -> list:
     """One sequence of token ids as a list of Python ints: a list or tuple of ints (numpy and 0-d tensor ints
     too), a 1-D integer numpy array or tensor, or a `tokenizers.Encoding` (its .ids). Text, floats and bools
     are ValueErrors naming `what` (int() would read '7' from text and truncate 1.7 silently)."""
-    if isinstance(seq, str):
-        raise ValueError(f"{what} is text ({seq[:30]!r}): pass token ids, e.g. tokenizer.encode(text).ids")
+    if isinstance(seq, (str, bytes, bytearray, memoryview)):
+        raise ValueError(f"{what} is text ({bytes(seq[:30]) if not isinstance(seq, str) else seq[:30]!r}): pass "
+                         f"token ids, e.g. tokenizer.encode(text).ids")
+    if isinstance(seq, (set, frozenset, dict)):
+        raise ValueError(f"{what} is a {type(seq).__name__}, which has no order: pass a list of token ids")
     if hasattr(seq, "ids") and not isinstance(seq, (torch.Tensor, np.ndarray)):  # a tokenizers.Encoding
         seq = seq.ids
+    if isinstance(seq, np.ndarray) and seq.dtype == object and seq.ndim == 1:
+        seq = list(seq)  # element by element, below
     if isinstance(seq, (torch.Tensor, np.ndarray)):
         integer = (seq.dtype not in (torch.bool,) and not seq.is_floating_point() and not seq.is_complex()
                    if isinstance(seq, torch.Tensor) else seq.dtype.kind in "iu")
+        if seq.ndim == 1 and seq.shape[0] == 0:  # torch.tensor([]) / np.array([]): float dtype, no ids
+            return []
         if seq.ndim != 1 or not integer:
             raise ValueError(f"{what} must be a 1-D integer array of token ids, got {seq.dtype} of shape "
                              f"{tuple(seq.shape)}")
@@ -650,6 +667,11 @@ def token_ids(seq, what: str) -> list:
     return out
 
 
+def _scalar(x) -> bool:
+    """A single number (int, numpy scalar, 0-d array or tensor), not a sequence of them."""
+    return isinstance(x, (numbers.Number, np.generic)) or isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0
+
+
 def _count(x, what: str, none_ok: bool = False):
     """An int >= 1 option (numpy integers too) as a Python int; None where allowed."""
     if x is None and none_ok:
@@ -664,6 +686,8 @@ def _seeds(seed, n: int) -> list:
         return [int(seed)] * n
     try:
         seeds = [operator.index(s) for s in seed]
+        if any(isinstance(s, bool) for s in seed):
+            raise TypeError
     except TypeError:
         raise ValueError(f"seed must be an int or a list of ints, one per prompt; got {seed!r}") from None
     if len(seeds) != n:

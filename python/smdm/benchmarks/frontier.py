@@ -306,7 +306,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         env = environment(device=str(device), dtype=args.dtype, mdm=args.mdm, arm=args.arm,
                           judge=args.judge or args.arm, data=str(data), prompt_length=args.prompt_length,
-                          gen_length=args.gen_length, n=len(prompts), temperature=args.temperature)
+                          gen_length=args.gen_length, n=len(prompts), temperature=args.temperature,
+                          schedule=getattr(mdm, "train_schedule", None) or "linear")  # generate()'s default
         write_records([{**r, "environment": env} for r in records], args.json)
     return 0
 
