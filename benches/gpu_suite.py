@@ -628,8 +628,8 @@ def _attention_error(res, K, q, k, v, qs, ks):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):
-        math = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()
-    res["max_abs_err_sdpa_math"] = float((math - ref).abs().max())
+        via_math = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()
+    res["max_abs_err_sdpa_math"] = float((via_math - ref).abs().max())
     res["err_ratio_vs_sdpa_math"] = round(err / max(res["max_abs_err_sdpa_math"], 1e-12), 2)
 
 

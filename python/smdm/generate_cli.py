@@ -140,8 +140,6 @@ def check_args(args, name: str) -> None:
         raise ValueError(f"--confidence must be one of {', '.join(CONFIDENCES)}, got {args.confidence!r}")
     if args.cache is not None and args.cache not in CACHES:
         raise ValueError(f"--cache must be one of {', '.join(CACHES)}, got {args.cache!r}")
-    if args.cache_refresh is not None and args.cache == "none":
-        raise ValueError("--cache-refresh needs --cache prefix or --cache dual (the MDM's block caches)")
     if args.schedule is not None:
         from smdm.diffusion import parse_schedule
 
@@ -269,7 +267,7 @@ def main(args, name: str = "generate") -> int:
             note_mdm_only(args, MDM_ONLY, "smdm generate", "the checkpoint is an autoregressive model (left to "
                           "right, one token per forward pass)")
             args.cache_refresh = None  # unused by the ARM (noted above): not a setting of its runs
-        elif args.cache_refresh is not None and args.cache is None:  # the MDM's default cache is none
+        elif args.cache_refresh is not None and args.cache in (None, "none"):  # the MDM's default: none
             raise ValueError("--cache-refresh needs --cache prefix or --cache dual (the MDM's block caches)")
         opts = dict(sampler=args.sampler, block_length=args.block_length, threshold=args.threshold,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

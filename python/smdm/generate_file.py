@@ -132,9 +132,10 @@ def read_part(part: Path, want: dict) -> dict:
     (GenerateInputError naming the ones that differ); a last line without its newline (a crash mid-write)
     is dropped and the file cut back to the last whole line."""
     raw = part.read_bytes()
-    if _part_header(raw) is None:
+    header = _part_header(raw)
+    if header is None:
         raise GenerateInputError(_FOREIGN.format(part=part))
-    have = _part_header(raw).get("settings", {})
+    have = header.get("settings", {})
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if diff:
         shown = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff)
