@@ -143,6 +143,11 @@ def log(msg: str) -> None:
             f.write(line + "\n")
 
 
+def sig3(x: float) -> float:
+    """Three significant figures: a CPU smoke run's MFU (~1e-4) must not round to zero."""
+    return float(f"{x:.3g}")
+
+
 def write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -882,9 +887,9 @@ def _train_steps(ctx: dict, docs: int, attention: str) -> dict:
                             "bidirectional, fwd+bwd, the pairs a document mask leaves) + 6*d*V*masked_tokens "
                             "(head at masked rows)",
            "peak_TFLOPs": peak, "peak_source": ctx.get("peak_source", "?"),
-           "mfu": round(flops / step_s / (peak * 1e12), 3),
-           "mfu_6N": round(6 * n_non_emb * tokens / step_s / (peak * 1e12), 3),
-           "mfu_vs_measured_gemm": round(flops / step_s / (gemm * 1e12), 3) if gemm else None,
+           "mfu": sig3(flops / step_s / (peak * 1e12)),
+           "mfu_6N": sig3(6 * n_non_emb * tokens / step_s / (peak * 1e12)),
+           "mfu_vs_measured_gemm": sig3(flops / step_s / (gemm * 1e12)) if gemm else None,
            "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEV == "cuda" else None}
     if docs:  # the tiles FlexAttention skips for a batch's layout (SDPA computes them all); not
         # BlockMask.sparsity(), which torch 2.11 gets wrong (negative) for a window shorter than a tile
