@@ -481,7 +481,7 @@ def _bench_sampler(B, L, frac, dtype, cfg, T, top_k, top_p, conf, *, V, copy_gbs
         eager = cuda_time(lambda x, t: R.unmask_step_reference(x, t, cand, seeds, 1, **kw), setup, reps=3,
                           warmup=1)
         res["eager"] = eager
-        res["speedup_vs_eager"] = round(eager["median_ms"] / kern["median_ms"], 1)
+        res["speedup_vs_eager"] = sig3(eager["median_ms"] / kern["median_ms"])
     except Exception as e:  # the kernel's timing above stays recorded
         if _cuda_fatal(e):
             raise
@@ -698,7 +698,7 @@ def child_generate(part: Part, ctx: dict) -> None:
     for label, *_ in runs[1:]:
         r = part.data.get(label)
         if arm_tps and isinstance(r, dict) and "tokens_per_s" in r:
-            r["over_arm"] = round(r["tokens_per_s"] / arm_tps, 2)
+            r["over_arm"] = sig3(r["tokens_per_s"] / arm_tps)
     part.save()
 
 
