@@ -69,6 +69,9 @@ LOG_WINDOWS_ENV = "SMDM_LOG_WINDOWS"
 VERIFY_DATA = ("auto", "full", "headers")
 TRAIN_ATTENTION = ("auto", "sdpa", "flex")  # model.attention values that train ("fused" has no backward)
 FULL_VERIFY_TOKENS = 1 << 30  # "auto" reads every byte of datasets up to this size at start
+# The clock of --time-budget and of the step times (a module global, so a test can run the budget on a fake clock
+# whose steps cost exactly what it says; _time_one_step times real work with time.perf_counter itself).
+_clock = time.perf_counter
 
 
 class TrainError(ValueError):
@@ -403,14 +406,14 @@ class TimeBudget:
 
     def __init__(self, seconds: float):
         self.seconds = seconds
-        self.start = time.perf_counter()  # the budget counts the timing and the first validation too
+        self.start = _clock()  # the budget counts the timing and the first validation too
         self.planned = 0
         self.step_times: collections.deque = collections.deque(maxlen=50)
         self.val_time = 0.0
         self.said: Optional[int] = None  # the last plan the trainer printed
 
     def left(self) -> float:
-        return self.seconds - (time.perf_counter() - self.start)
+        return self.seconds - (_clock() - self.start)
 
     def step_time(self) -> float:
         return float(np.median(self.step_times))
@@ -1289,16 +1292,16 @@ class Trainer:
             if self.tensorboard_dir is not None and d.rank == 0:
                 self._open_tensorboard()
             if self.step == 0 and self.val_every:
-                t_val = time.perf_counter()
+                t_val = _clock()
                 last_val = self.validate()
                 if self.deadline is not None:
-                    self.deadline.val_time = time.perf_counter() - t_val
+                    self.deadline.val_time = _clock() - t_val
                 if last_val:
                     self.log(last_val)
             while self.step < stop_at:
-                t0 = time.perf_counter()
+                t0 = _clock()
                 rec = self.train_step(it)
-                dt = time.perf_counter() - t0
+                dt = _clock() - t0
                 rec["tokens_per_s"] = rec.pop("step_tokens") / dt
                 self.log(rec)
                 skipped_in_row = skipped_in_row + 1 if rec["skipped"] else 0
@@ -1312,7 +1315,7 @@ class Trainer:
                 # one reduction agrees on SIGTERM (max) and on the time budget's new last step (min over ranks)
                 plan = 0
                 if self.deadline is not None:  # a step's whole cost: train step, logging, the progress bar
-                    self.deadline.step_times.append(time.perf_counter() - t0)
+                    self.deadline.step_times.append(_clock() - t0)
                     plan = self.deadline.replan(self.step, self.max_steps, self.val_every)
                 agreed = torch.tensor([1.0 if self._stop else 0.0, -float(plan)], dtype=torch.float64)
                 agreed = d.all_reduce(agreed, torch.distributed.ReduceOp.MAX if d.enabled else None)
@@ -1322,10 +1325,10 @@ class Trainer:
                 done = self.step >= stop_at
                 # on SIGTERM save at once (a preemption's grace period is short): no validation first
                 if self.val_every and not stop and (self.step % self.val_every == 0 or done):
-                    t_val = time.perf_counter()
+                    t_val = _clock()
                     last_val = self.validate()
                     if self.deadline is not None:
-                        self.deadline.val_time = time.perf_counter() - t_val
+                        self.deadline.val_time = _clock() - t_val
                     if last_val:
                         self.log(last_val)
                 if done or stop or (cfg.save_every and self.step % cfg.save_every == 0):
