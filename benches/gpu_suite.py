@@ -238,6 +238,9 @@ class Part:
             raise RuntimeError("CUDA error: an illegal memory access was encountered (forced by --fail)")
         if mode == "crash":
             sys.stdout.flush()
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no torch-sized core file in the working directory
             os.abort()
         if mode == "hang":
             time.sleep(10**6)
@@ -373,8 +376,8 @@ def section_ceilings() -> dict:
     tflops = 2 * m**3 / (g["median_ms"] * 1e-3) / 1e12
     a = b = None
     empty_cache()
-    return {"copy_GBps": round(copy_gbs, 1 if copy_gbs > 10 else 4),
-            "bf16_gemm_TFLOPs": round(tflops, 1 if tflops > 10 else 4), "gemm_n": m, "copy_bytes": 2 * n * 4,
+    return {"copy_GBps": round(copy_gbs, 1) if copy_gbs > 10 else sig3(copy_gbs),
+            "bf16_gemm_TFLOPs": round(tflops, 1) if tflops > 10 else sig3(tflops), "gemm_n": m, "copy_bytes": 2 * n * 4,
             "copy": r, "gemm": g}
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 # A small multi-document corpus: enough text for a byte-level BPE of a few hundred ids, some Unicode.
@@ -10,6 +12,20 @@ TINY_TEXTS = [
     f"def f{i}(x):\n    return x * {i} + {i % 7}  # naïve café {i}\n\nclass C{i}:\n    pass\n" * (1 + i % 5)
     for i in range(120)
 ]
+
+
+@pytest.fixture(autouse=True)
+def _rayon_env_restored():
+    """`bench ... --threads N` sets RAYON_NUM_THREADS in its own process (for the Rust pool it builds later); a
+    test that runs it in-process must not leave a later test's subprocesses on one Rust thread."""
+    names = ("RAYON_NUM_THREADS", "RAYON_RS_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in names}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
