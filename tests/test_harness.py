@@ -285,6 +285,10 @@ def test_is_greedy_matches_its_definitions(twins, offline):
     off = cls(ckpt=str(twins["mdm"]), device="cpu", mc_samples=4, greedy="off")
     res_off = off.loglikelihood(_instances(pairs))
     assert [g for _, g in res_off] == [False] * len(pairs) and [ll for ll, _ in res_off] == [ll for ll, _ in res]
+    count = cls(ckpt=str(twins["mdm"]), device="cpu", mc_samples=4, estimator="count")
+    want = evaluate.score(mdm, [evaluate.encode_pair(tok, c, d) for c, d in pairs], n_samples=4, estimator="count")
+    assert [ll for ll, _ in count.loglikelihood(_instances(pairs))] == pytest.approx((-want.nll).tolist(), rel=1e-6)
+    assert count.get_model_info()["smdm_estimator"] == "count" and elbo.get_model_info()["smdm_estimator"] == "time"
 
 
 
@@ -516,6 +520,7 @@ def test_registered_class_and_model_argument_errors(twins, offline):
                     ({"ckpt": ck, "bogus": 1}, "unknown smdm model argument(s): bogus"),
                     ({"ckpt": ck, "method": "ar"}, "the MDM takes elbo or chain"),
                     ({"ckpt": ck, "mc_samples": 1}, "mc_samples=1: expected an integer >= 2"),
+                    ({"ckpt": ck, "estimator": "llada"}, "estimator='llada': expected one of time, count"),
                     ({"ckpt": ck, "cfg": -1}, "cfg=-1: expected a finite number >= 0"),
                     ({"ckpt": ck, "greedy": "yes"}, "greedy='yes': expected one of auto, decode, off"),
                     ({"ckpt": ck, "sampler": "beam"}, "sampler='beam'"),
@@ -583,8 +588,9 @@ def test_lm_eval_main_names_the_output_folder_and_says_adapter_errors_in_one_lin
     rc = harness.lm_eval_main(["--model", "smdm", "--model_args", f"ckpt={twins['mdm']},bogus=1", "--tasks", "x"])
     assert rc == 2
     assert capsys.readouterr().err.strip() == ("smdm lm-eval: error: unknown smdm model argument(s): bogus (known: "
-                                               "ckpt, device, batch_size, method, mc_samples, cfg, seed, greedy, "
-                                               "rolling_context, steps, block_length, sampler, threshold, schedule, "
+                                               "ckpt, device, batch_size, method, mc_samples, estimator, cfg, seed, "
+                                               "greedy, rolling_context, steps, block_length, sampler, threshold, "
+                                               "schedule, "
                                                "temperature, max_gen_toks, pretrained)")
     i = seen[0].index("--model_args")
     assert seen[0][i + 1] == f"ckpt={twins['mdm']},bogus=1,pretrained={twins['mdm']}"

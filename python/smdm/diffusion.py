@@ -72,7 +72,8 @@ def alpha_linear(t, power: float = 1.0):
 
 
 def alpha_cosine(t, power: float = 1.0):
-    """alpha_t = cos(pi/2 · t) = sin((1 - t)·pi/2): fewer masks early, more late (MaskGIT-style cosine)."""
+    """alpha_t = cos(pi/2 · t) = sin((1 - t)·pi/2): fewer masks early, more late (MDLM's cosine;
+    the sampler reveals most tokens in its first steps. MaskGIT's cosine is the mirror, alpha = 1 - sin(pi/2 · t))."""
     return _xp(t).sin((1 - t) * _HALF_PI)
 
 
@@ -477,29 +478,56 @@ class Elbo:
     """Monte Carlo ELBO of -log p(target | prompt) per sequence, in nats."""
 
     nll: _torch.Tensor  # (B,) float64: estimate of the negative ELBO (an upper bound on the NLL)
-    stderr: _torch.Tensor  # (B,) float64: standard error of the estimate (iid formula; conservative under
-    # stratification, which only lowers the variance)
+    stderr: _torch.Tensor  # (B,) float64: standard error of the estimate (the iid formula over the samples;
+    # stratification lowers the true variance, but the linear "time" estimator's heavy tail makes this
+    # understate its spread: `elbo_nll`)
     n_tokens: _torch.Tensor  # (B,) target tokens per sequence (nll / n_tokens is nats per token)
     n_samples: int
+    estimator: str = "time"
 
 
-def elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target, schedule="linear"):
+ELBO_ESTIMATORS = ("time", "count")
+
+
+def elbo_counts(t, n_targets) -> _np.ndarray:
+    """The "count" estimator's masked-token counts l = ceil(t_k * T_b), clipped to [1, T_b] (0 where T_b = 0):
+    times (n,) and target counts (B,) -> (n, B) int64. A t uniform in (0, 1] makes l uniform on {1, ..., T}."""
+    T = _np.asarray(n_targets, dtype=_np.int64)[None, :]
+    n_masked = _np.ceil(_np.asarray(t, dtype=_np.float64)[:, None] * T).astype(_np.int64)
+    return _np.clip(n_masked, _np.minimum(T, 1), T)
+
+
+def elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target, schedule="linear", estimator="time"):
     """The ELBO's draws (public: `smdm.evaluate` scores continuations with the same masks as `elbo_nll`).
-    Masks (count, B, L) for samples [first, first+count): token j of row b in sample k is masked iff
-    uniform(splitmix64(key(seed, k, row_id_b, TOKEN) ^ j)) < p_k, and j is a target position, with
-    p_k = 1 - alpha(t_k) of the schedule (`Schedule.mask_prob`; linear: t_k itself)."""
+    Masks (count, B, L) for samples [first, first+count). Each token j of row b in sample k has the draw
+    u = uniform(splitmix64(key(seed, k, row_id_b, TOKEN) ^ j)); only target positions are masked.
+    estimator "time": j is masked iff u < p_k, p_k = 1 - alpha(t_k) of the schedule (`Schedule.mask_prob`;
+    linear: t_k itself). "count": exactly l = `elbo_counts`(t_k, T_b) targets are masked, those with the l
+    smallest draws (a uniform l-subset of the T_b targets); the schedule plays no part."""
+    if estimator not in ELBO_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ELBO_ESTIMATORS}, got {estimator!r}")
     ks = _np.arange(first, first + count, dtype=_np.uint64)
     keys = _np.array([[_rng.key(seed, int(k), int(r), _rng.Stream.TOKEN) for r in row_ids] for k in ks],
                      dtype=_np.uint64)  # (count, B)
     u = _rng.uniform(_rng.splitmix64(keys[:, :, None] ^ _np.arange(L, dtype=_np.uint64)))  # (count, B, L)
-    p = parse_schedule(schedule).mask_prob(_np.asarray(t[first:first + count], dtype=_np.float64))  # (count,)
+    tk = _np.asarray(t[first:first + count], dtype=_np.float64)
+    target = target.cpu()
+    if estimator == "count":
+        tgt = target.numpy()
+        u = _np.where(tgt[None], u, 2.0)  # non-targets rank after every target (draws are < 1)
+        rank = _np.empty(u.shape, dtype=_np.int64)
+        _np.put_along_axis(rank, _np.argsort(u, axis=-1, kind="stable"), _np.arange(L, dtype=_np.int64), axis=-1)
+        n_masked = elbo_counts(tk, tgt.sum(1))  # (count, B)
+        return _torch.from_numpy(rank < n_masked[:, :, None])
+    p = parse_schedule(schedule).mask_prob(tk)  # (count,)
     mask = u < p[:, None, None]
-    return _torch.from_numpy(mask) & target[None].cpu()
+    return _torch.from_numpy(mask) & target[None]
 
 
 @_torch.no_grad()
 def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: int = 128, seed: int = 0,
-             row_ids=None, max_rows: int = 64, stratified: bool = True, schedule="linear") -> Elbo:
+             row_ids=None, max_rows: int = 64, stratified: bool = True, schedule="linear",
+             estimator: str = "time") -> Elbo:
     """Monte Carlo ELBO (DESIGN §4, paper Eq. 4): -log p(target | prompt) <= E_t [ w(t) sum_{masked} CE ].
 
     tokens: (B, L) prompt + target (a packed window is all target: prompt_lens None). The prompt stays clean
@@ -512,9 +540,20 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
     in the batch, so a sequence's estimate changes when it moves; give ids that travel with the sequence (e.g.
     `smdm.evaluate.context_row_id` of its tokens, as `smdm.evaluate` does) and the estimate does not depend on
     the batch layout. Rows are evaluated `max_rows` (sample, sequence) pairs per forward pass, which never
-    changes the estimate."""
+    changes the estimate.
+
+    estimator "time" (the default above, DESIGN §4): with the linear schedule its variance is infinite (a token
+    masked at a tiny t_k weighs 1/t_k; the second moment grows like the integral of dt/t near 0), so the
+    estimate is unbiased but heavy-tailed and its standard error tends to understate the spread; cosine and
+    polynomial schedules have a finite variance. "count" (LLaDA's estimator, Nie et al. 2025): sample k masks
+    exactly l = ceil(t_k T) of the row's T targets, chosen uniformly (`elbo_masks`), and weighs their CE by T / l.
+    l is uniform on {1..T} (stratified like t), so each mask set of size m has weight 1 / (m C(T, m)), the
+    same expectation as `elbo_exact`, with weights at most T: a finite variance and a trustworthy standard
+    error. `schedule` does not apply to it."""
     if n_samples < 2:
         raise ValueError(f"elbo_nll needs n_samples >= 2 for a standard error, got {n_samples}")
+    if estimator not in ELBO_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ELBO_ESTIMATORS}, got {estimator!r}")
     mask_id = model.config.mask_id
     if mask_id is None:
         raise ValueError("elbo_nll is for the MDM (a bidirectional model); the ARM's NLL is exact (ar_loss)")
@@ -537,7 +576,7 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
     chunk = max(1, max_rows // B)  # samples per forward pass
     for first in range(0, n_samples, chunk):
         count = min(chunk, n_samples - first)
-        mask = elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target.cpu(), sched)  # (c, B, L)
+        mask = elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target, sched, estimator)  # (c, B, L)
         mask = mask.to(device)
         x0 = tokens[None].expand(count, B, L)
         noisy = _torch.where(mask, _torch.full_like(x0, mask_id), x0).reshape(count * B, L)
@@ -547,14 +586,18 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
         row = _torch.arange(count * B, device=device)[:, None].expand(count * B, L)[flat]
         sums = _torch.zeros(count * B, dtype=_torch.float64, device=device).index_add_(0, row, ce)
         tk = t[first:first + count]
-        if sched.kind == "linear":  # CE / t_k: the linear weight as a division, bit for bit as always
+        if estimator == "count":  # T_b / l_kb (0 for a row without targets: its sums are 0)
+            n_t = target.sum(1).cpu().numpy()
+            w = n_t[None, :] / _np.maximum(elbo_counts(tk, n_t), 1)
+            per_sample[first:first + count] = sums.reshape(count, B).cpu() * _torch.from_numpy(w)
+        elif sched.kind == "linear":  # CE / t_k: the linear weight as a division, bit for bit as always
             per_sample[first:first + count] = sums.reshape(count, B).cpu() / _torch.from_numpy(tk)[:, None]
         else:
             w = _torch.from_numpy(sched.weight(tk))  # (c,) float64
             per_sample[first:first + count] = sums.reshape(count, B).cpu() * w[:, None]
     nll = per_sample.mean(0)
     stderr = per_sample.std(0, unbiased=True) / _math.sqrt(n_samples)
-    return Elbo(nll=nll, stderr=stderr, n_tokens=target.sum(1).cpu(), n_samples=n_samples)
+    return Elbo(nll=nll, stderr=stderr, n_tokens=target.sum(1).cpu(), n_samples=n_samples, estimator=estimator)
 
 
 def elbo_exact(model, tokens, prompt_lens=None) -> _torch.Tensor:

@@ -22,6 +22,9 @@ Scores (all in nats, for the continuation tokens only; the context is given):
   a pair defaults to a hash of its context tokens, so (a) a pair's score does not depend on the batch size,
   the order of the pairs or the other pairs, and (b) the choices of one question share t and the mask of
   each position (common random numbers: their difference has less noise than each score).
+  `estimator="count"` (`--estimator count`): LLaDA's estimator of the same ELBO, exactly ceil(t_k T) of the T
+  continuation tokens masked (the smallest draws) and weighed by T over that count; finite variance, where the
+  default's 1/t_k weight gives an infinite one and a standard error that understates its spread.
 - MDM "chain": the chain rule over the continuation in a fixed order pi (default left to right):
   -log p_pi = -sum_s log p(x_{pi_s} | context, x_{pi_<s}, the rest masked): the exact NLL of the sampler that
   reveals one token per step in that order (T forward rows for T tokens, no Monte Carlo error). Averaged
@@ -80,6 +83,7 @@ import numpy as np
 
 METHODS = ("ar", "elbo", "chain")
 ORDERS = ("l2r", "r2l")
+ELBO_ESTIMATORS = ("time", "count")  # = diffusion.ELBO_ESTIMATORS (this module imports no torch until it runs)
 
 
 class EvalDataError(ValueError):
@@ -100,6 +104,7 @@ class Scores:
     method: str  # "ar" | "elbo" | "chain"
     n_samples: int  # Monte Carlo samples per pair (elbo), else 0
     cfg: float = 0.0  # guidance weight w (MDM)
+    estimator: Optional[str] = None  # elbo: "time" | "count" (`diffusion.elbo_nll`), else None
     # (N,) bool, "ar" and "chain" only (None for elbo): every continuation token is the argmax of the (guided)
     # logits of its own step (ARM: given its prefix; chain: in the fixed order, the rest masked). Computed in
     # the same forward passes as the score (lm-eval's is_greedy).
@@ -211,8 +216,10 @@ def _check_items(conf, items, method) -> list:
     return out
 
 
-def _check_options(conf, method, cfg, n_samples, batch_size) -> str:
+def _check_options(conf, method, cfg, n_samples, batch_size, estimator="time") -> str:
     method = method or ("ar" if conf.causal else "elbo")
+    if estimator not in ELBO_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ELBO_ESTIMATORS}, got {estimator!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if (method == "ar") != bool(conf.causal):
@@ -233,27 +240,33 @@ def _check_options(conf, method, cfg, n_samples, batch_size) -> str:
 
 def score(model, pairs: Sequence, *, method: Optional[str] = None, n_samples: int = 128, seed: int = 0,
           cfg: float = 0.0, order="l2r", batch_size: int = 64, row_ids: Optional[Sequence[int]] = None,
-          batch_invariant: bool = True) -> Scores:
+          batch_invariant: bool = True, estimator: str = "time") -> Scores:
     """-log p(continuation | context) of each (context ids, continuation ids) pair (module docstring).
 
     method: "ar" (the causal twin; the default for it), "elbo" (the MDM's default) or "chain" (MDM).
     n_samples: Monte Carlo samples per pair for "elbo" (SMDM: 128 for validation, up to 1024 for
       benchmarks); samples whose mask is empty contribute exactly 0 and run no forward pass.
+    estimator ("elbo"): "time" (mask each target with probability t_k, weigh by 1/t_k: DESIGN §4, the paper's)
+      or "count" (mask exactly ceil(t_k T) of the T targets, weigh by T over that count: LLaDA's). The same
+      expectation; "time" has an infinite variance (heavy tail, a standard error that understates the
+      spread), "count" a finite one (`diffusion.elbo_nll`). Ignored by "ar" and "chain".
     cfg: unsupervised CFG weight w (MDM only; 0 = off). order ("chain"): "l2r", "r2l", or one permutation of
       range(len(continuation)) per pair (position s of the list is revealed at step s).
     batch_size: model rows per forward pass (a CFG row pair counts two). row_ids: Monte Carlo keys per pair
       (default `context_row_id`). batch_invariant: pad as `smdm.sampling` does so that results are
       bit-identical across batch layouts on CPU (False: a little faster).
     The same numbers as `score_positions` over (context + continuation, the continuation's positions)."""
-    method = _check_options(model.config, method, cfg, n_samples, batch_size)
+    method = _check_options(model.config, method, cfg, n_samples, batch_size, estimator)
     items = _check_pairs(model.config, pairs, method)
     return _score_items(model, items, method=method, n_samples=n_samples, seed=seed, cfg=cfg, order=order,
-                        batch_size=batch_size, row_ids=row_ids, batch_invariant=batch_invariant, what="pair")
+                        batch_size=batch_size, row_ids=row_ids, batch_invariant=batch_invariant, what="pair",
+                        estimator=estimator)
 
 
 def score_positions(model, items: Sequence, *, method: Optional[str] = None, n_samples: int = 128,
                     seed: int = 0, cfg: float = 0.0, order="l2r", batch_size: int = 64,
-                    row_ids: Optional[Sequence[int]] = None, batch_invariant: bool = True) -> Scores:
+                    row_ids: Optional[Sequence[int]] = None, batch_invariant: bool = True,
+                    estimator: str = "time") -> Scores:
     """-log p(x[positions] | x[every other position]) of each (ids, positions) item: the likelihood of any
     set of positions (infilling: a middle span, a name before its description, ...) given the rest.
 
@@ -266,14 +279,15 @@ def score_positions(model, items: Sequence, *, method: Optional[str] = None, n_s
     `score` of (ids[:s], ids[s:]); other positions raise ValueError. row_ids default: `context_row_id` of the
     given tokens in position order, so for a suffix every number equals `score`'s bit for bit. Errors name
     the item's index. Other arguments as in `score`."""
-    method = _check_options(model.config, method, cfg, n_samples, batch_size)
+    method = _check_options(model.config, method, cfg, n_samples, batch_size, estimator)
     items = _check_items(model.config, items, method)
     return _score_items(model, items, method=method, n_samples=n_samples, seed=seed, cfg=cfg, order=order,
-                        batch_size=batch_size, row_ids=row_ids, batch_invariant=batch_invariant, what="item")
+                        batch_size=batch_size, row_ids=row_ids, batch_invariant=batch_invariant, what="item",
+                        estimator=estimator)
 
 
 def _score_items(model, items: list, *, method, n_samples, seed, cfg, order, batch_size, row_ids,
-                 batch_invariant, what) -> Scores:
+                 batch_invariant, what, estimator="time") -> Scores:
     import torch
 
     conf = model.config
@@ -289,7 +303,7 @@ def _score_items(model, items: list, *, method, n_samples, seed, cfg, order, bat
     sums = np.zeros((N, n_samples if method == "elbo" else 1), dtype=np.float64)
     greedy = np.ones(N, dtype=bool)
     if method == "elbo":
-        units = _elbo_units(items, by_length, t, seed, row_ids, conf.mask_id)
+        units = _elbo_units(items, by_length, t, seed, row_ids, conf.mask_id, estimator)
     elif method == "chain":
         units = _chain_units(items, by_length, _orders(order, items, what), conf.mask_id)
     else:
@@ -299,14 +313,19 @@ def _score_items(model, items: list, *, method, n_samples, seed, cfg, order, bat
             sums[unit.item, unit.slot] += ce
             greedy[unit.item] &= argmax
     if method == "elbo":
-        per_sample = sums / t[None, :]  # (N, n): sum_masked CE / t_k, exactly zero for empty masks
+        if estimator == "count":  # (N, n): sum_masked CE * T_i / l_ik
+            from smdm.diffusion import elbo_counts
+
+            per_sample = sums * (n_tokens[:, None] / np.maximum(elbo_counts(t, n_tokens).T, 1))
+        else:
+            per_sample = sums / t[None, :]  # (N, n): sum_masked CE / t_k, exactly zero for empty masks
         nll = per_sample.mean(1)
         stderr = per_sample.std(1, ddof=1) / math.sqrt(n_samples)
     else:
         nll, stderr = sums[:, 0], np.zeros(N)
     return Scores(nll=nll, stderr=stderr, n_tokens=n_tokens, method=method,
                   n_samples=n_samples if method == "elbo" else 0, cfg=float(cfg),
-                  greedy=None if method == "elbo" else greedy)
+                  greedy=None if method == "elbo" else greedy, estimator=estimator if method == "elbo" else None)
 
 
 def _orders(order, items, what) -> list:
@@ -324,9 +343,10 @@ def _orders(order, items, what) -> list:
     return [[it.pos[j] for j in o] for o, it in zip(orders, items)]
 
 
-def _elbo_units(items, by_length, t, seed, row_ids, mask_id) -> Iterator[_Unit]:
-    """Sample k of item i: target position j masked iff the `diffusion.elbo_nll` draw for (seed, k, row id,
-    j) is < t_k; every masked token is predicted."""
+def _elbo_units(items, by_length, t, seed, row_ids, mask_id, estimator="time") -> Iterator[_Unit]:
+    """Sample k of item i: the target positions `diffusion.elbo_masks` masks for (seed, k, row id) ("time":
+    those whose draw is < t_k; "count": the ceil(t_k T) with the smallest draws); every masked token is
+    predicted."""
     import torch
 
     from smdm.diffusion import elbo_masks
@@ -339,7 +359,7 @@ def _elbo_units(items, by_length, t, seed, row_ids, mask_id) -> Iterator[_Unit]:
         given = np.array(it.given, dtype=np.int64)
         target = torch.zeros(1, L, dtype=torch.bool)
         target[0, it.pos] = True
-        masks = elbo_masks(1, L, n, 0, n, seed, [row_ids[i]], t, target)[:, 0].numpy()  # (n, L)
+        masks = elbo_masks(1, L, n, 0, n, seed, [row_ids[i]], t, target, estimator=estimator)[:, 0].numpy()
         for k in range(n):
             pos = np.flatnonzero(masks[k])
             if len(pos):  # an empty mask adds exactly 0: no forward pass
@@ -637,6 +657,8 @@ def evaluate_mc(model, tokenizer, items: Sequence[McItem], *, eos_id: Optional[i
                         "n_bytes": nbytes.astype(int).tolist()})
         a += k
     out = {"task": "mc", "n": len(items), "method": s.method, "n_samples": s.n_samples, "cfg": s.cfg}
+    if s.estimator:
+        out["estimator"] = s.estimator
     for metric, key in (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_bytes", "pred_byte"),
                         ("acc_token", "pred_token")):
         hits = [float(r[key] == r["label"]) for r in records]
@@ -753,7 +775,8 @@ def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Seque
 
 
 def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_samples: int = 128,
-                 seed: int = 0, batch_size: int = 8, doc_mask: bool = True, split: str = "val") -> dict:
+                 seed: int = 0, batch_size: int = 8, doc_mask: bool = True, split: str = "val",
+                 estimator: str = "time") -> dict:
     """NLL per token of tokens 1..L of each window of L + 1 tokens given token 0 (module docstring)."""
     import torch
 
@@ -789,7 +812,7 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
             else:  # row ids = window ids: the estimate of a window does not depend on the batching
                 rows = torch.cat([b["index"] for b in got]).numpy()
                 est = elbo_nll(model, x, prompt_lens=[1] * len(x), segment_ids=seg, n_samples=n_samples,
-                               seed=seed, row_ids=rows, max_rows=max(64, len(x)))
+                               seed=seed, row_ids=rows, max_rows=max(64, len(x)), estimator=estimator)
                 nll += float(est.nll.sum())
                 var += float((est.stderr ** 2).sum())
             windows += len(x)
@@ -799,6 +822,7 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
     per_token = nll / tokens
     return {"task": "ppl", "windows": windows, "tokens": tokens, "seq_len": seq_len, "doc_mask": doc_mask,
             "method": "ar" if conf.causal else "elbo", "n_samples": 0 if conf.causal else n_samples,
+            **({} if conf.causal else {"estimator": estimator}),
             "nll_per_token": per_token, "stderr": math.sqrt(var) / tokens, "ppl": math.exp(per_token)}
 
 
@@ -822,9 +846,16 @@ def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
         p.add_argument("--json", default=None, metavar="OUT", help="write all results (with per-item "
                        "records) to OUT, atomically")
 
+    def estimator(p):
+        p.add_argument("--estimator", default="time", choices=ELBO_ESTIMATORS,
+                       help="MDM elbo: time (mask each token with probability t, weigh 1/t: the paper's; "
+                       "infinite variance, its ± understates the spread) | count (mask ceil(t T) of the T "
+                       "tokens, weigh T / count: LLaDA's, finite variance)")
+
     p = sub.add_parser("mc", help="multiple-choice accuracy from JSONL {context, choices, label}")
     common(p, 'JSONL, one {"context": str, "choices": [str, ...], "label": int} per line')
     p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per choice (MDM elbo)")
+    estimator(p)
     p.add_argument("--method", default=None, help="MDM: elbo (default) | chain (exact, left to right)")
     p.add_argument("--cfg", type=float, default=0.0, help="unsupervised CFG weight w (MDM; 0 = off)")
 
@@ -848,6 +879,7 @@ def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
     p.add_argument("--seq-len", type=int, default=None,
                    help="L: windows of L + 1 tokens (default: min(512, the model's context - 1))")
     p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per window (MDM)")
+    estimator(p)
     p.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
                    help="attend across the documents packed in a window")
 
@@ -924,6 +956,7 @@ def _pm(value: float, stderr: Optional[float]) -> str:
 def _describe(res: dict) -> str:
     if res["task"] == "mc":
         how = res["method"] + (f" n={res['n_samples']}" if res["n_samples"] else "")
+        how += f" {res['estimator']}" if res.get("estimator", "time") != "time" else ""
         how += f" cfg={res['cfg']:g}" if res["cfg"] else ""
         return (f"[{how}] n={res['n']}  acc {_pm(res['acc'], res['acc_stderr'])}  "
                 f"acc_norm {_pm(res['acc_norm'], res['acc_norm_stderr'])}  "
@@ -933,7 +966,8 @@ def _describe(res: dict) -> str:
                 f"({res['generated_tokens']} tokens, {res['forward_passes']} forward passes, "
                 f"{res['seconds']:.1f} s)")
     se = f" ± {res['stderr']:.4f}" if res["n_samples"] else " (exact)"
-    return (f"[{res['method']}] {res['windows']} windows x {res['seq_len']}  nll/token "
+    how = res["method"] + (f" {res['estimator']}" if res.get("estimator", "time") != "time" else "")
+    return (f"[{how}] {res['windows']} windows x {res['seq_len']}  nll/token "
             f"{res['nll_per_token']:.4f}{se}  ppl {res['ppl']:.3f}")
 
 
@@ -971,10 +1005,10 @@ def _progress(ckpt) -> Optional[Callable]:
 
 
 # the options an ARM checkpoint does not use (its likelihood is exact, it decodes left to right), with defaults
-MDM_ONLY = {"mc": (("n_samples", 128), ("method", None), ("cfg", 0.0)),
+MDM_ONLY = {"mc": (("n_samples", 128), ("method", None), ("cfg", 0.0), ("estimator", "time")),
             "gsm8k": (("steps", None), ("sampler", "low_confidence"), ("block_length", None), ("cfg", 0.0),
                       ("threshold", None), ("schedule", None)),
-            "ppl": (("n_samples", 128),)}
+            "ppl": (("n_samples", 128), ("estimator", "time"))}
 
 
 def _run_one(args, ckpt) -> dict:
@@ -991,7 +1025,8 @@ def _run_one(args, ckpt) -> dict:
     if args.task == "ppl":
         seq_len = args.seq_len or min(512, model.config.max_seq_len - 1)
         res = evaluate_ppl(model, args.data, seq_len=seq_len, limit=args.limit, n_samples=args.n_samples,
-                           seed=args.seed, batch_size=bs or 8, doc_mask=args.doc_mask, split=args.split)
+                           seed=args.seed, batch_size=bs or 8, doc_mask=args.doc_mask, split=args.split,
+                           estimator=args.estimator)
     else:
         if tokenizer is None:
             raise ValueError(f"{ckpt} has no tokenizer.json (needed to encode the text of {args.data})")
@@ -1000,7 +1035,7 @@ def _run_one(args, ckpt) -> dict:
             method = None if model.config.causal else (args.method or "elbo")
             res = evaluate_mc(model, tokenizer, items, eos_id=eos_id_of(tokenizer), method=method,
                               n_samples=args.n_samples, seed=args.seed, cfg=0.0 if model.config.causal
-                              else args.cfg, batch_size=bs or 64)
+                              else args.cfg, batch_size=bs or 64, estimator=args.estimator)
         else:
             items = read_gsm8k(args.data, args.limit)
             shots = []

@@ -24,6 +24,8 @@ Model arguments (`model_args="k=v,..."`, or keyword arguments):
     method          MDM: elbo (default) | chain (smdm.evaluate.score; the ARM is always exact, "ar")
     mc_samples      Monte Carlo samples per request for the ELBO (default 128: the default of `smdm eval mc`,
                     SMDM's validation setting; the paper's benchmarks use up to 1024 for less noise)
+    estimator       the ELBO's estimator: time (default, the paper's) | count (LLaDA's, finite variance;
+                    smdm.evaluate.score)
     cfg             unsupervised CFG weight w of the MDM's scores and generations (default 0 = off)
     seed            Monte Carlo and sampler seed (default 0)
     greedy          how is_greedy is decided: auto (default) | decode | off (below)
@@ -175,7 +177,7 @@ class _Adapter:
     """The methods of `SmdmLM` (module docstring); combined with lm_eval's LM base class by `register()`."""
 
     def __init__(self, ckpt=None, device=None, batch_size=None, max_batch_size=None, method=None,
-                 mc_samples=128, cfg=0.0, seed=0, greedy="auto", rolling_context=1, steps=None,
+                 mc_samples=128, estimator="time", cfg=0.0, seed=0, greedy="auto", rolling_context=1, steps=None,
                  block_length=None, sampler="low_confidence", temperature=0.0, max_gen_toks=256, threshold=None,
                  schedule=None, pretrained=None, **unknown):
         super().__init__()  # lm_eval's LM: rank 0 of 1, no cache hook
@@ -187,8 +189,8 @@ class _Adapter:
         if unknown:
             raise ModelArgumentError(
                 f"unknown smdm model argument(s): {', '.join(sorted(unknown))} (known: ckpt, device, batch_size, "
-                "method, mc_samples, cfg, seed, greedy, rolling_context, steps, block_length, sampler, threshold, "
-                "schedule, temperature, max_gen_toks, pretrained)")
+                "method, mc_samples, estimator, cfg, seed, greedy, rolling_context, steps, block_length, sampler, "
+                "threshold, schedule, temperature, max_gen_toks, pretrained)")
         if ckpt is None:
             raise ModelArgumentError("smdm model argument ckpt is required (model_args='ckpt=DIR,...')")
         import smdm
@@ -214,6 +216,12 @@ class _Adapter:
                 "the ARM twin is scored exactly (method ar)" if self.causal else "the MDM takes elbo or chain"))
         self.method = method
         self.mc_samples = _int("mc_samples", mc_samples, 2)
+        from smdm.evaluate import ELBO_ESTIMATORS
+
+        if estimator not in ELBO_ESTIMATORS:
+            raise ModelArgumentError(f"smdm model argument estimator={estimator!r}: expected one of "
+                                     f"{', '.join(ELBO_ESTIMATORS)}")
+        self.estimator = estimator
         self.cfg = _float("cfg", cfg)
         if self.cfg and self.causal:
             raise ModelArgumentError(f"smdm model argument cfg={cfg}: CFG applies to the MDM only ({ckpt} is an ARM)")
@@ -269,12 +277,13 @@ class _Adapter:
         from smdm.evaluate import score
 
         return score(self.model, pairs, method=method, n_samples=self.mc_samples, seed=self.seed,
-                     cfg=self.cfg, batch_size=self.batch_size)
+                     cfg=self.cfg, batch_size=self.batch_size, estimator=self.estimator)
 
     def get_model_info(self) -> dict:
         """Added to lm-eval's results["config"]."""
         return {"smdm_ckpt": self.ckpt, "smdm_model": "ARM" if self.causal else "MDM", "smdm_method": self.method,
                 "smdm_mc_samples": 0 if self.method != "elbo" else self.mc_samples, "smdm_cfg": self.cfg,
+                "smdm_estimator": self.estimator if self.method == "elbo" else None,
                 "smdm_seed": self.seed}
 
     # ---- lm-eval's three request types ------------------------------------------------------------------------
@@ -425,6 +434,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="Monte Carlo / sampler seed")
     p.add_argument("--method", default=None, help="MDM: elbo (default) | chain")
     p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per request (MDM elbo)")
+    p.add_argument("--estimator", default="time", choices=("time", "count"),
+                   help="MDM elbo: time (the paper's, 1/t weights) | count (LLaDA's, finite variance)")
     p.add_argument("--cfg", type=float, default=0.0, help="unsupervised CFG weight w (MDM; 0 = off)")
     p.add_argument("--greedy", default="auto", choices=GREEDY, help="MDM is_greedy: auto (chain: exact; elbo: "
                    "decode), decode (greedy decode reproduces the continuation), off (always False)")
@@ -443,8 +454,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # the `smdm eval harness` options an ARM checkpoint does not use, with their defaults
-MDM_ONLY = (("method", None), ("n_samples", 128), ("cfg", 0.0), ("greedy", "auto"), ("steps", None),
-            ("sampler", "low_confidence"), ("block_length", None), ("threshold", None), ("schedule", None))
+MDM_ONLY = (("method", None), ("n_samples", 128), ("estimator", "time"), ("cfg", 0.0), ("greedy", "auto"),
+            ("steps", None), ("sampler", "low_confidence"), ("block_length", None), ("threshold", None),
+            ("schedule", None))
 
 
 def model_args(args, ckpt) -> dict:
@@ -454,6 +466,7 @@ def model_args(args, ckpt) -> dict:
 
     causal = bool(checkpoint.read_config(checkpoint.resolve(ckpt))["model"].get("causal"))
     mdm_only = {} if causal else {"method": args.method, "cfg": args.cfg, "greedy": args.greedy,
+                                  "estimator": args.estimator,
                                   "threshold": args.threshold, "schedule": args.schedule}
     if causal:  # said, not dropped in silence (as `smdm generate` and `smdm eval mc` say it)
         from smdm.generate_cli import note_mdm_only
@@ -508,6 +521,7 @@ def run_cli(args, prog: str = "smdm eval harness") -> int:
         info = res["config"]
         print(f"{ckpt} ({info['smdm_model']}, {info['smdm_method']}"
               + (f" n={info['smdm_mc_samples']}" if info["smdm_mc_samples"] else "")
+              + (f" {info['smdm_estimator']}" if info.get("smdm_estimator") not in (None, "time") else "")
               + (f" cfg={info['smdm_cfg']:g}" if info["smdm_cfg"] else "") + ")")
         print(lm_eval.utils.make_table(res))
         doc["results"].append({"ckpt": str(ckpt), "model": info["smdm_model"],

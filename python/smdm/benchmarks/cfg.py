@@ -22,7 +22,8 @@ clustered by document.
 
 What the held-out items can show: with `--distractors-from other` (the default) the distractors are draws of
 the text's unconditional distribution and the answer a draw given the context, so the best rule ranks choices by
-p(x | context) / p(x), the large-w limit of the contrast: accuracy rising with w is expected of any model with a
+p(x | context) / p(x), which the contrast approaches as w grows (it is that limit only for one-token choices:
+each position's guided distribution is normalised on its own): accuracy rising with w is expected of any model with a
 good unconditional distribution, the ARM as much as the MDM. `--distractors-from same` takes them from the
 item's own document instead (on topic, likely without the context too); `--mc` runs a real benchmark, where
 the paper's claim is made.
