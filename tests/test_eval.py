@@ -919,3 +919,31 @@ def test_score_names_bad_inputs():
         score(mdm, [([1], [2])], n_samples=8.0)
     assert score(mdm, [(np.array([1]), torch.tensor([2]))], n_samples=np.int64(4)).nll.shape == (1,)
     assert score(mdm, [([1], [2])], method="chain", n_samples=None).nll.shape == (1,)  # n_samples: elbo only
+
+
+def test_elbo_estimators_bench_runs_and_its_means_are_elbo_nll(ckpts, prepared, tmp_path, capsys):
+    """benches/elbo_estimators.py on a random MDM: every figure is there, and each estimator's mean is the mean
+    of `elbo_nll` over the same windows and seeds, recomputed here."""
+    import importlib.util
+
+    import smdm
+
+    path = Path(__file__).resolve().parents[1] / "benches" / "elbo_estimators.py"
+    spec = importlib.util.spec_from_file_location("elbo_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--ckpt", str(ckpts["mdm"]), "--data", str(prepared), "--windows", "3", "--seq-len", "16",
+                       "--n-samples", "4", "--seeds", "3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert "variance time / count" in capsys.readouterr().out
+    model, _ = smdm.load(ckpts["mdm"], device="cpu")
+    x, seg, ids = bench.windows(str(prepared), 16, 3)
+    for name in ("time", "count"):
+        want = np.mean([elbo_nll(model, x, prompt_lens=[1] * 3, segment_ids=seg, n_samples=4, seed=s, row_ids=ids,
+                                 estimator=name).nll.numpy() / 16 for s in range(3)])
+        assert r[name]["mean_nll_per_token"] == pytest.approx(want, rel=1e-9), name
+        assert r[name]["spread_per_token"] > 0 and r[name]["reported_stderr_per_token"] > 0
+    assert r["variance_ratio_time_over_count"]["median"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--ckpt", str(ckpts["ar"]), "--data", str(prepared)])
