@@ -187,7 +187,7 @@ def test_mc_file_scores_equal_smdm_eval_mc(tmp_path, ckpts, prepared, tiny_texts
     mc.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "cfg.json"
     p = _bench("--mdm", str(ckpts["mdm"]), "--arm", str(ckpts["ar"]), "--mc", str(mc), "--n", "8", "--cfg", "1.5",
-               "--n-samples", "3", "--json", str(out))
+               "--n-samples", "3", "--estimator", "count", "--json", str(out))
     assert p.returncode == 0, p.stderr
     recs = json.loads(out.read_text())
     assert [(r["model"], r["cfg"]) for r in recs] == [("mdm", 0.0), ("mdm", 1.5), ("arm", 0.0), ("arm", 1.5)]
@@ -197,7 +197,8 @@ def test_mc_file_scores_equal_smdm_eval_mc(tmp_path, ckpts, prepared, tiny_texts
     items = read_mc(mc, limit=8)
     for r in recs[:3]:
         model = arm if r["model"] == "arm" else mdm
-        kw = {} if r["model"] == "arm" else {"n_samples": 3, "cfg": r["cfg"]}
+        kw = {} if r["model"] == "arm" else {"n_samples": 3, "cfg": r["cfg"], "estimator": "count"}
+        assert r.get("estimator") == (None if r["model"] == "arm" else "count")
         want = evaluate_mc(model, tok, items, eos_id=eos_id_of(tok), **kw)
         assert (r["acc"], r["acc_norm"]) == (want["acc"], want["acc_norm"]), r["model"]
         np.testing.assert_allclose(r["nll"], [x for rec in want["records"] for x in rec["nll"]], rtol=1e-6)

@@ -347,12 +347,14 @@ def main(args: argparse.Namespace) -> int:
     pairs = pairs_of(items)
     print(f"unsupervised CFG: MDM {args.mdm}" + (f", ARM twin {args.arm}" if arm is not None else "")
           + f"; {what_items}; MDM "
-          + (f"ELBO with {args.n_samples} samples" if args.method == "elbo" else "chain rule, left to right")
+          + (f"ELBO with {args.n_samples} samples ({args.estimator} estimator)" if args.method == "elbo"
+             else "chain rule, left to right")
           + f"; device {device}, {torch.get_num_threads()} threads", flush=True)
     with torch.no_grad():
         mdm_scores = {w: score(mdm, pairs, method=args.method, n_samples=args.n_samples, seed=args.seed, cfg=w,
-                               batch_size=args.batch_size).nll for w in weights}
-    records = records_for("mdm", mdm_scores, items, method=args.method, n_samples=args.n_samples, **common)
+                               batch_size=args.batch_size, estimator=args.estimator).nll for w in weights}
+    how = {"n_samples": args.n_samples, "estimator": args.estimator} if args.method == "elbo" else {}
+    records = records_for("mdm", mdm_scores, items, method=args.method, **how, **common)
     if arm is not None:
         arm_scores = arm_guided_nll(arm, pairs, weights, [eos], batch_size=args.batch_size)
         records += records_for("arm", arm_scores, items, **common)
@@ -393,6 +395,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
                         "ELBO (default) or the exact chain rule left to right (one forward pass per token)")
     parser.add_argument("--n-samples", type=positive_int, default=32,
                         help="the MDM's Monte Carlo ELBO samples per choice (default 32)")
+    parser.add_argument("--estimator", choices=("time", "count"), default="time", help="the MDM's ELBO: time "
+                        "(1/t weights, the paper's; default) or count (LLaDA's, finite variance; smdm.evaluate.score)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="model rows per forward pass (a "
                         "guided pair counts two)")
     parser.add_argument("--seed", type=int, default=0, help="items and the ELBO's noise")
