@@ -218,6 +218,7 @@ def test_mc_file_scores_equal_smdm_eval_mc(tmp_path, ckpts, prepared, tiny_texts
     (["--mdm", "MDM", "--arm", "MDM"], "--arm .* is an MDM; it must be autoregressive"),
     (["--mdm", "MDM", "--arm", "OTHER"], "its tokenizer differs"),
     (["--mdm", "MDM", "--cfg", "-1"], "--cfg weights must be finite and >= 0"),
+    (["--mdm", "MDM", "--method", "chain", "--estimator", "count"], "--method chain is exact"),
     (["--mdm", "MDM", "--context", "60", "--choice", "8", "--n", "1", "--distractors", "1"],
      "--context \\+ --choice = 68 tokens do not fit --mdm's context of 64"),
     (["--mdm", "MDM", "--distractors", "1000"], "--data .*the items need at least 1001"),

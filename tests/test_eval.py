@@ -595,7 +595,8 @@ def test_cli_errors(mc_setup, tmp_path, capsys):
                       (["--data", str(tmp_path / "missing.jsonl")], "no such file"),
                       (["--data", str(data), "--n-samples", "1"], "--n-samples must be >= 2"),
                       (["--data", str(data), "--cfg", "-1"], "--cfg must be finite and >= 0"),
-                      (["--data", str(data), "--method", "ar"], "--method must be elbo or chain")]:
+                      (["--data", str(data), "--method", "ar"], "--method must be elbo or chain"),
+                      (["--data", str(data), "--method", "chain", "--estimator", "count"], "--method chain is exact")]:
         rc = evaluate.main(["mc", "--ckpt", str(ckpts["mdm"]), "--device", "cpu", *argv])
         assert rc == 2 and msg in capsys.readouterr().err, msg
 

@@ -289,6 +289,8 @@ def test_is_greedy_matches_its_definitions(twins, offline):
     want = evaluate.score(mdm, [evaluate.encode_pair(tok, c, d) for c, d in pairs], n_samples=4, estimator="count")
     assert [ll for ll, _ in count.loglikelihood(_instances(pairs))] == pytest.approx((-want.nll).tolist(), rel=1e-6)
     assert count.get_model_info()["smdm_estimator"] == "count" and elbo.get_model_info()["smdm_estimator"] == "time"
+    chain = cls(ckpt=str(twins["mdm"]), device="cpu", mc_samples=4, method="chain")  # rolling requests: the ELBO
+    assert (chain.get_model_info()["smdm_mc_samples"], chain.get_model_info()["smdm_estimator"]) == (4, "time")
 
 
 
@@ -521,6 +523,7 @@ def test_registered_class_and_model_argument_errors(twins, offline):
                     ({"ckpt": ck, "method": "ar"}, "the MDM takes elbo or chain"),
                     ({"ckpt": ck, "mc_samples": 1}, "mc_samples=1: expected an integer >= 2"),
                     ({"ckpt": ck, "estimator": "llada"}, "estimator='llada': expected one of time, count"),
+                    ({"ckpt": str(twins["ar"]), "estimator": "count"}, "applies to the MDM only"),
                     ({"ckpt": ck, "cfg": -1}, "cfg=-1: expected a finite number >= 0"),
                     ({"ckpt": ck, "greedy": "yes"}, "greedy='yes': expected one of auto, decode, off"),
                     ({"ckpt": ck, "sampler": "beam"}, "sampler='beam'"),

@@ -321,7 +321,7 @@ def test_count_estimator_is_unbiased_with_a_smaller_spread(prompt_len):
     est = elbo_nll(model, tokens, prompt_lens=lens, n_samples=4096, seed=1, max_rows=4096, estimator="count")
     assert est.estimator == "count" and est.stderr.item() > 0
     assert abs(est.nll.item() - exact) < 4 * est.stderr.item(), (est.nll.item(), exact, est.stderr.item())
-    many = tokens.expand(400, -1)  # 400 independent estimates: one row id each
+    many = tokens.expand(400, -1)  # 400 estimates, one row id each: their own mask draws (one shared u of t)
     spread = {}
     for name in ("time", "count"):
         e = elbo_nll(model, many, prompt_lens=lens.expand(400), n_samples=8, seed=9, max_rows=4096,

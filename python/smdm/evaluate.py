@@ -24,7 +24,9 @@ Scores (all in nats, for the continuation tokens only; the context is given):
   each position (common random numbers: their difference has less noise than each score).
   `estimator="count"` (`--estimator count`): LLaDA's estimator of the same ELBO, exactly ceil(t_k T) of the T
   continuation tokens masked (the smallest draws) and weighed by T over that count; finite variance, where the
-  default's 1/t_k weight gives an infinite one and a standard error that understates its spread.
+  default's 1/t_k weight gives an infinite one and a standard error that understates its spread. Its choices
+  share t and the draws; their masks are the same only for continuations of one length (else nested sets of
+  the smallest draws, still well correlated).
 - MDM "chain": the chain rule over the continuation in a fixed order pi (default left to right):
   -log p_pi = -sum_s log p(x_{pi_s} | context, x_{pi_<s}, the rest masked): the exact NLL of the sampler that
   reveals one token per step in that order (T forward rows for T tokens, no Monte Carlo error). Averaged
@@ -913,6 +915,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--cfg must be finite and >= 0, got {cfg}")
     if args.task == "mc" and args.method not in (None, "elbo", "chain"):
         raise ValueError(f"--method must be elbo or chain, got {args.method!r}")
+    if args.task == "mc" and args.method == "chain" and args.estimator != "time":
+        raise ValueError(f"--estimator {args.estimator} is the ELBO's (--method elbo); --method chain is exact")
     if args.task == "gsm8k":
         if args.few_shot < 0:
             raise ValueError(f"--few-shot must be >= 0, got {args.few_shot}")

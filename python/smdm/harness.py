@@ -221,6 +221,9 @@ class _Adapter:
         if estimator not in ELBO_ESTIMATORS:
             raise ModelArgumentError(f"smdm model argument estimator={estimator!r}: expected one of "
                                      f"{', '.join(ELBO_ESTIMATORS)}")
+        if estimator != "time" and self.causal:
+            raise ModelArgumentError(f"smdm model argument estimator={estimator}: the ELBO's estimator applies to "
+                                     f"the MDM only ({ckpt} is an ARM, scored exactly)")
         self.estimator = estimator
         self.cfg = _float("cfg", cfg)
         if self.cfg and self.causal:
@@ -280,10 +283,11 @@ class _Adapter:
                      cfg=self.cfg, batch_size=self.batch_size, estimator=self.estimator)
 
     def get_model_info(self) -> dict:
-        """Added to lm-eval's results["config"]."""
+        """Added to lm-eval's results["config"]. An MDM's ELBO settings are there with method=chain too:
+        loglikelihood_rolling always scores the MDM by its ELBO."""
         return {"smdm_ckpt": self.ckpt, "smdm_model": "ARM" if self.causal else "MDM", "smdm_method": self.method,
-                "smdm_mc_samples": 0 if self.method != "elbo" else self.mc_samples, "smdm_cfg": self.cfg,
-                "smdm_estimator": self.estimator if self.method == "elbo" else None,
+                "smdm_mc_samples": 0 if self.causal else self.mc_samples, "smdm_cfg": self.cfg,
+                "smdm_estimator": None if self.causal else self.estimator,
                 "smdm_seed": self.seed}
 
     # ---- lm-eval's three request types ------------------------------------------------------------------------

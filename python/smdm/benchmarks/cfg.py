@@ -291,6 +291,8 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)  # torch's and the Rust sampler's
     if any(not math.isfinite(w) or w < 0 for w in args.cfg):
         raise SystemExit(f"{prog}: error: --cfg weights must be finite and >= 0, got {args.cfg}")
+    if args.method == "chain" and args.estimator != "time":
+        raise SystemExit(f"{prog}: error: --estimator {args.estimator} is the ELBO's; --method chain is exact")
     weights = sorted({float(w) for w in args.cfg} | {0.0})
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mdm, tok, digest, step = _load("--mdm", args.mdm, device, "float32", prog)
