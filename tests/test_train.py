@@ -5,6 +5,7 @@ process), SIGTERM, non-finite steps, gradient accumulation, plots, and the error
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -128,6 +129,24 @@ def test_every_validation_uses_the_same_windows(dataset, tmp_path):
         t = Trainer(cfg_for(dataset, tmp_path / kind, objective=kind, val_batches=2))
         a, b = t.validate(), t.validate()
         assert a["val_loss"] == b["val_loss"] and a["val_tokens"] == b["val_tokens"] == 2 * 4 * 32
+
+
+def test_validation_with_the_count_estimator(dataset, tmp_path):
+    """--val-estimator count: the same windows scored by the ELBO's count estimator (recorded in the event),
+    another estimate of the same ELBO: within a few standard errors of the default's."""
+    from smdm.train import Trainer
+
+    vals = {}
+    for name in ("time", "count"):
+        t = Trainer(cfg_for(dataset, tmp_path / name, val_batches=2, val_samples=64, val_estimator=name))
+        try:
+            vals[name] = t.validate()
+        finally:
+            t.dist.close()
+        assert vals[name]["val_estimator"] == name and vals[name]["val_tokens"] == 2 * 4 * 32
+    a, b = vals["time"], vals["count"]
+    assert a["val_loss"] != b["val_loss"]
+    assert abs(a["val_loss"] - b["val_loss"]) < 4 * math.hypot(a["val_stderr"], b["val_stderr"]), vals
 
 
 def test_loss_goes_down_and_ar_twin_trains(dataset, tmp_path):
@@ -724,6 +743,7 @@ def test_schedule_names_defaults_and_the_arm(dataset, tmp_path):
     (["--val-every", "-1"], "--val-every must be >= 0"),
     (["--val-batches", "-1"], "--val-batches must be >= 0"),
     (["--val-samples", "1"], "--val-samples must be >= 2"),
+    (["--val-estimator", "llada"], "--val-estimator must be one of time, count, got 'llada'"),
     (["--threads", "-2"], "--threads must be >= 1, got -2"),
     (["--device", "gpu0"], "--device gpu0: "),
 ])

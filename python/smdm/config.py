@@ -45,6 +45,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     val_every: Optional[int] = None  # steps between validations (0: never; None: min(100, steps / 5))
     val_samples: int = 16  # Monte Carlo samples of the ELBO per validation sequence (MDM)
+    val_estimator: str = "time"  # the validation ELBO's estimator: time | count (`diffusion.elbo_nll`)
     val_batches: int = 1  # validation batches (of the local micro-batch size) per rank
     save_every: int = 500  # steps between checkpoints (and at the end / on SIGTERM)
     keep: int = 2  # checkpoints kept (>= 2)
