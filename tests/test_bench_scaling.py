@@ -117,6 +117,17 @@ def test_sweep_end_to_end_and_resumed_from_its_cache(prepared, tmp_path, capsys)
     assert main(common + ["--sizes", "L1-H2-D16-F32", "--objectives", "ar", "--val-windows", "3"]) == 0
     text = capsys.readouterr().out
     assert "cached" not in text and "mdm" not in text.split("IsoFLOP minima")[1]  # one objective, one fit
+    # --estimator count rescores the MDM runs (recorded); the default then does not take those results
+    one = ["--sizes", "L1-H2-D16-F32", "--objectives", "mdm", "--val-windows", "4"]
+    assert main(common + one + ["--estimator", "count"]) == 0
+    assert "cached" not in capsys.readouterr().out
+    res = json.loads((out / "runs" / "mdm-L1-H2-D16-F32-C3e+07" / "result.json").read_text())
+    before = next(r for r in runs if (r["objective"], r["size"], r["flops"]) == ("mdm", "L1-H2-D16-F32", 3e7))
+    assert res["val_estimator"] == "count" and res["steps"] == before["steps"]
+    assert res["val_nll"] != before["val_nll"] and abs(res["val_nll"] - before["val_nll"]) < 0.5  # same ELBO
+    assert main(common + one) == 0
+    assert "cached" not in capsys.readouterr().out
+    assert "val_estimator" not in json.loads((out / "runs" / "mdm-L1-H2-D16-F32-C3e+07" / "result.json").read_text())
 
 
 def test_a_missing_dataset_or_an_unknown_size_is_an_error_not_a_cached_skip(prepared, tmp_path):

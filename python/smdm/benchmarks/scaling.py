@@ -63,8 +63,12 @@ def run_one(args, objective: str, size: str, flops: float, root: Path) -> dict:
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
                 "schedule": args.schedule if objective == "mdm" else None, "val_windows": args.val_windows,
                 "val_samples": args.val_samples if objective == "mdm" else 0}
+    estimator = args.estimator if objective == "mdm" else "time"
+    if estimator != "time":  # (results from before the option have no key: the time estimator)
+        settings["val_estimator"] = estimator
     cached = _read_result(out / "result.json")
-    if cached is not None and all(cached.get(k) == v for k, v in settings.items()):  # measured the same way
+    if (cached is not None and all(cached.get(k) == v for k, v in settings.items())
+            and cached.get("val_estimator", "time") == estimator):  # measured the same way
         print(f"   {objective:3s} {size:16s} C={flops:.3g}: cached", flush=True)
         return cached
     cfg = TrainConfig(config=size, objective=objective, data=str(args.data), out=str(out / "train"), flops=flops,
@@ -85,7 +89,7 @@ def run_one(args, objective: str, size: str, flops: float, root: Path) -> dict:
                          f"{trainer.max_steps}; run the same command again to resume the sweep")
     model, _ = checkpoint.load(out / "train", device=args.device if args.device != "auto" else None)
     ev = evaluate_ppl(model, args.data, seq_len=args.seq_len, limit=args.val_windows, n_samples=args.val_samples,
-                      seed=args.seed)
+                      seed=args.seed, estimator=estimator)
     result = {**settings, "non_embedding_params": model.config.non_embedding_params(), "steps": trainer.step,
               "train_tokens": trainer.step * args.batch_size * args.seq_len, "train_seconds": seconds,
               "val_nll": ev["nll_per_token"], "val_stderr": ev["stderr"], "val_tokens": ev["tokens"]}
@@ -374,6 +378,8 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--val-windows", type=int, default=None, help="validation windows scored per run (default 64)")
     a("--val-samples", type=int, default=None, help="ELBO Monte Carlo samples per window (MDM; default 16)")
+    a("--estimator", choices=("time", "count"), default="time", help="the MDM's ELBO estimator: time (1/t "
+      "weights, the paper's; default) or count (LLaDA's, finite variance; smdm.evaluate)")
     a("--threads", type=int, default=None, help="CPU threads of torch and of the Rust core (default: all)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out", default="runs/scaling", help="the runs (checkpoints, result.json each); the same command again "
