@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
+# The ELBO's Monte Carlo estimators (`smdm.diffusion.elbo_nll`): "time" (1/t weights, the paper's) and "count"
+# (LLaDA's). Here, in a module without torch, for the command lines that offer them.
+ELBO_ESTIMATORS = ("time", "count")
+
 
 @dataclass
 class TrainConfig:

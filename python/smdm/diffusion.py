@@ -408,6 +408,7 @@ import numpy as _np  # noqa: E402
 import torch as _torch  # noqa: E402
 
 from smdm import rng as _rng  # noqa: E402
+from smdm.config import ELBO_ESTIMATORS  # noqa: E402, F401  (torch-free home, shared with smdm.evaluate and the CLIs)
 from smdm.linear_ce import cross_entropy_rows as _ce_rows  # noqa: E402
 from smdm.linear_ce import linear_cross_entropy as _linear_ce  # noqa: E402
 
@@ -486,15 +487,18 @@ class Elbo:
     estimator: str = "time"
 
 
-ELBO_ESTIMATORS = ("time", "count")
-
-
 def elbo_counts(t, n_targets) -> _np.ndarray:
     """The "count" estimator's masked-token counts l = ceil(t_k * T_b), clipped to [1, T_b] (0 where T_b = 0):
     times (n,) and target counts (B,) -> (n, B) int64. A t uniform in (0, 1] makes l uniform on {1, ..., T}."""
     T = _np.asarray(n_targets, dtype=_np.int64)[None, :]
     n_masked = _np.ceil(_np.asarray(t, dtype=_np.float64)[:, None] * T).astype(_np.int64)
     return _np.clip(n_masked, _np.minimum(T, 1), T)
+
+
+def elbo_count_weights(t, n_targets) -> _np.ndarray:
+    """The "count" estimator's sample weights T_b / l_kb, (n, B) float64 (0 where T_b = 0: nothing masked)."""
+    T = _np.asarray(n_targets, dtype=_np.int64)
+    return T[None, :] / _np.maximum(elbo_counts(t, T), 1)
 
 
 def elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target, schedule="linear", estimator="time"):
@@ -573,6 +577,7 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
         keys = [_rng.key(seed, k, 0, _rng.Stream.TIME, 0) for k in range(n_samples)]
         t = 1.0 - _rng.uniform(_np.array(keys, dtype=_np.uint64))  # (n,) in (0, 1]
     per_sample = _torch.zeros(n_samples, B, dtype=_torch.float64)
+    n_targets = target.sum(1).cpu().numpy()
     chunk = max(1, max_rows // B)  # samples per forward pass
     for first in range(0, n_samples, chunk):
         count = min(chunk, n_samples - first)
@@ -586,10 +591,9 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
         row = _torch.arange(count * B, device=device)[:, None].expand(count * B, L)[flat]
         sums = _torch.zeros(count * B, dtype=_torch.float64, device=device).index_add_(0, row, ce)
         tk = t[first:first + count]
-        if estimator == "count":  # T_b / l_kb (0 for a row without targets: its sums are 0)
-            n_t = target.sum(1).cpu().numpy()
-            w = n_t[None, :] / _np.maximum(elbo_counts(tk, n_t), 1)
-            per_sample[first:first + count] = sums.reshape(count, B).cpu() * _torch.from_numpy(w)
+        if estimator == "count":  # T_b / l_kb
+            w = _torch.from_numpy(elbo_count_weights(tk, n_targets))
+            per_sample[first:first + count] = sums.reshape(count, B).cpu() * w
         elif sched.kind == "linear":  # CE / t_k: the linear weight as a division, bit for bit as always
             per_sample[first:first + count] = sums.reshape(count, B).cpu() / _torch.from_numpy(tk)[:, None]
         else:

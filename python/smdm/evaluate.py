@@ -83,9 +83,10 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from smdm.config import ELBO_ESTIMATORS
+
 METHODS = ("ar", "elbo", "chain")
 ORDERS = ("l2r", "r2l")
-ELBO_ESTIMATORS = ("time", "count")  # = diffusion.ELBO_ESTIMATORS (this module imports no torch until it runs)
 
 
 class EvalDataError(ValueError):
@@ -316,9 +317,9 @@ def _score_items(model, items: list, *, method, n_samples, seed, cfg, order, bat
             greedy[unit.item] &= argmax
     if method == "elbo":
         if estimator == "count":  # (N, n): sum_masked CE * T_i / l_ik
-            from smdm.diffusion import elbo_counts
+            from smdm.diffusion import elbo_count_weights
 
-            per_sample = sums * (n_tokens[:, None] / np.maximum(elbo_counts(t, n_tokens).T, 1))
+            per_sample = sums * elbo_count_weights(t, n_tokens).T
         else:
             per_sample = sums / t[None, :]  # (N, n): sum_masked CE / t_k, exactly zero for empty masks
         nll = per_sample.mean(1)

@@ -85,6 +85,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from smdm.config import ELBO_ESTIMATORS
+
 INSTALL_HINT = "pip install 'smdm[eval]'"
 GREEDY = ("auto", "decode", "off")
 GEN_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
@@ -216,8 +218,6 @@ class _Adapter:
                 "the ARM twin is scored exactly (method ar)" if self.causal else "the MDM takes elbo or chain"))
         self.method = method
         self.mc_samples = _int("mc_samples", mc_samples, 2)
-        from smdm.evaluate import ELBO_ESTIMATORS
-
         if estimator not in ELBO_ESTIMATORS:
             raise ModelArgumentError(f"smdm model argument estimator={estimator!r}: expected one of "
                                      f"{', '.join(ELBO_ESTIMATORS)}")
@@ -438,7 +438,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="Monte Carlo / sampler seed")
     p.add_argument("--method", default=None, help="MDM: elbo (default) | chain")
     p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per request (MDM elbo)")
-    p.add_argument("--estimator", default="time", choices=("time", "count"),
+    p.add_argument("--estimator", default="time", choices=ELBO_ESTIMATORS,
                    help="MDM elbo: time (the paper's, 1/t weights) | count (LLaDA's, finite variance)")
     p.add_argument("--cfg", type=float, default=0.0, help="unsupervised CFG weight w (MDM; 0 = off)")
     p.add_argument("--greedy", default="auto", choices=GREEDY, help="MDM is_greedy: auto (chain: exact; elbo: "

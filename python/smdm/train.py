@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from smdm import checkpoint as ckpt
-from smdm.config import TrainConfig
+from smdm.config import ELBO_ESTIMATORS, TrainConfig
 from smdm.model import NAMED_SIZES, TINY_SIZES, ModelConfig, build_model, config_by_name
 
 DEMO_SECONDS = 300.0  # `smdm train` with no step count trains for about five minutes
@@ -339,8 +339,6 @@ def check_args(cfg: TrainConfig) -> None:
     if cfg.objective != "ar":  # the MDM's validation ELBO reports a standard error
         need(cfg.val_samples >= 2, "--val-samples must be >= 2 (the ELBO's standard error needs two draws)",
              cfg.val_samples)
-    from smdm.diffusion import ELBO_ESTIMATORS
-
     need(cfg.val_estimator in ELBO_ESTIMATORS, f"--val-estimator must be one of {', '.join(ELBO_ESTIMATORS)}",
          repr(cfg.val_estimator))
     if cfg.threads is not None:

@@ -397,7 +397,9 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
                         "ELBO (default) or the exact chain rule left to right (one forward pass per token)")
     parser.add_argument("--n-samples", type=positive_int, default=32,
                         help="the MDM's Monte Carlo ELBO samples per choice (default 32)")
-    parser.add_argument("--estimator", choices=("time", "count"), default="time", help="the MDM's ELBO: time "
+    from smdm.config import ELBO_ESTIMATORS
+
+    parser.add_argument("--estimator", choices=ELBO_ESTIMATORS, default="time", help="the MDM's ELBO: time "
                         "(1/t weights, the paper's; default) or count (LLaDA's, finite variance; smdm.evaluate.score)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="model rows per forward pass (a "
                         "guided pair counts two)")

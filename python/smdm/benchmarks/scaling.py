@@ -39,6 +39,7 @@ import numpy as np
 
 from smdm.benchmarks import environment, write_records
 from smdm.cli import json_out
+from smdm.config import ELBO_ESTIMATORS
 
 OBJECTIVES = ("mdm", "ar")
 DEFAULTS = dict(sizes=["L1-H2-D32-F128", "L2-H2-D48-F192", "L2-H2-D64-F256", "L3-H3-D96-F384"],
@@ -378,7 +379,7 @@ def register(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--val-windows", type=int, default=None, help="validation windows scored per run (default 64)")
     a("--val-samples", type=int, default=None, help="ELBO Monte Carlo samples per window (MDM; default 16)")
-    a("--estimator", choices=("time", "count"), default="time", help="the MDM's ELBO estimator: time (1/t "
+    a("--estimator", choices=ELBO_ESTIMATORS, default="time", help="the MDM's ELBO estimator: time (1/t "
       "weights, the paper's; default) or count (LLaDA's, finite variance; smdm.evaluate)")
     a("--threads", type=int, default=None, help="CPU threads of torch and of the Rust core (default: all)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
