@@ -94,6 +94,37 @@ def test_bench_sampler_quality_mode_checks_its_inputs_before_generating(tmp_path
             main(base + extra)
 
 
+def test_bench_sampler_quality_mode_scores_with_the_chosen_estimator(tmp_path, prepared, capsys):
+    """--estimator / --quality-samples reach the quality mode's ELBOs and are recorded; the count estimator's
+    scores differ from the time estimator's on the same outputs (other masks and weights)."""
+    import json
+
+    from smdm import checkpoint
+    from smdm.model import build_model, config_by_name
+
+    model = build_model(config_by_name("tiny", vocab_size=300, max_seq_len=64), seed=0)
+    mdm = checkpoint.save(tmp_path / "mdm", 1, model_state=model.state_dict(),
+                          config={"model": model.config.to_dict(), "objective": "mdm"}, train_state={"step": 1},
+                          tokenizer_path=prepared / "tokenizer.json")
+    base = ["bench", "sampler", "--gen-lengths", "8", "--quality-n", "2", "--prompt-length", "4",
+            "--quality-block", "4", "--quality-ckpt", str(mdm), "--quality-data", str(prepared)]
+    runs = {}
+    for est in ("time", "count"):
+        out = tmp_path / f"{est}.json"
+        assert main(base + ["--estimator", est, "--quality-samples", "3", "--json", str(out)]) == 0
+        assert f"3 samples, {est} estimator" in capsys.readouterr().out
+        runs[est] = json.loads(out.read_text())
+        assert {(r["elbo_estimator"], r["elbo_samples"]) for r in runs[est]} == {(est, 3)}
+    assert [r["outputs"] for r in runs["time"][:3]] == [r["outputs"] for r in runs["count"][:3]]
+    assert runs["time"][0]["elbo_nats_per_token"] != runs["count"][0]["elbo_nats_per_token"]
+
+
+def test_bench_sampler_quality_options_without_the_quality_mode_are_an_error(capsys):
+    assert main(["bench", "sampler", "--estimator", "count", "--quality-samples", "8"]) == 2
+    assert ("smdm bench sampler: error: --estimator, --quality-samples applies to the quality mode "
+            "(--quality-ckpt) only") in capsys.readouterr().err
+
+
 def test_bench_sampler_threads_applies_to_the_quality_mode(monkeypatch):
     import torch
     from smdm.benchmarks import sampler

@@ -23,6 +23,7 @@ import time
 
 from smdm.benchmarks import write_records
 from smdm.cli import json_out, positive_int
+from smdm.config import ELBO_ESTIMATORS
 
 
 def _variants(gen_length: int, steps_div: int) -> dict:
@@ -128,12 +129,12 @@ def run(config: str, device: str, gen_lengths, batch_sizes, *, prompt_length: in
 
 
 def cache_quality(model, prompts, references, gen_length: int, steps: int, block_length: int,
-                  n_samples: int = 64, **kw) -> list:
+                  n_samples: int = 64, estimator: str = "time", **kw) -> list:
     """The block K/V caches' effect on output quality (both approximate for a bidirectional model): the same
     prompts generated with cache="none", "prefix" and "dual"; per variant the token agreement with the no-cache
     output, the MDM's own Monte Carlo ELBO of the generated text given the prompt (nats/token, lower = more
-    likely under the model; `smdm.diffusion.elbo_nll`), forward passes and seconds. `references` (the true
-    continuations, or None) get the same ELBO as a yardstick."""
+    likely under the model; `smdm.diffusion.elbo_nll` with `estimator`, recorded in every row), forward passes
+    and seconds. `references` (the true continuations, or None) get the same ELBO as a yardstick."""
     import torch
 
     from smdm.benchmarks.frontier import paired_delta
@@ -142,7 +143,7 @@ def cache_quality(model, prompts, references, gen_length: int, steps: int, block
 
     def nll(conts):
         toks = torch.tensor([p + c for p, c in zip(prompts, conts)])
-        e = elbo_nll(model, toks, prompt_lens=[len(p) for p in prompts], n_samples=n_samples)
+        e = elbo_nll(model, toks, prompt_lens=[len(p) for p in prompts], n_samples=n_samples, estimator=estimator)
         per_tok = e.nll / e.n_tokens
         return float(per_tok.mean()), float(per_tok.std() / max(1, len(prompts)) ** 0.5), per_tok.tolist()
 
@@ -164,14 +165,14 @@ def cache_quality(model, prompts, references, gen_length: int, steps: int, block
         delta, delta_se = paired_delta(per, base_nll)
         rows.append({"cache": cache, "agreement_with_no_cache": same, "agreement_with_reference": ref,
                      "elbo_nats_per_token": mean, "elbo_se": se, "elbo_delta_vs_no_cache": delta,
-                     "elbo_delta_se": delta_se, "forward_passes": out.forward_passes, "seconds": sec,
-                     "outputs": gen})
+                     "elbo_delta_se": delta_se, "elbo_estimator": estimator, "elbo_samples": n_samples,
+                     "forward_passes": out.forward_passes, "seconds": sec, "outputs": gen})
     if references is not None:
         mean, se, _ = nll(references)
         rows.append({"cache": "reference text", "agreement_with_no_cache": sum(
             a == b for x, y in zip(references, base) for a, b in zip(x, y)) / sum(len(x) for x in references),
             "agreement_with_reference": 1.0, "elbo_nats_per_token": mean, "elbo_se": se,
-            "forward_passes": None, "seconds": None})
+            "elbo_estimator": estimator, "elbo_samples": n_samples, "forward_passes": None, "seconds": None})
     return rows
 
 
@@ -221,11 +222,13 @@ def quality_main(args) -> int:
     S = max(1, G // args.steps_div)
     block = args.quality_block
     S -= S % (G // block)
-    rows = cache_quality(model, prompts, refs, G, max(S, G // block), block, seed=list(range(len(prompts))),
+    rows = cache_quality(model, prompts, refs, G, max(S, G // block), block, n_samples=args.quality_samples,
+                         estimator=args.estimator, seed=list(range(len(prompts))),
                          temperature=args.quality_temperature)
     print(f"block-cache quality: {args.quality_ckpt}, {len(prompts)} validation prompts of "
           f"{args.prompt_length} tokens, gen {G}, blocks of {block}, {max(S, G // block)} steps, "
-          f"T={args.quality_temperature}; ELBO = the model's Monte Carlo -log p(text | prompt), 64 samples")
+          f"T={args.quality_temperature}; ELBO = the model's Monte Carlo -log p(text | prompt), "
+          f"{args.quality_samples} samples, {args.estimator} estimator")
     print(f"{'output':<16} {'=nocache':>8} {'=ref':>6} {'ELBO nats/tok':>14} {'+-':>6} {'- nocache':>10} "
           f"{'+-':>7} {'fwd':>6} {'s':>7}")
     for r in rows:
@@ -247,6 +250,12 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)  # torch's and the Rust token choice's; the quality mode's generations and ELBOs too
     if args.quality_ckpt:
         return quality_main(args)
+    quality_only = [f for f, v, default in (("--estimator", args.estimator, "time"),
+                                            ("--quality-samples", args.quality_samples, 64)) if v != default]
+    if quality_only:  # throughput runs compute no ELBO: an option that changes nothing is named, not ignored
+        print(f"smdm bench sampler: error: {', '.join(quality_only)} applies to the quality mode "
+              f"(--quality-ckpt) only", file=sys.stderr)
+        return 2
     import torch
 
     from smdm.model import config_by_name
@@ -301,6 +310,10 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     q.add_argument("--quality-n", type=positive_int, default=32, help="prompts (default 32)")
     q.add_argument("--quality-block", type=positive_int, default=8, help="block length (default 8)")
     q.add_argument("--quality-temperature", type=float, default=0.0)
+    q.add_argument("--quality-samples", type=positive_int, default=64, help="Monte Carlo samples of each ELBO "
+                   "(default 64)")
+    q.add_argument("--estimator", choices=ELBO_ESTIMATORS, default="time", help="the ELBO's estimator: time "
+                   "(1/t weights, the paper's; default) or count (LLaDA's, lower variance)")
     parser.set_defaults(func=main)
     return parser
 
