@@ -71,6 +71,8 @@ void flash_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   check_contiguous(out, op, "out");
   check_shape(out, q.sizes(), op, "out");
   TORCH_CHECK(out.scalar_type() == q.scalar_type(), op, ": `out` dtype must be ", q.scalar_type());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0, op,
+              ": `out` must start at a 4-byte aligned address (the kernel stores pairs of elements)");
 
   smdm::AttnParams p{};
   if (q_seg.has_value()) {
