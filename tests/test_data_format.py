@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,55 @@ def test_litpkds_negative_and_out_of_vocab_ids(tmp_path):
     p.write_bytes(lit_gpt_chunk_bytes(np.array([1, 2, 50], np.int32), 4))
     with pytest.raises(SmdmFormatError, match="mask id"):
         _core.litpkds_tokens(str(p), 50)
+
+
+def test_a_shard_larger_than_memory_is_a_memory_error(tmp_path):
+    """Reading a shard needs memory for its tokens: a (sparse) 8 TiB shard with a valid header is a
+    MemoryError naming the file; it used to abort the whole process (`memory allocation ... failed`).
+    uint16 shards are read as uint16 (no uint32 copy in between)."""
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("overcommit_memory=1: the allocation would succeed and the read touch every page")
+    n = 2**42
+    head = b"SMDMSHRD" + struct.pack("<IIQQ", 1, 2, n, 1) + struct.pack("<IIII", 10, 0, 0xFFFFFFFF, 0) + b"\0" * 12
+    path = tmp_path / "huge.smdm"
+    with open(path, "wb") as f:
+        f.write(head + struct.pack("<I", zlib.crc32(head)))
+        try:
+            f.truncate(64 + 2 * n + 8)
+        except OSError as e:
+            pytest.skip(f"this filesystem holds no sparse 8 TiB file: {e}")
+    with pytest.raises(MemoryError, match="huge.smdm"):
+        _core.shard_read(str(path), verify=False)
+    small = tmp_path / "small.smdm"
+    _core.shard_write(str(small), np.arange(5, dtype=np.uint32), np.array([0], np.uint64), 10, 0)
+    assert _core.shard_read(str(small))[1].dtype == np.uint16
+
+
+def test_concurrent_atomic_writes_of_one_path_publish_whole_files(tmp_path):
+    """Threads writing one path each use their own temporary name (`smdm.data.temp_path`): a shared name let
+    one writer truncate another's file before its rename (cut files published, renames of a vanished file)."""
+    import threading
+
+    path = tmp_path / "x.json"
+    errors, seen = [], []
+
+    def write(t):
+        try:
+            for _ in range(10):
+                D.write_atomic(path, bytes([t]) * (1 << 18))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    def read():
+        for _ in range(300):
+            if path.exists():
+                seen.append(path.read_bytes())
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(6)] + [threading.Thread(target=read)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert all(len(b) == 1 << 18 and b == b[:1] * len(b) for b in seen)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]

@@ -164,6 +164,25 @@ def test_documents_are_text_whatever_the_tokenizer_json_says(trained, tmp_path):
         D.load_tokenizer(odd)
 
 
+def test_a_tokenizer_json_the_tokenizers_library_panics_on_is_a_format_error(trained, tmp_path):
+    """The `tokenizers` crate panics (instead of returning an error) on some malformed files: a Precompiled
+    normalizer whose charsmap does not parse, a BPE continuing_subword_prefix longer than a merge's second
+    token. Both loaders name the file with an SmdmFormatError; no PanicException reaches Python."""
+    _, _, path = trained
+    for name, edit in (("charsmap", lambda s: s.update(normalizer={"type": "Precompiled",
+                                                                     "precompiled_charsmap": "AAAA"})),
+                       ("prefix", lambda s: s["model"].update(continuing_subword_prefix="####"))):
+        spec = json.loads(path.read_text())
+        edit(spec)
+        bad = tmp_path / f"{name}.json"
+        bad.write_text(json.dumps(spec))
+        with pytest.raises(SmdmFormatError, match=f"{name}.json: tokenizer error: loading failed inside the "
+                                                  "tokenizers library"):
+            _core.Tokenizer.from_file(str(bad))
+        with pytest.raises(SmdmFormatError, match=f"{name}.json: not a readable tokenizer.json"):
+            D.load_tokenizer(bad)
+
+
 def test_bad_tokenizer_files(tmp_path):
     p = tmp_path / "tokenizer.json"
     p.write_text("{not json")

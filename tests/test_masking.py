@@ -271,6 +271,10 @@ def test_bad_token_arrays():
         _core.forward_process(x[:, ::2], seed=0, step=0, mask_id=1)
     with pytest.raises(ValueError, match="C-contiguous"):
         _core.forward_process(np.asfortranarray(x), seed=0, step=0, mask_id=1)
+    # arguments are checked before the outputs are allocated: 2^45 rows of length 0 hold no ids, and their
+    # outputs (2^45 t, p, uncond) used to be allocated first, a PanicException when numpy returned no array
+    with pytest.raises(ValueError, match="sequence length must be >= 1"):
+        _core.forward_process(np.empty((2**45, 0), np.int64), seed=0, step=0, mask_id=1)
     with pytest.raises(ValueError, match="uint16, uint32 or int64"):
         _core.forward_process(x.astype(np.int32), seed=0, step=0, mask_id=1)
     with pytest.raises(ValueError, match="uint16, uint32 or int64"):

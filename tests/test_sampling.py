@@ -216,6 +216,8 @@ def test_rust_token_choice_in_parallel_and_its_errors():
         _core.choose_tokens(np.zeros((3, 0), dtype=np.float32), z, z, z, 1.0, "prob")
     with pytest.raises(ValueError, match="C-contiguous"):
         _core.choose_tokens(logits[:3, ::2].numpy(), z, z, z, 1.0, "prob")
+    with pytest.raises(ValueError, match="C-contiguous"):  # contiguous, but columns first: read as other rows
+        _core.choose_tokens(np.asfortranarray(logits[:3].numpy()), z, z, z, 1.0, "prob")
     with pytest.raises(TypeError):
         _core.choose_tokens(logits[:3].double().numpy(), z, z, z, 1.0, "prob")
 

@@ -207,10 +207,10 @@ def _schedule_conf(schedule: Optional[str], cfg: ModelConfig, what: str) -> dict
 
 
 def _save_safetensors_atomic(state: dict, path: Path, metadata: dict) -> None:
-    from smdm.data import fsync_dir, save_safetensors
+    from smdm.data import fsync_dir, save_safetensors, temp_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
@@ -798,11 +798,10 @@ def _write_dir_atomic(out: Path, fill) -> None:
     A non-empty `out` (--overwrite) is first renamed away, then deleted."""
     import shutil
 
-    from smdm.data import fsync_dir
+    from smdm.data import fsync_dir, temp_path
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    tmp, old = temp_path(out), temp_path(out, "old")
     for p in (tmp, old):
         if p.exists():
             shutil.rmtree(p)

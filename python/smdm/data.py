@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -121,13 +122,23 @@ def save_safetensors(tensors: dict, path: PathLike, metadata: Optional[dict] = N
     os.chmod(path, 0o666 & ~mask)
 
 
+_TEMP_COUNTER = itertools.count()
+
+
+def temp_path(path: Path, kind: str = "tmp") -> Path:
+    """A hidden name next to `path` that no other write uses: `.NAME.KIND-PID-N`, N counting this process's
+    calls (two threads writing the same path must not share, and truncate, one temporary file)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{next(_TEMP_COUNTER)}")
+
+
 def write_atomic(path: PathLike, data: bytes) -> None:
     """Write to a temporary name in the same directory, fsync, rename, fsync the directory (so the rename
-    itself survives a crash). Readers see the old file or the new one, never a partial one."""
+    itself survives a crash). Readers see the old file or the new one, never a partial one; of two
+    concurrent writers of one path the last rename wins, whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:  # a stale file of a dead process with this PID is overwritten
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -504,6 +515,10 @@ def load_tokenizer(path: PathLike, *, as_data: bool = False):
         tok = Tokenizer.from_file(os.fspath(path))
     except Exception as e:  # noqa: BLE001
         raise SmdmFormatError(f"{path}: not a readable tokenizer.json: {e}") from e
+    except BaseException as e:  # its Rust code panics on some malformed files: a pyo3 PanicException
+        if type(e).__name__ != "PanicException":
+            raise
+        raise SmdmFormatError(f"{path}: not a readable tokenizer.json (the tokenizers library panicked: {e})") from e
     tok.no_truncation()
     tok.no_padding()
     if as_data:
@@ -666,8 +681,8 @@ def check_shard(m: Manifest, s: ShardEntry, full: bool = True) -> Optional[np.nd
 
 
 def litpkds_tokens(path: PathLike, vocab_size: int) -> np.ndarray:
-    """The items of a LITPKDS file as token ids, each checked to be an integer in [0, vocab_size)
-    (error naming the file, the token index and its byte offset)."""
+    """The items of a LITPKDS file as token ids (uint32, whatever the file's integer dtype), each checked to
+    be an integer in [0, vocab_size) (error naming the file, the token index and its byte offset)."""
     path = Path(path)
     if not use_reference():
         return _core().litpkds_tokens(os.fspath(path), vocab_size)
@@ -683,7 +698,7 @@ def litpkds_tokens(path: PathLike, vocab_size: int) -> np.ndarray:
                 f"{path}: token id {int(toks[i])} at token {i} (byte offset {at}) is not a valid id"
             )
         raise SmdmFormatError(f"{path}: " + _bad_token_msg(int(toks[i]), i, at, vocab_size))
-    return toks
+    return toks.astype(np.uint32)
 
 
 def _litpkds_header(path: Path) -> tuple[int, int, int]:

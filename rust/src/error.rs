@@ -20,6 +20,9 @@ pub enum Error {
     /// Tokenizer load/encode/train failures.
     #[error("{path}: tokenizer error: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
+    /// Memory for an output could not be allocated (a shard larger than the free memory, ...).
+    #[error("{0}")]
+    OutOfMemory(String),
     /// The worker threads of the parallel sections could not be started (a process or thread limit).
     #[error(
         "cannot start the Rust core's worker threads: {0} (RAYON_NUM_THREADS=1 still needs one)"
@@ -43,3 +46,16 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An empty Vec with room for `n` elements, or `Error::OutOfMemory` naming `what` (Vec::with_capacity aborts
+/// the whole process when the allocation fails).
+pub fn try_vec<T>(n: usize, what: impl std::fmt::Display) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::OutOfMemory(format!(
+            "cannot allocate {n} elements of {} bytes for {what}",
+            std::mem::size_of::<T>()
+        ))
+    })?;
+    Ok(v)
+}

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::error::{Error, Result};
+use crate::error::{try_vec, Error, Result};
 use crate::shard::{bad_token_msg, map_with_header, write_atomic};
 
 pub const MAGIC: &[u8; 7] = b"LITPKDS";
@@ -208,7 +208,10 @@ impl LitFile {
         let limit = vocab_size
             .map(|v| v as i128)
             .unwrap_or(u32::MAX as i128 + 1);
-        let mut out = Vec::with_capacity(self.header.chunk_size as usize);
+        let mut out = try_vec(
+            self.data().len() / isz,
+            format_args!("the tokens of {}", self.path.display()),
+        )?;
         for (i, c) in self.data().chunks_exact(isz).enumerate() {
             let v: i128 = match dt {
                 LitDtype::U8 => c[0] as i128,

@@ -256,7 +256,7 @@ pub fn drops_prompt(seed: u64, step: u64, s: u64, p_uncond: f64) -> bool {
 }
 
 /// Checks the arguments; returns the stratification denominator.
-fn validate(
+pub fn validate(
     cfg: &ForwardConfig,
     batch: usize,
     seq_len: usize,

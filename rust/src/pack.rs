@@ -114,12 +114,12 @@ pub fn doc_starts(lengths: &[u64], n_tokens: usize) -> Result<(Vec<u64>, usize)>
     Ok((starts, pos as usize))
 }
 
-/// Pack into `out` (length = n_tokens + n_docs), writing every element. `starts` from `doc_starts`.
-/// `out` may be uninitialised memory (a fresh numpy array): it is only written, never read.
+/// Pack into `out` (length = n_tokens + n_docs), writing every element. `out` may be uninitialised memory
+/// (a fresh numpy array): it is only written, never read; the lengths are checked here (they must sum to
+/// the number of tokens), so every slot of `out` is written whatever the caller passed.
 pub fn pack_into<I: Id, T: Item>(
     tokens: &[I],
     lengths: &[u64],
-    starts: &[u64],
     eos: u32,
     vocab_size: u32,
     out: &mut [MaybeUninit<T>],
@@ -129,7 +129,8 @@ pub fn pack_into<I: Id, T: Item>(
             "eos_id {eos} >= vocab_size {vocab_size}"
         )));
     }
-    if out.len() != tokens.len() + lengths.len() || starts.len() != lengths.len() {
+    let (_, n) = doc_starts(lengths, tokens.len())?;
+    if out.len() != n {
         return Err(Error::Invalid(format!(
             "output has {} slots, expected {} tokens + {} EOS",
             out.len(),
@@ -212,7 +213,6 @@ pub fn pack<I: Id, T: Item>(
     pack_into(
         tokens,
         lengths,
-        &starts,
         eos,
         vocab_size,
         &mut out.spare_capacity_mut()[..n],
@@ -239,6 +239,18 @@ mod tests {
         assert!(doc_starts(&[u64::MAX], 0).is_err());
         assert!(doc_starts(&[u64::MAX - 1, 0], 0).is_err());
         assert!(doc_starts(&[1, 2], 3).unwrap() == (vec![0, 2], 5));
+    }
+
+    /// pack_into checks the lengths itself: lengths that do not cover the tokens (or the output) are an
+    /// error before anything is written, never a panic or an unwritten slot.
+    #[test]
+    fn pack_into_refuses_lengths_that_do_not_cover_the_tokens() {
+        let tokens = [1u32, 2, 3, 4];
+        let mut out = vec![std::mem::MaybeUninit::<u32>::uninit(); 6];
+        assert!(pack_into(&tokens, &[2, 1], 0, 10, &mut out[..5]).is_err()); // sums to 3, not 4
+        assert!(pack_into(&tokens, &[2, 3], 0, 10, &mut out[..5]).is_err()); // sums to 5
+        assert!(pack_into(&tokens, &[2, 2], 0, 10, &mut out[..5]).is_err()); // output 5 slots, needs 6
+        assert!(pack_into(&tokens, &[2, 2], 0, 10, &mut out).is_ok());
     }
 
     #[test]

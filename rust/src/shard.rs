@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::error::{Error, Result};
+use crate::error::{try_vec, Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"SMDMSHRD";
 pub const VERSION: u32 = 1;
@@ -39,6 +39,29 @@ pub const HEADER_LEN: usize = 64;
 pub const NO_BOS: u32 = u32::MAX;
 
 /// Token storage type, named by its itemsize in the header.
+/// A token type a shard stores: u16 or u32, little-endian.
+pub trait ShardItem: Copy {
+    const DTYPE: Dtype;
+    const SIZE: usize;
+    fn from_le(b: &[u8]) -> Self;
+}
+
+impl ShardItem for u16 {
+    const DTYPE: Dtype = Dtype::U16;
+    const SIZE: usize = 2;
+    fn from_le(b: &[u8]) -> Self {
+        u16::from_le_bytes([b[0], b[1]])
+    }
+}
+
+impl ShardItem for u32 {
+    const DTYPE: Dtype = Dtype::U32;
+    const SIZE: usize = 4;
+    fn from_le(b: &[u8]) -> Self {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {
     U16,
@@ -320,13 +343,16 @@ pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    // A name no other write uses: two threads writing the same path must not share (and truncate) one
+    // temporary file; built from the OS string, so distinct non-UTF-8 names stay distinct.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
+    let tmp = dir.join(tmp_name);
     let result = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        let mut f = File::create(&tmp)?; // truncates a stale one a dead process of the same PID left
         for p in parts {
             f.write_all(p)?;
         }
@@ -439,19 +465,28 @@ pub fn write_shard(
 }
 
 /// Memory-map `path` read-only, checking that it is at least as long as its `header_len`-byte `what` header.
-/// Returns the map and the file length.
+/// Returns the map and the file length, which is the map's length: the file may change size between a
+/// stat and the map, and every later bound is checked against what was mapped.
 pub fn map_with_header(path: &Path, header_len: usize, what: &str) -> Result<(Mmap, u64)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len < header_len as u64 {
-        return Err(Error::format(
+    let short = |len: u64| {
+        Error::format(
             path,
             format!("truncated: {len} bytes, shorter than the {header_len}-byte {what} header"),
-        ));
+        )
+    };
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len < header_len as u64 {
+        return Err(short(len)); // also keeps an empty file away from mmap
     }
     // SAFETY: the map is read-only; smdm never modifies a published file in place (writers rename a
-    // new file over it). A concurrent truncation by another program is outside our contract.
+    // new file over it). A concurrent truncation by another program is outside our contract (reading a
+    // page past the new end would raise SIGBUS).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let len = map.len() as u64;
+    if len < header_len as u64 {
+        return Err(short(len));
+    }
     Ok((map, len))
 }
 
@@ -525,18 +560,31 @@ impl Shard {
             .collect()
     }
 
-    pub fn tokens_u32(&self) -> Vec<u32> {
+    /// The token ids in the file's dtype (`T` = u16 for a uint16 shard, u32 for uint32; an error otherwise),
+    /// or `Error::OutOfMemory` for a shard larger than the free memory.
+    pub fn tokens<T: ShardItem>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.header.dtype {
+            return Err(Error::Invalid(format!(
+                "{}: tokens are {:?}, asked for {:?}",
+                self.path.display(),
+                self.header.dtype,
+                T::DTYPE
+            )));
+        }
+        let b = self.token_bytes();
+        let mut v = try_vec(
+            b.len() / T::SIZE,
+            format_args!("the tokens of {}", self.path.display()),
+        )?;
+        v.extend(b.chunks_exact(T::SIZE).map(T::from_le));
+        Ok(v)
+    }
+
+    /// The token ids widened to u32 (either dtype).
+    pub fn tokens_u32(&self) -> Result<Vec<u32>> {
         match self.header.dtype {
-            Dtype::U16 => self
-                .token_bytes()
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
-                .collect(),
-            Dtype::U32 => self
-                .token_bytes()
-                .chunks_exact(4)
-                .map(|c| u32_at(c, 0))
-                .collect(),
+            Dtype::U16 => Ok(self.tokens::<u16>()?.into_iter().map(u32::from).collect()),
+            Dtype::U32 => self.tokens::<u32>(),
         }
     }
 
@@ -609,6 +657,37 @@ mod tests {
         (vec![5, 6, 0, 7, 0, 1, 2, 3, 0], vec![0, 3, 5])
     }
 
+    /// Threads writing one path at once each use their own temporary file: the path always holds one
+    /// writer's complete bytes (a shared temporary name let one writer truncate another's file before its
+    /// rename, publishing a cut file).
+    #[test]
+    fn concurrent_atomic_writes_of_one_path_publish_whole_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.bin");
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let path = &path;
+                s.spawn(move || {
+                    let data = vec![t; 1 << 20];
+                    for _ in 0..5 {
+                        write_atomic(path, &[&data]).unwrap();
+                    }
+                });
+            }
+            let path = &path;
+            s.spawn(move || {
+                for _ in 0..200 {
+                    if let Ok(b) = std::fs::read(path) {
+                        assert_eq!(b.len(), 1 << 20);
+                        assert!(b.iter().all(|&x| x == b[0]));
+                    }
+                }
+            });
+        });
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1); // no temporary file left behind
+    }
+
     #[test]
     fn roundtrip_u16_and_u32() {
         let dir = tempfile::tempdir().unwrap();
@@ -619,7 +698,7 @@ mod tests {
             let sh = Shard::open(&p).unwrap();
             sh.verify().unwrap();
             assert_eq!(sh.header, w.header);
-            assert_eq!(sh.tokens_u32(), t);
+            assert_eq!(sh.tokens_u32().unwrap(), t);
             assert_eq!(sh.doc_starts(), s);
             assert_eq!(sh.file_crc(), w.file_crc);
             let len = std::fs::metadata(&p).unwrap().len();

@@ -336,6 +336,42 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Run `f`, turning a panic inside the `tokenizers` crate into an error naming the file: the crate panics
+/// on some malformed tokenizer.json files (a BPE `continuing_subword_prefix` longer than a merge's token, a
+/// bad `precompiled_charsmap`), at load or at encode, and a panic must not reach Python. Rayon carries a
+/// worker's panic back to the caller, so one guard covers the parallel sections too.
+pub fn guard<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    use std::sync::atomic::Ordering::SeqCst;
+    // While a guard runs, panics are not printed by the default hook (the error names them); the count is
+    // process-wide because rayon's workers panic on other threads.
+    static GUARDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDS.load(SeqCst) == 0 {
+                default(info)
+            }
+        }));
+    });
+    GUARDS.fetch_add(1, SeqCst);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDS.fetch_sub(1, SeqCst);
+    result.unwrap_or_else(|payload| {
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Err(tok_err(
+            path,
+            format!(
+                "{what} failed inside the tokenizers library ({why}); is the tokenizer.json valid?"
+            ),
+        ))
+    })
+}
+
 impl Tok {
     fn wrap(mut inner: Tokenizer, path: &Path, eos: Option<&str>) -> Result<Tok> {
         // Documents are text. A tokenizer.json's truncation and padding (settings for batches of model
@@ -385,16 +421,20 @@ impl Tok {
     /// Load a tokenizer.json. `eos` overrides the EOS token name.
     pub fn from_file(path: &Path, eos: Option<&str>) -> Result<Tok> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| tok_err(path, format!("does not parse as a tokenizer.json: {e}")))?;
-        Tok::wrap(inner, path, eos)
+        guard(path, "loading", || {
+            let inner = Tokenizer::from_bytes(&bytes)
+                .map_err(|e| tok_err(path, format!("does not parse as a tokenizer.json: {e}")))?;
+            Tok::wrap(inner, path, eos)
+        })
     }
 
     /// Train a byte-level BPE tokenizer with `vocab_size` ids (special token `<|endoftext|>` = 0).
     /// Word counting uses the fast splitter (same pieces as the crate's pre-tokenizer, see the module
     /// docs); `train_bpe_reference` is the crate's own `Tokenizer::train` and gives the same JSON.
     pub fn train_bpe(texts: &[&str], vocab_size: u32) -> Result<Tok> {
-        pool::install(|| Self::train_bpe_here(texts, vocab_size))?
+        guard(Path::new("<trained tokenizer>"), "training", || {
+            pool::install(|| Self::train_bpe_here(texts, vocab_size))?
+        })
     }
 
     fn train_bpe_here(texts: &[&str], vocab_size: u32) -> Result<Tok> {
@@ -425,7 +465,9 @@ impl Tok {
 
     /// `train_bpe` through the crate's `Tokenizer::train` (its fancy-regex pre-tokenizer): the reference.
     pub fn train_bpe_reference(texts: &[&str], vocab_size: u32) -> Result<Tok> {
-        pool::install(|| Self::train_bpe_reference_here(texts, vocab_size))?
+        guard(Path::new("<trained tokenizer>"), "training", || {
+            pool::install(|| Self::train_bpe_reference_here(texts, vocab_size))?
+        })
     }
 
     fn train_bpe_reference_here(texts: &[&str], vocab_size: u32) -> Result<Tok> {
@@ -448,7 +490,9 @@ impl Tok {
 
     /// Ids of each document (no special tokens added), in parallel.
     pub fn encode_docs(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        pool::install(|| self.encode_docs_here(texts))?
+        guard(&self.path, "encoding", || {
+            pool::install(|| self.encode_docs_here(texts))?
+        })
     }
 
     fn encode_docs_here(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
@@ -530,7 +574,9 @@ impl Tok {
 
     /// The crate's own encoding (the reference for the fast path).
     pub fn encode_docs_reference(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        pool::install(|| self.encode_docs_reference_here(texts))?
+        guard(&self.path, "encoding", || {
+            pool::install(|| self.encode_docs_reference_here(texts))?
+        })
     }
 
     fn encode_docs_reference_here(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
@@ -550,7 +596,9 @@ impl Tok {
         &self,
         texts: &[&str],
     ) -> Result<(Vec<T>, Vec<u64>)> {
-        pool::install(|| self.encode_pack_here(texts))?
+        guard(&self.path, "encoding", || {
+            pool::install(|| self.encode_pack_here(texts))?
+        })
     }
 
     fn encode_pack_here<T: pack::Item + Default>(

@@ -99,6 +99,10 @@ type ShardArrays<'py> = (Bound<'py, PyDict>, Py<PyAny>, Bound<'py, PyArray1<u64>
 #[pyfunction]
 #[pyo3(signature = (path, verify=true))]
 fn shard_read<'py>(py: Python<'py>, path: PathBuf, verify: bool) -> PyResult<ShardArrays<'py>> {
+    enum Toks {
+        U16(Vec<u16>),
+        U32(Vec<u32>),
+    }
     let (header, toks, starts, crc) = py.detach(|| -> Result<_, Error> {
         let s = Shard::open(&path)?;
         let crc = if verify {
@@ -107,14 +111,15 @@ fn shard_read<'py>(py: Python<'py>, path: PathBuf, verify: bool) -> PyResult<Sha
         } else {
             None
         };
-        Ok((s.header, s.tokens_u32(), s.doc_starts(), crc))
+        let toks = match s.header.dtype {
+            Dtype::U16 => Toks::U16(s.tokens()?),
+            Dtype::U32 => Toks::U32(s.tokens()?),
+        };
+        Ok((s.header, toks, s.doc_starts(), crc))
     })?;
-    let arr = match header.dtype {
-        Dtype::U16 => {
-            let v: Vec<u16> = toks.into_iter().map(|x| x as u16).collect();
-            PyArray1::from_vec(py, v).into_py_any(py)?
-        }
-        Dtype::U32 => PyArray1::from_vec(py, toks).into_py_any(py)?,
+    let arr = match toks {
+        Toks::U16(v) => PyArray1::from_vec(py, v).into_py_any(py)?,
+        Toks::U32(v) => PyArray1::from_vec(py, v).into_py_any(py)?,
     };
     let d = header_dict(py, &header)?;
     d.set_item("file_bytes", header.file_len().unwrap_or(0))?;
@@ -196,14 +201,13 @@ fn stream_out<'py, I: pack::Id, T: pack::Item + numpy::Element>(
     let (starts, n) = pack::doc_starts(lengths, tokens.len())?;
     // Uninitialised (malloc, not calloc): a reused heap block is not zeroed first, and every element is
     // written below through `MaybeUninit` before Python can see the array.
-    // SAFETY: a fresh, owned, C-contiguous 1-D array of n elements.
-    let out = unsafe { PyArray1::<T>::new(py, n, false) };
+    let out: Bound<PyArray1<T>> = super::new_array(py, &[n], false)?; // fresh, owned, C-contiguous
     {
         // SAFETY: `out` is ours alone (not yet shared with Python); viewed as MaybeUninit, never read.
         let o = unsafe {
             std::slice::from_raw_parts_mut(out.data() as *mut std::mem::MaybeUninit<T>, n)
         };
-        py.detach(|| pack::pack_into(tokens, lengths, &starts, eos_id, vocab_size, o))?;
+        py.detach(|| pack::pack_into(tokens, lengths, eos_id, vocab_size, o))?;
     }
     Ok((out.into_py_any(py)?, PyArray1::from_vec(py, starts)))
 }
@@ -234,11 +238,14 @@ fn pack_documents<'py>(
     eos_id: u32,
     vocab_size: u32,
 ) -> PyResult<(Py<PyAny>, Bound<'py, PyArray1<u64>>)> {
-    let l = contiguous(&lengths, "lengths")?;
+    // A copy (8 bytes per document): the lengths are read twice, once to size and check the output and once
+    // to fill it, and another Python thread may write to the array while the GIL is released; the output is
+    // uninitialised memory, so both reads must see the same lengths.
+    let l = contiguous(&lengths, "lengths")?.to_vec();
     if let Ok(a) = tokens.cast::<PyArray1<u16>>() {
-        pack_any(py, a, l, eos_id, vocab_size)
+        pack_any(py, a, &l, eos_id, vocab_size)
     } else if let Ok(a) = tokens.cast::<PyArray1<u32>>() {
-        pack_any(py, a, l, eos_id, vocab_size)
+        pack_any(py, a, &l, eos_id, vocab_size)
     } else {
         Err(PyValueError::new_err(
             "pack_documents: tokens must be a 1-D numpy array of dtype uint16 or uint32",
@@ -323,10 +330,12 @@ impl PyTokenizer {
     }
 
     fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
-        self.tok
-            .inner
-            .decode(&ids, false)
-            .map_err(|e| PyValueError::new_err(format!("decode failed: {e}")))
+        let tok = &self.tok;
+        Ok(crate::tokenize::guard(&tok.path, "decoding", || {
+            tok.inner
+                .decode(&ids, false)
+                .map_err(|e| Error::Invalid(format!("decode failed: {e}")))
+        })?)
     }
 }
 

@@ -5,8 +5,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
 
+use super::zeros;
 use crate::mask::{
-    crop_length, forward_process_into, ForwardConfig, ForwardOut, Schedule, TokenId,
+    crop_length, forward_process_into, validate, ForwardConfig, ForwardOut, Schedule, TokenId,
 };
 
 fn run<'py, T: TokenId + Element>(
@@ -33,15 +34,16 @@ fn run<'py, T: TokenId + Element>(
         None => None,
     };
     let [batch, seq_len]: [usize; 2] = tokens.shape().try_into().expect("2-D by type");
+    validate(&cfg, batch, seq_len, src.len(), pl, T::MAX_ID, T::NAME)?; // before allocating the outputs
     let len = crop_length(cfg.seed, cfg.step, seq_len, cfg.crop_prob);
     // Zeroed (calloc) rather than uninitialised: a &mut [bool] over uninitialised bytes is UB, and
     // large callocs are fresh zero pages that cost no more than the first write.
-    let noisy = PyArray2::<T>::zeros(py, [batch, len], false);
-    let mask = PyArray2::<bool>::zeros(py, [batch, len], false);
-    let weight = PyArray2::<f32>::zeros(py, [batch, len], false);
-    let t = PyArray1::<f64>::zeros(py, batch, false);
-    let p = PyArray1::<f64>::zeros(py, batch, false);
-    let uncond = PyArray1::<bool>::zeros(py, batch, false);
+    let noisy: Bound<PyArray2<T>> = zeros(py, &[batch, len])?;
+    let mask: Bound<PyArray2<bool>> = zeros(py, &[batch, len])?;
+    let weight: Bound<PyArray2<f32>> = zeros(py, &[batch, len])?;
+    let t: Bound<PyArray1<f64>> = zeros(py, &[batch])?;
+    let p: Bound<PyArray1<f64>> = zeros(py, &[batch])?;
+    let uncond: Bound<PyArray1<bool>> = zeros(py, &[batch])?;
     {
         let (mut nz, mut mk, mut wt) = (noisy.readwrite(), mask.readwrite(), weight.readwrite());
         let (mut tt, mut pp, mut un) = (t.readwrite(), p.readwrite(), uncond.readwrite());

@@ -59,16 +59,21 @@ fn choose_tokens<'py>(
             "choose_tokens: logits has no columns (vocab 0)",
         ));
     }
-    let l = logits.as_slice().map_err(|_| {
-        PyValueError::new_err("choose_tokens: logits must be a C-contiguous float32 array")
-    })?;
+    // as_slice also takes a Fortran-ordered array (columns first), which would be read as the wrong rows
+    let l = logits
+        .as_slice()
+        .ok()
+        .filter(|_| logits.is_c_contiguous())
+        .ok_or_else(|| {
+            PyValueError::new_err("choose_tokens: logits must be a C-contiguous float32 array")
+        })?;
     let (s, st, p) = (
         column("seeds", &seeds, rows)?,
         column("steps", &steps, rows)?,
         column("positions", &positions, rows)?,
     );
-    let tokens = PyArray1::<i64>::zeros(py, rows, false);
-    let confs = PyArray1::<f32>::zeros(py, rows, false);
+    let tokens: Bound<PyArray1<i64>> = super::zeros(py, &[rows])?;
+    let confs: Bound<PyArray1<f32>> = super::zeros(py, &[rows])?;
     {
         let (mut tk, mut cf) = (tokens.readwrite(), confs.readwrite());
         let fresh = "fresh arrays are contiguous";
