@@ -421,6 +421,38 @@ def test_resume_refuses_a_part_of_other_settings_or_input(capsys, ckpts, tmp_pat
         assert (tmp_path / "out.jsonl.part").read_bytes() == foreign
 
 
+def test_resume_knows_the_checkpoint_by_its_weights_not_its_path(capsys, ckpts, tmp_path, monkeypatch):
+    """The part file records the digest of the weights and tokenizer (from the checkpoint's manifest): a copy
+    of the checkpoint at another path resumes, other weights moved to the same path are refused (the path
+    alone let a run mix two models, and refused a byte-identical copy)."""
+    import shutil
+
+    from smdm import sampling
+    from smdm.model import build_model, config_by_name
+
+    inp = _write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    out = str(tmp_path / "out.jsonl")
+    here = tmp_path / "run" / "step-1"
+    shutil.copytree(ckpts["mdm"], here)
+
+    def stop(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "generate", stop)
+    common = ["generate", "--input", inp, "--batch-size", "2", "--output", out, *SAMPLE]
+    assert run(capsys, *common, "--ckpt", str(here))[0] == 130
+    monkeypatch.undo()
+    shutil.rmtree(here.parent)
+    other = build_model(config_by_name("tiny", vocab_size=len(WORDS), max_seq_len=64), seed=9)
+    checkpoint.save(here.parent, 1, model_state=other.state_dict(),
+                    config={"model": other.config.to_dict(), "objective": "mdm"}, train_state={"step": 1},
+                    tokenizer_path=ckpts["mdm"] / "tokenizer.json")
+    rc, _, err = run(capsys, *common, "--ckpt", str(here), "--resume")
+    assert rc == 2 and "other settings (model_sha256:" in err, err
+    rc, _, err = run(capsys, *common, "--ckpt", str(ckpts["mdm"]), "--resume")  # the first model, elsewhere
+    assert rc == 0, err
+
+
 def test_input_read_once_from_a_pipe_and_never_overwritten(capsys, ckpts, tmp_path, monkeypatch):
     """A FIFO (`--input <(...)`) is read once: its digest is of the bytes parsed, so a resume fed other lines is
     refused; --output naming the input (or its part file naming it) is refused before anything is written."""

@@ -239,6 +239,22 @@ def verify(step_dir) -> dict:
     return manifest
 
 
+def model_digest(step_dir) -> str:
+    """The sha256 of a step's weights and tokenizer as its manifest records them (only the manifest is read):
+    what identifies the model a run used, wherever its directory lies (a copy elsewhere is the same model;
+    other weights moved to the same path are not)."""
+    step_dir = Path(step_dir)
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+        parts = [f"{name}:{files[name]['sha256']}" for name in ("model.safetensors", "tokenizer.json")
+                 if name in files]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{step_dir / MANIFEST}: cannot read the weights' sha256: {e}") from None
+    if not parts or not parts[0].startswith("model.safetensors:"):
+        raise CheckpointError(f"{step_dir / MANIFEST}: lists no model.safetensors")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def read_config(step_dir) -> dict:
     return json.loads((Path(step_dir) / "config.json").read_text())
 

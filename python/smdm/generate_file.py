@@ -21,8 +21,9 @@ batch (the sampler's batch invariance, smdm.sampling), so neither the order nor 
 on the CPU (on CUDA, GEMM kernels chosen per shape can change the last bits of the logits).
 
 Resume: finished batches are appended to `OUT.part` and fsynced; its first line records the settings
-(defaults resolved), the checkpoint and a digest of the input, and `--resume` refuses a `.part` written with
-other ones (it would mix two runs). A line cut short by a crash is dropped and its batch runs again. A file
+(defaults resolved), a digest of the checkpoint's weights and tokenizer (so a copy of the checkpoint elsewhere
+resumes, and other weights at the same path do not) and a digest of the input, and `--resume` refuses a `.part`
+written with other ones (it would mix two runs). A line cut short by a crash is dropped and its batch runs again. A file
 named `OUT.part` that does not start with that header is never touched.
 
 The input is read once (`--input -` reads standard input, and a pipe such as `--input <(...)` works; the
@@ -38,6 +39,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from smdm import checkpoint
 
 PART_FORMAT = "smdm-generate-part-v1"
 
@@ -117,7 +120,7 @@ def settings(args, name: str, cfg, schedule: str, eos_id, step_dir, input_digest
     keys = ["sampler", "block_length", "threshold", "temperature", "top_k", "top_p", "cfg_scale", "confidence",
             "seed", "num_samples", "field", "cache_refresh"] + (["gen_length"] if name == "generate" else [])
     out = {k: getattr(args, k) for k in keys}
-    out.update(command=name, schedule=schedule, eos_id=eos_id, ckpt=str(Path(step_dir).resolve()),
+    out.update(command=name, schedule=schedule, eos_id=eos_id, model_sha256=checkpoint.model_digest(step_dir),
                input_sha256=input_digest, cache=args.cache or ("prefix" if cfg.causal else "none"),
                steps=(args.steps or args.gen_length) if name == "generate" else args.steps)
     return out
