@@ -437,6 +437,11 @@ def test_cli_prepare_verify_inspect(tmp_path, tiny_jsonl, capsys):
     # corrupt one shard: verify fails naming it
     shard = sorted((out / "train").glob("*.smdm"))[1]
     raw = bytearray(shard.read_bytes())
+    (out / "val" / "manifest.json").rename(tmp_path / "val-manifest.json")  # a split without its manifest
+    for cmd in ("verify", "inspect"):  # verify printed "train: OK" and passed, the val shards unseen
+        assert smdm_main(["data", cmd, str(out)]) == 1
+        assert f"{out}/val: holds 2 files but no manifest.json" in capsys.readouterr().err
+    (tmp_path / "val-manifest.json").rename(out / "val" / "manifest.json")
     raw[80] ^= 1
     shard.write_bytes(bytes(raw))
     assert smdm_main(["data", "verify", str(out)]) == 1

@@ -497,8 +497,17 @@ def _cmd_import(args) -> int:
 
 
 def _datasets(path: Path) -> list[Path]:
+    """The datasets at `path`: itself (it has a manifest) or its splits. A split directory holding files but
+    no manifest is an error, not skipped: its shards would otherwise pass `verify` unseen (an interrupted
+    prepare, or a deleted manifest, which the trainer reads as "no validation split")."""
     if (path / MANIFEST).is_file():
         return [path]
+    for s in SPLITS:
+        d = path / s
+        if d.is_dir() and not (d / MANIFEST).is_file() and any(d.iterdir()):
+            raise SmdmFormatError(f"{d}: holds {sum(1 for _ in d.iterdir())} files but no {MANIFEST} (an "
+                                  f"interrupted `smdm prepare`, or a deleted manifest): not a dataset; "
+                                  f"prepare it again")
     found = [path / s for s in SPLITS if (path / s / MANIFEST).is_file()]
     if not found:
         raise SmdmIOError(f"{path}: no {MANIFEST} here or in {'/'.join(SPLITS)}/ (not a prepared directory)")
