@@ -219,6 +219,7 @@ def test_mc_file_scores_equal_smdm_eval_mc(tmp_path, ckpts, prepared, tiny_texts
     (["--mdm", "MDM", "--arm", "OTHER"], "its tokenizer differs"),
     (["--mdm", "MDM", "--cfg", "-1"], "--cfg weights must be finite and >= 0"),
     (["--mdm", "MDM", "--method", "chain", "--estimator", "count"], "--method chain is exact"),
+    (["--mdm", "MDM", "--method", "chain", "--n-samples", "8"], "--n-samples 8 is the ELBO's; --method chain"),
     (["--mdm", "MDM", "--context", "60", "--choice", "8", "--n", "1", "--distractors", "1"],
      "--context \\+ --choice = 68 tokens do not fit --mdm's context of 64"),
     (["--mdm", "MDM", "--distractors", "1000"], "--data .*the items need at least 1001"),

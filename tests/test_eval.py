@@ -596,7 +596,10 @@ def test_cli_errors(mc_setup, tmp_path, capsys):
                       (["--data", str(data), "--n-samples", "1"], "--n-samples must be >= 2"),
                       (["--data", str(data), "--cfg", "-1"], "--cfg must be finite and >= 0"),
                       (["--data", str(data), "--method", "ar"], "--method must be elbo or chain"),
-                      (["--data", str(data), "--method", "chain", "--estimator", "count"], "--method chain is exact")]:
+                      (["--data", str(data), "--method", "chain", "--estimator", "count"], "--method chain is exact"),
+                      # n-samples is the ELBO's too: it was silently ignored by the chain rule
+                      (["--data", str(data), "--method", "chain", "--n-samples", "8"],
+                       "--n-samples 8 is the ELBO's (--method elbo); --method chain is exact")]:
         rc = evaluate.main(["mc", "--ckpt", str(ckpts["mdm"]), "--device", "cpu", *argv])
         assert rc == 2 and msg in capsys.readouterr().err, msg
 
@@ -627,11 +630,12 @@ def test_mc_context_longer_than_the_model_names_the_line(mc_setup, tmp_path, cap
     data.write_text(json.dumps(MC_ITEMS[0]) + "\n" + json.dumps(long) + "\n")
     for name in ("mdm", "arm"):  # both have a context of 64 tokens
         model, _ = checkpoint.load(ckpts[name], device="cpu")
-        with pytest.raises(ValueError, match=r"line 2: context \+ choice 0 has 91 tokens, more than the model's "
-                                             r"context of 64"):
+        with pytest.raises(ValueError, match=r"long.jsonl:2: context \+ choice 0 has 91 tokens, more than the "
+                                             r"model's context of 64"):
             evaluate.evaluate_mc(model, tok, evaluate.read_mc(data), eos_id=0, n_samples=4)
         rc = evaluate.main(["mc", "--ckpt", str(ckpts[name]), "--data", str(data), "--device", "cpu"])
-        assert rc == 2 and "line 2: context + choice 0" in capsys.readouterr().err
+        # FILE:LINE like every other data error (it was "line 2: ...", no file)
+        assert rc == 2 and f"error: {data}:2: context + choice 0" in capsys.readouterr().err
 
 # ---- GSM8K ----------------------------------------------------------------------------------------------------
 
@@ -766,16 +770,23 @@ def test_gsm8k_cli_samples_with_the_checkpoints_schedule_and_takes_threshold(pre
         out = tmp_path / "g.json"
         rc = evaluate.main(["gsm8k", "--ckpt", str(ck), "--data", str(data), "--gen-length", "8", "--steps", "4",
                             "--device", "cpu", "--json", str(out), *extra])
-        assert rc == 0, capsys.readouterr().err
-        return json.loads(out.read_text())["results"][0]
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        return json.loads(out.read_text())["results"][0], err
 
     for extra, kw in (((), dict(schedule="cosine")), (("--schedule", "linear"), dict(schedule="linear")),
                       (("--sampler", "threshold", "--threshold", "0.3"), dict(schedule="cosine", sampler="threshold",
                                                                           threshold=0.3))):
-        res = cli(*extra)
+        res, err = cli(*extra)
         want = evaluate.evaluate_gsm8k(model, tok, items, gen_length=8, steps=4, eos_id=evaluate.eos_id_of(tok), **kw)
         assert res["schedule"] == kw["schedule"] and res["threshold"] == kw.get("threshold")
         assert [r["generation"] for r in res["records"]] == [r["generation"] for r in want["records"]]
+        # the threshold sampler's step count is adaptive: --steps is unused, said in a note, and not recorded
+        # as the steps run (it recorded "steps": 4); what ran is in mean_steps and forward_passes
+        threshold = kw.get("sampler") == "threshold"
+        assert res["steps"] == (None if threshold else 4) and res["mean_steps"] == want["mean_steps"]
+        assert ("--steps 4 is unused by --sampler threshold" in err) == threshold, err
+        assert threshold or res["mean_steps"] == 4
     for extra, msg in ((("--sampler", "threshold"), "--threshold is required by --sampler threshold"),
                        (("--schedule", "nope"), "--schedule: "),
                        (("--sampler", "nope"), "--sampler must be one of")):
@@ -792,6 +803,17 @@ def test_gsm8k_prompt_longer_than_the_model_names_the_line(mc_setup):
         with pytest.raises(ValueError, match=r"line 2: the prompt \(0-shot\) has 62 tokens; with gen_length=4 "
                                              r"that is 66 > the model's context of 64"):
             evaluate.evaluate_gsm8k(_model(causal), tok, items, gen_length=4, steps=4, batch_size=1)
+
+
+def test_gsm8k_prompt_too_long_names_file_and_line(mc_setup, tmp_path, capsys):
+    """Read from a file, the error says FILE:LINE like every other data error (it said "line 2: ..." only)."""
+    _, _, ckpts, _, _ = mc_setup
+    data = tmp_path / "g.jsonl"
+    rows = [{"question": "the cat", "answer": "#### 7"}, {"question": "the cat " * 30, "answer": "#### 3"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = evaluate.main(["gsm8k", "--ckpt", str(ckpts["arm"]), "--data", str(data), "--gen-length", "4",
+                        "--device", "cpu"])
+    assert rc == 2 and f"error: {data}:2: the prompt (0-shot) has 62 tokens" in capsys.readouterr().err
 
 def test_bad_gsm8k_jsonl(tmp_path):
     p = tmp_path / "g.jsonl"
@@ -824,12 +846,19 @@ def test_ppl_same_windows(prepared, tmp_path, capsys):
     e = elbo_nll(mdm_m, x, prompt_lens=[1] * 5, segment_ids=seg, n_samples=8, row_ids=b["index"].numpy())
     assert r_mdm["nll_per_token"] == pytest.approx(float(e.nll.sum()) / (5 * L), rel=1e-6)
     assert r_mdm["stderr"] > 0 and r_mdm["ppl"] == pytest.approx(math.exp(r_mdm["nll_per_token"]))
+    # one record per window (the --json help promised per-item records and there were none)
+    per_window = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").double().sum(1)
+    assert [r["window"] for r in r_arm["records"]] == b["index"].tolist() == [r["window"] for r in r_mdm["records"]]
+    assert all(r["tokens"] == L and "stderr" not in r for r in r_arm["records"])
+    np.testing.assert_allclose([r["nll"] for r in r_arm["records"]], per_window.numpy(), rtol=1e-5)
+    np.testing.assert_allclose([r["nll"] for r in r_mdm["records"]], e.nll.numpy(), rtol=1e-6)
+    np.testing.assert_allclose([r["stderr"] for r in r_mdm["records"]], e.stderr.numpy(), rtol=1e-6)
     (tmp_path / "tokenizer.json").write_bytes((prepared / "tokenizer.json").read_bytes())
     ck = [_save(tmp_path, mdm_m, "mdm"), _save(tmp_path, arm_m, "arm")]
     rc = evaluate.main(["ppl", "--ckpt", str(ck[0]), "--ckpt", str(ck[1]), "--data", str(prepared),
                         "--seq-len", str(L), "--limit", "5", "--n-samples", "8", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert rc == 0 and "(MDM): [elbo] 5 windows x 24" in out and "(exact)" in out
+    assert rc == 0 and "(MDM): [elbo] 5 windows, seq-len 24" in out and "(exact)" in out
     r_count = evaluate.evaluate_ppl(mdm_m, prepared, seq_len=L, limit=5, batch_size=2, n_samples=8,
                                     estimator="count")
     e = elbo_nll(mdm_m, x, prompt_lens=[1] * 5, segment_ids=seg, n_samples=8, row_ids=b["index"].numpy(),
@@ -840,28 +869,74 @@ def test_ppl_same_windows(prepared, tmp_path, capsys):
                         "--seq-len", str(L), "--limit", "5", "--n-samples", "8", "--device", "cpu",
                         "--estimator", "count", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr()
-    assert rc == 0 and "(MDM): [elbo count] 5 windows x 24" in out.out
+    assert rc == 0 and "(MDM): [elbo count] 5 windows, seq-len 24" in out.out
     assert "--estimator" in out.err  # the ARM's likelihood is exact: the option is noted as unused for it
     res = json.loads((tmp_path / "r.json").read_text())["results"]
     assert res[0]["nll_per_token"] == pytest.approx(r_count["nll_per_token"], rel=1e-9)
+    assert [len(r["records"]) for r in res] == [5, 5]
 
 
 
-def test_ppl_data_with_more_ids_than_the_model_is_a_clear_error(prepared, tmp_path, capsys):
-    """Shards whose vocabulary is larger than the model's (another tokenizer) are refused with a message, not
-    an IndexError from the embedding (and the MDM does not read id vocab_size as its mask token)."""
+def test_ppl_data_of_another_vocabulary_is_refused_and_another_tokenizer_noted(prepared, tmp_path, capsys):
+    """Shards whose vocab_size differs from the model's (another tokenizer) are refused as `smdm train
+    --init-from` refuses them, naming both sizes: more ids would index past the embedding (or read as the MDM's
+    mask id), fewer were scored without a word. Equal sizes but a tokenizer.json whose hash is not the
+    manifest's tokenizer_hash: a note (the same tokenizer saved again can hash differently), not an error."""
     from smdm.data import load_manifest, resolve_dataset
 
-    vocab = load_manifest(resolve_dataset(prepared, "val")).vocab_size
-    for causal in (False, True):
-        model = _model(causal, vocab=vocab - 1)
-        with pytest.raises(ValueError, match=f"vocabulary has {vocab} ids, the model only {vocab - 1}"):
-            evaluate.evaluate_ppl(model, prepared, seq_len=16, limit=2, n_samples=4)
+    root = resolve_dataset(prepared, "val")
+    vocab = load_manifest(root).vocab_size
+    for causal, v in itertools.product((False, True), (vocab - 1, vocab + 1)):
+        with pytest.raises(ValueError, match=f"the model has vocab_size {v}, the data has {vocab} "
+                                             rf"\({root}: another tokenizer\?\)"):
+            evaluate.evaluate_ppl(_model(causal, vocab=v), prepared, seq_len=16, limit=2, n_samples=4)
+    tok = (prepared / "tokenizer.json").read_bytes()
+    (tmp_path / "tokenizer.json").write_bytes(tok)
+    ck = _save(tmp_path, _model(False, vocab=vocab + 1), "mdm")
+    argv = ["ppl", "--data", str(prepared), "--seq-len", "16", "--limit", "2", "--n-samples", "4", "--device", "cpu"]
+    assert evaluate.main([*argv, "--ckpt", str(ck)]) == 2
+    assert f"--ckpt {ck} has vocab_size {vocab + 1}, the data has {vocab}" in capsys.readouterr().err
+    same = _save(tmp_path, _model(False, vocab=vocab), "same")
+    (tmp_path / "tokenizer.json").write_bytes(tok + b"\n")  # the same tokenizer, other bytes
+    resaved = _save(tmp_path, _model(False, vocab=vocab), "resaved")
+    assert evaluate.main([*argv, "--ckpt", str(same), "--ckpt", str(resaved)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note") == 1 and f"{resaved}/tokenizer.json is not the tokenizer.json {root}/manifest.json " \
+        "records" in err, err
+
+
+def test_ppl_default_seq_len_is_the_training_length(prepared, tmp_path, capsys):
+    """Without --seq-len, windows as the checkpoints were trained (it was 511 whatever they were trained at:
+    length extrapolation): `train --seq-len 16` is windows of 16 tokens for the MDM (L = 15), 17 for the ARM
+    (L = 16); for both the shorter, so they score the same windows; a checkpoint without a train section keeps
+    min(512, context - 1). The output says which L ran."""
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(prepared / "tokenizer.json")).get_vocab_size()
     (tmp_path / "tokenizer.json").write_bytes((prepared / "tokenizer.json").read_bytes())
-    ck = _save(tmp_path, _model(False, vocab=vocab - 1), "mdm")
-    rc = evaluate.main(["ppl", "--ckpt", str(ck), "--data", str(prepared), "--seq-len", "16", "--limit", "2",
-                        "--n-samples", "4", "--device", "cpu"])
-    assert rc == 2 and "the model only" in capsys.readouterr().err
+    ck = {}
+    for name, causal in (("mdm", False), ("arm", True)):
+        m = _model(causal, vocab=vocab)
+        ck[name] = checkpoint.save(tmp_path / name, 1, model_state=m.state_dict(), train_state={"step": 1},
+                                   config={"model": m.config.to_dict(), "objective": name, "train": {"seq_len": 16}},
+                                   tokenizer_path=tmp_path / "tokenizer.json")
+    ck["plain"] = _save(tmp_path, _model(False, vocab=vocab), "plain")  # no train section: context 64
+    argv = ["ppl", "--data", str(prepared), "--limit", "1", "--n-samples", "2", "--device", "cpu"]
+    for names, L, why in ((["mdm"], 15, f"windows of 16 tokens, as {ck['mdm']} was trained on"),
+                          (["arm"], 16, f"windows of 17 tokens, as {ck['arm']} was trained on"),
+                          (["mdm", "arm"], 15, f"as {ck['mdm']} was trained on"),
+                          (["plain"], 63, f"{ck['plain']} does not record its training length")):
+        out = tmp_path / "r.json"
+        rc = evaluate.main([*argv, *(a for n in names for a in ("--ckpt", str(ck[n]))), "--json", str(out)])
+        cap = capsys.readouterr()
+        assert rc == 0, cap.err
+        assert f"note: --seq-len {L} (" in cap.err and why in cap.err, cap.err
+        assert cap.out.count(f"1 windows, seq-len {L}") == len(names), cap.out
+        assert [r["seq_len"] for r in json.loads(out.read_text())["results"]] == [L] * len(names)
+    assert evaluate.main([*argv, "--ckpt", str(ck["mdm"]), "--seq-len", "8"]) == 0  # given: no note
+    cap = capsys.readouterr()
+    assert "seq-len 8" in cap.out and "note" not in cap.err
+
 
 # ---- a tiny trained pair ---------------------------------------------------------------------------------------
 

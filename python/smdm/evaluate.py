@@ -61,7 +61,11 @@ its answer is the number after the last "####", else the last number in the text
 Perplexity (`smdm eval ppl`): the same windows of L + 1 tokens for both models (reader order, no shuffle);
 both predict tokens 1..L given token 0 (the ARM exactly, the MDM by its ELBO with token 0 as the clean
 context); document masking inside windows as in training (`--no-doc-mask` turns it off). Reported: NLL per
-token, its Monte Carlo standard error (MDM; the ARM's is exact) and exp(NLL per token).
+token, its Monte Carlo standard error (MDM; the ARM's is exact) and exp(NLL per token); one record per window
+(its reader index, tokens scored, NLL and, for the MDM, its standard error). The default L is the length the
+checkpoints were trained at (`_trained_seq_len`; the shortest of several, so that every model scores the same
+windows): a longer window measures length extrapolation, not the model. The data must have the model's
+vocab_size (another tokenizer's ids mean other tokens); a differing tokenizer hash with equal sizes is a note.
 """
 
 from __future__ import annotations
@@ -83,10 +87,12 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from smdm.cli import positive_int, set_threads
 from smdm.config import ELBO_ESTIMATORS
 
 METHODS = ("ar", "elbo", "chain")
 ORDERS = ("l2r", "r2l")
+N_SAMPLES = 128  # the CLI's --n-samples default (Monte Carlo samples of the MDM's ELBO)
 
 
 class EvalDataError(ValueError):
@@ -544,6 +550,12 @@ class McItem:
     choices: list
     label: int
     line: int  # line number in the file (1-based)
+    source: Optional[str] = None  # the file it was read from (errors say FILE:LINE), None when built by hand
+
+
+def _where(it) -> str:
+    """'FILE:LINE' of an item read from a file (as every data error names it), else 'line LINE'."""
+    return f"{it.source}:{it.line}" if it.source is not None else f"line {it.line}"
 
 
 def read_mc(path, limit: Optional[int] = None) -> list:
@@ -564,7 +576,7 @@ def read_mc(path, limit: Optional[int] = None) -> list:
         label = _field(path, no, obj, "label", int, "an integer index into 'choices'")
         if not 0 <= label < len(choices):
             raise EvalDataError(f"{path}:{no}: field 'label' = {label} is outside [0, {len(choices)})")
-        items.append(McItem(ctx, choices, label, no))
+        items.append(McItem(ctx, choices, label, no, str(path)))
     if not items:
         raise EvalDataError(f"{path}: no questions (empty file)")
     return items
@@ -576,6 +588,7 @@ class Gsm8kItem:
     answer: str  # the reference solution, ending in "#### <number>"
     gold: str  # the normalised reference number
     line: int
+    source: Optional[str] = None  # the file it was read from (errors say FILE:LINE), None when built by hand
 
 
 def read_gsm8k(path, limit: Optional[int] = None) -> list:
@@ -589,7 +602,7 @@ def read_gsm8k(path, limit: Optional[int] = None) -> list:
         gold = reference_answer(a)
         if gold is None:
             raise EvalDataError(f"{path}:{no}: field 'answer' has no final '#### <number>'")
-        items.append(Gsm8kItem(q, a, gold, no))
+        items.append(Gsm8kItem(q, a, gold, no, str(path)))
     if not items:
         raise EvalDataError(f"{path}: no questions (empty file)")
     return items
@@ -625,11 +638,11 @@ def encode_mc_item(tokenizer, it: McItem, eos_id: Optional[int]) -> tuple:
     ctx = enc[0][0]
     if not ctx:
         if eos_id is None:
-            raise ValueError(f"line {it.line}: empty context and no EOS id to stand for it")
+            raise ValueError(f"{_where(it)}: empty context and no EOS id to stand for it")
         ctx = [eos_id]
     for j, (_, cont) in enumerate(enc):
         if not cont:
-            raise ValueError(f"line {it.line}: choice {j} encodes to no tokens")
+            raise ValueError(f"{_where(it)}: choice {j} encodes to no tokens")
     return ctx, [cont for _, cont in enc]
 
 
@@ -641,7 +654,7 @@ def evaluate_mc(model, tokenizer, items: Sequence[McItem], *, eos_id: Optional[i
         ctx, conts = encode_mc_item(tokenizer, it, eos_id)
         for j, (choice, cont) in enumerate(zip(it.choices, conts)):
             # checked here so that the error names the line and choice (score() only knows its pair index)
-            _check_tokens(model.config, f"line {it.line}: context + choice {j}", ctx + cont,
+            _check_tokens(model.config, f"{_where(it)}: context + choice {j}", ctx + cont,
                           "ar" if model.config.causal else "elbo")
             pairs.append((ctx, cont))
             index.append((q, j))
@@ -734,7 +747,10 @@ def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Seque
                    threshold: Optional[float] = None, schedule: Optional[str] = None) -> dict:
     """Generation accuracy: greedy generation (`smdm.sampling.generate`; the ARM twin decodes left to right
     with its KV cache, the sampler options apply to the MDM only), answer extraction, exact match. `schedule`
-    is the MDM sampler's (default, as `smdm.generate`'s: the checkpoint's training schedule, else linear)."""
+    is the MDM sampler's (default, as `smdm.generate`'s: the checkpoint's training schedule, else linear).
+    The result's "steps" is the step budget the sampler was given (None for the ARM and for the threshold
+    sampler, whose step count is adaptive and ignores `steps`); "mean_steps" the sampler steps a question took
+    (MDM), "forward_passes" the model calls of the whole run."""
     from smdm import sampling
 
     causal = model.config.causal
@@ -744,19 +760,20 @@ def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Seque
                for it in items]
     for it, p in zip(items, prompts):  # here, so that the error names the line (generate's, the batch index)
         if len(p) + gen_length > model.config.max_seq_len:
-            raise ValueError(f"line {it.line}: the prompt ({len(shots)}-shot) has {len(p)} tokens; with "
+            raise ValueError(f"{_where(it)}: the prompt ({len(shots)}-shot) has {len(p)} tokens; with "
                              f"gen_length={gen_length} that is {len(p) + gen_length} > the model's context of "
                              f"{model.config.max_seq_len}")
     kw = dict(gen_length=gen_length, eos_id=eos_id, seed=seed, temperature=0.0)
     if not causal:
         kw.update(steps=steps or gen_length, sampler=sampler, block_length=block_length, cfg_scale=cfg,
                   threshold=threshold, schedule=schedule)
-    records, generated, forwards = [], 0, 0
+    records, generated, forwards, row_steps = [], 0, 0, []
     t0 = time.perf_counter()
     for a in range(0, len(items), batch_size):
         out = sampling.generate(model, prompts[a:a + batch_size], **kw)
         generated += out.generated_tokens
         forwards += out.forward_passes
+        row_steps += out.steps
         for it, toks in zip(items[a:a + batch_size], out.tokens):
             text = cut_generation(tokenizer.decode(toks, skip_special_tokens=True))
             pred = extract_answer(text)
@@ -766,7 +783,9 @@ def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Seque
             progress(len(records), len(items))
     hits = [float(r["correct"]) for r in records]
     return {"task": "gsm8k", "n": len(items), "few_shot": len(shots), "gen_length": gen_length,
-            "steps": None if causal else (steps or gen_length), "sampler": None if causal else sampler,
+            "steps": None if causal or sampler == "threshold" else (steps or gen_length),
+            "mean_steps": None if causal or not row_steps else float(np.mean(row_steps)),
+            "sampler": None if causal else sampler,
             "threshold": None if causal else threshold, "schedule": None if causal else schedule, "cfg": cfg,
             "acc": float(np.mean(hits)), "acc_stderr": mean_stderr(hits),
             "generated_tokens": generated, "forward_passes": forwards,
@@ -779,8 +798,9 @@ def evaluate_gsm8k(model, tokenizer, items: Sequence[Gsm8kItem], *, shots: Seque
 
 def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_samples: int = 128,
                  seed: int = 0, batch_size: int = 8, doc_mask: bool = True, split: str = "val",
-                 estimator: str = "time") -> dict:
-    """NLL per token of tokens 1..L of each window of L + 1 tokens given token 0 (module docstring)."""
+                 estimator: str = "time", name: str = "the model") -> dict:
+    """NLL per token of tokens 1..L of each window of L + 1 tokens given token 0 (module docstring), and one
+    record per window. `name` stands for the model in errors (the CLI: "--ckpt DIR")."""
     import torch
 
     from smdm.data import PackedDataset
@@ -792,12 +812,15 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
         raise ValueError(f"--seq-len {seq_len}: windows of {seq_len + 1} tokens exceed the model's context of "
                          f"{conf.max_seq_len}")
     ds = PackedDataset(data, seq_len, 1, extra_token=True, shuffle=False, epochs=1, split=split)
-    if ds.manifest.vocab_size > conf.vocab_size:  # ids the model has no row for (or the MDM's mask id)
-        raise ValueError(f"{data}: the data's vocabulary has {ds.manifest.vocab_size} ids, the model only "
-                         f"{conf.vocab_size} (data prepared with a different tokenizer?)")
+    # as `smdm train --init-from` refuses it: fewer ids are as wrong as more (id 5 is another token), more would
+    # index past the embedding (or read as the MDM's mask id)
+    if ds.manifest.vocab_size != conf.vocab_size:
+        raise ValueError(f"{name} has vocab_size {conf.vocab_size}, the data has {ds.manifest.vocab_size} "
+                         f"({ds.root}: another tokenizer?)")
     device = model.head.weight.device
     nll = var = 0.0
     windows = 0
+    records = []
     stream = iter(ds)
     with torch.no_grad():
         while limit is None or windows < limit:
@@ -811,13 +834,19 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
                 h = model.hidden(x[:, :-1], segment_ids=None if seg is None else seg[:, :-1])  # (B, L, d)
                 # per-row CE in chunks of rows: never every position's logits at once (B·L·V floats)
                 ce = cross_entropy_rows(h.reshape(-1, h.shape[-1]), model.head.weight, x[:, 1:].reshape(-1))
-                nll += float(ce.double().sum())
+                row_nll, row_se = ce.double().view(len(x), -1).sum(1).cpu().numpy(), None  # (B,)
+                nll += float(row_nll.sum())
             else:  # row ids = window ids: the estimate of a window does not depend on the batching
                 rows = torch.cat([b["index"] for b in got]).numpy()
                 est = elbo_nll(model, x, prompt_lens=[1] * len(x), segment_ids=seg, n_samples=n_samples,
                                seed=seed, row_ids=rows, max_rows=max(64, len(x)), estimator=estimator)
-                nll += float(est.nll.sum())
-                var += float((est.stderr ** 2).sum())
+                row_nll, row_se = est.nll.double().cpu().numpy(), est.stderr.double().cpu().numpy()  # (B,)
+                nll += float(row_nll.sum())
+                var += float((row_se ** 2).sum())
+            index = torch.cat([b["index"] for b in got]).tolist()
+            for j, w in enumerate(index):
+                records.append({"window": w, "tokens": seq_len, "nll": float(row_nll[j]),
+                                **({} if row_se is None else {"stderr": float(row_se[j])})})
             windows += len(x)
     tokens = windows * seq_len
     if tokens == 0:
@@ -826,7 +855,8 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
     return {"task": "ppl", "windows": windows, "tokens": tokens, "seq_len": seq_len, "doc_mask": doc_mask,
             "method": "ar" if conf.causal else "elbo", "n_samples": 0 if conf.causal else n_samples,
             **({} if conf.causal else {"estimator": estimator}),
-            "nll_per_token": per_token, "stderr": math.sqrt(var) / tokens, "ppl": math.exp(per_token)}
+            "nll_per_token": per_token, "stderr": math.sqrt(var) / tokens, "ppl": math.exp(per_token),
+            "records": records}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -846,6 +876,8 @@ def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
         p.add_argument("--batch-size", type=int, default=None, help="rows (or prompts) per forward pass")
         p.add_argument("--seed", type=int, default=0, help="Monte Carlo / sampler seed")
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+        p.add_argument("--threads", type=positive_int, default=None, help="CPU threads of torch and of the "
+                       "Rust core (default: all; on a busy machine 1 can be much faster)")
         p.add_argument("--json", default=None, metavar="OUT", help="write all results (with per-item "
                        "records) to OUT, atomically")
 
@@ -857,7 +889,7 @@ def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
 
     p = sub.add_parser("mc", help="multiple-choice accuracy from JSONL {context, choices, label}")
     common(p, 'JSONL, one {"context": str, "choices": [str, ...], "label": int} per line')
-    p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per choice (MDM elbo)")
+    p.add_argument("--n-samples", type=int, default=N_SAMPLES, help="Monte Carlo samples per choice (MDM elbo)")
     estimator(p)
     p.add_argument("--method", default=None, help="MDM: elbo (default) | chain (exact, left to right)")
     p.add_argument("--cfg", type=float, default=0.0, help="unsupervised CFG weight w (MDM; 0 = off)")
@@ -880,8 +912,9 @@ def register(parser: argparse.ArgumentParser, name: str = "eval") -> None:
     common(p, "prepared data dir (its --split) or a dataset dir with manifest.json")
     p.add_argument("--split", default="val", help="split of a prepared dir (default val)")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="L: windows of L + 1 tokens (default: min(512, the model's context - 1))")
-    p.add_argument("--n-samples", type=int, default=128, help="Monte Carlo samples per window (MDM)")
+                   help="L: windows of L + 1 tokens (default: the windows the checkpoints were trained on, the "
+                   "shortest of several; else min(512, the model's context - 1))")
+    p.add_argument("--n-samples", type=int, default=N_SAMPLES, help="Monte Carlo samples per window (MDM)")
     estimator(p)
     p.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
                    help="attend across the documents packed in a window")
@@ -918,6 +951,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--method must be elbo or chain, got {args.method!r}")
     if args.task == "mc" and args.method == "chain" and args.estimator != "time":
         raise ValueError(f"--estimator {args.estimator} is the ELBO's (--method elbo); --method chain is exact")
+    if args.task == "mc" and args.method == "chain" and args.n_samples != N_SAMPLES:
+        raise ValueError(f"--n-samples {args.n_samples} is the ELBO's (--method elbo); --method chain is exact")
     if args.task == "gsm8k":
         if args.few_shot < 0:
             raise ValueError(f"--few-shot must be >= 0, got {args.few_shot}")
@@ -925,6 +960,9 @@ def _check_args(args) -> None:
             raise ValueError(f"--gen-length must be >= 1, got {args.gen_length}")
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if args.steps is not None and args.sampler == "threshold":  # a note: a run may also hold an ARM
+            print(f"smdm eval gsm8k: note: --steps {args.steps} is unused by --sampler threshold (its step count "
+                  "is adaptive; the results record steps null, mean_steps and forward_passes)", file=sys.stderr)
         from smdm.sampling import SAMPLERS, check_mdm_options
 
         if args.sampler not in SAMPLERS:
@@ -972,7 +1010,7 @@ def _describe(res: dict) -> str:
                 f"{res['seconds']:.1f} s)")
     se = f" ± {res['stderr']:.4f}" if res["n_samples"] else " (exact)"
     how = res["method"] + (f" {res['estimator']}" if res.get("estimator", "time") != "time" else "")
-    return (f"[{how}] {res['windows']} windows x {res['seq_len']}  nll/token "
+    return (f"[{how}] {res['windows']} windows, seq-len {res['seq_len']}  nll/token "
             f"{res['nll_per_token']:.4f}{se}  ppl {res['ppl']:.3f}")
 
 
@@ -981,8 +1019,14 @@ def run(args) -> int:
         from smdm.harness import run_cli
 
         return run_cli(args)
+    set_threads(args.threads)  # before any parallel Rust call starts its pool
     try:
         _check_args(args)
+        if args.task == "ppl" and args.seq_len is None:  # one L for every checkpoint: the same windows
+            args.seq_len, why = _default_seq_len(args.ckpt)
+            if why:
+                print(f"smdm eval ppl: note: --seq-len {args.seq_len} ({why}; give --seq-len to change it)",
+                      file=sys.stderr)
         results = [_run_one(args, ckpt) for ckpt in args.ckpt]
     except (ValueError, OSError) as e:  # EvalDataError, CheckpointError, SmdmIOError are ValueError/OSError
         print(f"smdm eval {args.task}: error: {e}", file=sys.stderr)
@@ -1010,10 +1054,62 @@ def _progress(ckpt) -> Optional[Callable]:
 
 
 # the options an ARM checkpoint does not use (its likelihood is exact, it decodes left to right), with defaults
-MDM_ONLY = {"mc": (("n_samples", 128), ("method", None), ("cfg", 0.0), ("estimator", "time")),
+MDM_ONLY = {"mc": (("n_samples", N_SAMPLES), ("method", None), ("cfg", 0.0), ("estimator", "time")),
             "gsm8k": (("steps", None), ("sampler", "low_confidence"), ("block_length", None), ("cfg", 0.0),
                       ("threshold", None), ("schedule", None)),
-            "ppl": (("n_samples", 128), ("estimator", "time"))}
+            "ppl": (("n_samples", N_SAMPLES), ("estimator", "time"))}
+
+
+def _trained_seq_len(conf: dict) -> Optional[int]:
+    """L (`eval ppl` windows of L + 1 tokens, token 0 given) of the windows a checkpoint's config.json says it
+    was trained on, or None when it does not record them (a converted checkpoint). The trainer's `--seq-len S`
+    packs windows of S tokens for the MDM (L = S - 1: the same positions 0..S-1) and S + 1 for the ARM, whose
+    inputs are its first S (L = S; `smdm.train`, PackedDataset(extra_token=...))."""
+    train, model = conf.get("train"), conf.get("model")
+    S = train.get("seq_len") if isinstance(train, dict) else None
+    if not isinstance(S, int) or isinstance(S, bool) or S < 2 or not isinstance(model, dict):
+        return None
+    return S if model.get("causal") else S - 1
+
+
+def _default_seq_len(ckpts) -> tuple:
+    """(L, why) for `eval ppl` without --seq-len: the shortest over the checkpoints of the L each was trained
+    at (`_trained_seq_len`), else of min(512, its context - 1). Scoring beyond the training length measures
+    length extrapolation. A checkpoint whose config cannot be read is left to `smdm.load` to report ((None,
+    None) when none can be)."""
+    from smdm import checkpoint
+
+    best = None
+    for ckpt in ckpts:
+        try:
+            conf = checkpoint.read_config(checkpoint.resolve(ckpt))
+            trained = _trained_seq_len(conf)
+            L = trained if trained is not None else min(512, int(conf["model"]["max_seq_len"]) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        why = (f"windows of {L + 1} tokens, as {ckpt} was trained on" if trained is not None else
+               f"{ckpt} does not record its training length: min(512, its context - 1)")
+        if best is None or L < best[0]:
+            best = (L, why)
+    return best if best is not None else (None, None)
+
+
+def _note_tokenizer(model, ckpt, args) -> None:
+    """A note when the data's tokenizer_hash differs from the sha256 of the checkpoint's tokenizer.json while the
+    vocab sizes agree (not an error: the same tokenizer saved again can hash differently; a differing
+    vocab_size is `evaluate_ppl`'s error)."""
+    from smdm import checkpoint
+    from smdm.data import MANIFEST, load_manifest, resolve_dataset, sha256_file
+
+    root = resolve_dataset(args.data, args.split)
+    m = load_manifest(root)
+    tok = checkpoint.resolve(ckpt) / "tokenizer.json"
+    if m.vocab_size != model.config.vocab_size or m.tokenizer_hash is None or not tok.is_file():
+        return
+    if sha256_file(tok) != m.tokenizer_hash:
+        print(f"smdm eval ppl: note: {tok} is not the tokenizer.json {root / MANIFEST} records (tokenizer_hash "
+              f"differs; the vocab sizes agree): the scores hold only if it is the same tokenizer saved again",
+              file=sys.stderr)
 
 
 def _run_one(args, ckpt) -> dict:
@@ -1028,10 +1124,11 @@ def _run_one(args, ckpt) -> dict:
                       f"{ckpt} is an autoregressive model (exact likelihood, left-to-right decoding)")
     bs = args.batch_size
     if args.task == "ppl":
-        seq_len = args.seq_len or min(512, model.config.max_seq_len - 1)
+        seq_len = args.seq_len or min(512, model.config.max_seq_len - 1)  # (run() sets it from the configs)
+        _note_tokenizer(model, ckpt, args)
         res = evaluate_ppl(model, args.data, seq_len=seq_len, limit=args.limit, n_samples=args.n_samples,
                            seed=args.seed, batch_size=bs or 8, doc_mask=args.doc_mask, split=args.split,
-                           estimator=args.estimator)
+                           estimator=args.estimator, name=f"--ckpt {ckpt}")
     else:
         if tokenizer is None:
             raise ValueError(f"{ckpt} has no tokenizer.json (needed to encode the text of {args.data})")

@@ -41,6 +41,9 @@ import numpy as np
 
 from smdm.benchmarks import environment, write_records
 from smdm.cli import json_out, positive_int
+from smdm.config import ELBO_ESTIMATORS
+
+N_SAMPLES = 32  # --n-samples default: Monte Carlo samples of each ELBO
 
 
 @dataclass(eq=False)
@@ -293,6 +296,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"{prog}: error: --cfg weights must be finite and >= 0, got {args.cfg}")
     if args.method == "chain" and args.estimator != "time":
         raise SystemExit(f"{prog}: error: --estimator {args.estimator} is the ELBO's; --method chain is exact")
+    if args.method == "chain" and args.n_samples != N_SAMPLES:
+        raise SystemExit(f"{prog}: error: --n-samples {args.n_samples} is the ELBO's; --method chain is exact")
     weights = sorted({float(w) for w in args.cfg} | {0.0})
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mdm, tok, digest, step = _load("--mdm", args.mdm, device, "float32", prog)
@@ -395,10 +400,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
                         "construction) or of the item's own document (on topic)")
     parser.add_argument("--method", choices=("elbo", "chain"), default="elbo", help="the MDM's score: Monte Carlo "
                         "ELBO (default) or the exact chain rule left to right (one forward pass per token)")
-    parser.add_argument("--n-samples", type=positive_int, default=32,
+    parser.add_argument("--n-samples", type=positive_int, default=N_SAMPLES,
                         help="the MDM's Monte Carlo ELBO samples per choice (default 32)")
-    from smdm.config import ELBO_ESTIMATORS
-
     parser.add_argument("--estimator", choices=ELBO_ESTIMATORS, default="time", help="the MDM's ELBO: time "
                         "(1/t weights, the paper's; default) or count (LLaDA's, finite variance; smdm.evaluate.score)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="model rows per forward pass (a "
