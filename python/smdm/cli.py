@@ -50,6 +50,18 @@ def _number(value: str, kind: type, ok, rule: str):
     return x
 
 
+def set_threads(n) -> None:
+    """--threads N (bench, generate, infill, eval): torch's intra-op threads and the Rust core's (rayon reads
+    RAYON_NUM_THREADS when its pool starts, at the first parallel call: call this before any). Without it, a
+    "1 thread" run still chose its sampler's tokens on every core."""
+    if not n:
+        return
+    import torch
+
+    os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
 def positive_int(value: str) -> int:
     """A count or size: an int >= 1."""
     return _number(value, int, lambda x: x >= 1, ">= 1")

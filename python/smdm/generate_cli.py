@@ -25,7 +25,7 @@ import re
 import sys
 import time
 
-from smdm.cli import json_out, positive_int
+from smdm.cli import json_out, positive_int, set_threads
 
 HOLE = re.compile(r"<\|mask(?::(\d+))?\|>")
 MALFORMED = re.compile(r"<\|\s*mask", re.IGNORECASE)  # what is left of a hole tag that HOLE did not match
@@ -78,6 +78,9 @@ def register(parser: argparse.ArgumentParser, name: str = "generate") -> None:
     parser.add_argument("--eos-id", type=int, default=None, help="EOS id (default: the tokenizer's EOS)")
     parser.add_argument("--no-eos", action="store_true", help="no early stop at EOS")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads of torch and of the Rust sampler (default: all; on a busy machine 1 "
+                             "can be much faster)")
     parser.add_argument("--show-steps", action="store_true", help="draw the denoising step by step")
     parser.add_argument("--json", action="store_true", help="print one JSON object (tokens, text, stats)")
     batch = parser.add_argument_group("a file of inputs (--input; smdm.generate_file)")
@@ -248,6 +251,7 @@ def main(args, name: str = "generate") -> int:
     except ValueError as e:
         print(f"smdm {name}: error: {e}", file=sys.stderr)
         return 2
+    set_threads(args.threads)  # before any parallel Rust call starts its pool
     import smdm
     from smdm import checkpoint
 

@@ -13,6 +13,8 @@ import importlib
 import json
 import os
 
+from smdm.cli import set_threads  # noqa: F401  (the benches' --threads; its home is the CLI)
+
 BENCHMARKS = {
     "pack": "packing documents into a token stream (Rust vs numpy vs a lit-gpt style loop)",
     "mask": "the masking forward process (Rust vs torch on CPU)",
@@ -23,18 +25,6 @@ BENCHMARKS = {
     "scaling": "IsoFLOP sweep: MDM vs ARM validation loss over model sizes and compute budgets, power-law fits",
     "cfg": "unsupervised classifier-free guidance: MDM (and ARM twin) multiple-choice accuracy per weight",
 }
-
-
-def set_threads(n) -> None:
-    """--threads N: torch's intra-op threads and the Rust core's (rayon reads RAYON_NUM_THREADS when its pool
-    starts, at the first parallel call: call this before any). Without it, a "1 thread" run still chose its
-    sampler's tokens on every core."""
-    if not n:
-        return
-    import torch
-
-    os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_THREADS"] = str(n)
-    torch.set_num_threads(n)
 
 
 def thread_counts() -> dict:
