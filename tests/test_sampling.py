@@ -632,6 +632,12 @@ def test_infill_keeps_given_tokens(mdm):
     assert infill(mdm, [1, 2, 3, -1, -1, -1, -1, 8, 9], mask_positions=[3, 4, 5, 6]).tokens == [out.tokens[0]]
     with pytest.raises(ValueError, match=f"sequence 0 holds token id {2**70} outside"):
         infill(mdm, [1, 2**70, V])
+    # nothing masked anywhere is a forgotten mark, as `smdm infill` says (it returned the input unchanged);
+    # a batch where only some rows have holes is fine
+    for no_holes in ([1, 2, 3], [[1, 2], [3]]):
+        with pytest.raises(ValueError, match="nothing to fill"):
+            infill(mdm, no_holes)
+    assert infill(mdm, [[1, 2], [4, V, 6]]).tokens[0] == [1, 2]
 
 
 def test_a_top_k_of_the_vocabulary_or_more_keeps_every_id(mdm, arm):

@@ -604,6 +604,9 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
         window = (lo, len(x)) if lo < len(x) else None
         rows.append(_make_row(i, seq, masked, None if steps is None else max(1, steps), block_length, seeds[i],
                               window))
+    if not any(bool((r.seq == cfg.mask_id).any()) for r in rows):  # as `smdm infill`: a forgotten mark
+        raise ValueError(f"nothing to fill: no sequence has a masked position (put the mask id {cfg.mask_id} "
+                         f"at the positions to fill, or give mask_positions)")
     out = _denoise(model, rows, sampler, dict(block_length=block_length, threshold=threshold,
                                               temperature=temperature, top_k=top_k, top_p=top_p,
                                               cfg_scale=cfg_scale, confidence=confidence, eos_id=eos_id,
