@@ -281,8 +281,11 @@ def test_threshold_sampler_with_blocks_takes_any_step_count(capsys, ckpts):
             "4", "--steps", "3", "--json", "--no-eos"]
     rc, out, err = run(capsys, *base, "--sampler", "threshold", "--threshold", "0.9")
     assert rc == 0 and len(json.loads(out)["tokens"][0]) == 8, err
+    assert "note: --steps 3 is unused by --sampler threshold" in err  # it was silently ignored
     rc, _, err = run(capsys, *base)
     assert rc == 2 and "multiple of the number of blocks" in err
+    rc, out, err = run(capsys, *base[:5], "--gen-length", "4", "--steps", "9", "--json")
+    assert rc == 0 and "note: --steps 9 > --gen-length 4" in err and json.loads(out)["forward_passes"] <= 4, err
 
 
 # ---- a file of inputs: --input FILE --output OUT (smdm.generate_file) ----

@@ -129,6 +129,13 @@ def check_args(args, name: str) -> None:
             raise ValueError(f"--steps {steps} must be a multiple of the number of blocks ({n_blocks})")
     if (args.sampler == "threshold") != (args.threshold is not None):
         raise ValueError("--threshold is required by --sampler threshold and used by no other sampler")
+    if args.steps is not None and args.sampler == "threshold":  # notes: the run goes on
+        print(f"smdm {name}: note: --steps {args.steps} is unused by --sampler threshold (it commits every "
+              f"position at least --threshold sure, at least one per step: its step count is adaptive)",
+              file=sys.stderr)
+    elif name == "generate" and args.steps is not None and args.steps > args.gen_length:
+        print(f"smdm generate: note: --steps {args.steps} > --gen-length {args.gen_length}: the steps past one "
+              f"token each commit nothing and cost no forward pass", file=sys.stderr)
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
