@@ -122,6 +122,33 @@ def test_train_writes_metrics_checkpoint_and_loads(dataset, tmp_path):
     assert state["step"] == 5 and state["data"] == {"epoch": 0, "batch": 5}
 
 
+@pytest.mark.parametrize("kind", ["mdm", "ar"])
+def test_the_run_ends_with_a_summary_line_and_the_final_validation_on_the_bar(dataset, tmp_path, capsys, kind):
+    """The progress bar's val= showed the validation before the last one (it was set before validating; a resumed
+    run showed val=- to its end) and the final validation was printed nowhere: the bar now shows each validation
+    as it finishes, and the run ends, below the closed bar, with one line: final step, last train loss, final
+    validation (and its kind), checkpoint."""
+    out = tmp_path / "run"
+    what = ("nats/token (MDM ELBO, an upper bound on the NLL; step {})" if kind == "mdm"
+            else "nats/token (ARM NLL, exact; step {})")
+    for stop in (3, 4):  # the run stops after step 3 (it validates at 2 and 3), the resume trains and validates 4
+        train(cfg_for(dataset, out, objective=kind, max_steps=4, val_every=2, stop_after=stop, resume=stop == 4))
+        captured = capsys.readouterr()
+        last = [r for r in metrics(out) if "loss" in r][-1]
+        val = [r for r in metrics(out) if r.get("event") == "val"][-1]
+        assert last["step"] == val["step"] == stop
+        err = f"± {val['val_stderr']:.3f} " if kind == "mdm" else ""
+        summary = captured.out.strip().splitlines()[-1]
+        assert summary == (f"smdm train: step {stop} of 4: train loss {last['loss']:.4f}, val {val['val_loss']:.4f} "
+                           f"{err}{what.format(stop)}; checkpoint {out / f'step-{stop}'}"), summary
+        bar = [x for x in captured.err.replace("\n", "\r").split("\r") if f"{stop}/{stop}" in x]
+        assert f"val={val['val_loss']:.3f}" in bar[-1], captured.err
+    train(cfg_for(dataset, tmp_path / "none", objective=kind, max_steps=1))  # val_every 0
+    loss = [r for r in metrics(tmp_path / "none") if "loss" in r][-1]["loss"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"smdm train: step 1 of 1: train loss {loss:.4f}, no validation; checkpoint {tmp_path / 'none' / 'step-1'}")
+
+
 def test_every_validation_uses_the_same_windows(dataset, tmp_path):
     from smdm.train import Trainer
 
@@ -640,6 +667,30 @@ def test_bad_batch_split_and_keep(dataset, tmp_path):
         train(cfg_for(dataset, tmp_path / "r", keep=1))
 
 
+def test_the_demo_never_deletes_an_earlier_demo_run(dataset, tmp_path, monkeypatch, capsys):
+    """`smdm train` without --out / --data (the demo) used to restart freely in runs/demo-mdm, deleting the
+    checkpoints of a finished demo run: like any --out it now refuses, saying how to go on, before any data work.
+    (runs/data here is the tiny dataset, so the demo's --overwrite run takes a second.)"""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(dataset, tmp_path / "runs" / "data")
+    tiny = dict(config="tiny", max_steps=1, batch_size=4, seq_len=32, val_every=0, samples=0)
+    for kind in ("mdm", "ar"):
+        train(TrainConfig(objective=kind, **tiny))
+        run = tmp_path / "runs" / f"demo-{kind}"
+        assert [p.name for _, p in ckpt.step_dirs(run)] == ["step-1"]
+        before = (run / "step-1" / "manifest.json").read_bytes()
+        with pytest.raises(TrainError, match=rf"runs/demo-{kind} already holds checkpoints"):
+            train(TrainConfig(objective=kind, **{**tiny, "max_steps": 2}))
+        assert (run / "step-1" / "manifest.json").read_bytes() == before
+    err = cli_error(capsys, ["--config", "tiny"])  # the README's command, a second time
+    assert "runs/demo-mdm already holds checkpoints (latest step-1)" in err
+    assert "--resume" in err and "--overwrite" in err and "--out DIR" in err, err
+    train(TrainConfig(overwrite=True, **{**tiny, "max_steps": 2}))
+    assert [p.name for _, p in ckpt.step_dirs(tmp_path / "runs" / "demo-mdm")] == ["step-2"]
+
+
 @pytest.mark.slow
 def test_the_demo_path_prepares_the_builtin_corpus_trains_and_samples(tmp_path):
     """`smdm train` with no data: prepares runs/data (built-in corpus), trains, saves runs/demo-mdm, samples.
@@ -777,19 +828,51 @@ def test_a_failing_overwrite_keeps_the_old_checkpoints(dataset, tmp_path):
 
 def test_resume_keeps_the_lr_schedule_of_the_run(dataset, tmp_path):
     """A run trained with --lr / --warmup resumed without them continues on its own schedule, bit for bit
-    (before: the default peak LR came back silently)."""
+    (before: the default peak LR came back silently); given again with the run's values they are accepted."""
     kw = dict(max_steps=6, lr=1e-2, warmup=3)
     straight = cfg_for(dataset, tmp_path / "straight", **kw)
     train(straight)
     half = cfg_for(dataset, tmp_path / "half", stop_after=3, **kw)
     train(half)
+    train(cfg_for(dataset, half.out, stop_after=4, resume=True, **kw))
     train(cfg_for(dataset, half.out, max_steps=6, resume=True))
     lrs = [r["lr"] for r in metrics(half.out) if "lr" in r]
     assert lrs == [r["lr"] for r in metrics(straight.out) if "lr" in r] and lrs[2] == 1e-2
     assert step_losses(straight.out) == step_losses(half.out)
-    # given explicitly on resume, they win (an intended change of schedule)
-    train(cfg_for(dataset, half.out, max_steps=8, resume=True, lr=1e-3))
-    assert [r["lr"] for r in metrics(half.out) if "lr" in r][6] < 1e-3
+
+
+def test_resume_refuses_another_lr_schedule_or_optimizer(dataset, tmp_path, capsys):
+    """--resume with another --lr / --warmup / min_lr_ratio / weight_decay used to re-plan the cosine silently (the
+    LR jumped: 0.000254 at step 10, 0.00171 at step 11 with --lr 1e-2) or lose the change to the saved optimizer
+    state: an error naming each option with the saved and the new value, before anything is written."""
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=6, stop_after=3, lr=2e-3, warmup=2))
+    rows = metrics(out)
+    with pytest.raises(TrainError, match=r"--lr \(checkpoint 0\.002, now 0\.01\).*--init-from"):
+        train(cfg_for(dataset, out, max_steps=6, resume=True, lr=1e-2))
+    with pytest.raises(TrainError, match=r"--warmup \(checkpoint 2, now 1\), min_lr_ratio \(checkpoint 0\.1, "
+                                         r"now 0\.2\), weight_decay \(checkpoint 0\.1, now 0\.0\)"):
+        train(cfg_for(dataset, out, max_steps=6, resume=True, warmup=1, min_lr_ratio=0.2, weight_decay=0.0))
+    err = cli_error(capsys, cli_args(cfg_for(dataset, out, max_steps=6)) + ["--resume", "--lr", "1e-2"])
+    assert "--lr (checkpoint 0.002, now 0.01)" in err and "\n" not in err.strip(), err
+    assert [p.name for _, p in ckpt.step_dirs(out)] == ["step-3"] and metrics(out) == rows
+
+
+def test_resume_with_more_steps_notes_the_replanned_cosine(dataset, tmp_path, capsys):
+    """A longer --max-steps on resume is a legitimate "train longer", but it stretches the cosine and the LR at the
+    resumed step jumps: one note says so, with both values from the schedule the steps use."""
+    out = tmp_path / "run"
+    train(cfg_for(dataset, out, max_steps=6, stop_after=4, lr=1e-2, warmup=1))
+    capsys.readouterr()
+    train(cfg_for(dataset, out, max_steps=12, stop_after=5, resume=True))
+    err = capsys.readouterr().err
+    old, new = (lr_at(4, peak=1e-2, warmup=1, max_steps=n) for n in (6, 12))
+    assert (f"note: --max-steps 12: the cosine is re-planned from 6 to 12 steps; the learning rate of step 5, the "
+            f"first after the checkpoint, changes from {old:.4g} to {new:.4g}") in err, err
+    assert err.count("re-planned") == 1
+    assert [r["lr"] for r in metrics(out) if "lr" in r and r["step"] == 5] == [new]
+    train(cfg_for(dataset, out, max_steps=12, stop_after=6, resume=True))  # the same plan: no note
+    assert "re-planned" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", [dict(stratified=True), dict(doc_mask=False)])

@@ -20,7 +20,9 @@
 - A step whose loss or gradient norm is not finite is skipped: the gradients are dropped before the optimizer
   sees them, so neither the weights nor the optimizer state nor a checkpoint ever holds a non-finite value.
 - SIGTERM (and a first Ctrl-C) finishes the current step, saves a checkpoint and exits 0. Resume restores
-  weights, optimizer, schedule, RNG and the data position in O(1); on CPU it is bit-exact.
+  weights, optimizer, schedule, RNG and the data position in O(1); on CPU it is bit-exact. Another --lr / --warmup
+  (or min_lr_ratio, weight_decay, grad_clip) is an error; another --max-steps re-plans the cosine, with a note.
+- An --out that holds checkpoints, the demo's runs/demo-mdm included, needs --resume or --overwrite.
 - Distributed: the same command under `torchrun` (DDP; FSDP2 `fully_shard` with `--fsdp`).
 - `--init-from CKPT` starts from a checkpoint's weights, model config, objective and tokenizer (a fresh
   optimizer, schedule and data position; `--resume` is the way to continue a run).
@@ -493,11 +495,11 @@ class Trainer:
         if existing and not cfg.resume and init is not None and init[0].parent.resolve() == self.out.resolve():
             raise TrainError(f"--init-from {init[0]} lies in --out {self.out}, whose checkpoints a fresh run "
                              f"deletes: write the new run to another --out")
-        if existing and not cfg.resume:
-            demo = cfg.out is None and cfg.data is None and not self.sft and init is None  # restarts freely
-            if not (cfg.overwrite or demo):
-                raise TrainError(f"{self.out} already holds checkpoints (latest {existing[-1][1].name}); "
-                                 f"pass --resume to continue it, --overwrite to start over, or another --out")
+        # The demo's default out (runs/demo-mdm) is no exception: a second `smdm train` used to delete a finished
+        # demo run without a word.
+        if existing and not cfg.resume and not cfg.overwrite:
+            raise TrainError(f"{self.out} already holds checkpoints (latest {existing[-1][1].name}); pass --resume "
+                             f"to continue it, --overwrite to start over (deletes them), or --out DIR for a new run")
         # deleted when the run starts (fit), once everything else has been checked: a bad option or a typo in
         # a path must not cost the old checkpoints without a new run to replace them
         self._old_checkpoints = [p for _, p in existing] if not cfg.resume else []
@@ -665,12 +667,13 @@ class Trainer:
         self.deadline: Optional[TimeBudget] = None  # set when the time budget decides the steps
         self.max_steps = self._decide_steps(state)
         self.warmup = warmup_steps(cfg, self.max_steps)
-        if state is not None:  # a resume keeps the run's LR schedule unless --lr / --warmup say otherwise
+        if state is not None:  # a resume keeps the run's LR schedule (_check_optimizer refused another one)
             saved = state["schedule"]
-            if cfg.lr is None:
-                self.peak_lr = float(saved["peak_lr"])
-            if cfg.warmup is None:
-                self.warmup = int(saved["warmup"])
+            self.peak_lr = float(saved["peak_lr"])
+            self.warmup = int(saved["warmup"])
+            note = self._replan_note(int(saved["max_steps"]))
+            if note and d.rank == 0:
+                print(note, file=sys.stderr, flush=True)
         self.val_every = default_val_every(cfg, self.max_steps)
         if self.warmup >= self.max_steps and self.max_steps > 1 and d.rank == 0:
             print(f"note: the warmup ({self.warmup} steps) is as long as the run ({self.max_steps}): the learning "
@@ -683,6 +686,7 @@ class Trainer:
         self._stop = False
         self.stopped = False  # fit() ended on SIGTERM (the CLI then exits without samples)
         self.nothing_trained = False  # a --resume already at its end: fit() trains nothing (no samples either)
+        self.last_checkpoint: Optional[Path] = None  # rank 0: the step dir save() wrote last
         self.mask_id = self.model_config.mask_id
         self.inject = {int(s) for s in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if s.strip()}
         log_dir = os.environ.get(LOG_WINDOWS_ENV)
@@ -899,6 +903,7 @@ class Trainer:
                             f"other data)")
             raise TrainError("--resume: the run differs from the checkpoint in " + ", ".join(what)
                              + "; pass --force-resume to continue anyway (masks and data order change)")
+        self._check_optimizer(step_dir, conf, state)
         weights = ckpt.load_weights(step_dir)
         self.model.load_state_dict(weights)
         self.step = int(state["step"])
@@ -906,6 +911,46 @@ class Trainer:
         if self.dist.rank == 0:
             print(f"resuming from {step_dir} (step {self.step})", flush=True)
         return state
+
+    def _check_optimizer(self, step_dir: Path, conf: dict, state: dict) -> None:
+        """--resume continues the run's optimizer and cosine: another peak LR, warmup or final LR ratio made the
+        learning rate jump at the resumed step (0.000254 → 0.00171 with --lr 1e-2), and another weight decay or
+        clip was silently replaced by the saved optimizer state's or changed the updates. Each is an error naming
+        the saved value and the new one; a new length (--max-steps / --flops / --epochs) is allowed, with a note
+        (_replan_note). Not relaxed by --force-resume: a new schedule on these weights is a new run (--init-from)."""
+        cfg = self.cfg
+        sched, saved_train = state.get("schedule") or {}, conf.get("train") or {}
+        given = [("--lr", cfg.lr, sched.get("peak_lr")), ("--warmup", cfg.warmup, sched.get("warmup")),
+                 ("min_lr_ratio", cfg.min_lr_ratio, sched.get("min_lr_ratio")),
+                 ("weight_decay", cfg.weight_decay, saved_train.get("weight_decay")),
+                 ("grad_clip", cfg.grad_clip, saved_train.get("grad_clip"))]
+        # None: not given (--lr, --warmup: the checkpoint's), or not saved (older checkpoints)
+        bad = [f"{name} (checkpoint {old}, now {new})" for name, new, old in given
+               if new is not None and old is not None and new != old]
+        if bad:
+            raise TrainError(f"--resume: the run differs from {step_dir} in {', '.join(bad)}: a resume continues "
+                             f"the run's optimizer and learning-rate schedule; give the checkpoint's values (--lr "
+                             f"and --warmup can be left out), or start a new run from these weights with "
+                             f"--init-from {step_dir} --out DIR")
+
+    def _replan_note(self, old_max: int) -> Optional[str]:
+        """The note for a resume with another length (--max-steps / --flops / --epochs): the cosine is stretched
+        or shrunk from the resumed step on, so the learning rate there changes; both values from lr_at, the
+        schedule the steps use. None when the plan is the same or nothing is left to train (fit says so)."""
+        cfg = self.cfg
+        if old_max == self.max_steps or self.step >= self._stop_step():
+            return None
+        if cfg.max_steps is not None:
+            given = f"--max-steps {cfg.max_steps}"
+        elif cfg.epochs is not None:
+            given = f"--epochs {cfg.epochs:g}"
+        else:
+            given = f"--flops {cfg.flops:g}"
+        kw = dict(peak=self.peak_lr, warmup=self.warmup, min_ratio=cfg.min_lr_ratio)
+        before, after = lr_at(self.step, max_steps=old_max, **kw), lr_at(self.step, max_steps=self.max_steps, **kw)
+        change = f"changes from {before:.4g} to {after:.4g}" if before != after else f"stays {before:.4g}"
+        return (f"note: {given}: the cosine is re-planned from {old_max} to {self.max_steps} steps; the learning "
+                f"rate of step {self.step + 1}, the first after the checkpoint, {change}")
 
     def _make_optimizer(self):
         decay, no_decay = [], []
@@ -976,6 +1021,7 @@ class Trainer:
                 conf["sft"] = self.sft_record
             path = ckpt.save(self.out, self.step, model_state=weights, config=conf, train_state=train_state,
                              tokenizer=self.tokenizer_bytes, keep=self.cfg.keep)
+            self.last_checkpoint = path
             self.log({"event": "checkpoint", "step": self.step, "path": str(path)})
         self.dist.barrier()
 
@@ -1290,7 +1336,7 @@ class Trainer:
         bar = tqdm(total=stop_at, initial=self.step, disable=d.rank != 0, dynamic_ncols=True, mininterval=1.0)
         it = iter(self.dataset)
         self.model.train()
-        last_val = None
+        last_val = rec = None
         skipped_in_row = 0
         try:
             if self.tensorboard_dir is not None and d.rank == 0:
@@ -1314,8 +1360,7 @@ class Trainer:
                                      f"(step {self.step}); none reached the weights. Try a lower --lr or a "
                                      f"longer --warmup, or check the data")
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                val=f"{last_val['val_loss']:.3f}" if last_val else "-", refresh=False)
+                self._show(bar, rec, last_val, refresh=False)
                 # one reduction agrees on SIGTERM (max) and on the time budget's new last step (min over ranks)
                 plan = 0
                 if self.deadline is not None:  # a step's whole cost: train step, logging, the progress bar
@@ -1335,6 +1380,7 @@ class Trainer:
                         self.deadline.val_time = _clock() - t_val
                     if last_val:
                         self.log(last_val)
+                    self._show(bar, rec, last_val, refresh=True)
                 if done or stop or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
                 if stop:
@@ -1353,7 +1399,30 @@ class Trainer:
             print(f"--time-budget {self.deadline.seconds:g} s: {self.step} steps in "
                   f"{self.deadline.seconds - self.deadline.left():.0f} s (first plan: {self.deadline.planned})",
                   flush=True)
+        if d.rank == 0:
+            print(self._summary(rec, last_val), flush=True)
         return {"step": self.step, "val": last_val}
+
+    @staticmethod
+    def _show(bar, rec: dict, val: Optional[dict], refresh: bool) -> None:
+        """The progress bar's fields: the last step's loss and speed and the latest validation's loss, set again
+        when a validation finishes (else the bar showed the one before it, and never the last one)."""
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                        val=f"{val['val_loss']:.3f}" if val else "-", refresh=refresh)
+
+    def _summary(self, rec: dict, val: Optional[dict]) -> str:
+        """The line fit() ends with, below the closed progress bar: the final step, the last step's loss, the
+        last validation (its step: a SIGTERM stops without one) and where the checkpoint is."""
+        if val is None:
+            seen = "no validation"
+        else:
+            per = "response token" if self.sft else "token"
+            what = "MDM ELBO, an upper bound on the NLL" if self.kind == "mdm" else "ARM NLL, exact"
+            err = f" ± {val['val_stderr']:.3f}" if self.kind == "mdm" else ""
+            seen = f"val {val['val_loss']:.4f}{err} nats/{per} ({what}; step {val['step']})"
+        saved = self.last_checkpoint if self.last_checkpoint is not None else "none"
+        return (f"smdm train: step {self.step} of {self.max_steps}: train loss {rec['loss']:.4f}, {seen}; "
+                f"checkpoint {saved}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1493,7 +1562,8 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--stop-after", type=int, default=None, help="save and stop after this step")
     a("--seed", type=int, default=d.seed)
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out (error if none; "
-      "one already at --max-steps / --stop-after trains nothing and says so, exit 0)")
+      "one already at --max-steps / --stop-after trains nothing and says so, exit 0); it keeps the run's --lr and "
+      "--warmup (another value is an error), a new --max-steps re-plans the cosine")
     a("--overwrite", action="store_true", help="start over in an --out that holds checkpoints (deletes them)")
     a("--force-resume", action="store_true", help="resume although seed / batch / world size / training data "
       "differ")
