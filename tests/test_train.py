@@ -636,6 +636,14 @@ def test_val_every_without_a_validation_split_is_an_error(dataset, tmp_path, cap
     train(cfg_for(split, tmp_path / "b", max_steps=2, val_every=None))
     assert "has no validation split: training without validation" in capsys.readouterr().err
     assert not any(r.get("event") == "val" for r in metrics(tmp_path / "b"))
+    # a val/ holding shards but no manifest is broken data, not "no validation split" (it trained without)
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    (broken / "val" / "manifest.json").unlink()
+    with pytest.raises(TrainError, match=r"--data .*broken: .*broken/val holds files but no manifest.json"):
+        train(cfg_for(broken, tmp_path / "c", max_steps=2))
 
 
 def test_an_epoch_shorter_than_one_step_is_named(dataset, tmp_path):

@@ -221,6 +221,11 @@ def resolve_data(cfg: TrainConfig, dist: Dist):
             val_dir = None
     except (FileNotFoundError, ValueError, OSError):
         val_dir = None
+    orphan = root / "val"
+    if val_dir is None and orphan.is_dir() and not (orphan / "manifest.json").is_file() and any(orphan.iterdir()):
+        # not "no validation split": its manifest is missing (an interrupted prepare, a deleted file)
+        raise TrainError(f"--data {root}: {orphan} holds files but no manifest.json: prepare the data again (or "
+                         f"remove {orphan} to train without validation)")
     manifest = data.load_manifest(train_dir)
     return Path(train_dir), (Path(val_dir) if val_dir else None), manifest
 
