@@ -119,6 +119,13 @@ def test_bench_sampler_quality_mode_scores_with_the_chosen_estimator(tmp_path, p
     assert runs["time"][0]["elbo_nats_per_token"] != runs["count"][0]["elbo_nats_per_token"]
 
 
+def test_bench_sampler_quality_samples_needs_two(capsys):
+    """One sample has no standard error: elbo_nll refused it after every cache variant had generated."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "sampler", "--quality-ckpt", "C", "--quality-data", "D", "--quality-samples", "1"])
+    assert e.value.code == 2 and "--quality-samples: must be >= 2" in capsys.readouterr().err
+
+
 def test_bench_sampler_quality_options_without_the_quality_mode_are_an_error(capsys):
     assert main(["bench", "sampler", "--estimator", "count", "--quality-samples", "8"]) == 2
     assert ("smdm bench sampler: error: --estimator, --quality-samples applies to the quality mode "

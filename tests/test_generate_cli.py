@@ -3,6 +3,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from smdm import checkpoint, cli
@@ -286,6 +287,8 @@ def test_threshold_sampler_with_blocks_takes_any_step_count(capsys, ckpts):
     assert rc == 2 and "multiple of the number of blocks" in err
     rc, out, err = run(capsys, *base[:5], "--gen-length", "4", "--steps", "9", "--json")
     assert rc == 0 and "note: --steps 9 > --gen-length 4" in err and json.loads(out)["forward_passes"] <= 4, err
+    rc, out, err = run(capsys, *base[:5], "--gen-length", "4", "--steps", "9", "--sampler", "ancestral")
+    assert rc == 0 and "note" not in err, err  # its steps are a finer grid of reveal times: they matter
 
 
 # ---- a file of inputs: --input FILE --output OUT (smdm.generate_file) ----
@@ -453,6 +456,21 @@ def test_resume_knows_the_checkpoint_by_its_weights_not_its_path(capsys, ckpts, 
     rc, _, err = run(capsys, *common, "--ckpt", str(here), "--resume")
     assert rc == 2 and "other settings (model_sha256:" in err, err
     rc, _, err = run(capsys, *common, "--ckpt", str(ckpts["mdm"]), "--resume")  # the first model, elsewhere
+    assert rc == 0, err
+    # a part file of smdm before the digest (its header names the checkpoint's path) resumes at that path only
+    monkeypatch.setattr(sampling, "generate", stop)
+    Path(out).unlink()
+    assert run(capsys, *common, "--ckpt", str(ckpts["mdm"]))[0] == 130
+    monkeypatch.undo()
+    part = Path(out + ".part")
+    lines = part.read_text().splitlines(keepends=True)
+    head = json.loads(lines[0])
+    del head["settings"]["model_sha256"]
+    head["settings"]["ckpt"] = str(Path(ckpts["mdm"]).resolve())
+    part.write_text(json.dumps(head) + "\n" + "".join(lines[1:]))
+    rc, _, err = run(capsys, *common, "--ckpt", str(here), "--resume")  # other weights: refused
+    assert rc == 2 and "other settings" in err, err
+    rc, _, err = run(capsys, *common, "--ckpt", str(ckpts["mdm"]), "--resume")
     assert rc == 0, err
 
 

@@ -18,7 +18,7 @@ import torch
 from smdm import checkpoint as ckpt
 from smdm import data
 from smdm.config import TrainConfig
-from smdm.train import TrainError, lr_at, train, warmup_steps
+from smdm.train import Trainer, TrainError, lr_at, train, warmup_steps
 
 VOCAB = 64
 
@@ -864,6 +864,14 @@ def test_resume_refuses_another_lr_schedule_or_optimizer(dataset, tmp_path, caps
     err = cli_error(capsys, cli_args(cfg_for(dataset, out, max_steps=6)) + ["--resume", "--lr", "1e-2"])
     assert "--lr (checkpoint 0.002, now 0.01)" in err and "\n" not in err.strip(), err
     assert [p.name for _, p in ckpt.step_dirs(out)] == ["step-3"] and metrics(out) == rows
+    # settings without a flag, set by an API run: the command line (which passes the defaults) resumes with the
+    # run's own values; only another explicit value is refused
+    api = tmp_path / "api"
+    train(cfg_for(dataset, api, max_steps=4, stop_after=2, weight_decay=0.05, grad_clip=0.5, min_lr_ratio=0.2))
+    with pytest.raises(TrainError, match=r"grad_clip \(checkpoint 0\.5, now 2\.0\)"):
+        train(cfg_for(dataset, api, max_steps=4, resume=True, grad_clip=2.0))
+    run = Trainer(cfg_for(dataset, api, max_steps=4, resume=True))
+    assert (run.cfg.weight_decay, run.cfg.grad_clip, run.cfg.min_lr_ratio) == (0.05, 0.5, 0.2)
 
 
 def test_resume_with_more_steps_notes_the_replanned_cosine(dataset, tmp_path, capsys):

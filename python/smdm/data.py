@@ -138,7 +138,7 @@ def write_atomic(path: PathLike, data: bytes) -> None:
     path = Path(path)
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:  # a stale file of a dead process with this PID is overwritten
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

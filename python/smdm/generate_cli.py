@@ -133,7 +133,8 @@ def check_args(args, name: str) -> None:
         print(f"smdm {name}: note: --steps {args.steps} is unused by --sampler threshold (it commits every "
               f"position at least --threshold sure, at least one per step: its step count is adaptive)",
               file=sys.stderr)
-    elif name == "generate" and args.steps is not None and args.steps > args.gen_length:
+    elif (name == "generate" and args.sampler == "low_confidence" and args.steps is not None
+          and args.steps > args.gen_length):  # (ancestral: more steps refine its reveal-time grid)
         print(f"smdm generate: note: --steps {args.steps} > --gen-length {args.gen_length}: the steps past one "
               f"token each commit nothing and cost no forward pass", file=sys.stderr)
     if args.top_p is not None and not 0 < args.top_p <= 1:

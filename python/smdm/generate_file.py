@@ -130,15 +130,19 @@ def part_path(out: Path) -> Path:
     return out.with_name(out.name + ".part")
 
 
-def read_part(part: Path, want: dict) -> dict:
+def read_part(part: Path, want: dict, step_dir=None) -> dict:
     """The finished rows of `part` as {(index, sample): record}. Its header must carry the same settings
     (GenerateInputError naming the ones that differ); a last line without its newline (a crash mid-write)
-    is dropped and the file cut back to the last whole line."""
+    is dropped and the file cut back to the last whole line. A header of smdm before 2026-11-29 names the
+    checkpoint by its path (`ckpt`) instead of its weights' digest: it matches when that path is `step_dir`."""
     raw = part.read_bytes()
     header = _part_header(raw)
     if header is None:
         raise GenerateInputError(_FOREIGN.format(part=part))
-    have = header.get("settings", {})
+    have = dict(header.get("settings", {}))
+    if "ckpt" in have and "model_sha256" not in have and step_dir is not None:
+        if have.pop("ckpt") == str(Path(step_dir).resolve()):
+            have["model_sha256"] = want.get("model_sha256")
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if diff:
         shown = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff)
@@ -218,7 +222,7 @@ def run(args, name: str, model, tokenizer, step_dir, schedule: str, opts: dict) 
                 ours = _part_header(f.read(1 << 16)) is not None
             raise GenerateInputError(f"{part} holds an unfinished run: add --resume to continue it, or delete "
                                      f"it to start over" if ours else _FOREIGN.format(part=part))
-        done = read_part(part, want)
+        done = read_part(part, want, step_dir)
     if out_path.exists() and not args.overwrite:
         raise GenerateInputError(f"{out_path} exists: add --overwrite to replace it")
     n = args.num_samples

@@ -525,6 +525,12 @@ class Trainer:
             saved = saved_train.get("schedule")
             if saved is not None and not schedule_given:  # a resume keeps the run's noise schedule
                 self.cfg = cfg = replace(cfg, schedule=saved)
+            # Settings with no command-line flag (an API run may have set them): a value left at its default
+            # is the run's own; another one is checked against the run's by _check_optimizer.
+            kept = {f: saved_train[f] for f in ("min_lr_ratio", "weight_decay", "grad_clip")
+                    if f in saved_train and getattr(cfg, f) == getattr(TrainConfig, f)}
+            if kept:
+                self.cfg = cfg = replace(cfg, **kept)
 
         if self.sft:
             vocab = self._load_sft(init)

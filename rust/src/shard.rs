@@ -352,7 +352,7 @@ pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
     tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?; // truncates a stale one a dead process of the same PID left
+        let mut f = File::create(&tmp)?;
         for p in parts {
             f.write_all(p)?;
         }
@@ -552,12 +552,14 @@ impl Shard {
         &self.bytes()[HEADER_LEN..HEADER_LEN + n]
     }
 
-    pub fn doc_starts(&self) -> Vec<u64> {
-        let off = self.table_offset() as usize;
-        self.bytes()[off..]
-            .chunks_exact(8)
-            .map(|c| u64_at(c, 0))
-            .collect()
+    pub fn doc_starts(&self) -> Result<Vec<u64>> {
+        let table = &self.bytes()[self.table_offset() as usize..];
+        let mut v = try_vec(
+            table.len() / 8,
+            format_args!("the document starts of {}", self.path.display()),
+        )?;
+        v.extend(table.chunks_exact(8).map(|c| u64_at(c, 0)));
+        Ok(v)
     }
 
     /// The token ids in the file's dtype (`T` = u16 for a uint16 shard, u32 for uint32; an error otherwise),
@@ -613,7 +615,7 @@ impl Shard {
         }
         check_doc_starts(
             &self.path,
-            &self.doc_starts(),
+            &self.doc_starts()?,
             self.header.n_tokens,
             table as u64,
         )?;
@@ -699,7 +701,7 @@ mod tests {
             sh.verify().unwrap();
             assert_eq!(sh.header, w.header);
             assert_eq!(sh.tokens_u32().unwrap(), t);
-            assert_eq!(sh.doc_starts(), s);
+            assert_eq!(sh.doc_starts().unwrap(), s);
             assert_eq!(sh.file_crc(), w.file_crc);
             let len = std::fs::metadata(&p).unwrap().len();
             assert_eq!(len, w.file_len);

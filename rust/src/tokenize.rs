@@ -336,20 +336,33 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Run `f`, turning a panic inside the `tokenizers` crate into an error naming the file: the crate panics
-/// on some malformed tokenizer.json files (a BPE `continuing_subword_prefix` longer than a merge's token, a
-/// bad `precompiled_charsmap`), at load or at encode, and a panic must not reach Python. Rayon carries a
+/// Run `f`, turning a panic into an error naming the file: the `tokenizers` crate panics on some malformed
+/// tokenizer.json files (a BPE `continuing_subword_prefix` longer than a merge's token, a bad
+/// `precompiled_charsmap`), at load or at encode, and a panic must not reach Python. Rayon carries a
 /// worker's panic back to the caller, so one guard covers the parallel sections too.
 pub fn guard<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     use std::sync::atomic::Ordering::SeqCst;
-    // While a guard runs, panics are not printed by the default hook (the error names them); the count is
-    // process-wide because rayon's workers panic on other threads.
+    use std::sync::Mutex;
+    // While a guard runs, a panic located in the tokenizers crate is not printed by the default hook (the
+    // error says it, with the location); any other panic is printed as usual. The count is process-wide
+    // because rayon's workers panic on other threads.
     static GUARDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static LAST: Mutex<Option<String>> = Mutex::new(None);
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if GUARDS.load(SeqCst) == 0 {
+            let loc = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+            let in_crate = loc
+                .as_deref()
+                .is_some_and(|f| f.contains("tokenizers-") || f.contains("/tokenizers/"));
+            if GUARDS.load(SeqCst) > 0 && in_crate {
+                if let Ok(mut last) = LAST.lock() {
+                    *last = loc;
+                }
+            } else {
                 default(info)
             }
         }));
@@ -363,12 +376,14 @@ pub fn guard<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Resul
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".to_string());
-        Err(tok_err(
-            path,
-            format!(
-                "{what} failed inside the tokenizers library ({why}); is the tokenizer.json valid?"
+        let at = LAST.lock().ok().and_then(|mut l| l.take());
+        let msg = match at {
+            Some(loc) => format!(
+                "{what} failed inside the tokenizers library ({why}, at {loc}); is the tokenizer.json valid?"
             ),
-        ))
+            None => format!("{what} failed: a panic ({why})"),
+        };
+        Err(tok_err(path, msg))
     })
 }
 

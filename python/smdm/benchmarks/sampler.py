@@ -287,6 +287,13 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def at_least_2(value: str) -> int:
+    n = positive_int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (a standard error needs two samples), got {n}")
+    return n
+
+
 def register(parser: argparse.ArgumentParser, name: str | None = None) -> argparse.ArgumentParser:
     """Add the `sampler` benchmark's options to `parser` and set `func`."""
     parser.description = __doc__.split("\n")[0]
@@ -310,8 +317,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     q.add_argument("--quality-n", type=positive_int, default=32, help="prompts (default 32)")
     q.add_argument("--quality-block", type=positive_int, default=8, help="block length (default 8)")
     q.add_argument("--quality-temperature", type=float, default=0.0)
-    q.add_argument("--quality-samples", type=positive_int, default=64, help="Monte Carlo samples of each ELBO "
-                   "(default 64)")
+    q.add_argument("--quality-samples", type=at_least_2, default=64, help="Monte Carlo samples of each ELBO "
+                   "(default 64; >= 2, for its standard error)")
     q.add_argument("--estimator", choices=ELBO_ESTIMATORS, default="time", help="the ELBO's estimator: time "
                    "(1/t weights, the paper's; default) or count (LLaDA's, lower variance)")
     parser.set_defaults(func=main)

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pyo3::IntoPyObjectExt;
 
-use crate::error::Error;
+use crate::error::{try_vec, Error};
 use crate::litpkds::{self, LitDtype, LitFile};
 use crate::pack;
 use crate::shard::{self, Dtype, Header, Shard, Tokens};
@@ -115,7 +115,7 @@ fn shard_read<'py>(py: Python<'py>, path: PathBuf, verify: bool) -> PyResult<Sha
             Dtype::U16 => Toks::U16(s.tokens()?),
             Dtype::U32 => Toks::U32(s.tokens()?),
         };
-        Ok((s.header, toks, s.doc_starts(), crc))
+        Ok((s.header, toks, s.doc_starts()?, crc))
     })?;
     let arr = match toks {
         Toks::U16(v) => PyArray1::from_vec(py, v).into_py_any(py)?,
@@ -155,14 +155,15 @@ fn litpkds_read(py: Python<'_>, path: PathBuf) -> PyResult<(u8, u64, Py<PyAny>)>
     let b = f.data();
     macro_rules! arr {
         ($t:ty, $n:expr) => {{
-            let v: Vec<$t> = b
-                .chunks_exact($n)
-                .map(|c| {
-                    let mut a = [0u8; $n];
-                    a.copy_from_slice(c);
-                    <$t>::from_le_bytes(a)
-                })
-                .collect();
+            let mut v: Vec<$t> = try_vec(
+                b.len() / $n,
+                format_args!("the items of {}", path.display()),
+            )?;
+            v.extend(b.chunks_exact($n).map(|c| {
+                let mut a = [0u8; $n];
+                a.copy_from_slice(c);
+                <$t>::from_le_bytes(a)
+            }));
             PyArray1::from_vec(py, v).into_py_any(py)?
         }};
     }
