@@ -119,6 +119,33 @@ def test_bench_sampler_quality_mode_scores_with_the_chosen_estimator(tmp_path, p
     assert runs["time"][0]["elbo_nats_per_token"] != runs["count"][0]["elbo_nats_per_token"]
 
 
+def test_bench_sampler_quality_mode_names_bad_settings_before_generating(tmp_path, prepared, capsys):
+    """A block that does not divide the generation length, a negative temperature and a generation past the
+    context were tracebacks (one a ZeroDivisionError) after loading; fewer documents than --quality-n is a
+    note, fewer than 2 an error (no paired standard error)."""
+    from smdm import checkpoint
+    from smdm.model import build_model, config_by_name
+
+    model = build_model(config_by_name("tiny", vocab_size=300, max_seq_len=256), seed=0)
+    mdm = checkpoint.save(tmp_path / "mdm", 1, model_state=model.state_dict(),
+                          config={"model": model.config.to_dict(), "objective": "mdm"}, train_state={"step": 1},
+                          tokenizer_path=prepared / "tokenizer.json")
+    base = ["bench", "sampler", "--quality-ckpt", str(mdm), "--quality-data", str(prepared), "--prompt-length", "4"]
+    for extra, msg in ((["--gen-lengths", "16", "--quality-block", "5"], "--quality-block 5 must divide"),
+                       (["--gen-lengths", "16", "--quality-block", "32"], "--quality-block 32 must divide"),
+                       (["--gen-lengths", "8", "--quality-block", "4", "--quality-temperature", "-1"],
+                        "--quality-temperature must be finite and >= 0"),
+                       (["--gen-lengths", "256", "--quality-block", "8"], "4 \\+ generation length 256 > the "
+                        "model's context of 256"),
+                       (["--gen-lengths", "8", "--quality-block", "4", "--prompt-length", "168"],
+                        "has 1 validation document")):  # the test data: 11 val documents, one of 176+ tokens
+        with pytest.raises(SystemExit, match=f"smdm bench sampler: error: .*{msg}"):
+            main(base + extra)
+    assert main(base + ["--gen-lengths", "8", "--quality-block", "4", "--quality-n", "1000",
+                        "--quality-samples", "2"]) == 0
+    assert "validation documents of 12+ tokens: " in capsys.readouterr().err
+
+
 def test_bench_sampler_quality_samples_needs_two(capsys):
     """One sample has no standard error: elbo_nll refused it after every cache variant had generated."""
     with pytest.raises(SystemExit) as e:

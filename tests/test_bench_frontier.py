@@ -215,3 +215,22 @@ def test_cache_quality_reports_the_paired_elbo_difference():
     for r in rows[1:]:  # unweighted means over prompts on both sides: the mean difference is their difference
         assert r["elbo_delta_vs_no_cache"] == pytest.approx(r["elbo_nats_per_token"] - rows[0]["elbo_nats_per_token"])
         assert r["elbo_delta_se"] >= 0
+
+
+def test_default_data_not_here_is_an_error_asking_for_data(tmp_path, monkeypatch):
+    """An MDM trained on the built-in corpus records no data path (train.data null: runs/data where `smdm train`
+    ran); from another directory frontier and cfg said "--data runs/data: no such directory", an option the
+    user never gave. Now: an error saying what is missing and to give --data."""
+    from smdm.benchmarks.frontier import _default_data
+
+    model = build_model(config_by_name("tiny", vocab_size=50, max_seq_len=64), seed=1)
+    for data, what in ((None, r"the built-in corpus it was trained on \(runs/data\)"),
+                       ("rel/data", "its training data rel/data")):
+        step = checkpoint.save(tmp_path / f"m{data is None}", 1, model_state=model.state_dict(),
+                               config={"model": model.config.to_dict(), "objective": "mdm", "train": {"data": data}},
+                               train_state={"step": 1})
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit, match=f"smdm bench cfg: error: no --data given, and {what} is not here"):
+            _default_data(step, "smdm bench cfg")
+        (tmp_path / (data or "runs/data")).mkdir(parents=True)
+        assert _default_data(step) == (data or "runs/data")

@@ -329,7 +329,7 @@ def main(args: argparse.Namespace) -> int:
         what_items = f"{len(items.labels)} questions from {args.mc}"
         common = dict(mc=str(args.mc), seed=args.seed)
     else:
-        data = args.data or _default_data(step)
+        data = args.data or _default_data(step, prog)
         longest = args.context + args.choice
         for m, what in models:
             if longest > m.config.max_seq_len:
@@ -367,10 +367,10 @@ def main(args: argparse.Namespace) -> int:
         records += records_for("arm", arm_scores, items, **common)
     print(table(records, float(np.mean([1 / len(chs) for chs in items.choices]))))
     print("acc: the right choice scored best (+- its standard error; acc_norm: per character); vs w=0: the "
-          "paired difference to the same model without guidance on the same items. MDM: ELBO with guided "
-          "logits, the unconditional row "
-          "masks the context; ARM: exact at w=0, else the same contrast per token against its logits after a "
-          "lone EOS")
+          "paired difference to the same model without guidance on the same items. MDM: "
+          + ("ELBO" if args.method == "elbo" else "chain rule, left to right,")
+          + " with guided logits, the unconditional row masks the context; ARM: exact at w=0, else the same "
+          "contrast per token against its logits after a lone EOS")
     if args.json:
         env = environment(device=str(device), mdm=args.mdm, arm=args.arm)
         write_records([{**r, "labels": items.labels.tolist(), "where": items.where.tolist(), "environment": env}

@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 from smdm.benchmarks import environment, write_records
-from smdm.cli import json_out
+from smdm.cli import json_out, positive_int
 
 
 def sample_entropy(tokens) -> float:
@@ -245,12 +245,20 @@ def load_twin(flag: str, path: str, mdm, digest, device, dtype, prog: str = "smd
     return m
 
 
-def _default_data(step_dir: Path) -> str:
-    """The dataset the MDM was trained on (its config's train.data), else the built-in corpus."""
+def _default_data(step_dir: Path, prog: str = "smdm bench frontier") -> str:
+    """The dataset the MDM was trained on (its config's train.data), else the built-in corpus (`runs/data`).
+    Either is recorded as given to `smdm train`, so a relative path means the directory it ran in: one that
+    is not here is an error asking for --data (not one blaming an option the user did not give)."""
     from smdm.checkpoint import read_config
     from smdm.train import DEMO_DATA
 
-    return read_config(step_dir).get("train", {}).get("data") or str(DEMO_DATA)
+    recorded = read_config(step_dir).get("train", {}).get("data")
+    data = recorded or str(DEMO_DATA)
+    if not Path(data).exists():
+        what = f"its training data {data}" if recorded else f"the built-in corpus it was trained on ({data})"
+        raise SystemExit(f"{prog}: error: no --data given, and {what} is not here (a relative path is relative to "
+                         f"where `smdm train` ran): give --data DIR, a prepared dataset with its tokenizer")
+    return data
 
 
 def main(args: argparse.Namespace) -> int:
@@ -350,7 +358,7 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
                         "K/V every N forward passes in a block")
     parser.add_argument("--temperature", type=float, default=1.0, help="every variant (default 1: sampling)")
     parser.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight of the MDM")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

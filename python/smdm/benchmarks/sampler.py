@@ -16,6 +16,7 @@ The ARM baseline runs with batch_invariant=False (its fastest form); the MDM var
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -218,9 +219,27 @@ def quality_main(args) -> int:
         raise SystemExit(f"smdm bench sampler: error: --quality-ckpt {args.quality_ckpt} is an autoregressive "
                          f"checkpoint; the block caches are the MDM's")
     G = args.gen_lengths[0]
-    prompts, refs = validation_prompts(args.quality_data, args.quality_n, args.prompt_length, G)
-    S = max(1, G // args.steps_div)
     block = args.quality_block
+    err = "smdm bench sampler: error:"
+    if G % block:  # said before anything runs (were tracebacks from generate, or a division by zero)
+        raise SystemExit(f"{err} --quality-block {block} must divide the generation length {G} (--gen-lengths)")
+    if not (math.isfinite(args.quality_temperature) and args.quality_temperature >= 0):
+        raise SystemExit(f"{err} --quality-temperature must be finite and >= 0, got {args.quality_temperature}")
+    if args.prompt_length + G > model.config.max_seq_len:
+        raise SystemExit(f"{err} --prompt-length {args.prompt_length} + generation length {G} > the model's "
+                         f"context of {model.config.max_seq_len}")
+    try:
+        prompts, refs = validation_prompts(args.quality_data, args.quality_n, args.prompt_length, G)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"{err} --quality-data: {e}") from None
+    if len(prompts) < 2:
+        raise SystemExit(f"{err} --quality-data {args.quality_data} has {len(prompts)} validation document(s) of "
+                         f"{args.prompt_length + G}+ tokens: the paired standard errors need 2 or more")
+    if len(prompts) < args.quality_n:
+        print(f"note: {args.quality_data} has only {len(prompts)} validation documents of "
+              f"{args.prompt_length + G}+ tokens: {len(prompts)} prompts (asked for {args.quality_n})",
+              file=sys.stderr)
+    S = max(1, G // args.steps_div)
     S -= S % (G // block)
     rows = cache_quality(model, prompts, refs, G, max(S, G // block), block, n_samples=args.quality_samples,
                          estimator=args.estimator, seed=list(range(len(prompts))),
@@ -271,6 +290,11 @@ def main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("smdm bench sampler: error: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
+    for G in args.gen_lengths:
+        if not any(name.startswith("blocks") for name in _variants(G, args.steps_div)):
+            print(f"note: gen length {G}: no block or cache variants (they use blocks of 32 with the steps split "
+                  f"evenly: 32 must divide {G} and the blocks divide its {max(1, G // args.steps_div)} steps)",
+                  file=sys.stderr)
     records = run(args.config, args.device, args.gen_lengths, args.batch_sizes,
                   prompt_length=args.prompt_length, steps_div=args.steps_div, vocab_size=args.vocab_size,
                   dtype=args.dtype, only=args.only, repeats=args.repeats)
