@@ -130,6 +130,29 @@ def test_sweep_end_to_end_and_resumed_from_its_cache(prepared, tmp_path, capsys)
     assert "val_estimator" not in json.loads((out / "runs" / "mdm-L1-H2-D16-F32-C3e+07" / "result.json").read_text())
 
 
+def test_a_finished_run_trained_again_for_changed_settings_says_which(prepared, tmp_path, capsys):
+    """A second call with a changed setting retrained the finished runs ("starting over ...: deleting 1 old
+    checkpoint(s)") without saying why: a note per run names the settings that differ, old → new."""
+    from smdm.cli import main
+
+    out = tmp_path / "sweep"
+    argv = ["bench", "scaling", "--data", str(prepared), "--flops", "3e7", "--sizes", "L1-H2-D16-F32",
+            "--objectives", "ar", "--batch-size", "4", "--seq-len", "32", "--val-windows", "1", "--threads", "1",
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(argv + ["--val-windows", "2", "--lr", "0.001"]) == 0
+    cap = capsys.readouterr()
+    result = out / "runs" / "ar-L1-H2-D16-F32-C3e+07" / "result.json"
+    assert cap.err.count("note:") == 1, cap.err
+    assert (f"note: ar L1-H2-D16-F32 C=3e+07: {result} was measured with other settings (lr default → 0.001, "
+            f"val_windows 1 → 2): training it again") in cap.err
+    assert "cached" not in cap.out and json.loads(result.read_text())["val_windows"] == 2  # retrained, as before
+    assert main(argv + ["--val-windows", "2", "--lr", "0.001"]) == 0  # the same settings: reused, no note
+    cap = capsys.readouterr()
+    assert "cached" in cap.out and "note:" not in cap.err
+
+
 def test_a_missing_dataset_or_an_unknown_size_is_an_error_not_a_cached_skip(prepared, tmp_path):
     """A trainer error is recorded (and reused) as a skipped run, meant for a budget below one step: a missing
     --data or a misspelt size must stop the sweep before any run, or a later call with the data in place

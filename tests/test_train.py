@@ -627,6 +627,54 @@ def test_out_must_be_a_run_directory(dataset, tmp_path, monkeypatch):
             train(cfg_for(dataset, o, max_steps=1))
 
 
+def test_a_tensorboard_dir_that_cannot_be_made_fails_before_anything_is_written(dataset, tmp_path, monkeypatch,
+                                                                                capsys):
+    """--tensorboard onto a file, or below one, failed with a bare "File exists" / "Not a directory" from the
+    writer once the progress bar had started, leaving an empty --out behind: it is now checked with the other
+    options. (The check needs no tensorboard package: the writer class is a stand-in that is never called.)"""
+    import smdm.train as T
+
+    monkeypatch.setattr(T, "summary_writer_class", lambda: object)
+    f = tmp_path / "afile"
+    f.write_text("x")
+    out = tmp_path / "run"
+    base = ["--config", "tiny", "--data", str(dataset), "--out", str(out), "--max-steps", "2", "--batch-size", "4",
+            "--seq-len", "32", "--samples", "0"]
+    for tb in (f, f / "tb"):
+        err = cli_error(capsys, base + ["--tensorboard", str(tb)])
+        assert err == f"smdm train: error: --tensorboard {tb}: {f} is a file, not a directory\n"
+    held = tmp_path / "held"  # the default, OUT/tensorboard, is checked too
+    held.mkdir()
+    (held / "tensorboard").write_text("x")
+    with pytest.raises(TrainError, match=rf"^--tensorboard {held / 'tensorboard'}: .* is a file, not a directory"):
+        train(cfg_for(dataset, held, max_steps=1, tensorboard=True))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = T.os.access  # root may write anywhere: a read-only directory is simulated
+    monkeypatch.setattr(T.os, "access", lambda p, mode: Path(p) != ro and real_access(p, mode))
+    for tb in (ro, ro / "a" / "tb"):
+        with pytest.raises(TrainError, match=rf"^--tensorboard {tb}: {ro} is not writable"):
+            train(cfg_for(dataset, out, max_steps=1, tensorboard=str(tb)))
+    assert not out.exists() and not any(ro.iterdir())
+
+
+def test_fsdp_in_a_single_process_is_noted_and_recorded_as_not_run(dataset, tmp_path, capsys):
+    """--fsdp without torchrun (world size 1) was silently ignored, and the checkpoint said fsdp: true. A note says
+    so, the run is the plain one (the same losses) and its config records fsdp false; fsdp is a run option, not
+    part of the run's identity, so a resume with --fsdp (or without) continues it."""
+    plain, out = tmp_path / "plain", tmp_path / "fsdp"
+    train(cfg_for(dataset, plain, max_steps=2))
+    assert "--fsdp" not in capsys.readouterr().err
+    train(cfg_for(dataset, out, max_steps=2, stop_after=1, fsdp=True))
+    note = "note: --fsdp has no effect in a single process (world size 1: torchrun starts several)"
+    assert capsys.readouterr().err.count(note) == 1
+    assert ckpt.read_config(ckpt.latest(out))["train"]["fsdp"] is False
+    train(cfg_for(dataset, out, max_steps=2, fsdp=True, resume=True))
+    assert capsys.readouterr().err.count(note) == 1
+    assert ckpt.latest(out).name == "step-2" and ckpt.read_config(ckpt.latest(out))["train"]["fsdp"] is False
+    assert step_losses(out) == step_losses(plain)
+
+
 def test_val_every_without_a_validation_split_is_an_error(dataset, tmp_path, capsys):
     """--data pointing at a split (or data without val/) used to disable validation silently, --val-every
     or not: asked for, it is an error; by default a note says the run has no validation."""

@@ -455,6 +455,20 @@ def _check_out_dir(out: Path) -> None:
         raise TrainError(f"--out {out}: {p} is a file, not a directory")
 
 
+def _check_tensorboard_dir(tb: Path) -> None:
+    """--tensorboard DIR must be a directory or one that can be created, checked with the other options:
+    SummaryWriter makes it only once the run has started (--out created, the data set up, the progress bar
+    drawn), where a file in its place ended the run with a bare "File exists" / "Not a directory"."""
+    p = tb
+    while not (p.exists() or p.is_symlink()) and p != p.parent:  # the nearest part that exists
+        p = p.parent
+    if not p.is_dir():
+        raise TrainError(f"--tensorboard {tb}: {p} is a file, not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        what = "" if p == tb else f" (where {tb} would be created)"
+        raise TrainError(f"--tensorboard {tb}: {p} is not writable{what}")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         init = load_init(cfg.init_from) if cfg.init_from is not None else None
@@ -475,8 +489,18 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out or f"runs/{'sft' if self.sft else 'demo'}-{cfg.objective}")
         _check_out_dir(self.out)
+        self.tensorboard_dir = None
+        if cfg.tensorboard:
+            self.tensorboard_dir = self.out / "tensorboard" if cfg.tensorboard is True else Path(cfg.tensorboard)
+            _check_tensorboard_dir(self.tensorboard_dir)
         self.dist = Dist(cfg.device)
         d = self.dist
+        if cfg.fsdp and not d.enabled:
+            # FSDP2 shards over torchrun's processes: one process trains the plain model. The checkpoint (and
+            # TensorBoard's settings) record what ran; fsdp is no part of run_identity, so a resume may change it.
+            print("note: --fsdp has no effect in a single process (world size 1: torchrun starts several); "
+                  "training without it", file=sys.stderr, flush=True)
+            self.cfg = cfg = replace(cfg, fsdp=False)
         if cfg.attention == "flex" and d.device.type != "cuda":
             raise TrainError(f"--attention flex trains on CUDA only (PyTorch's FlexAttention has no backward on "
                              f"the {d.device.type}); use --attention sdpa or auto here")
@@ -690,9 +714,6 @@ class Trainer:
             print(f"note: the warmup ({self.warmup} steps) is as long as the run ({self.max_steps}): the learning "
                   f"rate never reaches its peak {self.peak_lr:g}", file=sys.stderr, flush=True)
         self.metrics_path = self.out / "metrics.jsonl"
-        self.tensorboard_dir = None
-        if cfg.tensorboard:
-            self.tensorboard_dir = self.out / "tensorboard" if cfg.tensorboard is True else Path(cfg.tensorboard)
         self.tb_writer = None  # rank 0's SummaryWriter while fit() runs
         self._stop = False
         self.stopped = False  # fit() ended on SIGTERM (the CLI then exits without samples)
@@ -1603,7 +1624,8 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--attention", choices=TRAIN_ATTENTION, default=d.attention,
       help="attention implementation: auto (SDPA; a dense mask with document masking), sdpa, or flex "
            "(FlexAttention's block-sparse kernel for the document mask; CUDA only)")
-    a("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    a("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun (a single process "
+      "trains without it, with a note)")
     a("--plot", action="store_true", help="write OUT/loss.png (with the twin run's curve when it exists)")
     tb_help = "also write the metrics as TensorBoard events to DIR (default OUT/tensorboard; rank 0)"
     a("--tensorboard", nargs="?", const=True, default=None, metavar="DIR", help=tb_help)

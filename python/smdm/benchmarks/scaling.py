@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -68,10 +69,15 @@ def run_one(args, objective: str, size: str, flops: float, root: Path) -> dict:
     if estimator != "time":  # (results from before the option have no key: the time estimator)
         settings["val_estimator"] = estimator
     cached = _read_result(out / "result.json")
-    if (cached is not None and all(cached.get(k) == v for k, v in settings.items())
-            and cached.get("val_estimator", "time") == estimator):  # measured the same way
-        print(f"   {objective:3s} {size:16s} C={flops:.3g}: cached", flush=True)
-        return cached
+    if cached is not None:
+        changed = _changed_settings(cached, {**settings, "val_estimator": estimator})
+        if not changed:  # measured the same way
+            print(f"   {objective:3s} {size:16s} C={flops:.3g}: cached", flush=True)
+            return cached
+        # a finished run of other settings is trained again (the trainer's --overwrite deletes its checkpoint):
+        # say which settings, or the sweep seems to forget the runs it promised to reuse
+        print(f"note: {objective} {size} C={flops:.3g}: {out / 'result.json'} was measured with other settings "
+              f"({changed}): training it again", file=sys.stderr, flush=True)
     cfg = TrainConfig(config=size, objective=objective, data=str(args.data), out=str(out / "train"), flops=flops,
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
                       schedule=settings["schedule"], threads=args.threads, device=args.device, val_every=0,
@@ -99,6 +105,18 @@ def run_one(args, objective: str, size: str, flops: float, root: Path) -> dict:
           f"{trainer.step} steps, {seconds:.0f} s, val {result['val_nll']:.4f} ± {result['val_stderr']:.4f}",
           flush=True)
     return result
+
+
+def _changed_settings(cached: dict, settings: dict) -> str:
+    """The settings a cached result.json differs in, "key old → new, ..." ("" when none); None (an option left
+    at its default: --lr, the ARM's schedule, or a key older results lack) reads "default", except val_estimator:
+    results from before the option were scored with the time estimator."""
+    old = {"val_estimator": "time", **cached}
+
+    def show(v):
+        return "default" if v is None else v
+
+    return ", ".join(f"{k} {show(old.get(k))} → {show(v)}" for k, v in settings.items() if old.get(k) != v)
 
 
 def _read_result(path: Path):
