@@ -84,7 +84,7 @@ def test_bench_sampler_quality_mode_checks_its_inputs_before_generating(tmp_path
     arm = checkpoint.save(tmp_path / "ar", 1, model_state=model.state_dict(),
                           config={"model": model.config.to_dict(), "objective": "ar"}, train_state={"step": 1},
                           tokenizer_path=prepared / "tokenizer.json")
-    base = ["bench", "sampler", "--gen-lengths", "8", "--quality-n", "1", "--prompt-length", "4"]
+    base = ["bench", "sampler", "--gen-lengths", "8", "--quality-n", "2", "--prompt-length", "4"]
     for extra, msg in ((["--quality-ckpt", str(arm)], "--quality-ckpt needs --quality-data"),
                        (["--quality-ckpt", str(tmp_path / "none"), "--quality-data", str(prepared)],
                         "--quality-ckpt .*none: checkpoint path .* does not exist"),

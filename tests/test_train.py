@@ -642,11 +642,11 @@ def test_a_tensorboard_dir_that_cannot_be_made_fails_before_anything_is_written(
             "--seq-len", "32", "--samples", "0"]
     for tb in (f, f / "tb"):
         err = cli_error(capsys, base + ["--tensorboard", str(tb)])
-        assert err == f"smdm train: error: --tensorboard {tb}: {f} is a file, not a directory\n"
+        assert err == f"smdm train: error: --tensorboard {tb}: {f} is not a directory\n"
     held = tmp_path / "held"  # the default, OUT/tensorboard, is checked too
     held.mkdir()
     (held / "tensorboard").write_text("x")
-    with pytest.raises(TrainError, match=rf"^--tensorboard {held / 'tensorboard'}: .* is a file, not a directory"):
+    with pytest.raises(TrainError, match=rf"^--tensorboard {held / 'tensorboard'}: .* is not a directory"):
         train(cfg_for(dataset, held, max_steps=1, tensorboard=True))
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -462,8 +462,8 @@ def _check_tensorboard_dir(tb: Path) -> None:
     p = tb
     while not (p.exists() or p.is_symlink()) and p != p.parent:  # the nearest part that exists
         p = p.parent
-    if not p.is_dir():
-        raise TrainError(f"--tensorboard {tb}: {p} is a file, not a directory")
+    if not p.is_dir():  # a file, or a link to nowhere
+        raise TrainError(f"--tensorboard {tb}: {p} is not a directory")
     if not os.access(p, os.W_OK | os.X_OK):
         what = "" if p == tb else f" (where {tb} would be created)"
         raise TrainError(f"--tensorboard {tb}: {p} is not writable{what}")

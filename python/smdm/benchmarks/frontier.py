@@ -252,7 +252,10 @@ def _default_data(step_dir: Path, prog: str = "smdm bench frontier") -> str:
     from smdm.checkpoint import read_config
     from smdm.train import DEMO_DATA
 
-    recorded = read_config(step_dir).get("train", {}).get("data")
+    conf = read_config(step_dir)
+    recorded = conf.get("train", {}).get("data")
+    if recorded is None and "sft" in conf:  # fine-tuned on JSONL (--sft takes no --data): no dataset to default to
+        raise SystemExit(f"{prog}: error: {step_dir} was fine-tuned (--sft) and records no dataset: give --data DIR")
     data = recorded or str(DEMO_DATA)
     if not Path(data).exists():
         what = f"its training data {data}" if recorded else f"the built-in corpus it was trained on ({data})"

@@ -290,7 +290,8 @@ def main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("smdm bench sampler: error: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
-    for G in args.gen_lengths:
+    wants_blocks = not args.only or any(o in "blocks prefix-cache dual-cache threshold" for o in args.only)
+    for G in args.gen_lengths if wants_blocks else ():
         if not any(name.startswith("blocks") for name in _variants(G, args.steps_div)):
             print(f"note: gen length {G}: no block or cache variants (they use blocks of 32 with the steps split "
                   f"evenly: 32 must divide {G} and the blocks divide its {max(1, G // args.steps_div)} steps)",
@@ -338,7 +339,8 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
     q = parser.add_argument_group("block-cache quality (instead of throughput)")
     q.add_argument("--quality-ckpt", metavar="DIR", help="trained MDM checkpoint: compare cache none/prefix/dual")
     q.add_argument("--quality-data", metavar="DIR", help="dataset whose val documents give the prompts")
-    q.add_argument("--quality-n", type=positive_int, default=32, help="prompts (default 32)")
+    q.add_argument("--quality-n", type=at_least_2, default=32, help="prompts (default 32; >= 2, for the paired "
+                   "standard errors)")
     q.add_argument("--quality-block", type=positive_int, default=8, help="block length (default 8)")
     q.add_argument("--quality-temperature", type=float, default=0.0)
     q.add_argument("--quality-samples", type=at_least_2, default=64, help="Monte Carlo samples of each ELBO "
