@@ -234,3 +234,8 @@ def test_default_data_not_here_is_an_error_asking_for_data(tmp_path, monkeypatch
             _default_data(step, "smdm bench cfg")
         (tmp_path / (data or "runs/data")).mkdir(parents=True)
         assert _default_data(step) == (data or "runs/data")
+    sft = checkpoint.save(tmp_path / "sft", 1, model_state=model.state_dict(),
+                          config={"model": model.config.to_dict(), "objective": "mdm", "train": {"data": None},
+                                  "sft": {"train": "pairs.jsonl"}}, train_state={"step": 1})
+    with pytest.raises(SystemExit, match="was fine-tuned \\(--sft\\) and records no dataset: give --data"):
+        _default_data(sft)  # runs/data exists here now: still not what it was trained on

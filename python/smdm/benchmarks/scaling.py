@@ -93,7 +93,8 @@ def run_one(args, objective: str, size: str, flops: float, root: Path) -> dict:
     seconds = time.perf_counter() - t0
     if trainer.step < trainer.max_steps:  # SIGTERM: the trainer saved and returned early
         raise SystemExit(f"smdm bench scaling: the {objective} {size} run stopped at step {trainer.step} of "
-                         f"{trainer.max_steps}; run the same command again to resume the sweep")
+                         f"{trainer.max_steps}; run the same command again to go on with the sweep (its finished runs "
+                         f"are kept; this one starts over)")
     model, _ = checkpoint.load(out / "train", device=args.device if args.device != "auto" else None)
     ev = evaluate_ppl(model, args.data, seq_len=args.seq_len, limit=args.val_windows, n_samples=args.val_samples,
                       seed=args.seed, estimator=estimator)
