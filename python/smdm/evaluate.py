@@ -830,21 +830,19 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
                 break
             x = torch.cat([b["input_ids"] for b in got]).to(device)  # (B, L+1)
             seg = torch.cat([b["segment_ids"] for b in got]).to(device) if doc_mask else None
+            index = torch.cat([b["index"] for b in got]).numpy()  # (B,) window ids
             if conf.causal:
                 h = model.hidden(x[:, :-1], segment_ids=None if seg is None else seg[:, :-1])  # (B, L, d)
                 # per-row CE in chunks of rows: never every position's logits at once (B·L·V floats)
                 ce = cross_entropy_rows(h.reshape(-1, h.shape[-1]), model.head.weight, x[:, 1:].reshape(-1))
                 row_nll, row_se = ce.double().view(len(x), -1).sum(1).cpu().numpy(), None  # (B,)
-                nll += float(row_nll.sum())
             else:  # row ids = window ids: the estimate of a window does not depend on the batching
-                rows = torch.cat([b["index"] for b in got]).numpy()
                 est = elbo_nll(model, x, prompt_lens=[1] * len(x), segment_ids=seg, n_samples=n_samples,
-                               seed=seed, row_ids=rows, max_rows=max(64, len(x)), estimator=estimator)
+                               seed=seed, row_ids=index, max_rows=max(64, len(x)), estimator=estimator)
                 row_nll, row_se = est.nll.double().cpu().numpy(), est.stderr.double().cpu().numpy()  # (B,)
-                nll += float(row_nll.sum())
                 var += float((row_se ** 2).sum())
-            index = torch.cat([b["index"] for b in got]).tolist()
-            for j, w in enumerate(index):
+            nll += float(row_nll.sum())
+            for j, w in enumerate(index.tolist()):
                 records.append({"window": w, "tokens": seq_len, "nll": float(row_nll[j]),
                                 **({} if row_se is None else {"stderr": float(row_se[j])})})
             windows += len(x)
