@@ -628,6 +628,16 @@ def load_manifest(dataset_dir: PathLike) -> Manifest:
     )
 
 
+def split_without_manifest(root: PathLike, split: str) -> Optional[Path]:
+    """ROOT/SPLIT when it is a directory holding files but no manifest (an interrupted `smdm prepare`, or a
+    deleted manifest): broken data, which `smdm data verify` and `smdm train` name instead of reading it as
+    "no such split". Else None."""
+    d = Path(root) / split
+    if d.is_dir() and not (d / MANIFEST).is_file() and any(d.iterdir()):
+        return d
+    return None
+
+
 def resolve_dataset(path: PathLike, split: str = "train") -> Path:
     """A dataset directory from a `smdm prepare` output dir (-> its `split`) or a dataset dir itself."""
     p = Path(path)

@@ -51,6 +51,7 @@ from smdm.data import (
     load_manifest,
     sha256_file,
     shard_dtype,
+    split_without_manifest,
     verify_dataset,
     write_atomic,
     write_litpkds,
@@ -503,8 +504,8 @@ def _datasets(path: Path) -> list[Path]:
     if (path / MANIFEST).is_file():
         return [path]
     for s in SPLITS:
-        d = path / s
-        if d.is_dir() and not (d / MANIFEST).is_file() and any(d.iterdir()):
+        d = split_without_manifest(path, s)
+        if d is not None:
             raise SmdmFormatError(f"{d}: holds {sum(1 for _ in d.iterdir())} files but no {MANIFEST} (an "
                                   f"interrupted `smdm prepare`, or a deleted manifest): not a dataset; "
                                   f"prepare it again")

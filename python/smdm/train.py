@@ -221,9 +221,8 @@ def resolve_data(cfg: TrainConfig, dist: Dist):
             val_dir = None
     except (FileNotFoundError, ValueError, OSError):
         val_dir = None
-    orphan = root / "val"
-    if val_dir is None and orphan.is_dir() and not (orphan / "manifest.json").is_file() and any(orphan.iterdir()):
-        # not "no validation split": its manifest is missing (an interrupted prepare, a deleted file)
+    orphan = data.split_without_manifest(root, "val") if val_dir is None else None
+    if orphan is not None:  # not "no validation split": its manifest is missing
         raise TrainError(f"--data {root}: {orphan} holds files but no manifest.json: prepare the data again (or "
                          f"remove {orphan} to train without validation)")
     manifest = data.load_manifest(train_dir)
