@@ -241,13 +241,14 @@ def quality_main(args) -> int:
               file=sys.stderr)
     S = max(1, G // args.steps_div)
     S -= S % (G // block)
-    rows = cache_quality(model, prompts, refs, G, max(S, G // block), block, n_samples=args.quality_samples,
-                         estimator=args.estimator, seed=list(range(len(prompts))),
+    n_samples, estimator = args.quality_samples or 64, args.estimator or "time"  # (None: not given)
+    rows = cache_quality(model, prompts, refs, G, max(S, G // block), block, n_samples=n_samples,
+                         estimator=estimator, seed=list(range(len(prompts))),
                          temperature=args.quality_temperature)
     print(f"block-cache quality: {args.quality_ckpt}, {len(prompts)} validation prompts of "
           f"{args.prompt_length} tokens, gen {G}, blocks of {block}, {max(S, G // block)} steps, "
           f"T={args.quality_temperature}; ELBO = the model's Monte Carlo -log p(text | prompt), "
-          f"{args.quality_samples} samples, {args.estimator} estimator")
+          f"{n_samples} samples, {estimator} estimator")
     print(f"{'output':<16} {'=nocache':>8} {'=ref':>6} {'ELBO nats/tok':>14} {'+-':>6} {'- nocache':>10} "
           f"{'+-':>7} {'fwd':>6} {'s':>7}")
     for r in rows:
@@ -269,8 +270,8 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)  # torch's and the Rust token choice's; the quality mode's generations and ELBOs too
     if args.quality_ckpt:
         return quality_main(args)
-    quality_only = [f for f, v, default in (("--estimator", args.estimator, "time"),
-                                            ("--quality-samples", args.quality_samples, 64)) if v != default]
+    quality_only = [f for f, v in (("--estimator", args.estimator), ("--quality-samples", args.quality_samples))
+                    if v is not None]
     if quality_only:  # throughput runs compute no ELBO: an option that changes nothing is named, not ignored
         print(f"smdm bench sampler: error: {', '.join(quality_only)} applies to the quality mode "
               f"(--quality-ckpt) only", file=sys.stderr)
@@ -343,9 +344,9 @@ def register(parser: argparse.ArgumentParser, name: str | None = None) -> argpar
                    "standard errors)")
     q.add_argument("--quality-block", type=positive_int, default=8, help="block length (default 8)")
     q.add_argument("--quality-temperature", type=float, default=0.0)
-    q.add_argument("--quality-samples", type=at_least_2, default=64, help="Monte Carlo samples of each ELBO "
+    q.add_argument("--quality-samples", type=at_least_2, default=None, help="Monte Carlo samples of each ELBO "
                    "(default 64; >= 2, for its standard error)")
-    q.add_argument("--estimator", choices=ELBO_ESTIMATORS, default="time", help="the ELBO's estimator: time "
+    q.add_argument("--estimator", choices=ELBO_ESTIMATORS, default=None, help="the ELBO's estimator: time "
                    "(1/t weights, the paper's; default) or count (LLaDA's, lower variance)")
     parser.set_defaults(func=main)
     return parser
