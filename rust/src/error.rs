@@ -59,3 +59,13 @@ pub fn try_vec<T>(n: usize, what: impl std::fmt::Display) -> Result<Vec<T>> {
     })?;
     Ok(v)
 }
+
+/// `items` collected into a Vec allocated with `try_vec` (collect() aborts when memory runs out).
+pub fn try_collect<T>(
+    items: impl ExactSizeIterator<Item = T>,
+    what: impl std::fmt::Display,
+) -> Result<Vec<T>> {
+    let mut v = try_vec(items.len(), what)?;
+    v.extend(items);
+    Ok(v)
+}

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::error::{try_vec, Error, Result};
+use crate::error::{try_collect, Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"SMDMSHRD";
 pub const VERSION: u32 = 1;
@@ -554,12 +554,10 @@ impl Shard {
 
     pub fn doc_starts(&self) -> Result<Vec<u64>> {
         let table = &self.bytes()[self.table_offset() as usize..];
-        let mut v = try_vec(
-            table.len() / 8,
+        try_collect(
+            table.chunks_exact(8).map(|c| u64_at(c, 0)),
             format_args!("the document starts of {}", self.path.display()),
-        )?;
-        v.extend(table.chunks_exact(8).map(|c| u64_at(c, 0)));
-        Ok(v)
+        )
     }
 
     /// The token ids in the file's dtype (`T` = u16 for a uint16 shard, u32 for uint32; an error otherwise),
@@ -573,21 +571,10 @@ impl Shard {
                 T::DTYPE
             )));
         }
-        let b = self.token_bytes();
-        let mut v = try_vec(
-            b.len() / T::SIZE,
+        try_collect(
+            self.token_bytes().chunks_exact(T::SIZE).map(T::from_le),
             format_args!("the tokens of {}", self.path.display()),
-        )?;
-        v.extend(b.chunks_exact(T::SIZE).map(T::from_le));
-        Ok(v)
-    }
-
-    /// The token ids widened to u32 (either dtype).
-    pub fn tokens_u32(&self) -> Result<Vec<u32>> {
-        match self.header.dtype {
-            Dtype::U16 => Ok(self.tokens::<u16>()?.into_iter().map(u32::from).collect()),
-            Dtype::U32 => self.tokens::<u32>(),
-        }
+        )
     }
 
     /// Full check: payload CRC, padding, document starts, every token id < vocab_size.
@@ -700,7 +687,16 @@ mod tests {
             let sh = Shard::open(&p).unwrap();
             sh.verify().unwrap();
             assert_eq!(sh.header, w.header);
-            assert_eq!(sh.tokens_u32().unwrap(), t);
+            let got: Vec<u32> = match sh.header.dtype {
+                Dtype::U16 => sh
+                    .tokens::<u16>()
+                    .unwrap()
+                    .into_iter()
+                    .map(u32::from)
+                    .collect(),
+                Dtype::U32 => sh.tokens::<u32>().unwrap(),
+            };
+            assert_eq!(got, t);
             assert_eq!(sh.doc_starts().unwrap(), s);
             assert_eq!(sh.file_crc(), w.file_crc);
             let len = std::fs::metadata(&p).unwrap().len();

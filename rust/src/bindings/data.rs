@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pyo3::IntoPyObjectExt;
 
-use crate::error::{try_vec, Error};
+use crate::error::{try_collect, Error};
 use crate::litpkds::{self, LitDtype, LitFile};
 use crate::pack;
 use crate::shard::{self, Dtype, Header, Shard, Tokens};
@@ -155,15 +155,14 @@ fn litpkds_read(py: Python<'_>, path: PathBuf) -> PyResult<(u8, u64, Py<PyAny>)>
     let b = f.data();
     macro_rules! arr {
         ($t:ty, $n:expr) => {{
-            let mut v: Vec<$t> = try_vec(
-                b.len() / $n,
+            let v: Vec<$t> = try_collect(
+                b.chunks_exact($n).map(|c| {
+                    let mut a = [0u8; $n];
+                    a.copy_from_slice(c);
+                    <$t>::from_le_bytes(a)
+                }),
                 format_args!("the items of {}", path.display()),
             )?;
-            v.extend(b.chunks_exact($n).map(|c| {
-                let mut a = [0u8; $n];
-                a.copy_from_slice(c);
-                <$t>::from_le_bytes(a)
-            }));
             PyArray1::from_vec(py, v).into_py_any(py)?
         }};
     }
