@@ -90,28 +90,36 @@ unsafe fn pack_run_avx2<I: Id, T: Item>(
     pack_run(src, lens, dst, eos)
 }
 
-/// Document starts in the packed stream (each document + 1 EOS), and the stream length.
-/// Errors if the lengths do not add up to `n_tokens`.
-pub fn doc_starts(lengths: &[u64], n_tokens: usize) -> Result<(Vec<u64>, usize)> {
-    let mut starts = Vec::with_capacity(lengths.len());
-    let mut pos: u64 = 0;
-    let mut total: u64 = 0;
-    for &l in lengths {
-        starts.push(pos);
-        total = total
-            .checked_add(l)
-            .ok_or_else(|| Error::Invalid("document lengths overflow".into()))?;
-        pos = l
-            .checked_add(1)
-            .and_then(|l1| pos.checked_add(l1))
-            .ok_or_else(|| Error::Invalid("document lengths overflow".into()))?;
-    }
+/// The packed stream's length (the tokens + one EOS per document), checking that the lengths add up to
+/// `n_tokens` without overflow. No allocation: `pack_into` checks its arguments with it.
+pub fn stream_len(lengths: &[u64], n_tokens: usize) -> Result<usize> {
+    let overflow = || Error::Invalid("document lengths overflow".into());
+    let total = lengths
+        .iter()
+        .try_fold(0u64, |acc, &l| acc.checked_add(l))
+        .ok_or_else(overflow)?;
     if total != n_tokens as u64 {
         return Err(Error::Invalid(format!(
             "document lengths sum to {total} but {n_tokens} tokens were given"
         )));
     }
-    Ok((starts, pos as usize))
+    let n = total
+        .checked_add(lengths.len() as u64)
+        .ok_or_else(overflow)?;
+    usize::try_from(n).map_err(|_| overflow())
+}
+
+/// Document starts in the packed stream (each document + 1 EOS), and the stream length.
+/// Errors if the lengths do not add up to `n_tokens`.
+pub fn doc_starts(lengths: &[u64], n_tokens: usize) -> Result<(Vec<u64>, usize)> {
+    let n = stream_len(lengths, n_tokens)?;
+    let mut starts = Vec::with_capacity(lengths.len());
+    let mut pos: u64 = 0;
+    for &l in lengths {
+        starts.push(pos);
+        pos += l + 1; // no overflow: the sum of l + 1 over the documents is n (checked above)
+    }
+    Ok((starts, n))
 }
 
 /// Pack into `out` (length = n_tokens + n_docs), writing every element. `out` may be uninitialised memory
@@ -129,7 +137,7 @@ pub fn pack_into<I: Id, T: Item>(
             "eos_id {eos} >= vocab_size {vocab_size}"
         )));
     }
-    let (_, n) = doc_starts(lengths, tokens.len())?;
+    let n = stream_len(lengths, tokens.len())?;
     if out.len() != n {
         return Err(Error::Invalid(format!(
             "output has {} slots, expected {} tokens + {} EOS",

@@ -51,9 +51,7 @@ fn new_array<'py, T: numpy::Element, D: numpy::ndarray::Dimension>(
         .iter()
         .map(|&d| npy_intp::try_from(d))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| {
-            pyo3::exceptions::PyMemoryError::new_err(format!("array shape {shape:?} is too large"))
-        })?;
+        .map_err(|_| PyMemoryError::new_err(format!("array shape {shape:?} is too large")))?;
     let descr = T::get_dtype(py).into_dtype_ptr();
     // SAFETY: dims holds shape.len() sizes; the call steals the descr reference and returns a new array
     // reference or NULL with a Python error set.
