@@ -11,6 +11,12 @@ from typing import Optional, Union
 ELBO_ESTIMATORS = ("time", "count")
 
 
+def check_estimator(estimator: str) -> None:
+    """A ValueError unless `estimator` names one of ELBO_ESTIMATORS."""
+    if estimator not in ELBO_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ELBO_ESTIMATORS}, got {estimator!r}")
+
+
 @dataclass
 class TrainConfig:
     config: Optional[str] = None  # model size name (smdm.model.NAMED_SIZES / TINY_SIZES); None: "demo", or

@@ -408,7 +408,7 @@ import numpy as _np  # noqa: E402
 import torch as _torch  # noqa: E402
 
 from smdm import rng as _rng  # noqa: E402
-from smdm.config import ELBO_ESTIMATORS  # noqa: E402, F401  (torch-free home, shared with smdm.evaluate and the CLIs)
+from smdm.config import ELBO_ESTIMATORS, check_estimator  # noqa: E402, F401  (torch-free home, shared with the CLIs)
 from smdm.linear_ce import cross_entropy_rows as _ce_rows  # noqa: E402
 from smdm.linear_ce import linear_cross_entropy as _linear_ce  # noqa: E402
 
@@ -508,8 +508,7 @@ def elbo_masks(B, L, n_samples, first, count, seed, row_ids, t, target, schedule
     estimator "time": j is masked iff u < p_k, p_k = 1 - alpha(t_k) of the schedule (`Schedule.mask_prob`;
     linear: t_k itself). "count": exactly l = `elbo_counts`(t_k, T_b) targets are masked, those with the l
     smallest draws (a uniform l-subset of the T_b targets); the schedule plays no part."""
-    if estimator not in ELBO_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ELBO_ESTIMATORS}, got {estimator!r}")
+    check_estimator(estimator)
     ks = _np.arange(first, first + count, dtype=_np.uint64)
     keys = _np.array([[_rng.key(seed, int(k), int(r), _rng.Stream.TOKEN) for r in row_ids] for k in ks],
                      dtype=_np.uint64)  # (count, B)
@@ -556,8 +555,7 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
     error. `schedule` does not apply to it."""
     if n_samples < 2:
         raise ValueError(f"elbo_nll needs n_samples >= 2 for a standard error, got {n_samples}")
-    if estimator not in ELBO_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ELBO_ESTIMATORS}, got {estimator!r}")
+    check_estimator(estimator)
     mask_id = model.config.mask_id
     if mask_id is None:
         raise ValueError("elbo_nll is for the MDM (a bidirectional model); the ARM's NLL is exact (ar_loss)")

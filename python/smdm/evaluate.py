@@ -88,7 +88,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from smdm.cli import positive_int, set_threads
-from smdm.config import ELBO_ESTIMATORS
+from smdm.config import ELBO_ESTIMATORS, check_estimator
 
 METHODS = ("ar", "elbo", "chain")
 ORDERS = ("l2r", "r2l")
@@ -227,8 +227,7 @@ def _check_items(conf, items, method) -> list:
 
 def _check_options(conf, method, cfg, n_samples, batch_size, estimator="time") -> str:
     method = method or ("ar" if conf.causal else "elbo")
-    if estimator not in ELBO_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ELBO_ESTIMATORS}, got {estimator!r}")
+    check_estimator(estimator)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if (method == "ar") != bool(conf.causal):
