@@ -69,6 +69,9 @@ class TrainConfig:
     attention: str = "auto"  # model.attention: "auto" | "sdpa" | "flex" (FlexAttention for the document mask;
     # CUDA only); a run option like activation_checkpointing (not part of the run identity)
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere; "bf16": bf16 autocast on any
+    # device (CPUs too: the GPU's mixed-precision path, runnable and tested on a CPU); "fp32": no autocast.
+    # Weights, gradients and the optimizer stay float32. A run option (not part of the run identity)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     resume: bool = False  # continue from the latest checkpoint in `out` (error if there is none)

@@ -4,7 +4,8 @@
 
 - AdamW (0.9, 0.95), weight decay 0.1 on the matrices (Linear weights), none on RMSNorm gains and the token
   embedding; global grad-norm clip 1.0; linear warmup over max(1% of steps, 100) steps (at most 10% of a short
-  run) to the peak, cosine down to peak/10. bf16 autocast on CUDA; gradient accumulation; compute-budget mode.
+  run) to the peak, cosine down to peak/10. bf16 autocast on CUDA (`--precision`: bf16 on a CPU too, or fp32); gradient
+  accumulation; compute-budget mode.
 - `--activation-checkpointing` recomputes each block in backward (`Transformer.activation_checkpointing`):
   activation memory of one block instead of all, for about one more forward pass; the same losses and weights.
 - `--attention auto|sdpa|flex` (`Transformer.attention`, smdm.model's docstring): "flex" runs the document-masked
@@ -70,6 +71,7 @@ LOG_WINDOWS_ENV = "SMDM_LOG_WINDOWS"
 
 VERIFY_DATA = ("auto", "full", "headers")
 TRAIN_ATTENTION = ("auto", "sdpa", "flex")  # model.attention values that train ("fused" has no backward)
+PRECISIONS = ("auto", "bf16", "fp32")  # --precision: bf16 autocast on CUDA only (auto), everywhere, or never
 FULL_VERIFY_TOKENS = 1 << 30  # "auto" reads every byte of datasets up to this size at start
 # The clock of --time-budget and of the step times (a module global, so a test can run the budget on a fake clock
 # whose steps cost exactly what it says; _time_one_step times real work with time.perf_counter itself).
@@ -316,6 +318,7 @@ def check_args(cfg: TrainConfig) -> None:
         raise TrainError("--force-resume only relaxes --resume's checks: give --resume too")
     need(cfg.attention in TRAIN_ATTENTION, f"--attention must be one of {', '.join(TRAIN_ATTENTION)}",
          repr(cfg.attention))
+    need(cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}", repr(cfg.precision))
     need(cfg.batch_size >= 1, "--batch-size must be >= 1", cfg.batch_size)
     need(cfg.grad_accum >= 1, "--grad-accum must be >= 1", cfg.grad_accum)
     need(cfg.seq_len >= 1, "--seq-len must be >= 1", cfg.seq_len)
@@ -503,6 +506,8 @@ class Trainer:
         if cfg.attention == "flex" and d.device.type != "cuda":
             raise TrainError(f"--attention flex trains on CUDA only (PyTorch's FlexAttention has no backward on "
                              f"the {d.device.type}); use --attention sdpa or auto here")
+        # bf16 autocast (weights, gradients and AdamW stay float32): the default on CUDA, asked for elsewhere
+        self.autocast_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
         per_rank, rem = divmod(cfg.batch_size, d.world * cfg.grad_accum)
         if rem or per_rank < 1:
             raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by world size {d.world} × "
@@ -1093,8 +1098,8 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def _autocast(self):
-        if self.dist.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.autocast_bf16:
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def _check_ids(self, batch):
@@ -1623,6 +1628,9 @@ def register(parser: argparse.ArgumentParser, name: str = "train") -> None:
     a("--attention", choices=TRAIN_ATTENTION, default=d.attention,
       help="attention implementation: auto (SDPA; a dense mask with document masking), sdpa, or flex "
            "(FlexAttention's block-sparse kernel for the document mask; CUDA only)")
+    a("--precision", choices=PRECISIONS, default=d.precision,
+      help="auto: bf16 autocast on CUDA, float32 elsewhere; bf16: bf16 autocast on any device (on a CPU too); fp32: "
+           "none. Weights, gradients and AdamW stay float32")
     a("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun (a single process "
       "trains without it, with a note)")
     a("--plot", action="store_true", help="write OUT/loss.png (with the twin run's curve when it exists)")
