@@ -106,8 +106,15 @@ from smdm.config import TrainConfig
 from smdm.train import Trainer
 base, out = json.loads(sys.argv[1]), sys.argv[2]
 for name, extra in (("ddp", {}), ("ddp-ac", {"activation_checkpointing": True}),
-                    ("fsdp-ac", {"fsdp": True, "activation_checkpointing": True})):
-    Trainer(TrainConfig(**base, out=f"{out}/{name}", **extra)).fit()
+                    ("fsdp-ac", {"fsdp": True, "activation_checkpointing": True}),
+                    ("ddp-bf16", {"precision": "bf16"}), ("fsdp-bf16", {"fsdp": True, "precision": "bf16"})):
+    t = Trainer(TrainConfig(**base, out=f"{out}/{name}", **extra))
+    seen = set()  # the dtypes of a block's weights inside its forward (FSDP2: the all-gathered ones)
+    t.model.blocks[0].mlp.register_forward_pre_hook(lambda m, a: seen.update(p.dtype for p in m.parameters()))
+    t.fit()
+    local = {getattr(p, "_local_tensor", p).dtype for p in t.model.parameters()}
+    with open(f"{out}/{name}/dtypes-rank{torch.distributed.get_rank()}.json", "w") as f:
+        json.dump({"forward": sorted(map(str, seen)), "stored": sorted(map(str, local))}, f)
 # a time budget whose timing was 40x too optimistic: the ranks re-plan and must agree on the new last step;
 # rank 1's clock runs out first (as when the ranks started at different times)
 Trainer._time_one_step = lambda self: 1e-4
@@ -127,7 +134,8 @@ torch.distributed.destroy_process_group()
 def test_torchrun_activation_checkpointing_under_ddp_and_fsdp2(tmp_path):
     """--activation-checkpointing under DDP gives exactly the DDP losses (the recomputation repeats the same
     CPU kernels; gloo's all-reduce is deterministic), and under FSDP2 the same up to float reduction order
-    (rtol 1e-4, as FSDP2 vs DDP above). Then a --time-budget run re-plans on both ranks to one last step."""
+    (rtol 1e-4, as FSDP2 vs DDP above). --precision bf16 under DDP and under FSDP2 (bf16 all-gathers). Then a
+    --time-budget run re-plans on both ranks to one last step."""
     data = make_dataset(tmp_path / "data")
     base = {"config": "tiny", "data": str(data), "batch_size": 8, "seq_len": 32, "max_steps": 4,
             "val_every": 0, "save_every": 0, "samples": 0, "threads": 1}
@@ -138,12 +146,21 @@ def test_torchrun_activation_checkpointing_under_ddp_and_fsdp2(tmp_path):
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
     losses = {}
-    for name in ("ddp", "ddp-ac", "fsdp-ac"):
+    for name in ("ddp", "ddp-ac", "fsdp-ac", "ddp-bf16", "fsdp-bf16"):
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [r["loss"] for r in rows if "loss" in r]
     assert len(losses["ddp"]) == 4 and np.isfinite(losses["ddp"]).all()
     assert losses["ddp-ac"] == losses["ddp"]
     np.testing.assert_allclose(losses["fsdp-ac"], losses["ddp"], rtol=1e-4)
+    # --precision bf16: FSDP2 all-gathers the blocks' weights in bf16 and keeps float32 shards; its losses are
+    # DDP's bf16 autocast ones up to reduction order and the norm gains' rounding, and not the float32 ones
+    dtypes = {name: [json.loads((tmp_path / name / f"dtypes-rank{r}.json").read_text()) for r in range(2)]
+              for name in ("ddp-bf16", "fsdp-bf16")}
+    assert all(d == {"forward": ["torch.float32"], "stored": ["torch.float32"]} for d in dtypes["ddp-bf16"])
+    assert all(d == {"forward": ["torch.bfloat16"], "stored": ["torch.float32"]} for d in dtypes["fsdp-bf16"])
+    np.testing.assert_allclose(losses["fsdp-bf16"], losses["ddp-bf16"], rtol=2e-3)
+    np.testing.assert_allclose(losses["ddp-bf16"], losses["ddp"], rtol=2e-2)
+    assert losses["ddp-bf16"] != losses["ddp"]
     # --time-budget under DDP: both ranks ended at the same re-planned step, far short of the first plan
     plans = [json.loads((tmp_path / "budget" / f"plan-rank{r}.json").read_text()) for r in range(2)]
     assert plans[0] == plans[1] and plans[0]["step"] == plans[0]["max_steps"], plans

@@ -623,10 +623,16 @@ class Trainer:
                 block.compile()
         self.objective = Objective(self.model)
         if d.enabled and cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            # Under bf16 autocast the blocks' weights are all-gathered in bf16 (half the bytes of float32; autocast
+            # casts them for every matmul anyway) and their gradients reduce-scattered in float32 into the float32
+            # shards. Inputs are not cast, so the residual stream stays float32 as without FSDP; the one change
+            # in the numbers is the RMSNorm gains' bf16 rounding. Embedding and head (the root) stay float32.
+            bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
             for block in self.model.blocks:
-                fully_shard(block)
+                fully_shard(block, **({"mp_policy": bf16} if self.autocast_bf16 else {}))
             fully_shard(self.objective)
             self.wrapped = self.objective
         elif d.enabled:
