@@ -180,6 +180,57 @@ def test_rows_are_prompt_response_eos_padded_with_eos(files, tokenizer, tmp_path
         sft.load_examples(tmp_path / "t.jsonl", tokenizer, seq_len=12, eos_id=0, vocab_size=40)
 
 
+def test_responses_are_the_rest_of_the_joint_encoding(files, tokenizer, tmp_path):
+    """A response's ids are encode(prompt + response) after encode(prompt): under a Llama-2-style normalizer
+    (a "▁" prepended to every text) encoding the response alone added a spurious "▁" piece (a doubled space
+    in the decoded text). Where a token spans the boundary the response is encoded alone, and counted."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    llama = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    llama.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    llama.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+    # trained with pieces that start at a "▁" (as SentencePiece's never span one), encoding with no
+    # pre-tokenizer, as Llama-2's tokenizer.json does
+    llama.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    llama.train_from_iterator(["Question: what is 2 plus 3?\nAnswer: 5 and the answer is 42"] * 50,
+                              trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    llama.pre_tokenizer = None
+    assert llama.encode(" 5", add_special_tokens=False).tokens == ["▁", "▁5"]  # the spurious piece alone
+    rows = [{"prompt": "Question: what is 2 plus 3?\nAnswer:", "response": " 5"}, {"prompt": "", "response": "42"}]
+    path = write_jsonl(tmp_path / "llama.jsonl", rows)
+    ex = sft.load_examples(path, llama, seq_len=64, eos_id=2, vocab_size=llama.get_vocab_size(True))
+    for i, row in enumerate(rows):
+        ids = ex.tokens[ex.offsets[i]:ex.offsets[i + 1]].tolist()
+        assert ids == llama.encode(row["prompt"] + row["response"], add_special_tokens=False).ids + [2]
+        assert ex.prompt_lens[i] == len(llama.encode(row["prompt"], add_special_tokens=False).ids)
+        assert llama.decode(ids[:-1]) == row["prompt"] + row["response"]  # no doubled space
+    assert ex.split == 0 and "encoded apart" not in ex.summary()
+    # byte-level BPE: a prompt ending in a space merges with the response's first piece ("Ġ" + "5" -> "Ġ5")
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False).ids  # noqa: E731
+    rows = [{"prompt": "x= a b ; ", "response": "b a"}, {"prompt": "x= a b ;", "response": " b a"}]
+    assert enc("x= a b ; b a")[:len(enc("x= a b ; "))] != enc("x= a b ; ")  # the case this covers
+    ex = load(files, tokenizer, write_jsonl(tmp_path / "space.jsonl", rows))
+    assert ex.tokens[ex.offsets[0]:ex.offsets[1]].tolist() == enc("x= a b ; ") + enc("b a") + [0]
+    assert ex.tokens[ex.offsets[1]:ex.offsets[2]].tolist() == enc("x= a b ; b a") + [0]
+    assert ex.split == 1 and "1 responses encoded apart from their prompts" in ex.summary()
+
+
+def test_special_token_text_in_sft_data_is_text(files, tmp_path):
+    """The trainer encodes SFT texts as `smdm prepare` encodes documents: `<|endoftext|>` written in a response
+    is text, not the EOS the model learns to end answers with (it put EOS in mid-answer)."""
+    from smdm.train import Trainer
+
+    rows = [{"prompt": "x= a <|endoftext|> b ;", "response": " b <|endoftext|> a"}] * 8
+    t = Trainer(sft_cfg(files, tmp_path / "run", sft=str(write_jsonl(tmp_path / "eos.jsonl", rows)), seq_len=64))
+    try:
+        ex = t.train_examples
+        ids = ex.tokens[ex.offsets[0]:ex.offsets[1]].tolist()
+        assert ids.count(0) == 1 and ids[-1] == 0, ids  # the appended EOS alone
+    finally:
+        t.dist.close()
+
+
 def test_reader_order_ranks_epochs_and_resume(files, tokenizer):
     ex = load(files, tokenizer)
     n = len(ex)

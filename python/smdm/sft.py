@@ -6,10 +6,16 @@ reader, and the autoregressive twin's SFT loss. The trainer (`smdm.train`) runs 
   others named), or GSM8K lines `{"question", "answer"}` (`fmt="gsm8k"`): prompt = `evaluate.gsm8k_prompt(q)`
   (the 0-shot prompt of `smdm eval gsm8k`) and response = " " + the answer without its <<...>> calculator
   notes, so the model is fine-tuned on exactly the text it is evaluated with.
-- Rows: prompt and response are encoded separately (`tokenizers`, batch encode, no special tokens) and joined,
-  `prompt + response + [EOS]`, right-padded with EOS to the sequence length L. The response ids are what a
-  sampler continuing the prompt must produce. The padding is EOS, not a pad id: the MDM noises and learns it
-  (as SMDM and LLaDA do), which is how it learns where an answer stops; the ARM learns the first EOS only.
+- Rows: `prompt + response + [EOS]`, right-padded with EOS to the sequence length L. The prompt's ids are
+  encode(prompt), the response's the rest of encode(prompt + response) (`tokenizers`, batch encode, no special
+  tokens added): the tokens a sampler continuing the prompt must produce, as the pretraining data tokenized
+  that text (encoded alone, a response would start with a spurious piece under a tokenizer that prepends one
+  to every text, as Llama-2's adds "▁"). Where a token spans the boundary (encode(prompt + response) does not
+  start with encode(prompt)), the response is encoded alone; the summary counts those examples. Special
+  tokens written in the texts are text (`smdm.data.load_tokenizer(path, as_data=True)`, as `smdm prepare`
+  encodes documents): a quoted `</s>` is not an EOS to learn. The padding is EOS, not a pad id: the MDM
+  noises and learns it (as SMDM and LLaDA do), which is how it learns where an answer stops; the ARM learns the
+  first EOS only.
 - An example longer than L is dropped (never truncated: a cut answer has no EOS and teaches the model to
   stop nowhere). The count and the longest example are reported; no example fitting is an error.
 - Order (as the packed reader, `smdm.data`): a Feistel permutation of the examples per (seed, epoch), each
@@ -110,6 +116,7 @@ class SftExamples:
     read: int  # examples in the file
     dropped: int  # examples longer than seq_len
     longest: tuple  # (tokens, line) of the longest example in the file
+    split: int = 0  # kept examples whose response was encoded alone (a token spans the prompt's end)
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -130,14 +137,18 @@ class SftExamples:
                 "index": torch.from_numpy(idx.copy())}
 
     def summary(self) -> str:
+        split = (f"; {self.split} responses encoded apart from their prompts: a token spans the boundary"
+                 if self.split else "")
         return (f"{self.path}: {len(self)} of {self.read} examples fit --seq-len {self.seq_len} "
-                f"({self.dropped} longer dropped; the longest has {self.longest[0]} tokens, line {self.longest[1]})")
+                f"({self.dropped} longer dropped; the longest has {self.longest[0]} tokens, line {self.longest[1]}"
+                f"{split})")
 
 
 def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int, fmt: str = "plain",
                   prompt_field: Optional[str] = None, response_field: Optional[str] = None) -> SftExamples:
-    """Read and tokenize an SFT file (module docstring). `tokenizer` is a `tokenizers.Tokenizer`; every id must
-    be below `vocab_size` (the model's vocabulary; the MDM's mask id is vocab_size)."""
+    """Read and tokenize an SFT file (module docstring). `tokenizer` is a `tokenizers.Tokenizer` (the trainer's:
+    `smdm.data.load_tokenizer(path, as_data=True)`); every id must be below `vocab_size` (the model's
+    vocabulary; the MDM's mask id is vocab_size)."""
     path = Path(path)
     if seq_len < 2:
         raise SftDataError(f"--seq-len must be >= 2 for SFT, got {seq_len}")
@@ -145,15 +156,17 @@ def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int
         raise SftDataError(f"EOS id {eos_id} is outside the model's vocabulary [0, {vocab_size})")
     pf, rf = fields_for(fmt, prompt_field, response_field)
     toks, offsets, plens, lines = [], [0], [], []
-    read = dropped = 0
+    read = dropped = split = 0
     longest = (0, 0)
 
     def flush(chunk):
-        nonlocal read, dropped, longest
+        nonlocal read, dropped, split, longest
         enc_p = tokenizer.encode_batch([c[1] for c in chunk], add_special_tokens=False)
-        enc_r = tokenizer.encode_batch([c[2] for c in chunk], add_special_tokens=False)
-        for (no, _, _), ep, er in zip(chunk, enc_p, enc_r):
-            p, r = ep.ids, er.ids
+        enc_j = tokenizer.encode_batch([c[1] + c[2] for c in chunk], add_special_tokens=False)
+        for (no, _, response), ep, ej in zip(chunk, enc_p, enc_j):
+            p, j = ep.ids, ej.ids
+            apart = j[:len(p)] != p  # a token spans the prompt's end: the response on its own
+            r = tokenizer.encode(response, add_special_tokens=False).ids if apart else j[len(p):]
             for field, ids in ((pf, p), (rf, r)):
                 if ids and max(ids) >= vocab_size:
                     raise SftDataError(f"{path}:{no}: field {field!r} encodes to token id {max(ids)} >= the "
@@ -165,6 +178,7 @@ def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int
             if n > seq_len:
                 dropped += 1
                 continue
+            split += apart
             toks.append(np.asarray(p + r + [eos_id], dtype=np.int32))
             offsets.append(offsets[-1] + n)
             plens.append(len(p))
@@ -183,7 +197,8 @@ def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int
                            f"EOS; the longest has {longest[0]} tokens, line {longest[1]}): raise --seq-len")
     return SftExamples(path=path, seq_len=seq_len, eos_id=eos_id, tokens=np.concatenate(toks),
                        offsets=np.asarray(offsets, dtype=np.int64), prompt_lens=np.asarray(plens, dtype=np.int64),
-                       lines=np.asarray(lines, dtype=np.int64), read=read, dropped=dropped, longest=longest)
+                       lines=np.asarray(lines, dtype=np.int64), read=read, dropped=dropped, longest=longest,
+                       split=split)
 
 
 class SftDataset(EpochCursor, torch.utils.data.IterableDataset):

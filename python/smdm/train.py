@@ -757,7 +757,9 @@ class Trainer:
             raise TrainError(f"--sft needs a tokenizer: --init-from a checkpoint that has one, or --tokenizer "
                              f"tokenizer.json{where}")
         try:
-            tok = load_tokenizer(tok_path)  # truncation and padding off: they would cut or pad the examples
+            # truncation and padding off (they would cut or pad the examples); special tokens written in the
+            # texts are text, as in `smdm prepare`'s documents (a quoted `</s>` is no EOS to learn)
+            tok = load_tokenizer(tok_path, as_data=True)
         except SmdmFormatError as e:
             raise TrainError(str(e)) from None
         eos = sft.find_eos(tok)
