@@ -260,6 +260,21 @@ def test_reader_order_ranks_epochs_and_resume(files, tokenizer):
 # what the models are trained on
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataloader_workers_serve_each_batch_once(files, tokenizer, workers):
+    """Under DataLoader workers every batch of a pass is served once, as in this process (each worker
+    replayed the whole pass, so every example came twice with two workers); a pass may start at any epoch."""
+    ex = load(files, tokenizer)
+    for e in range(2):
+        ds = sft.SftDataset(ex, 16, seed=3, epochs=e + 1)
+        ds.load_state_dict({"epoch": e, "batch": 0})
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+        got = [(b["epoch"], b["batch"], b["index"].tolist()) for b in loader]
+        assert got == [(e, b, ds.example_ids(e, b).tolist()) for b in range(len(ds))]
+        served = [i for _, _, idx in got for i in idx]
+        assert len(served) == len(ds) * 16 and set(served) == set(range(len(ex)))  # the wrapped tail: 1 or 2 x
+
+
 def test_mdm_prompts_stay_clean_and_padding_is_noised(files, tmp_path, monkeypatch, loss_inputs, mask_id):
     from smdm import diffusion
 

@@ -822,7 +822,15 @@ def feistel_permute(pos: np.ndarray, n: int, seed: int, epoch: int, rounds: int 
 
 class EpochCursor:
     """The (epoch, batch) position of an endless reader with `_len` batches per epoch on this rank: O(1)
-    state and resume (the packed reader here, the SFT reader in `smdm.sft`)."""
+    state and resume (the packed reader here, the SFT reader in `smdm.sft`).
+
+    A pass (`iter`) starts at the position and ends after `epochs` epochs in all (counted from epoch 0, so a
+    resumed reader ends where an uninterrupted one would) or never. Iterated in this process it moves the
+    position along, and the next pass continues where it stopped; under DataLoader workers, worker w of W
+    serves the pass's batches w, w + W, ... (each batch once) from a copy, so this object's position stays
+    where it was and the next pass starts there again. To run passes through workers, `load_state_dict` each
+    pass's start (e.g. {"epoch": e, "batch": 0}, with `epochs` = e + 1), or iterate one endless reader
+    and keep `state_after` of the last batch used, as the trainer does."""
 
     _len: int
     _epoch: int = 0
@@ -842,6 +850,22 @@ class EpochCursor:
         if e < 0 or b < 0:
             raise ValueError(f"bad data position {state}")
         self._epoch, self._batch = divmod(e * self._len + b, self._len)
+
+    def _serve(self, fetch, epochs: Optional[float]) -> Iterator[dict]:
+        """fetch(epoch, batch) for every batch of a pass (class docstring), up to `epochs` epochs in all."""
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+        g = self._epoch * self._len + self._batch + wid  # global batch counter over epochs
+        end = None if epochs is None else int(epochs) * self._len
+        while end is None or g < end:
+            e, b = divmod(g, self._len)
+            out = fetch(e, b)
+            g += workers
+            if info is None:
+                self._epoch, self._batch = divmod(g, self._len)
+            yield out
 
 
 class _PackedDatasetImpl(EpochCursor):
@@ -977,19 +1001,7 @@ class _PackedDatasetImpl(EpochCursor):
         }
 
     def __iter__(self) -> Iterator[dict]:
-        import torch.utils.data
-
-        info = torch.utils.data.get_worker_info()
-        workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
-        g = self._epoch * self._len + self._batch + wid  # global batch counter over epochs
-        end = None if self.epochs is None else int(self.epochs) * self._len
-        while end is None or g < end:
-            e, b = divmod(g, self._len)
-            out = self._get_batch(e, b)
-            g += workers
-            if info is None:
-                self._epoch, self._batch = divmod(g, self._len)
-            yield out
+        return self._serve(self._get_batch, self.epochs)
 
 
 # torch is imported lazily (`smdm prepare` and `smdm data verify` never need it): the public class is

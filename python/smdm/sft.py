@@ -203,7 +203,8 @@ def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int
 
 class SftDataset(EpochCursor, torch.utils.data.IterableDataset):
     """Batches of examples for one rank (module docstring, "Order"). Yields `SftExamples.rows` dicts plus the
-    batch's position `epoch`, `batch`. Endless unless `epochs` is given.
+    batch's position `epoch`, `batch`. Endless unless `epochs` is given. Passes and DataLoader workers as
+    `smdm.data.EpochCursor` says (each batch once over the workers; `set_epoch`).
 
     batch_size: rows per batch on this rank (the trainer's micro-batch); step_batches: batches per optimizer
     step (gradient accumulation), so that an epoch ends on a step boundary."""
@@ -233,15 +234,10 @@ class SftDataset(EpochCursor, torch.utils.data.IterableDataset):
         return feistel_permute(pos, n, self.seed, epoch).astype(np.int64)
 
     def __iter__(self) -> Iterator[dict]:
-        g = self._epoch * self._len + self._batch
-        end = None if self.epochs is None else int(self.epochs) * self._len
-        while end is None or g < end:
-            e, b = divmod(g, self._len)
-            out = self.examples.rows(self.example_ids(e, b))
-            out.update(epoch=e, batch=b)
-            g += 1
-            self._epoch, self._batch = divmod(g, self._len)
-            yield out
+        return self._serve(self._batch_at, self.epochs)
+
+    def _batch_at(self, epoch: int, batch: int) -> dict:
+        return {**self.examples.rows(self.example_ids(epoch, batch)), "epoch": epoch, "batch": batch}
 
 
 # ----------------------------------------------------------------------------------------------------
