@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -293,6 +295,161 @@ def test_legacy_torch_files_and_nested_wrapper_prefixes(tmp_path):
     assert set(read_state_dict(nested)) == set(sd)
 
 
+def test_tied_weights_convert(tmp_path):
+    """A torch file whose lm_head.weight IS transformer.wte.weight (tied weights: one storage) is legitimate
+    input: safetensors refused to save the shared tensors (a traceback, and an empty --out left behind)."""
+    sd = litgpt_state(2, 2, 2, 64, 192, 30, mdm=False)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    torch.save(sd, tmp_path / "tied.pth")
+    assert cli(["convert", "from-litgpt", str(tmp_path / "tied.pth"), "--out", str(tmp_path / "run")]) == 0
+    model, _ = smdm.load(tmp_path / "run", device="cpu")
+    assert torch.equal(model.head.weight, sd["transformer.wte.weight"])
+    assert torch.equal(model.embed.weight, sd["transformer.wte.weight"])
+
+
+def _record(tmp_path, *, meta=None, yaml_line=None, edit=None) -> Path:
+    """A tiny ARM lit-gpt file with an smdm_model metadata record `meta` (a dict, or a raw string), or none and a
+    litgpt model_config.yaml beside it whose last line is `yaml_line`; tensors replaced from `edit`."""
+    sd = {**litgpt_state(2, 4, 2, 64, 96, 30, mdm=False), **(edit or {})}
+    src = tmp_path / "ckpt" / "w.safetensors"
+    src.parent.mkdir()
+    record = {} if meta is None else {"smdm_model": meta if isinstance(meta, str) else json.dumps(meta)}
+    save_file(sd, str(src), metadata=record)
+    if yaml_line is not None:
+        (src.parent / "model_config.yaml").write_text(f"n_layer: 2\nn_head: 4\nn_query_groups: 2\n{yaml_line}\n")
+    return src
+
+
+BAD_RECORDS = [
+    # a record of an export (the smdm config in the file's metadata): every field checked
+    ({"meta": {"n_head": "four"}}, r"w\.safetensors \(metadata smdm_model\): field 'n_head' must be a positive int, "
+                                   r"got 'four'"),
+    ({"meta": {"n_head": 0}}, r"\(metadata smdm_model\): field 'n_head' must be a positive int, got 0"),
+    ({"meta": {"n_head": 4.0}}, r"\(metadata smdm_model\): field 'n_head' must be a positive int, got 4\.0"),
+    ({"meta": {"n_head": True}}, r"\(metadata smdm_model\): field 'n_head' must be a positive int, got True"),
+    ({"meta": {"max_seq_len": "x"}}, r"field 'max_seq_len' must be a positive int, got 'x'"),
+    ({"meta": {"max_seq_len": -3}}, r"field 'max_seq_len' must be a positive int, got -3"),
+    ({"meta": {"rope_base": "abc"}}, r"field 'rope_base' must be a positive float, got 'abc'"),
+    ({"meta": {"causal": "yes"}}, r"field 'causal' must be true or false, got 'yes'"),
+    ({"meta": "{not json"}, r"w\.safetensors \(metadata smdm_model\): not a JSON object"),
+    # litgpt's model_config.yaml: integers are ints (not 4.0, not "4", not true), only a missing value defaults
+    ({"yaml_line": "n_head: 4.0"}, r"ckpt/model_config\.yaml: field 'n_head' must be a positive int, got 4\.0"),
+    ({"yaml_line": 'n_head: "4"'}, r"model_config\.yaml: field 'n_head' must be a positive int, got '4'"),
+    ({"yaml_line": "n_head: 0"}, r"model_config\.yaml: field 'n_head' must be a positive int, got 0"),
+    ({"yaml_line": "n_query_groups: true"}, r"field 'n_query_groups' must be a positive int, got True"),
+    ({"yaml_line": "block_size: 0"}, r"model_config\.yaml: field 'block_size' must be a positive int, got 0"),
+    ({"yaml_line": "rope_base: abc"}, r"model_config\.yaml: field 'rope_base' must be a positive float, got 'abc'"),
+    ({"yaml_line": "norm_eps: -1.0e-5"}, r"field 'norm_eps' must be a positive float, got -1e-05"),
+    ({"yaml_line": "head_size: x"}, r"field 'head_size' must be a positive int, got 'x'"),
+    # tensors: floating point (an int weight made a checkpoint smdm.load cannot load), matrices where read as such
+    ({"edit": {"transformer.h.1.norm_1.weight": torch.ones(64, dtype=torch.int64)}},
+     r"w\.safetensors: transformer\.h\.1\.norm_1\.weight has dtype int64; model weights must be floating point"),
+    ({"edit": {"lm_head.weight": torch.zeros(30)}},
+     r"w\.safetensors: lm_head\.weight has shape \(30,\), expected a matrix \(2 dims\)"),
+    ({"edit": {"transformer.wte.weight": torch.zeros(30)}},
+     r"transformer\.wte\.weight has shape \(30,\), expected a matrix"),
+    ({"edit": {"transformer.h.0.attn.attn.weight": torch.zeros(128)}},
+     r"transformer\.h\.0\.attn\.attn\.weight has shape \(128,\), expected a matrix"),
+]
+
+
+@pytest.mark.parametrize("record,message", BAD_RECORDS, ids=[f"{k}={next(iter(v)) if k == 'edit' else v}"
+                                                              for r, _ in BAD_RECORDS for k, v in r.items()])
+def test_bad_records_and_tensors_name_the_file_and_field(tmp_path, capsys, record, message):
+    """What a file says about its config is checked field by field (type and range, the bad value as repr) and its
+    tensors by dtype and rank: each was a traceback (TypeError, ZeroDivisionError, unpacking errors) or a
+    checkpoint that `smdm.load` could not load. One line, exit 2, nothing written."""
+    if "yaml_line" in record:
+        pytest.importorskip("yaml")
+    src = _record(tmp_path, **record)
+    heads = ["--n-head", "4"] if "edit" in record else []  # else from the record
+    assert cli(["convert", "from-litgpt", str(src), "--out", str(tmp_path / "out"), *heads]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smdm convert: error: ") and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_null_or_missing_litgpt_field_takes_the_default(tmp_path):
+    """Absent or null (YAML `~`) is the default (block_size 2048, norm_eps 1e-5), as in config.json files."""
+    pytest.importorskip("yaml")
+    src = _record(tmp_path, yaml_line="norm_eps: null\nblock_size: ~")
+    assert cli(["convert", "from-litgpt", str(src), "--out", str(tmp_path / "out")]) == 0
+    model = ckpt.read_config(ckpt.resolve(tmp_path / "out"))["model"]
+    assert (model["n_head"], model["n_kv_head"], model["max_seq_len"], model["norm_eps"]) == (4, 2, 2048, 1e-5)
+
+
+@pytest.mark.parametrize("direction", ["to-litgpt", "to-hf"])
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("model"), r"run/step-1/config\.json: bad model config \(no 'model' object\)"),
+    (lambda c: c["model"].update(extra=1), r"run/step-1/config\.json: bad model config \(.*'extra'"),
+    (lambda c: c["model"].update(n_head=4.0),
+     r"run/step-1/config\.json \(model\): field 'n_head' must be a positive int, got 4\.0"),
+], ids=["no-model", "unknown-field", "float-heads"])
+def test_exports_check_the_checkpoints_model_config(tmp_path, capsys, direction, edit, message):
+    """to-litgpt read config.json's "model" unchecked (a KeyError / TypeError traceback) where to-hf said "bad
+    model config"; both now share one check, which also refuses mistyped fields."""
+    cfg = config_by_name("tiny", vocab_size=23)
+    conf = {"model": cfg.to_dict(), "objective": "mdm"}
+    edit(conf)
+    ckpt.save(tmp_path / "run", 1, model_state=build_model(cfg).state_dict(), config=conf, train_state={})
+    out = tmp_path / ("out.safetensors" if direction == "to-litgpt" else "out")
+    assert cli(["convert", direction, str(tmp_path / "run"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.fixture
+def exports(tmp_path, monkeypatch):
+    """A tiny MDM run, its to-litgpt and to-hf exports, and an empty current directory cwd/ inside tmp_path."""
+    cfg = config_by_name("tiny", vocab_size=23)
+    ckpt.save(tmp_path / "run", 1, model_state=build_model(cfg).state_dict(),
+              config={"model": cfg.to_dict(), "objective": "mdm"}, train_state={"step": 1})
+    assert cli(["convert", "to-litgpt", str(tmp_path / "run"), "--out", str(tmp_path / "lit.safetensors")]) == 0
+    assert cli(["convert", "to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return {"from-litgpt": tmp_path / "lit.safetensors", "from-hf": tmp_path / "hf", "to-litgpt": tmp_path / "run",
+            "to-hf": tmp_path / "run"}
+
+
+@pytest.mark.parametrize("direction,out", [("from-litgpt", "new/../ck"), ("from-hf", "new/../ck"),
+                                           ("to-litgpt", "new/../w.safetensors"), ("to-hf", "new/../hf")])
+def test_out_paths_are_resolved_first(exports, capsys, direction, out):
+    """--out is made absolute and normal before anything is derived from it: "new/.." created new/ and left it."""
+    assert cli(["convert", direction, str(exports[direction]), "--out", out]) == 0
+    assert sorted(p.name for p in Path.cwd().iterdir()) == [Path(out).name]
+
+
+@pytest.mark.parametrize("out", [".", "..", "new/..", "../cwd"])
+def test_to_hf_refuses_the_current_directory(exports, capsys, out):
+    """to-hf renames a finished directory into place: "." was a ValueError (no name to derive a temporary from),
+    ".." left its temporary in the cwd and failed with "Device or resource busy". The current directory, or one
+    holding it, is refused by name, with --overwrite too; nothing is created."""
+    assert cli(["convert", "to-hf", str(exports["to-hf"]), "--out", out, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: is the current directory or holds it, which cannot be replaced atomically" in err, err
+    assert len(err.splitlines()) == 1 and not list(Path.cwd().iterdir()) and not list(Path("..").glob(".*"))
+
+
+def test_a_symlinked_out_dir_is_written_through(exports, capsys):
+    """to-hf --out LINK (a symlink to a directory) writes the link's target, the link stays: it failed naming its
+    temporary (".link.tmp-...: Not a directory"), and with --overwrite replaced the link by a directory and left
+    the renamed link ".link.old-..." behind."""
+    Path("empty").mkdir()
+    Path("link").symlink_to("empty")
+    assert cli(["convert", "to-hf", str(exports["to-hf"]), "--out", "link"]) == 0
+    assert Path("link").is_symlink() and (Path("empty") / "config.json").is_file()
+    (Path("empty") / "stale.txt").write_text("x")
+    assert cli(["convert", "to-hf", str(exports["to-hf"]), "--out", "link"]) == 2  # not empty: --overwrite
+    assert "--out link: exists and is not empty" in capsys.readouterr().err
+    assert cli(["convert", "to-hf", str(exports["to-hf"]), "--out", "link", "--overwrite"]) == 0
+    assert Path("link").is_symlink() and os.readlink("link") == "empty"
+    assert not (Path("empty") / "stale.txt").exists() and (Path("empty") / "config.json").is_file()
+    assert sorted(p.name for p in Path.cwd().iterdir()) == ["empty", "link"]  # no .tmp / .old debris
+
+
 # ---------------------------------------------------------------------------------------------------------
 # against the real litgpt GPT from PyPI
 
@@ -560,7 +717,8 @@ def test_to_litgpt_never_replaces_a_file_unasked_nor_the_checkpoint(tmp_path, ca
 
 def test_a_failed_write_is_an_error_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
     """safetensors reports a full disk as its own SafetensorError, not OSError: it escaped as a traceback, and
-    ckpt.save left its .tmp-step-* directory behind."""
+    ckpt.save left its .tmp-step-* directory behind; the --out dir (or the parents of one) that the failed
+    convert created stayed, empty."""
     import safetensors.torch
     from safetensors import SafetensorError
 
@@ -574,11 +732,11 @@ def test_a_failed_write_is_an_error_and_leaves_no_temporary(tmp_path, capsys, mo
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    for args in (["from-litgpt", str(lit), "--out", str(tmp_path / "back")],
-                 ["to-litgpt", str(tmp_path / "run"), "--out", str(tmp_path / "w2.safetensors")],
-                 ["to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]):
+    for args in (["from-litgpt", str(lit), "--out", str(tmp_path / "new1" / "back")],
+                 ["to-litgpt", str(tmp_path / "run"), "--out", str(tmp_path / "new2" / "w2.safetensors")],
+                 ["to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "new3" / "sub" / "hf")]):
         assert cli(["convert", *args]) == 2, args
         err = capsys.readouterr().err
         assert "No space left on device" in err and "Traceback" not in err, err
     assert not list(tmp_path.rglob(".tmp*")) and not list(tmp_path.glob(".*tmp*"))
-    assert not (tmp_path / "back").exists() or not list((tmp_path / "back").iterdir())
+    assert not list(tmp_path.glob("new*"))

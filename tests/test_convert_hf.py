@@ -366,6 +366,9 @@ def test_the_mdm_mask_id_is_the_last_id(tmp_path):
     with pytest.raises(ConvertError, match=r"hf/config\.json: field 'mask_token_id' is 0; smdm's MDM reads the "
                                            r"mask as the last id, vocab_size - 1 = 30"):
         import_hf(tmp_path / "hf", tmp_path / "back")
+    path.write_text(json.dumps({**conf, "mask_token_id": "30"}))  # a string, shown as one
+    with pytest.raises(ConvertError, match=r"field 'mask_token_id' is '30'; smdm's MDM reads the mask as the last id"):
+        import_hf(tmp_path / "hf", tmp_path / "back")
 
 
 def test_bad_inputs_name_the_file_and_field(tmp_path, capsys):
@@ -413,8 +416,23 @@ def test_bad_inputs_name_the_file_and_field(tmp_path, capsys):
     fails(variant("gelu", {**conf0, "hidden_act": "gelu"}), r"gelu/config\.json: field 'hidden_act' is 'gelu'")
     fails(variant("bias", {**conf0, "attention_bias": True}), r"bias/config\.json: field 'attention_bias' is true")
     fails(variant("headdim", {**conf0, "head_dim": 16}), r"headdim/config\.json: field 'head_dim' is 16")
+    # each message names the file once (a field error was wrapped again: "X/config.json: X/config.json: field")
     fails(variant("eps", {**conf0, "rms_norm_eps": "small"}),
-          r"eps/config\.json: field 'rms_norm_eps' must be a positive float, got 'small'")
+          r"^[^:]*eps/config\.json: field 'rms_norm_eps' must be a positive float, got 'small'$")
+    fails(variant("eps0", {**conf0, "rms_norm_eps": 0}),
+          r"^[^:]*eps0/config\.json: field 'rms_norm_eps' must be a positive float, got 0$")
+    fails(variant("layers", {**conf0, "num_hidden_layers": "2"}),
+          r"^[^:]*layers/config\.json: field 'num_hidden_layers' must be a positive int, got '2'$")
+    # bad values as repr: the string "12" is not shown as the number it is not
+    fails(variant("headdimstr", {**conf0, "head_dim": "12"}),
+          r"headdimstr/config\.json: field 'head_dim' must be a positive int, got '12'")
+    fails(variant("archstr", {**conf0, "architectures": "LlamaForCausalLM"}),
+          r"archstr/config\.json: field 'architectures' must be a list of class names, got 'LlamaForCausalLM'")
+    fails(variant("sched", {**conf0, "smdm_schedule": 3}),  # was dropped silently
+          r"sched/config\.json: field 'smdm_schedule' must be a schedule name \(a string\), got 3")
+    fails(variant("intweight", edit={"model.norm.weight": torch.ones(48, dtype=torch.int32)}),
+          r"intweight/model-\d+-of-\d+\.safetensors: model\.norm\.weight has dtype int32; model weights must be "
+          r"floating point")
     fails(variant("missing", drop={"model.layers.1.self_attn.k_proj.weight"}),
           r"missing: missing tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'")
     fails(variant("extra", edit=None, drop=(), conf={**conf0, "num_hidden_layers": 1}),

@@ -45,8 +45,10 @@ no tokenizer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -126,15 +128,56 @@ def _safetensors_metadata(path: Path) -> dict:
         return {}
 
 
+_MISSING = object()
+
+
+def _field(conf: dict, name: str, path, kind=int, default=_MISSING):
+    """Field `name` of a config read from `path`: a positive int (not a float, not a bool) or a positive number
+    (`kind` float, returned as a float); absent or null: `default`, else an error. Bad values are shown as repr."""
+    value = conf.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise ConvertError(f"{path}: missing field {name!r}")
+        return default
+    number = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+    if not (number and 0 < value < math.inf):
+        raise ConvertError(f"{path}: field {name!r} must be a positive {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def _fields(conf: dict, path, kinds: dict) -> dict:
+    """name -> `_field` of each of `kinds` (name -> int / float), None when absent or null."""
+    return {name: _field(conf, name, path, kind, default=None) for name, kind in kinds.items()}
+
+
+# smdm ModelConfig's number fields, as `_field` checks them in a recorded config (causal is a bool)
+_MODEL_FIELDS = {"n_layer": int, "n_head": int, "d_model": int, "d_ff": int, "vocab_size": int, "n_kv_head": int,
+                 "max_seq_len": int, "rope_base": float, "norm_eps": float}
+
+
+def _model_fields(conf: dict, path) -> dict:
+    """ModelConfig field -> checked value (None when absent or null) of a recorded smdm model config."""
+    causal = conf.get("causal")
+    if causal is not None and not isinstance(causal, bool):
+        raise ConvertError(f"{path}: field 'causal' must be true or false, got {causal!r}")
+    return {**_fields(conf, path, _MODEL_FIELDS), "causal": causal}
+
+
 def read_exported_config(path) -> Optional[dict]:
-    """The smdm ModelConfig dict that `export_litgpt` stores in a .safetensors file's metadata (None for other
-    files): lets a round trip restore what the shapes do not hold (heads, context, RoPE base, norm eps)."""
+    """The smdm ModelConfig fields that `export_litgpt` stores in a .safetensors file's metadata (`_model_fields`:
+    field -> value or None; None for files without it): lets a round trip restore what the shapes do not hold
+    (heads, context, RoPE base, norm eps). A record that is not a JSON object of valid fields is an error."""
     meta = _safetensors_metadata(Path(path))
-    try:
-        conf = json.loads(meta["smdm_model"]) if "smdm_model" in meta else None
-    except ValueError:
+    if "smdm_model" not in meta:
         return None
-    return conf if isinstance(conf, dict) else None
+    where = f"{path} (metadata smdm_model)"
+    try:
+        conf = json.loads(meta["smdm_model"])
+    except ValueError:
+        conf = None
+    if not isinstance(conf, dict):
+        raise ConvertError(f"{where}: not a JSON object of smdm model config fields")
+    return _model_fields(conf, where)
 
 
 # litgpt Config fields smdm's model cannot compute unless they hold these values (litgpt's defaults): refused
@@ -147,9 +190,11 @@ _LITGPT_FIXED = {"norm_class_name": "RMSNorm", "mlp_class_name": "LLaMAMLP", "bi
 
 
 def read_litgpt_config(path) -> Optional[tuple[Path, dict]]:
-    """(file, dict) of the litgpt config saved beside a weights file: `model_config.yaml` (litgpt's
+    """(file, fields) of the litgpt config saved beside a weights file: `model_config.yaml` (litgpt's
     `save_config`: its Config as a dict) or `lit_config.json` (lit-gpt before the rename); None without one.
-    Its architecture fields must be ones smdm computes (`_LITGPT_FIXED`, and head_size = n_embd / n_head)."""
+    Its architecture fields must be ones smdm computes (`_LITGPT_FIXED`, and head_size = n_embd / n_head). fields:
+    n_head, n_kv_head (n_query_groups), max_seq_len (block_size), rope_base, norm_eps in smdm's names, checked
+    by `_field` (None when absent or null)."""
     path = Path(path)
     for name in ("model_config.yaml", "lit_config.json"):
         f = path.parent / name
@@ -176,11 +221,14 @@ def read_litgpt_config(path) -> Optional[tuple[Path, dict]]:
         got = conf.get(key, want)
         if got != want and not (isinstance(want, float) and isinstance(got, (int, float)) and float(got) == want):
             raise ConvertError(f"{f}: {key} is {got!r}; smdm's Llama block computes only {key}={want!r}")
-    n_embd, n_head, head = conf.get("n_embd"), conf.get("n_head"), conf.get("head_size")
+    got = _fields(conf, f, {"n_head": int, "n_query_groups": int, "block_size": int, "rope_base": float,
+                            "norm_eps": float, "n_embd": int, "head_size": int})
+    n_embd, n_head, head = got["n_embd"], got["n_head"], got["head_size"]
     if head is not None and n_embd and n_head and head * n_head != n_embd:
         raise ConvertError(f"{f}: head_size {head} x n_head {n_head} != n_embd {n_embd}; smdm's heads split the "
                            f"width")
-    return f, conf
+    return f, {"n_head": n_head, "n_kv_head": got["n_query_groups"], "max_seq_len": got["block_size"],
+               "rope_base": got["rope_base"], "norm_eps": got["norm_eps"]}
 
 
 def trained_schedule(conf: dict) -> Optional[str]:
@@ -206,18 +254,66 @@ def _schedule_conf(schedule: Optional[str], cfg: ModelConfig, what: str) -> dict
         raise ConvertError(f"{what}schedule: {e}") from None
 
 
+def _out_path(out) -> Path:
+    """--out made absolute and normal, symlinks followed: temporary names are derived from a real name in the
+    real parent ("." and "new/.." have none, and "new/.." must not create new/), and an --out that is a symlink
+    is written through: its target is what gets written (or replaced), the link stays."""
+    return Path(out).resolve()
+
+
+@contextlib.contextmanager
+def _mkdirs_undone_on_error(d: Path):
+    """Run the body (which creates `d` and its missing parents); when it fails, remove those of them that did not
+    exist before and are empty: a failed convert leaves no empty --out behind."""
+    made, p = [], d
+    while not p.exists() and p != p.parent:
+        made.append(p)  # deepest first
+        p = p.parent
+    try:
+        yield
+    except BaseException:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (not ours to remove) or already gone
+                break
+        raise
+
+
+def _own_storage(state: dict) -> dict:
+    """`state` with every tensor that shares storage with an earlier one cloned: tied weights (a torch file whose
+    lm_head.weight IS transformer.wte.weight) are legitimate input, but safetensors refuses to save shared
+    tensors."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _save_checkpoint(out: Path, weights: dict, conf: dict, source: Path, tokenizer=None) -> Path:
+    """OUT/step-0 of an import: weights-only (train_state records only where it came from)."""
+    from smdm import checkpoint as ckpt
+
+    with _mkdirs_undone_on_error(out):
+        return ckpt.save(out, 0, model_state=_own_storage(weights), config=conf,
+                         train_state={"step": 0, "converted_from": str(source.resolve())}, tokenizer_path=tokenizer)
+
+
 def _save_safetensors_atomic(state: dict, path: Path, metadata: dict) -> None:
     from smdm.data import fsync_dir, save_safetensors, temp_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _mkdirs_undone_on_error(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(path)
+        try:
+            save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 
@@ -232,9 +328,21 @@ def _take(state: dict, key: str, source: str) -> torch.Tensor:
 
 
 def _shape(t: torch.Tensor, shape: tuple, key: str, source: str) -> torch.Tensor:
+    """`t` (tensor `key` of `source`) once it has this shape and a floating-point dtype (smdm's parameters are)."""
     if tuple(t.shape) != tuple(shape):
         raise ConvertError(f"{source}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if not t.is_floating_point():
+        raise ConvertError(f"{source}: {key} has dtype {str(t.dtype).removeprefix('torch.')}; model weights must "
+                           f"be floating point")
     return t
+
+
+def _matrix(state: dict, key: str, source: str) -> tuple[int, int]:
+    """The (rows, columns) of tensor `key`, which must be a matrix."""
+    shape = tuple(state[key].shape)
+    if len(shape) != 2:
+        raise ConvertError(f"{source}: {key} has shape {shape}, expected a matrix (2 dims)")
+    return shape
 
 
 def qkv_key(state: dict, source: str = "state dict") -> str:
@@ -255,21 +363,20 @@ def infer_config(state: dict, *, source: str = "state dict", config: Optional[st
         if key not in state:
             raise ConvertError(f"{source}: missing tensor {key!r} (not a lit-gpt Llama state dict?)")
     qkv = "transformer.h.0." + qkv_key(state, source)
-    vocab, d = state["lm_head.weight"].shape
-    rows = state["transformer.wte.weight"].shape[0]
-    if rows not in (vocab, vocab + 1) or state["transformer.wte.weight"].shape[1] != d:
-        raise ConvertError(f"{source}: transformer.wte.weight has shape "
-                           f"{tuple(state['transformer.wte.weight'].shape)}; with lm_head.weight {(vocab, d)} it "
-                           f"must have {vocab + 1} rows (MDM) or {vocab} (autoregressive)")
+    vocab, d = _matrix(state, "lm_head.weight", source)
+    rows, cols = _matrix(state, "transformer.wte.weight", source)
+    if rows not in (vocab, vocab + 1) or cols != d:
+        raise ConvertError(f"{source}: transformer.wte.weight has shape {(rows, cols)}; with lm_head.weight "
+                           f"{(vocab, d)} it must have {vocab + 1} rows (MDM) or {vocab} (autoregressive)")
     causal = rows == vocab
     n_layer = 1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k)))
     mlp = "transformer.h.0.mlp."
     if mlp + "swiglu.w1.weight" in state:
-        d_ff = state[mlp + "swiglu.w1.weight"].shape[0]
+        d_ff = _matrix(state, mlp + "swiglu.w1.weight", source)[0]
     elif mlp + "swiglu.w12.weight" in state:
-        d_ff = state[mlp + "swiglu.w12.weight"].shape[0] // 2
+        d_ff = _matrix(state, mlp + "swiglu.w12.weight", source)[0] // 2
     elif mlp + "fc_1.weight" in state:
-        d_ff = state[mlp + "fc_1.weight"].shape[0]
+        d_ff = _matrix(state, mlp + "fc_1.weight", source)[0]
     else:
         raise ConvertError(f"{source}: no SwiGLU weights in block 0 (looked for {mlp}swiglu.w1/.w12 and "
                            f"{mlp}fc_1)")
@@ -293,7 +400,7 @@ def infer_config(state: dict, *, source: str = "state dict", config: Optional[st
     if d % n_head:
         raise ConvertError(f"{source}: width {d} is not divisible by n_head {n_head}")
     hd = d // n_head
-    qkv_rows = state[qkv].shape[0]
+    qkv_rows = _matrix(state, qkv, source)[0]
     n_kv, rem = divmod(qkv_rows // hd - n_head, 2)
     if qkv_rows % hd or rem or n_kv < 1 or n_head % n_kv:
         raise ConvertError(f"{source}: {qkv} has {qkv_rows} rows, which is not "
@@ -402,36 +509,34 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
     linear, SMDM's)."""
     from smdm import checkpoint as ckpt
 
-    path = Path(path)
+    path, out = Path(path), _out_path(out)
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise ConvertError(f"--tokenizer {tokenizer}: no such file")
-    if max_seq_len is not None and max_seq_len < 1:  # 0 would fall back to the default, -5 a traceback
-        raise ConvertError(f"--max-seq-len must be >= 1, got {max_seq_len}")
+    for option, value in (("--n-head", n_head), ("--max-seq-len", max_seq_len)):
+        if value is not None and value < 1:  # 0 would fall back to the default, -5 a traceback
+            raise ConvertError(f"{option} must be >= 1, got {value}")
     if ckpt.step_dirs(out):
         raise ConvertError(f"{out} already holds checkpoints; choose an empty --out")
     state = read_state_dict(path)
     saved = read_exported_config(path)
     lit = read_litgpt_config(path) if saved is None else None  # litgpt's checkpoint dir: model_config.yaml
     if lit is not None:  # in smdm's names, for the same rules as an export's record
-        f, c = lit
-        saved = {"n_head": c.get("n_head"), "max_seq_len": c.get("block_size"), "rope_base": c.get("rope_base", 10000),
-                 "norm_eps": c.get("norm_eps", 1e-5), "n_kv_head": c.get("n_query_groups"), "from": f}
+        saved = lit[1]
     if saved is not None and config is None and n_head is None:
-        n_head = saved.get("n_head")
+        n_head = saved["n_head"]
     cfg = infer_config(state, source=str(path), config=config, n_head=n_head,
-                       max_seq_len=max_seq_len or (saved or {}).get("max_seq_len") or 2048)
-    if lit is not None:
-        if saved["n_kv_head"] not in (None, cfg.kv_heads) or saved["n_head"] not in (None, cfg.n_head):
-            raise ConvertError(f"{lit[0]}: n_head {saved['n_head']}, n_query_groups {saved['n_kv_head']}, but the "
-                               f"weights read as {cfg.n_head} heads in {cfg.kv_heads} groups (--n-head / --config?)")
-        cfg = dataclasses.replace(cfg, rope_base=float(saved["rope_base"]), norm_eps=float(saved["norm_eps"]))
-    elif saved is not None:
-        fields = ("n_layer", "n_head", "d_model", "d_ff", "vocab_size", "causal")
-        if all(saved.get(f) == getattr(cfg, f) for f in fields) and saved.get("n_kv_head") in (None, cfg.kv_heads):
-            cfg = dataclasses.replace(cfg, rope_base=float(saved.get("rope_base", cfg.rope_base)),
-                                      norm_eps=float(saved.get("norm_eps", cfg.norm_eps)))
+                       max_seq_len=max_seq_len or (saved or {}).get("max_seq_len") or 2048)  # None: absent
+    heads_agree = saved is not None and saved["n_head"] in (None, cfg.n_head) and \
+        saved["n_kv_head"] in (None, cfg.kv_heads)
+    if lit is not None and not heads_agree:
+        raise ConvertError(f"{lit[0]}: n_head {saved['n_head']}, n_query_groups {saved['n_kv_head']}, but the "
+                           f"weights read as {cfg.n_head} heads in {cfg.kv_heads} groups (--n-head / --config?)")
+    fields = ("n_layer", "n_head", "d_model", "d_ff", "vocab_size", "causal")
+    if lit is not None or heads_agree and all(saved[f] == getattr(cfg, f) for f in fields):  # an export's record
+        cfg = dataclasses.replace(cfg, rope_base=saved["rope_base"] or cfg.rope_base,  # of this very model
+                                  norm_eps=saved["norm_eps"] or cfg.norm_eps)
     weights = from_litgpt(state, cfg, source=str(path))
     if DTYPES[dtype] is not None:
         weights = {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
@@ -442,8 +547,7 @@ def import_litgpt(path, out, *, tokenizer=None, config: Optional[str] = None, n_
             "converted_from": {"path": str(path.resolve()), "format": "lit-gpt"}}
     recorded = None if cfg.causal else _safetensors_metadata(path).get("smdm_schedule")  # older exports of ARMs
     conf.update(_schedule_conf(schedule or recorded, cfg, "--" if schedule else f"{path}: smdm_"))
-    return ckpt.save(out, 0, model_state=weights, config=conf,
-                     train_state={"step": 0, "converted_from": str(path.resolve())}, tokenizer_path=tokenizer)
+    return _save_checkpoint(out, weights, conf, path, tokenizer)
 
 
 def _check_tokenizer(tokenizer, cfg: ModelConfig, what: str = "--tokenizer ") -> None:
@@ -465,29 +569,43 @@ def _mask_token_appended(tok, n: int, cfg: ModelConfig) -> bool:
     return not cfg.causal and n == cfg.vocab_size + 1 and tok.id_to_token(cfg.mask_id) == HF_MASK_TOKEN
 
 
+def _checkpoint_model_config(step_dir: Path, conf) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config.json (dict `conf`): its "model" object, every field checked
+    (`_model_fields`); a missing, mistyped or unknown field is an error naming the file."""
+    where = Path(step_dir) / "config.json"
+    model = conf.get("model") if isinstance(conf, dict) else None
+    if not isinstance(model, dict):
+        raise ConvertError(f"{where}: bad model config (no 'model' object)")
+    _model_fields(model, f"{where} (model)")
+    try:
+        return ModelConfig(**model)
+    except (TypeError, ValueError) as e:  # a missing or unknown field, an inconsistent one
+        raise ConvertError(f"{where}: bad model config ({e})") from None
+
+
 def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm", overwrite: bool = False) -> Path:
     """Write an smdm checkpoint's weights as one lit-gpt-layout .safetensors file: for SMDM's own code by default,
     or for litgpt's GPT (`layout`, see `LAYOUTS`). An existing file is replaced only with `overwrite`, and never
-    one inside the checkpoint."""
+    one inside the checkpoint; an `out` that is a symlink is followed (its target is written)."""
     from smdm import checkpoint as ckpt
 
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if layout not in LAYOUTS:
         raise ConvertError(f"--layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
-    out = Path(out)
+    shown, out = out, _out_path(out)
     if out.suffix != ".safetensors":
-        raise ConvertError(f"--out {out}: the lit-gpt export is a .safetensors file")
+        raise ConvertError(f"--out {shown}: the lit-gpt export is a .safetensors file")
     if out.is_dir():
-        raise ConvertError(f"--out {out}: is a directory (the lit-gpt export is one .safetensors file)")
+        raise ConvertError(f"--out {shown}: is a directory (the lit-gpt export is one .safetensors file)")
     if out.exists() and not overwrite:
-        raise ConvertError(f"--out {out}: exists (pass --overwrite to replace it)")
+        raise ConvertError(f"--out {shown}: exists (pass --overwrite to replace it)")
     step_dir = ckpt.resolve(ckpt_path)
-    if step_dir.resolve() in out.resolve().parents:
-        raise ConvertError(f"--out {out}: inside the checkpoint being converted ({step_dir})")
+    if step_dir.resolve() in out.parents:
+        raise ConvertError(f"--out {shown}: inside the checkpoint being converted ({step_dir})")
     ckpt.verify(step_dir)
     conf = ckpt.read_config(step_dir)
-    cfg = ModelConfig(**conf["model"])
+    cfg = _checkpoint_model_config(step_dir, conf)
     state = to_litgpt(ckpt.load_weights(step_dir), cfg, layout)
     meta = {"format": "lit-gpt", "layout": layout, "source": str(step_dir), "smdm_model": json.dumps(cfg.to_dict())}
     schedule = trained_schedule(conf)
@@ -534,7 +652,6 @@ _HF_BLOCK = {"norm1.weight": "input_layernorm.weight", "attn.proj.weight": "self
              "norm2.weight": "post_attention_layernorm.weight", "mlp.w1.weight": "mlp.gate_proj.weight",
              "mlp.w2.weight": "mlp.up_proj.weight", "mlp.w3.weight": "mlp.down_proj.weight"}
 _HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
-_MISSING = object()
 
 
 def to_hf(state: dict, config: ModelConfig) -> dict:
@@ -584,19 +701,6 @@ def from_hf(state: dict, config: ModelConfig, *, source: str = "state dict", fil
     return out
 
 
-def _field(conf: dict, name: str, path, kind=int, default=_MISSING):
-    """config.json field `name`: a positive int / float; absent (or null): `default`, else an error."""
-    value = conf.get(name)
-    if value is None:
-        if default is _MISSING:
-            raise ConvertError(f"{path}: missing field {name!r}")
-        return default
-    ok = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float)) and value > 0
-    if not ok:
-        raise ConvertError(f"{path}: field {name!r} must be a positive {kind.__name__}, got {value!r}")
-    return kind(value)
-
-
 def hf_model_config(conf: dict, path, *, mdm: bool = False, shapes: Optional[dict] = None) -> ModelConfig:
     """The smdm ModelConfig of a transformers config.json (dict `conf`, read from `path`): LlamaForCausalLM
     (model_type "llama"; the ARM twin, or with `mdm` an MDM whose embedding has one more row than the head's
@@ -605,6 +709,8 @@ def hf_model_config(conf: dict, path, *, mdm: bool = False, shapes: Optional[dic
     LlamaConfig's (rms_norm_eps 1e-6, rope_theta 10000, context 2048); what smdm's block cannot compute is an
     error naming the field."""
     archs, model_type = conf.get("architectures") or [], conf.get("model_type")
+    if not isinstance(archs, list):
+        raise ConvertError(f"{path}: field 'architectures' must be a list of class names, got {archs!r}")
     if model_type == HF_MDM_TYPE or HF_MDM in archs:
         causal = False
     elif model_type == "llama" or HF_ARM in archs:
@@ -629,7 +735,7 @@ def hf_model_config(conf: dict, path, *, mdm: bool = False, shapes: Optional[dic
     d = _field(conf, "hidden_size", path)
     n_head = _field(conf, "num_attention_heads", path)
     n_kv = _field(conf, "num_key_value_heads", path, default=n_head)
-    head_dim = conf.get("head_dim")
+    head_dim = _field(conf, "head_dim", path, default=None)
     if head_dim is not None and head_dim * n_head != d:
         raise ConvertError(f"{path}: field 'head_dim' is {head_dim}; smdm's heads are hidden_size / "
                            f"num_attention_heads = {d} / {n_head} wide")
@@ -640,14 +746,14 @@ def hf_model_config(conf: dict, path, *, mdm: bool = False, shapes: Optional[dic
     if model_type == HF_MDM_TYPE:  # the mask token is the last id
         mask_id = conf.get("mask_token_id")
         if mask_id is not None and mask_id != vocab - 1:
-            raise ConvertError(f"{path}: field 'mask_token_id' is {mask_id}; smdm's MDM reads the mask as the last "
+            raise ConvertError(f"{path}: field 'mask_token_id' is {mask_id!r}; smdm's MDM reads the mask as the last "
                                f"id, vocab_size - 1 = {vocab - 1}")
         vocab -= 1
         if vocab < 1:
             raise ConvertError(f"{path}: field 'vocab_size' must count at least one token and the mask")
     elif shapes is not None:  # a Llama directory: the embedding's rows against the head's say which kind
-        rows = shapes.get("model.embed_tokens.weight", (None,))[0]
-        outputs = shapes.get("lm_head.weight", (None,))[0]
+        rows = (shapes.get("model.embed_tokens.weight") or (None,))[0]  # a wrong rank is from_hf's error
+        outputs = (shapes.get("lm_head.weight") or (None,))[0]
         extra = rows is not None and outputs is not None and rows == outputs + 1
         if causal and extra:
             raise ConvertError(f"{path}: model.embed_tokens.weight has {rows} rows, lm_head.weight {outputs}: the "
@@ -661,12 +767,13 @@ def hf_model_config(conf: dict, path, *, mdm: bool = False, shapes: Optional[dic
             if vocab not in (outputs, rows):
                 raise ConvertError(f"{path}: field 'vocab_size' is {vocab}, but lm_head.weight has {outputs} rows")
             vocab = outputs
-    try:
-        return ModelConfig(n_layer=_field(conf, "num_hidden_layers", path), n_head=n_head, d_model=d,
-                           d_ff=_field(conf, "intermediate_size", path), vocab_size=vocab,
-                           n_kv_head=None if n_kv == n_head else n_kv,
-                           max_seq_len=_field(conf, "max_position_embeddings", path, default=2048), causal=causal,
-                           rope_base=rope_base, norm_eps=_field(conf, "rms_norm_eps", path, float, default=1e-6))
+    n_layer, d_ff = _field(conf, "num_hidden_layers", path), _field(conf, "intermediate_size", path)
+    max_seq_len = _field(conf, "max_position_embeddings", path, default=2048)
+    norm_eps = _field(conf, "rms_norm_eps", path, float, default=1e-6)
+    try:  # what ModelConfig checks across fields (heads dividing the width, even head dims)
+        return ModelConfig(n_layer=n_layer, n_head=n_head, d_model=d, d_ff=d_ff, vocab_size=vocab,
+                           n_kv_head=None if n_kv == n_head else n_kv, max_seq_len=max_seq_len, causal=causal,
+                           rope_base=rope_base, norm_eps=norm_eps)
     except ValueError as e:
         raise ConvertError(f"{path}: {e}") from None
 
@@ -783,48 +890,57 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, *, eos_id: Optional[int] = N
     return conf
 
 
-def _check_out_dir(out: Path, overwrite: bool, protect: Path) -> None:
+def _check_out_dir(out: Path, shown, overwrite: bool, protect: Path) -> None:
+    """`out` (`_out_path` of the --out `shown`) can be written by `_write_dir_atomic`: not a file, empty unless
+    `overwrite`, not holding the checkpoint `protect`, nor the current directory: the finished directory is
+    renamed into place, and a directory replaced under the shell would leave it in a deleted one."""
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise ConvertError(f"--out {shown}: is the current directory or holds it, which cannot be replaced "
+                           f"atomically (the export is renamed into place); name a new directory, e.g. --out "
+                           f"{os.path.join(shown, 'hf')}")
+    if out == protect.resolve() or out in protect.resolve().parents:
+        raise ConvertError(f"--out {shown}: holds the checkpoint being converted")
     if out.exists() and not out.is_dir():
-        raise ConvertError(f"--out {out}: exists and is not a directory")
+        raise ConvertError(f"--out {shown}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
-    if out.resolve() == protect.resolve() or out.resolve() in protect.resolve().parents:
-        raise ConvertError(f"--out {out}: holds the checkpoint being converted")
+        raise ConvertError(f"--out {shown}: exists and is not empty (pass --overwrite to replace it)")
 
 
 def _write_dir_atomic(out: Path, fill) -> None:
-    """`fill(tmp)` writes the files into a temporary dir next to `out`; every file and the dir are fsynced, the
-    dir is renamed to `out` (atomic on POSIX; an empty `out` is replaced by the rename) and the parent fsynced.
-    A non-empty `out` (--overwrite) is first renamed away, then deleted."""
+    """`fill(tmp)` writes the files into a temporary dir next to `out` (an `_out_path`: no symlink); every file
+    and the dir are fsynced, the dir is renamed to `out` (atomic on POSIX; an empty `out` is replaced by the
+    rename) and the parent fsynced. A non-empty `out` (--overwrite) is first renamed away, then deleted."""
     import shutil
 
     from smdm.data import fsync_dir, temp_path
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = temp_path(out), temp_path(out, "old")
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    tmp.mkdir()
-    moved = False
-    try:
-        fill(tmp)
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if out.is_dir() and any(out.iterdir()):
-            os.replace(out, old)
-            moved = True
-        os.replace(tmp, out)
-        moved = False  # the new dir is in place: the old one can go
-    except BaseException:
-        if moved:  # the new one did not take its place: put the old one back
-            os.replace(old, out)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    with _mkdirs_undone_on_error(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp, old = temp_path(out), temp_path(out, "old")
+        for p in (tmp, old):
+            if p.exists():
+                shutil.rmtree(p)
+        tmp.mkdir()
+        moved = False
+        try:
+            fill(tmp)
+            for p in tmp.iterdir():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(tmp)
+            if out.is_dir() and any(out.iterdir()):
+                os.replace(out, old)
+                moved = True
+            os.replace(tmp, out)
+            moved = False  # the new dir is in place: the old one can go
+        except BaseException:
+            if moved:  # the new one did not take its place: put the old one back
+                os.replace(old, out)
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     fsync_dir(out.parent)
 
 
@@ -832,7 +948,8 @@ def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, l
     """Write an smdm checkpoint as a transformers directory `out` (see "Hugging Face transformers" above):
     config.json, model.safetensors, tokenizer.json + tokenizer_config.json when the checkpoint has a tokenizer,
     and the MDM's model code. Written whole into a temporary dir and renamed; an existing non-empty `out` is
-    replaced only with `overwrite`. `log(msg)` gets notes (default: stderr)."""
+    replaced only with `overwrite`; an `out` that is a symlink is followed (its target is written, the link
+    stays); the current directory, or one holding it, is refused. `log(msg)` gets notes (default: stderr)."""
     import shutil
 
     from smdm import checkpoint as ckpt
@@ -842,14 +959,11 @@ def export_hf(ckpt_path, out, *, dtype: str = "keep", overwrite: bool = False, l
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     step_dir = ckpt.resolve(ckpt_path)
-    out = Path(out)
-    _check_out_dir(out, overwrite, step_dir)
+    shown, out = out, _out_path(out)
+    _check_out_dir(out, shown, overwrite, step_dir)
     ckpt.verify(step_dir)
     ck_conf = ckpt.read_config(step_dir)
-    try:
-        cfg = ModelConfig(**ck_conf["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConvertError(f"{step_dir / 'config.json'}: bad model config ({e})") from None
+    cfg = _checkpoint_model_config(step_dir, ck_conf)
     state = to_hf(ckpt.load_weights(step_dir), cfg)
     if DTYPES[dtype] is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
@@ -885,7 +999,7 @@ def import_hf(model_dir, out, *, mdm: bool = False, dtype: str = "keep", schedul
     config.json's `smdm_schedule`, which `export_hf` writes; else none, read as linear)."""
     from smdm import checkpoint as ckpt
 
-    model_dir = Path(model_dir)
+    model_dir, out = Path(model_dir), _out_path(out)
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if ckpt.step_dirs(out):
@@ -912,11 +1026,11 @@ def import_hf(model_dir, out, *, mdm: bool = False, dtype: str = "keep", schedul
         _check_tokenizer(tokenizer, cfg, what="")
     conf_out = {"model": cfg.to_dict(), "objective": "ar" if cfg.causal else "mdm",
                 "converted_from": {"path": str(model_dir.resolve()), "format": "hugging-face"}}
-    recorded = conf.get("smdm_schedule") if isinstance(conf.get("smdm_schedule"), str) else None
+    recorded = conf.get("smdm_schedule")
+    if recorded is not None and not isinstance(recorded, str):
+        raise ConvertError(f"{path}: field 'smdm_schedule' must be a schedule name (a string), got {recorded!r}")
     conf_out.update(_schedule_conf(schedule or recorded, cfg, "--" if schedule else f"{path}: smdm_"))
-    return ckpt.save(out, 0, model_state=weights, config=conf_out,
-                     train_state={"step": 0, "converted_from": str(model_dir.resolve())},
-                     tokenizer_path=tokenizer if tokenizer.is_file() else None)
+    return _save_checkpoint(out, weights, conf_out, model_dir, tokenizer if tokenizer.is_file() else None)
 
 
 SCHEDULE_HELP = ("the MDM's training noise schedule, linear | cosine | polynomial:P, saved as the default of `smdm "
@@ -947,7 +1061,8 @@ def register(parser: argparse.ArgumentParser, name: str = "convert") -> None:
     p = sub.add_parser("to-hf", help="an smdm checkpoint -> a Hugging Face transformers directory (the ARM twin "
                        "as LlamaForCausalLM, the MDM with its model code for trust_remote_code)")
     p.add_argument("ckpt", help="run dir or step dir")
-    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty, or --overwrite)")
+    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty, or --overwrite; "
+                   "a symlink is followed; not the current directory, which cannot be replaced atomically)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p = sub.add_parser("from-hf", help="a Hugging Face transformers directory (to-hf's output, or a plain Llama) "
