@@ -130,6 +130,31 @@ def test_resave_of_the_same_step_replaces_it(tmp_path, model):
     assert torch.equal(m2.head.weight, model.head.weight)
 
 
+def test_threads_saving_one_step_at_once_leave_one_whole_checkpoint(tmp_path, model):
+    """Two threads saving the same step: each writes its own temporary dir (they shared `.tmp-step-N-PID`:
+    both failed with FileNotFoundError, or one published the other's half), neither's prune removes the
+    other's save in progress, and the last rename wins, whole."""
+    import threading
+
+    for trial in range(5):
+        run, errors = tmp_path / f"run{trial}", []
+
+        def work(run=run, errors=errors):
+            try:
+                save_step(run, 5, model)
+            except Exception as e:  # noqa: BLE001 (reported by the assert below)
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        ckpt.verify(run / "step-5")
+        assert sorted(p.name for p in run.iterdir()) == ["step-5"]  # no temporary or trash left
+
+
 def test_stale_temp_dirs_of_dead_saves_are_removed(tmp_path, model):
     """A save killed before its rename (SIGKILL, a crash) leaves a full-size `.tmp-step-N-PID`: the next save
     removes it once that PID is gone, and never touches the temp dir of a live process."""
@@ -147,7 +172,7 @@ def test_stale_temp_dirs_of_dead_saves_are_removed(tmp_path, model):
     (stale / "model.safetensors").write_bytes(b"\0" * 1000)
     live = run / f".tmp-step-2-{os.getppid()}"  # a save in progress in another (live) process
     live.mkdir()
-    ours = run / f".tmp-step-2-{os.getpid()}"  # an earlier save of this process that failed before its rename
+    ours = run / f".tmp-step-2-{os.getpid()}-7"  # an earlier save of this process that failed before its rename
     ours.mkdir()
     save_step(run, 3, model)
     assert not stale.exists() and not ours.exists()

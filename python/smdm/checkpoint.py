@@ -9,18 +9,21 @@
 
 A step is written into a temporary directory next to its final name, every file fsynced, then renamed (atomic
 on POSIX) and the parent directory fsynced. Only the last `keep` complete steps are kept (numeric order). A step
-is deleted by first renaming it to `.old-step-N-PID` (`discard`), so an interrupted deletion never leaves a
+is deleted by first renaming it to `.old-step-N-PID-K` (`discard`), so an interrupted deletion never leaves a
 `step-N` without its manifest, only trash that the next prune removes.
 `load(path)` -> (model, tokenizer) for inference; `smdm.load` is this function.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -114,10 +117,7 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{step}"
-    tmp = run_dir / f".tmp-step-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _temp_dir(run_dir, "tmp", final.name)
     try:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
         save_safetensors(weights, tmp / "model.safetensors", metadata={"format": FORMAT, "step": str(step)})
@@ -136,19 +136,48 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))  # last: marks it complete
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
+        for _ in range(100):  # re-saving a step (after an interrupted deletion, or by another thread): replace
+            if final.exists():
+                discard(final)
+            try:
+                os.replace(tmp, final)
+                break
+            except OSError as e:  # another thread's save of this step renamed into place since the check
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        else:
+            raise SmdmIOError(f"{final}: could not replace it (other saves of this step kept taking its place)")
     except BaseException:  # a full disk, an interrupt: no half-written temporary left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # re-saving the same step (e.g. after an interrupted deletion): replace it
-        discard(final)
-    os.replace(tmp, final)
+    finally:
+        _done(tmp)
     _fsync_dir(run_dir)
     prune(run_dir, keep)
     return final
 
 
-# temp dirs of saves (.tmp-step-N-PID) and steps being deleted (.old-step-N-PID); PID: the writing process
-_TMP_RE = re.compile(r"^\.(?:tmp|old)-step-\d+-(\d+)$")
+# temp dirs of saves (.tmp-step-N-PID-K) and steps being deleted (.old-step-N-PID-K); PID: the writing process,
+# K: its call (two threads saving or deleting one step never share a name); older smdm wrote no -K
+_TMP_RE = re.compile(r"^\.(?:tmp|old)-step-\d+-(\d+)(?:-\d+)?$")
+_TEMP_COUNTER = itertools.count()
+_IN_USE: set = set()  # this process's temp dirs still being written or deleted (prune leaves them alone)
+_IN_USE_LOCK = threading.Lock()
+
+
+def _temp_dir(run_dir: Path, kind: str, name: str) -> Path:
+    """A new `.KIND-NAME-PID-K` path in run_dir, registered as in use until `_done` (tmp: created empty)."""
+    p = run_dir / f".{kind}-{name}-{os.getpid()}-{next(_TEMP_COUNTER)}"
+    with _IN_USE_LOCK:
+        _IN_USE.add(p.name)
+    if kind == "tmp":
+        p.mkdir()
+    return p
+
+
+def _done(p: Path) -> None:
+    with _IN_USE_LOCK:
+        _IN_USE.discard(p.name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -162,28 +191,29 @@ def _pid_alive(pid: int) -> bool:
 
 
 def discard(step_dir) -> None:
-    """Delete a step dir: rename it to `.old-step-N-PID` first (atomic: it stops counting at once, whole), then
+    """Delete a step dir: rename it to `.old-step-N-PID-K` first (atomic: it stops counting at once, whole), then
     remove that. A deletion cut short (SIGKILL, a crash, a file it cannot remove) leaves trash that `prune` removes
     once this process is gone, never a `step-N` without its manifest (rmtree removes files in directory order,
     the manifest possibly first)."""
     step_dir = Path(step_dir)
-    trash = step_dir.parent / f".old-{step_dir.name}-{os.getpid()}"
-    if trash.exists():
-        shutil.rmtree(trash, ignore_errors=True)
+    trash = _temp_dir(step_dir.parent, "old", step_dir.name)
     try:
-        os.replace(step_dir, trash)
-    except FileNotFoundError:  # already gone (a concurrent prune)
-        return
-    except OSError:  # cannot rename (e.g. the dir is a mount point): delete in place
-        trash = step_dir
-    shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(step_dir, trash)
+        except FileNotFoundError:  # already gone (a concurrent prune)
+            return
+        except OSError:  # cannot rename (e.g. the dir is a mount point): delete in place
+            trash = step_dir
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        _done(trash)
 
 
 def prune(run_dir, keep: int) -> None:
     """Delete all but the last `keep` complete steps; incomplete step dirs (no manifest) that `keep` newer
     complete steps outdate; and stale temporary dirs: saves that died before their rename (a crash or SIGKILL
-    mid-save leaves a full-size `.tmp-step-N-PID`) and deletions cut short (`.old-step-N-PID`), whose PID is gone
-    or is ours (an earlier failed save or deletion in this process).
+    mid-save leaves a full-size `.tmp-step-N-PID-K`) and deletions cut short (`.old-step-N-PID-K`), whose PID is
+    gone or is ours and no thread of ours is using it (an earlier failed save or deletion in this process).
 
     Incomplete `step-N` dirs come from deletions cut short by versions before `discard` (or `--overwrite` runs),
     or from a copy in progress by some other tool. No smdm process ever writes into a `step-N` (saves write the
@@ -203,7 +233,9 @@ def prune(run_dir, keep: int) -> None:
         m = _TMP_RE.match(p.name)
         if m and p.is_dir():
             pid = int(m.group(1))
-            if pid == os.getpid() or not _pid_alive(pid):
+            with _IN_USE_LOCK:
+                busy = p.name in _IN_USE  # another thread of this process is writing or deleting it
+            if not busy and (pid == os.getpid() or not _pid_alive(pid)):
                 shutil.rmtree(p, ignore_errors=True)
 
 
