@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from smdm import checkpoint, evaluate
-from smdm.diffusion import elbo_exact, elbo_masks, elbo_nll
+from smdm.diffusion import elbo_exact, elbo_masks, elbo_nll, elbo_times, sum_stderr
 from smdm.model import build_model, config_by_name
 
 WORDS = ["<|endoftext|>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "fast", "[UNK]"]
@@ -191,7 +191,7 @@ def test_guided_elbo_matches_hand(mdm):
     w, n, seed = 0.7, 6, 3
     c, d = [1, 2, 3], [4, 5, 6, 7]
     s = evaluate.score(mdm, [(c, d)], n_samples=n, seed=seed, cfg=w, row_ids=[42])
-    t = evaluate.elbo_times(n, seed)
+    t = elbo_times(n, seed)
     x0 = torch.tensor(c + d)
     target = torch.zeros(1, len(x0), dtype=torch.bool)
     target[0, len(c):] = True
@@ -312,7 +312,7 @@ def test_positions_elbo_matches_hand(mdm):
     w, n, seed = 0.7, 6, 3
     ids, pos = [1, 2, 3, 4, 5, 6, 7], [1, 3, 4]
     s = evaluate.score_positions(mdm, [(ids, pos)], n_samples=n, seed=seed, cfg=w, row_ids=[42])
-    t = evaluate.elbo_times(n, seed)
+    t = elbo_times(n, seed)
     x0 = torch.tensor(ids)
     target = torch.zeros(1, len(ids), dtype=torch.bool)
     target[0, pos] = True
@@ -846,6 +846,12 @@ def test_ppl_same_windows(prepared, tmp_path, capsys):
     e = elbo_nll(mdm_m, x, prompt_lens=[1] * 5, segment_ids=seg, n_samples=8, row_ids=b["index"].numpy())
     assert r_mdm["nll_per_token"] == pytest.approx(float(e.nll.sum()) / (5 * L), rel=1e-6)
     assert r_mdm["stderr"] > 0 and r_mdm["ppl"] == pytest.approx(math.exp(r_mdm["nll_per_token"]))
+    # the windows share their t_k: the standard error of the total comes from the per-sample totals
+    # (`sum_stderr`; the root of the windows' summed squared stderrs understated it)
+    torch.testing.assert_close(e.samples.mean(0), e.nll)
+    torch.testing.assert_close(e.samples.std(0) / math.sqrt(8), e.stderr)
+    assert r_mdm["stderr"] == pytest.approx(sum_stderr(e.samples.sum(1), e.times) / (5 * L), rel=1e-6)
+    assert torch.equal(e.times, torch.from_numpy(elbo_times(8, 0)))
     # one record per window (the --json help promised per-item records and there were none)
     per_window = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").double().sum(1)
     assert [r["window"] for r in r_arm["records"]] == b["index"].tolist() == [r["window"] for r in r_mdm["records"]]
@@ -989,8 +995,11 @@ def test_score_names_bad_inputs():
                        ([([1], [2.5])], r"pair 0's continuation holds 2\.5")):
         with pytest.raises(ValueError, match=msg):
             score(mdm, pairs, n_samples=4)
-    with pytest.raises(ValueError, match=r"item 0's positions holds 1\.0"):
+    with pytest.raises(ValueError, match=r"item 0's positions holds 1\.0: positions are ints"):
         score_positions(mdm, [([1, 2, 3], [1.0])], n_samples=4)
+    with pytest.raises(ValueError, match=r"item 0's positions is a set, which has no order: pass a list of "
+                                         r"positions$"):
+        score_positions(mdm, [([1, 2, 3], {1, 2})], n_samples=4)
     with pytest.raises(ValueError, match=r"n_samples must be an int, got 8\.0"):
         score(mdm, [([1], [2])], n_samples=8.0)
     assert score(mdm, [(np.array([1]), torch.tensor([2]))], n_samples=np.int64(4)).nll.shape == (1,)

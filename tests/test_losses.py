@@ -200,6 +200,44 @@ def test_elbo_rejects_the_arm_and_one_sample():
         elbo_nll(tiny(causal=True), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="n_samples"):
         elbo_nll(tiny(), torch.zeros(1, 3, dtype=torch.long), n_samples=1)
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\), got shape \(3,\)"):
+        tiny()(torch.zeros(3, dtype=torch.long))
+
+
+def test_sum_stderr_is_calibrated_for_stratified_times_with_a_shared_offset():
+    """sum_stderr on draws S_k = f(t_k) + noise with t_k = (k + 1 - u) / n, one u per estimate: over many
+    estimates its root mean square matches the true spread of mean(S) (std(S) / sqrt(n) counts the trend
+    stratification cancels: over 2x too large with a trend), for a trend alone, noise alone and both; i.i.d. times
+    take the plain formula; and the times come from elbo_times."""
+    from smdm.diffusion import elbo_times, sum_stderr
+
+    gen = np.random.default_rng(0)
+    n, reps = 16, 4000
+    for slope, noise in ((100.0, 1.0), (0.0, 5.0), (60.0, 5.0)):
+        means, est, plain = [], [], []
+        for _ in range(reps):
+            t = (np.arange(n) + 1.0 - gen.random()) / n
+            s = torch.from_numpy(slope * t + 10 * t ** 2 + noise * gen.standard_normal(n))
+            means.append(float(s.mean()))
+            est.append(sum_stderr(s, torch.from_numpy(t)))
+            plain.append(float(s.std()) / math.sqrt(n))
+        spread, rms = float(np.std(means, ddof=1)), math.sqrt(float(np.mean(np.square(est))))
+        assert 0.9 < spread / rms < 1.15, (slope, noise, spread, rms)
+        if slope:
+            assert math.sqrt(float(np.mean(np.square(plain)))) > 2 * spread
+    s = torch.tensor([1.0, 4.0, 2.0, 8.0])
+    assert sum_stderr(s, torch.rand(4), stratified=False) == pytest.approx(float(s.std()) / 2)
+    assert sum_stderr(s[:2], torch.tensor([0.2, 0.7])) == pytest.approx(float(s[:2].std()) / math.sqrt(2))
+    e = elbo_nll(tiny(), torch.randint(0, 11, (2, 5)), n_samples=6, seed=3)
+    assert torch.equal(e.times, torch.from_numpy(elbo_times(6, 3))) and e.stratified
+
+
+def test_elbo_takes_int32_ids_as_int64():
+    """int32 ids (elbo_exact, forward_process, generate and score take them) were a RuntimeError deep in the CE."""
+    model, tokens = tiny(), torch.randint(0, 11, (2, 5))
+    want = elbo_nll(model, tokens, n_samples=4)
+    got = elbo_nll(model, tokens.int(), n_samples=4)
+    assert torch.equal(got.nll, want.nll) and torch.equal(got.samples, want.samples)
 
 
 # ---- noise schedules: the ELBO does not depend on the schedule, a mismatched weight does ----

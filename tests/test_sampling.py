@@ -846,10 +846,14 @@ def test_numpy_integer_seeds(mdm):
 
 
 def test_more_steps_than_tokens_and_callback(mdm):
-    """Steps that commit nothing cost no forward pass (unchanged input); the callback sees each step."""
-    seen = []
-    out = generate(mdm, [[1, 2]], gen_length=4, steps=12, callback=lambda i, seqs: seen.append(i))
+    """Steps that commit nothing cost no forward pass (unchanged input); the callback sees each step, as
+    copies a trajectory can keep (they were the live rows: every kept step showed the final state)."""
+    seen, kept = [], []
+    out = generate(mdm, [[1, 2]], gen_length=4, steps=12,
+                   callback=lambda i, seqs: (seen.append(i), kept.append(seqs[0])))
     assert out.steps == [12] and out.forward_passes == 4 and seen == list(range(1, 13))
+    masks = [int((s == mdm.config.mask_id).sum()) for s in kept]
+    assert masks[0] >= 3 and masks[-1] == 0 and masks == sorted(masks, reverse=True), masks
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_schedule_warmup_cosine_to_a_tenth():
 
 def test_train_writes_metrics_checkpoint_and_loads(dataset, tmp_path):
     out = tmp_path / "run"
-    t = train(cfg_for(dataset, out, max_steps=5, val_every=5))
+    t = train(cfg_for(dataset, out, max_steps=5, val_every=5, val_batches=3))
     rows = metrics(out)
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
@@ -111,6 +111,21 @@ def test_train_writes_metrics_checkpoint_and_loads(dataset, tmp_path):
     vals = [r for r in rows if r.get("event") == "val"]
     assert [v["step"] for v in vals] == [0, 5] and all(v["val_kind"] == "elbo" for v in vals)
     assert vals[0]["val_loss"] > 0 and vals[0]["val_stderr"] > 0
+    # the last validation is elbo_nll over the val windows; all rows share their t_k, so its standard error is
+    # the spread of the per-sample totals (the root of summed squared stderrs understated it)
+    from smdm.diffusion import elbo_nll, elbo_times, sum_stderr
+
+    t.val_dataset.load_state_dict({"epoch": 0, "batch": 0})
+    it = iter(t.val_dataset)
+    batches = [next(it) for _ in range(3)]
+    ests = [elbo_nll(t.model, b["input_ids"], segment_ids=b["segment_ids"], n_samples=4, seed=1,
+                     row_ids=b["index"].numpy()) for b in batches]
+    tokens = sum(int(e.n_tokens.sum()) for e in ests)
+    assert vals[-1]["val_tokens"] == tokens == 3 * 4 * 32
+    assert vals[-1]["val_loss"] == pytest.approx(sum(float(e.nll.sum()) for e in ests) / tokens, rel=1e-9)
+    totals = sum(e.samples.sum(1) for e in ests)
+    assert vals[-1]["val_stderr"] == pytest.approx(sum_stderr(totals, ests[0].times) / tokens, rel=1e-9)
+    assert torch.equal(ests[0].times, torch.from_numpy(elbo_times(4, 1)))
     assert ckpt.latest(out).name == "step-5"
     import smdm
 
@@ -429,6 +444,28 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(dataset, tmp_path, sig):
     # and it resumes from there
     train(cfg_for(dataset, c.out, max_steps=100_000, stop_after=last + 1, resume=True))
     assert step_losses(c.out)[-1][0] == last + 1
+
+
+def test_trains_in_a_thread_other_than_the_main_one(dataset, tmp_path):
+    """`smdm.train.train` from a worker thread (a notebook, a server): Python takes signal handlers in its
+    main thread only, so the run leaves SIGTERM / SIGINT to the program (it raised "signal only works in main
+    thread") and the main thread's handlers stay as they were."""
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    out, errors = [], []
+
+    def work():
+        try:
+            out.append(train(cfg_for(dataset, tmp_path / "run", max_steps=3)))
+        except Exception as e:  # noqa: BLE001 (reported by the assert below)
+            errors.append(e)
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join(timeout=120)
+    assert not errors and out and out[0].step == 3, errors
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_a_non_finite_loss_never_reaches_the_weights(dataset, tmp_path, monkeypatch):

@@ -485,6 +485,45 @@ class Elbo:
     n_tokens: _torch.Tensor  # (B,) target tokens per sequence (nll / n_tokens is nats per token)
     n_samples: int
     estimator: str = "time"
+    samples: _torch.Tensor | None = None  # (n_samples, B) float64: the per-sample estimates (nll = their mean).
+    # All rows of one seed share their times t_k, so their errors are correlated: the standard error of a sum
+    # over rows (over batches of the same seed too) is `sum_stderr` of the per-sample sums, not the root of the
+    # rows' summed squared stderrs (which understates it more the more rows are summed)
+    times: _torch.Tensor | None = None  # (n_samples,) float64: t_k of each sample (shared by the rows)
+    stratified: bool = True  # t_k = (k + 1 - u) / n with one u (else i.i.d.)
+
+
+def elbo_times(n_samples: int, seed: int, stratified: bool = True) -> _np.ndarray:
+    """The times t_k of `elbo_nll`'s samples, shared by every row: (n,) float64 in (0, 1]. Stratified:
+    t_k = (k + 1 - u) / n with u = uniform(key(seed, 0, 0, STRATIFIED, 0)); else t_k = 1 - uniform(key(seed, k, 0,
+    TIME, 0))."""
+    if stratified:
+        u = _rng.uniform(_rng.key(seed, 0, 0, _rng.Stream.STRATIFIED, 0))
+        return (_np.arange(n_samples) + 1.0 - u) / n_samples
+    keys = [_rng.key(seed, k, 0, _rng.Stream.TIME, 0) for k in range(n_samples)]
+    return 1.0 - _rng.uniform(_np.array(keys, dtype=_np.uint64))
+
+
+def sum_stderr(totals: _torch.Tensor, times: _torch.Tensor, stratified: bool = True) -> float:
+    """Standard error of a sum of `elbo_nll` estimates made with one seed: `totals` (n,) is the sum over the rows
+    of `Elbo.samples`, `times` its `Elbo.times` (every row shares them, so the per-sample sums are the draws).
+
+    i.i.d. t_k: the plain std(totals) / sqrt(n). Stratified t_k = (k + 1 - u) / n with one shared u: the totals
+    follow a trend in t (more masks, more CE per token) that stratification cancels but std(totals) counts,
+    which overstated the error 1.8-2.6x on 64 windows of the demo MDM. Fitting totals ≈ a + b t_k, the noise
+    around the trend contributes s² / n (s² the residual variance) and the shared offset u, which slides every
+    t_k by the same (1/2 - u) / n, contributes b² / (12 n²). Measured (benches/elbo_sum_stderr.py: 64 windows
+    of the demo MDM, 12-40 seeds per setting): true spread / this estimate 1.03 at n = 4 (count), 0.85-0.93 at
+    n = 16 (count), 1.07 (time), 0.38-0.60 at n = 64 (count: conservative), 1.00 (time); the root of the rows'
+    summed squared stderrs gave 2.34, 1.41-1.55, 1.15, 0.57-0.84, 1.17. n = 2 leaves no residual: the plain
+    formula (conservative) then."""
+    n = len(totals)
+    if not stratified or n < 3:
+        return float(totals.std(unbiased=True)) / _math.sqrt(n)
+    x = _torch.stack([_torch.ones(n, dtype=_torch.float64), times.double()], 1)  # (n, 2)
+    coef = _torch.linalg.lstsq(x, totals.double()[:, None]).solution[:, 0]  # (a, b)
+    s2 = float(((totals.double() - x @ coef) ** 2).sum()) / (n - 2)
+    return _math.sqrt(s2 / n + float(coef[1]) ** 2 / (12 * n * n))
 
 
 def elbo_counts(t, n_targets) -> _np.ndarray:
@@ -559,6 +598,7 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
     mask_id = model.config.mask_id
     if mask_id is None:
         raise ValueError("elbo_nll is for the MDM (a bidirectional model); the ARM's NLL is exact (ar_loss)")
+    tokens = tokens.long()  # int32 ids too (the CE targets must be int64)
     device = tokens.device
     B, L = tokens.shape
     pos = _torch.arange(L, device=device)[None, :]
@@ -568,12 +608,7 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
         target = pos >= _torch.as_tensor(prompt_lens, device=device)[:, None]  # (B, L)
     row_ids = _np.arange(B) if row_ids is None else _np.asarray(row_ids)
     sched = parse_schedule(schedule)
-    if stratified:
-        u = _rng.uniform(_rng.key(seed, 0, 0, _rng.Stream.STRATIFIED, 0))
-        t = (_np.arange(n_samples) + 1.0 - u) / n_samples  # (n,) in (0, 1]
-    else:
-        keys = [_rng.key(seed, k, 0, _rng.Stream.TIME, 0) for k in range(n_samples)]
-        t = 1.0 - _rng.uniform(_np.array(keys, dtype=_np.uint64))  # (n,) in (0, 1]
+    t = elbo_times(n_samples, seed, stratified)
     per_sample = _torch.zeros(n_samples, B, dtype=_torch.float64)
     n_targets = target.sum(1).cpu().numpy()
     chunk = max(1, max_rows // B)  # samples per forward pass
@@ -599,7 +634,8 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
             per_sample[first:first + count] = sums.reshape(count, B).cpu() * w[:, None]
     nll = per_sample.mean(0)
     stderr = per_sample.std(0, unbiased=True) / _math.sqrt(n_samples)
-    return Elbo(nll=nll, stderr=stderr, n_tokens=target.sum(1).cpu(), n_samples=n_samples, estimator=estimator)
+    return Elbo(nll=nll, stderr=stderr, n_tokens=target.sum(1).cpu(), n_samples=n_samples, estimator=estimator,
+                samples=per_sample, times=_torch.from_numpy(_np.asarray(t, dtype=_np.float64)), stratified=stratified)
 
 
 def elbo_exact(model, tokens, prompt_lens=None) -> _torch.Tensor:

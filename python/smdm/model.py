@@ -452,6 +452,9 @@ class Transformer(nn.Module):
         key_valid: (B, Lk) bool, False for padding keys (Lk = cache_pos + L with a cache, else L).
         kv_cache / cache_pos: write this chunk's K/V at slots [cache_pos, cache_pos + L) and attend to all slots
         before its end (causally for the ARM)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)} (one sequence: "
+                             f"ids[None])")
         B, L = input_ids.shape
         if kv_cache is None and cache_pos:
             raise ValueError("cache_pos needs a kv_cache")

@@ -480,7 +480,7 @@ def generate(model, prompts: Sequence[Sequence[int]], gen_length: int = 128, ste
     `threshold`, `cfg_scale`, `confidence` do not apply.
     `seed`: an int (every row) or one per prompt. `eos_id`: per-row early stop. `batch_invariant`: arrange
     the forward passes so a row's floats never depend on the other rows (module docstring; False is a little
-    faster). `callback(step, seqs)` sees the rows (mask id where still masked) after each step.
+    faster). `callback(step, seqs)` sees copies of the rows (mask id where still masked) after each step.
     `schedule`: the noise schedule of the reverse steps ("linear" | "cosine" | "polynomial:P"; default: the one
     the model was trained with, `model.train_schedule` as `smdm.load` sets it, else linear): sets how many
     positions `ancestral` and `low_confidence` (without blocks) reveal per step; the block quota and
@@ -567,7 +567,7 @@ def infill(model, ids: Sequence, mask_positions: Optional[Sequence] = None, step
         raise ValueError(f"mask_positions holds a position where a list is expected: give one list of positions "
                          f"per sequence ({len(ids)} sequences)")
     if mask_positions is not None:
-        mask_positions = [token_ids(m, f"mask_positions[{i}]") for i, m in enumerate(mask_positions)]
+        mask_positions = [token_ids(m, f"mask_positions[{i}]", "positions") for i, m in enumerate(mask_positions)]
     steps = None if steps is None else _count(steps, "steps")
     block_length = _count(block_length, "block_length", none_ok=True)
     if not ids:
@@ -633,15 +633,17 @@ def _schedule(model, schedule) -> Schedule:
     return parse_schedule("linear" if schedule is None else schedule)
 
 
-def token_ids(seq, what: str) -> list:
-    """One sequence of token ids as a list of Python ints: a list or tuple of ints (numpy and 0-d tensor ints
-    too), a 1-D integer numpy array or tensor, or a `tokenizers.Encoding` (its .ids). Text, floats and bools
-    are ValueErrors naming `what` (int() would read '7' from text and truncate 1.7 silently)."""
+def token_ids(seq, what: str, kind: str = "token ids") -> list:
+    """One sequence of token ids (or other integers: `kind` names them in errors, e.g. "positions") as a list
+    of Python ints: a list or tuple of ints (numpy and 0-d tensor ints too), a 1-D integer numpy array or
+    tensor, or a `tokenizers.Encoding` (its .ids). Text, floats and bools are ValueErrors naming `what` (int()
+    would read '7' from text and truncate 1.7 silently)."""
     if isinstance(seq, (str, bytes, bytearray, memoryview)):
+        hint = ", e.g. tokenizer.encode(text).ids" if kind == "token ids" else ""
         raise ValueError(f"{what} is text ({bytes(seq[:30]) if not isinstance(seq, str) else seq[:30]!r}): pass "
-                         f"token ids, e.g. tokenizer.encode(text).ids")
+                         f"{kind}{hint}")
     if isinstance(seq, (set, frozenset, dict)):
-        raise ValueError(f"{what} is a {type(seq).__name__}, which has no order: pass a list of token ids")
+        raise ValueError(f"{what} is a {type(seq).__name__}, which has no order: pass a list of {kind}")
     if hasattr(seq, "ids") and not isinstance(seq, (torch.Tensor, np.ndarray)):  # a tokenizers.Encoding
         seq = seq.ids
     if isinstance(seq, np.ndarray) and seq.dtype == object and seq.ndim == 1:
@@ -652,13 +654,13 @@ def token_ids(seq, what: str) -> list:
         if seq.ndim == 1 and seq.shape[0] == 0:  # torch.tensor([]) / np.array([]): float dtype, no ids
             return []
         if seq.ndim != 1 or not integer:
-            raise ValueError(f"{what} must be a 1-D integer array of token ids, got {seq.dtype} of shape "
+            raise ValueError(f"{what} must be a 1-D integer array of {kind}, got {seq.dtype} of shape "
                              f"{tuple(seq.shape)}")
         return seq.tolist()
     try:
         items = list(seq)
     except TypeError:
-        raise ValueError(f"{what} is not a sequence of token ids: {seq!r}") from None
+        raise ValueError(f"{what} is not a sequence of {kind}: {seq!r}") from None
     out = []
     for x in items:
         try:
@@ -666,7 +668,7 @@ def token_ids(seq, what: str) -> list:
                 raise TypeError
             out.append(operator.index(x))
         except TypeError:
-            raise ValueError(f"{what} holds {x!r}: token ids are ints") from None
+            raise ValueError(f"{what} holds {x!r}: {kind} are ints") from None
     return out
 
 
@@ -878,7 +880,7 @@ def _denoise(model, rows: list, sampler: str, opts: dict, callback) -> int:
                     _after_step(r, mask_id, opts["eos_id"])
                 step += 1
                 if callback is not None:
-                    callback(step, [r.seq for r in rows])
+                    callback(step, [r.seq.clone() for r in rows])  # copies: the rows change in the next step
     finally:
         model.train(was_training)
     return forwards

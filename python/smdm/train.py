@@ -46,6 +46,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import fields, replace
@@ -166,9 +167,9 @@ class Objective(nn.Module):
 
         if kind == "mdm":
             return diffusion.mdm_loss(self.model, **kw)
-        if kind == "elbo":  # validation of the MDM: (nll, stderr, n_tokens) per sequence
+        if kind == "elbo":  # validation of the MDM: nll (B,), the per-sample estimates (n, B), n_tokens (B,)
             est = diffusion.elbo_nll(self.model, **kw)
-            return est.nll, est.stderr, est.n_tokens
+            return est.nll, est.samples, est.n_tokens
         if kind == "sft":
             return diffusion.sft_loss(self.model, **kw)
         if kind in ("ar_sft", "ar_sft_nll"):
@@ -1218,7 +1219,7 @@ class Trainer:
         net = self.wrapped if cfg.fsdp and d.enabled else self.objective
         self.val_dataset.load_state_dict({"epoch": 0, "batch": 0})  # the same windows at every validation
         it = iter(self.val_dataset)
-        sums = torch.zeros(3, dtype=torch.float64)  # nll, tokens, variance of the nll sum
+        sums = self._val_sums()
         for _ in range(cfg.val_batches):
             try:
                 batch = next(it)
@@ -1230,24 +1231,36 @@ class Trainer:
             with self._autocast():
                 if self.kind == "mdm":
                     rows = batch["index"][mine].numpy()
-                    nll, se, n = net("elbo", tokens=ids, segment_ids=seg, n_samples=cfg.val_samples,
-                                     seed=cfg.seed + 1, row_ids=rows, max_rows=max(64, ids.shape[0]),
-                                     schedule=cfg.schedule, estimator=cfg.val_estimator)
-                    sums += torch.stack([nll.sum(), n.sum().double(), (se ** 2).sum()])
+                    nll, samples, n = net("elbo", tokens=ids, segment_ids=seg, n_samples=cfg.val_samples,
+                                          seed=cfg.seed + 1, row_ids=rows, max_rows=max(64, ids.shape[0]),
+                                          schedule=cfg.schedule, estimator=cfg.val_estimator)
+                    sums += torch.cat([torch.stack([nll.sum(), n.sum().double()]), samples.sum(1)])
                 else:
                     loss = net("ar", tokens=ids, segment_ids=seg).double().cpu()
                     n = ids.shape[0] * (ids.shape[1] - 1)
-                    sums += torch.tensor([float(loss) * n, n, 0.0], dtype=torch.float64)
+                    sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
         return self._val_event(sums)
 
+    def _val_sums(self) -> torch.Tensor:
+        """Validation's running sums: nll, tokens, then (MDM) the per-sample totals of its ELBO draws, whose
+        spread gives the standard error of the nll sum (`diffusion.sum_stderr`: every row shares the draws' t)."""
+        return torch.zeros(2 + (self.cfg.val_samples if self.kind == "mdm" else 0), dtype=torch.float64)
+
     def _val_event(self, sums: torch.Tensor) -> Optional[dict]:
-        """Reduce (nll sum, tokens, variance of the nll sum) over ranks into the logged val event."""
+        """Reduce `_val_sums` over ranks into the logged val event."""
+        from smdm.diffusion import elbo_times, sum_stderr
+
         self.dist.all_reduce(sums)
         self.model.train()
         if sums[1] == 0:
             return None
+        if self.kind == "mdm":  # validation's draws: elbo_nll's default stratified times of seed + 1
+            times = torch.from_numpy(elbo_times(self.cfg.val_samples, self.cfg.seed + 1))
+            stderr = sum_stderr(sums[2:], times) / float(sums[1])
+        else:
+            stderr = 0.0
         return {"event": "val", "step": self.step, "tokens": self.tokens_seen,
-                "val_loss": float(sums[0] / sums[1]), "val_stderr": float(sums[2].sqrt() / sums[1]),
+                "val_loss": float(sums[0] / sums[1]), "val_stderr": stderr,
                 "val_tokens": int(sums[1]), "val_kind": "elbo" if self.kind == "mdm" else "exact",
                 **({"val_estimator": self.cfg.val_estimator} if self.kind == "mdm" else {})}
 
@@ -1267,7 +1280,7 @@ class Trainer:
         self.model.eval()
         net = self.wrapped if cfg.fsdp and d.enabled else self.objective
         gb = self.micro * d.world
-        sums = torch.zeros(3, dtype=torch.float64)  # nll, target tokens, variance of the nll sum
+        sums = self._val_sums()  # nll, target tokens, (MDM) per-sample totals
         for first in range(0, min(len(ex), cfg.val_batches * gb), gb):
             # every rank runs `micro` rows (FSDP needs all ranks in every forward); rows past the end are
             # copies of example 0 that count for nothing
@@ -1278,18 +1291,18 @@ class Trainer:
             n = (batch["lengths"] - pl).double() * valid
             with self._autocast():
                 if self.kind == "mdm":
-                    nll, se, _ = net("elbo", tokens=ids, prompt_lens=pl.to(d.device), n_samples=cfg.val_samples,
-                                     seed=cfg.seed + 1, row_ids=batch["index"].numpy(),
-                                     max_rows=max(64, ids.shape[0]), schedule=cfg.schedule,
-                                     estimator=cfg.val_estimator)
-                    nll, var = nll.double().cpu() * valid, (se.double().cpu() ** 2) * valid
+                    nll, samples, _ = net("elbo", tokens=ids, prompt_lens=pl.to(d.device),
+                                          n_samples=cfg.val_samples, seed=cfg.seed + 1,
+                                          row_ids=batch["index"].numpy(), max_rows=max(64, ids.shape[0]),
+                                          schedule=cfg.schedule, estimator=cfg.val_estimator)
+                    totals = (samples.double().cpu() * valid).sum(1)
                 else:  # divided by the targets it scores: with an empty prompt the first token has no
                     # prediction (no BOS), and counting it anyway biased the per-token NLL low
                     nll, scored = net("ar_sft_nll", tokens=ids, prompt_lens=pl.to(d.device),
                                       lengths=batch["lengths"].to(d.device))
-                    nll, var = nll.double().cpu() * valid, torch.zeros(len(idx), dtype=torch.float64)
+                    totals = torch.zeros(0, dtype=torch.float64)
                     n = scored.double().cpu() * valid
-            sums += torch.stack([nll.sum(), n.sum(), var.sum()])
+            sums += torch.cat([torch.stack([(nll.double().cpu() * valid).sum(), n.sum()]), totals])
         return self._val_event(sums)
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -1366,9 +1379,14 @@ class Trainer:
                       f"checkpoint is unchanged (give {more} to train further)", flush=True)
             self.nothing_trained = True
             return {"step": self.step, "val": None}
-        old = signal.signal(signal.SIGTERM, self._on_sigterm)
-        old_int = signal.signal(signal.SIGINT, self._on_sigterm)  # Ctrl-C: as SIGTERM (it lost the steps since
-        self._stop_signal = "SIGTERM"  # the last save), a second one interrupts
+        # SIGTERM and Ctrl-C finish the step and save (Ctrl-C lost the steps since the last save), a second
+        # Ctrl-C interrupts. Python takes signal handlers in its main thread only: a run in another thread
+        # (a notebook's worker, a server) leaves the signals to that program
+        handle = threading.current_thread() is threading.main_thread()
+        if handle:
+            old = signal.signal(signal.SIGTERM, self._on_sigterm)
+            old_int = signal.signal(signal.SIGINT, self._on_sigterm)
+        self._stop_signal = "SIGTERM"
         if d.rank == 0:
             n = self.model_config.non_embedding_params()
             what = f"{self.kind.upper()} {cfg.config}" + (" SFT" if self.sft else "")
@@ -1434,8 +1452,9 @@ class Trainer:
                     break
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, old)
-            signal.signal(signal.SIGINT, old_int)
+            if handle:
+                signal.signal(signal.SIGTERM, old)
+                signal.signal(signal.SIGINT, old_int)
             if self.tb_writer is not None:
                 self.tb_writer.close()
                 self.tb_writer = None
