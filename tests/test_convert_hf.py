@@ -325,6 +325,23 @@ def test_plain_sharded_llama_dir_converts(tmp_path, tie):
         import_hf(out, tmp_path / "mdm", mdm=True)
 
 
+def test_tied_config_with_its_own_head_converts_as_transformers_computes_it(tmp_path):
+    """config.json says tie_word_embeddings but the files hold an lm_head.weight of their own: transformers 5
+    does not tie weights that differ (it warns and keeps the files' head), and the conversion computes the same
+    function (checked because a review expected the tie)."""
+    _, out = llama(tmp_path, "llama")
+    conf = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**conf, "tie_word_embeddings": True}))
+    theirs_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval().double()
+    assert cli(["convert", "from-hf", str(out), "--out", str(tmp_path / "run")]) == 0
+    model, _ = smdm.load(tmp_path / "run", device="cpu")
+    assert not torch.equal(model.head.weight, model.embed.weight)
+    idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, theirs = model.double()(idx), theirs_model(idx).logits
+    assert max_err(ours, theirs) < REL * ours.abs().max().item(), max_err(ours, theirs)
+
+
 def test_plain_llama_dir_with_the_mask_row_is_an_mdm_with_mdm_flag(tmp_path):
     """A Llama-named directory whose embedding has the extra row (smdm's MDM tensors under a llama config.json)
     is read as an MDM with --mdm, and refused without it."""
