@@ -40,7 +40,7 @@ def run(model, x, seg, idx, n: int, estimator: str, seeds: int) -> dict:
         totals.append(float(s.mean()))
         errors["old"].append(math.sqrt(float((e.stderr ** 2).sum())))
         errors["iid"].append(float(s.std()) / math.sqrt(n))
-        errors["sum"].append(sum_stderr(s, e.times))
+        errors["sum"].append(sum_stderr(s, e.times, stratified=e.stratified))
     spread = float(np.std(totals, ddof=1))
     out = {"n_samples": n, "estimator": estimator, "seeds": seeds, "spread": spread}
     for k, v in errors.items():

@@ -377,6 +377,27 @@ def test_a_null_or_missing_litgpt_field_takes_the_default(tmp_path):
     assert cli(["convert", "from-litgpt", str(src), "--out", str(tmp_path / "out")]) == 0
     model = ckpt.read_config(ckpt.resolve(tmp_path / "out"))["model"]
     assert (model["n_head"], model["n_kv_head"], model["max_seq_len"], model["norm_eps"]) == (4, 2, 2048, 1e-5)
+    # a hand-written `norm_eps: 1e-6` (PyYAML reads an exponent without a dot as a string) is the number
+    (tmp_path / "hand").mkdir()
+    src = _record(tmp_path / "hand", yaml_line="norm_eps: 1e-6")
+    assert cli(["convert", "from-litgpt", str(src), "--out", str(tmp_path / "out2")]) == 0
+    assert ckpt.read_config(ckpt.resolve(tmp_path / "out2"))["model"]["norm_eps"] == 1e-6
+
+
+def test_to_litgpt_checks_the_suffix_of_the_name_given(tmp_path):
+    """`--out model.safetensors` that is a link to a blob without the suffix: the name given is what counts
+    (it was refused after the link was followed, naming a suffix the user had given)."""
+    from smdm.convert import export_litgpt
+
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    blob.write_bytes(b"")
+    (tmp_path / "model.safetensors").symlink_to(blob)
+    cfg = config_by_name("tiny", vocab_size=23)
+    ckpt.save(tmp_path / "run", 1, model_state=build_model(cfg, seed=0).state_dict(),
+              config={"model": cfg.to_dict(), "objective": "mdm"}, train_state={"step": 1})
+    export_litgpt(tmp_path / "run", tmp_path / "model.safetensors", overwrite=True)
+    assert blob.stat().st_size > 0 and (tmp_path / "model.safetensors").is_symlink()
 
 
 @pytest.mark.parametrize("direction", ["to-litgpt", "to-hf"])

@@ -219,7 +219,7 @@ def test_sum_stderr_is_calibrated_for_stratified_times_with_a_shared_offset():
             t = (np.arange(n) + 1.0 - gen.random()) / n
             s = torch.from_numpy(slope * t + 10 * t ** 2 + noise * gen.standard_normal(n))
             means.append(float(s.mean()))
-            est.append(sum_stderr(s, torch.from_numpy(t)))
+            est.append(sum_stderr(s, torch.from_numpy(t), stratified=True))
             plain.append(float(s.std()) / math.sqrt(n))
         spread, rms = float(np.std(means, ddof=1)), math.sqrt(float(np.mean(np.square(est))))
         assert 0.9 < spread / rms < 1.15, (slope, noise, spread, rms)
@@ -227,7 +227,8 @@ def test_sum_stderr_is_calibrated_for_stratified_times_with_a_shared_offset():
             assert math.sqrt(float(np.mean(np.square(plain)))) > 2 * spread
     s = torch.tensor([1.0, 4.0, 2.0, 8.0])
     assert sum_stderr(s, torch.rand(4), stratified=False) == pytest.approx(float(s.std()) / 2)
-    assert sum_stderr(s[:2], torch.tensor([0.2, 0.7])) == pytest.approx(float(s[:2].std()) / math.sqrt(2))
+    two = sum_stderr(s[:2], torch.tensor([0.2, 0.7]), stratified=True)  # no residual: the plain formula
+    assert two == pytest.approx(float(s[:2].std()) / math.sqrt(2))
     e = elbo_nll(tiny(), torch.randint(0, 11, (2, 5)), n_samples=6, seed=3)
     assert torch.equal(e.times, torch.from_numpy(elbo_times(6, 3))) and e.stratified
 
@@ -238,6 +239,9 @@ def test_elbo_takes_int32_ids_as_int64():
     want = elbo_nll(model, tokens, n_samples=4)
     got = elbo_nll(model, tokens.int(), n_samples=4)
     assert torch.equal(got.nll, want.nll) and torch.equal(got.samples, want.samples)
+    for bad in (tokens.float() + 0.7, tokens > 5):  # never truncated to ids
+        with pytest.raises(ValueError, match="tokens must be integer ids, got torch.(float32|bool)"):
+            elbo_nll(model, bad, n_samples=4)
 
 
 # ---- noise schedules: the ELBO does not depend on the schedule, a mismatched weight does ----

@@ -124,7 +124,8 @@ def test_train_writes_metrics_checkpoint_and_loads(dataset, tmp_path):
     assert vals[-1]["val_tokens"] == tokens == 3 * 4 * 32
     assert vals[-1]["val_loss"] == pytest.approx(sum(float(e.nll.sum()) for e in ests) / tokens, rel=1e-9)
     totals = sum(e.samples.sum(1) for e in ests)
-    assert vals[-1]["val_stderr"] == pytest.approx(sum_stderr(totals, ests[0].times) / tokens, rel=1e-9)
+    want = sum_stderr(totals, ests[0].times, stratified=True) / tokens
+    assert vals[-1]["val_stderr"] == pytest.approx(want, rel=1e-9)
     assert torch.equal(ests[0].times, torch.from_numpy(elbo_times(4, 1)))
     assert ckpt.latest(out).name == "step-5"
     import smdm

@@ -146,7 +146,8 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
         else:
-            raise SmdmIOError(f"{final}: could not replace it (other saves of this step kept taking its place)")
+            raise SmdmIOError(f"{final}: could not put the new save in its place (the existing directory could not "
+                              f"be removed, or other saves of this step kept taking its place)")
     except BaseException:  # a full disk, an interrupt: no half-written temporary left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise

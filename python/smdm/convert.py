@@ -133,12 +133,18 @@ _MISSING = object()
 
 def _field(conf: dict, name: str, path, kind=int, default=_MISSING):
     """Field `name` of a config read from `path`: a positive int (not a float, not a bool) or a positive number
-    (`kind` float, returned as a float); absent or null: `default`, else an error. Bad values are shown as repr."""
+    (`kind` float, returned as a float; also a string that is one: PyYAML reads `1e-5`, with no dot, as a
+    string); absent or null: `default`, else an error. Bad values are shown as repr."""
     value = conf.get(name)
     if value is None:
         if default is _MISSING:
             raise ConvertError(f"{path}: missing field {name!r}")
         return default
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # refused below, as given
     number = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
     if not (number and 0 < value < math.inf):
         raise ConvertError(f"{path}: field {name!r} must be a positive {kind.__name__}, got {value!r}")
@@ -593,9 +599,9 @@ def export_litgpt(ckpt_path, out, *, dtype: str = "keep", layout: str = "smdm", 
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if layout not in LAYOUTS:
         raise ConvertError(f"--layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    if Path(out).suffix != ".safetensors":  # the name as given (a link's target may be a content-addressed blob)
+        raise ConvertError(f"--out {out}: the lit-gpt export is a .safetensors file")
     shown, out = out, _out_path(out)
-    if out.suffix != ".safetensors":
-        raise ConvertError(f"--out {shown}: the lit-gpt export is a .safetensors file")
     if out.is_dir():
         raise ConvertError(f"--out {shown}: is a directory (the lit-gpt export is one .safetensors file)")
     if out.exists() and not overwrite:

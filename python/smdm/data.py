@@ -829,8 +829,9 @@ class EpochCursor:
     position along, and the next pass continues where it stopped; under DataLoader workers, worker w of W
     serves the pass's batches w, w + W, ... (each batch once) from a copy, so this object's position stays
     where it was and the next pass starts there again. To run passes through workers, `load_state_dict` each
-    pass's start (e.g. {"epoch": e, "batch": 0}, with `epochs` = e + 1), or iterate one endless reader
-    and keep `state_after` of the last batch used, as the trainer does."""
+    pass's start (e.g. {"epoch": e, "batch": 0}, with `epochs` = e + 1), or iterate one endless reader and
+    checkpoint the position after the last batch used (each batch carries its `epoch` and `batch`; the packed
+    reader's `state_after(batch)` turns them into a state)."""
 
     _len: int
     _epoch: int = 0

@@ -487,8 +487,8 @@ class Elbo:
     estimator: str = "time"
     samples: _torch.Tensor | None = None  # (n_samples, B) float64: the per-sample estimates (nll = their mean).
     # All rows of one seed share their times t_k, so their errors are correlated: the standard error of a sum
-    # over rows (over batches of the same seed too) is `sum_stderr` of the per-sample sums, not the root of the
-    # rows' summed squared stderrs (which understates it more the more rows are summed)
+    # over rows (over batches of the same seed too) is `sum_stderr(samples.sum(1), times, stratified=...)`, not
+    # the root of the rows' summed squared stderrs (which understates it more the more rows are summed)
     times: _torch.Tensor | None = None  # (n_samples,) float64: t_k of each sample (shared by the rows)
     stratified: bool = True  # t_k = (k + 1 - u) / n with one u (else i.i.d.)
 
@@ -504,13 +504,14 @@ def elbo_times(n_samples: int, seed: int, stratified: bool = True) -> _np.ndarra
     return 1.0 - _rng.uniform(_np.array(keys, dtype=_np.uint64))
 
 
-def sum_stderr(totals: _torch.Tensor, times: _torch.Tensor, stratified: bool = True) -> float:
+def sum_stderr(totals: _torch.Tensor, times: _torch.Tensor, *, stratified: bool) -> float:
     """Standard error of a sum of `elbo_nll` estimates made with one seed: `totals` (n,) is the sum over the rows
-    of `Elbo.samples`, `times` its `Elbo.times` (every row shares them, so the per-sample sums are the draws).
+    of `Elbo.samples`, `times` and `stratified` its `Elbo.times` and `Elbo.stratified` (every row shares the
+    times, so the per-sample sums are the draws).
 
     i.i.d. t_k: the plain std(totals) / sqrt(n). Stratified t_k = (k + 1 - u) / n with one shared u: the totals
     follow a trend in t (more masks, more CE per token) that stratification cancels but std(totals) counts,
-    which overstated the error 1.8-2.6x on 64 windows of the demo MDM. Fitting totals ≈ a + b t_k, the noise
+    which overstated the error 1.8-4.4x on 64 windows of the demo MDM. Fitting totals ≈ a + b t_k, the noise
     around the trend contributes s² / n (s² the residual variance) and the shared offset u, which slides every
     t_k by the same (1/2 - u) / n, contributes b² / (12 n²). Measured (benches/elbo_sum_stderr.py: 64 windows
     of the demo MDM, 12-40 seeds per setting, two seed sets for some): true spread / this estimate 1.03 at n = 4
@@ -598,6 +599,8 @@ def elbo_nll(model, tokens, *, prompt_lens=None, segment_ids=None, n_samples: in
     mask_id = model.config.mask_id
     if mask_id is None:
         raise ValueError("elbo_nll is for the MDM (a bidirectional model); the ARM's NLL is exact (ar_loss)")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == _torch.bool:
+        raise ValueError(f"elbo_nll: tokens must be integer ids, got {tokens.dtype}")
     tokens = tokens.long()  # int32 ids too (the CE targets must be int64)
     device = tokens.device
     B, L = tokens.shape

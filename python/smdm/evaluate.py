@@ -110,7 +110,8 @@ class Scores:
     nll: np.ndarray  # (N,) float64: ARM / chain exact; elbo: Monte Carlo estimate of the negative ELBO
     stderr: np.ndarray  # (N,) float64: Monte Carlo standard error (0 for the exact methods). Each pair's alone:
     # the pairs share their t_k (common random numbers: differences between candidates have less noise), so the
-    # root of summed squared stderrs understates the error of a sum over pairs (`diffusion.sum_stderr`)
+    # root of summed squared stderrs understates the error of a sum over pairs (for sums, `diffusion.elbo_nll`
+    # gives the per-sample estimates and `diffusion.sum_stderr` their error)
     n_tokens: np.ndarray  # (N,) int64: continuation tokens (nll / n_tokens is nats per token)
     method: str  # "ar" | "elbo" | "chain"
     n_samples: int  # Monte Carlo samples per pair (elbo), else 0
@@ -813,7 +814,7 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
                          f"({ds.root}: another tokenizer?)")
     device = model.head.weight.device
     nll = 0.0
-    totals, times = torch.zeros(n_samples, dtype=torch.float64), None  # the MDM: per-sample sums (sum_stderr)
+    totals, times = 0.0, None  # the MDM: per-sample sums over the windows (n,) and their times (sum_stderr)
     windows = 0
     records = []
     stream = iter(ds)
@@ -850,8 +851,8 @@ def evaluate_ppl(model, data, *, seq_len: int, limit: Optional[int] = None, n_sa
             **({} if conf.causal else {"estimator": estimator}),
             "nll_per_token": per_token, "ppl": math.exp(per_token), "records": records,
             # the windows share their t_k: `sum_stderr` of the per-sample totals (summed squared stderrs
-            # understated it, 1.55x over 64 windows in a measurement of 30 seeds)
-            "stderr": 0.0 if conf.causal else sum_stderr(totals, times) / tokens}
+            # understated it, up to 2.3x over 64 windows: benches/elbo_sum_stderr.py)
+            "stderr": 0.0 if conf.causal else sum_stderr(totals, times, stratified=True) / tokens}
 
 
 # ------------------------------------------------------------------------------------------------------------

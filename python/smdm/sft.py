@@ -204,7 +204,7 @@ def load_examples(path, tokenizer, *, seq_len: int, eos_id: int, vocab_size: int
 class SftDataset(EpochCursor, torch.utils.data.IterableDataset):
     """Batches of examples for one rank (module docstring, "Order"). Yields `SftExamples.rows` dicts plus the
     batch's position `epoch`, `batch`. Endless unless `epochs` is given. Passes and DataLoader workers as
-    `smdm.data.EpochCursor` says (each batch once over the workers; `set_epoch`).
+    `smdm.data.EpochCursor` says (each batch once over the workers).
 
     batch_size: rows per batch on this rank (the trainer's micro-batch); step_batches: batches per optimizer
     step (gradient accumulation), so that an epoch ends on a step boundary."""

@@ -141,8 +141,13 @@ class Dist:
             torch.distributed.init_process_group(backend=backend)
 
     def all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
+        """In place (and returned). NCCL reduces device tensors only: a CPU tensor (a step's loss and token
+        count, validation sums, the step timer) goes to this rank's device and back (untested: no GPUs here)."""
         if self.enabled:
-            torch.distributed.all_reduce(x, op=op or torch.distributed.ReduceOp.SUM)
+            y = x.to(self.device)
+            torch.distributed.all_reduce(y, op=op or torch.distributed.ReduceOp.SUM)
+            if y is not x:
+                x.copy_(y)
         return x
 
     def barrier(self):
@@ -1256,7 +1261,7 @@ class Trainer:
             return None
         if self.kind == "mdm":  # validation's draws: elbo_nll's default stratified times of seed + 1
             times = torch.from_numpy(elbo_times(self.cfg.val_samples, self.cfg.seed + 1))
-            stderr = sum_stderr(sums[2:], times) / float(sums[1])
+            stderr = sum_stderr(sums[2:], times, stratified=True) / float(sums[1])
         else:
             stderr = 0.0
         return {"event": "val", "step": self.step, "tokens": self.tokens_seen,
