@@ -447,6 +447,29 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(dataset, tmp_path, sig):
     assert step_losses(c.out)[-1][0] == last + 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
+                    reason="needs CUDA and NCCL")
+def test_gpu_all_reduce_under_nccl_takes_cpu_tensors(tmp_path):
+    """Dist.all_reduce under NCCL (a one-rank group): the trainer's CPU tensors (a step's loss and token count,
+    validation sums, the step timer) go through the device and back in place; NCCL alone refuses CPU tensors,
+    which would end every multi-GPU run at its first step. In the GPU suite's test list."""
+    import torch.distributed as td
+    from smdm.train import Dist
+
+    td.init_process_group("nccl", store=td.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        d = Dist("cuda")
+        d.enabled = True  # one rank: the trainer would not reduce, the test does
+        x = torch.tensor([1.5, 2.0], dtype=torch.float64)
+        assert d.all_reduce(x) is x and x.device.type == "cpu" and x.tolist() == [1.5, 2.0]
+        m = torch.tensor([3.0])
+        d.all_reduce(m, td.ReduceOp.MAX)
+        assert m.tolist() == [3.0]
+    finally:
+        td.destroy_process_group()
+
+
 def test_trains_in_a_thread_other_than_the_main_one(dataset, tmp_path):
     """`smdm.train.train` from a worker thread (a notebook, a server): Python takes signal handlers in its
     main thread only, so the run leaves SIGTERM / SIGINT to the program (it raised "signal only works in main
