@@ -516,8 +516,10 @@ def sum_stderr(totals: _torch.Tensor, times: _torch.Tensor, *, stratified: bool)
     t_k by the same (1/2 - u) / n, contributes b² / (12 n²). Measured (benches/elbo_sum_stderr.py: 64 windows
     of the demo MDM, 12-40 seeds per setting, two seed sets for some): true spread / this estimate 1.03 at n = 4
     (count), 0.85-0.93 at n = 16 (count), 1.07 (time), 0.38-0.61 at n = 64 (count: conservative), 0.95-1.00
-    (time); the root of the rows' summed squared stderrs gave 2.34, 1.41-1.55, 1.15, 0.57-0.91, 0.98-1.17.
-    n = 2 leaves no residual: the plain formula (conservative) then."""
+    (time), 0.49 at n = 128 (count), 1.04 (time); the root of the rows' summed squared stderrs gave 2.34,
+    1.41-1.55, 1.15, 0.57-0.91, 0.98-1.17, 0.69, 1.07. With many samples of the count estimator the linear
+    trend leaves curvature in the residual: conservative. n = 2 leaves no residual: the plain formula
+    (conservative) then."""
     n = len(totals)
     if not stratified or n < 3:
         return float(totals.std(unbiased=True)) / _math.sqrt(n)
