@@ -170,12 +170,14 @@ def test_stale_temp_dirs_of_dead_saves_are_removed(tmp_path, model):
     stale = run / f".tmp-step-2-{dead_pid}"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"\0" * 1000)
-    live = run / f".tmp-step-2-{os.getppid()}"  # a save in progress in another (live) process
+    live = run / f".step-2.tmp-{os.getppid()}-0"  # a save in progress in another (live) process
     live.mkdir()
-    ours = run / f".tmp-step-2-{os.getpid()}-7"  # an earlier save of this process that failed before its rename
+    ours = run / f".step-2.tmp-{os.getpid()}-7"  # an earlier save of this process that failed before its rename
     ours.mkdir()
+    ours_older = run / f".tmp-step-2-{os.getpid()}"  # the same, named by smdm before 2026-11-29
+    ours_older.mkdir()
     save_step(run, 3, model)
-    assert not stale.exists() and not ours.exists()
+    assert not stale.exists() and not ours.exists() and not ours_older.exists()
     assert live.is_dir()
     assert [p.name for _, p in ckpt.step_dirs(run)] == ["step-1", "step-3"]
 
@@ -185,7 +187,7 @@ def test_incomplete_step_dirs_outdated_by_keep_newer_steps_are_pruned(tmp_path, 
     a `step-N` without manifest that keep-last-N never removed (it counts complete steps only). Such a dir is
     removed once `keep` newer complete steps exist (keep-last-N would remove it had it been complete); a newer
     incomplete one (possibly a copy still being written) is left alone. Deleting a step now renames it to
-    `.old-step-N-PID` first, so a cut-short deletion leaves trash that the next prune removes."""
+    `.step-N.old-PID-K` first, so a cut-short deletion leaves trash that the next prune removes."""
     import subprocess
     import sys
 
@@ -198,7 +200,7 @@ def test_incomplete_step_dirs_outdated_by_keep_newer_steps_are_pruned(tmp_path, 
     (newer / "model.safetensors").write_bytes(b"\0" * 100)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
-    trash = run / f".old-step-0-{int(dead.stdout)}"
+    trash = run / f".step-0.old-{int(dead.stdout)}-0"
     trash.mkdir()
     (trash / "state.pt").write_bytes(b"\0" * 100)
     save_step(run, 3, model, keep=3)  # 3 complete steps (1 is not): nothing outdates step-1 yet

@@ -9,7 +9,7 @@
 
 A step is written into a temporary directory next to its final name, every file fsynced, then renamed (atomic
 on POSIX) and the parent directory fsynced. Only the last `keep` complete steps are kept (numeric order). A step
-is deleted by first renaming it to `.old-step-N-PID-K` (`discard`), so an interrupted deletion never leaves a
+is deleted by first renaming it to `.step-N.old-PID-K` (`discard`), so an interrupted deletion never leaves a
 `step-N` without its manifest, only trash that the next prune removes.
 `load(path)` -> (model, tokenizer) for inference; `smdm.load` is this function.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -158,17 +157,20 @@ def save(run_dir, step: int, *, model_state: dict, config: dict, train_state: di
     return final
 
 
-# temp dirs of saves (.tmp-step-N-PID-K) and steps being deleted (.old-step-N-PID-K); PID: the writing process,
-# K: its call (two threads saving or deleting one step never share a name); older smdm wrote no -K
-_TMP_RE = re.compile(r"^\.(?:tmp|old)-step-\d+-(\d+)(?:-\d+)?$")
-_TEMP_COUNTER = itertools.count()
+# temp dirs of saves (.step-N.tmp-PID-K) and steps being deleted (.step-N.old-PID-K), named by
+# `smdm.data.temp_path`: PID the writing process, K its call (two threads saving or deleting one step never share
+# a name); older smdm wrote .tmp-step-N-PID and .old-step-N-PID
+_TMP_RE = re.compile(r"^\.(?:step-\d+\.(?:tmp|old)-(\d+)-\d+|(?:tmp|old)-step-\d+-(\d+))$")
 _IN_USE: set = set()  # this process's temp dirs still being written or deleted (prune leaves them alone)
 _IN_USE_LOCK = threading.Lock()
 
 
 def _temp_dir(run_dir: Path, kind: str, name: str) -> Path:
-    """A new `.KIND-NAME-PID-K` path in run_dir, registered as in use until `_done` (tmp: created empty)."""
-    p = run_dir / f".{kind}-{name}-{os.getpid()}-{next(_TEMP_COUNTER)}"
+    """A new temporary path for step dir `name` in run_dir (`smdm.data.temp_path`), registered as in use until
+    `_done` (tmp: created empty)."""
+    from smdm.data import temp_path
+
+    p = temp_path(run_dir / name, kind)
     with _IN_USE_LOCK:
         _IN_USE.add(p.name)
     if kind == "tmp":
@@ -192,7 +194,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def discard(step_dir) -> None:
-    """Delete a step dir: rename it to `.old-step-N-PID-K` first (atomic: it stops counting at once, whole), then
+    """Delete a step dir: rename it to `.step-N.old-PID-K` first (atomic: it stops counting at once, whole), then
     remove that. A deletion cut short (SIGKILL, a crash, a file it cannot remove) leaves trash that `prune` removes
     once this process is gone, never a `step-N` without its manifest (rmtree removes files in directory order,
     the manifest possibly first)."""
@@ -213,7 +215,7 @@ def discard(step_dir) -> None:
 def prune(run_dir, keep: int) -> None:
     """Delete all but the last `keep` complete steps; incomplete step dirs (no manifest) that `keep` newer
     complete steps outdate; and stale temporary dirs: saves that died before their rename (a crash or SIGKILL
-    mid-save leaves a full-size `.tmp-step-N-PID-K`) and deletions cut short (`.old-step-N-PID-K`), whose PID is
+    mid-save leaves a full-size `.step-N.tmp-PID-K`) and deletions cut short (`.step-N.old-PID-K`), whose PID is
     gone or is ours and no thread of ours is using it (an earlier failed save or deletion in this process).
 
     Incomplete `step-N` dirs come from deletions cut short by versions before `discard` (or `--overwrite` runs),
@@ -233,7 +235,7 @@ def prune(run_dir, keep: int) -> None:
             continue
         m = _TMP_RE.match(p.name)
         if m and p.is_dir():
-            pid = int(m.group(1))
+            pid = int(m.group(1) or m.group(2))
             with _IN_USE_LOCK:
                 busy = p.name in _IN_USE  # another thread of this process is writing or deleting it
             if not busy and (pid == os.getpid() or not _pid_alive(pid)):
