@@ -511,7 +511,7 @@ def sum_stderr(totals: _torch.Tensor, times: _torch.Tensor, *, stratified: bool)
 
     i.i.d. t_k: the plain std(totals) / sqrt(n). Stratified t_k = (k + 1 - u) / n with one shared u: the totals
     follow a trend in t (more masks, more CE per token) that stratification cancels but std(totals) counts,
-    which overstated the error 1.8-4.4x on 64 windows of the demo MDM. Fitting totals ≈ a + b t_k, the noise
+    which overstated the error 1.8-5.9x on 64 windows of the demo MDM. Fitting totals ≈ a + b t_k, the noise
     around the trend contributes s² / n (s² the residual variance) and the shared offset u, which slides every
     t_k by the same (1/2 - u) / n, contributes b² / (12 n²). Measured (benches/elbo_sum_stderr.py: 64 windows
     of the demo MDM, 12-40 seeds per setting, two seed sets for some): true spread / this estimate 1.03 at n = 4
